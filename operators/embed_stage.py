@@ -1,0 +1,68 @@
+"""The Ray Data embedding stage: a callable class run in a fixed-size actor pool.
+
+Input rows follow operators.units.ROW_COLUMNS. Unit rows get one vector column per
+named vector (`vec_full`, `vec_mrl_<d>`), L2-normalised; a unit that fails here
+becomes a dead row (never an exception). Other rows pass through. Image bytes are
+dropped after this stage: only vectors and payloads travel on to the sink.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from .qwen3vl.embedder import Qwen3VLEmbedder, reduce_dim
+from .units import model_input_from_row
+
+_INPUT_COLUMNS = ("text", "image", "video", "video_start", "video_end")
+_TEXT_COLUMNS = {"row_kind", "point_id", "object_uri", "fingerprint", "position", "modality", "text", "video",
+                 "payload", "status", "error_stage", "error_type", "error_message"}
+
+
+def vector_column(dim: int | None) -> str:
+    """Column name of the full vector (dim None) or of one MRL-reduced vector."""
+    return "vec_full" if dim is None else f"vec_mrl_{dim}"
+
+
+class EmbedStage:
+    """Loads the embedder once per actor and embeds the unit rows of each batch."""
+
+    def __init__(self, model: str, mrl_dims: list[int], embedder_kwargs: dict[str, Any] | None = None) -> None:
+        self.embedder = Qwen3VLEmbedder(model, **(embedder_kwargs or {}))
+        self.mrl_dims = list(mrl_dims)
+        for d in self.mrl_dims:  # a bad dimension fails the actor at start, before any row
+            reduce_dim(np.zeros((1, self.embedder.hidden_size), np.float32), d)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Embed the batch's unit rows; carry the other rows through."""
+        start = time.perf_counter()
+        kinds = batch["row_kind"]
+        n = len(kinds)
+        live = [i for i in range(n) if kinds[i] == "unit"]
+        inputs = [model_input_from_row({k: batch[k][i] for k in _INPUT_COLUMNS}) for i in live]
+        results = self.embedder.embed(inputs, normalize=False)
+
+        # numpy batches turn all-None string columns into NaN floats; keep them None.
+        out = {k: [x if isinstance(x, str) else None for x in v] if k in _TEXT_COLUMNS
+               else list(v) for k, v in batch.items() if k != "image"}
+        # Dense (n, d) arrays become tensor columns; non-unit rows keep zeros and are never written.
+        vectors = {vector_column(None): np.zeros((n, self.embedder.hidden_size), np.float32)}
+        vectors.update({vector_column(d): np.zeros((n, d), np.float32) for d in self.mrl_dims})
+        for i, r in zip(live, results):
+            if r.ok:
+                raw = r.vector[None, :]
+                vectors[vector_column(None)][i] = reduce_dim(raw, None)[0]
+                for d in self.mrl_dims:
+                    vectors[vector_column(d)][i] = reduce_dim(raw, d)[0]
+            else:
+                out["row_kind"][i] = "dead"
+                out["error_stage"][i] = "embed"
+                out["error_type"][i] = "InputError"
+                out["error_message"][i] = r.error
+        per_row = (time.perf_counter() - start) / max(len(live), 1)
+        for i in live:
+            out["seconds"][i] = per_row
+        out.update(vectors)
+        return out

@@ -1,0 +1,46 @@
+"""The Ray Data expansion stage: one listed object in, its unit rows (plus status and dead rows) out.
+
+Runs as CPU tasks (flat_map). Reads the object once through fsspec, detects its
+type from content, and cuts it into units; it never raises, so one bad file
+becomes rows that say so instead of a failed job.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from functools import lru_cache
+from typing import Any
+
+from transformers import AutoTokenizer
+
+from .media.expand import ExpandSettings, expand_object
+from .units import SourceObject, dead_row, object_row, payload_for, unit_row
+
+
+@lru_cache(maxsize=4)
+def tokenizer_for(model: str) -> Any:
+    """The embedder's tokenizer, loaded once per worker process (text is chunked in its tokens)."""
+    return AutoTokenizer.from_pretrained(model)
+
+
+def object_to_row(obj: SourceObject) -> dict[str, Any]:
+    """A listed object as a dataset row."""
+    return {"uri": obj.uri, "size": obj.size, "fingerprint": obj.fingerprint, "mtime": obj.mtime}
+
+
+def expand_rows(row: dict[str, Any], *, settings: ExpandSettings, storage_options: dict[str, Any] | None,
+                model: str, model_id: str, dim: int, ingested_at: str | None = None) -> list[dict[str, Any]]:
+    """Unit rows, dead-letter rows and one object-status row for one listed object."""
+    start = time.perf_counter()
+    obj = SourceObject(row["uri"], int(row["size"]), row["fingerprint"], row.get("mtime"))
+    stamp = ingested_at or datetime.now(timezone.utc).isoformat()
+    try:
+        tokenizer = tokenizer_for(model)
+    except Exception:  # chunking falls back to word pieces; the embed stage reports a bad model loudly
+        tokenizer = None
+    units, dead, status = expand_object(obj, settings, storage_options, tokenizer)
+    rows = [unit_row(u, payload_for(u, model_id, dim, stamp)) for u in units]
+    rows += [dead_row(d) for d in dead]
+    rows.append(object_row(obj.uri, status, len(units), time.perf_counter() - start))
+    return rows

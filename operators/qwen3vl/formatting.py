@@ -1,0 +1,145 @@
+"""Conversation building for Qwen3-VL embedding and reranking (model-contract.md, pure functions).
+
+Everything here decides *what the model sees*: instruction text, message layout,
+content order and per-item pixel settings. A slip here moves every vector, so the
+rules are kept in one small module that tests pin string-for-string.
+"""
+
+from __future__ import annotations
+
+import os
+import unicodedata
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+from PIL import Image
+
+DEFAULT_EMBED_INSTRUCTION = "Represent the user's input."
+DEFAULT_RERANK_INSTRUCTION = "Given a search query, retrieve relevant candidates that answer the query."
+RERANK_SYSTEM_PROMPT = (
+    'Judge whether the Document meets the requirements based on the Query and the Instruct provided. '
+    'Note that the answer can only be "yes" or "no".'
+)
+EMPTY_TEXT = "NULL"
+
+# Extensions that make a string in a list a frame (so the list is one frame-list video).
+_FRAME_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tiff", ".tif", ".svg"}
+
+
+@dataclass(frozen=True)
+class VisionSettings:
+    """Pixel and frame settings applied to every image and video item."""
+
+    min_pixels: int = 4096
+    max_pixels: int = 1843200
+    total_pixels: int = 7864320
+    fps: float = 1.0
+    max_frames: int = 64
+
+
+def normalize_instruction(instruction: str | None, default: str) -> str:
+    """Strip a given instruction and end it with punctuation; the default is used as is."""
+    if instruction:
+        instruction = instruction.strip()
+        if instruction and not unicodedata.category(instruction[-1]).startswith("P"):
+            instruction = instruction + "."
+    return instruction or default
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def _is_frame(element: Any) -> bool:
+    if isinstance(element, (Image.Image, bytes, bytearray)):
+        return True
+    if isinstance(element, str):
+        path = urlparse(element).path if "://" in element else element
+        return os.path.splitext(path.lower())[1] in _FRAME_EXTENSIONS
+    return False
+
+
+def split_videos(video: Any) -> list:
+    """Normalise a `video` field to a list of videos (each a URI or a list of frames)."""
+    if video is None:
+        return []
+    if isinstance(video, str):
+        return [video]
+    if isinstance(video, (list, tuple)) and video:
+        if _is_frame(video[0]):
+            return [list(video)]
+        return list(video)
+    return []
+
+
+def sample_frames(frames: list, max_frames: int) -> list:
+    """Evenly subsample a frame list to at most max_frames (linspace indices, truncated to int)."""
+    n = len(frames)
+    if max_frames is None or n <= max_frames:
+        return list(frames)
+    # Exactly the reference's indices: numpy's float linspace truncated to int.
+    return [frames[i] for i in np.linspace(0, n - 1, max_frames, dtype=int).tolist()]
+
+
+def media_content(item: dict[str, Any], vs: VisionSettings, fps: float | None = None,
+                  max_frames: int | None = None) -> list[dict[str, Any]]:
+    """Content items for one input: videos first, then images, then texts; `NULL` when empty."""
+    texts = [t for t in _as_list(item.get("text"))]
+    images = _as_list(item.get("image"))
+    videos = split_videos(item.get("video"))
+    if not any(texts) and not images and not videos:
+        return [{"type": "text", "text": EMPTY_TEXT}]
+
+    content: list[dict[str, Any]] = []
+    for video in videos:
+        if isinstance(video, list):
+            content.append({"type": "video", "video": sample_frames(video, vs.max_frames),
+                            "total_pixels": vs.total_pixels})
+        else:
+            entry = {"type": "video", "video": video, "fps": fps or vs.fps,
+                     "max_frames": max_frames or vs.max_frames,
+                     # Deliberate deviation from the reference, which forgets total_pixels
+                     # here so long videos overflow the token limit (model-contract.md).
+                     "total_pixels": vs.total_pixels}
+            for key in ("video_start", "video_end"):
+                if item.get(key) is not None:
+                    entry[key] = float(item[key])
+            content.append(entry)
+    for image in images:
+        content.append({"type": "image", "image": image,
+                        "min_pixels": vs.min_pixels, "max_pixels": vs.max_pixels})
+    for text in texts:
+        if text:
+            content.append({"type": "text", "text": text})
+    return content
+
+
+def embed_conversation(item: dict[str, Any], vs: VisionSettings,
+                       default_instruction: str = DEFAULT_EMBED_INSTRUCTION) -> list[dict[str, Any]]:
+    """System message with the instruction, then a user message with the input's content."""
+    instruction = normalize_instruction(item.get("instruction"), default_instruction)
+    return [
+        {"role": "system", "content": [{"type": "text", "text": instruction}]},
+        {"role": "user", "content": media_content(item, vs, item.get("fps"), item.get("max_frames"))},
+    ]
+
+
+def rerank_conversation(query: dict[str, Any], document: dict[str, Any], instruction: str,
+                        vs: VisionSettings, fps: float | None = None,
+                        max_frames: int | None = None) -> list[dict[str, Any]]:
+    """The reranker's (query, document) conversation; the instruction is used verbatim."""
+    content = [{"type": "text", "text": "<Instruct>: " + instruction},
+               {"type": "text", "text": "<Query>:"}]
+    content += media_content(query, vs, fps, max_frames)
+    content.append({"type": "text", "text": "\n<Document>:"})
+    content += media_content(document, vs, fps, max_frames)
+    return [
+        {"role": "system", "content": [{"type": "text", "text": RERANK_SYSTEM_PROMPT}]},
+        {"role": "user", "content": content},
+    ]

@@ -1,0 +1,127 @@
+"""Resolve image and video sources (paths, URLs, fsspec URIs, bytes, PIL) into what qwen-vl-utils reads.
+
+qwen-vl-utils reads local paths, `file://`, http(s) and PIL images itself. Everything
+else (raw bytes, `s3://` and other fsspec URLs) is opened here, so the pixels that
+reach the resizer are the same ones the reference would decode from a local file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import fsspec
+from PIL import Image
+
+_PASSTHROUGH_PREFIXES = ("http://", "https://", "data:image", "file://")
+
+
+class MediaError(ValueError):
+    """An input's image or video could not be read."""
+
+
+def _is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith(_PASSTHROUGH_PREFIXES)
+
+
+def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    """Read a whole object from any fsspec URL."""
+    try:
+        with fsspec.open(uri, "rb", **(storage_options or {})) as fh:
+            return fh.read()
+    except FileNotFoundError as exc:
+        raise MediaError(f"object not found: {uri}") from exc
+    except Exception as exc:  # fsspec backends raise many types; name the input, keep the cause
+        raise MediaError(f"cannot read {uri}: {type(exc).__name__}: {exc}") from exc
+
+
+def open_image_bytes(data: bytes, name: str = "<bytes>") -> Image.Image:
+    """Open encoded image bytes lazily, as Image.open would open a file."""
+    try:
+        image = Image.open(io.BytesIO(bytes(data)))
+        image.load()
+        return image
+    except Exception as exc:
+        raise MediaError(f"cannot decode image {name}: {type(exc).__name__}: {exc}") from exc
+
+
+def resolve_image(source: Any, storage_options: dict[str, Any] | None = None) -> Any:
+    """Turn an image source into a PIL image or a string qwen-vl-utils reads identically."""
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return open_image_bytes(bytes(source))
+    if isinstance(source, str):
+        if source.startswith(_PASSTHROUGH_PREFIXES):
+            if source.startswith("file://") and not os.path.exists(source[7:]):
+                raise MediaError(f"image file not found: {source}")
+            return source
+        if _is_remote(source):
+            return open_image_bytes(read_bytes(source, storage_options), source)
+        if not os.path.exists(source):
+            raise MediaError(f"image file not found: {source}")
+        return "file://" + source
+    raise MediaError(f"unsupported image type {type(source).__name__}")
+
+
+class VideoFiles:
+    """Local copies of remote videos, kept for reuse by the segments of one video (LRU)."""
+
+    def __init__(self, storage_options: dict[str, Any] | None = None, max_files: int = 8) -> None:
+        self.storage_options = storage_options or {}
+        self.max_files = max_files
+        self._files: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+        self._dir = tempfile.mkdtemp(prefix="qvl-video-")
+
+    def local_path(self, uri: str) -> str:
+        """A local path holding the video at uri (downloaded once for remote URIs)."""
+        if uri.startswith(("http://", "https://")):
+            return uri
+        if uri.startswith("file://"):
+            uri = uri[7:]
+        if not _is_remote(uri):
+            if not os.path.exists(uri):
+                raise MediaError(f"video file not found: {uri}")
+            return uri
+        with self._lock:
+            if uri in self._files:
+                self._files.move_to_end(uri)
+                return self._files[uri]
+        data = read_bytes(uri, self.storage_options)
+        suffix = os.path.splitext(uri)[1][:8]
+        fd, path = tempfile.mkstemp(dir=self._dir, suffix=suffix)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        with self._lock:
+            self._files[uri] = path
+            while len(self._files) > self.max_files:
+                _, old = self._files.popitem(last=False)
+                try:
+                    os.remove(old)
+                except OSError:
+                    pass
+        return path
+
+    def close(self) -> None:
+        """Remove the local copies."""
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __del__(self) -> None:  # best effort: temp files must not outlive the worker
+        self.close()
+
+
+def resolve_video(source: Any, files: VideoFiles, storage_options: dict[str, Any] | None = None) -> Any:
+    """Turn a video source (URI or frame list) into what qwen-vl-utils reads."""
+    if isinstance(source, list):
+        if not source:
+            raise MediaError("empty frame list")
+        return [resolve_image(frame, storage_options) for frame in source]
+    if isinstance(source, str):
+        return files.local_path(source)
+    raise MediaError(f"unsupported video type {type(source).__name__}")

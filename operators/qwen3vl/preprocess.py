@@ -1,0 +1,152 @@
+"""Per-item preprocessing (chat template, vision resizing, HF processor) and batch collation.
+
+Each input is prepared on its own, so one unreadable image fails only its own item,
+and prepared items can be regrouped into batches by token length. Collating
+per-item processor outputs is exactly what the processor does for a batch:
+image/video patches are concatenated in order and ids are padded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+from qwen_vl_utils import process_vision_info
+
+from .media_io import MediaError, VideoFiles, resolve_image, resolve_video
+
+IMAGE_PATCH_SIZE = 16
+VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+
+class InputError(ValueError):
+    """One input could not be turned into model inputs; names the input and the reason."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(f"input {index}: {reason}")
+        self.index = index
+        self.reason = reason
+
+
+@dataclass
+class Prepared:
+    """One item's model inputs: token ids plus its own vision tensors."""
+
+    input_ids: list[int]
+    vision: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict[str, list[int]] = field(default_factory=dict)  # per-token fields, e.g. mm_token_type_ids
+    prompt: str = ""
+
+    @property
+    def num_tokens(self) -> int:
+        """Sequence length after the vision placeholders are expanded."""
+        return len(self.input_ids)
+
+    @property
+    def num_patches(self) -> int:
+        """Vision patches the vision tower will encode."""
+        total = 0
+        for key in ("image_grid_thw", "video_grid_thw"):
+            if key in self.vision:
+                total += int(self.vision[key].prod(dim=-1).sum())
+        return total
+
+
+def resolve_sources(conversation: list[dict[str, Any]], files: VideoFiles,
+                    storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Copy of a conversation whose image/video sources qwen-vl-utils can read."""
+    out = []
+    for message in conversation:
+        content = []
+        for entry in message["content"]:
+            if entry.get("type") == "image":
+                entry = {**entry, "image": resolve_image(entry["image"], storage_options)}
+            elif entry.get("type") == "video":
+                entry = {**entry, "video": resolve_video(entry["video"], files, storage_options)}
+            content.append(entry)
+        out.append({"role": message["role"], "content": content})
+    return out
+
+
+def render_prompt(processor: Any, conversation: list[dict[str, Any]]) -> str:
+    """The chat-template string for one conversation, ending with the assistant prompt."""
+    return processor.apply_chat_template([conversation], add_generation_prompt=True, tokenize=False)[0]
+
+
+def run_processor(processor: Any, prompt: str, conversation: list[dict[str, Any]],
+                  **text_kwargs: Any) -> tuple[list[int], dict[str, torch.Tensor], dict[str, list[int]]]:
+    """Resize vision inputs with qwen-vl-utils and run the HF processor for one conversation."""
+    images, video_inputs, video_kwargs = process_vision_info(
+        [conversation], image_patch_size=IMAGE_PATCH_SIZE,
+        return_video_metadata=True, return_video_kwargs=True)
+    videos = metadata = None
+    if video_inputs is not None:
+        videos, metadata = (list(x) for x in zip(*video_inputs))
+    out = processor(text=[prompt], images=images, videos=videos, video_metadata=metadata,
+                    do_resize=False, return_tensors="pt", **text_kwargs, **video_kwargs)
+    ids = out["input_ids"][0].tolist()
+    vision = {k: out[k] for k in VISION_KEYS if k in out}
+    # transformers >= 5.3 returns per-token multimodal types; keep them aligned with the ids.
+    extra = {k: out[k][0].tolist() for k in ("mm_token_type_ids",) if k in out}
+    return ids, vision, extra
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short reason for an item failure."""
+    if isinstance(exc, (MediaError, InputError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def collate(items: Sequence[Prepared], pad_id: int, padding_side: str) -> dict[str, torch.Tensor]:
+    """Pad ids (and per-token fields) to one length and concatenate vision tensors in order."""
+    length = max(p.num_tokens for p in items)
+    ids = torch.full((len(items), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), length), dtype=torch.long)
+    extra_keys = set().union(*(p.extra.keys() for p in items))
+    extras = {k: torch.zeros((len(items), length), dtype=torch.long) for k in extra_keys}
+    for row, p in enumerate(items):
+        n = p.num_tokens
+        sl = slice(0, n) if padding_side == "right" else slice(length - n, length)
+        ids[row, sl] = torch.tensor(p.input_ids, dtype=torch.long)
+        mask[row, sl] = 1
+        for k in extra_keys:
+            extras[k][row, sl] = torch.tensor(p.extra[k], dtype=torch.long)
+    batch: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask, **extras}
+    for key in VISION_KEYS:
+        parts = [p.vision[key] for p in items if key in p.vision]
+        if parts:
+            batch[key] = torch.cat(parts, dim=0)
+    return batch
+
+
+def token_budget_batches(lengths: Sequence[int], token_budget: int, max_items: int,
+                         window: int = 1024) -> Iterator[list[int]]:
+    """Index batches: sort a window by length, cut where padded tokens would pass the budget."""
+    order = list(range(len(lengths)))
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
+        batch: list[int] = []
+        longest = 0
+        for i in chunk:
+            longest_if_added = max(longest, lengths[i])
+            if batch and (longest_if_added * (len(batch) + 1) > token_budget or len(batch) >= max_items):
+                yield batch
+                batch, longest_if_added = [], lengths[i]
+            batch.append(i)
+            longest = longest_if_added
+        if batch:
+            yield batch
+
+
+def chunked(seq: Sequence[Any] | Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of at most size items."""
+    buf: list[Any] = []
+    for x in seq:
+        buf.append(x)
+        if len(buf) == size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf

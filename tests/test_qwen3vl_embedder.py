@@ -1,0 +1,160 @@
+"""Qwen3VLEmbedder on a tiny random checkpoint: prompts, pooling, batching, MRL, truncation, errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from operators.qwen3vl import InputError, Qwen3VLEmbedder
+from tests.media_gen import image_bytes, pattern_image, write_video
+
+SYSTEM = "<|im_start|>system\n{}<|im_end|>\n<|im_start|>user\n"
+ASSISTANT = "<|im_end|>\n<|im_start|>assistant\n"
+IMG = "<|vision_start|><|image_pad|><|vision_end|>"
+VID = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_embedding_ckpt):
+    emb = Qwen3VLEmbedder(str(tiny_embedding_ckpt), token_budget=4096, max_batch_items=4)
+    yield emb
+    emb.close()
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("embed_media")
+    paths = {}
+    for name, mode, size in [("rgb", "RGB", (96, 64)), ("rgba", "RGBA", (80, 120)), ("wide", "RGB", (300, 40))]:
+        paths[name] = root / f"{name}.png"
+        pattern_image(len(paths), size, mode).save(paths[name])
+    paths["video"] = write_video(root / "clip.mp4", seconds=2.0)
+    paths["frames"] = [root / f"f{i}.png" for i in range(5)]
+    for i, p in enumerate(paths["frames"]):
+        pattern_image(100 + i, (64, 48)).save(p)
+    return paths
+
+
+def cos(a, b):
+    return F.cosine_similarity(a, b, dim=-1)
+
+
+@pytest.mark.parametrize("item, expected", [
+    ({"text": "hello"}, SYSTEM.format("Represent the user's input.") + "hello" + ASSISTANT),
+    ({"text": "hello", "instruction": "Find a match "}, SYSTEM.format("Find a match.") + "hello" + ASSISTANT),
+    ({"text": "hello", "instruction": "Find a match?"}, SYSTEM.format("Find a match?") + "hello" + ASSISTANT),
+    ({}, SYSTEM.format("Represent the user's input.") + "NULL" + ASSISTANT),
+    ({"image": "IMG", "text": "cap"}, SYSTEM.format("Represent the user's input.") + IMG + "cap" + ASSISTANT),
+    ({"image": ["IMG", "IMG"]}, SYSTEM.format("Represent the user's input.") + IMG + IMG + ASSISTANT),
+    ({"text": "t", "image": "IMG", "video": "VID", "instruction": "Q"},
+     SYSTEM.format("Q.") + VID + IMG + "t" + ASSISTANT),
+])
+def test_rendered_prompt_strings(embedder, media, item, expected):
+    item = {k: ([str(media["rgb"])] * len(v) if v == ["IMG", "IMG"] else
+                str(media["rgb"]) if v == "IMG" else str(media["video"]) if v == "VID" else v)
+            for k, v in item.items()}
+    assert embedder.prompt(item) == expected
+
+
+def test_pooled_token_is_the_tokenizer_appended_endoftext(embedder, media):
+    tok = embedder.processor.tokenizer
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    for item in ({"text": "hello world"}, {"image": str(media["rgb"])}, {}):
+        prepared = embedder.prepare(item)
+        assert prepared.input_ids[-1] == eot
+        assert prepared.input_ids[-2] != eot  # appended by the tokenizer, once
+        assert prepared.prompt.endswith("<|im_start|>assistant\n")
+    # The pooled vector is the final-norm hidden state at that last position.
+    prepared = embedder.prepare({"text": "hello world"})
+    with torch.inference_mode():
+        out = embedder.model.model(input_ids=torch.tensor([prepared.input_ids]))
+    expected = F.normalize(out.last_hidden_state[0, -1].float(), dim=-1)
+    got = embedder.process([{"text": "hello world"}])[0]
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_batched_equals_single_on_mixed_inputs(embedder, media):
+    inputs = [
+        {"text": "a short text"},
+        {"image": str(media["rgb"])},
+        {"image": str(media["rgba"]), "text": "alpha image with caption"},
+        {"text": "a much longer text " * 30, "instruction": "Retrieve documents"},
+        {"image": [str(media["rgb"]), str(media["wide"])]},
+        {"video": [str(p) for p in media["frames"]]},
+        {"video": str(media["video"])},
+        {},
+    ]
+    batched = embedder.process(inputs)
+    single = torch.cat([embedder.process([x]) for x in inputs])
+    assert batched.shape == (len(inputs), embedder.hidden_size)
+    assert batched.dtype == torch.float32
+    assert torch.all(cos(batched, single) > 0.99999)
+    assert torch.allclose(batched.norm(dim=-1), torch.ones(len(inputs)), atol=1e-5)
+
+
+def test_image_sources_give_identical_vectors(embedder, media):
+    from PIL import Image
+    path = media["rgba"]
+    variants = [str(path), "file://" + str(path), path.read_bytes(), Image.open(path)]
+    vecs = embedder.process([{"image": v} for v in variants])
+    assert torch.allclose(vecs, vecs[0].expand_as(vecs), atol=1e-6)
+
+
+def test_mrl_equals_truncate_and_renormalise(embedder):
+    inputs = [{"text": "one"}, {"text": "two two"}]
+    raw = embedder.process(inputs, normalize=False)
+    for d in (8, 16, embedder.hidden_size):
+        got = embedder.process(inputs, dim=d)
+        assert torch.allclose(got, F.normalize(raw[:, :d], dim=-1), atol=1e-6)
+        full = embedder.process(inputs)
+        assert torch.allclose(got, F.normalize(full[:, :d], dim=-1), atol=1e-6)
+    for bad in (0, -1, embedder.hidden_size + 1, 2.5):
+        with pytest.raises(ValueError, match="dim must be an integer"):
+            embedder.process(inputs, dim=bad)
+
+
+def test_overlong_text_is_truncated_keeping_the_pooled_token(tiny_embedding_ckpt):
+    emb = Qwen3VLEmbedder(str(tiny_embedding_ckpt), max_length=64)
+    try:
+        prepared = emb.prepare({"text": "word " * 500})
+        assert prepared.num_tokens == 64
+        assert prepared.input_ids[-1] == emb.processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        assert emb.process([{"text": "word " * 500}]).shape == (1, emb.hidden_size)
+    finally:
+        emb.close()
+
+
+def test_one_bad_item_fails_alone_with_index_and_reason(embedder, media, tmp_path):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(image_bytes(pattern_image(3))[:40])
+    inputs = [{"text": "good"}, {"image": str(tmp_path / "missing.png")}, {"image": str(corrupt)},
+              {"image": b"not an image"}, {"image": str(media["rgb"])}, {"video": str(tmp_path / "nope.mp4")}]
+    results = embedder.embed(inputs)
+    assert [r.ok for r in results] == [True, False, False, False, True, False]
+    assert "missing.png" in results[1].error
+    assert "corrupt.png" in results[2].error or "image" in results[2].error.lower()
+    assert "nope.mp4" in results[5].error
+    good = embedder.process([inputs[0], inputs[4]])
+    assert torch.allclose(torch.from_numpy(results[0].vector), good[0], atol=1e-6)
+    with pytest.raises(InputError, match="input 1: .*missing.png"):
+        embedder.process(inputs)
+
+
+def test_many_inputs_are_split_into_budgeted_batches(embedder, monkeypatch):
+    sizes = []
+    original = embedder.embed_prepared
+
+    def spy(items):
+        sizes.append(len(items))
+        return original(items)
+
+    monkeypatch.setattr(embedder, "embed_prepared", spy)
+    inputs = [{"text": f"item {i} " * (1 + i % 7)} for i in range(40)]
+    vecs = embedder.process(inputs)
+    assert vecs.shape[0] == 40 and max(sizes) <= 4 and sum(sizes) == 40
+    assert torch.allclose(vecs[7], embedder.process([inputs[7]])[0], atol=1e-5)
+
+
+def test_bad_model_path_is_a_clear_error(tmp_path):
+    from operators.qwen3vl import ModelLoadError
+    with pytest.raises(ModelLoadError, match="nowhere"):
+        Qwen3VLEmbedder(str(tmp_path / "nowhere"))

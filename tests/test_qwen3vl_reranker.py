@@ -1,0 +1,89 @@
+"""Qwen3VLReranker on a tiny random checkpoint: prompt, score formula, batching, truncation, errors."""
+
+import pytest
+import torch
+from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+
+from operators.qwen3vl import InputError, Qwen3VLReranker
+from tests.media_gen import pattern_image, write_video
+
+
+@pytest.fixture(scope="module")
+def reranker(tiny_reranker_ckpt):
+    rr = Qwen3VLReranker(str(tiny_reranker_ckpt), max_batch_items=3)
+    yield rr
+    rr.close()
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rerank_media")
+    img, rgba = root / "a.png", root / "b.png"
+    pattern_image(1).save(img)
+    pattern_image(2, (64, 96), "RGBA").save(rgba)
+    return {"img": str(img), "rgba": str(rgba), "video": str(write_video(root / "v.mp4")),
+            "frames": [str(img), str(rgba).replace("b.png", "a.png")]}
+
+
+def test_prompt_string(reranker):
+    prompt = reranker.prompt({"text": "the query"}, {"text": "the doc"}, "Judge it")
+    assert prompt == (
+        "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
+        'Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n'
+        "<|im_start|>user\n<Instruct>: Judge it<Query>:the query\n<Document>:the doc<|im_end|>\n"
+        "<|im_start|>assistant\n")
+    default = reranker.prompt({}, {"text": "d"})
+    assert "<Instruct>: Given a search query, retrieve relevant candidates that answer the query.<Query>:NULL" \
+        in default
+
+
+def test_score_is_softmax_of_yes_over_no_from_the_lm_head(reranker, tiny_reranker_ckpt):
+    lm = Qwen3VLForConditionalGeneration.from_pretrained(str(tiny_reranker_ckpt), dtype=torch.float32).eval()
+    tok = AutoProcessor.from_pretrained(str(tiny_reranker_ckpt)).tokenizer
+    yes, no = tok.get_vocab()["yes"], tok.get_vocab()["no"]
+    query, doc = {"text": "cats"}, {"text": "a cat on a mat"}
+    ids = reranker.prepare(query, doc).input_ids
+    with torch.inference_mode():
+        logits = lm(input_ids=torch.tensor([ids])).logits[0, -1]
+    expected = torch.softmax(logits[[yes, no]].float(), dim=0)[0].item()
+    assert reranker.process({"query": query, "documents": [doc]})[0] == pytest.approx(expected, abs=1e-5)
+
+
+def test_batched_equals_one_pair_at_a_time_on_every_modality(reranker, media):
+    query = {"text": "find the picture", "image": media["img"]}
+    docs = [{"text": "short"}, {"image": media["img"]}, {"image": media["rgba"], "text": "with caption"},
+            {"video": media["frames"]}, {"video": media["video"]}, {"text": "long " * 200}, {}]
+    batched = reranker.process({"instruction": "Pick", "query": query, "documents": docs})
+    single = [reranker.process({"instruction": "Pick", "query": query, "documents": [d]})[0] for d in docs]
+    assert len(batched) == len(docs)
+    assert batched == pytest.approx(single, abs=1e-5)
+    assert all(0.0 < s < 1.0 for s in batched)
+
+
+def test_truncation_keeps_special_tokens_and_the_tail(tiny_reranker_ckpt, media):
+    rr = Qwen3VLReranker(str(tiny_reranker_ckpt), max_length=60)
+    try:
+        prepared = rr.prepare({"text": "q " * 10}, {"image": media["img"], "text": "word " * 300})
+        tok = rr.processor.tokenizer
+        full = rr.processor.tokenizer(prepared.prompt).input_ids  # no vision expansion: compare specials only
+        specials = set(tok.all_special_ids)
+        ids = prepared.input_ids
+        assert tok.decode(ids[-5:]) == "<|im_end|>\n<|im_start|>assistant\n"
+        assert sum(1 for t in ids[:-5] if t not in specials) == 60 - sum(1 for t in ids[:-5] if t in specials)
+        n_image = ids.count(tok.convert_tokens_to_ids("<|image_pad|>"))
+        assert n_image == int(prepared.vision["image_grid_thw"].prod()) // 4
+        assert len(full) > 0
+        score = rr.process({"query": {"text": "q"}, "documents": [{"text": "word " * 300}]})
+        assert 0.0 < score[0] < 1.0
+    finally:
+        rr.close()
+
+
+def test_bad_document_fails_alone(reranker, tmp_path):
+    docs = [{"text": "fine"}, {"image": str(tmp_path / "gone.png")}, {"text": "also fine"}]
+    results = reranker.score({"text": "q"}, docs)
+    assert [r.ok for r in results] == [True, False, True]
+    assert "gone.png" in results[1].error
+    with pytest.raises(InputError, match="input 1"):
+        reranker.process({"query": {"text": "q"}, "documents": docs})
+    assert reranker.process({"query": {"text": "q"}, "documents": []}) == []
