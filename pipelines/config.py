@@ -1,0 +1,844 @@
+"""Typed job configuration: the YAML schema, every default, loading, overrides and secrets.
+
+Every default of the jobs lives in this file. A config is YAML validated into frozen
+pydantic models that forbid unknown keys at every level::
+
+    cfg = load_config("configs/local.yaml", ["embedder.mrl_dims=[256,64]", "qdrant.path=null"])
+
+Errors
+    Anything wrong with a config (missing file, YAML syntax, unknown key, wrong type
+    or value, unknown override key, missing environment variable) raises ONE
+    :class:`ConfigError` (a ``ValueError``) whose message starts with ``config <file>:``
+    and lists every problem by its dotted key, e.g.
+    ``config configs/x.yaml: embedder.mrl_dims.0: must be >= 1 (got 0); qdrant: unknown key 'urll' (did you mean 'url'?)``.
+    Messages never contain the value of a secret: unknown keys and ``source.storage_options``
+    problems are reported without their values, and the original pydantic error is not
+    chained (its repr holds the inputs).
+
+Overrides
+    ``dotted.key=value`` strings; the value is parsed as a YAML scalar, list or mapping
+    (``compute.embed_actors=2``, ``embedder.mrl_dims=[256,64]``, ``qdrant.path=null``,
+    an empty value is null). For keys that take a string, the text is used as written
+    unless it parses to null (``qdrant.collection=2024`` is the string ``"2024"``,
+    ``embedder.instruction=Find: cats`` is not a mapping). Glob patterns in lists must
+    be quoted (``source.include=['*.jpg']``: ``*`` starts a YAML alias). A mapping value
+    replaces the whole section. Keys inside ``source.storage_options`` are free-form.
+
+Secrets
+    ``${VAR}`` anywhere inside a string value of ``source.storage_options`` (nested
+    mappings and lists included) is replaced from the environment when the config is
+    validated; a missing variable is an error naming the variable (``$${VAR}`` stands
+    for a literal ``${VAR}``). No other section is substituted. The Qdrant API key is
+    never part of the config: ``qdrant.api_key_env`` names the variable that holds it.
+    ``Config.redacted_dict()`` is the config safe to echo (secret-looking storage option
+    keys show ``***``, ``${VAR}`` references are shown as written, never resolved);
+    ``Config.secret_values()`` plus :func:`redact` / :func:`redact_obj` scrub text and
+    records. ``repr(cfg)`` shows the redacted storage options, but ``cfg.model_dump()``
+    and ``cfg.source.storage_options`` hold the resolved values (that is what fsspec
+    needs): never log those. Re-validating ``model_dump()`` output loses the ``${VAR}``
+    references; pass configs around as objects (they pickle) instead.
+
+Relative paths (``source.uri``, ``qdrant.path``, ``output.dir``) are relative to the
+working directory of the process, not to the config file.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import re
+import types
+from pathlib import Path
+from typing import Annotated, Any, Iterable, Literal, Mapping, Union, get_args, get_origin
+from urllib.parse import quote, quote_plus
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "ConfigError",
+    "Config",
+    "SourceConfig",
+    "ExpandConfig",
+    "LimitsConfig",
+    "EmbedderConfig",
+    "ComputeConfig",
+    "QdrantConfig",
+    "RerankerConfig",
+    "QueryConfig",
+    "OutputConfig",
+    "load_config",
+    "parse_config",
+    "apply_overrides",
+    "redact",
+    "redact_obj",
+    "is_secret_key",
+    "DEFAULT_QUERY_INSTRUCTION",
+    "REDACTED",
+]
+
+REDACTED = "***"
+DEFAULT_QUERY_INSTRUCTION = "Retrieve images or text relevant to the user's query."
+
+
+class ConfigError(ValueError):
+    """A configuration problem: one message naming every bad key by its dotted path."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _fspath(value: Any) -> Any:
+    """Accept ``os.PathLike`` where a path string is expected (programmatic use)."""
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def _tuple_to_list(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _empty_to_none(value: Any) -> Any:
+    value = _fspath(value)
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+PathStr = Annotated[str, BeforeValidator(_fspath), Field(min_length=1)]
+OptPathStr = Annotated[str | None, BeforeValidator(_empty_to_none)]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+StrList = Annotated[list[str], BeforeValidator(_tuple_to_list)]
+
+
+def _check_mrl_dims(dims: list[int]) -> list[int]:
+    seen: set[int] = set()
+    for d in dims:
+        if d in seen:
+            raise ValueError(f"duplicate dimension {d}")
+        seen.add(d)
+    return sorted(dims, reverse=True)
+
+
+MrlDims = Annotated[
+    list[Annotated[int, Field(ge=1)]],
+    BeforeValidator(_tuple_to_list),
+    AfterValidator(_check_mrl_dims),
+]
+
+
+class _Section(BaseModel):
+    """Base of every section: strict types, unknown keys rejected, immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+# ------------------------------------------------------------------ env substitution
+
+_ENV_REF = re.compile(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_PURE_REFS = re.compile(r"^(?:\$\{[A-Za-z_][A-Za-z0-9_]*\})+$")
+
+
+class _MissingEnv(Exception):
+    def __init__(self, var: str, where: str):
+        super().__init__(var)
+        self.var, self.where = var, where
+
+
+def _substitute(value: Any, where: str, resolved: dict[str, str]) -> Any:
+    """Replace ``${VAR}`` in every string of a nested structure; record what was resolved."""
+    if isinstance(value, str):
+
+        def repl(m: re.Match[str]) -> str:
+            if m.group(1):  # "$${VAR}" -> literal "${VAR}"
+                return "${" + m.group(2) + "}"
+            var = m.group(2)
+            if var not in os.environ:
+                raise _MissingEnv(var, where)
+            resolved[var] = os.environ[var]
+            return os.environ[var]
+
+        return _ENV_REF.sub(repl, value)
+    if isinstance(value, Mapping):
+        return {k: _substitute(v, f"{where}.{k}", resolved) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_substitute(v, f"{where}.{i}", resolved) for i, v in enumerate(value)]
+    return value
+
+
+# ------------------------------------------------------------------------- secrets
+
+_SECRET_KEY_PARTS = (
+    "key",  # key, access_key, account_key, aws_access_key_id, aws_secret_access_key, sse...key
+    "secret",
+    "token",  # token, session_token, sas_token, aws_session_token
+    "password",
+    "passwd",
+    "pwd",
+    "credential",
+    "connection_string",
+    "auth",
+    "signature",
+    "private",
+    "cookie",
+)
+
+
+def is_secret_key(key: Any) -> bool:
+    """True for option names that look like they hold a secret (case-insensitive)."""
+    k = str(key).lower()
+    return k == "sas" or any(part in k for part in _SECRET_KEY_PARTS)
+
+
+def _is_secret_var(name: str) -> bool:
+    n = name.lower()
+    return any(part in n for part in ("key", "secret", "token", "password", "passwd", "credential", "auth"))
+
+
+def _redact_options(value: Any, secret: bool = False) -> Any:
+    """Storage options as written (``${VAR}`` kept), secret-looking keys as ``***``."""
+    if secret:
+        # A value made only of ${VAR} references names variables, not secrets: echo it.
+        if isinstance(value, str) and _PURE_REFS.match(value):
+            return value
+        return REDACTED
+    if isinstance(value, Mapping):
+        return {k: _redact_options(v, is_secret_key(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redact_options(v) for v in value]
+    return value
+
+
+def _string_leaves(value: Any) -> Iterable[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _string_leaves(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _string_leaves(v)
+
+
+def _secret_leaves(value: Any, secret: bool = False) -> Iterable[str]:
+    if secret:
+        yield from _string_leaves(value)
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from _secret_leaves(v, is_secret_key(k))
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _secret_leaves(v)
+
+
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*):(?P<pw>[^/@\s]*)@")
+
+
+def _scrub_url(text: str) -> str:
+    """``scheme://user:password@host`` -> ``scheme://user:***@host``."""
+    return _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """Replace every occurrence of each secret (also URL-quoted) in ``text`` by ``***``.
+
+    Empty secrets are ignored; longer secrets are replaced first. Passwords in
+    ``scheme://user:password@host`` URLs are scrubbed too.
+    """
+    text = str(text)
+    variants: set[str] = set()
+    for s in secrets:
+        if not s:
+            continue
+        s = str(s)
+        variants.update((s, quote(s, safe=""), quote_plus(s)))
+    for s in sorted(variants, key=len, reverse=True):
+        if s in text:
+            text = text.replace(s, REDACTED)
+    return _scrub_url(text)
+
+
+def redact_obj(obj: Any, secrets: Iterable[str]) -> Any:
+    """:func:`redact` applied to every string (keys included) of a nested dict/list structure."""
+    secrets = [s for s in secrets if s]
+
+    def walk(o: Any) -> Any:
+        if isinstance(o, str):
+            return redact(o, secrets)
+        if isinstance(o, Mapping):
+            return {(walk(k) if isinstance(k, str) else k): walk(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [walk(v) for v in o]
+        return o
+
+    return walk(obj)
+
+
+# ------------------------------------------------------------------------ sections
+
+
+class SourceConfig(_Section):
+    """Where the objects come from (a local folder or any fsspec URL)."""
+
+    uri: PathStr
+    """Folder, ``file://`` or fsspec URL (``s3://bucket/prefix/``). Required."""
+    include: StrList = []
+    """Glob patterns (relative to ``uri``) an object must match; empty = everything."""
+    exclude: StrList = []
+    """Glob patterns that drop an object (applied after ``include``)."""
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+    """fsspec options (endpoint, profile, anon, key/secret, client_kwargs, ...), with
+    ``${VAR}`` references resolved from the environment at load time."""
+
+    _raw_storage_options: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _resolved_env: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _resolve_env(self) -> "SourceConfig":
+        raw = self.storage_options
+        resolved: dict[str, str] = {}
+        try:
+            options = _substitute(raw, "storage_options", resolved)
+        except _MissingEnv as e:
+            # Names the variable, never a value; `from None` keeps the inputs out of tracebacks.
+            raise ValueError(f"{e.where}: environment variable '{e.var}' is not set") from None
+        self._raw_storage_options = raw
+        self._resolved_env = resolved
+        object.__setattr__(self, "storage_options", options)
+        return self
+
+    def redacted_storage_options(self) -> dict[str, Any]:
+        """Storage options as written, ``${VAR}`` kept, secret-looking keys as ``***``."""
+        return _redact_options(self._raw_storage_options)
+
+    def secret_values(self) -> list[str]:
+        """Resolved values of secret-looking keys and of secret-looking ``${VAR}`` refs."""
+        values = list(_secret_leaves(self.storage_options))
+        values += [v for k, v in self._resolved_env.items() if _is_secret_var(k)]
+        return values
+
+    def __repr_args__(self):
+        for name, value in super().__repr_args__():
+            yield name, value
+        yield "storage_options", self.redacted_storage_options()
+
+
+class ExpandConfig(_Section):
+    """How objects are cut into units (one vector each)."""
+
+    chunk_tokens: int = Field(512, ge=1)
+    """Text chunk length in tokenizer tokens."""
+    overlap_tokens: int = Field(64, ge=0)
+    """Tokens shared by consecutive chunks; must be < chunk_tokens."""
+    pdf_dpi: int = Field(144, ge=1, le=1200)
+    """PDF page render resolution (one unit per page)."""
+    video_segment_s: float = Field(30.0, gt=0)
+    """Video segment length in seconds (one unit per segment)."""
+    video_fps: float = Field(1.0, gt=0)
+    """Frames sampled per second of video."""
+    video_max_frames: int = Field(64, ge=1)
+    """At most this many frames per segment."""
+
+    @model_validator(mode="after")
+    def _overlap_lt_chunk(self) -> "ExpandConfig":
+        if self.overlap_tokens >= self.chunk_tokens:
+            raise ValueError(
+                f"overlap_tokens: must be < chunk_tokens ({self.chunk_tokens}) (got {self.overlap_tokens})"
+            )
+        return self
+
+
+class LimitsConfig(_Section):
+    """Safety caps: an object over a cap is a dead letter, checked before decoding."""
+
+    max_object_bytes: int = Field(536_870_912, ge=1)
+    """512 MiB per object."""
+    max_image_pixels: int = Field(89_478_485, ge=1)
+    """Decompression-bomb cap (Pillow's default)."""
+    max_pdf_pages: int = Field(200, ge=1)
+    max_video_duration_s: float = Field(3600.0, gt=0)
+
+
+class EmbedderConfig(_Section):
+    """Qwen3-VL-Embedding model and its input budget."""
+
+    model: NonEmptyStr
+    """Hub id or local checkpoint path. Required."""
+    mrl_dims: MrlDims = []
+    """Matryoshka dimensions stored as extra named vectors (each >= 1, unique; sorted
+    descending on load; each must also be <= the model's full dimension, checked when
+    the model loads). Empty = full vector only."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """``auto``: the embedder's choice (bfloat16 on GPU, float32 on CPU)."""
+    attn_implementation: str | None = None
+    """e.g. ``sdpa``, ``flash_attention_2``; None = transformers' default."""
+    max_length: int = Field(8192, ge=1)
+    """Max tokens per input (longer inputs are truncated by the embedder)."""
+    min_pixels: int = Field(4096, ge=1)
+    max_pixels: int = Field(1_843_200, ge=1)
+    """Per image / page / frame pixel budget (resized within [min_pixels, max_pixels])."""
+    total_pixels: int = Field(7_864_320, ge=1)
+    """Pixel budget over all frames of one video segment."""
+    token_budget: int = Field(16384, ge=1)
+    """Tokens per forward batch (batches are cut by summed token length)."""
+    max_batch_items: int = Field(64, ge=1)
+    """At most this many inputs per forward batch."""
+    instruction: str | None = None
+    """Document instruction; None = the model's default."""
+
+    @model_validator(mode="after")
+    def _pixel_order(self) -> "EmbedderConfig":
+        if self.max_pixels < self.min_pixels:
+            raise ValueError(f"max_pixels: must be >= min_pixels ({self.min_pixels}) (got {self.max_pixels})")
+        if self.total_pixels < self.min_pixels:
+            raise ValueError(
+                f"total_pixels: must be >= min_pixels ({self.min_pixels}) (got {self.total_pixels})"
+            )
+        return self
+
+
+class ComputeConfig(_Section):
+    """Ray resources."""
+
+    ray_address: str | None = None
+    """None = start a local Ray; ``auto`` = join the running cluster; or ``ray://host:port``."""
+    embed_actors: int = Field(1, ge=1)
+    """Fixed size of the embedding actor pool."""
+    num_gpus_per_actor: float = Field(0.0, ge=0)
+    """0 = auto: 1 GPU per actor when the cluster has GPUs, else CPU (see
+    :meth:`effective_num_gpus`). To force CPU on a GPU machine, hide the GPUs
+    (``CUDA_VISIBLE_DEVICES=``). Fractions share a GPU between actors."""
+    cpus_per_actor: float = Field(1.0, ge=0)
+    batch_size: int = Field(64, ge=1)
+    """Rows per embedding-actor call (token-budget batches are cut inside it)."""
+    prepare_concurrency: int | None = Field(None, ge=1)
+    """Max parallel CPU preparation tasks; None = Ray Data decides."""
+
+    def effective_num_gpus(self, cluster_gpus: float) -> float:
+        """GPUs per embedding actor: the configured value, or for 0 (auto) 1 if
+        ``cluster_gpus`` > 0 else 0."""
+        if self.num_gpus_per_actor > 0:
+            return self.num_gpus_per_actor
+        return 1.0 if cluster_gpus and cluster_gpus > 0 else 0.0
+
+
+_QDRANT_BAD_NAME = re.compile(r'[<>:"/\\|?*\x00]')
+
+
+class QdrantConfig(_Section):
+    """The vector store: exactly one of ``url`` (server) or ``path`` (embedded)."""
+
+    url: OptPathStr = None
+    """Server URL (``http(s)://host:6333``)."""
+    path: OptPathStr = None
+    """Embedded (local mode) folder; only one process may open it."""
+    api_key_env: str | None = "QDRANT_API_KEY"
+    """Environment variable holding the server API key (the key is never in the config)."""
+    collection: NonEmptyStr
+    """Collection name. Required."""
+    full_datatype: Literal["float32", "float16"] = "float32"
+    """Storage type of the full-dimension vector."""
+    on_disk: bool = False
+    """Keep vectors on disk (memmap) instead of RAM."""
+    quantization: Literal["none", "int8", "binary"] = "none"
+    """Quantisation of the reduced (MRL) vectors."""
+    upsert_batch: int = Field(128, ge=1, le=4096)
+    """Points per upsert request (requests are also kept under 16 MiB)."""
+    timeout_s: float = Field(30.0, gt=0)
+    """Per-request timeout."""
+
+    @field_validator("url")
+    @classmethod
+    def _url_scheme(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://\S+$", v):
+            raise ValueError("must be an http:// or https:// URL")
+        return v
+
+    @field_validator("collection")
+    @classmethod
+    def _collection_name(cls, v: str) -> str:
+        if len(v) > 255 or _QDRANT_BAD_NAME.search(v):
+            raise ValueError('must be at most 255 characters without any of < > : " / \\ | ? *')
+        return v
+
+    @model_validator(mode="after")
+    def _one_location(self) -> "QdrantConfig":
+        if (self.url is None) == (self.path is None):
+            got = "both" if self.url is not None else "neither"
+            raise ValueError(
+                "set exactly one of qdrant.url (server mode) or qdrant.path (embedded mode); "
+                f"got {got}"
+            )
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        return self.path is not None
+
+    def api_key(self) -> str | None:
+        """The API key from the environment (None when unset or empty); never stored."""
+        if not self.api_key_env:
+            return None
+        return os.environ.get(self.api_key_env) or None
+
+
+class RerankerConfig(_Section):
+    """Qwen3-VL-Reranker for the last query step."""
+
+    model: str | None = None
+    """Hub id or path; None = no reranking available."""
+    instruction: str | None = None
+    """Reranker instruction; None = the model's default."""
+    max_length: int = Field(10240, ge=1)
+    batch_pairs: int = Field(16, ge=1)
+    """(query, document) pairs per forward batch."""
+
+
+class QueryConfig(_Section):
+    """Retrieval defaults (the CLI flags override them per query)."""
+
+    instruction: str = DEFAULT_QUERY_INSTRUCTION
+    top_k: int = Field(100, ge=1)
+    """Candidates taken from Qdrant (after the full-vector rescore)."""
+    top_n: int = Field(10, ge=1)
+    """Results after reranking (never more than top_k)."""
+    prefetch_multiplier: int = Field(4, ge=1)
+    """Prefetch limit on the smallest MRL vector = top_k * prefetch_multiplier."""
+
+
+class OutputConfig(_Section):
+    """Run outputs."""
+
+    dir: PathStr = "runs"
+    """Folder for run outputs (dead letters, report)."""
+    dead_letter_file: NonEmptyStr = "dead_letters.jsonl"
+    report_file: NonEmptyStr = "report.json"
+
+
+class Config(_Section):
+    """The whole job configuration (see configs/*.yaml)."""
+
+    source: SourceConfig
+    expand: ExpandConfig = ExpandConfig()
+    limits: LimitsConfig = LimitsConfig()
+    embedder: EmbedderConfig
+    compute: ComputeConfig = ComputeConfig()
+    qdrant: QdrantConfig
+    reranker: RerankerConfig = RerankerConfig()
+    query: QueryConfig = QueryConfig()
+    output: OutputConfig = OutputConfig()
+    prune: bool = False
+    """Delete points of objects that disappeared from the source."""
+
+    def secret_values(self) -> list[str]:
+        """Secret values to scrub from logs and reports: resolved secret storage options
+        and the Qdrant API key (read now from ``qdrant.api_key_env``). Longest first."""
+        values = self.source.secret_values()
+        key = self.qdrant.api_key()
+        if key:
+            values.append(key)
+        return sorted({v for v in values if v}, key=len, reverse=True)
+
+    def redacted_dict(self) -> dict[str, Any]:
+        """The config as a JSON-safe dict to echo in reports: storage options as written
+        (``${VAR}`` references, never their values; secret-looking keys ``***``), URL
+        passwords scrubbed, and any secret value scrubbed wherever it appears."""
+        data = self.model_dump(mode="json")
+        data["source"]["storage_options"] = self.source.redacted_storage_options()
+        return redact_obj(data, self.secret_values())
+
+
+# ------------------------------------------------------------------ error messages
+
+
+def _dotted(loc: Iterable[Any]) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        text = _scrub_url(value)
+        return repr(text if len(text) <= 60 else text[:57] + "...")
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    return type(value).__name__
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The section model that holds the last element of ``loc`` (None if free-form)."""
+    model: Any = Config
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+_TYPE_NAMES = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+}
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    loc = tuple(err.get("loc", ()))
+    etype = err.get("type", "")
+    ctx = err.get("ctx") or {}
+    path = _dotted(loc)
+    # Never show values under storage_options (they may be secrets).
+    secret_zone = loc[:2] == ("source", "storage_options")
+    got = "" if secret_zone else f" (got {_show(err.get('input'))})"
+
+    if etype == "extra_forbidden":
+        key = str(loc[-1]) if loc else "?"
+        model = _model_at(loc)
+        allowed = list(model.model_fields) if model is not None else []
+        hint = ""
+        if key == "api_key" and loc[:1] == ("qdrant",):
+            hint = " (the API key is never in the config: put it in the environment variable named by qdrant.api_key_env)"
+        elif allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (allowed: {', '.join(allowed)})"
+        where = _dotted(loc[:-1])
+        return f"{where}: unknown key '{key}'{hint}" if where else f"unknown top-level key '{key}'{hint}"
+    if etype == "missing":
+        model = _model_at(loc)
+        field = model.model_fields.get(loc[-1]) if model is not None and loc else None
+        is_section = field is not None and isinstance(field.annotation, type) and issubclass(
+            field.annotation, BaseModel
+        )
+        return f"{path}: required {'section' if is_section else 'key'} missing"
+    if etype in _TYPE_NAMES:
+        what = _TYPE_NAMES[etype]
+        if etype in ("model_type", "model_attributes_type", "dict_type"):
+            got = "" if secret_zone else f" (got {_show(err.get('input'))})"
+        return f"{path}: expected {what}{got}"
+    if etype == "literal_error":
+        return f"{path}: must be one of {ctx.get('expected', '?')}{got}"
+    bounds = {
+        "greater_than_equal": (">=", "ge"),
+        "greater_than": (">", "gt"),
+        "less_than_equal": ("<=", "le"),
+        "less_than": ("<", "lt"),
+    }
+    if etype in bounds:
+        op, key = bounds[etype]
+        return f"{path}: must be {op} {ctx.get(key)}{got}"
+    if etype in ("string_too_short", "too_short") and ctx.get("min_length") == 1:
+        return f"{path}: must not be empty"
+    if etype == "finite_number":
+        return f"{path}: must be a finite number{got}"
+    if etype in ("value_error", "assertion_error"):
+        msg = str(ctx.get("error", err.get("msg", "")))
+        # Section validators name the offending key first ("overlap_tokens: must be ..."):
+        # fold it into the dotted path.
+        m = re.match(r"^([A-Za-z_][\w.]*): (.*)$", msg, re.S)
+        if m:
+            model = _model_at(loc + ("_",))
+            if model is not None and m.group(1).split(".")[0] in model.model_fields:
+                path = _dotted(loc + (m.group(1),))
+                msg = m.group(2)
+        return f"{path}: {msg}" if path else msg
+    msg = str(err.get("msg", "invalid value"))
+    msg = msg[0].lower() + msg[1:] if msg else msg
+    return f"{path}: {msg}{got}" if path else f"{msg}{got}"
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    seen: list[str] = []
+    for err in exc.errors(include_url=False):
+        text = _describe(err)
+        if text not in seen:
+            seen.append(text)
+    return "; ".join(seen)
+
+
+# ------------------------------------------------------------------------ loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate mapping keys (PyYAML silently keeps the last)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    loader.flatten_mapping(node)
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            dup = key in seen
+        except TypeError:
+            continue
+        if dup:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key '{key}'", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(exc, "problem", None) or type(exc).__name__
+    context = getattr(exc, "context", None)
+    # The problem/context texts only, never the snippet of the offending line (it may hold a secret).
+    return f"invalid YAML at {where}{problem}" + (f" ({context})" if context else "")
+
+
+def _accepts_str(annotation: Any) -> bool:
+    """True when a field's annotation is ``str`` or a union containing ``str``."""
+    if annotation is str:
+        return True
+    if get_origin(annotation) in (Union, types.UnionType):
+        return str in get_args(annotation)
+    return False
+
+
+def _override_target(keys: list[str]) -> tuple[str | None, bool]:
+    """(error, takes_str) for a dotted key path; keys inside storage_options are free-form."""
+    model: Any = Config
+    for i, key in enumerate(keys):
+        fields = model.model_fields
+        field = fields.get(key)
+        if field is None:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean '{'.'.join(keys[:i] + [close[0]])}'?)" if close else ""
+            return f"unknown key '{'.'.join(keys)}'{hint}", False
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+            if i == len(keys) - 1:
+                return None, False  # a whole section (mapping value)
+            continue
+        if i == len(keys) - 1:
+            return None, _accepts_str(ann)
+        if ann is dict or get_origin(ann) is dict:
+            return None, False  # inside a free-form mapping
+        return f"unknown key '{'.'.join(keys)}' ('{'.'.join(keys[: i + 1])}' is not a section)", False
+    return None, False
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """A copy of ``data`` with ``dotted.key=value`` overrides applied (see module doc).
+
+    Raises ConfigError (without a ``config <file>:`` prefix) for a malformed override
+    or an unknown key. Values are never echoed in messages.
+    """
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    out: dict[str, Any] = copy.deepcopy(dict(data))
+    for item in overrides:
+        if not isinstance(item, str) or "=" not in item:
+            raise ConfigError(f"override '{item}': expected dotted.key=value")
+        key, _, text = item.partition("=")
+        key = key.strip()
+        keys = key.split(".")
+        if not key or any(not k for k in keys):
+            raise ConfigError(f"override '{key}': expected dotted.key=value")
+        problem, takes_str = _override_target(keys)
+        if problem:
+            raise ConfigError(f"override '{key}': {problem}")
+        try:
+            value = yaml.load(text, Loader=_UniqueKeyLoader) if text.strip() else None
+        except yaml.YAMLError as exc:
+            if not takes_str:
+                raise ConfigError(
+                    f"override '{key}': value is not valid YAML ({getattr(exc, 'problem', None) or 'syntax error'}; "
+                    "quote glob patterns such as '*.jpg')"
+                ) from None
+            value = text.strip()
+        if takes_str and value is not None and not isinstance(value, str):
+            value = text.strip()
+        node = out
+        for part in keys[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[keys[-1]] = value
+    return out
+
+
+def parse_config(
+    data: Mapping[str, Any] | None,
+    overrides: Iterable[str] = (),
+    *,
+    origin: str = "<dict>",
+) -> Config:
+    """Validate an already-parsed mapping (plus overrides) into a Config.
+
+    ``origin`` names the source in error messages (``config <origin>: ...``).
+    """
+    prefix = f"config {origin}: "
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix}expected a mapping of sections at the top level (got {_show(data)})")
+    try:
+        merged = apply_overrides(data, overrides)
+    except ConfigError as exc:
+        raise ConfigError(prefix + str(exc)) from None
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as exc:
+        message = _format_validation_error(exc)
+    raise ConfigError(prefix + message)  # outside `except`: no chained ValidationError
+
+
+def load_config(path: str | os.PathLike[str], overrides: Iterable[str] = ()) -> Config:
+    """Read a YAML config file, apply ``dotted.key=value`` overrides and validate it.
+
+    Raises ConfigError naming the file and every bad key.
+    """
+    shown = os.fspath(path)
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config {shown}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config {shown}: is a directory, expected a YAML file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {shown}: not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"config {shown}: cannot read ({exc.strerror or type(exc).__name__})") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        message = _yaml_error(exc)
+    else:
+        return parse_config(data, overrides, origin=shown)
+    raise ConfigError(f"config {shown}: {message}")

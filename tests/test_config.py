@@ -1,0 +1,540 @@
+"""Configuration schema, loading, overrides and secret handling (fast, no Ray)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import textwrap
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from pipelines.config import (
+    DEFAULT_QUERY_INSTRUCTION,
+    Config,
+    ConfigError,
+    apply_overrides,
+    load_config,
+    parse_config,
+    redact,
+    redact_obj,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "AKIDPLANTED0001",
+    "AWS_SECRET_ACCESS_KEY": "s3cr3t/PLANTED+value==",
+    "AWS_ENDPOINT_URL": "http://127.0.0.1:5999",
+}
+
+MINIMAL = {
+    "source": {"uri": "sample_data/"},
+    "embedder": {"model": "tiny"},
+    "qdrant": {"path": "qdrant_data", "collection": "media"},
+}
+
+
+def write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text), encoding="utf-8")
+    return p
+
+
+def error_of(data=None, overrides=(), **kw) -> str:
+    with pytest.raises(ConfigError) as ei:
+        parse_config(MINIMAL if data is None else data, overrides, **kw)
+    exc = ei.value  # no chained pydantic error (its repr holds the inputs)
+    assert exc.__cause__ is None and (exc.__context__ is None or exc.__suppress_context__)
+    return str(ei.value)
+
+
+def with_section(section: str, **values) -> dict:
+    data = {k: dict(v) for k, v in MINIMAL.items()}
+    data.setdefault(section, {}).update(values)
+    return data
+
+
+# ----------------------------------------------------------------- shipped configs
+
+
+def test_local_config_loads():
+    cfg = load_config(CONFIGS / "local.yaml")
+    assert cfg.source.uri == "sample_data/"
+    assert cfg.qdrant.path == "qdrant_data" and cfg.qdrant.url is None and cfg.qdrant.embedded
+    assert cfg.qdrant.collection == "media"
+    assert cfg.embedder.model == "Qwen/Qwen3-VL-Embedding-2B"
+    assert cfg.embedder.mrl_dims == [256, 64]
+    assert cfg.compute.ray_address is None
+    # The file restates the defaults: it must agree with the schema.
+    defaults = parse_config(
+        {
+            "source": {"uri": "sample_data/"},
+            "embedder": {"model": "Qwen/Qwen3-VL-Embedding-2B", "mrl_dims": [256, 64]},
+            "qdrant": {"path": "qdrant_data", "collection": "media"},
+        }
+    )
+    assert cfg == defaults
+
+
+def test_local_config_loads_without_any_env(monkeypatch):
+    for var in S3_ENV:
+        monkeypatch.delenv(var, raising=False)
+    load_config(CONFIGS / "local.yaml")
+    load_config(str(CONFIGS / "cluster.yaml"))
+
+
+def test_s3_config_loads_with_env(monkeypatch):
+    for k, v in S3_ENV.items():
+        monkeypatch.setenv(k, v)
+    cfg = load_config(CONFIGS / "s3.yaml")
+    assert cfg.source.uri == "s3://my-bucket/media/"
+    so = cfg.source.storage_options
+    assert so["key"] == S3_ENV["AWS_ACCESS_KEY_ID"]
+    assert so["secret"] == S3_ENV["AWS_SECRET_ACCESS_KEY"]
+    assert so["client_kwargs"]["endpoint_url"] == S3_ENV["AWS_ENDPOINT_URL"]
+    red = json.dumps(cfg.redacted_dict())
+    assert S3_ENV["AWS_SECRET_ACCESS_KEY"] not in red and S3_ENV["AWS_ACCESS_KEY_ID"] not in red
+    assert "${AWS_SECRET_ACCESS_KEY}" in red and "${AWS_ENDPOINT_URL}" in red
+    assert S3_ENV["AWS_SECRET_ACCESS_KEY"] not in repr(cfg)
+
+
+def test_s3_config_missing_env_names_variable(monkeypatch):
+    for k, v in S3_ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(ConfigError) as ei:
+        load_config(CONFIGS / "s3.yaml")
+    msg = str(ei.value)
+    assert "AWS_SECRET_ACCESS_KEY" in msg and "source.storage_options.secret" in msg
+    assert "s3.yaml" in msg
+
+
+def test_cluster_config_loads():
+    cfg = load_config(CONFIGS / "cluster.yaml")
+    assert cfg.compute.ray_address == "auto"
+    assert cfg.compute.embed_actors == 4 and cfg.compute.num_gpus_per_actor == 1.0
+    assert cfg.qdrant.url == "http://qdrant:6333" and cfg.qdrant.path is None
+    assert cfg.reranker.model == "Qwen/Qwen3-VL-Reranker-2B"
+    assert cfg.embedder.dtype == "bfloat16"
+    assert cfg.embedder.attn_implementation == "flash_attention_2"
+
+
+def test_every_shipped_key_is_commented():
+    for f in ("local.yaml", "s3.yaml", "cluster.yaml"):
+        for n, line in enumerate((CONFIGS / f).read_text().splitlines(), 1):
+            s = line.strip()
+            if s and not s.startswith("#") and ":" in s and not s.endswith(":"):
+                assert "#" in s, f"{f}:{n} has no comment: {s}"
+
+
+# ------------------------------------------------------------------------- defaults
+
+
+def test_defaults():
+    cfg = parse_config(MINIMAL)
+    assert cfg.source.include == [] and cfg.source.exclude == [] and cfg.source.storage_options == {}
+    e = cfg.expand
+    assert (e.chunk_tokens, e.overlap_tokens, e.pdf_dpi) == (512, 64, 144)
+    assert (e.video_segment_s, e.video_fps, e.video_max_frames) == (30.0, 1.0, 64)
+    lim = cfg.limits
+    assert (lim.max_object_bytes, lim.max_image_pixels, lim.max_pdf_pages, lim.max_video_duration_s) == (
+        536870912,
+        89478485,
+        200,
+        3600.0,
+    )
+    em = cfg.embedder
+    assert em.mrl_dims == [] and em.dtype == "auto" and em.attn_implementation is None
+    assert (em.max_length, em.min_pixels, em.max_pixels, em.total_pixels) == (8192, 4096, 1843200, 7864320)
+    assert (em.token_budget, em.max_batch_items, em.instruction) == (16384, 64, None)
+    c = cfg.compute
+    assert (c.ray_address, c.embed_actors, c.num_gpus_per_actor, c.cpus_per_actor) == (None, 1, 0.0, 1.0)
+    assert (c.batch_size, c.prepare_concurrency) == (64, None)
+    assert c.effective_num_gpus(0) == 0.0 and c.effective_num_gpus(2) == 1.0
+    q = cfg.qdrant
+    assert (q.url, q.path, q.api_key_env, q.collection) == (None, "qdrant_data", "QDRANT_API_KEY", "media")
+    assert (q.full_datatype, q.on_disk, q.quantization, q.upsert_batch, q.timeout_s) == (
+        "float32",
+        False,
+        "none",
+        128,
+        30.0,
+    )
+    r = cfg.reranker
+    assert (r.model, r.instruction, r.max_length, r.batch_pairs) == (None, None, 10240, 16)
+    qu = cfg.query
+    assert qu.instruction == DEFAULT_QUERY_INSTRUCTION == "Retrieve images or text relevant to the user's query."
+    assert (qu.top_k, qu.top_n, qu.prefetch_multiplier) == (100, 10, 4)
+    o = cfg.output
+    assert (o.dir, o.dead_letter_file, o.report_file) == ("runs", "dead_letters.jsonl", "report.json")
+    assert cfg.prune is False
+
+
+def test_frozen_and_picklable():
+    cfg = parse_config(MINIMAL)
+    with pytest.raises(ValidationError):
+        cfg.prune = True  # type: ignore[misc]
+    with pytest.raises(ValidationError):
+        cfg.qdrant.collection = "x"  # type: ignore[misc]
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+
+
+# ------------------------------------------------------------------ unknown keys
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({**MINIMAL, "qdrnt": {}}, "unknown top-level key 'qdrnt'"),
+        (with_section("qdrant", urll="http://x"), "qdrant: unknown key 'urll' (did you mean 'url'?)"),
+        (with_section("expand", chunk=3), "expand: unknown key 'chunk'"),
+        (with_section("limits", max_pages=3), "limits: unknown key 'max_pages'"),
+        (with_section("source", storage={}), "source: unknown key 'storage'"),
+        (with_section("output", folder="x"), "output: unknown key 'folder'"),
+    ],
+)
+def test_unknown_keys_rejected(data, expected):
+    assert expected in error_of(data)
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path):
+    p = write(
+        tmp_path,
+        """
+        source: {uri: x}
+        embedder: {model: m, mrl_dims: [0]}
+        qdrant: {path: q, collection: c, urll: http://x}
+        """,
+    )
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    msg = str(ei.value)
+    assert msg.startswith(f"config {p}: ")
+    assert "embedder.mrl_dims.0: must be >= 1 (got 0)" in msg
+    assert "qdrant: unknown key 'urll'" in msg
+    assert msg.count("\n") == 0  # one message
+
+
+def test_api_key_in_config_rejected_without_echoing_it():
+    msg = error_of(with_section("qdrant", api_key="PLANTED-QDRANT-KEY"))
+    assert "qdrant: unknown key 'api_key'" in msg and "api_key_env" in msg
+    assert "PLANTED-QDRANT-KEY" not in msg
+
+
+# --------------------------------------------------------------- types and values
+
+
+@pytest.mark.parametrize(
+    "section, values, expected",
+    [
+        ("compute", {"embed_actors": "two"}, "compute.embed_actors: expected an integer"),
+        ("compute", {"embed_actors": 0}, "compute.embed_actors: must be >= 1 (got 0)"),
+        ("compute", {"embed_actors": 1.5}, "compute.embed_actors: expected an integer"),
+        ("compute", {"num_gpus_per_actor": -1}, "compute.num_gpus_per_actor: must be >= 0"),
+        ("compute", {"prepare_concurrency": 0}, "compute.prepare_concurrency: must be >= 1"),
+        ("embedder", {"dtype": "fp8"}, "embedder.dtype: must be one of"),
+        ("embedder", {"mrl_dims": 256}, "embedder.mrl_dims: expected a list"),
+        ("embedder", {"mrl_dims": ["a"]}, "embedder.mrl_dims.0: expected an integer"),
+        ("embedder", {"model": ""}, "embedder.model: must not be empty"),
+        ("embedder", {"max_pixels": 100}, "embedder.max_pixels: must be >= min_pixels"),
+        ("expand", {"overlap_tokens": 512}, "expand.overlap_tokens: must be < chunk_tokens (512)"),
+        ("expand", {"video_fps": 0}, "expand.video_fps: must be > 0"),
+        ("limits", {"max_video_duration_s": float("inf")}, "limits.max_video_duration_s: must be a finite number"),
+        ("qdrant", {"quantization": "int4"}, "qdrant.quantization: must be one of"),
+        ("qdrant", {"on_disk": "yes please"}, "qdrant.on_disk: expected true or false"),
+        ("qdrant", {"collection": "a/b"}, "qdrant.collection: must be"),
+        ("qdrant", {"timeout_s": 0}, "qdrant.timeout_s: must be > 0"),
+        ("query", {"top_k": 0}, "query.top_k: must be >= 1"),
+        ("reranker", {"batch_pairs": "8"}, "reranker.batch_pairs: expected an integer"),
+        ("source", {"include": "*.jpg"}, "source.include: expected a list"),
+        ("source", {"uri": 3}, "source.uri: expected a string"),
+        ("source", {"storage_options": "PLANTED"}, "source.storage_options: expected a mapping"),
+    ],
+)
+def test_bad_values_name_the_key(section, values, expected):
+    msg = error_of(with_section(section, **values))
+    assert expected in msg
+    assert "PLANTED" not in msg
+
+
+def test_bad_values_all_reported_at_once():
+    data = with_section("compute", embed_actors=0)
+    data["prune"] = "yes"
+    data["embedder"] = {"model": "m", "dtype": "x"}
+    msg = error_of(data)
+    for key in ("compute.embed_actors", "prune", "embedder.dtype"):
+        assert key in msg
+    assert msg.count(";") == 2
+
+
+def test_missing_required():
+    msg = error_of({"source": {}, "embedder": {"model": "m"}})
+    assert "source.uri: required key missing" in msg
+    assert "qdrant: required section missing" in msg
+    assert "qdrant.collection: required key missing" in error_of(
+        {**MINIMAL, "qdrant": {"path": "q"}}
+    )
+
+
+def test_top_level_not_a_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="required section missing"):
+        load_config(write(tmp_path, "# only a comment\n"))
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    p = write(tmp_path, "source:\n  uri: x\nembedder: {model: m\nqdrant: {path: q}\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    msg = str(ei.value)
+    assert msg.startswith(f"config {p}: invalid YAML at line ") and "line 4" in msg
+
+
+def test_yaml_duplicate_key_rejected(tmp_path):
+    p = write(tmp_path, "source: {uri: x}\nembedder: {model: m}\nqdrant: {path: q, collection: c}\nprune: true\nprune: false\n")
+    with pytest.raises(ConfigError, match=r"line 5.*duplicate key 'prune'"):
+        load_config(p)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="nope.yaml: file not found"):
+        load_config("configs/nope.yaml")
+
+
+# ------------------------------------------------------------- qdrant url / path
+
+
+@pytest.mark.parametrize(
+    "qdrant, word",
+    [
+        ({"url": "http://q:6333", "path": "qdrant_data", "collection": "c"}, "both"),
+        ({"collection": "c"}, "neither"),
+        ({"url": None, "path": None, "collection": "c"}, "neither"),
+        ({"url": "", "path": "", "collection": "c"}, "neither"),
+    ],
+)
+def test_exactly_one_of_url_and_path(qdrant, word):
+    msg = error_of({**MINIMAL, "qdrant": qdrant})
+    assert "qdrant.url" in msg and "qdrant.path" in msg and word in msg
+
+
+def test_url_must_be_http():
+    assert "qdrant.url: must be an http:// or https:// URL" in error_of(
+        {**MINIMAL, "qdrant": {"url": "qdrant:6333", "collection": "c"}}
+    )
+
+
+# ------------------------------------------------------------------------ overrides
+
+
+def test_overrides_scalars_lists_null(tmp_path):
+    cfg = load_config(
+        CONFIGS / "local.yaml",
+        [
+            "compute.embed_actors=2",
+            "embedder.mrl_dims=[64, 512,128]",
+            "qdrant.path=null",
+            "qdrant.url=http://localhost:6333",
+            "qdrant.collection=2024",
+            "embedder.instruction=Represent: this",
+            "prune=true",
+            "source.include=['*.jpg', '*.png']",
+            "source.storage_options.anon=true",
+            "compute.prepare_concurrency=",
+            "expand.video_fps=0.5",
+        ],
+    )
+    assert cfg.compute.embed_actors == 2
+    assert cfg.embedder.mrl_dims == [512, 128, 64]
+    assert cfg.qdrant.path is None and cfg.qdrant.url == "http://localhost:6333"
+    assert cfg.qdrant.collection == "2024"
+    assert cfg.embedder.instruction == "Represent: this"
+    assert cfg.prune is True
+    assert cfg.source.include == ["*.jpg", "*.png"]
+    assert cfg.source.storage_options == {"anon": True}
+    assert cfg.compute.prepare_concurrency is None
+    assert cfg.expand.video_fps == 0.5
+
+
+def test_override_empty_list_and_section():
+    cfg = parse_config(
+        with_section("embedder", mrl_dims=[256]),
+        ["embedder.mrl_dims=[]", "query={top_k: 5, top_n: 2}"],
+    )
+    assert cfg.embedder.mrl_dims == []
+    assert (cfg.query.top_k, cfg.query.top_n, cfg.query.prefetch_multiplier) == (5, 2, 4)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("qdrant.urll=http://x", "override 'qdrant.urll': unknown key 'qdrant.urll' (did you mean 'qdrant.url'?)"),
+        ("nosuch=1", "override 'nosuch': unknown key 'nosuch'"),
+        ("qdrant.url.host=x", "override 'qdrant.url.host': unknown key 'qdrant.url.host'"),
+        ("prune", "expected dotted.key=value"),
+        ("=3", "expected dotted.key=value"),
+        ("source.include=[*.jpg]", "override 'source.include': value is not valid YAML"),
+    ],
+)
+def test_bad_overrides(override, expected):
+    with pytest.raises(ConfigError) as ei:
+        load_config(CONFIGS / "local.yaml", [override])
+    assert f"config {CONFIGS / 'local.yaml'}: " in str(ei.value)
+    assert expected in str(ei.value)
+
+
+def test_override_value_validated_and_not_echoed_for_secrets():
+    msg = error_of(overrides=["compute.embed_actors=0", "source.storage_options=PLANTED-SECRET"])
+    assert "compute.embed_actors: must be >= 1 (got 0)" in msg
+    assert "source.storage_options: expected a mapping" in msg and "PLANTED-SECRET" not in msg
+
+
+def test_apply_overrides_does_not_mutate_input():
+    data = with_section("embedder", mrl_dims=[256])
+    out = apply_overrides(data, ["embedder.mrl_dims=[1]", "source.storage_options.client_kwargs.region_name=eu"])
+    assert data["embedder"]["mrl_dims"] == [256] and "storage_options" not in data["source"]
+    assert out["source"]["storage_options"] == {"client_kwargs": {"region_name": "eu"}}
+
+
+# ------------------------------------------------------------------------- mrl_dims
+
+
+def test_mrl_dims_sorted_descending_and_validated():
+    assert parse_config(with_section("embedder", mrl_dims=[64, 1024, 256])).embedder.mrl_dims == [1024, 256, 64]
+    assert parse_config(with_section("embedder", mrl_dims=(32,))).embedder.mrl_dims == [32]
+    assert "embedder.mrl_dims: duplicate dimension 64" in error_of(with_section("embedder", mrl_dims=[64, 128, 64]))
+    assert "embedder.mrl_dims.1: must be >= 1 (got -8)" in error_of(with_section("embedder", mrl_dims=[64, -8]))
+    assert "embedder.mrl_dims.0: expected an integer" in error_of(with_section("embedder", mrl_dims=[True]))
+
+
+# -------------------------------------------------------------------------- secrets
+
+
+def secret_data(**options) -> dict:
+    return with_section("source", uri="s3://bucket/p/", storage_options=options)
+
+
+def test_env_substitution_nested(monkeypatch):
+    monkeypatch.setenv("T_ENDPOINT", "http://127.0.0.1:9000")
+    monkeypatch.setenv("T_SECRET", "PLANTED-s3-secret")
+    cfg = parse_config(
+        secret_data(
+            secret="${T_SECRET}",
+            client_kwargs={"endpoint_url": "${T_ENDPOINT}", "extra": ["a-${T_ENDPOINT}-b"]},
+            literal="$${T_SECRET}",
+        )
+    )
+    so = cfg.source.storage_options
+    assert so["secret"] == "PLANTED-s3-secret"
+    assert so["client_kwargs"] == {"endpoint_url": "http://127.0.0.1:9000", "extra": ["a-http://127.0.0.1:9000-b"]}
+    assert so["literal"] == "${T_SECRET}"
+
+
+def test_env_substitution_only_in_storage_options(monkeypatch):
+    monkeypatch.setenv("T_X", "resolved")
+    cfg = parse_config(with_section("source", uri="${T_X}/data"))
+    assert cfg.source.uri == "${T_X}/data"
+
+
+def test_missing_env_var_names_variable_without_leaking(monkeypatch):
+    monkeypatch.setenv("T_PRESENT", "PLANTED-present-secret")
+    monkeypatch.delenv("T_ABSENT", raising=False)
+    msg = error_of(secret_data(key="${T_PRESENT}", client_kwargs={"aws_session_token": "${T_ABSENT}"}))
+    assert "source.storage_options.client_kwargs.aws_session_token" in msg
+    assert "'T_ABSENT'" in msg and "not set" in msg
+    assert "PLANTED" not in msg
+
+
+def test_redacted_dict_hides_secrets(monkeypatch):
+    monkeypatch.setenv("T_KEY", "PLANTED-access-key")
+    monkeypatch.setenv("T_SECRET", "PLANTED-secret-key")
+    monkeypatch.setenv("T_ENDPOINT", "http://127.0.0.1:9000")
+    monkeypatch.setenv("QDRANT_API_KEY", "PLANTED-qdrant-key")
+    cfg = parse_config(
+        secret_data(
+            key="${T_KEY}",
+            Secret="PLANTED-literal-secret",
+            Password="prefix-${T_SECRET}",
+            anon=False,
+            client_kwargs={
+                "endpoint_url": "${T_ENDPOINT}",
+                "region_name": "eu-west-1",
+                "AWS_SECRET_ACCESS_KEY": "PLANTED-nested-secret",
+                "aws_session_token": "${T_SECRET}",
+            },
+        )
+    )
+    red = cfg.redacted_dict()
+    so = red["source"]["storage_options"]
+    assert so["key"] == "${T_KEY}"  # a pure reference names a variable, not a value
+    assert so["Secret"] == "***" and so["Password"] == "***" and so["anon"] is False
+    ck = so["client_kwargs"]
+    assert ck == {
+        "endpoint_url": "${T_ENDPOINT}",
+        "region_name": "eu-west-1",
+        "AWS_SECRET_ACCESS_KEY": "***",
+        "aws_session_token": "${T_SECRET}",
+    }
+    dumped = json.dumps(red) + repr(cfg) + str(cfg)
+    assert "PLANTED" not in dumped
+    assert red["qdrant"]["api_key_env"] == "QDRANT_API_KEY"
+    # The rest of the config is echoed unchanged.
+    assert red["embedder"] == cfg.embedder.model_dump(mode="json")
+
+    secrets = cfg.secret_values()
+    for s in (
+        "PLANTED-access-key",
+        "PLANTED-secret-key",
+        "PLANTED-literal-secret",
+        "PLANTED-nested-secret",
+        "PLANTED-qdrant-key",
+    ):
+        assert s in secrets
+    assert "http://127.0.0.1:9000" not in secrets and "eu-west-1" not in secrets
+    assert all(secrets)
+
+
+def test_secret_values_qdrant_key_optional(monkeypatch):
+    monkeypatch.delenv("QDRANT_API_KEY", raising=False)
+    assert parse_config(MINIMAL).secret_values() == []
+    monkeypatch.setenv("OTHER_KEY_VAR", "PLANTED-q")
+    cfg = parse_config(with_section("qdrant", api_key_env="OTHER_KEY_VAR"))
+    assert cfg.secret_values() == ["PLANTED-q"] and cfg.qdrant.api_key() == "PLANTED-q"
+    assert parse_config(with_section("qdrant", api_key_env=None)).secret_values() == []
+
+
+def test_redacted_dict_scrubs_url_passwords_and_stray_secrets(monkeypatch):
+    monkeypatch.setenv("T_SECRET", "PLANTED-stray")
+    cfg = parse_config(
+        {
+            **secret_data(secret="${T_SECRET}"),
+            "qdrant": {"url": "https://user:PLANTED-pw@qdrant:6333", "collection": "c"},
+            "output": {"dir": "runs/PLANTED-stray"},
+        }
+    )
+    red = json.dumps(cfg.redacted_dict())
+    assert "PLANTED" not in red
+    assert "https://user:***@qdrant:6333" in red
+
+
+def test_redact():
+    secrets = ["abc/def+", "", "abc"]
+    text = "x abc/def+ y abc%2Fdef%2B z abc s3://u:pw@h/p"
+    assert redact(text, secrets) == "x *** y *** z *** s3://u:***@h/p"
+    assert redact("nothing here", []) == "nothing here"
+    rec = {"error": "failed with abc", "n": 3, "nested": [{"abc": "abc"}]}
+    assert redact_obj(rec, secrets) == {"error": "failed with ***", "n": 3, "nested": [{"***": "***"}]}
+
+
+def test_config_constructible_in_python(tmp_path):
+    cfg = Config(
+        source={"uri": tmp_path},
+        embedder={"model": "m", "mrl_dims": (128, 256)},
+        qdrant={"path": tmp_path / "q", "collection": "c"},
+    )
+    assert cfg.source.uri == str(tmp_path) and cfg.embedder.mrl_dims == [256, 128]
+    assert cfg.qdrant.path == str(tmp_path / "q")
