@@ -1,0 +1,86 @@
+"""Qdrant connection settings and client construction.
+
+Server mode (`url`) reads its API key from the environment variable named by
+`api_key_env` at connect time, in the process that connects (on a Ray cluster
+the variable must reach the workers, e.g. through `runtime_env={"env_vars": ...}`
+or the node environment). The key itself is never stored in the settings, so it
+cannot appear in their repr, in logs or in exception messages.
+
+Embedded mode (`path`) is qdrant-client local mode: it takes an exclusive lock
+on its folder, so only ONE process may open a given path (see `qdrant_sink`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from qdrant_client import QdrantClient
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QdrantSettings:
+    """Where Qdrant lives: exactly one of `url` (server) or `path` (embedded)."""
+
+    url: str | None = None
+    path: str | None = None
+    api_key_env: str | None = "QDRANT_API_KEY"
+    timeout_s: float = 30.0
+    prefer_grpc: bool = False
+    check_compatibility: bool = True
+
+    def __post_init__(self) -> None:
+        url = self.url or None
+        path = self.path or None
+        object.__setattr__(self, "url", url)
+        object.__setattr__(self, "path", None if path is None else os.fspath(path))
+        if (url is None) == (path is None):
+            raise ValueError(
+                "set exactly one of `qdrant.url` (server mode) or `qdrant.path` (embedded mode); "
+                f"got {'both' if url is not None else 'neither'}"
+            )
+        if self.timeout_s <= 0:
+            raise ValueError(f"qdrant.timeout_s must be positive, got {self.timeout_s}")
+
+    @property
+    def embedded(self) -> bool:
+        """True for local (embedded) mode."""
+        return self.path is not None
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any]) -> "QdrantSettings":
+        """Build from the `qdrant:` section of a config (unknown keys are an error)."""
+        known = set(cls.__dataclass_fields__)
+        unknown = set(cfg) - known
+        if unknown:
+            raise ValueError(f"unknown qdrant settings: {sorted('qdrant.' + k for k in unknown)}")
+        return cls(**dict(cfg))
+
+
+def make_client(settings: QdrantSettings) -> QdrantClient:
+    """Open a client: server mode with the API key from the environment, or embedded mode at `path`."""
+    if settings.path is not None:
+        os.makedirs(settings.path, exist_ok=True)
+        return QdrantClient(path=settings.path)
+    api_key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
+    if settings.api_key_env and not api_key:
+        logger.info("environment variable %s is not set: connecting without an API key", settings.api_key_env)
+    try:
+        return QdrantClient(
+            url=settings.url,
+            api_key=api_key or None,
+            timeout=max(1, math.ceil(settings.timeout_s)),
+            prefer_grpc=settings.prefer_grpc,
+            check_compatibility=settings.check_compatibility,
+        )
+    except Exception as exc:
+        # keep the key out of whatever the client library put in its message (and drop the chain)
+        message = str(exc).replace(api_key, "***") if api_key else str(exc)
+        raise RuntimeError(
+            f"could not create a Qdrant client for {settings.url}: {type(exc).__name__}: {message}"
+        ) from None

@@ -1,0 +1,285 @@
+"""Batched, retrying upserts and the incremental-run queries (fingerprints, delete by URI, count).
+
+Upserts are split into requests of at most `max_points_per_request` points and
+under `max_request_bytes` of estimated JSON (the server rejects requests over
+32 MiB), sent with `wait=True`. Each request is a materialised list of points,
+so retrying it is idempotent (point ids are deterministic). Only transient
+errors are retried (see `is_transient`), with jittered exponential backoff;
+anything else is raised at once with a note of how many points were written
+before it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence, TypeVar
+
+import numpy as np
+from qdrant_client import QdrantClient, models
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
+# a float32 printed as JSON is at most ~24 characters ("-1.2345678901234567e-05,")
+_BYTES_PER_FLOAT = 24
+_POINT_OVERHEAD = 128
+_TRANSIENT_HTTP = frozenset({408, 429})
+_SCROLL_PAGE = 1024
+_URI_CHUNK = 256
+
+
+class PointRecord(NamedTuple):
+    """One point: its id, named vectors and payload (a plain 3-tuple works too)."""
+
+    id: str
+    vectors: Mapping[str, Sequence[float] | np.ndarray]
+    payload: Mapping[str, Any]
+
+
+class QdrantWriteError(RuntimeError):
+    """A write kept failing with transient errors after every retry."""
+
+    def __init__(self, message: str, points_written: int, attempts: int) -> None:
+        super().__init__(message)
+        self.points_written = points_written
+        self.attempts = attempts
+
+
+@dataclass
+class WriteStats:
+    """Cumulative counters of one writer."""
+
+    points: int = 0
+    requests: int = 0
+    retries: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """Plain dict copy."""
+        return asdict(self)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth retrying: timeouts, connection errors, HTTP 408/429/5xx, gRPC UNAVAILABLE/DEADLINE_EXCEEDED."""
+    import httpx
+    from qdrant_client.common.client_exceptions import ResourceExhaustedResponse
+    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+    if isinstance(exc, UnexpectedResponse):
+        code = exc.status_code
+        return code is not None and (code in _TRANSIENT_HTTP or 500 <= code <= 599)
+    if isinstance(exc, ResourceExhaustedResponse):
+        return True
+    if isinstance(exc, ResponseHandlingException):
+        return exc.source is not None and is_transient(exc.source)
+    if isinstance(exc, (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)):
+        return True
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return True
+    try:
+        import grpc
+    except ImportError:  # pragma: no cover - grpcio ships with qdrant-client
+        return False
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        return exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    return False
+
+
+def _as_list(vector: Sequence[float] | np.ndarray) -> list[float]:
+    if isinstance(vector, np.ndarray):
+        return vector.astype(np.float32, copy=False).ravel().tolist()
+    return [float(x) for x in vector]
+
+
+def estimate_point_bytes(record: PointRecord | tuple) -> int:
+    """Conservative JSON size of one point in an upsert request."""
+    _, vectors, payload = record
+    n_floats = sum(len(v) for v in vectors.values())
+    payload_bytes = len(json.dumps(payload, default=str, ensure_ascii=False).encode()) if payload else 2
+    return _POINT_OVERHEAD + n_floats * _BYTES_PER_FLOAT + 16 * len(vectors) + payload_bytes
+
+
+def split_requests(
+    points: Sequence[PointRecord | tuple], max_points: int, max_bytes: int = MAX_REQUEST_BYTES
+) -> Iterator[list]:
+    """Cut points into consecutive requests of <= max_points points and < max_bytes estimated bytes."""
+    batch: list = []
+    size = 0
+    for p in points:
+        b = estimate_point_bytes(p)
+        if b >= max_bytes:
+            raise ValueError(f"point {p[0]} alone is ~{b} bytes, over the {max_bytes}-byte request limit")
+        if batch and (len(batch) >= max_points or size + b >= max_bytes):
+            yield batch
+            batch, size = [], 0
+        batch.append(p)
+        size += b
+    if batch:
+        yield batch
+
+
+class QdrantWriter:
+    """Writes PointRecords to one collection with batching and transient-error retries."""
+
+    def __init__(
+        self,
+        client: QdrantClient,
+        collection: str,
+        *,
+        max_points_per_request: int = 128,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+        max_attempts: int = 6,
+        backoff_base_s: float = 0.5,
+        backoff_cap_s: float = 10.0,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        if max_points_per_request < 1 or max_attempts < 1:
+            raise ValueError("max_points_per_request and max_attempts must be >= 1")
+        self.client = client
+        self.collection = collection
+        self.max_points_per_request = max_points_per_request
+        self.max_request_bytes = max_request_bytes
+        self.max_attempts = max_attempts
+        self.backoff_base_s = backoff_base_s
+        self.backoff_cap_s = backoff_cap_s
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self.stats = WriteStats()
+
+    # -- retry ---------------------------------------------------------------
+
+    def backoff_s(self, attempt: int) -> float:
+        """Delay before retry `attempt` (1-based): equal-jitter exponential, capped."""
+        ceiling = min(self.backoff_cap_s, self.backoff_base_s * (2 ** (attempt - 1)))
+        return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+
+    def _with_retry(self, what: str, fn: Callable[[], T], written_before: int = 0) -> T:
+        from qdrant_client.common.client_exceptions import ResourceExhaustedResponse
+
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                return fn()
+            except Exception as exc:
+                if not is_transient(exc):
+                    exc.add_note(
+                        f"{what} on collection {self.collection!r}: non-transient error, not retried; "
+                        f"{written_before} points were written before it"
+                    )
+                    raise
+                if attempt == self.max_attempts:
+                    raise QdrantWriteError(
+                        f"{what} on collection {self.collection!r} failed after {attempt} attempts "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                        f"{written_before} points were written before it",
+                        points_written=written_before,
+                        attempts=attempt,
+                    ) from exc
+                delay = self.backoff_s(attempt)
+                if isinstance(exc, ResourceExhaustedResponse):
+                    delay = min(self.backoff_cap_s, max(delay, float(exc.retry_after_s)))
+                self.stats.retries += 1
+                logger.warning(
+                    "%s on %r: transient %s (attempt %d/%d), retrying in %.2fs",
+                    what, self.collection, type(exc).__name__, attempt, self.max_attempts, delay,
+                )
+                self._sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- writes --------------------------------------------------------------
+
+    def upsert_points(self, points: Sequence[PointRecord | tuple]) -> int:
+        """Upsert points in size-bounded requests (wait=True); return how many were written."""
+        written = 0
+        for batch in split_requests(points, self.max_points_per_request, self.max_request_bytes):
+            structs = [
+                models.PointStruct(
+                    id=str(pid), vector={k: _as_list(v) for k, v in vectors.items()}, payload=dict(payload or {})
+                )
+                for pid, vectors, payload in batch
+            ]
+            self._with_retry(
+                "upsert",
+                lambda: self.client.upsert(self.collection, points=structs, wait=True),
+                written_before=written,
+            )
+            written += len(structs)
+            self.stats.requests += 1
+            self.stats.points += len(structs)
+        return written
+
+    def delete_by_uri(self, uris: Sequence[str]) -> None:
+        """Delete every point whose payload source_uri is one of uris (chunked MatchAny filters)."""
+        uris = list(dict.fromkeys(uris))
+        for i in range(0, len(uris), _URI_CHUNK):
+            selector = models.FilterSelector(filter=_uri_filter(uris[i : i + _URI_CHUNK]))
+            self._with_retry(
+                "delete",
+                lambda: self.client.delete(self.collection, points_selector=selector, wait=True),
+            )
+
+    def delete_stale(self, current: Mapping[str, str]) -> None:
+        """Delete the points of each URI whose fingerprint is not its current one (replaced units)."""
+        for uri, fingerprint in current.items():
+            selector = models.FilterSelector(filter=models.Filter(
+                must=[models.FieldCondition(key="source_uri", match=models.MatchValue(value=uri))],
+                must_not=[models.FieldCondition(key="fingerprint", match=models.MatchValue(value=fingerprint))],
+            ))
+            self._with_retry(
+                "delete",
+                lambda: self.client.delete(self.collection, points_selector=selector, wait=True),
+            )
+
+    # -- reads ---------------------------------------------------------------
+
+    def fingerprints_by_uri(self, uris: Sequence[str] | None = None) -> dict[str, str]:
+        """Map source_uri -> fingerprint over the collection (or only `uris`).
+
+        An object whose units carry different fingerprints (a half-replaced
+        object) maps to any one of them; callers comparing against the current
+        fingerprint then see a mismatch or a match, and a mismatch replaces all
+        units by URI, so the outcome is still correct after the next run.
+        """
+        result: dict[str, str] = {}
+        if uris is None:
+            self._scroll_into(result, None)
+        else:
+            unique = list(dict.fromkeys(uris))
+            for i in range(0, len(unique), _URI_CHUNK):
+                self._scroll_into(result, _uri_filter(unique[i : i + _URI_CHUNK]))
+        return result
+
+    def _scroll_into(self, out: dict[str, str], scroll_filter: models.Filter | None) -> None:
+        offset = None
+        while True:
+            records, offset = self._with_retry(
+                "scroll",
+                lambda: self.client.scroll(
+                    self.collection,
+                    scroll_filter=scroll_filter,
+                    limit=_SCROLL_PAGE,
+                    offset=offset,
+                    with_payload=["source_uri", "fingerprint"],
+                    with_vectors=False,
+                ),
+            )
+            for r in records:
+                payload = r.payload or {}
+                uri, fp = payload.get("source_uri"), payload.get("fingerprint")
+                if uri is not None and fp is not None:
+                    out.setdefault(str(uri), str(fp))
+            if offset is None:
+                return
+
+    def count(self) -> int:
+        """Exact number of points in the collection."""
+        return self._with_retry("count", lambda: self.client.count(self.collection, exact=True).count)
+
+
+def _uri_filter(uris: list[str]) -> models.Filter:
+    return models.Filter(must=[models.FieldCondition(key="source_uri", match=models.MatchAny(any=uris))])

@@ -1,0 +1,317 @@
+"""Qdrant sink: schema create/validate, batched retrying writer, incremental queries, Ray datasink (local mode)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import numpy as np
+import pytest
+from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import UnexpectedResponse
+
+from operators.units import point_id
+from sinks.qdrant_client_factory import QdrantSettings, make_client
+from sinks.qdrant_schema import (
+    CollectionMismatchError,
+    CollectionSpec,
+    ensure_collection,
+    vector_name,
+)
+from sinks.qdrant_writer import (
+    PointRecord,
+    QdrantWriteError,
+    QdrantWriter,
+    estimate_point_bytes,
+    is_transient,
+    split_requests,
+)
+
+FULL, MRL = 32, 8
+SPEC = CollectionSpec(name="docs", full_dim=FULL, mrl_dims=(MRL,), quantization="int8")
+
+
+@pytest.fixture
+def client(tmp_path):
+    c = QdrantClient(path=str(tmp_path / "qdrant"))
+    yield c
+    c.close()
+
+
+def make_points(n: int, uri_count: int = 3, fingerprint: str = "fp1", seed: int = 0) -> list[PointRecord]:
+    rng = np.random.default_rng(seed)
+    points = []
+    for i in range(n):
+        uri = f"file:///data/doc{i % uri_count}.txt"
+        pos = f"chunk={i}"
+        points.append(
+            PointRecord(
+                point_id(uri, pos),
+                {"full": rng.standard_normal(FULL).astype(np.float32), "mrl_8": rng.standard_normal(MRL).tolist()},
+                {"source_uri": uri, "fingerprint": fingerprint, "modality": "text", "position": pos},
+            )
+        )
+    return points
+
+
+def _response(status: int) -> UnexpectedResponse:
+    return UnexpectedResponse(status, "err", b'{"status":{"error":"x"}}', httpx.Headers())
+
+
+class FlakyUpsert:
+    """Wraps client.upsert at the client boundary: call k (1-based) raises `exc` when fail(k), else delegates."""
+
+    def __init__(self, client: QdrantClient, fail, exc: Exception):
+        self.inner, self.fail, self.exc, self.calls = client.upsert, fail, exc, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.fail(self.calls):
+            raise self.exc
+        return self.inner(*args, **kwargs)
+
+
+# -- schema ------------------------------------------------------------------------
+
+
+def test_vector_name():
+    assert vector_name(None) == "full" and vector_name(256) == "mrl_256"
+
+
+def test_create_named_vectors_and_quantization(client):
+    ensure_collection(client, SPEC)
+    vectors = client.get_collection("docs").config.params.vectors
+    assert set(vectors) == {"full", "mrl_8"}
+    assert vectors["full"].size == FULL and vectors["mrl_8"].size == MRL
+    assert vectors["full"].distance == models.Distance.COSINE
+    assert vectors["full"].quantization_config is None
+    quant = vectors["mrl_8"].quantization_config
+    assert isinstance(quant, models.ScalarQuantization)
+    assert quant.scalar.type == models.ScalarType.INT8 and quant.scalar.always_ram
+
+    spec16 = CollectionSpec(name="bin", full_dim=FULL, mrl_dims=(MRL, 4), full_datatype="float16",
+                            on_disk=True, quantization="binary")
+    ensure_collection(client, spec16)
+    v = client.get_collection("bin").config.params.vectors
+    assert v["full"].datatype == models.Datatype.FLOAT16 and v["full"].on_disk
+    assert isinstance(v["mrl_4"].quantization_config, models.BinaryQuantization)
+    ensure_collection(client, spec16)  # validating a matching collection is a no-op
+
+
+def test_mismatch_names_both_dims_and_writes_nothing(client):
+    ensure_collection(client, SPEC)
+    QdrantWriter(client, "docs").upsert_points(make_points(3))
+    before = client.get_collection("docs")
+
+    wrong = CollectionSpec(name="docs", full_dim=FULL * 2, mrl_dims=(MRL,))
+    with pytest.raises(CollectionMismatchError) as err:
+        ensure_collection(client, wrong)
+    msg = str(err.value)
+    assert "'docs'" in msg and "'full'" in msg and str(FULL) in msg and str(FULL * 2) in msg
+
+    with pytest.raises(CollectionMismatchError, match="no vector 'mrl_4'"):
+        ensure_collection(client, CollectionSpec(name="docs", full_dim=FULL, mrl_dims=(MRL, 4)))
+
+    after = client.get_collection("docs")
+    assert after.config.params.vectors == before.config.params.vectors
+    assert client.count("docs").count == 3
+
+
+def test_distance_mismatch(client):
+    client.create_collection(
+        "dot", vectors_config={"full": models.VectorParams(size=FULL, distance=models.Distance.DOT)}
+    )
+    with pytest.raises(CollectionMismatchError, match="distance"):
+        ensure_collection(client, CollectionSpec(name="dot", full_dim=FULL))
+
+
+def test_payload_index_creation_is_idempotent(client):
+    """Local mode reports no payload schema; emulate the server's so the second run creates nothing."""
+    created: dict[str, models.PayloadIndexInfo] = {}
+    calls: list[str] = []
+    real_create, real_get = client.create_payload_index, client.get_collection
+
+    def create(name, field_name, field_schema, **kw):
+        calls.append(field_name)
+        created[field_name] = models.PayloadIndexInfo(data_type=field_schema, points=0)
+        return real_create(name, field_name=field_name, field_schema=field_schema, **kw)
+
+    def get(name, **kw):
+        return real_get(name, **kw).model_copy(update={"payload_schema": dict(created)})
+
+    client.create_payload_index, client.get_collection = create, get
+    ensure_collection(client, SPEC)
+    assert sorted(calls) == ["fingerprint", "modality", "model_id", "source_uri"]
+    ensure_collection(client, SPEC)
+    ensure_collection(client, SPEC)
+    assert len(calls) == 4
+
+
+# -- writer ------------------------------------------------------------------------
+
+
+def test_upsert_splits_requests(client):
+    ensure_collection(client, SPEC)
+    writer = QdrantWriter(client, "docs", max_points_per_request=16)
+    calls = FlakyUpsert(client, lambda k: False, RuntimeError())
+    client.upsert = calls
+    assert writer.upsert_points(make_points(100)) == 100
+    assert calls.calls == 7 and writer.stats.requests == 7 and writer.stats.retries == 0
+    assert writer.count() == 100
+    # the byte limit splits too
+    pts = make_points(10)
+    per_point = estimate_point_bytes(pts[0])
+    batches = list(split_requests(pts, max_points=128, max_bytes=2 * per_point + per_point // 2))
+    assert [len(b) for b in batches] == [2] * 5
+
+
+def test_transient_errors_are_retried_without_loss(client):
+    ensure_collection(client, SPEC)
+    sleeps: list[float] = []
+    writer = QdrantWriter(client, "docs", max_points_per_request=10, sleep=sleeps.append)
+    client.upsert = FlakyUpsert(client, lambda k: k <= 3, _response(503))
+    assert writer.upsert_points(make_points(25)) == 25
+    assert writer.count() == 25 and writer.stats.retries == 3 and len(sleeps) == 3
+    assert all(0 < s <= 10 for s in sleeps) and sleeps[2] >= 1.0  # 2 s ceiling, equal jitter
+
+
+def test_persistent_transient_failure_reports_written_count(client):
+    ensure_collection(client, SPEC)
+    writer = QdrantWriter(client, "docs", max_points_per_request=10, max_attempts=4, sleep=lambda s: None)
+    # the first two requests pass, then the server stays down
+    client.upsert = FlakyUpsert(client, lambda k: k > 2, _response(503))
+    with pytest.raises(QdrantWriteError) as err:
+        writer.upsert_points(make_points(35))
+    assert err.value.points_written == 20 and err.value.attempts == 4
+    assert "20 points were written" in str(err.value) and "'docs'" in str(err.value)
+    assert writer.count() == 20
+
+
+def test_non_transient_error_is_not_retried(client):
+    ensure_collection(client, SPEC)
+    sleeps: list[float] = []
+    writer = QdrantWriter(client, "docs", sleep=sleeps.append)
+    flaky = FlakyUpsert(client, lambda k: True, _response(400))
+    client.upsert = flaky
+    with pytest.raises(UnexpectedResponse):
+        writer.upsert_points(make_points(5))
+    assert flaky.calls == 1 and sleeps == [] and writer.count() == 0
+
+
+def test_is_transient_classification():
+    assert is_transient(_response(429)) and is_transient(_response(502)) and is_transient(_response(408))
+    assert not is_transient(_response(400)) and not is_transient(_response(404))
+    assert is_transient(httpx.ConnectError("x")) and is_transient(httpx.ReadTimeout("x"))
+    assert is_transient(ConnectionResetError()) and not is_transient(ValueError("x"))
+
+
+def test_fingerprints_and_delete_by_uri(client):
+    ensure_collection(client, SPEC)
+    writer = QdrantWriter(client, "docs")
+    writer.upsert_points(make_points(9, uri_count=3, fingerprint="v1"))
+    fps = writer.fingerprints_by_uri()
+    assert fps == {f"file:///data/doc{i}.txt": "v1" for i in range(3)}
+    assert writer.fingerprints_by_uri(["file:///data/doc1.txt", "file:///nope"]) == {"file:///data/doc1.txt": "v1"}
+
+    writer.delete_by_uri(["file:///data/doc0.txt", "file:///data/doc2.txt"])
+    assert writer.count() == 3
+    assert set(writer.fingerprints_by_uri()) == {"file:///data/doc1.txt"}
+
+
+# -- client factory ----------------------------------------------------------------
+
+
+def test_settings_validation_and_secret_hygiene(tmp_path, monkeypatch):
+    for kwargs in ({}, {"url": "http://x:6333", "path": str(tmp_path)}):
+        with pytest.raises(ValueError) as err:
+            QdrantSettings(**kwargs)
+        assert "qdrant.url" in str(err.value) and "qdrant.path" in str(err.value)
+
+    monkeypatch.setenv("QVL_TEST_QDRANT_KEY", "s3cr3t-key")
+    settings = QdrantSettings(url="https://127.0.0.1:9", api_key_env="QVL_TEST_QDRANT_KEY",
+                              timeout_s=1, check_compatibility=False)
+    assert "s3cr3t-key" not in repr(settings)
+    remote = make_client(settings)
+    remote.close()
+
+    local = make_client(QdrantSettings(path=str(tmp_path / "emb")))
+    assert local.get_collections().collections == []
+    local.close()
+
+
+# -- Ray ---------------------------------------------------------------------------
+
+
+def _rows(n: int, fingerprint: str = "v1") -> list[dict]:
+    rows = []
+    for p in make_points(n, uri_count=4, fingerprint=fingerprint):
+        rows.append({
+            "point_id": p.id,
+            "vec_full": p.vectors["full"],  # numpy -> Ray tensor column
+            "vec_mrl_8": [float(x) for x in p.vectors["mrl_8"]],  # list<double>
+            "payload": json.dumps(p.payload),
+        })
+    return rows
+
+
+def test_datasink_server_path_client_per_task(tmp_path, monkeypatch):
+    """Server mode opens a client per write task; a local client stands in for the server (no Ray needed)."""
+    import pyarrow as pa
+    from ray.data.datasource.datasink import WriteResult
+
+    import sinks.qdrant_sink as qs
+
+    opened = []
+
+    def fake_make_client(settings):
+        opened.append(settings.url)
+        return QdrantClient(path=str(tmp_path / "srv"))
+
+    monkeypatch.setattr(qs, "make_client", fake_make_client)
+    sink = qs.QdrantDatasink(QdrantSettings(url="https://qdrant.invalid"), "docs", spec=SPEC,
+                             writer_kwargs={"max_points_per_request": 8})
+    sink.on_write_start()
+    rows = _rows(20)
+    for r in rows:
+        r["vec_full"] = r["vec_full"].tolist()
+    blocks = [pa.Table.from_pylist(rows[:12]), pa.Table.from_pylist(rows[12:])]
+    ret = sink.write(iter(blocks), None)
+    assert ret["points"] == 20 and ret["requests"] == 3 and ret["rows"] == 20
+    sink.on_write_complete(WriteResult(num_rows=20, size_bytes=1, write_returns=[ret, dict(ret)]))
+    assert sink.summary["points"] == 40 and sink.summary["tasks"] == 2 and sink.summary["requests"] == 6
+    assert opened == ["https://qdrant.invalid"] * 2
+    check = QdrantClient(path=str(tmp_path / "srv"))
+    assert check.count("docs").count == 20
+    check.close()
+
+
+def test_ray_datasink_embedded_through_owner(ray_local, tmp_path):
+    ray = ray_local
+    from sinks.qdrant_sink import QdrantDatasink, start_owner, stop_owner, write_rows
+
+    settings = QdrantSettings(path=str(tmp_path / "emb"))
+    owner = start_owner(settings, "docs", {"max_points_per_request": 16})
+    try:
+        rows = _rows(60)
+        for _ in range(2):  # same ids: the second run overwrites, never duplicates
+            sink = QdrantDatasink(settings, "docs", owner, spec=SPEC, flush_points=16)
+            ray.data.from_items(rows, override_num_blocks=3).write_datasink(sink)
+            assert ray.get(owner.count.remote()) == 60
+            assert sink.summary["points"] == 60 and sink.summary["rows"] == 60
+            assert sink.summary["requests"] >= 4 and sink.summary["tasks"] >= 1
+            assert sink.summary["num_rows"] == 60
+        fps = ray.get(owner.fingerprints_by_uri.remote())
+        assert len(fps) == 4 and set(fps.values()) == {"v1"}
+
+        # driver-side fallback through the same owner
+        extra = [dict(r, point_id=point_id("file:///extra", f"chunk={i}")) for i, r in enumerate(_rows(3))]
+        assert write_rows(extra, owner, SPEC)["points"] == 3
+        assert ray.get(owner.count.remote()) == 63
+
+        # a dimension mismatch fails in on_write_start and writes nothing
+        bad = QdrantDatasink(settings, "docs", owner, spec=CollectionSpec(name="docs", full_dim=16, mrl_dims=(MRL,)))
+        with pytest.raises(CollectionMismatchError, match="dimension 32 but the embedder produces 16"):
+            ray.data.from_items(rows[:4]).write_datasink(bad)
+        assert ray.get(owner.count.remote()) == 63
+    finally:
+        stop_owner(owner)
