@@ -1,0 +1,279 @@
+"""The ingestion job: list objects, skip unchanged ones, expand, embed in an actor pool, write to Qdrant.
+
+    list (driver) -> expand (CPU tasks) -> embed (fixed actor pool) -> Qdrant datasink
+                       \\______ failures become dead-letter rows, returned by the sink ______/
+
+Everything that can be checked before work is checked before work: the config, the
+model's config (dimension), the collection (dimension, distance) and the source.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+from transformers import AutoConfig
+
+from operators.embed_stage import EmbedStage
+from operators.expand_stage import expand_rows, object_to_row
+from operators.media.expand import ExpandSettings
+from operators.media.listing import list_objects
+from sinks.ingest_sink import IngestDatasink
+from sinks.qdrant_client_factory import QdrantSettings, make_client
+from sinks.qdrant_schema import CollectionSpec, ensure_collection
+from sinks.qdrant_sink import start_owner, stop_owner
+from sinks.qdrant_writer import QdrantWriter
+
+from .config import Config
+from .report import RunReport
+
+logger = logging.getLogger(__name__)
+
+
+class PreflightError(RuntimeError):
+    """The job cannot start: a configuration, model, store or source problem found before any work."""
+
+
+def model_dimension(model: str) -> int:
+    """The embedding dimension (text hidden size) of a checkpoint, from its config alone."""
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except Exception as exc:
+        raise PreflightError(f"embedder.model {model!r} cannot be loaded: {type(exc).__name__}: {exc}") from exc
+    text_config = getattr(config, "text_config", config)
+    return int(text_config.hidden_size)
+
+
+def collection_spec(cfg: Config, full_dim: int) -> CollectionSpec:
+    """The collection layout the config asks for."""
+    for d in cfg.embedder.mrl_dims:
+        if d > full_dim:
+            raise PreflightError(f"embedder.mrl_dims: {d} is larger than the model's dimension {full_dim}")
+    return CollectionSpec(name=cfg.qdrant.collection, full_dim=full_dim, mrl_dims=tuple(cfg.embedder.mrl_dims),
+                          full_datatype=cfg.qdrant.full_datatype, on_disk=cfg.qdrant.on_disk,
+                          quantization=cfg.qdrant.quantization)
+
+
+def qdrant_settings(cfg: Config) -> QdrantSettings:
+    """Client settings from the qdrant section."""
+    return QdrantSettings(url=cfg.qdrant.url, path=cfg.qdrant.path, api_key_env=cfg.qdrant.api_key_env,
+                          timeout_s=cfg.qdrant.timeout_s)
+
+
+def ensure_ray(cfg: Config) -> None:
+    """Connect to the configured cluster, or start a local Ray."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    ray.init(address=cfg.compute.ray_address, include_dashboard=False, log_to_driver=True)
+
+
+class Store:
+    """The job's handle on Qdrant: an owner actor in embedded mode, a client in server mode."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.settings = qdrant_settings(cfg)
+        self.collection = cfg.qdrant.collection
+        writer_kwargs = {"max_points_per_request": cfg.qdrant.upsert_batch}
+        self.writer_kwargs = writer_kwargs
+        if self.settings.embedded:
+            Path(self.settings.path).mkdir(parents=True, exist_ok=True)
+            self.owner = start_owner(self.settings, self.collection, writer_kwargs)
+            self.writer = None
+        else:
+            self.owner = None
+            self.writer = QdrantWriter(make_client(self.settings), self.collection, **writer_kwargs)
+
+    def call(self, method: str, *args: Any) -> Any:
+        """Run a store operation in the owner (embedded) or locally (server)."""
+        if self.owner is not None:
+            return ray.get(getattr(self.owner, method).remote(*args))
+        if method == "ensure_collection":
+            return ensure_collection(self.writer.client, *args)
+        return getattr(self.writer, method)(*args)
+
+    def sink(self, spec: CollectionSpec) -> IngestDatasink:
+        """The datasink writing into this store."""
+        return IngestDatasink(self.settings, self.collection, self.owner, spec=spec, writer_kwargs=self.writer_kwargs)
+
+    def close(self) -> None:
+        """Release the embedded folder lock or the server connection."""
+        if self.owner is not None:
+            stop_owner(self.owner)
+            self.owner = None
+        if self.writer is not None:
+            self.writer.client.close()
+            self.writer = None
+
+
+def num_gpus_per_actor(cfg: Config) -> float:
+    """GPUs per embedding actor: as configured, or 1 when the cluster has GPUs (0 = auto)."""
+    return cfg.compute.effective_num_gpus(ray.cluster_resources().get("GPU", 0))
+
+
+def embedder_kwargs(cfg: Config, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """Qwen3VLEmbedder keyword arguments from the embedder section."""
+    e = cfg.embedder
+    kwargs: dict[str, Any] = dict(dtype=None if e.dtype == "auto" else e.dtype, max_length=e.max_length,
+                                  min_pixels=e.min_pixels, max_pixels=e.max_pixels, total_pixels=e.total_pixels,
+                                  fps=cfg.expand.video_fps, max_frames=cfg.expand.video_max_frames,
+                                  token_budget=e.token_budget, max_batch_items=e.max_batch_items,
+                                  attn_implementation=e.attn_implementation, storage_options=storage_options)
+    if e.instruction:
+        kwargs["default_instruction"] = e.instruction
+    return kwargs
+
+
+def expand_settings(cfg: Config) -> ExpandSettings:
+    """Expansion settings from the expand and limits sections."""
+    return ExpandSettings(chunk_tokens=cfg.expand.chunk_tokens, overlap_tokens=cfg.expand.overlap_tokens,
+                          pdf_dpi=cfg.expand.pdf_dpi, max_pdf_pages=cfg.limits.max_pdf_pages,
+                          video_segment_s=cfg.expand.video_segment_s,
+                          max_video_duration_s=cfg.limits.max_video_duration_s,
+                          max_object_bytes=cfg.limits.max_object_bytes,
+                          max_image_pixels=cfg.limits.max_image_pixels)
+
+
+@dataclass
+class Plan:
+    """Which listed objects to process, which are unchanged, and which stored ones vanished."""
+
+    todo: list[Any]
+    unchanged: list[str]
+    changed: dict[str, str]  # uri -> new fingerprint, for objects that had older points
+    vanished: list[str]
+
+
+def plan_objects(objects: list[Any], stored: dict[str, str], source_root: str) -> Plan:
+    """Compare listed fingerprints with the collection's."""
+    todo, unchanged, changed = [], [], {}
+    for obj in objects:
+        old = stored.get(obj.uri)
+        if old == obj.fingerprint:
+            unchanged.append(obj.uri)
+            continue
+        if old is not None:
+            changed[obj.uri] = obj.fingerprint
+        todo.append(obj)
+    listed = {o.uri for o in objects}
+    # Only objects under this source can have vanished: the collection may hold other sources.
+    vanished = sorted(u for u in stored if u not in listed and u.startswith(source_root))
+    return Plan(todo, unchanged, changed, vanished)
+
+
+def source_root(uri: str) -> str:
+    """The source URI in the form listed object URIs start with."""
+    if "://" in uri and not uri.startswith("file://"):
+        return uri.rstrip("/") + "/"
+    path = uri[7:] if uri.startswith("file://") else uri
+    return os.path.abspath(path).rstrip("/") + "/"
+
+
+def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], None] = print) -> RunReport:
+    """Run one ingestion of cfg's source into its collection; returns the report (also written to disk)."""
+    started = time.perf_counter()
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    prune = cfg.prune if prune is None else prune
+    storage_options = dict(cfg.source.storage_options)
+
+    full_dim = model_dimension(cfg.embedder.model)
+    spec = collection_spec(cfg, full_dim)
+    ensure_ray(cfg)
+    store = Store(cfg)
+    report = RunReport(run_id, cfg.qdrant.collection, cfg.source.uri, cfg.embedder.model,
+                       config=cfg.redacted_dict())
+    try:
+        try:
+            store.call("ensure_collection", spec)  # a mismatch stops here, before any work
+        except Exception as exc:
+            raise PreflightError(str(exc)) from exc
+        try:
+            objects, list_dead = list_objects(cfg.source.uri, cfg.source.include, cfg.source.exclude,
+                                              storage_options)
+        except Exception as exc:
+            raise PreflightError(f"source.uri {cfg.source.uri!r} cannot be listed: {type(exc).__name__}: {exc}") from exc
+        for d in list_dead:
+            report.objects[d.uri] = "failed"
+            report.dead_letters.append(d.to_row())
+        stored = store.call("fingerprints_by_uri")
+        plan = plan_objects(objects, stored, source_root(cfg.source.uri))
+        for uri in plan.unchanged:
+            report.objects[uri] = "unchanged"
+        echo(f"listed {len(objects)} objects: {len(plan.todo)} to ingest, {len(plan.unchanged)} unchanged")
+
+        if plan.todo:
+            summary = _run_dataset(cfg, plan.todo, spec, store, storage_options, full_dim)
+            _account(report, summary)
+            # Units of changed objects that the new version no longer has.
+            replaced = {u: fp for u, fp in plan.changed.items() if report.objects.get(u) == "ingested"}
+            if replaced:
+                store.call("delete_stale", replaced)
+            gone = [u for u in plan.changed if report.objects.get(u) == "failed"]
+            if gone:  # the object changed into something unreadable: its old vectors are wrong now
+                store.call("delete_by_uri", gone)
+            report.deleted_stale_objects = len(replaced) + len(gone)
+        if prune and plan.vanished:
+            store.call("delete_by_uri", plan.vanished)
+            report.pruned_objects = len(plan.vanished)
+    finally:
+        store.close()
+        report.wall_seconds = time.perf_counter() - started
+    run_dir = Path(cfg.output.dir) / run_id
+    report.write(run_dir, cfg.output.report_file, cfg.output.dead_letter_file, cfg.secret_values())
+    echo(report.summary())
+    echo(f"report: {run_dir / cfg.output.report_file}")
+    return report
+
+
+def _run_dataset(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store,
+                 storage_options: dict[str, Any], full_dim: int) -> dict[str, Any]:
+    """Build and run the Ray Data pipeline over the objects to ingest; returns the sink's summary."""
+    ds = ray.data.from_items([object_to_row(o) for o in todo], override_num_blocks=max(1, min(len(todo), 256)))
+    ds = ds.flat_map(expand_rows, fn_kwargs=dict(
+        settings=expand_settings(cfg), storage_options=storage_options, model=cfg.embedder.model,
+        model_id=cfg.embedder.model, dim=full_dim, ingested_at=datetime.now(timezone.utc).isoformat()),
+        num_cpus=1, **({"concurrency": cfg.compute.prepare_concurrency} if cfg.compute.prepare_concurrency else {}))
+    ds = ds.map_batches(
+        EmbedStage,
+        fn_constructor_kwargs=dict(model=cfg.embedder.model, mrl_dims=list(cfg.embedder.mrl_dims),
+                                   embedder_kwargs=embedder_kwargs(cfg, storage_options)),
+        batch_size=cfg.compute.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.compute.embed_actors),
+        num_gpus=num_gpus_per_actor(cfg), num_cpus=cfg.compute.cpus_per_actor)
+    sink = store.sink(spec)
+    ds.write_datasink(sink)
+    return sink.summary or {}
+
+
+def _account(report: RunReport, summary: dict[str, Any]) -> None:
+    """Fold the sink's summary into the report: every processed object ends as one status."""
+    per_object = summary.get("points_per_object", {})
+    report.points_written += int(summary.get("points", 0))
+    for modality, n in summary.get("points_per_modality", {}).items():
+        report.points_per_modality[modality] = report.points_per_modality.get(modality, 0) + n
+    for dead in summary.get("dead", []):
+        report.dead_letters.append({"uri": dead["object_uri"], "position": dead["position"],
+                                    "stage": dead["error_stage"], "error_type": dead["error_type"],
+                                    "message": dead["error_message"]})
+        if dead.get("position"):
+            report.units_failed += 1
+    for obj in summary.get("objects", []):
+        uri, status = obj["object_uri"], obj["status"]
+        if status == "skipped_unsupported":
+            report.objects[uri] = "skipped"
+        elif per_object.get(uri, 0) > 0:
+            report.objects[uri] = "ingested"
+        elif status == "ok" and obj["n_units"] == 0:
+            report.objects[uri] = "ingested"  # nothing to embed in it, and nothing wrong with it
+        else:
+            report.objects[uri] = "failed"
+    report.stage_seconds.update(summary.get("stage_seconds", {}))
+    report.write_stats = {k: summary.get(k) for k in ("points", "requests", "retries", "tasks")}
