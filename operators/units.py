@@ -140,12 +140,20 @@ def object_row(uri: str, status: str, n_units: int, seconds: float) -> dict[str,
     return _row(row_kind="object", object_uri=uri, status=status, n_units=n_units, seconds=seconds)
 
 
+def uri_prefixes(uri: str) -> list[str]:
+    """Every ancestor folder of a URI, each ending in '/' (so a prefix filter is a keyword match)."""
+    head, sep, rest = uri.partition("://")
+    base, path = (head + sep, rest) if sep else ("", uri)
+    parts = path.split("/")[:-1]
+    return [base + "/".join(parts[:i]) + "/" for i in range(1, len(parts) + 1) if "/".join(parts[:i]) or not base]
+
+
 def payload_for(unit: Unit, model_id: str, dim: int, ingested_at: str) -> dict[str, Any]:
     """The point payload: where the unit comes from, what it is, and how it was embedded."""
     payload: dict[str, Any] = {
         "source_uri": unit.object_uri, "fingerprint": unit.fingerprint, "modality": unit.modality,
         "position": unit.position, "mime": unit.mime, "model_id": model_id, "dim": dim,
-        "ingested_at": ingested_at,
+        "ingested_at": ingested_at, "source_prefixes": uri_prefixes(unit.object_uri),
     }
     if unit.text:
         payload["text"] = unit.text[:MAX_PAYLOAD_TEXT]

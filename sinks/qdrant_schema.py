@@ -32,6 +32,7 @@ DEFAULT_PAYLOAD_INDEXES: tuple[tuple[str, str], ...] = (
     ("modality", "keyword"),
     ("fingerprint", "keyword"),
     ("model_id", "keyword"),
+    ("source_prefixes", "keyword"),  # every ancestor folder of source_uri: prefix filters
 )
 
 

@@ -1,0 +1,109 @@
+"""Sniff what an object is: magic bytes first, file extension second.
+
+Kinds: ``text``, ``image``, ``pdf``, ``video``, ``manifest``, ``unsupported``.
+
+- Magic bytes win over the name: a PNG named ``.jpg`` is ``image/png``; a PDF
+  named ``.bin`` is a PDF.
+- Without recognised magic the extension decides. An image/PDF/video/parquet
+  extension on bytes without the matching magic still gets that kind, so the
+  object then FAILS validation (random bytes named ``.png`` is a broken image,
+  not a skipped file).
+- Text is ``.txt .text .md .markdown .rst`` only. ``.json``/``.csv``/``.html``
+  and other structured formats are not embedded as prose: they are
+  ``unsupported`` (skipped, not failed). ``.jsonl`` is a manifest.
+- Anything else (``.exe``, ``.zip``, ``.bin``, no extension...) is
+  ``unsupported``, counted as skipped.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+
+HEAD_BYTES = 4096  # how many leading bytes detection wants
+
+TEXT_EXTENSIONS = {".txt": "text/plain", ".text": "text/plain", ".md": "text/markdown", ".markdown": "text/markdown", ".rst": "text/x-rst"}
+IMAGE_EXTENSIONS = {
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".webp": "image/webp",
+    ".gif": "image/gif",
+    ".bmp": "image/bmp",
+    ".tif": "image/tiff",
+    ".tiff": "image/tiff",
+}
+VIDEO_EXTENSIONS = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime", ".webm": "video/webm", ".mkv": "video/x-matroska"}
+MANIFEST_EXTENSIONS = {".jsonl": "application/jsonl", ".parquet": "application/vnd.apache.parquet"}
+PDF_EXTENSIONS = {".pdf": "application/pdf"}
+
+_BMP_DIB_SIZES = {12, 16, 40, 52, 56, 64, 108, 124}
+_MP4_BOXES = (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot")
+
+
+@dataclass(frozen=True)
+class Detection:
+    """What an object is: its kind and MIME type."""
+
+    kind: str  # text | image | pdf | video | manifest | unsupported
+    mime: str
+
+
+def extension(uri: str) -> str:
+    """Lower-case extension (with the dot) of a URI's last path component."""
+    return posixpath.splitext(uri.rsplit("/", 1)[-1].split("?", 1)[0])[1].lower()
+
+
+def _sniff_video(head: bytes) -> Detection | None:
+    """ISO-BMFF (mp4/mov) or EBML (webm/mkv) containers."""
+    if len(head) >= 12 and head[4:8] == b"ftyp" and 8 <= int.from_bytes(head[:4], "big") <= 4096:
+        return Detection("video", "video/quicktime" if head[8:12] == b"qt  " else "video/mp4")
+    if len(head) >= 12 and head[4:8] in _MP4_BOXES and head[0] == 0:  # box size < 16 MiB: never text
+        return Detection("video", "video/quicktime")
+    if head.startswith(b"\x1a\x45\xdf\xa3"):
+        return Detection("video", "video/webm" if b"webm" in head[:64] else "video/x-matroska")
+    return None
+
+
+def _sniff_image(head: bytes) -> Detection | None:
+    """JPEG, PNG, GIF, WebP, BMP and TIFF signatures."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return Detection("image", "image/jpeg")
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return Detection("image", "image/png")
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return Detection("image", "image/gif")
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return Detection("image", "image/webp")
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return Detection("image", "image/tiff")
+    if head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in _BMP_DIB_SIZES:
+        return Detection("image", "image/bmp")
+    return None
+
+
+def sniff(head: bytes) -> Detection | None:
+    """Kind from magic bytes alone, or None when nothing is recognised."""
+    if head.startswith(b"%PDF-"):  # junk before the header: the .pdf extension still routes it
+        return Detection("pdf", "application/pdf")
+    if head.startswith(b"PAR1"):
+        return Detection("manifest", MANIFEST_EXTENSIONS[".parquet"])
+    return _sniff_image(head) or _sniff_video(head)
+
+
+def from_extension(uri: str) -> Detection:
+    """Kind from the file extension alone."""
+    ext = extension(uri)
+    for kind, table in (("text", TEXT_EXTENSIONS), ("image", IMAGE_EXTENSIONS), ("pdf", PDF_EXTENSIONS), ("video", VIDEO_EXTENSIONS), ("manifest", MANIFEST_EXTENSIONS)):
+        if ext in table:
+            return Detection(kind, table[ext])
+    return Detection("unsupported", "application/octet-stream")
+
+
+def detect(uri: str, head: bytes) -> Detection:
+    """Kind and MIME of an object from its first bytes (magic first) and its name (second)."""
+    found = sniff(head)
+    if found is not None:
+        # A parquet file is only ever a manifest; named .jsonl it still parses as parquet.
+        return found
+    return from_extension(uri)

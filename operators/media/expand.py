@@ -1,0 +1,239 @@
+"""Turn one listed object into units (what gets one vector), dead letters and a status.
+
+Status is ``ok`` (at least one unit; a manifest may still have per-record dead
+letters), ``skipped_unsupported`` (not a kind we embed: no units, no dead letter)
+or ``failed`` (no units; a dead letter naming why: exactly one, except a manifest
+with no usable record, which gets one per bad record plus an ``EmptyManifest``
+summary). ``expand_object`` never raises for a bad object. A zero-byte object
+fails with "empty file" unless its extension is unsupported (then it is skipped:
+with no bytes to sniff, the name decides).
+
+Units per kind (position / modality / payload meta):
+- text: ``chunk=<i>`` / text / ``chunk_index``, ``char_start``, ``char_end``
+- image: ``image`` / image / ``width``, ``height`` (+ ``frames`` when animated)
+- pdf: ``page=<n>`` (1-based) / pdf_page / ``page``, ``page_text``; ``Unit.image`` is the RGB PNG
+- video: ``t=<start:.3f>-<end:.3f>`` / video / ``start_s``, ``end_s``, ``duration_s``, ``fps``;
+  ``Unit.video`` is the object URI, ``video_start``/``video_end`` set
+- manifest record: ``record=<id or line>`` / the record's single modality or mixed /
+  ``metadata``, ``line``, ``record_id``, ``image_uri``/``video_uri`` (+ image size,
+  video duration). Images are loaded into ``Unit.image``; videos stay URIs (whole
+  video, no segment bounds).
+
+Manifest units carry the manifest's fingerprint: a changed referenced file is not
+noticed until the manifest itself changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+from operators.media.detect import HEAD_BYTES, Detection, detect, from_extension
+from operators.media.images import inspect_image
+from operators.media.listing import fs_for, is_local_uri, local_path
+from operators.media.manifest import ManifestRecord, RecordError, parse_manifest
+from operators.media.pdf import render_pdf
+from operators.media.text_chunks import chunk_spans, decode_text
+from operators.media.video import probe_video, video_segments
+from operators.units import DeadLetter, SourceObject, Unit
+
+OK, SKIPPED, FAILED = "ok", "skipped_unsupported", "failed"
+
+
+class ObjectTooLargeError(ValueError):
+    """An object (or a file a manifest points at) is over max_object_bytes."""
+
+
+class EmptyFileError(ValueError):
+    """A zero-byte object."""
+
+
+@dataclass(frozen=True)
+class ExpandSettings:
+    """How objects are cut into units, and the limits that protect the workers."""
+
+    chunk_tokens: int = 512
+    overlap_tokens: int = 64
+    pdf_dpi: int = 144
+    max_pdf_pages: int = 200
+    video_segment_s: float = 30.0
+    max_video_duration_s: float = 3600.0
+    max_object_bytes: int = 512 * 1024 * 1024
+    max_image_pixels: int = 89_478_485  # Pillow's default MAX_IMAGE_PIXELS
+    tokenizer_fallback: bool = True  # no tokenizer given: chunk on regex word pieces (else: fail text objects)
+
+    def __post_init__(self) -> None:
+        """Reject settings that cannot work."""
+        if self.chunk_tokens <= 0 or not 0 <= self.overlap_tokens < self.chunk_tokens:
+            raise ValueError(f"need chunk_tokens > 0 and 0 <= overlap_tokens < chunk_tokens, got {self.chunk_tokens}/{self.overlap_tokens}")
+        for name in ("pdf_dpi", "max_pdf_pages", "video_segment_s", "max_video_duration_s", "max_object_bytes", "max_image_pixels"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+def _dead(uri: str, exc: BaseException, position: str | None = None, prefix: str = "") -> DeadLetter:
+    """An expand-stage dead letter for an exception."""
+    return DeadLetter(uri=uri, stage="expand", error_type=type(exc).__name__, message=f"{prefix}{exc}", position=position)
+
+
+def _options_for(uri: str, base_uri: str, storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The storage options to use for `uri`: the base's when both share a scheme."""
+    scheme = uri.split("://", 1)[0] if "://" in uri else "file"
+    base = base_uri.split("://", 1)[0] if "://" in base_uri else "file"
+    return storage_options if scheme == base else None
+
+
+@contextlib.contextmanager
+def _open(uri: str, storage_options: dict[str, Any] | None) -> Iterator[IO[bytes]]:
+    """Open an object for binary reading (plain open for local files)."""
+    if is_local_uri(uri):
+        with open(local_path(uri), "rb") as fh:
+            yield fh
+    else:
+        fs, path = fs_for(uri, storage_options)
+        with fs.open(path, "rb") as fh:
+            yield fh
+
+
+def _read_capped(fh: IO[bytes], head: bytes, limit: int, uri: str) -> bytes:
+    """The rest of an open object after `head`, refusing to read more than `limit` bytes."""
+    data = head + fh.read(limit + 1 - len(head))
+    if len(data) > limit:
+        raise ObjectTooLargeError(f"{uri} grew past max_object_bytes={limit} after listing")
+    return data
+
+
+def _text_units(obj: SourceObject, det: Detection, data: bytes, cfg: ExpandSettings, tokenizer: Any) -> list[Unit]:
+    """Token chunks of a text object."""
+    if tokenizer is None and not cfg.tokenizer_fallback:
+        raise ValueError("no tokenizer given and tokenizer_fallback is off")
+    text = decode_text(data)
+    spans = chunk_spans(text, tokenizer, cfg.chunk_tokens, cfg.overlap_tokens)
+    return [
+        Unit(obj.uri, obj.fingerprint, f"chunk={i}", "text", det.mime, text=text[s:e], meta={"chunk_index": i, "char_start": s, "char_end": e})
+        for i, (s, e) in enumerate(spans)
+    ]
+
+
+def _image_units(obj: SourceObject, data: bytes, cfg: ExpandSettings) -> list[Unit]:
+    """One unit for an image object."""
+    info = inspect_image(data, cfg.max_image_pixels)
+    meta: dict[str, Any] = {"width": info.width, "height": info.height}
+    if info.frames > 1:
+        meta["frames"] = info.frames
+    return [Unit(obj.uri, obj.fingerprint, "image", "image", info.mime, image=info.data, meta=meta)]
+
+
+def _pdf_units(obj: SourceObject, data: bytes, cfg: ExpandSettings) -> list[Unit]:
+    """One rendered-page unit per PDF page."""
+    return [
+        Unit(obj.uri, obj.fingerprint, f"page={n}", "pdf_page", "image/png", image=png, meta={"page": n, "page_text": text})
+        for n, png, text in render_pdf(data, cfg.pdf_dpi, cfg.max_pdf_pages, cfg.max_image_pixels)
+    ]
+
+
+def _video_source(uri: str, fh: IO[bytes]) -> str | IO[bytes]:
+    """What PyAV should read: the local path, or the open remote file from its start."""
+    if is_local_uri(uri):
+        return local_path(uri)
+    fh.seek(0)
+    return fh
+
+
+def _video_units(obj: SourceObject, det: Detection, fh: IO[bytes], cfg: ExpandSettings) -> list[Unit]:
+    """One unit per time segment of a video object."""
+    info = probe_video(_video_source(obj.uri, fh), cfg.max_video_duration_s)
+    units = []
+    for start, end in video_segments(info.duration_s, cfg.video_segment_s):
+        meta = {"start_s": start, "end_s": end, "duration_s": info.duration_s, "fps": info.fps}
+        units.append(
+            Unit(obj.uri, obj.fingerprint, f"t={start:.3f}-{end:.3f}", "video", det.mime, video=obj.uri, video_start=start, video_end=end, meta=meta)
+        )
+    return units
+
+
+def _record_unit(obj: SourceObject, rec: ManifestRecord, cfg: ExpandSettings, storage_options: dict[str, Any] | None) -> Unit:
+    """The unit of one manifest record (loads and validates its image, probes its video)."""
+    meta: dict[str, Any] = {"metadata": rec.metadata, "line": rec.line, "record_id": rec.id}
+    image = None
+    mime = "text/plain"
+    if rec.video is not None:
+        meta["video_uri"] = rec.video
+        opts = _options_for(rec.video, obj.uri, storage_options)
+        with _open(rec.video, opts) as fh:
+            info = probe_video(_video_source(rec.video, fh), cfg.max_video_duration_s)
+        meta["duration_s"] = info.duration_s
+        mime = from_extension(rec.video).mime
+    if rec.image is not None:
+        meta["image_uri"] = rec.image
+        with _open(rec.image, _options_for(rec.image, obj.uri, storage_options)) as fh:
+            data = _read_capped(fh, b"", cfg.max_object_bytes, rec.image)
+        if not data:
+            raise EmptyFileError(f"empty file: {rec.image}")
+        info_img = inspect_image(data, cfg.max_image_pixels)
+        image, mime = info_img.data, info_img.mime
+        meta.update(width=info_img.width, height=info_img.height)
+    return Unit(obj.uri, obj.fingerprint, f"record={rec.key}", rec.modality, mime, text=rec.text, image=image, video=rec.video, meta=meta)
+
+
+def _manifest_units(
+    obj: SourceObject, data: bytes, cfg: ExpandSettings, storage_options: dict[str, Any] | None
+) -> tuple[list[Unit], list[DeadLetter]]:
+    """Units for the good records of a manifest, dead letters for the bad ones."""
+    units: list[Unit] = []
+    dead: list[DeadLetter] = []
+    for rec in parse_manifest(data, obj.uri):
+        if isinstance(rec, RecordError):
+            position = f"record={rec.id if rec.id is not None else rec.line}"
+            dead.append(DeadLetter(obj.uri, "expand", rec.error_type, f"line {rec.line}: {rec.message}", position))
+            continue
+        try:
+            units.append(_record_unit(obj, rec, cfg, storage_options))
+        except Exception as exc:  # one bad record never fails the manifest
+            dead.append(_dead(obj.uri, exc, f"record={rec.key}", f"line {rec.line}: "))
+    return units, dead
+
+
+def _expand(
+    obj: SourceObject, cfg: ExpandSettings, storage_options: dict[str, Any] | None, tokenizer: Any
+) -> tuple[list[Unit], list[DeadLetter], str]:
+    """expand_object without the catch-all."""
+    if obj.size > cfg.max_object_bytes:
+        raise ObjectTooLargeError(f"object is {obj.size} bytes, over max_object_bytes={cfg.max_object_bytes}")
+    if obj.size == 0:
+        if from_extension(obj.uri).kind == "unsupported":
+            return [], [], SKIPPED
+        raise EmptyFileError("empty file")
+    with _open(obj.uri, storage_options) as fh:
+        head = fh.read(HEAD_BYTES)
+        if not head:
+            raise EmptyFileError("empty file")
+        det = detect(obj.uri, head)
+        if det.kind == "unsupported":
+            return [], [], SKIPPED
+        if det.kind == "video":
+            return _video_units(obj, det, fh, cfg), [], OK
+        data = _read_capped(fh, head, cfg.max_object_bytes, obj.uri)
+    if det.kind == "text":
+        return _text_units(obj, det, data, cfg, tokenizer), [], OK
+    if det.kind == "image":
+        return _image_units(obj, data, cfg), [], OK
+    if det.kind == "pdf":
+        return _pdf_units(obj, data, cfg), [], OK
+    units, dead = _manifest_units(obj, data, cfg, storage_options)
+    if not units:
+        summary = DeadLetter(obj.uri, "expand", "EmptyManifest", f"manifest yielded no usable record ({len(dead)} bad records)")
+        return [], [*dead, summary], FAILED
+    return units, dead, OK
+
+
+def expand_object(
+    obj: SourceObject, cfg: ExpandSettings, storage_options: dict[str, Any] | None = None, tokenizer: Any = None
+) -> tuple[list[Unit], list[DeadLetter], str]:
+    """Units, dead letters and status (ok / skipped_unsupported / failed) for one object; never raises."""
+    try:
+        return _expand(obj, cfg, storage_options, tokenizer)
+    except Exception as exc:
+        return [], [_dead(obj.uri, exc)], FAILED

@@ -1,0 +1,295 @@
+"""List source objects under a local folder or any fsspec URL, with fingerprints.
+
+Local sources (a plain path or ``file://``) are walked with ``os.scandir`` so that
+symlink loops, dangling links, FIFOs and unreadable entries become dead letters
+(stage ``list``) instead of crashing the job. Remote sources go through fsspec's
+``find``. URIs come back as absolute plain paths for local files and as
+``scheme://path`` for everything else; the order is sorted, so deterministic.
+
+Glob rules (``include`` / ``exclude``): patterns match the path relative to the
+root with ``fnmatchcase`` (``*`` also crosses ``/``); ``**/`` may match zero
+folders; a pattern without ``/`` also matches the file's base name. An object is
+kept when it matches any include pattern (or there are none) and no exclude
+pattern. A folder matching an exclude pattern (as ``dir`` or ``dir/``) is not
+walked at all.
+
+Fingerprints: ``etag:<ETag>`` where the store gives one (S3), else
+``version:<VersionId>``, else ``size:<n>:mtime:<t>``; local files use
+``size:<n>:mtime_ns:<t>``; ``sha256:<hex>`` of the content only when the store
+gives none of those.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import inspect
+import os
+import posixpath
+import stat
+from fnmatch import fnmatchcase
+from typing import Any
+
+import fsspec
+from fsspec.spec import AbstractFileSystem
+
+from operators.units import DeadLetter, SourceObject
+
+_LOCAL_PREFIXES = ("file://", "local://")
+
+
+def is_local_uri(uri: str) -> bool:
+    """True for a plain path or a ``file://`` / ``local://`` URL."""
+    return "://" not in uri or uri.startswith(_LOCAL_PREFIXES)
+
+
+def local_path(uri: str) -> str:
+    """The absolute local path of a plain path or ``file://`` URL."""
+    for prefix in _LOCAL_PREFIXES:
+        if uri.startswith(prefix):
+            uri = uri[len(prefix) :]
+            break
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def _normalise_options(protocol: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """Storage options as the backend wants them (``endpoint_url`` into ``client_kwargs`` if needed)."""
+    opts = dict(storage_options or {})
+    if protocol in ("s3", "s3a") and "endpoint_url" in opts:
+        import s3fs
+
+        if "endpoint_url" not in inspect.signature(s3fs.S3FileSystem.__init__).parameters:
+            client_kwargs = dict(opts.get("client_kwargs") or {})
+            client_kwargs.setdefault("endpoint_url", opts.pop("endpoint_url"))
+            opts["client_kwargs"] = client_kwargs
+    return opts
+
+
+def fs_for(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
+    """The fsspec filesystem and the backend path for a URI (plain paths are local)."""
+    if is_local_uri(uri):
+        return fsspec.filesystem("file"), local_path(uri)
+    protocol = uri.split("://", 1)[0].split("::")[-1]
+    fs, path = fsspec.core.url_to_fs(uri, **_normalise_options(protocol, storage_options))
+    return fs, path
+
+
+def open_uri(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    """Read a whole object (local path or any fsspec URL) into memory."""
+    if is_local_uri(uri):
+        with open(local_path(uri), "rb") as fh:
+            return fh.read()
+    fs, path = fs_for(uri, storage_options)
+    with fs.open(path, "rb") as fh:
+        return fh.read()
+
+
+def glob_match(rel_path: str, pattern: str) -> bool:
+    """Whether a root-relative POSIX path matches one glob pattern (rules in the module doc)."""
+    if fnmatchcase(rel_path, pattern):
+        return True
+    if "**/" in pattern and fnmatchcase(rel_path, pattern.replace("**/", "")):
+        return True
+    return "/" not in pattern and fnmatchcase(posixpath.basename(rel_path), pattern)
+
+
+def selected(rel_path: str, include: list[str] | None, exclude: list[str] | None) -> bool:
+    """Whether a root-relative path passes the include and exclude globs."""
+    if include and not any(glob_match(rel_path, p) for p in include):
+        return False
+    return not (exclude and any(glob_match(rel_path, p) for p in exclude))
+
+
+def _dir_excluded(rel_dir: str, exclude: list[str] | None) -> bool:
+    """Whether a whole folder is excluded (pattern matches ``dir`` or ``dir/``)."""
+    return bool(exclude) and any(glob_match(rel_dir, p) or fnmatchcase(rel_dir + "/", p) for p in exclude)
+
+
+def _dead(uri: str, error_type: str, message: str) -> DeadLetter:
+    """A listing-stage dead letter."""
+    return DeadLetter(uri=uri, stage="list", error_type=error_type, message=message)
+
+
+def _file_kind(mode: int) -> str:
+    """A human name for a non-regular file type."""
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _local_entry(
+    path: str, rel: str, ancestors: frozenset[tuple[int, int]], objects: list[SourceObject], dead: list[DeadLetter], stack: list
+) -> None:
+    """Classify one local entry: file → object, folder → stack, anything else → dead letter."""
+    try:
+        st = os.stat(path)  # follows symlinks
+    except FileNotFoundError:
+        if os.path.islink(path):
+            dead.append(_dead(path, "DanglingSymlink", f"symlink target does not exist: {os.readlink(path)}"))
+        else:
+            dead.append(_dead(path, "FileNotFoundError", "file disappeared while listing"))
+        return
+    except OSError as exc:  # ELOOP for a link pointing (indirectly) at itself, EACCES, ...
+        kind = "SymlinkLoop" if exc.errno == 40 else type(exc).__name__
+        dead.append(_dead(path, kind, f"cannot stat: {exc.strerror or exc}"))
+        return
+    if stat.S_ISDIR(st.st_mode):
+        key = (st.st_dev, st.st_ino)
+        if key in ancestors:
+            dead.append(_dead(path, "SymlinkLoop", "symlink loop: folder links back to one of its parents"))
+        else:
+            stack.append((path, rel, ancestors | {key}))
+        return
+    if not stat.S_ISREG(st.st_mode):
+        dead.append(_dead(path, "NotARegularFile", f"not a regular file ({_file_kind(st.st_mode)})"))
+        return
+    if not os.access(path, os.R_OK):
+        dead.append(_dead(path, "PermissionError", "file is not readable"))
+        return
+    objects.append(
+        SourceObject(uri=path, size=st.st_size, fingerprint=f"size:{st.st_size}:mtime_ns:{st.st_mtime_ns}", mtime=st.st_mtime)
+    )
+
+
+def _list_local(root: str, include: list[str] | None, exclude: list[str] | None) -> tuple[list[SourceObject], list[DeadLetter]]:
+    """Walk a local folder (or take one local file)."""
+    objects: list[SourceObject] = []
+    dead: list[DeadLetter] = []
+    if not os.path.exists(root):
+        raise FileNotFoundError(f"source not found: {root}")
+    if not os.path.isdir(root):
+        name = os.path.basename(root)
+        if selected(name, include, exclude):
+            _local_entry(root, name, frozenset(), objects, dead, [])
+        return objects, dead
+    root_st = os.stat(root)
+    stack: list[tuple[str, str, frozenset[tuple[int, int]]]] = [(root, "", frozenset({(root_st.st_dev, root_st.st_ino)}))]
+    while stack:
+        folder, rel_folder, ancestors = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                names = sorted(entry.name for entry in it)
+        except OSError as exc:
+            dead.append(_dead(folder, type(exc).__name__, f"cannot list folder: {exc.strerror or exc}"))
+            continue
+        for name in names:
+            path = os.path.join(folder, name)
+            rel = f"{rel_folder}/{name}" if rel_folder else name
+            if os.path.isdir(path):
+                if not _dir_excluded(rel, exclude):
+                    _local_entry(path, rel, ancestors, objects, dead, stack)
+            elif selected(rel, include, exclude):
+                _local_entry(path, rel, ancestors, objects, dead, stack)
+    return objects, dead
+
+
+def _as_timestamp(value: Any) -> float | None:
+    """A POSIX timestamp from the many shapes stores report times in."""
+    if value is None:
+        return None
+    if isinstance(value, _dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=_dt.timezone.utc)
+        return value.timestamp()
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return _as_timestamp(_dt.datetime.fromisoformat(value.replace("Z", "+00:00")))
+        except ValueError:
+            return None
+    return None
+
+
+def info_mtime(info: dict[str, Any]) -> float | None:
+    """Modification time from an fsspec ``info`` dict, where the store gives one."""
+    for key in ("mtime", "LastModified", "last_modified", "updated", "modified", "created"):
+        ts = _as_timestamp(info.get(key))
+        if ts is not None:
+            return ts
+    return None
+
+
+def info_fingerprint(info: dict[str, Any]) -> str | None:
+    """Fingerprint from an fsspec ``info`` dict (ETag, version id, size+mtime), None if it has none."""
+    etag = info.get("ETag") or info.get("etag") or info.get("e_tag")
+    if etag:
+        return f"etag:{str(etag).strip(chr(34))}"
+    version = info.get("VersionId") or info.get("version_id") or info.get("generation")
+    if version:
+        return f"version:{version}"
+    mtime = info_mtime(info)
+    if mtime is not None and info.get("size") is not None:
+        return f"size:{int(info['size'])}:mtime:{mtime:.6f}"
+    return None
+
+
+def _sha256_fingerprint(fs: AbstractFileSystem, path: str) -> str:
+    """sha256 of an object's content, streamed."""
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _remote_uri(uri: str, fs: AbstractFileSystem, name: str) -> str:
+    """Full URI (with the caller's scheme) of a backend path."""
+    if "::" in uri:
+        return fs.unstrip_protocol(name)
+    return f"{uri.split('://', 1)[0]}://{name}"
+
+
+def _list_remote(
+    uri: str, include: list[str] | None, exclude: list[str] | None, storage_options: dict[str, Any] | None
+) -> tuple[list[SourceObject], list[DeadLetter]]:
+    """List an fsspec location recursively."""
+    fs, root = fs_for(uri, storage_options)
+    root = root.rstrip("/") or root
+    try:
+        fs.invalidate_cache(root)
+    except Exception:  # some backends keep no cache
+        pass
+    if fs.isfile(root):
+        entries = {root: fs.info(root)}
+        base = posixpath.dirname(root)
+    else:
+        entries = fs.find(root, detail=True, withdirs=False)
+        base = root
+        if not entries and not fs.exists(root):
+            top = root.strip("/").split("/")[0]
+            if not top or not fs.exists(top):  # a missing bucket is a configuration error; an empty prefix is not
+                raise FileNotFoundError(f"source not found: {uri}")
+    objects: list[SourceObject] = []
+    dead: list[DeadLetter] = []
+    for name, info in entries.items():
+        if info.get("type", "file") != "file":
+            continue
+        rel = name[len(base) :].lstrip("/") if base and name.startswith(base) else posixpath.basename(name)
+        if not selected(rel, include, exclude):
+            continue
+        full = _remote_uri(uri, fs, name)
+        try:
+            fingerprint = info_fingerprint(info) or _sha256_fingerprint(fs, name)
+        except Exception as exc:  # unreadable object: fail it, keep listing
+            dead.append(_dead(full, type(exc).__name__, f"cannot fingerprint: {exc}"))
+            continue
+        objects.append(SourceObject(uri=full, size=int(info.get("size") or 0), fingerprint=fingerprint, mtime=info_mtime(info)))
+    return objects, dead
+
+
+def list_objects(
+    uri: str,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> tuple[list[SourceObject], list[DeadLetter]]:
+    """List every object under a local folder/file or fsspec URL, sorted by URI, with listing dead letters."""
+    if is_local_uri(uri):
+        objects, dead = _list_local(local_path(uri), include, exclude)
+    else:
+        objects, dead = _list_remote(uri, include, exclude, storage_options)
+    objects.sort(key=lambda o: o.uri)
+    dead.sort(key=lambda d: (d.uri, d.error_type))
+    return objects, dead

@@ -1,0 +1,182 @@
+"""Parse ``.jsonl`` and ``.parquet`` manifests of mixed records.
+
+A record has any of ``text`` (inline string), ``image`` and ``video`` (URIs:
+absolute ``scheme://...``, an absolute path on the manifest's filesystem, or a
+path relative to the manifest's folder), an optional ``id`` (string or integer),
+and anything else, which becomes ``metadata`` (made JSON-safe).
+
+Each record yields a ``ManifestRecord`` or, when it is unusable (bad JSON, not an
+object, none of text/image/video, a non-string field, empty text, duplicate id),
+a ``RecordError``; one bad record never hides the good ones. ``line`` is 1-based:
+the line number in a JSONL file, the row number in a Parquet file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any
+
+from operators.media.detect import extension
+from operators.media.listing import is_local_uri, local_path
+
+CONTENT_FIELDS = ("text", "image", "video")
+
+
+@dataclass(frozen=True)
+class ManifestRecord:
+    """One usable manifest record with resolved URIs."""
+
+    line: int
+    id: str | None
+    text: str | None = None
+    image: str | None = None
+    video: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """The record's key in unit positions: its id, else its line number."""
+        return self.id if self.id is not None else str(self.line)
+
+    @property
+    def modality(self) -> str:
+        """text, image or video for one content field; mixed for several."""
+        present = [name for name in CONTENT_FIELDS if getattr(self, name) is not None]
+        return present[0] if len(present) == 1 else "mixed"
+
+
+@dataclass(frozen=True)
+class RecordError:
+    """One unusable manifest record."""
+
+    line: int
+    error_type: str
+    message: str
+    id: str | None = None
+
+
+class ManifestError(ValueError):
+    """The manifest as a whole cannot be read."""
+
+
+def resolve_uri(ref: str, manifest_uri: str) -> str:
+    """Absolute URI of a record reference, relative ones taken from the manifest's folder."""
+    if ref.startswith(("file://", "local://")):
+        return local_path(ref)
+    if "://" in ref:
+        return ref
+    if is_local_uri(manifest_uri):
+        base = posixpath.dirname(local_path(manifest_uri))
+        return posixpath.normpath(posixpath.join(base, ref))
+    scheme, rest = manifest_uri.split("://", 1)
+    rooted = rest.startswith("/")
+    if ref.startswith("/"):
+        path = posixpath.normpath(ref) if rooted else posixpath.normpath(ref).lstrip("/")
+    else:
+        path = posixpath.normpath(posixpath.join(posixpath.dirname(rest), ref))
+    return f"{scheme}://{path}"
+
+
+def _json_safe(value: Any) -> Any:
+    """Metadata value made JSON-serialisable (NaN → None, bytes/dates → strings)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (bytes, bytearray)):
+        return f"<{len(value)} bytes>"
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
+
+
+def _absent(value: Any) -> bool:
+    """None, or a Parquet null that arrived as NaN."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def build_record(line: int, raw: Any, manifest_uri: str, seen_keys: set[str]) -> ManifestRecord | RecordError:
+    """Validate one decoded record and resolve its URIs."""
+    if not isinstance(raw, dict):
+        return RecordError(line, "InvalidRecord", f"record is a {type(raw).__name__}, not an object")
+    rid = raw.get("id")
+    if _absent(rid):
+        rid = None
+    elif isinstance(rid, bool) or not isinstance(rid, (str, int)) or (isinstance(rid, str) and not rid.strip()):
+        return RecordError(line, "InvalidRecord", f"field 'id' must be a non-empty string or an integer, got {rid!r}")
+    else:
+        rid = str(rid)
+    content: dict[str, str] = {}
+    for name in CONTENT_FIELDS:
+        value = raw.get(name)
+        if _absent(value):
+            continue
+        if not isinstance(value, str):
+            return RecordError(line, "InvalidRecord", f"field {name!r} must be a string, got {type(value).__name__}", rid)
+        if not value.strip():
+            return RecordError(line, "InvalidRecord", f"field {name!r} is empty", rid)
+        content[name] = value if name == "text" else resolve_uri(value.strip(), manifest_uri)
+    if not content:
+        return RecordError(line, "InvalidRecord", "record has none of text, image, video", rid)
+    key = rid if rid is not None else str(line)
+    if key in seen_keys:  # ids and line numbers share the position namespace
+        return RecordError(line, "DuplicateId", f"record key {key!r} already used by an earlier record", rid)
+    seen_keys.add(key)
+    metadata = {str(k): _json_safe(v) for k, v in raw.items() if k not in CONTENT_FIELDS and k != "id"}
+    return ManifestRecord(line=line, id=rid, metadata=metadata, **content)
+
+
+def _jsonl_rows(data: bytes) -> list[tuple[int, Any] | RecordError]:
+    """Decoded JSONL lines (blank lines skipped), bad lines as RecordError."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    rows: list[tuple[int, Any] | RecordError] = []
+    for number, raw_line in enumerate(data.split(b"\n"), start=1):
+        if not raw_line.strip():
+            continue
+        try:
+            rows.append((number, json.loads(raw_line.decode("utf-8"))))
+        except UnicodeDecodeError as exc:
+            rows.append(RecordError(number, "InvalidUTF8", f"invalid UTF-8 at byte {exc.start} of the line"))
+        except json.JSONDecodeError as exc:
+            rows.append(RecordError(number, "InvalidJSON", f"invalid JSON: {exc.msg} (column {exc.colno})"))
+    return rows
+
+
+def _parquet_rows(data: bytes) -> list[tuple[int, Any] | RecordError]:
+    """Parquet rows as dicts, numbered from 1."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except Exception as exc:
+        raise ManifestError(f"cannot read Parquet manifest: {type(exc).__name__}: {exc}") from exc
+    return list(enumerate(table.to_pylist(), start=1))
+
+
+def manifest_format(uri: str, data: bytes) -> str:
+    """'parquet' (PAR1 magic or .parquet) or 'jsonl'."""
+    return "parquet" if data.startswith(b"PAR1") or extension(uri) == ".parquet" else "jsonl"
+
+
+def parse_manifest(data: bytes, manifest_uri: str, fmt: str | None = None) -> list[ManifestRecord | RecordError]:
+    """Records of a JSONL or Parquet manifest, in file order, with per-record errors in place."""
+    fmt = fmt or manifest_format(manifest_uri, data)
+    if fmt not in ("jsonl", "parquet"):
+        raise ValueError(f"unknown manifest format {fmt!r}")
+    rows = _parquet_rows(data) if fmt == "parquet" else _jsonl_rows(data)
+    seen: set[str] = set()
+    out: list[ManifestRecord | RecordError] = []
+    for row in rows:
+        out.append(row if isinstance(row, RecordError) else build_record(row[0], row[1], manifest_uri, seen))
+    if not out:
+        raise ManifestError("manifest has no records")
+    return out

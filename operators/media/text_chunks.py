@@ -1,0 +1,143 @@
+"""Decode text objects and cut them into token-sized chunks that are exact substrings.
+
+Chunking tokenises with the tokenizer's offsets (no special tokens) and slices the
+ORIGINAL string between the first token's start and the last token's end (edge
+whitespace trimmed), so every chunk is an exact substring of the input. A window
+made only of whitespace tokens is dropped. Long inputs are tokenised in segments of about
+``SEGMENT_CHARS`` characters cut at line/space boundaries (a batch call: fast for
+MBs, never hits the model's max length); tokens may differ from a one-shot
+tokenisation only at those few boundaries.
+
+Without a tokenizer (``tokenizer=None``) a regex stands in: runs of up to 8 word
+characters and single punctuation marks count as tokens, which is close to (and
+usually above) a BPE count for English prose.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+SEGMENT_CHARS = 32_768
+_FALLBACK_TOKEN = re.compile(r"\w{1,8}|[^\w\s]")
+_BOM = b"\xef\xbb\xbf"
+
+
+class TextError(ValueError):
+    """A text object cannot be used."""
+
+
+class TextDecodeError(TextError):
+    """Bytes are not UTF-8 text (invalid UTF-8 or binary)."""
+
+
+class EmptyTextError(TextError):
+    """The text is empty or whitespace only."""
+
+
+def decode_text(data: bytes) -> str:
+    """Strict UTF-8 decode (BOM stripped); binary, invalid or empty text raise clear TextError subclasses."""
+    if data.startswith(_BOM):
+        data = data[len(_BOM) :]
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise TextDecodeError("UTF-16 text (byte-order mark found): only UTF-8 is supported, re-encode the file")
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise TextDecodeError(f"binary content: NUL byte at offset {nul} (not a text file)")
+    try:
+        text = data.decode("utf-8", errors="strict")
+    except UnicodeDecodeError as exc:
+        raise TextDecodeError(f"invalid UTF-8 at byte {exc.start}: {exc.reason}") from exc
+    if not text.strip():
+        raise EmptyTextError("empty text")
+    return text
+
+
+def _segments(text: str, size: int = SEGMENT_CHARS) -> list[tuple[int, str]]:
+    """Split text into (offset, piece) segments of about `size` chars, cut after a newline or space."""
+    out: list[tuple[int, str]] = []
+    start, n = 0, len(text)
+    while start < n:
+        end = min(start + size, n)
+        if end < n:
+            cut = text.rfind("\n", start + size // 2, end)
+            if cut < 0:
+                cut = text.rfind(" ", start + size // 2, end)
+            if cut >= 0:
+                end = cut + 1
+        out.append((start, text[start:end]))
+        start = end
+    return out
+
+
+def _offsets(pieces: list[str], tokenizer: Any) -> list[list[tuple[int, int]]]:
+    """Per-piece token offsets from an HF fast tokenizer or a raw `tokenizers.Tokenizer` (no special tokens)."""
+    from tokenizers import Tokenizer
+
+    backend = tokenizer if isinstance(tokenizer, Tokenizer) else getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        return [e.offsets for e in backend.encode_batch(pieces, add_special_tokens=False)]
+    if backend is tokenizer:
+        raise TextError("tokenizers.Tokenizer has truncation or padding enabled; disable them for chunking")
+    enc = tokenizer(  # the HF call resets any truncation/padding state left on the backend
+        pieces,
+        add_special_tokens=False,
+        return_offsets_mapping=True,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+        truncation=False,
+        padding=False,
+        verbose=False,
+    )
+    return [list(map(tuple, o)) for o in enc["offset_mapping"]]
+
+
+def token_spans(text: str, tokenizer: Any | None) -> list[tuple[int, int]]:
+    """Character (start, end) of every token in `text` (zero-width tokens dropped)."""
+    if tokenizer is None:
+        return [m.span() for m in _FALLBACK_TOKEN.finditer(text)]
+    segments = _segments(text)
+    per_piece = _offsets([piece for _, piece in segments], tokenizer)
+    spans: list[tuple[int, int]] = []
+    for (base, _), offsets in zip(segments, per_piece):
+        spans.extend((base + s, base + e) for s, e in offsets if e > s)
+    return spans
+
+
+def chunk_spans(text: str, tokenizer: Any | None, chunk_tokens: int, overlap_tokens: int) -> list[tuple[int, int]]:
+    """Character spans of windows of `chunk_tokens` tokens, each overlapping the previous by `overlap_tokens`."""
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be > 0, got {chunk_tokens}")
+    if not 0 <= overlap_tokens < chunk_tokens:
+        raise ValueError(f"overlap_tokens must be in [0, chunk_tokens), got {overlap_tokens} with chunk_tokens={chunk_tokens}")
+    tokens = token_spans(text, tokenizer)
+    if not tokens:
+        raise EmptyTextError("empty text")
+    step = chunk_tokens - overlap_tokens
+    spans: list[tuple[int, int]] = []
+    start = 0
+    while True:
+        end = min(start + chunk_tokens, len(tokens))
+        span = _strip_span(text, tokens[start][0], tokens[end - 1][1])
+        if span is not None:
+            spans.append(span)
+        if end == len(tokens):
+            break
+        start += step
+    if not spans:
+        raise EmptyTextError("empty text")
+    return spans
+
+
+def _strip_span(text: str, start: int, end: int) -> tuple[int, int] | None:
+    """The span without leading/trailing whitespace (None if nothing is left)."""
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return (start, end) if end > start else None
+
+
+def chunk_text(text: str, tokenizer: Any | None, chunk_tokens: int, overlap_tokens: int) -> list[str]:
+    """Chunk text by tokens; every chunk is an exact substring of `text`."""
+    return [text[s:e] for s, e in chunk_spans(text, tokenizer, chunk_tokens, overlap_tokens)]

@@ -1,0 +1,124 @@
+"""Probe videos with PyAV and cut them into time segments.
+
+``probe_video`` opens the container, picks the first video stream, reads its
+duration / frame rate / frame count / size and decodes the first frame (so a file
+whose header parses but whose frames do not is reported as corrupt). Sources: a
+local path, raw bytes, or a binary file object (e.g. from ``fsspec.open``).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import IO, NamedTuple
+
+import av
+
+MIN_SEGMENT_S = 0.5  # a trailing segment shorter than this merges into the previous one
+
+
+class VideoError(ValueError):
+    """A video cannot be used."""
+
+
+class VideoNoStreamError(VideoError):
+    """The container holds no video stream."""
+
+
+class VideoCorruptError(VideoError):
+    """PyAV/FFmpeg cannot read the file."""
+
+
+class VideoTooLongError(VideoError):
+    """Longer than the configured duration cap."""
+
+
+class VideoInfo(NamedTuple):
+    """What a probe finds: duration (s), frames per second, frame count, width, height."""
+
+    duration_s: float
+    fps: float
+    n_frames: int
+    width: int
+    height: int
+
+
+def _duration(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float | None:
+    """Stream duration, else container duration, in seconds."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base
+    return None
+
+
+def _demuxed_duration(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float | None:
+    """Duration from the last packet's end time (slow path for containers without one)."""
+    end = None
+    container.seek(0)
+    for packet in container.demux(stream):
+        if packet.pts is not None and packet.time_base is not None:
+            t = float((packet.pts + (packet.duration or 0)) * packet.time_base)
+            end = t if end is None else max(end, t)
+    return end
+
+
+def _first_frame(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> None:
+    """Decode one frame, or raise VideoCorruptError."""
+    for frame in container.decode(stream):
+        if frame is not None:
+            return
+    raise VideoCorruptError("video stream has no decodable frame")
+
+
+def probe_video(source: str | bytes | IO[bytes], max_duration_s: float | None = None) -> VideoInfo:
+    """Probe a video (path, bytes or binary file object): (duration_s, fps, n_frames, width, height)."""
+    src = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    try:
+        container = av.open(src, mode="r")
+    except FileNotFoundError:
+        raise
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        raise VideoCorruptError(f"cannot open video: {exc}") from exc
+    try:
+        if not container.streams.video:
+            raise VideoNoStreamError("file has no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        fps = float(rate) if rate else 0.0
+        width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
+        try:
+            duration = _duration(container, stream)
+            _first_frame(container, stream)
+            if duration is None or duration <= 0:
+                duration = _demuxed_duration(container, stream)
+        except av.FFmpegError as exc:
+            raise VideoCorruptError(f"cannot decode video: {exc}") from exc
+        if duration is None or duration <= 0 or not math.isfinite(duration):
+            raise VideoCorruptError("video has no usable duration")
+        if width <= 0 or height <= 0:
+            raise VideoCorruptError(f"video has no frame size ({width}x{height})")
+        n_frames = int(stream.frames or 0) or (round(duration * fps) if fps else 0)
+    finally:
+        container.close()
+    if max_duration_s is not None and duration > max_duration_s:
+        raise VideoTooLongError(f"video is {duration:.1f} s long, over the cap of {max_duration_s:g} s")
+    return VideoInfo(duration, fps, n_frames, width, height)
+
+
+def video_segments(duration_s: float, segment_s: float) -> list[tuple[float, float]]:
+    """(start, end) seconds of consecutive segments; the last is shorter, one under 0.5 s merges back."""
+    if not duration_s > 0:
+        raise ValueError(f"duration must be > 0, got {duration_s}")
+    if not segment_s > 0:
+        raise ValueError(f"segment length must be > 0, got {segment_s}")
+    bounds: list[tuple[float, float]] = []
+    i = 0
+    while i * segment_s < duration_s:
+        start = i * segment_s
+        bounds.append((start, min(start + segment_s, duration_s)))
+        i += 1
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < MIN_SEGMENT_S:
+        tail = bounds.pop()
+        bounds[-1] = (bounds[-1][0], tail[1])
+    return bounds

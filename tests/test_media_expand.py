@@ -1,0 +1,235 @@
+"""expand_object end to end over the generated corpus (local and S3), plus limits and manifests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from operators.media.expand import ExpandSettings, expand_object
+from operators.media.listing import list_objects
+from operators.units import SourceObject, Unit
+from tests.media_corpus import CorpusSpec, make_corpus, make_test_tokenizer, write_video
+
+CFG = ExpandSettings(chunk_tokens=64, overlap_tokens=8, video_segment_s=1.0)
+STATUS = {"ok": "ok", "failed": "failed", "skipped_unsupported": "skipped"}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_test_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tok) -> CorpusSpec:
+    return make_corpus(tmp_path_factory.mktemp("corpus"), CFG, tok)
+
+
+def _expand_all(objects, spec: CorpusSpec, to_rel, tokenizer, storage_options=None) -> dict[str, tuple]:
+    results = {}
+    for obj in objects:
+        units, dead, status = expand_object(obj, CFG, storage_options, tokenizer)
+        results[to_rel(obj.uri)] = (units, dead, status)
+    assert sorted(results) == spec.paths()
+    for rel, (units, dead, status) in results.items():
+        want = spec.files[rel]
+        got = (STATUS[status], len(units), len(dead), tuple(u.modality for u in units))
+        assert got == (want.status, want.units, want.dead_letters, want.modalities), rel
+    return results
+
+
+def test_local_corpus_exact_counts(corpus: CorpusSpec, tok) -> None:
+    objects, dead = list_objects(str(corpus.root))
+    assert dead == []
+    results = _expand_all(objects, corpus, lambda u: str(Path(u).relative_to(corpus.root)), tok)
+    assert sum(len(r[0]) for r in results.values()) == corpus.total_units
+    assert corpus.count("failed") == 6 and corpus.count("skipped") == 1
+    errors = {rel: r[1][0].error_type for rel, r in results.items() if r[1]}
+    assert errors == {
+        "bad/corrupt.mp4": "VideoCorruptError",
+        "bad/corrupt.pdf": "PdfCorruptError",
+        "bad/empty.txt": "EmptyFileError",
+        "bad/invalid_utf8.txt": "TextDecodeError",
+        "bad/random.png": "ImageValidationError",
+        "bad/truncated.jpg": "ImageValidationError",
+    }
+    assert results["bad/empty.txt"][1][0].message == "empty file"
+    assert all(d.stage == "expand" and d.uri == corpus.uri(rel) for rel, r in results.items() for d in r[1])
+
+
+def test_tokenizer_free_fallback_counts(tmp_path: Path) -> None:
+    spec = make_corpus(tmp_path, CFG, None, include_malformed=False)
+    objects, _ = list_objects(str(tmp_path), include=["texts/*"])
+    for obj in objects:
+        units, _, status = expand_object(obj, CFG, None, None)
+        assert status == "ok" and len(units) == spec.files[str(Path(obj.uri).relative_to(tmp_path))].units
+    off = ExpandSettings(tokenizer_fallback=False)
+    _, dead, status = expand_object(objects[0], off, None, None)
+    assert status == "failed" and "tokenizer" in dead[0].message
+
+
+def _units(spec: CorpusSpec, rel: str, tok) -> list[Unit]:
+    path = spec.root / rel
+    obj = SourceObject(uri=str(path), size=path.stat().st_size, fingerprint="fp-1")
+    units, dead, status = expand_object(obj, CFG, None, tok)
+    assert status == "ok", dead
+    return units
+
+
+def test_unit_shapes(corpus: CorpusSpec, tok) -> None:
+    text = (corpus.root / "texts/long.txt").read_text()
+    chunks = _units(corpus, "texts/long.txt", tok)
+    assert [u.position for u in chunks] == [f"chunk={i}" for i in range(len(chunks))]
+    for i, u in enumerate(chunks):
+        assert u.text == text[u.meta["char_start"] : u.meta["char_end"]] and u.meta["chunk_index"] == i
+        assert u.mime == "text/plain" and u.fingerprint == "fp-1" and u.object_uri == corpus.uri("texts/long.txt")
+    assert _units(corpus, "texts/notes.md", tok)[0].mime == "text/markdown"
+    assert _units(corpus, "texts/unicode.txt", tok)[0].text.startswith("Unicode: café")  # BOM stripped
+
+    (img,) = _units(corpus, "images/photo.jpg", tok)
+    assert (img.position, img.mime, img.meta) == ("image", "image/jpeg", {"width": 160, "height": 120})
+    assert img.image == (corpus.root / "images/photo.jpg").read_bytes()
+    (mis,) = _units(corpus, "images/mislabelled.jpg", tok)
+    assert mis.mime == "image/png"
+    (rot,) = _units(corpus, "images/rotated.jpg", tok)
+    assert rot.mime == "image/png" and (rot.meta["width"], rot.meta["height"]) == (60, 90)
+    assert _units(corpus, "images/anim.gif", tok)[0].meta["frames"] == 3
+
+    pages = _units(corpus, "docs/three_pages.pdf", tok)
+    assert [(u.position, u.meta["page_text"], u.mime, u.text) for u in pages] == [
+        ("page=1", "Page one: apples", "image/png", None),
+        ("page=2", "Page two: bananas", "image/png", None),
+        ("page=3", "Page three: cherries", "image/png", None),
+    ]
+    assert pages[0].image.startswith(b"\x89PNG")
+
+    segs = _units(corpus, "videos/clip.mp4", tok)
+    assert [u.position for u in segs] == ["t=0.000-1.000", "t=1.000-2.000", "t=2.000-2.750"]
+    assert all(u.video == corpus.uri("videos/clip.mp4") and u.mime == "video/mp4" for u in segs)
+    assert (segs[-1].video_start, segs[-1].video_end) == (2.0, pytest.approx(2.75))
+    assert segs[-1].meta["start_s"] == 2.0 and segs[-1].model_input() == {"video": segs[-1].video, "video_start": 2.0, "video_end": segs[-1].video_end}
+    assert _units(corpus, "videos/clip.webm", tok)[0].mime == "video/webm"
+
+
+def test_manifest_units(corpus: CorpusSpec, tok) -> None:
+    recs = {u.position: u for u in _units(corpus, "manifests/records.jsonl", tok)}
+    assert list(recs) == ["record=t1", "record=i1", "record=ti1", "record=v1", "record=5"]
+    assert recs["record=t1"].text.startswith("A caption") and recs["record=t1"].meta["metadata"] == {"lang": "en"}
+    assert recs["record=i1"].image == (corpus.root / "images/red.png").read_bytes()
+    assert recs["record=i1"].meta["image_uri"] == corpus.uri("images/red.png") and recs["record=i1"].mime == "image/png"
+    mixed = recs["record=ti1"]
+    assert mixed.modality == "mixed" and mixed.text and mixed.image and mixed.meta["metadata"] == {"tags": ["a", "b"]}
+    vid = recs["record=v1"]
+    assert vid.video == corpus.uri("videos/clip.mp4") and vid.meta["duration_s"] == pytest.approx(2.75)
+    assert vid.video_start is None and vid.mime == "video/mp4"
+    row = mixed.to_row()
+    assert Unit.from_row(row).meta == mixed.meta and json.loads(row["meta"])["record_id"] == "ti1"
+    pq_units = _units(corpus, "manifests/records.parquet", tok)
+    assert [u.meta["metadata"]["score"] for u in pq_units] == [0.1, 0.2, 0.3]
+
+
+def test_manifest_missing_file_fails_that_record_only(tmp_path: Path, corpus: CorpusSpec) -> None:
+    manifest = tmp_path / "m.jsonl"
+    lines = [
+        {"id": "ok", "image": str(corpus.root / "images/red.png")},
+        {"id": "gone", "image": "missing.png"},
+        {"id": "badvid", "video": str(corpus.root / "bad/corrupt.mp4")},
+        {"id": "badimg", "image": str(corpus.root / "bad/random.png")},
+        {"id": "t", "text": "still fine"},
+    ]
+    manifest.write_text("\n".join(json.dumps(x) for x in lines) + "\n{broken\n")
+    obj = SourceObject(str(manifest), manifest.stat().st_size, "fp")
+    units, dead, status = expand_object(obj, CFG)
+    assert status == "ok" and [u.position for u in units] == ["record=ok", "record=t"]
+    assert [(d.position, d.error_type) for d in dead] == [
+        ("record=gone", "FileNotFoundError"),
+        ("record=badvid", "VideoCorruptError"),
+        ("record=badimg", "ImageValidationError"),
+        ("record=6", "InvalidJSON"),
+    ]
+    assert dead[0].message.startswith("line 2: ") and all(d.uri == str(manifest) for d in dead)
+
+
+def test_manifest_with_no_good_record_fails(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"id": "x"}\n{oops\n')
+    units, dead, status = expand_object(SourceObject(str(manifest), manifest.stat().st_size, "fp"), CFG)
+    assert status == "failed" and units == [] and [d.error_type for d in dead] == ["InvalidRecord", "InvalidJSON", "EmptyManifest"]
+
+
+def test_limits(tmp_path: Path, corpus: CorpusSpec) -> None:
+    huge = SourceObject(str(tmp_path / "never-read.txt"), 10**12, "fp")
+    _, dead, status = expand_object(huge, CFG)
+    assert status == "failed" and dead[0].error_type == "ObjectTooLargeError"  # not FileNotFoundError: never opened
+
+    def one(rel: str, cfg: ExpandSettings):
+        path = corpus.root / rel
+        return expand_object(SourceObject(str(path), path.stat().st_size, "fp"), cfg)
+
+    _, dead, status = one("docs/three_pages.pdf", ExpandSettings(max_pdf_pages=2))
+    assert status == "failed" and dead[0].error_type == "PdfTooManyPagesError"
+    _, dead, status = one("videos/clip.mp4", ExpandSettings(max_video_duration_s=2.0))
+    assert status == "failed" and dead[0].error_type == "VideoTooLongError"
+    _, dead, status = one("images/photo.jpg", ExpandSettings(max_image_pixels=100))
+    assert status == "failed" and "over the limit of 100 pixels" in dead[0].message
+    units, _, _ = one("videos/clip.mp4", ExpandSettings())
+    assert [u.position for u in units] == ["t=0.000-2.750"]  # default 30 s: one segment
+
+
+def test_object_gone_after_listing(tmp_path: Path) -> None:
+    _, dead, status = expand_object(SourceObject(str(tmp_path / "gone.txt"), 5, "fp"), CFG)
+    assert status == "failed" and dead[0].error_type == "FileNotFoundError"
+
+
+def test_settings_validation() -> None:
+    with pytest.raises(ValueError):
+        ExpandSettings(chunk_tokens=10, overlap_tokens=10)
+    with pytest.raises(ValueError):
+        ExpandSettings(max_object_bytes=0)
+    s = ExpandSettings()
+    assert (s.chunk_tokens, s.overlap_tokens, s.pdf_dpi, s.max_pdf_pages, s.video_segment_s) == (512, 64, 144, 200, 30.0)
+    assert (s.max_video_duration_s, s.max_object_bytes, s.max_image_pixels) == (3600.0, 512 * 1024**2, 89_478_485)
+
+
+def test_s3_corpus_exact_counts(moto_s3, corpus: CorpusSpec, tok) -> None:
+    client, opts = moto_s3["client"], moto_s3["storage_options"]
+    client.create_bucket(Bucket="corpus-bucket")
+    for rel in corpus.paths():
+        client.put_object(Bucket="corpus-bucket", Key=f"in/{rel}", Body=(corpus.root / rel).read_bytes())
+    objects, dead = list_objects("s3://corpus-bucket/in", storage_options=opts)
+    assert dead == [] and all(o.fingerprint.startswith("etag:") for o in objects)
+    results = _expand_all(objects, corpus, lambda u: u.removeprefix("s3://corpus-bucket/in/"), tok, opts)
+    recs = {u.position: u for u in results["manifests/records.jsonl"][0]}
+    assert recs["record=v1"].video == "s3://corpus-bucket/in/videos/clip.mp4"
+    assert recs["record=i1"].image == (corpus.root / "images/red.png").read_bytes()
+    segs = results["videos/clip.webm"][0]
+    assert [u.video for u in segs] == ["s3://corpus-bucket/in/videos/clip.webm"] * 2
+
+
+def test_s3_manifest_record_missing_object(moto_s3) -> None:
+    client, opts = moto_s3["client"], moto_s3["storage_options"]
+    client.create_bucket(Bucket="manifest-bucket")
+    body = b'{"id": "a", "text": "x"}\n{"id": "b", "image": "nope.png"}\n'
+    client.put_object(Bucket="manifest-bucket", Key="m/list.jsonl", Body=body)
+    (obj,), _ = list_objects("s3://manifest-bucket/m", storage_options=opts)
+    units, dead, status = expand_object(obj, CFG, opts)
+    assert status == "ok" and len(units) == 1 and dead[0].position == "record=b" and dead[0].error_type == "FileNotFoundError"
+
+
+def test_remote_video_without_local_copy(tmp_path: Path, moto_s3) -> None:
+    write_video(tmp_path / "v.mkv", 40, "mpeg4")  # 5 s
+    client, opts = moto_s3["client"], moto_s3["storage_options"]
+    client.create_bucket(Bucket="video-bucket")
+    client.put_object(Bucket="video-bucket", Key="v.mkv", Body=(tmp_path / "v.mkv").read_bytes())
+    (obj,), _ = list_objects("s3://video-bucket", storage_options=opts)
+    units, _, status = expand_object(obj, ExpandSettings(video_segment_s=2.0), opts)
+    assert status == "ok" and [u.position for u in units] == ["t=0.000-2.000", "t=2.000-4.000", "t=4.000-5.000"]
+    assert units[0].mime == "video/x-matroska"
+
+
+def test_empty_unsupported_file_is_skipped(tmp_path: Path) -> None:
+    (tmp_path / ".DS_Store").write_bytes(b"")
+    (tmp_path / "empty.png").write_bytes(b"")
+    results = {Path(o.uri).name: expand_object(o, CFG)[2] for o in list_objects(str(tmp_path))[0]}
+    assert results == {".DS_Store": "skipped_unsupported", "empty.png": "failed"}

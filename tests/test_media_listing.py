@@ -1,0 +1,200 @@
+"""Listing: local folders (links, loops, special files, globs) and a real S3 API (moto)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from operators.media import listing
+from operators.media.listing import fs_for, glob_match, info_fingerprint, list_objects, open_uri
+
+
+def _tree(root: Path) -> Path:
+    """a.txt, b.png, sub/c.txt, sub/deep/d.png, skip/e.txt."""
+    for rel, data in {"a.txt": b"a", "b.png": b"bb", "sub/c.txt": b"ccc", "sub/deep/d.png": b"dddd", "skip/e.txt": b"e"}.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root
+
+
+def _rels(objects, root: Path) -> list[str]:
+    return [str(Path(o.uri).relative_to(root)) for o in objects]
+
+
+def test_local_recursive_sorted_absolute(tmp_path: Path) -> None:
+    root = _tree(tmp_path)
+    objects, dead = list_objects(str(root))
+    assert dead == []
+    assert _rels(objects, root) == ["a.txt", "b.png", "skip/e.txt", "sub/c.txt", "sub/deep/d.png"]
+    assert all(os.path.isabs(o.uri) and "://" not in o.uri for o in objects)
+    st = os.stat(root / "sub/c.txt")
+    c = objects[3]
+    assert c.size == 3 and c.fingerprint == f"size:3:mtime_ns:{st.st_mtime_ns}" and c.mtime == pytest.approx(st.st_mtime)
+
+
+def test_file_url_and_relative_path_match_plain_path(tmp_path: Path, monkeypatch) -> None:
+    root = _tree(tmp_path)
+    plain, _ = list_objects(str(root))
+    assert list_objects(f"file://{root}")[0] == plain
+    monkeypatch.chdir(root.parent)
+    assert list_objects(root.name)[0] == plain
+
+
+def test_single_file_root(tmp_path: Path) -> None:
+    root = _tree(tmp_path)
+    objects, dead = list_objects(str(root / "sub/c.txt"))
+    assert [o.uri for o in objects] == [str(root / "sub/c.txt")] and dead == []
+
+
+@pytest.mark.parametrize(
+    ("include", "exclude", "expected"),
+    [
+        (["*.png"], None, ["b.png", "sub/deep/d.png"]),  # no '/': matches the base name too
+        (["**/*.txt"], None, ["a.txt", "skip/e.txt", "sub/c.txt"]),  # '**/' may match zero folders
+        (["sub/*"], None, ["sub/c.txt", "sub/deep/d.png"]),  # fnmatch '*' crosses '/'
+        (None, ["skip/**"], ["a.txt", "b.png", "sub/c.txt", "sub/deep/d.png"]),
+        (["*.txt"], ["sub/*"], ["a.txt", "skip/e.txt"]),
+    ],
+)
+def test_globs(tmp_path: Path, include, exclude, expected) -> None:
+    root = _tree(tmp_path)
+    assert _rels(list_objects(str(root), include, exclude)[0], root) == expected
+
+
+def test_glob_match_rules() -> None:
+    assert glob_match("x/y/z.md", "**/*.md") and glob_match("z.md", "**/*.md")
+    assert glob_match("a/b/c.txt", "a/**/c.txt") and glob_match("a/c.txt", "a/**/c.txt")
+    assert not glob_match("a/b.TXT", "*.txt")  # case-sensitive, deterministic everywhere
+
+
+def test_symlink_loops_dangling_links_and_fifo_become_dead_letters(tmp_path: Path) -> None:
+    root = _tree(tmp_path)
+    os.symlink(root, root / "sub/loop")  # folder link back to an ancestor
+    os.symlink("self", root / "self")  # link pointing at itself (ELOOP)
+    os.symlink(root / "missing.txt", root / "dangling.txt")
+    os.mkfifo(root / "pipe.txt")
+    os.symlink(root / "a.txt", root / "link_to_a.txt")  # a good file link is listed under its own path
+    objects, dead = list_objects(str(root))
+    assert "link_to_a.txt" in _rels(objects, root)
+    assert len(objects) == 6
+    kinds = {Path(d.uri).name: d.error_type for d in dead}
+    assert kinds == {"loop": "SymlinkLoop", "self": "SymlinkLoop", "dangling.txt": "DanglingSymlink", "pipe.txt": "NotARegularFile"}
+    assert all(d.stage == "list" for d in dead)
+
+
+def test_excluded_dead_entries_are_not_reported(tmp_path: Path) -> None:
+    root = _tree(tmp_path)
+    os.symlink(root / "missing.txt", root / "dangling.txt")
+    assert list_objects(str(root), exclude=["dangling.txt"])[1] == []
+
+
+def test_unreadable_folder_and_file(tmp_path: Path, monkeypatch) -> None:
+    """chmod 000 does not stop root, so the permission failures are injected where the OS would raise them."""
+    root = _tree(tmp_path)
+    real_scandir, real_access = os.scandir, os.access
+
+    def scandir(path):
+        if str(path) == str(root / "sub"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(listing.os, "scandir", scandir)
+    monkeypatch.setattr(listing.os, "access", lambda p, mode: False if str(p).endswith("a.txt") else real_access(p, mode))
+    objects, dead = list_objects(str(root))
+    assert _rels(objects, root) == ["b.png", "skip/e.txt"]
+    assert {(Path(d.uri).name, d.error_type) for d in dead} == {("sub", "PermissionError"), ("a.txt", "PermissionError")}
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads chmod-000 files; covered by the injected test above")
+def test_unreadable_for_real(tmp_path: Path) -> None:
+    root = _tree(tmp_path)
+    os.chmod(root / "sub", 0)
+    try:
+        _, dead = list_objects(str(root))
+    finally:
+        os.chmod(root / "sub", 0o755)
+    assert [d.error_type for d in dead] == ["PermissionError"]
+
+
+def test_fingerprint_follows_changes(tmp_path: Path) -> None:
+    root = _tree(tmp_path)
+    before = list_objects(str(root))[0][0].fingerprint
+    os.utime(root / "a.txt", ns=(1_000_000_000_123, 1_000_000_000_123))
+    after = list_objects(str(root))[0][0].fingerprint
+    assert before != after and after.endswith(":mtime_ns:1000000000123")
+
+
+def test_missing_root_raises(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="source not found"):
+        list_objects(str(tmp_path / "nope"))
+
+
+def test_open_uri_and_fs_for_local(tmp_path: Path) -> None:
+    root = _tree(tmp_path)
+    assert open_uri(str(root / "sub/c.txt")) == b"ccc" == open_uri(f"file://{root}/sub/c.txt")
+    fs, path = fs_for(f"file://{root}/sub")
+    assert path == str(root / "sub") and fs.isdir(path)
+
+
+def test_info_fingerprint_preferences() -> None:
+    assert info_fingerprint({"ETag": '"abc"', "VersionId": "v1", "size": 1}) == "etag:abc"
+    assert info_fingerprint({"VersionId": "v1", "size": 1}) == "version:v1"
+    assert info_fingerprint({"size": 3, "mtime": 12.5}) == "size:3:mtime:12.500000"
+    assert info_fingerprint({"size": 3}) is None
+
+
+def test_memory_filesystem_and_sha256_fallback(monkeypatch) -> None:
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/mlist/x/one.txt", b"one")
+    fs.pipe("/mlist/two.md", b"two")
+    objects, dead = list_objects("memory://mlist")
+    assert [o.uri for o in objects] == ["memory:///mlist/two.md", "memory:///mlist/x/one.txt"] and dead == []
+    assert objects[0].fingerprint.startswith("size:3:mtime:")
+    assert open_uri(objects[1].uri) == b"one"
+    monkeypatch.setattr(listing, "info_fingerprint", lambda info: None)  # a store that reports nothing
+    objects, _ = list_objects("memory://mlist", include=["*.md"])
+    assert objects[0].fingerprint == "sha256:" + hashlib.sha256(b"two").hexdigest()
+    fs.rm("/mlist", recursive=True)
+
+
+# ---- S3 through a real HTTP server (moto) ----
+
+
+def test_s3_listing_etag_globs_and_read(moto_s3) -> None:
+    client, opts = moto_s3["client"], moto_s3["storage_options"]
+    client.create_bucket(Bucket="list-bucket")
+    contents = {"data/a.txt": b"alpha", "data/img/b.png": b"png!", "data/img/c.jpg": b"jpg", "data2/z.txt": b"z", "top.txt": b"t"}
+    for key, body in contents.items():
+        client.put_object(Bucket="list-bucket", Key=key, Body=body)
+    objects, dead = list_objects("s3://list-bucket/data", storage_options=opts)
+    assert dead == []
+    assert [o.uri for o in objects] == ["s3://list-bucket/data/a.txt", "s3://list-bucket/data/img/b.png", "s3://list-bucket/data/img/c.jpg"]
+    assert objects[0].fingerprint == "etag:" + hashlib.md5(b"alpha").hexdigest()
+    assert objects[0].size == 5 and objects[0].mtime is not None
+    pngs, _ = list_objects("s3://list-bucket/", include=["img/*.png", "*.png"], storage_options=opts)
+    assert [o.uri for o in pngs] == ["s3://list-bucket/data/img/b.png"]
+    assert open_uri("s3://list-bucket/data/img/c.jpg", opts) == b"jpg"
+    single, _ = list_objects("s3://list-bucket/top.txt", storage_options=opts)
+    assert [o.uri for o in single] == ["s3://list-bucket/top.txt"]
+    # a new object shows up on the next listing (no stale listing cache)
+    client.put_object(Bucket="list-bucket", Key="data/new.txt", Body=b"n")
+    assert len(list_objects("s3://list-bucket/data", storage_options=opts)[0]) == 4
+    assert list_objects("s3://list-bucket/nothing-here", storage_options=opts) == ([], [])
+
+
+def test_s3_missing_bucket_raises(moto_s3) -> None:
+    with pytest.raises(FileNotFoundError):
+        list_objects("s3://no-such-bucket-xyz/prefix", storage_options=moto_s3["storage_options"])
+
+
+def test_s3_endpoint_from_client_kwargs(moto_s3) -> None:
+    client = moto_s3["client"]
+    client.create_bucket(Bucket="kw-bucket")
+    client.put_object(Bucket="kw-bucket", Key="k.txt", Body=b"k")
+    opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": moto_s3["endpoint_url"]}}
+    assert [o.uri for o in list_objects("s3://kw-bucket", storage_options=opts)[0]] == ["s3://kw-bucket/k.txt"]

@@ -1,0 +1,104 @@
+"""Manifest parsing: JSONL and Parquet, URI resolution, per-record errors."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from operators.media.manifest import ManifestError, ManifestRecord, RecordError, parse_manifest, resolve_uri
+
+
+@pytest.mark.parametrize(
+    ("ref", "manifest", "expected"),
+    [
+        ("img/a.png", "/data/m/list.jsonl", "/data/m/img/a.png"),
+        ("../v/b.mp4", "/data/m/list.jsonl", "/data/v/b.mp4"),
+        ("/abs/c.png", "/data/m/list.jsonl", "/abs/c.png"),
+        ("file:///abs/c.png", "s3://bucket/m/list.jsonl", "/abs/c.png"),
+        ("img/a.png", "s3://bucket/m/list.jsonl", "s3://bucket/m/img/a.png"),
+        ("../a.png", "s3://bucket/m/list.jsonl", "s3://bucket/a.png"),
+        ("/other/a.png", "s3://bucket/m/list.jsonl", "s3://other/a.png"),
+        ("s3://elsewhere/x.png", "/data/m/list.jsonl", "s3://elsewhere/x.png"),
+        ("img/a.png", "memory:///root/list.jsonl", "memory:///root/img/a.png"),
+        ("img/a.png", "file:///data/list.jsonl", "/data/img/a.png"),
+    ],
+)
+def test_resolve_uri(ref: str, manifest: str, expected: str) -> None:
+    assert resolve_uri(ref, manifest) == expected
+
+
+def test_jsonl_good_and_bad_records() -> None:
+    lines = [
+        json.dumps({"id": "a", "text": "hello", "lang": "en", "score": 0.5}),
+        json.dumps({"id": 7, "image": "img/x.png"}),
+        "",  # blank lines are skipped but counted
+        "{not json",
+        json.dumps(["a", "list"]),
+        json.dumps({"id": "b", "meta": 1}),  # nothing to embed
+        json.dumps({"id": "c", "text": 42}),  # non-string field
+        json.dumps({"id": "a", "text": "duplicate id"}),
+        json.dumps({"text": "no id", "video": "v/clip.mp4", "image": "img/y.png"}),
+        json.dumps({"id": True, "text": "bool id"}),
+        json.dumps({"text": "   "}),
+    ]
+    data = "\n".join(lines).encode()
+    out = parse_manifest(data, "s3://bkt/dir/m.jsonl")
+    good = [r for r in out if isinstance(r, ManifestRecord)]
+    bad = {r.line: r for r in out if isinstance(r, RecordError)}
+    assert [(r.line, r.key, r.modality) for r in good] == [(1, "a", "text"), (2, "7", "image"), (9, "9", "mixed")]
+    assert good[0].metadata == {"lang": "en", "score": 0.5}
+    assert good[1].image == "s3://bkt/dir/img/x.png"
+    assert good[2].video == "s3://bkt/dir/v/clip.mp4"
+    assert {line: r.error_type for line, r in bad.items()} == {
+        4: "InvalidJSON",
+        5: "InvalidRecord",
+        6: "InvalidRecord",
+        7: "InvalidRecord",
+        8: "DuplicateId",
+        10: "InvalidRecord",
+        11: "InvalidRecord",
+    }
+    assert "none of text, image, video" in bad[6].message and "'text' must be a string" in bad[7].message
+
+
+def test_jsonl_invalid_utf8_line_only_fails_that_line() -> None:
+    data = b'{"text": "ok"}\n{"text": "\xff"}\n\xef\xbb\xbf'
+    out = parse_manifest(b"\xef\xbb\xbf" + data, "/m.jsonl")
+    assert isinstance(out[0], ManifestRecord) and isinstance(out[1], RecordError) and out[1].error_type == "InvalidUTF8"
+
+
+def test_line_key_and_id_share_namespace() -> None:
+    data = b'{"text": "line one"}\n{"id": "1", "text": "clashes with line 1"}\n'
+    out = parse_manifest(data, "/m.jsonl")
+    assert isinstance(out[1], RecordError) and out[1].error_type == "DuplicateId"
+
+
+def test_parquet_with_nulls_and_metadata() -> None:
+    table = pa.table(
+        {
+            "id": ["p1", "p2", None],
+            "text": ["t", None, None],
+            "image": [None, "i.png", None],
+            "extra": [{"k": 1}, {"k": 2}, {"k": 3}],
+            "when": pa.array([0, 1, 2], pa.timestamp("s")),
+        }
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    out = parse_manifest(buf.getvalue(), "/data/m.parquet")
+    assert [type(r).__name__ for r in out] == ["ManifestRecord", "ManifestRecord", "RecordError"]
+    assert out[0].metadata == {"extra": {"k": 1}, "when": "1970-01-01T00:00:00"}
+    assert out[1].image == "/data/i.png" and out[1].modality == "image"
+    assert out[2].line == 3
+    json.dumps(out[0].metadata)
+
+
+def test_whole_manifest_errors() -> None:
+    with pytest.raises(ManifestError, match="Parquet"):
+        parse_manifest(b"PAR1 not really", "/m.parquet")
+    with pytest.raises(ManifestError, match="no records"):
+        parse_manifest(b"\n\n", "/m.jsonl")

@@ -1,0 +1,84 @@
+"""Text decoding and token chunking."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from operators.media.text_chunks import EmptyTextError, TextDecodeError, chunk_spans, chunk_text, decode_text, token_spans
+from tests.media_corpus import LONG_TEXT, make_test_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_test_tokenizer()
+
+
+def test_decode_strips_bom_and_rejects_bad_input() -> None:
+    assert decode_text("\ufeffhé".encode()) == "hé"
+    with pytest.raises(TextDecodeError, match="invalid UTF-8 at byte 2"):
+        decode_text(b"ab\xff")
+    with pytest.raises(TextDecodeError, match="NUL byte"):
+        decode_text(b"abc\x00def")
+    with pytest.raises(EmptyTextError, match="empty text"):
+        decode_text(b" \n\t ")
+    with pytest.raises(EmptyTextError, match="empty text"):
+        decode_text(b"\xef\xbb\xbf")
+
+
+@pytest.mark.parametrize("use_tokenizer", [True, False])
+def test_chunks_are_exact_substrings_with_expected_count(tok, use_tokenizer: bool) -> None:
+    tokenizer = tok if use_tokenizer else None
+    n_tokens = len(token_spans(LONG_TEXT, tokenizer))
+    chunks = chunk_text(LONG_TEXT, tokenizer, 64, 8)
+    assert len(chunks) == 1 + math.ceil((n_tokens - 64) / 56)
+    assert all(c and c in LONG_TEXT and c == c.strip() for c in chunks)
+    spans = chunk_spans(LONG_TEXT, tokenizer, 64, 8)
+    assert spans[0][0] == 0 and spans[-1][1] == len(LONG_TEXT.rstrip())
+    assert all(a[1] > b[0] for a, b in zip(spans, spans[1:]))  # overlapping windows
+
+
+def test_token_budget_respected(tok) -> None:
+    for chunk in chunk_text(LONG_TEXT, tok, 32, 4):
+        assert len(tok(chunk, add_special_tokens=False)["input_ids"]) <= 32 + 2  # boundary bytes may re-merge
+
+
+def test_short_text_single_chunk_and_no_overlap(tok) -> None:
+    assert chunk_text("  hello world  ", tok, 512, 64) == ["hello world"]
+    spans = chunk_spans(LONG_TEXT, tok, 50, 0)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
+def test_unicode_offsets(tok) -> None:
+    text = "café 日本語 🙂 naïve " * 30
+    assert all(c in text for c in chunk_text(text, tok, 10, 3))
+
+
+def test_invalid_settings(tok) -> None:
+    with pytest.raises(ValueError):
+        chunk_text("x", tok, 0, 0)
+    with pytest.raises(ValueError):
+        chunk_text("x", tok, 8, 8)
+
+
+def test_raw_tokenizers_object_and_leftover_truncation(tok) -> None:
+    expected = chunk_text(LONG_TEXT, tok, 64, 8)
+    assert chunk_text(LONG_TEXT, tok.backend_tokenizer, 64, 8) == expected
+    tok(LONG_TEXT, truncation=True, max_length=16)  # may leave truncation state on the backend
+    assert chunk_text(LONG_TEXT, tok, 64, 8) == expected
+
+
+def test_megabytes_far_beyond_model_length_are_fast(tok) -> None:
+    text = LONG_TEXT * 300  # ~0.6 MB, far past any max length
+    start = time.perf_counter()
+    spans = chunk_spans(text, tok, 512, 64)
+    assert time.perf_counter() - start < 10
+    assert spans[-1][1] == len(text) and len(spans) > 100
+    assert text[spans[5][0] : spans[5][1]] in text
+
+
+def test_utf16_is_named() -> None:
+    with pytest.raises(TextDecodeError, match="UTF-16"):
+        decode_text("hello".encode("utf-16"))

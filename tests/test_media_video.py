@@ -1,0 +1,91 @@
+"""Video probing (PyAV) and segmentation."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from operators.media.video import VideoCorruptError, VideoNoStreamError, VideoTooLongError, probe_video, video_segments
+from tests.media_corpus import write_video
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("clips")
+    write_video(root / "a.mp4", 22, "mpeg4")
+    write_video(root / "b.webm", 18, "libvpx")
+    write_video(root / "c.mkv", 16, "mpeg4")
+    write_video(root / "d.mov", 12, "mpeg4")
+    return {p.suffix: p for p in root.iterdir()}
+
+
+@pytest.mark.parametrize(("ext", "duration", "frames"), [(".mp4", 2.75, 22), (".webm", 2.25, 18), (".mkv", 2.0, 16), (".mov", 1.5, 12)])
+def test_probe(clips, ext: str, duration: float, frames: int) -> None:
+    info = probe_video(str(clips[ext]))
+    assert info.duration_s == pytest.approx(duration, abs=0.01)
+    assert (info.fps, info.n_frames, info.width, info.height) == (8.0, frames, 64, 48)
+    duration_s, fps, *_ = info  # unpacks as a tuple
+    assert duration_s == info.duration_s
+
+
+def test_probe_bytes_and_file_object(clips) -> None:
+    data = clips[".webm"].read_bytes()
+    assert probe_video(data) == probe_video(io.BytesIO(data)) == probe_video(str(clips[".webm"]))
+
+
+def test_duration_cap(clips) -> None:
+    with pytest.raises(VideoTooLongError, match=r"2.8 s long, over the cap of 2 s"):
+        probe_video(str(clips[".mp4"]), max_duration_s=2)
+
+
+def test_corrupt_and_truncated(clips) -> None:
+    with pytest.raises(VideoCorruptError):
+        probe_video(b"\x00\x00\x00\x18ftypisom" + bytes(range(256)) * 8)
+    data = clips[".mp4"].read_bytes()
+    with pytest.raises(VideoCorruptError):
+        probe_video(data[: len(data) // 3])
+    with pytest.raises(FileNotFoundError):
+        probe_video("/nonexistent/video.mp4")
+
+
+def test_no_video_stream() -> None:
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="wav") as container:
+        stream = container.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with pytest.raises(VideoNoStreamError, match="no video stream"):
+        probe_video(buf.getvalue())
+
+
+@pytest.mark.parametrize(
+    ("duration", "seg", "expected"),
+    [
+        (2.75, 30.0, [(0.0, 2.75)]),  # shorter than a segment: one segment
+        (90.0, 30.0, [(0.0, 30.0), (30.0, 60.0), (60.0, 90.0)]),
+        (70.0, 30.0, [(0.0, 30.0), (30.0, 60.0), (60.0, 70.0)]),  # last one shorter
+        (60.3, 30.0, [(0.0, 30.0), (30.0, 60.3)]),  # tail < 0.5 s merges back
+        (60.5, 30.0, [(0.0, 30.0), (30.0, 60.0), (60.0, 60.5)]),  # 0.5 s is kept
+        (0.2, 30.0, [(0.0, 0.2)]),
+        (2.25, 1.0, [(0.0, 1.0), (1.0, 2.25)]),
+    ],
+)
+def test_segments(duration: float, seg: float, expected) -> None:
+    got = video_segments(duration, seg)
+    assert len(got) == len(expected)
+    assert [x for span in got for x in span] == pytest.approx([x for span in expected for x in span])
+
+
+def test_segments_reject_bad_input() -> None:
+    with pytest.raises(ValueError):
+        video_segments(0, 30)
+    with pytest.raises(ValueError):
+        video_segments(10, 0)
