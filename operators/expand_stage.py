@@ -40,7 +40,7 @@ def expand_rows(row: dict[str, Any], *, settings: ExpandSettings, storage_option
     except Exception:  # chunking falls back to word pieces; the embed stage reports a bad model loudly
         tokenizer = None
     units, dead, status = expand_object(obj, settings, storage_options, tokenizer)
-    rows = [unit_row(u, payload_for(u, model_id, dim, stamp)) for u in units]
+    rows = [unit_row(u, payload_for(u, model_id, dim, stamp, len(units))) for u in units]
     rows += [dead_row(d) for d in dead]
     rows.append(object_row(obj.uri, status, len(units), time.perf_counter() - start))
     return rows

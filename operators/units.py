@@ -148,12 +148,13 @@ def uri_prefixes(uri: str) -> list[str]:
     return [base + "/".join(parts[:i]) + "/" for i in range(1, len(parts) + 1) if "/".join(parts[:i]) or not base]
 
 
-def payload_for(unit: Unit, model_id: str, dim: int, ingested_at: str) -> dict[str, Any]:
+def payload_for(unit: Unit, model_id: str, dim: int, ingested_at: str, object_units: int) -> dict[str, Any]:
     """The point payload: where the unit comes from, what it is, and how it was embedded."""
     payload: dict[str, Any] = {
         "source_uri": unit.object_uri, "fingerprint": unit.fingerprint, "modality": unit.modality,
         "position": unit.position, "mime": unit.mime, "model_id": model_id, "dim": dim,
         "ingested_at": ingested_at, "source_prefixes": uri_prefixes(unit.object_uri),
+        "object_units": object_units,  # the object's unit count: a complete object has this many points
     }
     if unit.text:
         payload["text"] = unit.text[:MAX_PAYLOAD_TEXT]

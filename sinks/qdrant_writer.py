@@ -240,10 +240,10 @@ class QdrantWriter:
     def fingerprints_by_uri(self, uris: Sequence[str] | None = None) -> dict[str, str]:
         """Map source_uri -> fingerprint over the collection (or only `uris`).
 
-        An object whose units carry different fingerprints (a half-replaced
-        object) maps to any one of them; callers comparing against the current
-        fingerprint then see a mismatch or a match, and a mismatch replaces all
-        units by URI, so the outcome is still correct after the next run.
+        An object is reported with its fingerprint only when it is complete: all its
+        points carry one fingerprint and there are `object_units` of them. A
+        half-replaced or half-written object maps to INCOMPLETE, which never equals
+        a real fingerprint, so the next run re-embeds it.
         """
         result: dict[str, str] = {}
         if uris is None:
@@ -255,6 +255,10 @@ class QdrantWriter:
         return result
 
     def _scroll_into(self, out: dict[str, str], scroll_filter: models.Filter | None) -> None:
+        # uri -> [fingerprints seen, points, expected points]: an object counts as stored
+        # only when all of its units are there under one fingerprint (a run killed
+        # half-way through an object must not make it look unchanged).
+        seen: dict[str, list[Any]] = {}
         offset = None
         while True:
             records, offset = self._with_retry(
@@ -264,21 +268,30 @@ class QdrantWriter:
                     scroll_filter=scroll_filter,
                     limit=_SCROLL_PAGE,
                     offset=offset,
-                    with_payload=["source_uri", "fingerprint"],
+                    with_payload=["source_uri", "fingerprint", "object_units"],
                     with_vectors=False,
                 ),
             )
             for r in records:
                 payload = r.payload or {}
                 uri, fp = payload.get("source_uri"), payload.get("fingerprint")
-                if uri is not None and fp is not None:
-                    out.setdefault(str(uri), str(fp))
+                if uri is None or fp is None:
+                    continue
+                entry = seen.setdefault(str(uri), [set(), 0, payload.get("object_units")])
+                entry[0].add(str(fp))
+                entry[1] += 1
             if offset is None:
-                return
+                break
+        for uri, (fps, points, expected) in seen.items():
+            complete = len(fps) == 1 and (expected is None or points >= int(expected))
+            out[uri] = next(iter(fps)) if complete else INCOMPLETE
 
     def count(self) -> int:
         """Exact number of points in the collection."""
         return self._with_retry("count", lambda: self.client.count(self.collection, exact=True).count)
+
+
+INCOMPLETE = "incomplete"  # fingerprint reported for a partially stored object: never "unchanged"
 
 
 def _uri_filter(uris: list[str]) -> models.Filter:

@@ -141,10 +141,10 @@ def test_payload_index_creation_is_idempotent(client):
 
     client.create_payload_index, client.get_collection = create, get
     ensure_collection(client, SPEC)
-    assert sorted(calls) == ["fingerprint", "modality", "model_id", "source_uri"]
+    assert sorted(calls) == ["fingerprint", "modality", "model_id", "source_prefixes", "source_uri"]
     ensure_collection(client, SPEC)
     ensure_collection(client, SPEC)
-    assert len(calls) == 4
+    assert len(calls) == 5
 
 
 # -- writer ------------------------------------------------------------------------
