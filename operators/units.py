@@ -7,6 +7,7 @@ dataclasses give them names and one place for their schema.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -75,17 +76,18 @@ def point_id(object_uri: str, position: str) -> str:
 
 def model_input_from_row(row: dict[str, Any]) -> dict[str, Any]:
     """Build the Qwen3VLEmbedder input dict from a unit row."""
+    # Type checks, not truthiness: numpy batches turn missing values into NaN floats.
     item: dict[str, Any] = {}
-    if row.get("text"):
+    if isinstance(row.get("text"), str) and row["text"]:
         item["text"] = row["text"]
-    if row.get("image"):
-        item["image"] = row["image"]
-    if row.get("video"):
+    if isinstance(row.get("image"), (bytes, bytearray)) and row["image"]:
+        item["image"] = bytes(row["image"])
+    if isinstance(row.get("video"), str) and row["video"]:
         item["video"] = row["video"]
-        if row.get("video_start") is not None:
-            item["video_start"] = float(row["video_start"])
-        if row.get("video_end") is not None:
-            item["video_end"] = float(row["video_end"])
+        for key in ("video_start", "video_end"):
+            value = row.get(key)
+            if isinstance(value, (int, float)) and not math.isnan(float(value)):
+                item[key] = float(value)
     return item
 
 

@@ -103,10 +103,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load_extra_commands() -> None:
-    try:
-        from . import query_cli  # noqa: F401  (registers query, query-batch, eval)
-    except ImportError:
-        pass
+    from . import cli as registry  # this module's registry, also when run as `python -m pipelines.cli`
+    from . import query_cli  # noqa: F401  (registers query, query-batch, eval in pipelines.cli)
+
+    for register in registry._EXTRA_COMMANDS:
+        if register not in _EXTRA_COMMANDS:
+            _EXTRA_COMMANDS.append(register)
 
 
 if __name__ == "__main__":
