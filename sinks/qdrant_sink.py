@@ -182,6 +182,10 @@ class QdrantOwner:
         """Exact point count."""
         return self.writer.count()
 
+    def query_points(self, **kwargs: Any) -> list[Any]:
+        """`client.query_points(**kwargs).points` on the owned store (searches in embedded mode)."""
+        return self.client.query_points(**kwargs).points
+
     def close(self) -> None:
         """Close the client (releases the folder lock)."""
         self.client.close()

@@ -1,0 +1,863 @@
+"""Retrieval: embed the query, search Qdrant through the MRL funnel, rebuild the candidates, rerank.
+
+    query ──> embed (query instruction) ──> query_points: prefetch on the smallest MRL vector
+          (limit top_k × prefetch_multiplier, quantisation rescoring when configured)
+          ──> rescore on "full" (limit top_k, payload filters) ──> rebuild each candidate's
+          content from its source (thread pool) ──> Qwen3VLReranker in batches ──> top_n
+
+``QueryEngine`` is the Python API (one query at a time, on the calling process);
+``run_query_batch`` is the same steps as a Ray Data job (embedding + search in one
+fixed-size actor pool, reranking in another). Both share the functions below, so a
+batch row gives the same hits as the single query.
+
+Instructions. The query is embedded with ``instruction`` if given, else the query
+dict's own ``"instruction"``, else ``query.instruction`` from the config (a retrieval
+instruction). Documents were embedded with the embedder's default instruction
+(``embedder.instruction`` or the model's ``Represent the user's input.``); a query
+embedded with that same instruction (``engine.document_instruction``) and the same
+content as a stored unit gets exactly that unit's vector. The reranker uses
+``reranker.instruction`` (None: the model's default) unless ``rerank_instruction`` is given.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+from qdrant_client import QdrantClient, models
+
+from operators.content import CandidateUnavailable, SourceCache, candidate_input
+from operators.media.expand import ExpandSettings
+from operators.media.listing import is_local_uri, local_path, open_uri
+from operators.qwen3vl.embedder import reduce_dim
+from operators.units import MODALITIES
+from sinks.qdrant_client_factory import make_client
+from sinks.qdrant_schema import FULL_VECTOR, vector_name
+
+from .config import Config
+from .ingest import PreflightError, embedder_kwargs, expand_settings, model_dimension, qdrant_settings
+
+logger = logging.getLogger(__name__)
+
+QUERY_FIELDS = ("text", "image", "video", "video_start", "video_end", "fps", "max_frames")
+_MRL_PREFIX = "mrl_"
+
+
+class QueryPreflightError(PreflightError):
+    """The query cannot start: missing collection, dimension mismatch, reranker that does not load."""
+
+
+class QueryInputError(ValueError):
+    """The query itself is unusable (no content, unreadable image, bad filter)."""
+
+
+# -- collection layout ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CollectionLayout:
+    """What the query needs to know about the collection: its vectors and quantisation."""
+
+    name: str
+    full_dim: int
+    mrl_dims: tuple[int, ...] = ()  # ascending
+    quantized: bool = False
+    points: int | None = None
+
+    @property
+    def smallest(self) -> int | None:
+        """The smallest MRL dimension (the prefetch vector), None without MRL vectors."""
+        return self.mrl_dims[0] if self.mrl_dims else None
+
+
+def read_layout(info: models.CollectionInfo, name: str) -> CollectionLayout:
+    """The layout of a collection from its info (QueryPreflightError when it has no "full" vector)."""
+    vectors: Any = info.config.params.vectors
+    if not isinstance(vectors, dict) or FULL_VECTOR not in vectors:
+        held = sorted(vectors) if isinstance(vectors, dict) else "a single unnamed vector"
+        raise QueryPreflightError(
+            f"collection {name!r} has no {FULL_VECTOR!r} vector (it holds {held}): it was not written by `qvl ingest`")
+    mrl = sorted(int(k[len(_MRL_PREFIX):]) for k in vectors
+                 if k.startswith(_MRL_PREFIX) and k[len(_MRL_PREFIX):].isdigit())
+    quantized = info.config.quantization_config is not None or any(
+        getattr(vectors[vector_name(d)], "quantization_config", None) is not None for d in mrl)
+    return CollectionLayout(name, int(vectors[FULL_VECTOR].size), tuple(mrl), bool(quantized), info.points_count)
+
+
+def collection_layout(client: QdrantClient, name: str, where: str = "") -> CollectionLayout:
+    """Read the layout, with a clear error when the collection does not exist."""
+    if not client.collection_exists(name):
+        raise QueryPreflightError(
+            f"collection {name!r} does not exist{f' in {where}' if where else ''}: ingest into it first (qvl ingest)")
+    return read_layout(client.get_collection(name), name)
+
+
+def check_dimension(layout: CollectionLayout, model: str, dim: int) -> None:
+    """The query embedder must produce the collection's full dimension."""
+    if dim != layout.full_dim:
+        raise QueryPreflightError(
+            f"query embedder {model!r} produces {dim}-dimensional vectors but collection {layout.name!r} holds "
+            f"{layout.full_dim}-dimensional {FULL_VECTOR!r} vectors: query with the embedder that ingested it")
+
+
+def store_location(cfg: Config) -> str:
+    """Where the store is, for messages."""
+    return f"embedded store {cfg.qdrant.path}" if cfg.qdrant.path else f"Qdrant at {cfg.qdrant.url}"
+
+
+# -- filters ----------------------------------------------------------------------------
+
+
+def normalise_prefix(prefix: str) -> str:
+    """A source prefix as stored in ``source_prefixes``: absolute for local paths, ending in "/"."""
+    prefix = str(prefix).strip()
+    if not prefix:
+        raise QueryInputError("source_prefix filter is empty")
+    if is_local_uri(prefix):
+        prefix = local_path(prefix)
+    return prefix if prefix.endswith("/") else prefix + "/"
+
+
+def _condition(key: str, value: Any) -> models.FieldCondition:
+    values = list(value) if isinstance(value, (list, tuple, set)) else [value]
+    if not values:
+        raise QueryInputError(f"filter {key!r} has no value")
+    if all(isinstance(v, str) for v in values) or all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        match = models.MatchValue(value=values[0]) if len(values) == 1 else models.MatchAny(any=values)
+        return models.FieldCondition(key=key, match=match)
+    if len(values) == 1 and isinstance(values[0], bool):
+        return models.FieldCondition(key=key, match=models.MatchValue(value=values[0]))
+    if len(values) == 1 and isinstance(values[0], float):
+        return models.FieldCondition(key=key, range=models.Range(gte=values[0], lte=values[0]))
+    raise QueryInputError(f"filter {key!r}: unsupported value {value!r} (use strings, integers, a bool or a number)")
+
+
+def build_filter(filters: Mapping[str, Any] | models.Filter | None) -> models.Filter | None:
+    """Payload filter: ``modality``, ``source_prefix`` (a folder or URL prefix), any other payload key.
+
+    A list value matches any of its values; conditions are ANDed.
+    """
+    if filters is None or isinstance(filters, models.Filter):
+        return filters
+    if not isinstance(filters, Mapping):
+        raise QueryInputError(f"filters must be an object (key -> value), got {type(filters).__name__}")
+    must = []
+    for key, value in filters.items():
+        if value is None:
+            continue
+        if key == "modality":
+            wanted = value if isinstance(value, (list, tuple)) else [value]
+            bad = [m for m in wanted if m not in MODALITIES]
+            if bad:
+                raise QueryInputError(f"unknown modality {bad[0]!r} (one of {', '.join(MODALITIES)})")
+            must.append(_condition("modality", value))
+        elif key == "source_prefix":
+            prefixes = value if isinstance(value, (list, tuple)) else [value]
+            must.append(_condition("source_prefixes", [normalise_prefix(p) for p in prefixes]))
+        else:
+            must.append(_condition(str(key), value))
+    return models.Filter(must=must) if must else None
+
+
+# -- query content and vectors ------------------------------------------------------------
+
+
+def query_content(query: Mapping[str, Any]) -> dict[str, Any]:
+    """The model-visible part of a query dict (text, image, video, segment bounds), paths made absolute."""
+    if not isinstance(query, Mapping):
+        raise QueryInputError(f"a query must be a dict, got {type(query).__name__}")
+    content = {k: query[k] for k in QUERY_FIELDS if query.get(k) is not None}
+    if not any(content.get(k) for k in ("text", "image", "video")):
+        raise QueryInputError("the query has no text, image or video")
+    for key in ("image", "video"):
+        value = content.get(key)
+        if isinstance(value, str) and "://" not in value:
+            content[key] = os.path.abspath(os.path.expanduser(value))
+    return content
+
+
+def resolve_instruction(query: Mapping[str, Any], instruction: str | None, default: str) -> str:
+    """The embedding instruction: the argument, else the query's own, else the configured default."""
+    if instruction is not None:
+        return instruction
+    own = query.get("instruction")
+    return own if isinstance(own, str) else default
+
+
+def embed_queries(embedder: Any, contents: Sequence[Mapping[str, Any]],
+                  instructions: Sequence[str]) -> list[np.ndarray | str]:
+    """Raw (un-normalised) pooled vectors of queries, or the error of each query that fails."""
+    inputs = [{**c, "instruction": i} for c, i in zip(contents, instructions)]
+    return [r.vector if r.ok else (r.error or "unknown error") for r in embedder.embed(inputs, normalize=False)]
+
+
+def query_vectors(raw: np.ndarray, layout: CollectionLayout) -> dict[str, list[float]]:
+    """The query's full vector and, when the collection has MRL vectors, its smallest reduced vector."""
+    raw = np.asarray(raw, np.float32)[None, :]
+    out = {FULL_VECTOR: reduce_dim(raw, None)[0].tolist()}
+    if layout.smallest is not None:
+        out[vector_name(layout.smallest)] = reduce_dim(raw, layout.smallest)[0].tolist()
+    return out
+
+
+def search_request(vectors: Mapping[str, list[float]], layout: CollectionLayout, *, top_k: int,
+                   prefetch_multiplier: int, query_filter: models.Filter | None,
+                   funnel: bool | None = None) -> dict[str, Any]:
+    """The ``query_points`` keyword arguments: the MRL funnel, or a plain full-vector search.
+
+    funnel None = use it when the collection has MRL vectors; True without MRL vectors
+    falls back to the full-vector search.
+    """
+    request: dict[str, Any] = dict(collection_name=layout.name, query=vectors[FULL_VECTOR], using=FULL_VECTOR,
+                                   limit=int(top_k), query_filter=query_filter, with_payload=True)
+    small = layout.smallest
+    if (funnel is None or funnel) and small is not None:
+        params = (models.SearchParams(quantization=models.QuantizationSearchParams(rescore=True))
+                  if layout.quantized else None)
+        request["prefetch"] = models.Prefetch(query=vectors[vector_name(small)], using=vector_name(small),
+                                              limit=int(top_k) * int(prefetch_multiplier), filter=query_filter,
+                                              params=params)
+    return request
+
+
+@dataclass
+class Candidate:
+    """One point from Qdrant: id, vector score (cosine on the full vector), payload."""
+
+    point_id: str
+    score: float
+    payload: dict[str, Any]
+
+    @classmethod
+    def from_point(cls, point: Any) -> "Candidate":
+        return cls(str(point.id), float(point.score), dict(point.payload or {}))
+
+
+# -- results ------------------------------------------------------------------------------
+
+
+@dataclass
+class Hit:
+    """One result: which unit, where it comes from, its vector score and rerank score."""
+
+    rank: int
+    point_id: str
+    source_uri: str
+    modality: str
+    position: str
+    vector_score: float
+    rerank_score: float | None
+    payload: dict[str, Any] = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict."""
+        return asdict(self)
+
+
+@dataclass
+class Skipped:
+    """A candidate that could not be reranked (its source vanished or cannot be read) and why."""
+
+    point_id: str
+    source_uri: str
+    modality: str
+    position: str
+    vector_score: float
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict."""
+        return asdict(self)
+
+
+def _hit(rank: int, c: Candidate, rerank_score: float | None) -> Hit:
+    p = c.payload
+    return Hit(rank, c.point_id, str(p.get("source_uri", "")), str(p.get("modality", "")), str(p.get("position", "")),
+               c.score, rerank_score, p)
+
+
+def _skipped(c: Candidate, reason: str) -> Skipped:
+    p = c.payload
+    return Skipped(c.point_id, str(p.get("source_uri", "")), str(p.get("modality", "")), str(p.get("position", "")),
+                   c.score, reason)
+
+
+@dataclass
+class QueryResult:
+    """Ranked hits (at most top_n), skipped candidates, and how the query ran."""
+
+    hits: list[Hit]
+    skipped: list[Skipped] = field(default_factory=list)
+    candidates: int = 0  # points returned by Qdrant (<= top_k)
+    funnel: bool = False  # True when the MRL prefetch was used
+    reranked: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict."""
+        return {"hits": [h.to_dict() for h in self.hits], "skipped": [s.to_dict() for s in self.skipped],
+                "candidates": self.candidates, "funnel": self.funnel, "reranked": self.reranked,
+                "seconds": self.seconds}
+
+
+def vector_order(candidates: Sequence[Candidate], top_n: int) -> list[Hit]:
+    """Hits in Qdrant's order (no reranking)."""
+    return [_hit(i + 1, c, None) for i, c in enumerate(candidates[:top_n])]
+
+
+def load_candidates(candidates: Sequence[Candidate], *, storage_options: dict[str, Any] | None,
+                    settings: ExpandSettings, workers: int = 8) -> list[dict[str, Any] | str]:
+    """Each candidate's rebuilt model input, or the reason it cannot be rebuilt (loaded concurrently)."""
+    if not candidates:
+        return []
+    cache = SourceCache()
+
+    def load(c: Candidate) -> dict[str, Any] | str:
+        try:
+            return candidate_input(c.payload, storage_options=storage_options, settings=settings, cache=cache)
+        except CandidateUnavailable as exc:
+            return str(exc)
+        except Exception as exc:  # one odd payload must not fail the query
+            return f"{type(exc).__name__}: {exc}"
+
+    with ThreadPoolExecutor(max(1, min(workers, len(candidates))), thread_name_prefix="qvl-candidates") as pool:
+        return list(pool.map(load, candidates))
+
+
+def rerank_candidates(reranker: Any, query: Mapping[str, Any], candidates: Sequence[Candidate], *, top_n: int,
+                      instruction: str | None, storage_options: dict[str, Any] | None, settings: ExpandSettings,
+                      batch_pairs: int = 16, workers: int = 8) -> tuple[list[Hit], list[Skipped]]:
+    """Rebuild, score with the reranker (``batch_pairs`` pairs per call), sort by score, keep top_n.
+
+    Ties keep the vector order. Candidates whose content cannot be rebuilt, or that the
+    reranker cannot read, are returned as Skipped with the reason.
+    """
+    docs = load_candidates(candidates, storage_options=storage_options, settings=settings, workers=workers)
+    skipped = [_skipped(c, d) for c, d in zip(candidates, docs) if isinstance(d, str)]
+    ready = [(i, c, d) for i, (c, d) in enumerate(zip(candidates, docs)) if not isinstance(d, str)]
+    scored: list[tuple[float, int, Candidate]] = []
+    for start in range(0, len(ready), max(1, batch_pairs)):
+        chunk = ready[start:start + max(1, batch_pairs)]
+        results = reranker.score(dict(query), [d for _, _, d in chunk], instruction)
+        for (i, c, _), r in zip(chunk, results):
+            if r.ok:
+                scored.append((float(r.score), i, c))
+            else:
+                skipped.append(_skipped(c, f"reranker cannot read the candidate: {r.error}"))
+    scored.sort(key=lambda t: (-t[0], t[1]))
+    hits = [_hit(rank + 1, c, s) for rank, (s, _, c) in enumerate(scored[:top_n])]
+    return hits, skipped
+
+
+# -- models -------------------------------------------------------------------------------
+
+
+def reranker_kwargs(cfg: Config, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """Qwen3VLReranker keyword arguments: the reranker section, with the embedder's pixel and
+    device settings and the ingestion's video sampling (so candidates are seen as at ingestion)."""
+    e, r = cfg.embedder, cfg.reranker
+    kwargs: dict[str, Any] = dict(dtype=None if e.dtype == "auto" else e.dtype, max_length=r.max_length,
+                                  min_pixels=e.min_pixels, max_pixels=e.max_pixels, total_pixels=e.total_pixels,
+                                  fps=cfg.expand.video_fps, max_frames=cfg.expand.video_max_frames,
+                                  max_batch_items=r.batch_pairs, attn_implementation=e.attn_implementation,
+                                  storage_options=storage_options)
+    if r.instruction:
+        kwargs["default_instruction"] = r.instruction
+    return kwargs
+
+
+def check_reranker_checkpoint(model: str | None) -> None:
+    """Cheap preflight of a reranker checkpoint: its config and processor load, it is a Qwen3-VL
+    model and its tokenizer has plain yes/no tokens (without loading the weights)."""
+    if not model:
+        raise QueryPreflightError("reranker.model is not set: set it in the config, or query with --no-rerank")
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except Exception as exc:
+        raise QueryPreflightError(f"reranker.model {model!r} cannot be loaded: {type(exc).__name__}: {exc}") from None
+    if getattr(config, "model_type", None) not in ("qwen3_vl", "qwen3_vl_moe"):
+        raise QueryPreflightError(
+            f"reranker.model {model!r} is a {getattr(config, 'model_type', '?')!r} model, not a Qwen3-VL reranker")
+    vocab = tokenizer.get_vocab()
+    if "yes" not in vocab or "no" not in vocab:
+        raise QueryPreflightError(f"reranker.model {model!r}: its tokenizer has no plain 'yes'/'no' tokens")
+
+
+def load_reranker(cfg: Config, storage_options: dict[str, Any] | None = None) -> Any:
+    """The configured Qwen3VLReranker, or QueryPreflightError naming the checkpoint and the reason."""
+    from operators.qwen3vl import Qwen3VLReranker
+
+    check_reranker_checkpoint(cfg.reranker.model)
+    try:
+        return Qwen3VLReranker(cfg.reranker.model, **reranker_kwargs(cfg, storage_options or {}))
+    except Exception as exc:
+        raise QueryPreflightError(
+            f"reranker.model {cfg.reranker.model!r} cannot be loaded: {type(exc).__name__}: {exc}") from None
+
+
+def load_embedder(cfg: Config, storage_options: dict[str, Any] | None = None) -> Any:
+    """The configured Qwen3VLEmbedder (same settings as ingestion)."""
+    from operators.qwen3vl import Qwen3VLEmbedder
+
+    try:
+        return Qwen3VLEmbedder(cfg.embedder.model, **embedder_kwargs(cfg, storage_options or {}))
+    except Exception as exc:
+        raise QueryPreflightError(
+            f"embedder.model {cfg.embedder.model!r} cannot be loaded: {type(exc).__name__}: {exc}") from None
+
+
+# -- the engine ---------------------------------------------------------------------------
+
+
+class QueryEngine:
+    """Single queries against one collection: embed, MRL funnel search, rebuild candidates, rerank.
+
+    Everything is checked at construction, before any query: the collection exists and
+    has a "full" vector of the embedder's dimension, and the configured reranker loads
+    (unless ``with_reranker=False``). Pass already-loaded ``embedder``/``reranker`` to share them,
+    and a ``client`` to reuse an open connection (the caller then closes it; an
+    embedded store can only be opened by one client at a time).
+    """
+
+    def __init__(self, cfg: Config, embedder: Any = None, reranker: Any = None, client: QdrantClient | None = None,
+                 *, with_reranker: bool = True) -> None:
+        self.cfg = cfg
+        self.storage_options = dict(cfg.source.storage_options)
+        self.settings = expand_settings(cfg)
+        self._own_client = client is None
+        self._own_models: list[Any] = []
+        self.client = client
+        self.embedder = embedder
+        self.reranker = reranker
+        try:
+            if self.client is None:
+                self.client = make_client(qdrant_settings(cfg))
+            self.layout = collection_layout(self.client, cfg.qdrant.collection, store_location(cfg))
+            dim = int(embedder.hidden_size) if embedder is not None else model_dimension(cfg.embedder.model)
+            check_dimension(self.layout, cfg.embedder.model if embedder is None else embedder.model_name_or_path, dim)
+            want_reranker = reranker is None and with_reranker and cfg.reranker.model
+            if want_reranker:
+                check_reranker_checkpoint(cfg.reranker.model)  # before the (slow) embedder load
+            if self.embedder is None:
+                self.embedder = load_embedder(cfg, self.storage_options)
+                self._own_models.append(self.embedder)
+            if want_reranker:
+                self.reranker = load_reranker(cfg, self.storage_options)
+                self._own_models.append(self.reranker)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def document_instruction(self) -> str:
+        """The instruction the documents were embedded with (a query with it and a unit's content
+        gets exactly that unit's vector)."""
+        return self.embedder.default_instruction
+
+    def embed(self, query: Mapping[str, Any], instruction: str | None = None) -> dict[str, list[float]]:
+        """The query's named vectors (full, and the smallest MRL one when the collection has them)."""
+        content = query_content(query)
+        instr = resolve_instruction(query, instruction, self.cfg.query.instruction)
+        out = embed_queries(self.embedder, [content], [instr])[0]
+        if isinstance(out, str):
+            raise QueryInputError(f"the query cannot be embedded: {out}")
+        return query_vectors(out, self.layout)
+
+    def retrieve(self, vectors: Mapping[str, list[float]], *, top_k: int | None = None,
+                 filters: Mapping[str, Any] | models.Filter | None = None,
+                 funnel: bool | None = None) -> list[Candidate]:
+        """Qdrant candidates for the query vectors (funnel None: the MRL funnel when available)."""
+        request = search_request(vectors, self.layout, top_k=top_k or self.cfg.query.top_k,
+                                 prefetch_multiplier=self.cfg.query.prefetch_multiplier,
+                                 query_filter=build_filter(filters), funnel=funnel)
+        return [Candidate.from_point(p) for p in self.client.query_points(**request).points]
+
+    def rerank(self, query: Mapping[str, Any], candidates: Sequence[Candidate], *, top_n: int | None = None,
+               instruction: str | None = None) -> tuple[list[Hit], list[Skipped]]:
+        """Rerank candidates for the query; returns (hits, skipped)."""
+        if self.reranker is None:
+            raise QueryPreflightError("no reranker loaded: set reranker.model, or search with rerank=False "
+                                      "(--no-rerank)")
+        return rerank_candidates(self.reranker, query_content(query), candidates,
+                                 top_n=top_n or self.cfg.query.top_n,
+                                 instruction=instruction or self.cfg.reranker.instruction,
+                                 storage_options=self.storage_options, settings=self.settings,
+                                 batch_pairs=self.cfg.reranker.batch_pairs)
+
+    def search(self, query: Mapping[str, Any], *, instruction: str | None = None, top_k: int | None = None,
+               top_n: int | None = None, filters: Mapping[str, Any] | models.Filter | None = None,
+               rerank: bool = True, funnel: bool | None = None,
+               rerank_instruction: str | None = None) -> QueryResult:
+        """Run one query: the top_n hits (reranked unless rerank=False) and the skipped candidates."""
+        top_k = int(top_k or self.cfg.query.top_k)
+        top_n = min(int(top_n or self.cfg.query.top_n), top_k)
+        if rerank and self.reranker is None:
+            raise QueryPreflightError("no reranker loaded: set reranker.model, or search with rerank=False "
+                                      "(--no-rerank)")
+        query_filter = build_filter(filters)  # a bad filter fails before any work
+        seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
+        vectors = self.embed(query, instruction)
+        t1 = time.perf_counter()
+        candidates = self.retrieve(vectors, top_k=top_k, filters=query_filter, funnel=funnel)
+        t2 = time.perf_counter()
+        seconds.update(embed=t1 - t0, search=t2 - t1)
+        used_funnel = (funnel is None or funnel) and self.layout.smallest is not None
+        if not rerank:
+            return QueryResult(vector_order(candidates, top_n), [], len(candidates), used_funnel, False, seconds)
+        hits, skipped = self.rerank(query, candidates, top_n=top_n, instruction=rerank_instruction)
+        seconds["rerank"] = time.perf_counter() - t2
+        return QueryResult(hits, skipped, len(candidates), used_funnel, True, seconds)
+
+    def close(self) -> None:
+        """Close the client if this engine opened it, and release the models it loaded."""
+        for model in self._own_models:
+            try:
+                model.close()
+            except Exception:
+                pass
+        self._own_models = []
+        if self._own_client and self.client is not None:
+            self.client.close()
+            self.client = None
+
+    def __enter__(self) -> "QueryEngine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# -- query files ----------------------------------------------------------------------------
+
+
+@dataclass
+class QueryRow:
+    """One row of a queries file."""
+
+    id: str
+    query: dict[str, Any]
+    instruction: str | None = None
+    filters: dict[str, Any] | None = None
+
+
+def _file_format(path: str) -> str:
+    lower = path.lower()
+    if lower.endswith((".parquet", ".pq")):
+        return "parquet"
+    if lower.endswith((".jsonl", ".json", ".ndjson")):
+        return "jsonl"
+    raise QueryInputError(f"{path}: unknown file type (use .jsonl or .parquet)")
+
+
+def _absent(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def parse_query_row(raw: Any, where: str, base_uri: str) -> QueryRow:
+    """Validate one query record; relative image/video paths are taken from the queries file's folder."""
+    from operators.media.manifest import resolve_uri
+
+    if not isinstance(raw, Mapping):
+        raise QueryInputError(f"{where}: a query row must be an object, got {type(raw).__name__}")
+    qid = raw.get("id")
+    if _absent(qid) or isinstance(qid, bool) or not str(qid).strip():
+        raise QueryInputError(f"{where}: missing 'id'")
+    query: dict[str, Any] = {}
+    for key in QUERY_FIELDS:
+        value = raw.get(key)
+        if _absent(value):
+            continue
+        if key in ("image", "video") and isinstance(value, str):
+            value = resolve_uri(value.strip(), base_uri)
+        query[key] = value
+    if not any(query.get(k) for k in ("text", "image", "video")):
+        raise QueryInputError(f"{where} (id {qid}): the query has no text, image or video")
+    instruction = raw.get("instruction")
+    filters = raw.get("filters")
+    if isinstance(filters, str):
+        filters = json.loads(filters) if filters.strip() else None
+    if _absent(filters):
+        filters = None
+    if filters is not None and not isinstance(filters, Mapping):
+        raise QueryInputError(f"{where} (id {qid}): 'filters' must be an object")
+    if filters is not None:
+        filters = {k: v for k, v in filters.items() if not _absent(v)}  # Parquet structs fill gaps with nulls
+    return QueryRow(str(qid), query, None if _absent(instruction) else str(instruction),
+                    dict(filters) if filters else None)
+
+
+def read_queries(path: str, storage_options: dict[str, Any] | None = None) -> list[QueryRow]:
+    """Queries from a JSONL or Parquet file (local path or fsspec URL); ids must be unique."""
+    fmt = _file_format(path)
+    try:
+        data = open_uri(path, storage_options)
+    except FileNotFoundError:
+        raise QueryInputError(f"queries file not found: {path}") from None
+    base = local_path(path) if is_local_uri(path) else path
+    rows: list[QueryRow] = []
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        records = list(enumerate(pq.read_table(io.BytesIO(data)).to_pylist(), start=1))
+    else:
+        records = []
+        for n, line in enumerate(data.decode("utf-8-sig").splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append((n, json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise QueryInputError(f"{path} line {n}: invalid JSON: {exc.msg}") from None
+    seen: set[str] = set()
+    for n, raw in records:
+        row = parse_query_row(raw, f"{path} {'row' if fmt == 'parquet' else 'line'} {n}", base)
+        if row.id in seen:
+            raise QueryInputError(f"{path}: duplicate query id {row.id!r}")
+        seen.add(row.id)
+        rows.append(row)
+    if not rows:
+        raise QueryInputError(f"{path}: no queries")
+    return rows
+
+
+_HIT_FIELDS = ("rank", "point_id", "source_uri", "modality", "position", "vector_score", "rerank_score")
+
+
+def write_results(path: str, results: Sequence[Mapping[str, Any]]) -> None:
+    """Write batch results (id, hits, skipped, error) as JSONL or Parquet (payloads as JSON strings there)."""
+    fmt = _file_format(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    if fmt == "jsonl":
+        with open(path, "w", encoding="utf-8") as fh:
+            for r in results:
+                fh.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    hit = pa.struct([("rank", pa.int32()), ("point_id", pa.string()), ("source_uri", pa.string()),
+                     ("modality", pa.string()), ("position", pa.string()), ("vector_score", pa.float64()),
+                     ("rerank_score", pa.float64()), ("payload", pa.string())])
+    skip = pa.struct([("point_id", pa.string()), ("source_uri", pa.string()), ("modality", pa.string()),
+                      ("position", pa.string()), ("vector_score", pa.float64()), ("reason", pa.string())])
+    schema = pa.schema([("id", pa.string()), ("hits", pa.list_(hit)), ("skipped", pa.list_(skip)),
+                        ("error", pa.string())])
+    rows = [{"id": r["id"],
+             "hits": [{**{k: h.get(k) for k in _HIT_FIELDS},
+                       "payload": json.dumps(h.get("payload") or {}, ensure_ascii=False, default=str)}
+                      for h in r.get("hits") or []],
+             "skipped": list(r.get("skipped") or []), "error": r.get("error")} for r in results]
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+
+
+def read_results(path: str) -> list[dict[str, Any]]:
+    """Read a results file back (Parquet payloads decoded)."""
+    if _file_format(path) == "jsonl":
+        with open(path, encoding="utf-8") as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(path).to_pylist()
+    for r in rows:
+        for h in r["hits"]:
+            h["payload"] = json.loads(h["payload"]) if h.get("payload") else {}
+    return rows
+
+
+# -- the Ray Data batch job ----------------------------------------------------------------
+
+# Queries travel through Ray Data as JSON strings (bytes as {"$b64": ...}): nested, optional
+# fields survive Arrow without schema unification surprises.
+
+
+def _encode(obj: Any) -> str:
+    def default(o: Any) -> Any:
+        if isinstance(o, (bytes, bytearray, memoryview)):
+            return {"$b64": base64.b64encode(bytes(o)).decode()}
+        return str(o)
+
+    return json.dumps(obj, ensure_ascii=False, default=default)
+
+
+def _decode(text: str) -> Any:
+    def hook(o: dict) -> Any:
+        return base64.b64decode(o["$b64"]) if set(o) == {"$b64"} else o
+
+    return json.loads(text, object_hook=hook)
+
+
+def _owner_search(owner: Any) -> Callable[[dict[str, Any]], list[Any]]:
+    import ray
+
+    return lambda request: ray.get(owner.query_points.remote(**request))
+
+
+class EmbedSearchStage:
+    """Ray Data actor: embeds a batch of queries and searches Qdrant for each (the owner actor in
+    embedded mode, its own client in server mode). Adds a ``candidates`` JSON column and ``error``."""
+
+    def __init__(self, cfg: Config, layout: CollectionLayout, owner: Any = None, *, top_k: int,
+                 funnel: bool | None = None) -> None:
+        self.cfg, self.layout, self.top_k, self.funnel = cfg, layout, top_k, funnel
+        self.embedder = load_embedder(cfg, dict(cfg.source.storage_options))
+        if owner is not None:
+            self.search = _owner_search(owner)
+        else:
+            self.client = make_client(qdrant_settings(cfg))
+            self.search = lambda request: self.client.query_points(**request).points
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        n = len(batch["id"])
+        rows = [QueryRow(str(batch["id"][i]), _decode(batch["query"][i]), batch["instruction"][i] or None,
+                         _decode(batch["filters"][i])) for i in range(n)]
+        candidates, errors = [""] * n, [""] * n
+        contents: list[dict[str, Any] | None] = []
+        for i, row in enumerate(rows):
+            try:
+                build_filter(row.filters)
+                contents.append(query_content(row.query))
+            except Exception as exc:
+                contents.append(None)
+                errors[i] = f"{type(exc).__name__}: {exc}"
+        live = [i for i in range(n) if contents[i] is not None]
+        raws = embed_queries(self.embedder, [contents[i] for i in live],
+                             [resolve_instruction(rows[i].query, rows[i].instruction, self.cfg.query.instruction)
+                              for i in live])
+        for i, raw in zip(live, raws):
+            if isinstance(raw, str):
+                errors[i] = f"the query cannot be embedded: {raw}"
+                continue
+            try:
+                request = search_request(query_vectors(raw, self.layout), self.layout, top_k=self.top_k,
+                                         prefetch_multiplier=self.cfg.query.prefetch_multiplier,
+                                         query_filter=build_filter(rows[i].filters), funnel=self.funnel)
+                points = [Candidate.from_point(p) for p in self.search(request)]
+                candidates[i] = _encode([asdict(c) for c in points])
+            except Exception as exc:
+                errors[i] = f"search failed: {type(exc).__name__}: {exc}"
+        return {"idx": batch["idx"], "id": batch["id"], "query": batch["query"], "candidates": candidates,
+                "error": errors}
+
+
+class RerankStage:
+    """Ray Data actor holding a Qwen3VLReranker: rebuilds each query's candidates and reranks them."""
+
+    def __init__(self, cfg: Config, top_n: int) -> None:
+        self.cfg, self.top_n = cfg, top_n
+        self.storage_options = dict(cfg.source.storage_options)
+        self.settings = expand_settings(cfg)
+        self.reranker = load_reranker(cfg, self.storage_options)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        results = []
+        for i in range(len(batch["id"])):
+            error = batch["error"][i] or None
+            hits: list[Hit] = []
+            skipped: list[Skipped] = []
+            if not error:
+                try:
+                    candidates = [Candidate(**c) for c in _decode(batch["candidates"][i])]
+                    hits, skipped = rerank_candidates(
+                        self.reranker, query_content(_decode(batch["query"][i])), candidates, top_n=self.top_n,
+                        instruction=self.cfg.reranker.instruction, storage_options=self.storage_options,
+                        settings=self.settings, batch_pairs=self.cfg.reranker.batch_pairs)
+                except Exception as exc:
+                    error = f"rerank failed: {type(exc).__name__}: {exc}"
+            results.append(_encode({"hits": [h.to_dict() for h in hits],
+                                    "skipped": [s.to_dict() for s in skipped], "error": error}))
+        return {"idx": batch["idx"], "id": batch["id"], "result": results}
+
+
+def _unreranked(row: Mapping[str, Any], top_n: int) -> dict[str, Any]:
+    if row["error"]:
+        return {"hits": [], "skipped": [], "error": row["error"]}
+    candidates = [Candidate(**c) for c in _decode(row["candidates"])]
+    return {"hits": [h.to_dict() for h in vector_order(candidates, top_n)], "skipped": [], "error": None}
+
+
+def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | None = None, top_n: int | None = None,
+                    rerank: bool = True, funnel: bool | None = None, rerank_actors: int | None = None,
+                    batch_size: int | None = None) -> list[dict[str, Any]]:
+    """Run many queries as a Ray Data job; one result per query, in input order:
+    ``{"id", "hits": [Hit dicts], "skipped": [Skipped dicts], "error": str | None}``.
+
+    Preflight (before any actor starts): the collection, the embedder dimension and the
+    reranker checkpoint. In embedded mode the store is opened by one QdrantOwner actor.
+    """
+    import ray
+
+    from sinks.qdrant_sink import start_owner, stop_owner
+
+    from .ingest import ensure_ray
+
+    top_k = int(top_k or cfg.query.top_k)
+    top_n = min(int(top_n or cfg.query.top_n), top_k)
+    for row in queries:  # bad filters are a user error: say so before any work
+        try:
+            build_filter(row.filters)
+        except QueryInputError as exc:
+            raise QueryInputError(f"query {row.id}: {exc}") from None
+    settings = qdrant_settings(cfg)
+    client = make_client(settings)
+    try:
+        layout = collection_layout(client, cfg.qdrant.collection, store_location(cfg))
+    finally:
+        client.close()  # releases an embedded folder for the owner actor
+    check_dimension(layout, cfg.embedder.model, model_dimension(cfg.embedder.model))
+    if rerank:
+        check_reranker_checkpoint(cfg.reranker.model)
+    if not queries:
+        return []
+
+    ensure_ray(cfg)
+    owner = start_owner(settings, cfg.qdrant.collection) if settings.embedded else None
+    try:
+        embed_actors = cfg.compute.embed_actors
+        rerank_actors = int(rerank_actors or cfg.compute.embed_actors)
+        gpus = _gpus_per_actor(cfg, embed_actors + (rerank_actors if rerank else 0))
+        items = [{"idx": i, "id": r.id, "query": _encode(r.query), "instruction": r.instruction or "",
+                  "filters": _encode(r.filters)} for i, r in enumerate(queries)]
+        size = int(batch_size or cfg.compute.batch_size)
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // max(size, 1) + 1, 64)))
+        ds = ds.map_batches(EmbedSearchStage, fn_constructor_args=(cfg, layout, owner),
+                            fn_constructor_kwargs=dict(top_k=top_k, funnel=funnel), batch_size=size,
+                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=embed_actors),
+                            num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor)
+        if rerank:
+            ds = ds.map_batches(RerankStage, fn_constructor_args=(cfg, top_n), batch_size=max(1, min(size, 4)),
+                                batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=rerank_actors),
+                                num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor)
+            rows = {int(r["idx"]): _decode(r["result"]) for r in ds.take_all()}
+        else:
+            rows = {int(r["idx"]): _unreranked(r, top_n) for r in ds.take_all()}
+    finally:
+        if owner is not None:
+            stop_owner(owner)
+    return [{"id": q.id, **rows[i]} for i, q in enumerate(queries)]
+
+
+def _gpus_per_actor(cfg: Config, actors: int) -> float:
+    """GPUs per query actor: the configured/auto value, shared when the cluster has fewer GPUs than
+    actors (the embedding and reranking pools run at the same time)."""
+    import ray
+
+    from .ingest import num_gpus_per_actor
+
+    per = num_gpus_per_actor(cfg)
+    total = float(ray.cluster_resources().get("GPU", 0))
+    if per > 0 and total > 0 and per * actors > total:
+        per = total / actors
+    return per
+

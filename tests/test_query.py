@@ -1,0 +1,464 @@
+"""Retrieval on an ingested generated corpus: exact-copy queries, funnel, filters, reranking, batch, eval.
+
+The corpus (3 texts, 3 images one of them EXIF-rotated, a 2-page PDF, a 2 s video and a
+mixed manifest record: 10 points) is ingested once per module with ``run_ingest``.
+
+Identical vectors: a query equal to a stored unit's content (``Unit.model_input()`` from
+``expand_object``, i.e. what ingestion embedded) gets exactly that unit's vector when it is
+embedded with the documents' instruction (``engine.document_instruction``: the embedder's
+default, "Represent the user's input."). The configured query instruction differs, and so
+would the vector. With random weights the reranker's scores are meaningless, so "the exact
+copy comes first after reranking" is checked with an oracle reranker (1 for a document equal
+to the query, else 0), which also proves the rebuilt candidate content is byte-identical to
+what was embedded; the real reranker is checked for equality with ``Qwen3VLReranker.process``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+from qdrant_client import QdrantClient, models
+from transformers import AutoTokenizer
+
+from operators.content import CandidateUnavailable, candidate_input
+from operators.media.expand import expand_object
+from operators.media.listing import list_objects
+from operators.qwen3vl import Qwen3VLEmbedder, Qwen3VLReranker, ScoreResult
+from pipelines.cli import main as qvl
+from pipelines.config import parse_config
+from pipelines.ingest import expand_settings, run_ingest
+from pipelines.query import (CollectionLayout, QueryEngine, QueryInputError, QueryPreflightError, build_filter,
+                             normalise_prefix, read_queries, read_results, search_request, write_results)
+from pipelines.query_cli import parse_filter_args
+from tests.media_corpus import encode, make_pdf, pattern, write_video
+
+MRL = [32, 16]
+DOC_INSTRUCTION = "Represent the user's input."
+
+
+# -- corpus, ingestion, shared models -------------------------------------------------------
+
+
+def _write_corpus(src: Path) -> None:
+    for folder in ("texts", "images", "docs", "videos", "manifests"):
+        (src / folder).mkdir(parents=True)
+    (src / "texts/apples.txt").write_text("Apples grow on trees in the orchard near the river.")
+    (src / "texts/engines.txt").write_text("Steam engines pushed the first trains across the valley.")
+    (src / "texts/violins.txt").write_text("A violin has four strings tuned in perfect fifths.")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: ingestion re-encodes it upright as PNG
+    (src / "images/red.png").write_bytes(encode(pattern(2, (64, 64)), "PNG"))
+    (src / "images/photo.jpg").write_bytes(encode(pattern(1, (96, 72)), "JPEG", quality=90))
+    (src / "images/rotated.jpg").write_bytes(encode(pattern(8, (90, 60)), "JPEG", exif=exif))
+    (src / "docs/two.pdf").write_bytes(make_pdf(["Page one: apples", "Page two: bananas"]))
+    write_video(src / "videos/clip.mp4", 16)  # 2 s: one segment
+    record = {"id": "mx", "text": "A red square with a caption.", "image": "../images/red.png"}
+    (src / "manifests/records.jsonl").write_text(json.dumps(record) + "\n")
+
+
+def _cfg_data(src: Path, store: Path, emb: Path, rer: Path, out: Path) -> dict:
+    return {"source": {"uri": str(src)}, "embedder": {"model": str(emb), "mrl_dims": MRL},
+            "expand": {"chunk_tokens": 64, "overlap_tokens": 8},
+            "qdrant": {"path": str(store), "collection": "media"}, "reranker": {"model": str(rer)},
+            "query": {"top_k": 20, "top_n": 10}, "compute": {"batch_size": 8}, "output": {"dir": str(out)}}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_embedding_ckpt, tiny_reranker_ckpt, ray_local):
+    """The ingested corpus: config, its YAML file, and every unit keyed by point id."""
+    root = tmp_path_factory.mktemp("query")
+    src = root / "src"
+    _write_corpus(src)
+    data = _cfg_data(src, root / "qdrant", tiny_embedding_ckpt, tiny_reranker_ckpt, root / "runs")
+    cfg = parse_config(data)
+    report = run_ingest(cfg, echo=lambda _: None)
+    assert report.points_written == 10, report.summary()
+    (root / "cfg.yaml").write_text(yaml.safe_dump(data))
+    tok = AutoTokenizer.from_pretrained(str(tiny_embedding_ckpt))
+    units = {}
+    for obj in list_objects(str(src))[0]:
+        for unit in expand_object(obj, expand_settings(cfg), None, tok)[0]:
+            units[unit.point_id] = unit
+    assert len(units) == 10
+    return {"root": root, "src": src, "cfg": cfg, "yaml": str(root / "cfg.yaml"), "units": units}
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_embedding_ckpt):
+    emb = Qwen3VLEmbedder(str(tiny_embedding_ckpt))
+    yield emb
+    emb.close()
+
+
+@pytest.fixture(scope="module")
+def reranker(tiny_reranker_ckpt):
+    rer = Qwen3VLReranker(str(tiny_reranker_ckpt))
+    yield rer
+    rer.close()
+
+
+@contextlib.contextmanager
+def open_engine(world, embedder, reranker=None):
+    engine = QueryEngine(world["cfg"], embedder=embedder, reranker=reranker, with_reranker=False)
+    try:
+        yield engine
+    finally:
+        engine.close()  # the embedded store admits one client at a time
+
+
+class OracleReranker:
+    """A perfect reranker for exact copies: 1 for a document identical to the query, else 0."""
+
+    def score(self, query, documents, instruction=None, fps=None, max_frames=None):
+        return [ScoreResult(i, 1.0 if doc == query else 0.0) for i, doc in enumerate(documents)]
+
+
+def _unit(world, modality, position=None, uri_part=None):
+    for unit in world["units"].values():
+        if unit.modality == modality and (position is None or unit.position == position) and (
+                uri_part is None or uri_part in unit.object_uri):
+            return unit
+    raise AssertionError(f"no {modality} unit")
+
+
+EXACT_CASES = [("text", None, "violins"), ("image", None, "rotated"), ("image", None, "red.png"),
+               ("pdf_page", "page=2", None), ("mixed", None, None), ("video", None, None)]
+
+
+# -- content rebuilding ------------------------------------------------------------------------
+
+
+def test_every_candidate_is_rebuilt_exactly_as_ingested(world, embedder):
+    with open_engine(world, embedder) as engine:
+        points, _ = engine.client.scroll("media", limit=100, with_payload=True)
+    assert len(points) == 10
+    for p in points:
+        unit = world["units"][str(p.id)]
+        assert candidate_input(p.payload, settings=world["cfg"]) == unit.model_input(), p.payload["position"]
+
+
+def test_candidate_from_s3_and_vanished_source(moto_s3, world):
+    client, opts = moto_s3["client"], moto_s3["storage_options"]
+    client.create_bucket(Bucket="query-content")
+    src = world["src"]
+    client.put_object(Bucket="query-content", Key="d/two.pdf", Body=(src / "docs/two.pdf").read_bytes())
+    client.put_object(Bucket="query-content", Key="d/rotated.jpg", Body=(src / "images/rotated.jpg").read_bytes())
+    pdf = {"source_uri": "s3://query-content/d/two.pdf", "modality": "pdf_page", "position": "page=2", "page": 2}
+    img = {"source_uri": "s3://query-content/d/rotated.jpg", "modality": "image", "position": "image"}
+    assert candidate_input(pdf, storage_options=opts, settings=world["cfg"]) == \
+        _unit(world, "pdf_page", "page=2").model_input()
+    assert candidate_input(img, storage_options=opts) == _unit(world, "image", uri_part="rotated").model_input()
+    client.delete_object(Bucket="query-content", Key="d/rotated.jpg")
+    with pytest.raises(CandidateUnavailable, match="not found"):
+        candidate_input(img, storage_options=opts)
+    with pytest.raises(CandidateUnavailable, match="page 3 does not exist"):
+        candidate_input({**pdf, "position": "page=3", "page": 3}, storage_options=opts)
+    video = {"source_uri": "s3://query-content/d/gone.mp4", "modality": "video", "position": "t=0.000-2.000",
+             "start_s": 0.0, "end_s": 2.0}
+    with pytest.raises(CandidateUnavailable, match="not found"):
+        candidate_input(video, storage_options=opts)
+
+
+# -- exact copies, funnel, rerank=False --------------------------------------------------------
+
+
+@pytest.mark.parametrize("modality,position,uri_part", EXACT_CASES)
+def test_exact_copy_comes_first_with_and_without_reranking(world, embedder, modality, position, uri_part):
+    unit = _unit(world, modality, position, uri_part)
+    query = unit.model_input()
+    with open_engine(world, embedder, OracleReranker()) as engine:
+        assert engine.document_instruction == DOC_INSTRUCTION
+        funnel = engine.search(query, instruction=DOC_INSTRUCTION, rerank=False)
+        full = engine.search(query, instruction=DOC_INSTRUCTION, rerank=False, funnel=False)
+        reranked = engine.search(query, instruction=DOC_INSTRUCTION, top_n=3)
+    assert funnel.funnel and not full.funnel
+    for result in (funnel, full):
+        assert result.hits[0].point_id == unit.point_id
+        assert result.hits[0].vector_score == pytest.approx(1.0, abs=1e-5)
+        assert result.hits[1].vector_score < 1 - 1e-4
+        assert all(h.rerank_score is None for h in result.hits)
+        scores = [h.vector_score for h in result.hits]
+        assert scores == sorted(scores, reverse=True)  # rerank=False: Qdrant's order
+    assert [h.point_id for h in funnel.hits] == [h.point_id for h in full.hits]
+    assert reranked.reranked and not reranked.skipped
+    assert reranked.hits[0].point_id == unit.point_id and reranked.hits[0].rerank_score == 1.0
+    assert [h.rerank_score for h in reranked.hits[1:]] == [0.0, 0.0]  # only the unit itself is identical
+    hit = reranked.hits[0]
+    assert (hit.source_uri, hit.modality, hit.position) == (unit.object_uri, unit.modality, unit.position)
+    assert hit.payload["source_uri"] == unit.object_uri and len(reranked.hits) == 3
+
+
+def test_exact_copy_with_the_real_reranker_and_scores_equal_process(world, embedder, reranker):
+    unit = _unit(world, "text", uri_part="apples")
+    with open_engine(world, embedder, reranker) as engine:
+        result = engine.search(unit.model_input(), instruction=DOC_INSTRUCTION, top_k=10, top_n=10)
+        top1 = engine.search(unit.model_input(), instruction=DOC_INSTRUCTION, top_k=1)
+    assert top1.hits[0].point_id == unit.point_id and top1.hits[0].rerank_score is not None
+    assert len(result.hits) == 10 and not result.skipped  # every modality rebuilt and scored
+    assert {h.modality for h in result.hits} == {"text", "image", "pdf_page", "video", "mixed"}
+    scores = [h.rerank_score for h in result.hits]
+    assert scores == sorted(scores, reverse=True)
+    docs = [candidate_input(h.payload, settings=world["cfg"]) for h in result.hits]
+    expected = reranker.process({"instruction": None, "query": unit.model_input(), "documents": docs})
+    for got, want in zip(scores, expected):
+        assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_quantized_funnel_request(world, embedder):
+    layout = CollectionLayout("media", 64, (16, 32), quantized=True)
+    vectors = {"full": [0.0] * 63 + [1.0], "mrl_16": [0.0] * 15 + [1.0]}
+    request = search_request(vectors, layout, top_k=5, prefetch_multiplier=3, query_filter=None)
+    prefetch = request["prefetch"]
+    assert (prefetch.using, prefetch.limit, request["using"], request["limit"]) == ("mrl_16", 15, "full", 5)
+    assert prefetch.params.quantization.rescore is True
+    plain = search_request(vectors, CollectionLayout("media", 64), top_k=5, prefetch_multiplier=3,
+                           query_filter=None)
+    assert "prefetch" not in plain
+    with open_engine(world, embedder) as engine:
+        assert engine.layout == CollectionLayout("media", 64, (16, 32), False, 10)
+        request["collection_name"] = "media"
+        request["prefetch"].query = engine.embed({"text": "x"})["mrl_16"]
+        request["query"] = engine.embed({"text": "x"})["full"]
+        assert len(engine.client.query_points(**request).points) == 5
+
+
+# -- filters ---------------------------------------------------------------------------------
+
+
+def test_filters_restrict_results(world, embedder):
+    src = world["src"]
+    query = {"text": "apples and images"}
+    with open_engine(world, embedder) as engine:
+        every = engine.search(query, rerank=False)
+        images = engine.search(query, rerank=False, filters={"modality": "image"})
+        visual = engine.search(query, rerank=False, filters={"modality": ["image", "pdf_page"]})
+        texts = engine.search(query, rerank=False, filters={"source_prefix": str(src / "texts")})
+        page = engine.search(query, rerank=False, filters={"page": 2})
+        both = engine.search(query, rerank=False, funnel=False,
+                             filters={"source_prefix": f"file://{src}/images/", "modality": "image"})
+        record = engine.search(query, rerank=False, filters={"record_id": "mx"})
+        with pytest.raises(QueryInputError, match="unknown modality"):
+            engine.search(query, rerank=False, filters={"modality": "audio"})
+    assert len(every.hits) == 10
+    assert [h.modality for h in images.hits] == ["image"] * 3
+    assert {h.modality for h in visual.hits} == {"image", "pdf_page"} and len(visual.hits) == 5
+    assert len(texts.hits) == 3 and all(h.source_uri.startswith(f"{src}/texts/") for h in texts.hits)
+    assert [(h.modality, h.position) for h in page.hits] == [("pdf_page", "page=2")]
+    assert len(both.hits) == 3 and not both.funnel
+    assert [h.position for h in record.hits] == ["record=mx"]
+    # The filtered order is the unfiltered order restricted to the matching points.
+    order = [h.point_id for h in every.hits]
+    assert [h.point_id for h in images.hits] == [p for p in order if p in {h.point_id for h in images.hits}]
+
+
+def test_filter_helpers():
+    assert normalise_prefix("s3://bucket/dir") == "s3://bucket/dir/"
+    assert normalise_prefix("s3://bucket/dir/") == "s3://bucket/dir/"
+    assert normalise_prefix("file:///data/x") == "/data/x/"
+    assert normalise_prefix("rel") == os.path.abspath("rel") + "/"
+    flt = build_filter({"modality": "image", "source_prefix": "s3://b/d", "page": 2, "lang": ["en", "fr"]})
+    assert flt == models.Filter(must=[
+        models.FieldCondition(key="modality", match=models.MatchValue(value="image")),
+        models.FieldCondition(key="source_prefixes", match=models.MatchValue(value="s3://b/d/")),
+        models.FieldCondition(key="page", match=models.MatchValue(value=2)),
+        models.FieldCondition(key="lang", match=models.MatchAny(any=["en", "fr"]))])
+    assert build_filter({}) is None and build_filter(None) is None
+    assert parse_filter_args(["modality=image", "modality=mixed", "page=2", 'record_id="7"', "x=a=b"]) == \
+        {"modality": ["image", "mixed"], "page": 2, "record_id": "7", "x": "a=b"}
+    with pytest.raises(ValueError):
+        parse_filter_args(["novalue"])
+
+
+# -- skipped candidates ----------------------------------------------------------------------
+
+
+def test_deleted_source_is_a_skipped_candidate(world, embedder, reranker):
+    gone = world["src"] / "images/photo.jpg"
+    away = gone.with_name("photo.moved")
+    unit = _unit(world, "image", uri_part="red.png")
+    os.rename(gone, away)
+    try:
+        with open_engine(world, embedder, reranker) as engine:
+            result = engine.search(unit.model_input(), instruction=DOC_INSTRUCTION, top_k=10, top_n=10)
+            plain = engine.search(unit.model_input(), instruction=DOC_INSTRUCTION, top_k=10, rerank=False)
+    finally:
+        os.rename(away, gone)
+    assert [s.source_uri for s in result.skipped] == [str(gone)]
+    assert "not found" in result.skipped[0].reason and result.skipped[0].modality == "image"
+    assert len(result.hits) == 9 and str(gone) not in {h.source_uri for h in result.hits}
+    assert len(plain.hits) == 10 and not plain.skipped
+
+
+# -- preflight -------------------------------------------------------------------------------
+
+
+def test_preflight_errors(world, embedder, tmp_path, tiny_embedding_ckpt):
+    data = world["cfg"].model_dump()
+    missing = parse_config({**data, "qdrant": {**data["qdrant"], "collection": "nope"}})
+    with pytest.raises(QueryPreflightError, match="collection 'nope' does not exist"):
+        QueryEngine(missing, embedder=embedder, with_reranker=False)
+
+    other = tmp_path / "other"
+    client = QdrantClient(path=str(other))
+    client.create_collection("media", vectors_config={
+        "full": models.VectorParams(size=32, distance=models.Distance.COSINE)})
+    client.close()
+    mismatch = parse_config({**data, "qdrant": {**data["qdrant"], "path": str(other)}})
+    with pytest.raises(QueryPreflightError, match=r"produces 64-dimensional.*holds 32-dimensional"):
+        QueryEngine(mismatch, embedder=embedder, with_reranker=False)
+    with pytest.raises(QueryPreflightError, match=r"64.*32"):  # from the checkpoint's config alone
+        QueryEngine(mismatch, with_reranker=False)
+
+    bad = parse_config({**data, "reranker": {**data["reranker"], "model": str(tmp_path / "no-such-reranker")}})
+    with pytest.raises(QueryPreflightError, match=r"reranker.model .*no-such-reranker.* cannot be loaded"):
+        QueryEngine(bad, embedder=embedder)
+    with open_engine(world, embedder) as engine:  # every failed engine closed its client
+        with pytest.raises(QueryPreflightError, match="no reranker"):
+            engine.search({"text": "x"})
+        with pytest.raises(QueryInputError, match="no text, image or video"):
+            engine.search({"instruction": "x"}, rerank=False)
+
+    path = tmp_path / "bad.yaml"
+    bad_data = yaml.safe_load(Path(world["yaml"]).read_text())
+    bad_data["reranker"]["model"] = str(tmp_path / "no-such-reranker")
+    path.write_text(yaml.safe_dump(bad_data))
+    assert qvl(["query", str(path), "--text", "x"]) == 2
+    assert qvl(["query", world["yaml"], "--text", "x", "--set", "qdrant.collection=nope"]) == 2
+    assert qvl(["query", world["yaml"], "--text", "x", "--filter", "modality=audio"]) == 2
+    assert qvl(["query", world["yaml"], "--text", "x", "--set", "reranker.model=null"]) == 2
+    queries = tmp_path / "q.jsonl"
+    queries.write_text('{"id": "1", "text": "x"}\n')
+    batch = ["query-batch", world["yaml"], "--queries", str(queries), "--out", str(tmp_path / "o.jsonl")]
+    assert qvl([*batch, "--set", "qdrant.collection=nope"]) == 2
+    assert qvl([*batch, "--set", f"reranker.model={tmp_path / 'no-such-reranker'}"]) == 2
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+# -- CLI: query, query-batch -------------------------------------------------------------------
+
+
+def test_query_cli_table_and_json(world, capsys):
+    assert qvl(["query", world["yaml"], "--text", "Apples grow on trees", "--top-n", "3"]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split() == ["#", "rerank", "vector", "modality", "uri", "position", "text"]
+    assert "3 results from 10 candidates (MRL funnel, reranked)" in table
+    assert qvl(["query", world["yaml"], "--image", str(world["src"] / "images/red.png"), "--no-rerank",
+                "--json", "--filter", "modality=image", "--top-k", "5"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 3 and all(h["kind"] == "hit" and h["rerank_score"] is None for h in lines)
+    assert {"rank", "point_id", "source_uri", "modality", "position", "vector_score", "payload"} <= set(lines[0])
+
+
+def test_query_batch_equals_single_queries(world, embedder, reranker, tmp_path, capsys):
+    src = world["src"]
+    rows = [{"id": "a", "text": "Apples grow on trees"},
+            {"id": "b", "image": str(src / "images/red.png"), "filters": {"modality": ["image", "mixed"]}},
+            {"id": "c", "text": "violin strings", "instruction": DOC_INSTRUCTION,
+             "filters": {"source_prefix": str(src / "texts")}},
+            {"id": "d", "image": "missing.png"}]
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.parquet"
+    assert qvl(["query-batch", world["yaml"], "--queries", str(queries), "--out", str(out),
+                "--top-k", "6", "--top-n", "3"]) == 0
+    assert "4 queries, 1 failed" in capsys.readouterr().out
+    batch = read_results(str(out))
+    assert [r["id"] for r in batch] == ["a", "b", "c", "d"]
+    assert "missing.png" in batch[3]["error"] and batch[3]["hits"] == []
+    with open_engine(world, embedder, reranker) as engine:
+        for row, got in zip(read_queries(str(queries))[:3], batch[:3]):
+            want = engine.search(row.query, instruction=row.instruction, filters=row.filters, top_k=6, top_n=3)
+            assert got["error"] is None and len(got["hits"]) == len(want.hits) == 3
+            for g, w in zip(got["hits"], want.hits):
+                assert (g["rank"], g["point_id"], g["position"]) == (w.rank, w.point_id, w.position)
+                assert g["vector_score"] == pytest.approx(w.vector_score, abs=1e-5)
+                assert g["rerank_score"] == pytest.approx(w.rerank_score, abs=1e-5)
+                assert g["payload"] == w.payload
+            assert [s["point_id"] for s in got["skipped"]] == [s.point_id for s in want.skipped]
+
+
+def test_query_and_result_files_round_trip(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": ["1", "2"], "text": ["hello", None], "image": [None, "img/x.png"],
+                             "filters": [None, {"modality": "image", "page": None}]}),
+                   tmp_path / "q.parquet")
+    rows = read_queries(str(tmp_path / "q.parquet"))
+    assert rows[0].query == {"text": "hello"} and rows[0].filters is None
+    assert rows[1].query == {"image": str(tmp_path / "img/x.png")}  # relative to the queries file
+    assert rows[1].filters == {"modality": "image"}
+    (tmp_path / "dup.jsonl").write_text('{"id": 1, "text": "a"}\n{"id": "1", "text": "b"}\n')
+    with pytest.raises(QueryInputError, match="duplicate query id"):
+        read_queries(str(tmp_path / "dup.jsonl"))
+    (tmp_path / "empty.jsonl").write_text('{"id": 1}\n')
+    with pytest.raises(QueryInputError, match="no text, image or video"):
+        read_queries(str(tmp_path / "empty.jsonl"))
+    results = [{"id": "1", "hits": [{"rank": 1, "point_id": "p", "source_uri": "u", "modality": "text",
+                                     "position": "chunk=0", "vector_score": 0.5, "rerank_score": None,
+                                     "payload": {"text": "t", "page": 2}}],
+                "skipped": [{"point_id": "s", "source_uri": "v", "modality": "image", "position": "image",
+                             "vector_score": 0.25, "reason": "gone"}], "error": None},
+               {"id": "2", "hits": [], "skipped": [], "error": "bad"}]
+    for name in ("r.jsonl", "r.parquet"):
+        write_results(str(tmp_path / name), results)
+        assert read_results(str(tmp_path / name)) == results
+
+
+# -- eval ------------------------------------------------------------------------------------
+
+
+def test_eval_metrics_equal_hand_computed_values(world, embedder, reranker, tmp_path, capsys):
+    text_unit = _unit(world, "text", uri_part="violins")
+    image_unit = _unit(world, "image", uri_part="red.png")
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "q1", "text": text_unit.text, "instruction": DOC_INSTRUCTION},
+        {"id": "q2", "image": str(Path(image_unit.object_uri)), "instruction": DOC_INSTRUCTION},
+        {"id": "q3", "text": "something else"},
+        {"id": "q4", "text": "not judged relevant anywhere"},
+        {"id": "q5", "text": "not in the qrels"}]))
+    # q1: its own chunk (a point id); q2: its image (source_uri#position, grade 2) and a document that
+    # is not in the collection (grade 1); q3: only a missing document; q4: nothing relevant (left out).
+    qrels = tmp_path / "qrels.tsv"
+    qrels.write_text("query-id\tcorpus-id\tscore\n"
+                     f"q1\t{text_unit.point_id}\t1\n"
+                     f"q2\t{image_unit.object_uri}#image\t2\n"
+                     "q2\ts3://elsewhere/doc.txt#chunk=0\t1\n"
+                     "q3\ts3://elsewhere/other.txt#chunk=0\t1\n"
+                     f"q4\t{text_unit.point_id}\t0\n")
+    out = tmp_path / "eval"
+    assert qvl(["eval", world["yaml"], "--queries", str(queries), "--qrels", str(qrels), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "nDCG@10" in printed and "funnel + rerank" in printed
+    report = json.loads((out / "eval.json").read_text())
+    assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["queries"] == 3 and report["queries_without_relevant"] == 1 and report["top_k"] == 100
+
+    # q1 ranks its chunk first: every metric 1. q2 ranks its image first, the other relevant
+    # document is never retrieved: DCG = 2/log2(2), IDCG = 2 + 1/log2(3).
+    ndcg_q2 = 2 / (2 + 1 / math.log2(3))
+    expected = {"ndcg@10": (1 + ndcg_q2 + 0) / 3, "recall@10": (1 + 0.5 + 0) / 3,
+                "recall@100": (1 + 0.5 + 0) / 3, "mrr@10": (1 + 1 + 0) / 3}
+    for system in ("vector", "funnel"):
+        for name, value in expected.items():
+            assert report["systems"][system]["metrics"][name] == pytest.approx(value, abs=1e-9), (system, name)
+    # Reranked: all 10 points are candidates, so recall is as above; MRR and nDCG follow the
+    # reranker's rank of the relevant unit (1/rank and 1/log2(rank + 1) scaled as above).
+    with open_engine(world, embedder, reranker) as engine:
+        r1 = engine.search({"text": text_unit.text}, instruction=DOC_INSTRUCTION, top_k=100, top_n=100)
+        r2 = engine.search({"image": image_unit.object_uri}, instruction=DOC_INSTRUCTION, top_k=100, top_n=100)
+    rank1 = [h.point_id for h in r1.hits].index(text_unit.point_id) + 1
+    rank2 = [h.point_id for h in r2.hits].index(image_unit.point_id) + 1
+    reranked = report["systems"]["funnel+rerank"]["metrics"]
+    assert reranked["recall@10"] == pytest.approx(0.5) and reranked["recall@100"] == pytest.approx(0.5)
+    assert reranked["mrr@10"] == pytest.approx((1 / rank1 + 1 / rank2) / 3)
+    dcg2 = 2 / math.log2(rank2 + 1)
+    assert reranked["ndcg@10"] == pytest.approx((1 / math.log2(rank1 + 1) + dcg2 / (2 + 1 / math.log2(3))) / 3)
