@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
 .venv/bin/python -c "import torch, torchvision, transformers, ray, qdrant_client, decord; print('set-up ok: torch', torch.__version__, '| transformers', transformers.__version__, '| ray', ray.__version__)"
