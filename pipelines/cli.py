@@ -28,6 +28,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     secrets = cfg.secret_values()
+    _redact_logs(secrets)
     try:
         report = run_ingest(cfg, prune=True if args.prune else None)
     except PreflightError as exc:
@@ -40,6 +41,37 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         print("error: nothing could be ingested: every object failed (see the dead-letter file)", file=sys.stderr)
         return EXIT_NOTHING_INGESTED
     return EXIT_OK
+
+
+class _RedactingFilter(logging.Filter):
+    """Scrubs secret values from log records (message, arguments, traceback) before any handler writes them."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed log call: keep its parts, scrubbed
+            message = f"{record.msg} {record.args}"
+        record.msg, record.args = redact(message, self.secrets), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text, self.secrets)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info, self.secrets)
+        return True
+
+
+def _redact_logs(secrets: list[str]) -> None:
+    """Make every root log handler of this process scrub the config's secrets (debug logs of S3 clients
+    print signed request headers, which hold the access key id)."""
+    if not secrets:
+        return
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_RedactingFilter(list(secrets)))
 
 
 def _cmd_tiny_checkpoint(args: argparse.Namespace) -> int:

@@ -3,8 +3,16 @@
     list (driver) -> expand (CPU tasks) -> embed (fixed actor pool) -> Qdrant datasink
                        \\______ failures become dead-letter rows, returned by the sink ______/
 
-Everything that can be checked before work is checked before work: the config, the
-model's config (dimension), the collection (dimension, distance) and the source.
+Everything that can be checked before work is checked before work, in this order: the
+config, the model's config (dimension), the source (listed before anything is created),
+the store (a server is pinged) and the collection (dimension, distance). Any of these
+failing raises PreflightError and nothing is written.
+
+A failure DURING the run (the store keeps failing, the cluster breaks) still writes the
+report: objects whose points are all in the store count as ingested, every other object
+to ingest gets a dead letter of stage ``write`` ("not written"), the report's ``error``
+says why, and IngestError is raised (the CLI exits 3). Re-running finishes the job:
+complete objects are skipped, incomplete ones re-embedded (point ids are deterministic).
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from sinks.qdrant_schema import CollectionSpec, ensure_collection
 from sinks.qdrant_sink import start_owner, stop_owner
 from sinks.qdrant_writer import QdrantWriter
 
-from .config import Config
+from .config import Config, redact
 from .report import RunReport
 
 logger = logging.getLogger(__name__)
@@ -39,6 +47,10 @@ logger = logging.getLogger(__name__)
 
 class PreflightError(RuntimeError):
     """The job cannot start: a configuration, model, store or source problem found before any work."""
+
+
+class IngestError(RuntimeError):
+    """The run started but stopped on an infrastructure error; the report says what was written."""
 
 
 def model_dimension(model: str) -> int:
@@ -90,7 +102,20 @@ class Store:
             self.writer = None
         else:
             self.owner = None
-            self.writer = QdrantWriter(make_client(self.settings), self.collection, **writer_kwargs)
+            self.writer = None
+            secrets = cfg.secret_values()
+            try:
+                client = make_client(self.settings)
+            except Exception as exc:
+                raise PreflightError(redact(f"qdrant.url {self.settings.url}: cannot create a client: {exc}",
+                                            secrets)) from None
+            try:
+                client.get_collections()  # cheap reachability and authentication check
+            except Exception as exc:
+                client.close()
+                raise PreflightError(redact(f"qdrant.url {self.settings.url} is unreachable or refused the "
+                                            f"request: {type(exc).__name__}: {_first_line(exc)}", secrets)) from None
+            self.writer = QdrantWriter(client, self.collection, **writer_kwargs)
 
     def call(self, method: str, *args: Any) -> Any:
         """Run a store operation in the owner (embedded) or locally (server)."""
@@ -107,7 +132,10 @@ class Store:
     def close(self) -> None:
         """Release the embedded folder lock or the server connection."""
         if self.owner is not None:
-            stop_owner(self.owner)
+            try:
+                stop_owner(self.owner)
+            except Exception as exc:  # the owner is gone already (crashed, or never opened the folder)
+                logger.warning("closing the embedded store's owner: %s", type(exc).__name__)
             self.owner = None
         if self.writer is not None:
             self.writer.client.close()
@@ -184,22 +212,31 @@ def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], Non
     prune = cfg.prune if prune is None else prune
     storage_options = dict(cfg.source.storage_options)
 
+    secrets = cfg.secret_values()
     full_dim = model_dimension(cfg.embedder.model)
     spec = collection_spec(cfg, full_dim)
-    ensure_ray(cfg)
-    store = Store(cfg)
+    try:  # the source before the store: an unreachable source must not leave a new collection behind
+        objects, list_dead = list_objects(cfg.source.uri, cfg.source.include, cfg.source.exclude,
+                                          storage_options)
+    except Exception as exc:
+        raise PreflightError(f"source.uri {cfg.source.uri!r} cannot be listed: {type(exc).__name__}: "
+                             f"{redact(str(exc), secrets)}") from None
+    if cfg.qdrant.embedded:
+        ensure_ray(cfg)  # the embedded store's owner is an actor
+    store = Store(cfg)  # a server is pinged here, before Ray starts
+    try:
+        ensure_ray(cfg)
+    except BaseException:
+        store.close()
+        raise
     report = RunReport(run_id, cfg.qdrant.collection, cfg.source.uri, cfg.embedder.model,
                        config=cfg.redacted_dict())
+    failure: BaseException | None = None
     try:
         try:
             store.call("ensure_collection", spec)  # a mismatch stops here, before any work
         except Exception as exc:
-            raise PreflightError(str(exc)) from exc
-        try:
-            objects, list_dead = list_objects(cfg.source.uri, cfg.source.include, cfg.source.exclude,
-                                              storage_options)
-        except Exception as exc:
-            raise PreflightError(f"source.uri {cfg.source.uri!r} cannot be listed: {type(exc).__name__}: {exc}") from exc
+            raise PreflightError(redact(_error_text(exc), secrets)) from exc
         for d in list_dead:
             report.objects[d.uri] = "failed"
             report.dead_letters.append(d.to_row())
@@ -210,27 +247,86 @@ def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], Non
         echo(f"listed {len(objects)} objects: {len(plan.todo)} to ingest, {len(plan.unchanged)} unchanged")
 
         if plan.todo:
-            summary = _run_dataset(cfg, plan.todo, spec, store, storage_options, full_dim)
-            _account(report, summary)
-            # Units of changed objects that the new version no longer has.
-            replaced = {u: fp for u, fp in plan.changed.items() if report.objects.get(u) == "ingested"}
-            if replaced:
-                store.call("delete_stale", replaced)
-            gone = [u for u in plan.changed if report.objects.get(u) == "failed"]
-            if gone:  # the object changed into something unreadable: its old vectors are wrong now
-                store.call("delete_by_uri", gone)
-            report.deleted_stale_objects = len(replaced) + len(gone)
-        if prune and plan.vanished:
+            try:
+                summary = _run_dataset(cfg, plan.todo, spec, store, storage_options, full_dim)
+            except Exception as exc:  # the store or the cluster failed mid-run: say what got written
+                failure = exc
+                _account_stopped_run(report, plan.todo, store, exc)
+            else:
+                _account(report, summary)
+                # Units of changed objects that the new version no longer has.
+                replaced = {u: fp for u, fp in plan.changed.items() if report.objects.get(u) == "ingested"}
+                if replaced:
+                    store.call("delete_stale", replaced)
+                gone = [u for u in plan.changed if report.objects.get(u) == "failed"]
+                if gone:  # the object changed into something unreadable: its old vectors are wrong now
+                    store.call("delete_by_uri", gone)
+                report.deleted_stale_objects = len(replaced) + len(gone)
+        if prune and plan.vanished and failure is None:
             store.call("delete_by_uri", plan.vanished)
             report.pruned_objects = len(plan.vanished)
     finally:
         store.close()
         report.wall_seconds = time.perf_counter() - started
     run_dir = Path(cfg.output.dir) / run_id
-    report.write(run_dir, cfg.output.report_file, cfg.output.dead_letter_file, cfg.secret_values())
-    echo(report.summary())
+    report.write(run_dir, cfg.output.report_file, cfg.output.dead_letter_file, secrets)
+    echo(redact(report.summary(), secrets))
     echo(f"report: {run_dir / cfg.output.report_file}")
+    if failure is not None:
+        not_written = sum(1 for d in report.dead_letters if d.get("stage") == "write")
+        raise IngestError(redact(
+            f"the run stopped: {report.error}; {report.counts()['ingested']} objects were written completely, "
+            f"{not_written} were not (listed with stage 'write' in {run_dir / cfg.output.dead_letter_file}); "
+            "re-run the same job to finish (complete objects are skipped)", secrets)) from None
     return report
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _error_text(exc: BaseException) -> str:
+    """The message of the root cause; for a Ray error carrying a remote traceback, its last line."""
+    cause = root_cause(exc)
+    text = str(cause).strip()
+    if isinstance(cause, ray.exceptions.RayError) and "\n" in text:
+        text = [line for line in text.splitlines() if line.strip()][-1].strip()
+    return text
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The exception that started it all, through Ray's task-error wrappers and `raise ... from` chains."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        nxt = getattr(exc, "cause", None) if isinstance(exc, ray.exceptions.RayTaskError) else None
+        nxt = nxt if isinstance(nxt, BaseException) else exc.__cause__
+        if nxt is None:
+            break
+        exc = nxt
+    return exc
+
+
+def _account_stopped_run(report: RunReport, todo: list[Any], store: Store, exc: BaseException) -> None:
+    """After a mid-run failure: objects fully in the store are ingested, every other one is "not written"."""
+    cause = root_cause(exc)
+    report.error = f"{type(cause).__name__}: {_first_line(cause)}"
+    try:
+        stored = store.call("fingerprints_by_uri", [o.uri for o in todo])
+    except Exception as read_exc:  # the store may be down altogether
+        stored = None
+        report.error += f" (the store could not be read afterwards: {type(read_exc).__name__})"
+    for obj in todo:
+        if stored is not None and stored.get(obj.uri) == obj.fingerprint:
+            report.objects[obj.uri] = "ingested"
+            continue
+        report.objects[obj.uri] = "failed"
+        what = "not written" if stored is not None else "maybe not written (the store could not be checked)"
+        report.dead_letters.append({"uri": obj.uri, "position": None, "stage": "write",
+                                    "error_type": type(cause).__name__,
+                                    "message": f"{what}: the run stopped on {report.error}; re-run to finish"})
 
 
 def _run_dataset(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store,
@@ -247,7 +343,11 @@ def _run_dataset(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Stor
                                    embedder_kwargs=embedder_kwargs(cfg, storage_options)),
         batch_size=cfg.compute.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.compute.embed_actors),
-        num_gpus=num_gpus_per_actor(cfg), num_cpus=cfg.compute.cpus_per_actor)
+        num_gpus=num_gpus_per_actor(cfg), num_cpus=cfg.compute.cpus_per_actor,
+        # A crashed or killed embedding actor is restarted and its in-flight batch retried (upserts are
+        # idempotent: a retried batch never duplicates). Ray Data's default retries forever; a batch
+        # that keeps killing its actor (a decoder crash, OOM) stops the run after 3 retries instead.
+        max_restarts=-1, max_task_retries=3)
     sink = store.sink(spec)
     ds.write_datasink(sink)
     return sink.summary or {}

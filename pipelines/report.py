@@ -31,6 +31,7 @@ class RunReport:
     wall_seconds: float = 0.0
     write_stats: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # set when the run stopped on an infrastructure error (see pipelines.ingest)
 
     def counts(self) -> dict[str, int]:
         """Objects per status."""
@@ -78,6 +79,11 @@ class RunReport:
         if self.deleted_stale_objects or self.pruned_objects:
             lines.append(f"  replaced units of {self.deleted_stale_objects} changed objects, "
                          f"pruned {self.pruned_objects} vanished objects")
+        if self.error:
+            not_written = sum(1 for d in self.dead_letters if d.get("stage") == "write")
+            lines.append(f"  RUN STOPPED: {self.error}")
+            lines.append(f"  {c['ingested']} objects written completely, {not_written} not written "
+                         "(dead letters of stage 'write'); re-run to finish")
         if self.dead_letters:
             lines.append(f"  {len(self.dead_letters)} dead letters ({self.units_failed} failed units); first:")
             for d in self.dead_letters[:5]:

@@ -8,6 +8,13 @@ cannot appear in their repr, in logs or in exception messages.
 
 Embedded mode (`path`) is qdrant-client local mode: it takes an exclusive lock
 on its folder, so only ONE process may open a given path (see `qdrant_sink`).
+
+`client_wrapper` (optional) is a hook at the client boundary: a callable, or an
+importable ``"package.module:attribute"`` string naming one, called as
+``wrapper(client, settings)`` in whichever process opens the client; it returns the
+object used as the client (e.g. a proxy that injects faults, or adds tracing). It
+must be picklable (a string always is), because settings travel to Ray workers.
+The resilience tests use it to make writes fail (tests/resilience_helpers.py).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ class QdrantSettings:
     timeout_s: float = 30.0
     prefer_grpc: bool = False
     check_compatibility: bool = True
+    client_wrapper: Any = None  # None, a callable(client, settings) -> client, or "module:attr" naming one
 
     def __post_init__(self) -> None:
         url = self.url or None
@@ -62,8 +70,25 @@ class QdrantSettings:
         return cls(**dict(cfg))
 
 
+def _wrap(client: QdrantClient, settings: QdrantSettings) -> QdrantClient:
+    """Apply `settings.client_wrapper` (see the module doc), if any."""
+    wrapper = settings.client_wrapper
+    if wrapper is None:
+        return client
+    if isinstance(wrapper, str):
+        import importlib
+
+        module, _, attr = wrapper.partition(":")
+        wrapper = getattr(importlib.import_module(module), attr)
+    return wrapper(client, settings)
+
+
 def make_client(settings: QdrantSettings) -> QdrantClient:
     """Open a client: server mode with the API key from the environment, or embedded mode at `path`."""
+    return _wrap(_open_client(settings), settings)
+
+
+def _open_client(settings: QdrantSettings) -> QdrantClient:
     if settings.path is not None:
         os.makedirs(settings.path, exist_ok=True)
         return QdrantClient(path=settings.path)

@@ -50,6 +50,9 @@ class QdrantWriteError(RuntimeError):
         self.points_written = points_written
         self.attempts = attempts
 
+    def __reduce__(self):  # picklable, so it crosses Ray task boundaries as itself
+        return (type(self), (str(self), self.points_written, self.attempts))
+
 
 @dataclass
 class WriteStats:

@@ -50,8 +50,15 @@ class Detection:
 
 
 def extension(uri: str) -> str:
-    """Lower-case extension (with the dot) of a URI's last path component."""
-    return posixpath.splitext(uri.rsplit("/", 1)[-1].split("?", 1)[0])[1].lower()
+    """Lower-case extension (with the dot) of a URI's last path component.
+
+    Only http(s) URLs have a query string: in local paths and object-store keys
+    ``?`` and ``#`` are ordinary characters (``notes?.txt`` is a .txt file).
+    """
+    name = uri.rsplit("/", 1)[-1]
+    if uri.lower().startswith(("http://", "https://")):
+        name = name.split("?", 1)[0].split("#", 1)[0]
+    return posixpath.splitext(name)[1].lower()
 
 
 def _sniff_video(head: bytes) -> Detection | None:

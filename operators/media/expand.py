@@ -26,6 +26,8 @@ noticed until the manifest itself changes.
 from __future__ import annotations
 
 import contextlib
+import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -48,6 +50,10 @@ class ObjectTooLargeError(ValueError):
 
 class EmptyFileError(ValueError):
     """A zero-byte object."""
+
+
+class NotARegularFileError(ValueError):
+    """A local path that is a folder, FIFO, socket or device, not a file (never opened for reading)."""
 
 
 @dataclass(frozen=True)
@@ -85,11 +91,26 @@ def _options_for(uri: str, base_uri: str, storage_options: dict[str, Any] | None
     return storage_options if scheme == base else None
 
 
+def _open_local(path: str) -> IO[bytes]:
+    """Open a local regular file for reading; a FIFO, folder or device is refused without blocking on it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "folder" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "special file"
+            raise NotARegularFileError(f"not a regular file ({kind}): {path}")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 @contextlib.contextmanager
 def _open(uri: str, storage_options: dict[str, Any] | None) -> Iterator[IO[bytes]]:
-    """Open an object for binary reading (plain open for local files)."""
+    """Open an object for binary reading (local files: regular files only, see _open_local)."""
     if is_local_uri(uri):
-        with open(local_path(uri), "rb") as fh:
+        with _open_local(local_path(uri)) as fh:
             yield fh
     else:
         fs, path = fs_for(uri, storage_options)
@@ -235,5 +256,7 @@ def expand_object(
     """Units, dead letters and status (ok / skipped_unsupported / failed) for one object; never raises."""
     try:
         return _expand(obj, cfg, storage_options, tokenizer)
+    except FileNotFoundError as exc:  # listed, then gone: deleted (or renamed) after listing
+        return [], [_dead(obj.uri, exc, prefix="object not found: it was listed but is gone now (deleted after listing?): ")], FAILED
     except Exception as exc:
         return [], [_dead(obj.uri, exc)], FAILED

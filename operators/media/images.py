@@ -15,6 +15,7 @@ count is reported in ``ImageInfo.frames``.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -57,7 +58,9 @@ def _open(data: bytes) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"decompression-bomb guard: {exc}") from exc
     except Exception as exc:
-        raise ImageValidationError(f"not a readable image: {type(exc).__name__}: {exc}") from exc
+        # Pillow names the stream ("<_io.BytesIO object at 0x...>"): say what it is instead
+        reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "data (not a known image format)", str(exc))
+        raise ImageValidationError(f"not a readable image: {type(exc).__name__}: {reason}") from exc
 
 
 def _check_geometry(width: int, height: int, max_pixels: int) -> None:

@@ -53,9 +53,13 @@ def _open_document(data: bytes) -> pdfium.PdfDocument:
     try:
         return pdfium.PdfDocument(data)
     except pdfium.PdfiumError as exc:
+        # PDFium refuses to load zero-page documents at all, sometimes with a PASSWORD error
+        # code: an unencrypted file whose page tree says /Count 0 has no pages.
+        if _declares_no_pages(data) and b"/Encrypt" not in data:
+            raise PdfEmptyError("PDF has no pages") from exc
         if getattr(exc, "err_code", None) == pdfium_c.FPDF_ERR_PASSWORD:
             raise PdfEncryptedError("PDF is encrypted and needs a password") from exc
-        if _declares_no_pages(data):  # PDFium refuses to load zero-page documents at all
+        if _declares_no_pages(data):
             raise PdfEmptyError("PDF has no pages") from exc
         raise PdfCorruptError(f"corrupt or unreadable PDF: {exc}") from exc
 

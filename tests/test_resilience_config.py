@@ -1,0 +1,150 @@
+"""Configuration mistakes fail before any work: one clear message on stderr, exit code 2, nothing written.
+
+Each case runs the real CLI entry point (`pipelines.cli.main`) on a YAML file. "Nothing written"
+means: no run folder, and no collection (the embedded store's folder is not even created when
+the failure is found before the store is opened).
+"""
+
+import pytest
+
+from pipelines.cli import EXIT_CONFIG, main as qvl
+from tests.resilience_helpers import all_points, config_dict, free_port, write_yaml
+
+
+@pytest.fixture()
+def source(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "note.txt").write_text("A small note that must never be embedded by a broken config.")
+    return src
+
+
+def run_cli(tmp_path, data, capsys, name="cfg.yaml"):
+    path = write_yaml(data, tmp_path / name)
+    code = qvl(["ingest", path])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_nothing_written(tmp_path, collection="media"):
+    runs = tmp_path / "runs"
+    assert not runs.exists() or not any(runs.iterdir()), "a run folder was written"
+    qdrant = tmp_path / "qdrant"
+    if qdrant.exists():
+        assert all_points(qdrant, collection) == []
+        from qdrant_client import QdrantClient
+
+        client = QdrantClient(path=str(qdrant))
+        try:
+            assert not client.collection_exists(collection), "a collection was created"
+        finally:
+            client.close()
+
+
+def one_clear_error(err, *patterns):
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, err
+    assert "Traceback" not in err, err
+    for p in patterns:
+        assert p in errors[0], (p, errors[0])
+    return errors[0]
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda d: d["qdrant"].update(urll="http://127.0.0.1:6333"), ["qdrant: unknown key 'urll'", "did you mean 'url'"]),
+    (lambda d: d.update(embeder={"model": "x"}), ["unknown top-level key 'embeder'"]),
+    (lambda d: d["compute"].update(embed_actors="two"), ["compute.embed_actors: expected an integer"]),
+    (lambda d: d["embedder"].update(mrl_dims="64"), ["embedder.mrl_dims: expected a list"]),
+    (lambda d: d["expand"].update(chunk_tokens=0), ["expand.chunk_tokens: must be >= 1"]),
+    (lambda d: d["limits"].update(max_image_pixels=-5), ["limits.max_image_pixels: must be >= 1"]),
+    (lambda d: d["qdrant"].update(url="http://127.0.0.1:6333"), ["qdrant.url", "qdrant.path", "got both"]),
+    (lambda d: d["source"].pop("uri"), ["source.uri: required key missing"]),
+], ids=["unknown-key", "unknown-section", "wrong-type-int", "wrong-type-list", "bad-value", "bad-limit",
+        "both-url-and-path", "missing-key"])
+def test_invalid_config_is_one_clear_error_and_exit_2(mutate, expected, tmp_path, source, tiny_embedding_ckpt, capsys):
+    data = config_dict(source, tiny_embedding_ckpt, tmp_path, limits={})
+    mutate(data)
+    code, out, err = run_cli(tmp_path, data, capsys)
+    assert code == EXIT_CONFIG
+    line = one_clear_error(err, *expected)
+    assert line.startswith(f"error: config {tmp_path / 'cfg.yaml'}:")
+    assert_nothing_written(tmp_path)
+
+
+def test_unreachable_qdrant_server_fails_in_preflight(tmp_path, source, tiny_embedding_ckpt, capsys):
+    url = f"http://127.0.0.1:{free_port()}"
+    data = config_dict(source, tiny_embedding_ckpt, tmp_path)
+    data["qdrant"] = {"url": url, "collection": "media", "timeout_s": 5}
+    code, out, err = run_cli(tmp_path, data, capsys)
+    assert code == EXIT_CONFIG
+    one_clear_error(err, f"qdrant.url {url} is unreachable")
+    assert_nothing_written(tmp_path)
+
+
+def test_unreachable_s3_endpoint_fails_in_preflight_naming_the_source(tmp_path, tiny_embedding_ckpt, capsys):
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    # Two attempts instead of botocore's five keep the test short; the outcome is the same.
+    options = {"endpoint_url": endpoint, "key": "AKIDPREFLIGHTTEST", "secret": "preflight-test-secret-value", "config_kwargs": {"retries": {"max_attempts": 2}}}
+    data = config_dict("s3://nowhere-bucket/media/", tiny_embedding_ckpt, tmp_path, storage_options=options)
+    code, out, err = run_cli(tmp_path, data, capsys)
+    assert code == EXIT_CONFIG
+    one_clear_error(err, "source.uri 's3://nowhere-bucket/media/' cannot be listed", "Could not connect")
+    assert not (tmp_path / "qdrant").exists(), "the store was opened before the source was checked"
+    assert_nothing_written(tmp_path)
+
+
+def test_missing_local_source_fails_in_preflight(tmp_path, tiny_embedding_ckpt, capsys):
+    data = config_dict(tmp_path / "no_such_folder", tiny_embedding_ckpt, tmp_path)
+    code, out, err = run_cli(tmp_path, data, capsys)
+    assert code == EXIT_CONFIG
+    one_clear_error(err, "source.uri", "no_such_folder", "cannot be listed")
+    assert not (tmp_path / "qdrant").exists()
+    assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["missing", "not-a-model"])
+def test_unloadable_model_fails_in_preflight(kind, tmp_path, source, capsys):
+    model = tmp_path / "model"
+    if kind == "not-a-model":
+        model.mkdir()
+        (model / "config.json").write_text("{this is not json")
+    data = config_dict(source, model, tmp_path)
+    code, out, err = run_cli(tmp_path, data, capsys)
+    assert code == EXIT_CONFIG
+    one_clear_error(err, f"embedder.model '{model}' cannot be loaded")
+    assert not (tmp_path / "qdrant").exists()
+    assert_nothing_written(tmp_path)
+
+
+def test_mrl_dimension_larger_than_the_model_fails_in_preflight(tmp_path, source, tiny_embedding_ckpt, capsys):
+    data = config_dict(source, tiny_embedding_ckpt, tmp_path)
+    data["embedder"]["mrl_dims"] = [100000]
+    code, out, err = run_cli(tmp_path, data, capsys)
+    assert code == EXIT_CONFIG
+    one_clear_error(err, "embedder.mrl_dims: 100000 is larger than the model's dimension")
+    assert_nothing_written(tmp_path)
+
+
+def test_missing_secret_variable_is_named_without_a_value(tmp_path, source, tiny_embedding_ckpt, capsys, monkeypatch):
+    monkeypatch.delenv("QVL_TEST_UNSET_SECRET", raising=False)
+    data = config_dict(source, tiny_embedding_ckpt, tmp_path, storage_options={"secret": "${QVL_TEST_UNSET_SECRET}"})
+    code, out, err = run_cli(tmp_path, data, capsys)
+    assert code == EXIT_CONFIG
+    one_clear_error(err, "environment variable 'QVL_TEST_UNSET_SECRET' is not set")
+    assert_nothing_written(tmp_path)
+
+
+def test_embedded_store_locked_by_another_process_fails_in_preflight(tmp_path, source, tiny_embedding_ckpt, capsys,
+                                                                      ray_local):
+    from qdrant_client import QdrantClient
+
+    holder = QdrantClient(path=str(tmp_path / "qdrant"))  # e.g. a previous run's owner that is still alive
+    try:
+        code, out, err = run_cli(tmp_path, config_dict(source, tiny_embedding_ckpt, tmp_path), capsys)
+        assert code == EXIT_CONFIG
+        one_clear_error(err, "is already accessed by another instance of Qdrant client")
+        assert not holder.collection_exists("media")
+    finally:
+        holder.close()
+    assert_nothing_written(tmp_path)

@@ -1,0 +1,325 @@
+"""Failures injected while the real job runs (Ray local cluster, moto S3 on loopback, embedded Qdrant).
+
+- an embedding actor killed mid-run: restarted, its batch retried, every unit stored exactly once;
+- Qdrant writes failing transiently (503s and timeouts at the client boundary): retried, nothing lost;
+  failing persistently: the run stops with exit code 3 and the report says what was and was not written;
+- the S3 endpoint answering 503 (loopback proxy in front of moto): retried, everything ingested; an
+  object deleted between listing and reading: a dead letter, not a crash;
+- the driver SIGKILLed mid-run: the same job run again completes without duplicates, re-embedding only
+  the objects that were not completely written.
+"""
+
+import dataclasses
+import functools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from ray import cloudpickle
+
+import tests.resilience_helpers as helpers
+from pipelines import ingest
+from pipelines.cli import EXIT_INFRA, EXIT_OK, main as qvl
+from pipelines.config import parse_config
+from pipelines.ingest import run_ingest
+from tests.resilience_corpus import make_text_corpus
+from tests.resilience_helpers import (FlakyProxy, FlakyQdrantClient, all_points, config_dict, latest_run, point_keys,
+                                      reap_session, sqlite_point_count, write_yaml)
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+ONE_CHUNK = {"chunk_tokens": 512, "overlap_tokens": 8}  # every generated text file is one unit
+
+
+@pytest.fixture()
+def client_wrapper(monkeypatch):
+    """Install a QdrantSettings.client_wrapper for the runs of one test (the flaky client reaches
+    the owner actor by value: `tests` is not importable in Ray workers)."""
+    cloudpickle.register_pickle_by_value(helpers)
+    original = ingest.qdrant_settings
+
+    def install(wrapper):
+        monkeypatch.setattr(ingest, "qdrant_settings",
+                            lambda cfg: dataclasses.replace(original(cfg), client_wrapper=wrapper))
+
+    yield install
+    cloudpickle.unregister_pickle_by_value(helpers)
+
+
+def check_exactly_once(qdrant_path, expected_keys):
+    points = all_points(qdrant_path)
+    keys = point_keys(points)
+    assert len(keys) == len(set(keys)), "a unit was stored twice"
+    assert sorted(keys) == sorted(expected_keys)
+    return points
+
+
+def text_keys(src, names):
+    return [(str(src / n), "chunk=0") for n in names]
+
+
+# ----------------------------------------------------------------------------- (a) actor killed
+
+
+def _embed_actors(job_id):
+    """This job's embedding actors (Ray Data names them "MapWorker(MapBatches(EmbedStage))")."""
+    from ray._private import state
+
+    return {aid: a for aid, a in state.actors().items()
+            if "EmbedStage" in a["ActorClassName"] and a["JobID"] == job_id}
+
+
+def test_embedding_actor_killed_mid_run_is_restarted_and_nothing_is_lost(tmp_path, tiny_embedding_ckpt, ray_local):
+    src = tmp_path / "src"
+    names = make_text_corpus(src, 40, words=40)
+    cfg = parse_config(config_dict(src, tiny_embedding_ckpt, tmp_path, compute={"batch_size": 2}, expand=ONE_CHUNK))
+    job_id = ray.get_runtime_context().get_job_id()
+    before = set(_embed_actors(job_id))
+    killed = {}
+    done = threading.Event()
+
+    def killer():
+        # SIGKILL the embedding actor's process (a crash, not a polite exit) shortly after it has loaded
+        # the model and started taking batches: 20 batches of 2 rows keep it busy for seconds.
+        alive_since = None
+        while not done.is_set():
+            alive = [(aid, a) for aid, a in _embed_actors(job_id).items() if aid not in before and a["State"] == "ALIVE"]
+            if alive and alive_since is None:
+                alive_since = time.monotonic()
+            if alive and time.monotonic() - alive_since > 0.3:
+                aid, actor = alive[0]
+                written = sqlite_point_count(tmp_path / "qdrant")
+                os.kill(actor["Pid"], signal.SIGKILL)
+                killed.update(actor_id=aid, pid=actor["Pid"], written=written, at=time.monotonic())
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        report = run_ingest(cfg)
+    finally:
+        done.set()
+        thread.join(5)
+    finished = time.monotonic()
+    assert killed, "the embedding actor was never found alive"
+    assert killed["written"] < len(names), "killed too late: everything was already written"
+    assert killed["at"] < finished
+    assert _embed_actors(job_id)[killed["actor_id"]]["NumRestarts"] >= 1, "the killed actor was not restarted"
+    assert report.counts()["ingested"] == len(names) and report.counts()["failed"] == 0
+    assert not report.dead_letters and report.error is None
+    check_exactly_once(tmp_path / "qdrant", text_keys(src, names))
+
+
+# ---------------------------------------------------------------------- (b) Qdrant writes failing
+
+
+def test_transient_qdrant_write_failures_are_retried_and_nothing_is_lost(tmp_path, tiny_embedding_ckpt, ray_local,
+                                                                          client_wrapper):
+    src = tmp_path / "src"
+    names = make_text_corpus(src, 24)
+    client_wrapper(functools.partial(FlakyQdrantClient, fail_upserts=3))  # 503, timeout, 503, then fine
+    cfg = parse_config(config_dict(src, tiny_embedding_ckpt, tmp_path, qdrant={"upsert_batch": 8}, expand=ONE_CHUNK))
+    report = run_ingest(cfg)
+    assert report.error is None
+    assert report.write_stats["retries"] >= 3
+    assert report.points_written == len(names) and report.counts()["ingested"] == len(names)
+    check_exactly_once(tmp_path / "qdrant", text_keys(src, names))
+
+
+def test_persistent_qdrant_write_failure_stops_the_run_and_reports_what_was_not_written(
+        tmp_path, tiny_embedding_ckpt, ray_local, client_wrapper, capsys):
+    src = tmp_path / "src"
+    names = make_text_corpus(src, 12)
+    client_wrapper(functools.partial(FlakyQdrantClient, fail_upserts=None))  # the store never comes back
+    path = write_yaml(config_dict(src, tiny_embedding_ckpt, tmp_path, qdrant={"upsert_batch": 64}, expand=ONE_CHUNK),
+                      tmp_path / "cfg.yaml")
+    started = time.monotonic()
+    code = qvl(["ingest", path])
+    elapsed = time.monotonic() - started
+    out, err = capsys.readouterr()
+    assert code == EXIT_INFRA
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    assert "QdrantWriteError" in errors[0] and "failed after 6 attempts" in errors[0]
+    assert f"0 objects were written completely, {len(names)} were not" in errors[0]
+    assert "RUN STOPPED: QdrantWriteError" in out
+    saved, dead = latest_run(tmp_path / "runs")
+    assert saved["error"].startswith("QdrantWriteError: upsert on collection 'media' failed after 6 attempts")
+    assert saved["counts"]["failed"] == len(names) and saved["counts"]["ingested"] == 0
+    not_written = sorted(d["uri"] for d in dead if d["stage"] == "write")
+    assert not_written == sorted(str(src / n) for n in names)
+    assert all("not written" in d["message"] for d in dead if d["stage"] == "write")
+    assert all_points(tmp_path / "qdrant") == []
+    assert elapsed < 120, f"stopping took {elapsed:.0f}s"
+
+
+# --------------------------------------------------------------------------- (c) S3 failing
+
+
+def test_s3_endpoint_failing_transiently_and_an_object_deleted_after_listing(
+        tmp_path, tiny_embedding_ckpt, moto_s3, ray_local, monkeypatch):
+    from tests.resilience_corpus import encode, pattern, write_av
+
+    s3 = moto_s3["client"]
+    bucket = "flaky-s3"
+    s3.create_bucket(Bucket=bucket)
+    texts = [f"notes/n{i}.txt" for i in range(3)] + ["odd/with space.txt", "odd/ünï 日本.txt", "odd/hash#tag.txt",
+                                                     "odd/question?.txt", "odd/percent%20twenty.txt"]
+    for i, key in enumerate(texts):
+        s3.put_object(Bucket=bucket, Key=f"in/{key}", Body=f"Note {i} stored under the key {key}.".encode())
+    s3.put_object(Bucket=bucket, Key="in/images/p.png", Body=encode(pattern(3, (40, 30)), "PNG"))
+    write_av(tmp_path / "clip.mp4", 2.0)
+    s3.upload_file(str(tmp_path / "clip.mp4"), bucket, "in/videos/clip.mp4")  # the embed stage reads it via S3 too
+    victim = "in/notes/n2.txt"
+
+    real_list = ingest.list_objects
+
+    def list_then_delete(*args, **kwargs):  # the object vanishes between listing and reading
+        listed = real_list(*args, **kwargs)
+        s3.delete_object(Bucket=bucket, Key=victim)
+        return listed
+
+    monkeypatch.setattr(ingest, "list_objects", list_then_delete)
+    with FlakyProxy(moto_s3["endpoint_url"], fail_first=3, fail_each_once=True) as proxy:
+        options = {"endpoint_url": proxy.url, "key": "testing", "secret": "testing"}
+        cfg = parse_config(config_dict(f"s3://{bucket}/in/", tiny_embedding_ckpt, tmp_path, storage_options=options,
+                                       expand=ONE_CHUNK))
+        report = run_ingest(cfg)
+    uri = lambda key: f"s3://{bucket}/{key}"  # noqa: E731
+    # Every object read met a 503 (HEAD and GET each failed once) and was retried.
+    failed_paths = {path for _, path in proxy.failed}
+    for key in [f"in/{t}" for t in texts if f"in/{t}" != victim] + ["in/images/p.png", "in/videos/clip.mp4"]:
+        from urllib.parse import quote
+        assert f"/{bucket}/{quote(key, safe='/~')}" in failed_paths or f"/{bucket}/{key}" in failed_paths, key
+    assert len(proxy.failed) >= 3 + len(texts)
+
+    assert report.error is None
+    assert report.counts() == {"ingested": len(texts) - 1 + 2, "unchanged": 0, "failed": 1, "skipped": 0}
+    (letter,) = report.dead_letters
+    assert letter["uri"] == uri(victim) and letter["stage"] == "expand" and letter["error_type"] == "FileNotFoundError"
+    assert "listed but is gone now" in letter["message"]
+    expected = [(uri(f"in/{t}"), "chunk=0") for t in texts if f"in/{t}" != victim]
+    expected += [(uri("in/images/p.png"), "image"), (uri("in/videos/clip.mp4"), "t=0.000-1.000"),
+                 (uri("in/videos/clip.mp4"), "t=1.000-2.000")]
+    check_exactly_once(tmp_path / "qdrant", expected)
+
+
+# ------------------------------------------------------------------------------ (d) driver killed
+
+
+def _expected_units(src, ckpt):
+    """(uri, position) of every unit of every file under src, and units per uri, from the expansion itself."""
+    from transformers import AutoTokenizer
+
+    from operators.media.expand import ExpandSettings, expand_object
+    from operators.media.listing import list_objects
+
+    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    objects, _ = list_objects(str(src))
+    keys, per_uri = [], {}
+    for obj in objects:
+        units, _, _ = expand_object(obj, ExpandSettings(chunk_tokens=64, overlap_tokens=8), None, tok)
+        keys += [(u.object_uri, u.position) for u in units]
+        per_uri[obj.uri] = len(units)
+    return keys, per_uri
+
+
+def _complete_objects(qdrant_path):
+    """URIs whose points are all in the store (what the next run will skip)."""
+    from qdrant_client import QdrantClient
+
+    from sinks.qdrant_writer import INCOMPLETE, QdrantWriter
+
+    client = QdrantClient(path=str(qdrant_path))
+    try:
+        if not client.collection_exists("media"):
+            return set()
+        return {u for u, fp in QdrantWriter(client, "media").fingerprints_by_uri().items() if fp != INCOMPLETE}
+    finally:
+        client.close()
+
+
+def _wait_lock_free(lock_file, timeout_s):
+    """True once an exclusive flock on lock_file can be taken (and is released again at once)."""
+    import fcntl
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with open(lock_file, "r+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass
+            else:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+                return True
+        time.sleep(0.1)
+    return False
+
+
+def test_driver_killed_mid_run_then_rerun_completes_without_duplicates(tmp_path, tiny_embedding_ckpt, ray_local,
+                                                                       request):
+    src = tmp_path / "src"
+    make_text_corpus(src, 24, words=40)  # about 5 chunks per file
+    expected, per_uri = _expected_units(src, tiny_embedding_ckpt)
+    path = write_yaml(config_dict(src, tiny_embedding_ckpt, tmp_path, compute={"batch_size": 4},
+                                  qdrant={"upsert_batch": 16}), tmp_path / "cfg.yaml")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="qvlray", dir="/tmp"))  # short: Ray's socket paths
+    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    env.update(RAY_TMPDIR=str(ray_tmp), PYTHONPATH=str(REPO))  # its own Ray, not this session's
+    qdrant = tmp_path / "qdrant"
+    with open(tmp_path / "driver.out", "wb") as out, open(tmp_path / "driver.err", "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "ingest", path], cwd=REPO, env=env,
+                                stdout=out, stderr=err, start_new_session=True)
+        try:
+            # Kill the driver (SIGKILL: no cleanup at all) once a quarter of the points are in the store.
+            deadline = time.monotonic() + 240
+            written = 0
+            while time.monotonic() < deadline and proc.poll() is None:
+                written = sqlite_point_count(qdrant)
+                if written >= len(expected) // 4:
+                    break
+                time.sleep(0.01)
+            assert proc.poll() is None, f"the run ended before it could be killed: {(tmp_path / 'driver.err').read_text()[-2000:]}"
+            assert written < len(expected), "everything was written before the kill"
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(30)
+    try:
+        # The embedded store's lock is an flock held by the owner actor's process: the kernel drops it
+        # when that process dies, which it does with the killed driver's Ray (fate sharing). No stale
+        # lock is left behind, and nothing is killed here until that has been seen.
+        assert _wait_lock_free(qdrant / ".lock", 60), "the embedded store is still locked after the driver died"
+    finally:
+        # Ray's agent processes notice the lost raylet only after a while: end them, by pid.
+        stragglers = reap_session(proc.pid, grace_s=3)
+    assert not list((tmp_path / "runs").glob("*/report.json")), "a killed run wrote a report"
+    after_kill = len(all_points(qdrant))
+    complete = _complete_objects(qdrant)
+    assert 0 < after_kill < len(expected)
+    assert len(complete) < len(per_uri)
+
+    # The same job again: it finishes, skips the complete objects and re-embeds only the rest.
+    assert qvl(["ingest", path]) == EXIT_OK
+    saved, dead = latest_run(tmp_path / "runs")
+    assert not dead and saved["error"] is None
+    assert saved["counts"]["unchanged"] == len(complete)
+    assert saved["counts"]["ingested"] == len(per_uri) - len(complete)
+    assert saved["points_written"] == len(expected) - sum(per_uri[u] for u in complete)
+    check_exactly_once(qdrant, expected)
+    print(f"killed after {written} points ({after_kill} stored, {len(complete)} complete objects); "
+          f"stragglers killed: {stragglers}")
