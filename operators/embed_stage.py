@@ -8,10 +8,12 @@ dropped after this stage: only vectors and payloads travel on to the sink.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 import numpy as np
+import torch
 
 from .qwen3vl.embedder import Qwen3VLEmbedder, reduce_dim
 from .units import model_input_from_row
@@ -26,11 +28,27 @@ def vector_column(dim: int | None) -> str:
     return "vec_full" if dim is None else f"vec_mrl_{dim}"
 
 
+def cpu_threads() -> int:
+    """Intra-op threads for an embedder on CPU: $QVL_TORCH_THREADS, else every core this process may use."""
+    env = os.environ.get("QVL_TORCH_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 class EmbedStage:
     """Loads the embedder once per actor and embeds the unit rows of each batch."""
 
     def __init__(self, model: str, mrl_dims: list[int], embedder_kwargs: dict[str, Any] | None = None) -> None:
         self.embedder = Qwen3VLEmbedder(model, **(embedder_kwargs or {}))
+        # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1 by default), which halves a CPU
+        # embedder on a 2-core machine: its matmuls are what this node's cores are for. (On a GPU
+        # the CPU threads only prepare inputs, so Ray's setting is kept.)
+        self.threads = cpu_threads() if self.embedder.device.type == "cpu" else None
+        self._set_threads()
         self.mrl_dims = list(mrl_dims)
         for d in self.mrl_dims:  # a bad dimension fails the actor at start, before any row
             reduce_dim(np.zeros((1, self.embedder.hidden_size), np.float32), d)
@@ -38,6 +56,7 @@ class EmbedStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         """Embed the batch's unit rows; carry the other rows through."""
         start = time.perf_counter()
+        self._set_threads()
         kinds = batch["row_kind"]
         n = len(kinds)
         live = [i for i in range(n) if kinds[i] == "unit"]
@@ -66,3 +85,8 @@ class EmbedStage:
             out["seconds"][i] = per_row
         out.update(vectors)
         return out
+
+    def _set_threads(self) -> None:
+        # Per call too: OpenMP's thread count is per calling thread, and Ray may call from another one.
+        if self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)

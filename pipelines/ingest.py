@@ -329,25 +329,53 @@ def _account_stopped_run(report: RunReport, todo: list[Any], store: Store, exc: 
                                     "message": f"{what}: the run stopped on {report.error}; re-run to finish"})
 
 
+# Object store bytes the ingestion dataset may hold per embedding actor (see _run_dataset): a few
+# batches of encoded images; a GPU actor eats them faster than a CPU one.
+INFLIGHT_BYTES_PER_CPU_ACTOR = 512 * 1024 * 1024
+INFLIGHT_BYTES_PER_GPU_ACTOR = 2 * 1024 * 1024 * 1024
+OBJECTS_PER_EXPAND_TASK = 64
+
+
+def input_blocks(n_objects: int) -> int:
+    """Blocks (= expand tasks) for the listed objects: about 64 objects per task.
+
+    Each Ray task costs a few milliseconds of driver, raylet and worker CPU: 256 tasks of a few
+    files each take CPU from a CPU embedder on a small machine (bench/RESULTS.md). A task's
+    memory grows with its objects, so tasks stay small (bounded memory whatever the corpus
+    size), and a cluster still gets at least two tasks per CPU.
+    """
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(n_objects, 4096, max(2 * cpus, -(-n_objects // OBJECTS_PER_EXPAND_TASK))))
+
+
 def _run_dataset(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store,
                  storage_options: dict[str, Any], full_dim: int) -> dict[str, Any]:
     """Build and run the Ray Data pipeline over the objects to ingest; returns the sink's summary."""
-    ds = ray.data.from_items([object_to_row(o) for o in todo], override_num_blocks=max(1, min(len(todo), 256)))
+    ds = ray.data.from_items([object_to_row(o) for o in todo], override_num_blocks=input_blocks(len(todo)))
     ds = ds.flat_map(expand_rows, fn_kwargs=dict(
         settings=expand_settings(cfg), storage_options=storage_options, model=cfg.embedder.model,
         model_id=cfg.embedder.model, dim=full_dim, ingested_at=datetime.now(timezone.utc).isoformat()),
         num_cpus=1, **({"concurrency": cfg.compute.prepare_concurrency} if cfg.compute.prepare_concurrency else {}))
+    gpus = num_gpus_per_actor(cfg)
     ds = ds.map_batches(
         EmbedStage,
         fn_constructor_kwargs=dict(model=cfg.embedder.model, mrl_dims=list(cfg.embedder.mrl_dims),
                                    embedder_kwargs=embedder_kwargs(cfg, storage_options)),
         batch_size=cfg.compute.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.compute.embed_actors),
-        num_gpus=num_gpus_per_actor(cfg), num_cpus=cfg.compute.cpus_per_actor,
+        num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor,
         # A crashed or killed embedding actor is restarted and its in-flight batch retried (upserts are
         # idempotent: a retried batch never duplicates). Ray Data's default retries forever; a batch
         # that keeps killing its actor (a decoder crash, OOM) stops the run after 3 retries instead.
         max_restarts=-1, max_task_retries=3)
+    # Streaming with a fixed memory bound: Ray Data's default lets a dataset buffer up to half the
+    # object store (GBs on a big node), so a fast expand stage would run that far ahead of the
+    # embedder and memory would grow with the corpus up to there. A few embedding batches in
+    # flight per actor keep it fed; more only costs memory.
+    options = ds.context.execution_options
+    per_actor = INFLIGHT_BYTES_PER_GPU_ACTOR if gpus > 0 else INFLIGHT_BYTES_PER_CPU_ACTOR
+    limit = min(options.resource_limits.object_store_memory, per_actor * cfg.compute.embed_actors)
+    options.resource_limits = options.resource_limits.copy(object_store_memory=limit)
     sink = store.sink(spec)
     ds.write_datasink(sink)
     return sink.summary or {}

@@ -152,7 +152,7 @@ def test_defaults():
     assert (em.token_budget, em.max_batch_items, em.instruction) == (16384, 64, None)
     c = cfg.compute
     assert (c.ray_address, c.embed_actors, c.num_gpus_per_actor, c.cpus_per_actor) == (None, 1, 0.0, 1.0)
-    assert (c.batch_size, c.prepare_concurrency) == (64, None)
+    assert (c.batch_size, c.prepare_concurrency) == (512, None)
     assert c.effective_num_gpus(0) == 0.0 and c.effective_num_gpus(2) == 1.0
     q = cfg.qdrant
     assert (q.url, q.path, q.api_key_env, q.collection) == (None, "qdrant_data", "QDRANT_API_KEY", "media")

@@ -1,4 +1,15 @@
-"""Qwen3-VL-Reranker: the reference's yes/no relevance score, batched with left padding."""
+"""Qwen3-VL-Reranker: the reference's yes/no relevance score, batched, with the query's prefix computed once.
+
+Every pair of one query starts with the same tokens (system prompt, instruction, query,
+often ``\\n<Document>:``). The model is causal, so the keys/values of that shared prefix
+do not depend on the document: :meth:`Qwen3VLReranker.score` runs the prefix once
+(with the query's images/videos) and then only the documents' suffixes, batched with
+right padding on top of the prefix cache expanded to the batch. Qwen3-VL's 3-D rotary
+positions (mrope) are computed for each FULL pair sequence with the model's own
+``get_rope_index`` and the suffix slice is passed explicitly, so every token sees exactly
+the positions and keys/values it sees in the plain path. Scores equal the plain
+(left-padded, whole-sequence) path's to float tolerance; ``prefix_cache=False`` turns it off.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
-from transformers import Qwen3VLForConditionalGeneration
+from transformers import DynamicCache, Qwen3VLForConditionalGeneration
 
-from .formatting import DEFAULT_RERANK_INSTRUCTION, VisionSettings, rerank_conversation
+from .formatting import DEFAULT_RERANK_INSTRUCTION, VisionSettings, media_content, rerank_conversation
 from .loading import ModelLoadError, load_model, load_processor, resolve_device, resolve_dtype
 from .media_io import VideoFiles
 from .preprocess import (InputError, Prepared, collate, describe_error, render_prompt, resolve_sources,
@@ -49,6 +61,47 @@ def truncate_keeping_special(ids: list[int], max_length: int, special_ids: set[i
     return kept
 
 
+@dataclass
+class _PrefixPlan:
+    """The shared prefix of one query's pairs: its length and the query vision items it holds whole."""
+
+    length: int
+    n_images: int  # leading rows of image_grid_thw (the query's images) inside the prefix
+    n_videos: int  # leading rows of video_grid_thw (the query's videos) inside the prefix
+    image_rows: int  # leading rows of pixel_values belonging to those images
+    video_rows: int  # leading rows of pixel_values_videos belonging to those videos
+
+
+def _common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix shared by every sequence."""
+    ref = np.asarray(seqs[0], dtype=np.int64)
+    length = min(len(x) for x in seqs)
+    for x in seqs[1:]:
+        if length == 0:
+            break
+        diff = np.nonzero(np.asarray(x[:length], dtype=np.int64) != ref[:length])[0]
+        if diff.size:
+            length = int(diff[0])
+    return length
+
+
+def _vision_spans(ids: np.ndarray, pad_id: int, grid: torch.Tensor | None, merge: int) -> list[tuple[int, int]]:
+    """(first, last) token position of each vision item's placeholder tokens, in grid order."""
+    if grid is None or grid.numel() == 0:
+        return []
+    positions = np.nonzero(ids == pad_id)[0]
+    sizes = (grid.prod(dim=-1) // (merge * merge)).tolist()
+    spans, start = [], 0
+    for n in sizes:
+        if n <= 0 or start + n > len(positions):
+            raise ValueError("vision placeholders do not match the grid")
+        spans.append((int(positions[start]), int(positions[start + n - 1])))
+        start += n
+    if start != len(positions):
+        raise ValueError("vision placeholders do not match the grid")
+    return spans
+
+
 class Qwen3VLReranker:
     """Scores (query, document) pairs exactly as the official Qwen3-VL-Reranker does."""
 
@@ -57,16 +110,22 @@ class Qwen3VLReranker:
                  max_length: int = 10240, min_pixels: int = 4096, max_pixels: int = 1843200,
                  total_pixels: int = 7864320, fps: float = 1.0, max_frames: int = 64,
                  default_instruction: str = DEFAULT_RERANK_INSTRUCTION, token_budget: int = 32768,
-                 max_batch_items: int = 32, prepare_workers: int | None = None,
-                 storage_options: dict[str, Any] | None = None, **model_kwargs: Any) -> None:
+                 max_batch_items: int | None = None, prepare_workers: int | None = None,
+                 storage_options: dict[str, Any] | None = None, prefix_cache: bool = True,
+                 **model_kwargs: Any) -> None:
         self.model_name_or_path = model_name_or_path
+        self.prefix_cache = prefix_cache
+        # Length of the shared prefix the last score() call reused (0: it took the plain path).
+        self.last_prefix_length = 0
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.max_length = max_length
         self.vision = VisionSettings(min_pixels, max_pixels, total_pixels, fps, max_frames)
         self.default_instruction = default_instruction
         self.token_budget = token_budget
-        self.max_batch_items = max_batch_items
+        # Pairs per forward batch. On a CPU, batches of ~16 run faster than 32 (smaller activations stay
+        # in cache; bench/RESULTS.md); a GPU wants larger ones.
+        self.max_batch_items = max_batch_items or (32 if self.device.type == "cuda" else 16)
         self.storage_options = storage_options or {}
         self.processor = load_processor(model_name_or_path, padding_side="left")
         lm = load_model(Qwen3VLForConditionalGeneration, model_name_or_path, self.device, self.dtype,
@@ -79,6 +138,10 @@ class Qwen3VLReranker:
         self.score_vector = (weight[vocab["yes"]].float() - weight[vocab["no"]].float()).to(self.device)
         self.model = lm.model
         del lm  # the full LM head is not needed beyond the two rows above
+        config = self.model.config
+        self._image_id = int(config.image_token_id)
+        self._video_id = int(config.video_token_id)
+        self._merge = int(config.vision_config.spatial_merge_size)
         self._special_ids = set(self.processor.tokenizer.all_special_ids)
         self._video_files = VideoFiles(self.storage_options)
         self._pool = ThreadPoolExecutor(prepare_workers or min(8, (os.cpu_count() or 2)),
@@ -115,10 +178,115 @@ class Qwen3VLReranker:
     @torch.inference_mode()
     def score_prepared(self, items: Sequence[Prepared]) -> list[float]:
         """Scores for one batch of prepared pairs (left padded, last position)."""
-        batch = collate(items, self.processor.tokenizer.pad_token_id, padding_side="left")
+        batch = self._to_device(collate(items, self.processor.tokenizer.pad_token_id, padding_side="left"))
+        hidden = self.model(**batch, use_cache=False).last_hidden_state[:, -1]
+        return torch.sigmoid(hidden.float() @ self.score_vector).cpu().tolist()
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         pin = self.device.type == "cuda"
-        batch = {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=pin) for k, v in batch.items()}
-        hidden = self.model(**batch).last_hidden_state[:, -1]
+        return {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=pin) for k, v in batch.items()}
+
+    # -- prefix reuse ----------------------------------------------------------------------
+    def _plan_prefix(self, items: Sequence[Prepared], n_query_images: int, n_query_videos: int) -> _PrefixPlan | None:
+        """The longest prefix shared by all pairs that keeps whole query vision items and no document ones.
+
+        None when there is nothing worth sharing or the pairs cannot be split exactly.
+        """
+        if len(items) < 2 or any(p.extra for p in items):
+            # transformers >= 5.3 carries per-token mm_token_type_ids into get_rope_index with a
+            # different signature; that version is not what this project pins, so use the plain path.
+            return None
+        ids = [np.asarray(p.input_ids, dtype=np.int64) for p in items]
+        # Every pair keeps at least one suffix token (its score is read at the last one).
+        length = min(_common_prefix_length(ids), min(len(x) for x in ids) - 1)
+        spans = []
+        for p, x in zip(items, ids):
+            img = _vision_spans(x, self._image_id, p.vision.get("image_grid_thw"), self._merge)
+            vid = _vision_spans(x, self._video_id, p.vision.get("video_grid_thw"), self._merge)
+            if len(img) < n_query_images or len(vid) < n_query_videos:
+                return None
+            spans.append((img, vid))
+        changed = True
+        while changed and length > 0:
+            changed = False
+            for img, vid in spans:
+                for group, n_query in ((img, n_query_images), (vid, n_query_videos)):
+                    for k, (first, last) in enumerate(group):
+                        # Document items never enter the prefix; query items enter it whole or not at all.
+                        cut = first < length if k >= n_query else first < length <= last
+                        if cut:
+                            length, changed = first, True
+        if length <= 0:
+            return None
+        img0, vid0 = spans[0]
+        n_img = sum(1 for _, last in img0 if last < length)
+        n_vid = sum(1 for _, last in vid0 if last < length)
+        ref = items[0].vision
+        rows = {}
+        for key, grid_key, n in (("pixel_values", "image_grid_thw", n_img),
+                                 ("pixel_values_videos", "video_grid_thw", n_vid)):
+            rows[key] = int(ref[grid_key][:n].prod(dim=-1).sum()) if n else 0
+            for p in items[1:]:  # the prefix's vision inputs must be the same in every pair
+                if n and not (torch.equal(p.vision[grid_key][:n], ref[grid_key][:n])
+                              and torch.equal(p.vision[key][:rows[key]], ref[key][:rows[key]])):
+                    return None
+        return _PrefixPlan(length, n_img, n_vid, rows["pixel_values"], rows["pixel_values_videos"])
+
+    def _full_positions(self, p: Prepared) -> torch.Tensor:
+        """The (3, L) mrope positions of one whole pair sequence, as the plain forward computes them."""
+        ids = torch.tensor([p.input_ids], dtype=torch.long)
+        positions, _ = self.model.get_rope_index(ids, p.vision.get("image_grid_thw"),
+                                                 p.vision.get("video_grid_thw"), torch.ones_like(ids))
+        return positions[:, 0]
+
+    @torch.inference_mode()
+    def _run_prefix(self, item: Prepared, plan: _PrefixPlan, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys/values of the shared prefix, per layer, shape (1, kv_heads, P, head_dim)."""
+        batch: dict[str, torch.Tensor] = {
+            "input_ids": torch.tensor([item.input_ids[:plan.length]], dtype=torch.long),
+            "attention_mask": torch.ones((1, plan.length), dtype=torch.long),
+            "position_ids": positions[:, None, :plan.length].clone(),
+        }
+        if plan.n_images:
+            batch["pixel_values"] = item.vision["pixel_values"][:plan.image_rows]
+            batch["image_grid_thw"] = item.vision["image_grid_thw"][:plan.n_images]
+        if plan.n_videos:
+            batch["pixel_values_videos"] = item.vision["pixel_values_videos"][:plan.video_rows]
+            batch["video_grid_thw"] = item.vision["video_grid_thw"][:plan.n_videos]
+        out = self.model(**self._to_device(batch), use_cache=True)
+        return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+    @torch.inference_mode()
+    def score_suffixes(self, items: Sequence[Prepared], positions: Sequence[torch.Tensor], plan: _PrefixPlan,
+                       prefix_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+        """Scores for one batch of pairs whose shared prefix is already in prefix_kv (right padded suffixes)."""
+        n, p_len = len(items), plan.length
+        lengths = [len(p.input_ids) - p_len for p in items]
+        width = max(lengths)
+        ids = torch.full((n, width), self.processor.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((n, p_len + width), dtype=torch.long)
+        mask[:, :p_len] = 1
+        pos = torch.zeros((positions[0].shape[0], n, width), dtype=torch.long)
+        for row, (p, s, full) in enumerate(zip(items, lengths, positions)):
+            ids[row, :s] = torch.tensor(p.input_ids[p_len:], dtype=torch.long)
+            mask[row, p_len:p_len + s] = 1
+            pos[:, row, :s] = full[:, p_len:]
+        batch: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+                                          "cache_position": torch.arange(p_len, p_len + width)}
+        for key, grid_key, n_skip, row_skip in (
+                ("pixel_values", "image_grid_thw", plan.n_images, plan.image_rows),
+                ("pixel_values_videos", "video_grid_thw", plan.n_videos, plan.video_rows)):
+            grids = [p.vision[grid_key][n_skip:] for p in items if grid_key in p.vision]
+            pixels = [p.vision[key][row_skip:] for p in items if key in p.vision]
+            if grids and sum(g.shape[0] for g in grids):
+                batch[grid_key] = torch.cat(grids, dim=0)
+                batch[key] = torch.cat(pixels, dim=0)
+        batch = self._to_device(batch)
+        cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1))
+                                             for k, v in prefix_kv])
+        hidden = self.model(**batch, past_key_values=cache, use_cache=True).last_hidden_state
+        last = torch.tensor(lengths, device=hidden.device) - 1
+        hidden = hidden[torch.arange(n, device=hidden.device), last]
         return torch.sigmoid(hidden.float() @ self.score_vector).cpu().tolist()
 
     def _safe_prepare(self, *args: Any) -> Prepared | str:
@@ -146,13 +314,51 @@ class Qwen3VLReranker:
         for i, p in enumerate(prepared):
             if not isinstance(p, Prepared):
                 results[i].error = p
+        self.last_prefix_length = 0
+        if self.prefix_cache and len(ok) >= 2 and self._score_with_prefix(query, ok, results, fps, max_frames):
+            return results
+        self._score_plain(ok, results)
+        return results
+
+    def _record(self, results: list[ScoreResult], index: int, out: float | str) -> None:
+        if isinstance(out, str):
+            results[index].error = out
+        else:
+            results[index].score = out
+
+    def _score_plain(self, ok: list[tuple[int, Prepared]], results: list[ScoreResult]) -> None:
+        """Whole pair sequences, left padded, batched by token budget."""
         for batch in token_budget_batches([p.num_tokens for _, p in ok], self.token_budget, self.max_batch_items):
             for b, out in zip(batch, self._score_isolating([ok[b][1] for b in batch])):
-                if isinstance(out, str):
-                    results[ok[b][0]].error = out
-                else:
-                    results[ok[b][0]].score = out
-        return results
+                self._record(results, ok[b][0], out)
+
+    def _score_with_prefix(self, query: dict[str, Any], ok: list[tuple[int, Prepared]], results: list[ScoreResult],
+                           fps: float | None, max_frames: int | None) -> bool:
+        """Score ok pairs on a shared prefix cache; False (nothing recorded) when the plain path must be used."""
+        items = [p for _, p in ok]
+        content = media_content(query, self.vision, fps, max_frames)
+        n_query_images = sum(1 for c in content if c.get("type") == "image")
+        n_query_videos = sum(1 for c in content if c.get("type") == "video")
+        try:
+            plan = self._plan_prefix(items, n_query_images, n_query_videos)
+            if plan is None:
+                return False
+            positions = [self._full_positions(p) for p in items]
+            prefix_kv = self._run_prefix(items[0], plan, positions[0])
+        except Exception:
+            return False  # e.g. an unusual layout: the plain path scores (or reports) every pair
+        self.last_prefix_length = plan.length
+        # Batches are cut on what they hold in memory: each row's keys/values cover prefix + suffix.
+        for batch in token_budget_batches([p.num_tokens for p in items], self.token_budget, self.max_batch_items):
+            try:
+                outs: list[float | str] = list(self.score_suffixes(
+                    [items[b] for b in batch], [positions[b] for b in batch], plan, prefix_kv))
+            except Exception:
+                # Find the pair that breaks the batch: the plain path scores or explains each one.
+                outs = [r for b in batch for r in self._score_isolating([items[b]])]
+            for b, out in zip(batch, outs):
+                self._record(results, ok[b][0], out)
+        return True
 
     def process(self, inputs: dict[str, Any]) -> list[float]:
         """Scores for {"instruction", "query", "documents", "fps"}; raises naming the first failing document."""
