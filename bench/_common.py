@@ -68,7 +68,8 @@ def write_images(root: Path, sizes: Sequence[tuple[int, int]], seed: int = 0, fm
     return paths
 
 
-def write_videos(root: Path, n: int, seconds: float = 4.0, fps: int = 8, size: tuple[int, int] = (160, 120)) -> list[str]:
+def write_videos(root: Path, n: int, seconds: float = 4.0, fps: int = 8,
+                 size: tuple[int, int] = (160, 120)) -> list[str]:
     """n short mpeg4 clips."""
     from tests.media_gen import write_video
 

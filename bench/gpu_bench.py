@@ -143,8 +143,8 @@ def bench_reranker(ckpt: str, attn: str, device: str, dtype: str, root: Path, n:
     query_image = C.write_images(root / "rerank_q", [(896, 672)], seed=8)[0]
     text_query = {"text": C.sentence(rng, 12)}
     scenarios = {
-        f"text query, {n} passages (60-250 words)": (text_query,
-                                                    [{"text": C.sentence(rng, rng.randint(60, 250))} for _ in range(n)]),
+        f"text query, {n} passages (60-250 words)": (
+            text_query, [{"text": C.sentence(rng, rng.randint(60, 250))} for _ in range(n)]),
         f"image query, {n} captions (8-40 words)": ({"image": query_image},
                                                    [{"text": C.sentence(rng, rng.randint(8, 40))} for _ in range(n)]),
         f"text query, {n} images 512x512": (text_query, [{"image": p} for p in images]),

@@ -176,7 +176,8 @@ def main() -> None:
                    row("PSS sum, driver + all Ray processes", "pss"),
                    row("RSS sum of Ray workers (naive: shared pages counted per process)", "rss_workers"),
                    row("RSS of the driver", "rss_driver"),
-                   ["wall seconds", f"{a['seconds']:.1f}", f"{b['seconds']:.1f}", f"{b['seconds'] / a['seconds']:.2f}"]])
+                   ["wall seconds", f"{a['seconds']:.1f}", f"{b['seconds']:.1f}",
+                    f"{b['seconds'] / a['seconds']:.2f}"]])
 
 
 if __name__ == "__main__":

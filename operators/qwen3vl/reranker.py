@@ -240,7 +240,8 @@ class Qwen3VLReranker:
         return positions[:, 0]
 
     @torch.inference_mode()
-    def _run_prefix(self, item: Prepared, plan: _PrefixPlan, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _run_prefix(self, item: Prepared, plan: _PrefixPlan,
+                    positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Keys/values of the shared prefix, per layer, shape (1, kv_heads, P, head_dim)."""
         batch: dict[str, torch.Tensor] = {
             "input_ids": torch.tensor([item.input_ids[:plan.length]], dtype=torch.long),
