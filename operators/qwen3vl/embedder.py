@@ -15,7 +15,7 @@ from .formatting import DEFAULT_EMBED_INSTRUCTION, VisionSettings, embed_convers
 from .loading import Qwen3VLForEmbedding, load_model, load_processor, resolve_device, resolve_dtype
 from .media_io import VideoFiles
 from .preprocess import (InputError, Prepared, chunked, collate, describe_error, render_prompt,
-                         resolve_sources, run_processor, token_budget_batches)
+                         resolve_sources, run_processor, to_device, token_budget_batches)
 
 
 @dataclass
@@ -97,8 +97,7 @@ class Qwen3VLEmbedder:
         """Pooled (un-normalised, float32) vectors for one batch of prepared items."""
         pad_id = self.processor.tokenizer.pad_token_id
         batch = collate(items, pad_id, padding_side="right")
-        pin = self.device.type == "cuda"
-        batch = {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=pin) for k, v in batch.items()}
+        batch = to_device(batch, self.device)
         hidden = self.model(**batch).last_hidden_state
         mask = batch["attention_mask"]
         # Right padding: the last attended position is the tokenizer-appended end token.

@@ -121,6 +121,12 @@ def collate(items: Sequence[Prepared], pad_id: int, padding_side: str) -> dict[s
     return batch
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Move a collated batch to the device (pinned, non-blocking copies on GPU)."""
+    pin = device.type == "cuda"
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in batch.items()}
+
+
 def token_budget_batches(lengths: Sequence[int], token_budget: int, max_items: int,
                          window: int = 1024) -> Iterator[list[int]]:
     """Index batches: sort a window by length, cut where padded tokens would pass the budget."""

@@ -26,7 +26,7 @@ from .formatting import DEFAULT_RERANK_INSTRUCTION, VisionSettings, media_conten
 from .loading import ModelLoadError, load_model, load_processor, resolve_device, resolve_dtype
 from .media_io import VideoFiles
 from .preprocess import (InputError, Prepared, collate, describe_error, render_prompt, resolve_sources,
-                         run_processor, token_budget_batches)
+                         run_processor, to_device, token_budget_batches)
 
 # `<|im_end|>\n<|im_start|>assistant\n`: the tail that must survive truncation.
 _TAIL_TOKENS = 5
@@ -183,8 +183,7 @@ class Qwen3VLReranker:
         return torch.sigmoid(hidden.float() @ self.score_vector).cpu().tolist()
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        pin = self.device.type == "cuda"
-        return {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=pin) for k, v in batch.items()}
+        return to_device(batch, self.device)
 
     # -- prefix reuse ----------------------------------------------------------------------
     def _plan_prefix(self, items: Sequence[Prepared], n_query_images: int, n_query_videos: int) -> _PrefixPlan | None:
