@@ -158,3 +158,62 @@ def test_bad_model_path_is_a_clear_error(tmp_path):
     from operators.qwen3vl import ModelLoadError
     with pytest.raises(ModelLoadError, match="nowhere"):
         Qwen3VLEmbedder(str(tmp_path / "nowhere"))
+
+
+def test_token_budget_batches_cut_on_budget_items_and_padding():
+    import random
+
+    from operators.qwen3vl.preprocess import token_budget_batches
+    rng = random.Random(0)
+    lengths = [rng.choice([rng.randint(5, 20), rng.randint(200, 400)]) for _ in range(300)]
+    batches = list(token_budget_batches(lengths, token_budget=2048, max_items=16, window=128))
+    assert sorted(i for b in batches for i in b) == list(range(300))
+    for b in batches:
+        longest, real = max(lengths[i] for i in b), sum(lengths[i] for i in b)
+        assert len(b) <= 16 and (len(b) == 1 or longest * len(b) <= 2048)
+        assert len(b) == 1 or longest * len(b) <= 1.25 * real  # padding at most 25% of real tokens
+        assert len({i // 128 for i in b}) == 1  # never across sorting windows
+    # Short items are not padded up to a long one: [10]*8 + [100]*2 splits into two batches.
+    assert [sorted(b) for b in token_budget_batches([10] * 8 + [100] * 2, 10**6, 64)] == [
+        list(range(8)), [8, 9]]
+
+
+def test_growing_windows_start_small_and_cover_every_input():
+    from operators.qwen3vl.embedder import growing_windows
+    windows = growing_windows(1000, 32, 256)
+    assert [len(w) for w in windows] == [32, 64, 128, 256, 256, 256, 8]
+    assert [i for w in windows for i in w] == list(range(1000))
+    assert growing_windows(0, 32, 256) == [] and growing_windows(3, 64, 16) == [[0, 1, 2]]
+
+
+def test_collated_positions_equal_the_models_own_on_the_padded_batch(embedder, media):
+    # Positions are computed per item in the preparation threads; the batch must carry exactly
+    # what get_rope_index computes on the padded batch (left and right padding, mixed modalities).
+    from operators.qwen3vl.preprocess import collate
+    items = [embedder.prepare(x) for x in ({"text": "short"}, {"image": str(media["rgb"]), "text": "a caption"},
+                                           {"video": str(media["video"])}, {"image": str(media["wide"])})]
+    pad = embedder.processor.tokenizer.pad_token_id
+    for side in ("right", "left"):
+        batch = collate(items, pad, side)
+        expected, _ = embedder.backbone.get_rope_index(batch["input_ids"], batch.get("image_grid_thw"),
+                                                       batch.get("video_grid_thw"), batch["attention_mask"])
+        assert torch.equal(batch["position_ids"], expected)
+
+
+def test_positions_are_what_the_model_uses(embedder, media):
+    # Not vacuous: wrong (text-only) positions on an image item move its vector.
+    item = {"image": str(media["rgb"]), "text": "a caption"}
+    good = embedder.process([item])
+    original = embedder.prepare
+
+    def text_positions(x):
+        p = original(x)
+        p.positions = torch.arange(p.num_tokens).expand(3, -1)
+        return p
+
+    embedder.prepare = text_positions
+    try:
+        bad = embedder.process([item])
+    finally:
+        del embedder.prepare
+    assert (good - bad).abs().max() > 1e-3

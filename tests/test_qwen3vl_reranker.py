@@ -87,3 +87,52 @@ def test_bad_document_fails_alone(reranker, tmp_path):
     with pytest.raises(InputError, match="input 1"):
         reranker.process({"query": {"text": "q"}, "documents": docs})
     assert reranker.process({"query": {"text": "q"}, "documents": []}) == []
+
+
+@pytest.mark.parametrize("pair", ["image query, text doc", "image query, image doc", "text query, image doc",
+                                  "two query images and text, image doc", "bytes query image", "truncated"])
+def test_query_scoped_preparation_equals_the_processor(tiny_reranker_ckpt, media, pair):
+    # Images processed one by one (the query's once per score() call) give the processor's ids and pixels.
+    from tests.media_gen import image_bytes
+    rr = Qwen3VLReranker(str(tiny_reranker_ckpt), max_length=60 if pair == "truncated" else 10240)
+    query, doc = {
+        "image query, text doc": ({"image": media["img"]}, {"text": "a doc"}),
+        "image query, image doc": ({"image": media["img"], "text": "q"}, {"image": media["rgba"]}),
+        "text query, image doc": ({"text": "q"}, {"image": media["rgba"], "text": "caption"}),
+        "two query images and text, image doc": ({"image": [media["img"], media["rgba"]], "text": "q"},
+                                                 {"image": media["img"]}),
+        "bytes query image": ({"image": image_bytes(pattern_image(3))}, {"text": "d"}),
+        "truncated": ({"image": media["img"]}, {"text": "word " * 200}),
+    }[pair]
+    try:
+        plain = rr.prepare(query, doc)
+        for _ in range(2):  # the second time the query's images come from the cache
+            scoped = rr.prepare(query, doc, query_scope="call-1")
+            assert scoped.input_ids == plain.input_ids and scoped.prompt == plain.prompt
+            assert scoped.vision.keys() == plain.vision.keys()
+            assert all(torch.equal(scoped.vision[k], plain.vision[k]) for k in plain.vision)
+            assert torch.equal(scoped.positions, plain.positions)
+    finally:
+        rr.close()
+
+
+def test_a_query_image_is_read_once_per_score_call(tiny_reranker_ckpt, media, monkeypatch):
+    from operators.qwen3vl import preprocess
+    reads = []
+    original = preprocess.resolve_image
+
+    def counting(source, storage_options=None):
+        reads.append(source)
+        return original(source, storage_options)
+
+    monkeypatch.setattr(preprocess, "resolve_image", counting)
+    rr = Qwen3VLReranker(str(tiny_reranker_ckpt), prepare_processes=0)
+    try:
+        docs = [{"text": f"doc {i}"} for i in range(5)] + [{"image": media["rgba"]}]
+        first = [r.score for r in rr.score({"image": media["img"]}, docs)]
+        assert reads.count(media["img"]) == 1 and reads.count(media["rgba"]) == 1
+        second = [r.score for r in rr.score({"image": media["img"]}, docs)]
+        assert reads.count(media["img"]) == 2  # a new call reads the query again (it may have changed)
+        assert first == second
+    finally:
+        rr.close()

@@ -120,12 +120,18 @@ def test_wrong_positions_would_be_caught(rerankers, media):
     on, off = rerankers
     query, docs = {"text": "q", "image": media["a"]}, [{"text": "a"}, {"image": media["c"], "text": "b"}]
     good = [r.score for r in off.score(query, docs)]
-    original = on._full_positions
+    original = on.prepare
+
+    def text_positions(*args, **kwargs):
+        p = original(*args, **kwargs)
+        p.positions = torch.arange(len(p.input_ids)).expand(3, -1)
+        return p
+
     try:
-        on._full_positions = lambda p: torch.arange(len(p.input_ids)).expand(3, -1)
+        on.prepare = text_positions
         bad = [r.score for r in on.score(query, docs)]
     finally:
-        on._full_positions = original
+        del on.prepare
     assert max(abs(a - b) for a, b in zip(good, bad)) > 10 * TOL
 
 

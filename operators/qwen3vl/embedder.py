@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import Future, ThreadPoolExecutor
+import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -12,10 +12,31 @@ import torch
 import torch.nn.functional as F
 
 from .formatting import DEFAULT_EMBED_INSTRUCTION, VisionSettings, embed_conversation
-from .loading import Qwen3VLForEmbedding, load_model, load_processor, resolve_device, resolve_dtype
-from .media_io import VideoFiles
-from .preprocess import (InputError, Prepared, chunked, collate, describe_error, render_prompt,
-                         resolve_sources, run_processor, to_device, token_budget_batches)
+from .loading import Qwen3VLForEmbedding
+from .preprocess import (InputError, Prepared, collate, describe_error, render_prompt, resolve_sources,
+                         run_processor, token_budget_batches)
+from .runner import Qwen3VLRunner
+
+
+@dataclass
+class EmbedStats:
+    """Where embed() spent its time (seconds) and how much padding it ran; cumulative until reset()."""
+
+    wait_prepare_s: float = 0.0  # waiting for preparation the model could not overlap
+    collate_s: float = 0.0  # padding, concatenating and copying batches to the device
+    forward_s: float = 0.0  # the model, pooling and the copy back
+    batches: int = 0
+    padded_tokens: int = 0
+    real_tokens: int = 0
+
+    def add(self, **amounts: float) -> None:
+        """Add to the counters."""
+        for k, v in amounts.items():
+            setattr(self, k, getattr(self, k) + v)
+
+    def reset(self) -> None:
+        """Zero every counter."""
+        self.__init__()  # type: ignore[misc]
 
 
 @dataclass
@@ -45,7 +66,21 @@ def reduce_dim(vectors: torch.Tensor | np.ndarray, dim: int | None, normalize: b
     return t.numpy() if is_numpy else t
 
 
-class Qwen3VLEmbedder:
+def growing_windows(n: int, first: int, cap: int) -> list[list[int]]:
+    """Consecutive index windows that double from first up to cap.
+
+    A small first window starts the model sooner (nothing overlaps its preparation);
+    later, larger windows sort more items by length and pad less.
+    """
+    out, start, size = [], 0, max(1, min(first, cap))
+    while start < n:
+        out.append(list(range(start, min(n, start + size))))
+        start += size
+        size = min(cap, size * 2)
+    return out
+
+
+class Qwen3VLEmbedder(Qwen3VLRunner):
     """Embeds text, images, videos and mixed inputs exactly as the official Qwen3-VL-Embedding does."""
 
     def __init__(self, model_name_or_path: str, *, dtype: str | torch.dtype | None = None,
@@ -54,23 +89,17 @@ class Qwen3VLEmbedder:
                  total_pixels: int = 7864320, fps: float = 1.0, max_frames: int = 64,
                  default_instruction: str = DEFAULT_EMBED_INSTRUCTION, token_budget: int = 16384,
                  max_batch_items: int = 64, prepare_workers: int | None = None,
-                 storage_options: dict[str, Any] | None = None, **model_kwargs: Any) -> None:
-        self.model_name_or_path = model_name_or_path
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.max_length = max_length
-        self.vision = VisionSettings(min_pixels, max_pixels, total_pixels, fps, max_frames)
-        self.default_instruction = default_instruction
-        self.token_budget = token_budget
-        self.max_batch_items = max_batch_items
-        self.storage_options = storage_options or {}
-        self.processor = load_processor(model_name_or_path, padding_side="right")
-        self.model = load_model(Qwen3VLForEmbedding, model_name_or_path, self.device, self.dtype,
-                                attn_implementation, **model_kwargs)
+                 prepare_processes: int | None = None, storage_options: dict[str, Any] | None = None,
+                 **model_kwargs: Any) -> None:
+        super().__init__(Qwen3VLForEmbedding, model_name_or_path, dtype=dtype, device=device,
+                         attn_implementation=attn_implementation, padding_side="right", max_length=max_length,
+                         vision=VisionSettings(min_pixels, max_pixels, total_pixels, fps, max_frames),
+                         default_instruction=default_instruction, token_budget=token_budget,
+                         max_batch_items=max_batch_items, prepare_workers=prepare_workers,
+                         storage_options=storage_options, thread_name="qvl-prepare",
+                         prepare_processes=prepare_processes, **model_kwargs)
         self.hidden_size = int(self.model.config.text_config.hidden_size)
-        self._video_files = VideoFiles(self.storage_options)
-        self._pool = ThreadPoolExecutor(prepare_workers or min(8, (os.cpu_count() or 2)),
-                                        thread_name_prefix="qvl-prepare")
+        self.stats = EmbedStats()
 
     # -- what the model sees -------------------------------------------------------------
     def conversation(self, item: dict[str, Any]) -> list[dict[str, Any]]:
@@ -89,27 +118,24 @@ class Qwen3VLEmbedder:
         prompt = render_prompt(self.processor, conversation)
         ids, vision, extra = run_processor(self.processor, prompt, conversation,
                                            truncation=True, max_length=self.max_length, padding=False)
-        return Prepared(ids, vision, extra, prompt)
+        return self.finish(ids, vision, extra, prompt)
 
     # -- compute -------------------------------------------------------------------------
     @torch.inference_mode()
     def embed_prepared(self, items: Sequence[Prepared]) -> torch.Tensor:
         """Pooled (un-normalised, float32) vectors for one batch of prepared items."""
-        pad_id = self.processor.tokenizer.pad_token_id
-        batch = collate(items, pad_id, padding_side="right")
-        batch = to_device(batch, self.device)
-        hidden = self.model(**batch).last_hidden_state
+        t0 = time.perf_counter()
+        batch = collate(items, self.processor.tokenizer.pad_token_id, padding_side="right")
+        batch = self.to_device(batch)
+        t1 = time.perf_counter()
+        hidden = self.model(**batch, use_cache=False).last_hidden_state
         mask = batch["attention_mask"]
         # Right padding: the last attended position is the tokenizer-appended end token.
         last = mask.shape[1] - 1 - mask.flip(dims=[1]).argmax(dim=1)
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return pooled.float().cpu()
-
-    def _safe_prepare(self, item: Any, index: int) -> Prepared | str:
-        try:
-            return self.prepare(item)
-        except Exception as exc:  # one bad item must never fail its neighbours
-            return describe_error(exc)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float().cpu()
+        self.stats.add(collate_s=t1 - t0, forward_s=time.perf_counter() - t1, batches=1,
+                       padded_tokens=mask.numel(), real_tokens=sum(p.num_tokens for p in items))
+        return pooled
 
     def _forward_isolating(self, items: list[Prepared]) -> list[torch.Tensor | str]:
         try:
@@ -121,20 +147,29 @@ class Qwen3VLEmbedder:
             return [r for p in items for r in self._forward_isolating([p])]
 
     def embed(self, inputs: Sequence[dict[str, Any]], normalize: bool = True,
-              dim: int | None = None, window: int = 256) -> list[EmbedResult]:
-        """Per input, its vector or its error, in input order; batches cut by token budget."""
+              dim: int | None = None, window: int = 256, first_window: int | None = None) -> list[EmbedResult]:
+        """Per input, its vector or its error, in input order; batches cut by token budget.
+
+        first_window: items prepared before the first forward; None = 32 on a GPU (start it
+        soon; later windows double up to ``window``), ``window`` on a CPU (the model already
+        fills the cores, and larger windows sort and pad better).
+        """
         if dim is not None:
             reduce_dim(torch.zeros(1, self.hidden_size), dim)  # validate before any work
         inputs = list(inputs)
         results = [EmbedResult(i) for i in range(len(inputs))]
-        windows = list(chunked(range(len(inputs)), window))
+        if first_window is None:
+            first_window = 32 if self.device.type == "cuda" else window
+        windows = growing_windows(len(inputs), first_window, window)
 
         def submit(idx: list[int]) -> list[Future]:
-            return [self._pool.submit(self._safe_prepare, inputs[i], i) for i in idx]
+            return [self.submit_prepare(inputs[i]) for i in idx]
 
         pending = submit(windows[0]) if windows else []
         for w, idx in enumerate(windows):
+            t0 = time.perf_counter()
             prepared = [f.result() for f in pending]
+            self.stats.add(wait_prepare_s=time.perf_counter() - t0)
             # Prepare the next window while this one runs through the model.
             pending = submit(windows[w + 1]) if w + 1 < len(windows) else []
             ok = [(i, p) for i, p in zip(idx, prepared) if isinstance(p, Prepared)]
@@ -163,7 +198,3 @@ class Qwen3VLEmbedder:
             return torch.empty(0, dim or self.hidden_size)
         return torch.from_numpy(np.stack([r.vector for r in results]))
 
-    def close(self) -> None:
-        """Release worker threads and temporary video copies."""
-        self._pool.shutdown(wait=False)
-        self._video_files.close()

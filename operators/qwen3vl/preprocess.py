@@ -8,8 +8,10 @@ image/video patches are concatenated in order and ids are padded.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Hashable, Iterable, Iterator, Sequence
 
 import torch
 from qwen_vl_utils import process_vision_info
@@ -37,6 +39,7 @@ class Prepared:
     vision: dict[str, torch.Tensor] = field(default_factory=dict)
     extra: dict[str, list[int]] = field(default_factory=dict)  # per-token fields, e.g. mm_token_type_ids
     prompt: str = ""
+    positions: torch.Tensor | None = None  # (3, L) multimodal rotary positions, as the model computes them
 
     @property
     def num_tokens(self) -> int:
@@ -92,6 +95,100 @@ def run_processor(processor: Any, prompt: str, conversation: list[dict[str, Any]
     return ids, vision, extra
 
 
+class VisionCache:
+    """Processed images (pixel rows, grid) by key, least recently used first out.
+
+    The reranker keys a query's images by its score() call, so an image query is read,
+    decoded and processed once for all its pairs instead of once per pair.
+    """
+
+    def __init__(self, max_items: int = 16) -> None:
+        self.max_items = max_items
+        self._items: OrderedDict[Hashable, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._computing: dict[Hashable, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def get_or_compute(self, key: Hashable, compute: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached value of key, else compute() once (concurrent callers of one key wait for it)."""
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+                return hit
+            key_lock = self._computing.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                hit = self._items.get(key)
+            if hit is not None:
+                return hit
+            try:
+                value = compute()
+            finally:
+                with self._lock:
+                    self._computing.pop(key, None)
+            with self._lock:
+                self._items[key] = value
+                while len(self._items) > self.max_items:
+                    self._items.popitem(last=False)
+            return value
+
+
+def run_processor_cached(processor: Any, prompt: str, conversation: list[dict[str, Any]],
+                         storage_options: dict[str, Any] | None, cache: VisionCache,
+                         keys: Sequence[Hashable | None], **text_kwargs: Any) -> tuple[list[int],
+                                                                                     dict[str, torch.Tensor],
+                                                                                     dict[str, list[int]]]:
+    """run_processor for a conversation of texts and images (no videos), each image processed on its own
+    and, where keys gives a key, taken from or put in the cache.
+
+    What the HF processor does for a list of images, item by item: qwen-vl-utils resizing, the image
+    processor (its outputs are per image, concatenated in order), then each image placeholder expanded
+    to grid/merge^2 tokens and the text tokenised. conversation is unresolved; keys has one entry per image.
+    """
+    entries = [e for m in conversation for e in m["content"] if e.get("type") == "image"]
+    if len(keys) != len(entries):
+        raise ValueError("one cache key (or None) per image is needed")
+    pixels, grids = [], []
+    def process(entry: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        resolved = {**entry, "image": resolve_image(entry["image"], storage_options)}
+        images, _, _ = process_vision_info([[{"role": "user", "content": [resolved]}]],
+                                           image_patch_size=IMAGE_PATCH_SIZE, return_video_metadata=True,
+                                           return_video_kwargs=True)
+        out = processor.image_processor(images=images, do_resize=False, return_tensors="pt")
+        return out["pixel_values"], out["image_grid_thw"]
+
+    for entry, key in zip(entries, keys):
+        hit = process(entry) if key is None else cache.get_or_compute(key, lambda: process(entry))
+        pixels.append(hit[0])
+        grids.append(hit[1])
+    text = prompt
+    merge = processor.image_processor.merge_size ** 2
+    for grid in grids:  # as the processor expands them: in order, one placeholder at a time
+        text = text.replace(processor.image_token, "<|placeholder|>" * int(grid.prod() // merge), 1)
+    text = text.replace("<|placeholder|>", processor.image_token)
+    out = processor.tokenizer([text], return_tensors="pt", return_token_type_ids=False, **text_kwargs)
+    vision = {"pixel_values": torch.cat(pixels), "image_grid_thw": torch.cat(grids)} if pixels else {}
+    return out["input_ids"][0].tolist(), vision, {}
+
+
+def rope_positions(model: Any, input_ids: list[int], vision: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The (3, L) multimodal rotary positions of one unpadded sequence, by the model's own get_rope_index.
+
+    A sequence's positions depend only on its own tokens and grids, so they are computed here,
+    per item, on the CPU (in the preparation threads) instead of inside every forward, where
+    transformers loops over the batch with a GPU->host sync per row and per image.
+    """
+    ids = torch.tensor([input_ids], dtype=torch.long)
+    positions, _ = model.get_rope_index(ids, vision.get("image_grid_thw"), vision.get("video_grid_thw"),
+                                        torch.ones_like(ids))
+    return positions[:, 0]
+
+
+def cast_pixels(vision: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Pixel tensors in the model's dtype (the vision tower casts them first anyway; half the bytes to copy)."""
+    return {k: (v.to(dtype) if k.startswith("pixel_values") else v) for k, v in vision.items()}
+
+
 def describe_error(exc: BaseException) -> str:
     """A short reason for an item failure."""
     if isinstance(exc, (MediaError, InputError)):
@@ -114,6 +211,13 @@ def collate(items: Sequence[Prepared], pad_id: int, padding_side: str) -> dict[s
         for k in extra_keys:
             extras[k][row, sl] = torch.tensor(p.extra[k], dtype=torch.long)
     batch: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask, **extras}
+    if all(p.positions is not None for p in items):
+        # Padding positions are 1, as get_rope_index leaves them; no real token attends to them.
+        positions = torch.ones((3, len(items), length), dtype=torch.long)
+        for row, p in enumerate(items):
+            n = p.num_tokens
+            positions[:, row, slice(0, n) if padding_side == "right" else slice(length - n, length)] = p.positions
+        batch["position_ids"] = positions
     for key in VISION_KEYS:
         parts = [p.vision[key] for p in items if key in p.vision]
         if parts:
@@ -121,27 +225,33 @@ def collate(items: Sequence[Prepared], pad_id: int, padding_side: str) -> dict[s
     return batch
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """Move a collated batch to the device (pinned, non-blocking copies on GPU)."""
-    pin = device.type == "cuda"
+def to_device(batch: dict[str, torch.Tensor], device: torch.device, pin: bool = False) -> dict[str, torch.Tensor]:
+    """Move a collated batch to the device (optionally through pinned memory, non-blocking)."""
+    pin = pin and device.type == "cuda"
     return {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in batch.items()}
 
 
 def token_budget_batches(lengths: Sequence[int], token_budget: int, max_items: int,
-                         window: int = 1024) -> Iterator[list[int]]:
-    """Index batches: sort a window by length, cut where padded tokens would pass the budget."""
+                         window: int = 1024, max_padding: float = 0.25) -> Iterator[list[int]]:
+    """Index batches: sort a window by length, cut where padded tokens would pass the budget
+    or padding would pass max_padding of the batch's real tokens."""
     order = list(range(len(lengths)))
     for start in range(0, len(order), window):
         chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
         batch: list[int] = []
-        longest = 0
+        longest = real = 0
         for i in chunk:
             longest_if_added = max(longest, lengths[i])
-            if batch and (longest_if_added * (len(batch) + 1) > token_budget or len(batch) >= max_items):
+            padded = longest_if_added * (len(batch) + 1)
+            # Sorted lengths: adding a longer item pads every earlier one up to it, so a short
+            # head followed by a long tail is cut where the padding would start to dominate.
+            if batch and (padded > token_budget or len(batch) >= max_items
+                          or padded > (1.0 + max_padding) * (real + lengths[i])):
                 yield batch
-                batch, longest_if_added = [], lengths[i]
+                batch, longest_if_added, real = [], lengths[i], 0
             batch.append(i)
             longest = longest_if_added
+            real += lengths[i]
         if batch:
             yield batch
 

@@ -13,20 +13,19 @@ the positions and keys/values it sees in the plain path. Scores equal the plain
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
+import uuid
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Hashable, Sequence
 
 import numpy as np
 import torch
 from transformers import DynamicCache, Qwen3VLForConditionalGeneration
 
 from .formatting import DEFAULT_RERANK_INSTRUCTION, VisionSettings, media_content, rerank_conversation
-from .loading import ModelLoadError, load_model, load_processor, resolve_device, resolve_dtype
-from .media_io import VideoFiles
-from .preprocess import (InputError, Prepared, collate, describe_error, render_prompt, resolve_sources,
-                         run_processor, to_device, token_budget_batches)
+from .loading import ModelLoadError, resolve_device
+from .preprocess import (InputError, Prepared, VisionCache, collate, describe_error, render_prompt,
+                         resolve_sources, rope_positions, run_processor, run_processor_cached, token_budget_batches)
+from .runner import Qwen3VLRunner
 
 # `<|im_end|>\n<|im_start|>assistant\n`: the tail that must survive truncation.
 _TAIL_TOKENS = 5
@@ -102,7 +101,7 @@ def _vision_spans(ids: np.ndarray, pad_id: int, grid: torch.Tensor | None, merge
     return spans
 
 
-class Qwen3VLReranker:
+class Qwen3VLReranker(Qwen3VLRunner):
     """Scores (query, document) pairs exactly as the official Qwen3-VL-Reranker does."""
 
     def __init__(self, model_name_or_path: str, *, dtype: str | torch.dtype | None = None,
@@ -111,41 +110,39 @@ class Qwen3VLReranker:
                  total_pixels: int = 7864320, fps: float = 1.0, max_frames: int = 64,
                  default_instruction: str = DEFAULT_RERANK_INSTRUCTION, token_budget: int = 32768,
                  max_batch_items: int | None = None, prepare_workers: int | None = None,
-                 storage_options: dict[str, Any] | None = None, prefix_cache: bool = True,
-                 **model_kwargs: Any) -> None:
-        self.model_name_or_path = model_name_or_path
+                 prepare_processes: int | None = None, storage_options: dict[str, Any] | None = None,
+                 prefix_cache: bool = True, **model_kwargs: Any) -> None:
+        # Pairs per forward batch. On a CPU, batches of ~16 run faster than 32 (smaller activations stay
+        # in cache; bench/RESULTS.md); a GPU wants larger ones.
+        on_gpu = resolve_device(device).type == "cuda"
+        super().__init__(Qwen3VLForConditionalGeneration, model_name_or_path, dtype=dtype, device=device,
+                         attn_implementation=attn_implementation, padding_side="left", max_length=max_length,
+                         vision=VisionSettings(min_pixels, max_pixels, total_pixels, fps, max_frames),
+                         default_instruction=default_instruction, token_budget=token_budget,
+                         max_batch_items=max_batch_items or (64 if on_gpu else 16),
+                         prepare_workers=prepare_workers, storage_options=storage_options,
+                         thread_name="qvl-rerank-prepare", prepare_processes=prepare_processes, **model_kwargs)
         self.prefix_cache = prefix_cache
         # Length of the shared prefix the last score() call reused (0: it took the plain path).
         self.last_prefix_length = 0
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.max_length = max_length
-        self.vision = VisionSettings(min_pixels, max_pixels, total_pixels, fps, max_frames)
-        self.default_instruction = default_instruction
-        self.token_budget = token_budget
-        # Pairs per forward batch. On a CPU, batches of ~16 run faster than 32 (smaller activations stay
-        # in cache; bench/RESULTS.md); a GPU wants larger ones.
-        self.max_batch_items = max_batch_items or (32 if self.device.type == "cuda" else 16)
-        self.storage_options = storage_options or {}
-        self.processor = load_processor(model_name_or_path, padding_side="left")
-        lm = load_model(Qwen3VLForConditionalGeneration, model_name_or_path, self.device, self.dtype,
-                        attn_implementation, **model_kwargs)
         vocab = self.processor.tokenizer.get_vocab()
         if "yes" not in vocab or "no" not in vocab:
             raise ModelLoadError(f"{model_name_or_path!r}: tokenizer has no plain 'yes'/'no' tokens")
+        lm = self.model
         weight = lm.lm_head.weight.detach()
         # sigmoid(h.(W_yes - W_no)) == softmax over {yes, no}; in float32 so scores do not tie.
         self.score_vector = (weight[vocab["yes"]].float() - weight[vocab["no"]].float()).to(self.device)
         self.model = lm.model
-        del lm  # the full LM head is not needed beyond the two rows above
+        del lm, weight  # the full LM head is not needed beyond the two rows above
         config = self.model.config
         self._image_id = int(config.image_token_id)
         self._video_id = int(config.video_token_id)
         self._merge = int(config.vision_config.spatial_merge_size)
+        self._light_init()
+
+    def _light_init(self) -> None:
         self._special_ids = set(self.processor.tokenizer.all_special_ids)
-        self._video_files = VideoFiles(self.storage_options)
-        self._pool = ThreadPoolExecutor(prepare_workers or min(8, (os.cpu_count() or 2)),
-                                        thread_name_prefix="qvl-rerank-prepare")
+        self._vision_cache = VisionCache()
 
     def conversation(self, query: dict[str, Any], document: dict[str, Any], instruction: str | None = None,
                      fps: float | None = None, max_frames: int | None = None) -> list[dict[str, Any]]:
@@ -158,12 +155,27 @@ class Qwen3VLReranker:
         return render_prompt(self.processor, self.conversation(query, document, instruction))
 
     def prepare(self, query: dict[str, Any], document: dict[str, Any], instruction: str | None = None,
-                fps: float | None = None, max_frames: int | None = None) -> Prepared:
-        """Token ids (truncated as the reference does) and vision tensors for one pair."""
-        conversation = resolve_sources(self.conversation(query, document, instruction, fps, max_frames),
-                                       self._video_files, self.storage_options)
-        prompt = render_prompt(self.processor, conversation)
-        ids, vision, extra = run_processor(self.processor, prompt, conversation, truncation=False, padding=False)
+                fps: float | None = None, max_frames: int | None = None,
+                query_scope: Hashable | None = None) -> Prepared:
+        """Token ids (truncated as the reference does) and vision tensors for one pair.
+
+        query_scope: pairs prepared with the same scope share one processing of the query's images
+        (score() gives each call its own scope, so a query image is read once per call).
+        """
+        raw = self.conversation(query, document, instruction, fps, max_frames)
+        has_video = any(e.get("type") == "video" for m in raw for e in m["content"])
+        if query_scope is not None and not has_video:
+            prompt = render_prompt(self.processor, raw)  # sources do not enter the prompt string
+            n_images = sum(1 for m in raw for e in m["content"] if e.get("type") == "image")
+            n_query = sum(1 for e in media_content(query, self.vision, fps, max_frames) if e.get("type") == "image")
+            keys = [(query_scope, i) if i < n_query else None for i in range(n_images)]
+            ids, vision, extra = run_processor_cached(self.processor, prompt, raw, self.storage_options,
+                                                      self._vision_cache, keys, truncation=False, padding=False)
+        else:
+            conversation = resolve_sources(raw, self._video_files, self.storage_options)
+            prompt = render_prompt(self.processor, conversation)
+            ids, vision, extra = run_processor(self.processor, prompt, conversation, truncation=False,
+                                               padding=False)
         head, tail = ids[:-_TAIL_TOKENS], ids[-_TAIL_TOKENS:]
         kept = truncate_keeping_special(head, self.max_length, self._special_ids)
         if len(kept) < len(head):
@@ -173,17 +185,14 @@ class Qwen3VLReranker:
             extra = {k: [v[i] for i in keep_idx] for k, v in extra.items()}
         else:
             ids = head + tail
-        return Prepared(ids, vision, extra, prompt)
+        return self.finish(ids, vision, extra, prompt)
 
     @torch.inference_mode()
     def score_prepared(self, items: Sequence[Prepared]) -> list[float]:
         """Scores for one batch of prepared pairs (left padded, last position)."""
-        batch = self._to_device(collate(items, self.processor.tokenizer.pad_token_id, padding_side="left"))
+        batch = self.to_device(collate(items, self.processor.tokenizer.pad_token_id, padding_side="left"))
         hidden = self.model(**batch, use_cache=False).last_hidden_state[:, -1]
         return torch.sigmoid(hidden.float() @ self.score_vector).cpu().tolist()
-
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return to_device(batch, self.device)
 
     # -- prefix reuse ----------------------------------------------------------------------
     def _plan_prefix(self, items: Sequence[Prepared], n_query_images: int, n_query_videos: int) -> _PrefixPlan | None:
@@ -231,13 +240,6 @@ class Qwen3VLReranker:
                     return None
         return _PrefixPlan(length, n_img, n_vid, rows["pixel_values"], rows["pixel_values_videos"])
 
-    def _full_positions(self, p: Prepared) -> torch.Tensor:
-        """The (3, L) mrope positions of one whole pair sequence, as the plain forward computes them."""
-        ids = torch.tensor([p.input_ids], dtype=torch.long)
-        positions, _ = self.model.get_rope_index(ids, p.vision.get("image_grid_thw"),
-                                                 p.vision.get("video_grid_thw"), torch.ones_like(ids))
-        return positions[:, 0]
-
     @torch.inference_mode()
     def _run_prefix(self, item: Prepared, plan: _PrefixPlan,
                     positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -253,7 +255,7 @@ class Qwen3VLReranker:
         if plan.n_videos:
             batch["pixel_values_videos"] = item.vision["pixel_values_videos"][:plan.video_rows]
             batch["video_grid_thw"] = item.vision["video_grid_thw"][:plan.n_videos]
-        out = self.model(**self._to_device(batch), use_cache=True)
+        out = self.model(**self.to_device(batch), use_cache=True)
         return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
 
     @torch.inference_mode()
@@ -281,19 +283,13 @@ class Qwen3VLReranker:
             if grids and sum(g.shape[0] for g in grids):
                 batch[grid_key] = torch.cat(grids, dim=0)
                 batch[key] = torch.cat(pixels, dim=0)
-        batch = self._to_device(batch)
+        batch = self.to_device(batch)
         cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1))
                                              for k, v in prefix_kv])
         hidden = self.model(**batch, past_key_values=cache, use_cache=True).last_hidden_state
         last = torch.tensor(lengths, device=hidden.device) - 1
         hidden = hidden[torch.arange(n, device=hidden.device), last]
         return torch.sigmoid(hidden.float() @ self.score_vector).cpu().tolist()
-
-    def _safe_prepare(self, *args: Any) -> Prepared | str:
-        try:
-            return self.prepare(*args)
-        except Exception as exc:  # one bad document must never fail the others
-            return describe_error(exc)
 
     def _score_isolating(self, items: list[Prepared]) -> list[float | str]:
         try:
@@ -306,8 +302,8 @@ class Qwen3VLReranker:
     def score(self, query: dict[str, Any], documents: Sequence[dict[str, Any]], instruction: str | None = None,
               fps: float | None = None, max_frames: int | None = None) -> list[ScoreResult]:
         """Per document, its score or its error, in input order."""
-        futures = [self._pool.submit(self._safe_prepare, query, doc, instruction, fps, max_frames)
-                   for doc in documents]
+        scope = uuid.uuid4().hex  # this call's query images are processed once, for all its pairs
+        futures = [self.submit_prepare(query, doc, instruction, fps, max_frames, scope) for doc in documents]
         prepared = [f.result() for f in futures]
         results = [ScoreResult(i) for i in range(len(prepared))]
         ok = [(i, p) for i, p in enumerate(prepared) if isinstance(p, Prepared)]
@@ -343,7 +339,8 @@ class Qwen3VLReranker:
             plan = self._plan_prefix(items, n_query_images, n_query_videos)
             if plan is None:
                 return False
-            positions = [self._full_positions(p) for p in items]
+            positions = [p.positions if p.positions is not None else rope_positions(self.backbone, p.input_ids, p.vision)
+                         for p in items]
             prefix_kv = self._run_prefix(items[0], plan, positions[0])
         except Exception:
             return False  # e.g. an unusual layout: the plain path scores (or reports) every pair
@@ -373,7 +370,3 @@ class Qwen3VLReranker:
                 raise InputError(r.index, r.error or "unknown error")
         return [float(r.score) for r in results]
 
-    def close(self) -> None:
-        """Release worker threads and temporary video copies."""
-        self._pool.shutdown(wait=False)
-        self._video_files.close()

@@ -1,0 +1,120 @@
+"""What the embedder and the reranker share: settings, model loading, per-item preparation threads."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from .fast_vision import install_fast_vision
+from .formatting import VisionSettings
+from .loading import load_model, load_processor, resolve_device, resolve_dtype
+from .media_io import VideoFiles
+from .prepare_workers import PrepareProcesses, _RopeOnly
+from .preprocess import Prepared, cast_pixels, describe_error, rope_positions, to_device
+
+
+def resolve_prepare_processes(processes: int | None, device: torch.device) -> int:
+    """Worker processes for preparation: as asked, else several on a GPU and none (threads) on a CPU.
+
+    On a CPU the model is the bottleneck and already uses every core; on a GPU the model thread
+    needs the interpreter to itself (prepare_workers.py).
+    """
+    if processes is not None:
+        if processes < 0:
+            raise ValueError(f"prepare_processes must be >= 0, got {processes}")
+        return processes
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, cpus - 2) if device.type == "cuda" and cpus >= 4 else 0
+
+
+class Qwen3VLRunner:
+    """A loaded Qwen3-VL checkpoint with its processor, vision settings and preparation threads."""
+
+    def __init__(self, model_cls: Any, model_name_or_path: str, *, dtype: str | torch.dtype | None,
+                 device: str | torch.device | None, attn_implementation: str | None, padding_side: str,
+                 max_length: int, vision: VisionSettings, default_instruction: str, token_budget: int,
+                 max_batch_items: int, prepare_workers: int | None, storage_options: dict[str, Any] | None,
+                 thread_name: str, prepare_processes: int | None = None, **model_kwargs: Any) -> None:
+        self.model_name_or_path = model_name_or_path
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.max_length = max_length
+        self.vision = vision
+        self.default_instruction = default_instruction
+        self.token_budget = token_budget
+        self.max_batch_items = max_batch_items
+        # Pinning each fresh batch (a page-locked allocation plus a host copy) gave no consistent gain on
+        # an H200: +5-12% on large images, -3-10% on small ones (bench/RESULTS.md, GPU run 2).
+        self.pin_memory = False
+        self.storage_options = storage_options or {}
+        self.processor = load_processor(model_name_or_path, padding_side=padding_side)
+        self.model = load_model(model_cls, model_name_or_path, self.device, self.dtype, attn_implementation,
+                                **model_kwargs)
+        install_fast_vision(self.model)
+        self.padding_side = padding_side
+        self._video_files = VideoFiles(self.storage_options)
+        self._pool = ThreadPoolExecutor(prepare_workers or min(8, (os.cpu_count() or 2)),
+                                        thread_name_prefix=thread_name)
+        self.prepare_processes = resolve_prepare_processes(prepare_processes, self.device)
+        self._processes: PrepareProcesses | None = None  # started on first use
+
+    # -- preparation, in threads or worker processes ---------------------------------------
+    _PREPARE_STATE = ("model_name_or_path", "device", "dtype", "max_length", "vision", "default_instruction",
+                      "storage_options", "padding_side")
+
+    @classmethod
+    def for_preparation(cls, state: dict[str, Any]) -> "Qwen3VLRunner":
+        """A weightless copy that can prepare items (used inside preparation worker processes)."""
+        self = cls.__new__(cls)
+        for name in cls._PREPARE_STATE:
+            setattr(self, name, state[name])
+        self.processor = load_processor(self.model_name_or_path, padding_side=self.padding_side)
+        self.model = _RopeOnly(state["config"])
+        self._video_files = VideoFiles(self.storage_options)
+        self._light_init()
+        return self
+
+    def _light_init(self) -> None:
+        """Derived preparation settings (subclasses override)."""
+
+    def _safe_prepare(self, *args: Any) -> Prepared | str:
+        try:
+            return self.prepare(*args)  # type: ignore[attr-defined]
+        except Exception as exc:  # one bad item must never fail its neighbours
+            return describe_error(exc)
+
+    def submit_prepare(self, *args: Any) -> Future:
+        """A future of prepare(*args), or of the reason it failed, from a thread or a worker process."""
+        if self.prepare_processes:
+            if self._processes is None:
+                state = {name: getattr(self, name) for name in self._PREPARE_STATE}
+                state.update(cls=type(self), config=self.backbone.config)
+                self._processes = PrepareProcesses(self.prepare_processes, state)
+            return self._processes.submit(*args)
+        return self._pool.submit(self._safe_prepare, *args)
+
+    @property
+    def backbone(self) -> Any:
+        """The Qwen3VLModel (vision tower + language model), inside a wrapper or not."""
+        return getattr(self.model, "model", self.model)
+
+    def finish(self, ids: list[int], vision: dict[str, torch.Tensor], extra: dict[str, list[int]],
+               prompt: str) -> Prepared:
+        """A Prepared item with its rotary positions and its pixels in the model's dtype."""
+        return Prepared(ids, cast_pixels(vision, self.dtype), extra, prompt,
+                        positions=rope_positions(self.backbone, ids, vision))
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A collated batch on the model's device."""
+        return to_device(batch, self.device, pin=self.pin_memory)
+
+    def close(self) -> None:
+        """Release worker threads and temporary video copies."""
+        self._pool.shutdown(wait=False)
+        if self._processes is not None:
+            self._processes.shutdown()
+            self._processes = None
+        self._video_files.close()

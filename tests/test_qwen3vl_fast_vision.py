@@ -1,0 +1,91 @@
+"""The fast vision-tower path: the stock tower's outputs, with one attention call per run of equal chunks."""
+
+import pytest
+import torch
+
+from operators.qwen3vl import Qwen3VLEmbedder
+from operators.qwen3vl.fast_vision import _equal_runs, set_fast_vision
+from operators.qwen3vl.preprocess import collate
+from tests.media_gen import pattern_image, write_video
+
+
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def embedder(request, tiny_embedding_ckpt):
+    emb = Qwen3VLEmbedder(str(tiny_embedding_ckpt), attn_implementation=request.param)
+    yield emb
+    emb.close()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fast_vision")
+    paths = []
+    for i, size in enumerate([(96, 64), (96, 64), (300, 40), (96, 64), (64, 128)]):
+        paths.append(root / f"img{i}.png")
+        pattern_image(i, size, "RGB").save(paths[-1])
+    video = write_video(root / "clip.mp4", seconds=2.0)
+    # Runs of equal grids (0-1), a different one between (2), a repeat after it (3), a video's frames.
+    return ([{"image": str(p)} for p in paths[:4]] + [{"image": str(paths[4]), "text": "caption"},
+                                                      {"video": str(video)}])
+
+
+def _tower_outputs(emb, prepared):
+    batch = {k: v for k, v in collate(prepared, emb.processor.tokenizer.pad_token_id, "right").items()}
+    visual = emb.backbone.visual
+    with torch.inference_mode():
+        images = visual(batch["pixel_values"].to(visual.dtype), grid_thw=batch["image_grid_thw"])
+    return images
+
+
+def test_fast_tower_equals_the_stock_tower(embedder, inputs):
+    prepared = [embedder.prepare(x) for x in inputs[:5]]
+    set_fast_vision(embedder.model, False)
+    try:
+        stock_hidden, stock_deep = _tower_outputs(embedder, prepared)
+    finally:
+        set_fast_vision(embedder.model, True)
+    fast_hidden, fast_deep = _tower_outputs(embedder, prepared)
+    assert torch.allclose(fast_hidden, stock_hidden, atol=1e-5, rtol=0)
+    assert len(fast_deep) == len(stock_deep) > 0
+    for a, b in zip(fast_deep, stock_deep):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_fast_path_vectors_equal_stock_vectors(embedder, inputs):
+    fast = embedder.process(inputs)
+    set_fast_vision(embedder.model, False)
+    try:
+        stock = embedder.process(inputs)
+    finally:
+        set_fast_vision(embedder.model, True)
+    assert (fast - stock).abs().max() < 1e-5
+
+
+def test_fast_path_batches_attention_per_run_of_equal_chunks(tiny_embedding_ckpt, inputs, monkeypatch):
+    embedder = Qwen3VLEmbedder(str(tiny_embedding_ckpt), attn_implementation="sdpa")
+    prepared = [embedder.prepare(x) for x in inputs[:5]]
+    calls = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(q, *args, **kwargs):
+        calls.append(q.shape[0])
+        return original(q, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    _tower_outputs(embedder, prepared)
+    depth = len(embedder.backbone.visual.blocks)
+    # grids: A A B A C -> runs (A x2), B, A, C: 4 calls per layer, the first with a batch of 2.
+    assert len(calls) == 4 * depth and calls[:4] == [2, 1, 1, 1]
+    calls.clear()
+    set_fast_vision(embedder.model, False)
+    try:
+        _tower_outputs(embedder, prepared)
+    finally:
+        set_fast_vision(embedder.model, True)
+    assert len(calls) == 5 * depth  # the stock tower: one call per image per layer
+    embedder.close()
+
+
+def test_equal_runs():
+    assert _equal_runs([4, 4, 9, 4, 4, 4]) == [(4, 2), (9, 1), (4, 3)]
+    assert _equal_runs([]) == []

@@ -1,0 +1,98 @@
+"""Preparation in worker processes: the same items, vectors and scores as in threads; failures stay per item."""
+
+import pytest
+import torch
+
+from operators.qwen3vl import Qwen3VLEmbedder, Qwen3VLReranker
+from operators.qwen3vl.prepare_workers import pack, unpack
+from operators.qwen3vl.runner import resolve_prepare_processes
+from tests.media_gen import pattern_image, write_video
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prepare_workers")
+    paths = {}
+    for i, (name, size) in enumerate([("a", (96, 64)), ("b", (300, 40))]):
+        paths[name] = root / f"{name}.png"
+        pattern_image(i, size, "RGB").save(paths[name])
+    paths["video"] = write_video(root / "clip.mp4", seconds=2.0)
+    paths["broken"] = root / "broken.png"
+    paths["broken"].write_bytes(b"not an image")
+    return paths
+
+
+def test_worker_processes_give_the_thread_results(tiny_embedding_ckpt, media):
+    items = [{"text": "hello"}, {"image": str(media["a"]), "text": "caption"}, {"video": str(media["video"])},
+             {"image": str(media["broken"])}, {"image": str(media["b"])}]
+    threads = Qwen3VLEmbedder(str(tiny_embedding_ckpt), prepare_processes=0)
+    procs = Qwen3VLEmbedder(str(tiny_embedding_ckpt), prepare_processes=2)
+    try:
+        a, b = threads.embed(items), procs.embed(items)
+        assert [r.ok for r in a] == [r.ok for r in b] == [True, True, True, False, True]
+        assert "broken.png" in b[3].error and b[3].error == a[3].error
+        for x, y in zip(a, b):
+            if x.ok:
+                assert abs(x.vector - y.vector).max() < 1e-6
+        # The item a worker prepares is the item a thread prepares, field for field.
+        p_thread, p_proc = threads.prepare(items[2]), procs.submit_prepare(items[2]).result()
+        assert p_proc.input_ids == p_thread.input_ids and p_proc.prompt == p_thread.prompt
+        assert torch.equal(p_proc.positions, p_thread.positions)
+        assert p_proc.vision.keys() == p_thread.vision.keys()
+        assert all(torch.equal(p_proc.vision[k], p_thread.vision[k]) for k in p_thread.vision)
+    finally:
+        threads.close()
+        procs.close()
+
+
+def test_reranker_in_worker_processes(tiny_reranker_ckpt, media):
+    docs = [{"text": "a"}, {"image": str(media["a"])}, {"image": str(media["broken"])}, {"text": "b " * 50}]
+    threads = Qwen3VLReranker(str(tiny_reranker_ckpt), prepare_processes=0)
+    procs = Qwen3VLReranker(str(tiny_reranker_ckpt), prepare_processes=2)
+    try:
+        a, b = threads.score({"text": "q"}, docs), procs.score({"text": "q"}, docs)
+        assert [r.ok for r in b] == [True, True, False, True] and b[2].error == a[2].error
+        assert max(abs(x.score - y.score) for x, y in zip(a, b) if x.ok) < 1e-6
+    finally:
+        threads.close()
+        procs.close()
+
+
+def test_pack_round_trips_bfloat16_and_errors():
+    from operators.qwen3vl.preprocess import Prepared
+    p = Prepared([1, 2], {"pixel_values": torch.randn(3, 4).to(torch.bfloat16),
+                          "image_grid_thw": torch.tensor([[1, 2, 2]])}, {}, "x", torch.arange(6).view(3, 2))
+    q = unpack(pack(p))
+    assert q.vision["pixel_values"].dtype == torch.bfloat16
+    assert torch.equal(q.vision["pixel_values"], p.vision["pixel_values"])
+    assert torch.equal(q.vision["image_grid_thw"], p.vision["image_grid_thw"]) and torch.equal(q.positions, p.positions)
+    assert unpack(pack("input 3: unreadable")) == "input 3: unreadable"
+
+
+def test_default_is_threads_on_cpu_and_processes_on_gpu():
+    assert resolve_prepare_processes(None, torch.device("cpu")) == 0
+    assert resolve_prepare_processes(3, torch.device("cpu")) == 3
+    gpu = resolve_prepare_processes(None, torch.device("cuda"))
+    assert gpu == 0 or 2 <= gpu <= 8
+    with pytest.raises(ValueError, match="prepare_processes"):
+        resolve_prepare_processes(-1, torch.device("cpu"))
+
+
+def test_worker_processes_start_inside_a_ray_actor(ray_local, tiny_embedding_ckpt, media):
+    # The GPU layout: an embedding actor whose embedder prepares in spawned worker processes.
+    ray = ray_local
+    from operators.embed_stage import EmbedStage
+
+    stage = ray.remote(EmbedStage).remote(str(tiny_embedding_ckpt), [], {"prepare_processes": 1})
+    embed = ray.get(stage.__ray_call__.remote(
+        lambda self, items: [(r.ok, r.vector) for r in self.embedder.embed(items)],
+        [{"text": "hello"}, {"image": str(media["a"])}, {"image": str(media["broken"])}]), timeout=300)
+    local = Qwen3VLEmbedder(str(tiny_embedding_ckpt), prepare_processes=0)
+    try:
+        expected = local.embed([{"text": "hello"}, {"image": str(media["a"])}])
+    finally:
+        local.close()
+    assert [ok for ok, _ in embed] == [True, True, False]
+    for (_, got), want in zip(embed, expected):
+        assert abs(got - want.vector).max() < 1e-6
+    ray.kill(stage)
