@@ -391,6 +391,10 @@ class EmbedderConfig(_Section):
     """Tokens per forward batch (batches are cut by summed token length)."""
     max_batch_items: int = Field(64, ge=1)
     """At most this many inputs per forward batch."""
+    prepare_processes: int | None = Field(None, ge=0)
+    """Worker processes that prepare inputs (decode, resize, tokenise) beside each model, off
+    its thread's GIL; 0 = threads; None = auto: min(8, cores - 2) on a GPU, threads on a CPU.
+    Also used by the reranker."""
     instruction: str | None = None
     """Document instruction; None = the model's default."""
 
@@ -499,8 +503,8 @@ class RerankerConfig(_Section):
     instruction: str | None = None
     """Reranker instruction; None = the model's default."""
     max_length: int = Field(10240, ge=1)
-    batch_pairs: int = Field(16, ge=1)
-    """(query, document) pairs per forward batch."""
+    batch_pairs: int | None = Field(None, ge=1)
+    """(query, document) pairs per forward batch; None = the reranker's default (16 on CPU, 64 on GPU)."""
 
 
 class QueryConfig(_Section):

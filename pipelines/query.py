@@ -335,8 +335,8 @@ def load_candidates(candidates: Sequence[Candidate], *, storage_options: dict[st
 
 def rerank_candidates(reranker: Any, query: Mapping[str, Any], candidates: Sequence[Candidate], *, top_n: int,
                       instruction: str | None, storage_options: dict[str, Any] | None, settings: ExpandSettings,
-                      batch_pairs: int = 16, workers: int = 8) -> tuple[list[Hit], list[Skipped]]:
-    """Rebuild, score with the reranker (``batch_pairs`` pairs per call), sort by score, keep top_n.
+                      workers: int = 8) -> tuple[list[Hit], list[Skipped]]:
+    """Rebuild, score with the reranker, sort by score, keep top_n.
 
     Ties keep the vector order. Candidates whose content cannot be rebuilt, or that the
     reranker cannot read, are returned as Skipped with the reason.
@@ -345,14 +345,14 @@ def rerank_candidates(reranker: Any, query: Mapping[str, Any], candidates: Seque
     skipped = [_skipped(c, d) for c, d in zip(candidates, docs) if isinstance(d, str)]
     ready = [(i, c, d) for i, (c, d) in enumerate(zip(candidates, docs)) if not isinstance(d, str)]
     scored: list[tuple[float, int, Candidate]] = []
-    for start in range(0, len(ready), max(1, batch_pairs)):
-        chunk = ready[start:start + max(1, batch_pairs)]
-        results = reranker.score(dict(query), [d for _, _, d in chunk], instruction)
-        for (i, c, _), r in zip(chunk, results):
-            if r.ok:
-                scored.append((float(r.score), i, c))
-            else:
-                skipped.append(_skipped(c, f"reranker cannot read the candidate: {r.error}"))
+    # One call for the whole top-k: the reranker batches the pairs itself and computes the
+    # query's shared prefix (and, for an image query, its vision tower) once, not once per batch.
+    results = reranker.score(dict(query), [d for _, _, d in ready], instruction) if ready else []
+    for (i, c, _), r in zip(ready, results):
+        if r.ok:
+            scored.append((float(r.score), i, c))
+        else:
+            skipped.append(_skipped(c, f"reranker cannot read the candidate: {r.error}"))
     scored.sort(key=lambda t: (-t[0], t[1]))
     hits = [_hit(rank + 1, c, s) for rank, (s, _, c) in enumerate(scored[:top_n])]
     return hits, skipped
@@ -368,7 +368,8 @@ def reranker_kwargs(cfg: Config, storage_options: dict[str, Any]) -> dict[str, A
     kwargs: dict[str, Any] = dict(dtype=None if e.dtype == "auto" else e.dtype, max_length=r.max_length,
                                   min_pixels=e.min_pixels, max_pixels=e.max_pixels, total_pixels=e.total_pixels,
                                   fps=cfg.expand.video_fps, max_frames=cfg.expand.video_max_frames,
-                                  max_batch_items=r.batch_pairs, attn_implementation=e.attn_implementation,
+                                  max_batch_items=r.batch_pairs, prepare_processes=e.prepare_processes,
+                                  attn_implementation=e.attn_implementation,
                                   storage_options=storage_options)
     if r.instruction:
         kwargs["default_instruction"] = r.instruction
@@ -493,8 +494,7 @@ class QueryEngine:
         return rerank_candidates(self.reranker, query_content(query), candidates,
                                  top_n=top_n or self.cfg.query.top_n,
                                  instruction=instruction or self.cfg.reranker.instruction,
-                                 storage_options=self.storage_options, settings=self.settings,
-                                 batch_pairs=self.cfg.reranker.batch_pairs)
+                                 storage_options=self.storage_options, settings=self.settings)
 
     def search(self, query: Mapping[str, Any], *, instruction: str | None = None, top_k: int | None = None,
                top_n: int | None = None, filters: Mapping[str, Any] | models.Filter | None = None,
@@ -772,7 +772,7 @@ class RerankStage:
                     hits, skipped = rerank_candidates(
                         self.reranker, query_content(_decode(batch["query"][i])), candidates, top_n=self.top_n,
                         instruction=self.cfg.reranker.instruction, storage_options=self.storage_options,
-                        settings=self.settings, batch_pairs=self.cfg.reranker.batch_pairs)
+                        settings=self.settings)
                 except Exception as exc:
                     error = f"rerank failed: {type(exc).__name__}: {exc}"
             results.append(_encode({"hits": [h.to_dict() for h in hits],

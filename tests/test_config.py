@@ -149,7 +149,7 @@ def test_defaults():
     em = cfg.embedder
     assert em.mrl_dims == [] and em.dtype == "auto" and em.attn_implementation is None
     assert (em.max_length, em.min_pixels, em.max_pixels, em.total_pixels) == (8192, 4096, 1843200, 7864320)
-    assert (em.token_budget, em.max_batch_items, em.instruction) == (16384, 64, None)
+    assert (em.token_budget, em.max_batch_items, em.prepare_processes, em.instruction) == (16384, 64, None, None)
     c = cfg.compute
     assert (c.ray_address, c.embed_actors, c.num_gpus_per_actor, c.cpus_per_actor) == (None, 1, 0.0, 1.0)
     assert (c.batch_size, c.prepare_concurrency) == (512, None)
@@ -164,7 +164,7 @@ def test_defaults():
         30.0,
     )
     r = cfg.reranker
-    assert (r.model, r.instruction, r.max_length, r.batch_pairs) == (None, None, 10240, 16)
+    assert (r.model, r.instruction, r.max_length, r.batch_pairs) == (None, None, 10240, None)
     qu = cfg.query
     assert qu.instruction == DEFAULT_QUERY_INSTRUCTION == "Retrieve images or text relevant to the user's query."
     assert (qu.top_k, qu.top_n, qu.prefetch_multiplier) == (100, 10, 4)
