@@ -96,3 +96,16 @@ def test_worker_processes_start_inside_a_ray_actor(ray_local, tiny_embedding_ckp
     for (_, got), want in zip(embed, expected):
         assert abs(got - want.vector).max() < 1e-6
     ray.kill(stage)
+
+
+def test_preparation_threads_do_not_take_the_model_threads(tiny_embedding_ckpt):
+    # A preparation thread with the default intra-op setting builds its own OpenMP team and
+    # slowed the model thread by half on 2 cores; they run single-threaded, the model keeps its own.
+    before = torch.get_num_threads()
+    emb = Qwen3VLEmbedder(str(tiny_embedding_ckpt), prepare_processes=0)
+    try:
+        emb.embed([{"text": f"item {i}"} for i in range(8)])
+        assert emb._pool.submit(torch.get_num_threads).result() == 1
+        assert torch.get_num_threads() == before
+    finally:
+        emb.close()

@@ -30,6 +30,16 @@ def resolve_prepare_processes(processes: int | None, device: torch.device) -> in
     return min(8, cpus - 2) if device.type == "cuda" and cpus >= 4 else 0
 
 
+def _one_intra_op_thread() -> None:
+    """Preparation threads run their torch ops (image processor, rotary positions) single-threaded.
+
+    Intra-op settings are per thread: a preparation thread left at the default builds its own
+    OpenMP team, and on a 2-core machine the model thread's matmuls then ran 50% slower for the
+    rest of the process (measured: bench/RESULTS.md). The model thread keeps its own setting.
+    """
+    torch.set_num_threads(1)
+
+
 class Qwen3VLRunner:
     """A loaded Qwen3-VL checkpoint with its processor, vision settings and preparation threads."""
 
@@ -57,7 +67,7 @@ class Qwen3VLRunner:
         self.padding_side = padding_side
         self._video_files = VideoFiles(self.storage_options)
         self._pool = ThreadPoolExecutor(prepare_workers or min(8, (os.cpu_count() or 2)),
-                                        thread_name_prefix=thread_name)
+                                        thread_name_prefix=thread_name, initializer=_one_intra_op_thread)
         self.prepare_processes = resolve_prepare_processes(prepare_processes, self.device)
         self._processes: PrepareProcesses | None = None  # started on first use
 
