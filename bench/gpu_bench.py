@@ -5,10 +5,13 @@
 
 Embedder, per workload (short texts, long texts, images at several resolutions, a mix):
   - baseline: the official process() over fixed batches of 16 in input order, serial
-    preprocessing (bench/reference.py);
+    preprocessing, transformers' stock vision tower (bench/reference.py);
   - ours: Qwen3VLEmbedder.process (token-budget batches of length-sorted windows, preparation
-    in a thread pool overlapped with the GPU, pinned memory and non-blocking copies);
-  - forward only: the model on our batches, prepared, collated and already on the GPU.
+    in worker processes overlapped with the GPU, the fast vision tower, positions computed
+    in preparation), and the same with preparation threads;
+  - forward only: the model on our batches, prepared, collated and already on the GPU, with
+    the fast and with the stock vision tower; preparation alone.
+  Every path runs the workload once first (first-shape costs), then the best of 2 counts.
   Reported: items/s, visual tokens/s (image/video placeholder tokens in the LLM sequence),
   text tokens/s (all other tokens), and the estimated fraction of the bf16 peak:
   FLOPs ~= 2 x (LLM parameters without the embedding table) x LLM tokens
@@ -16,6 +19,8 @@ Embedder, per workload (short texts, long texts, images at several resolutions, 
   divided by time and by --peak-tflops (989: H100 SXM dense bf16; H200 has the same tensor cores).
 Reranker, top-100 candidates for one query: ours (batched, shared prefix computed once),
 ours without prefix reuse, and one pair at a time (official): latency and max |score diff|.
+First: float32 exactness on the device vs the CPU (tiny checkpoints), and the measured bf16
+matrix-product rate. Figures are written to --out after every row, so a cut-short run keeps them.
 Repeat each attention implementation given (sdpa; flash_attention_2 too when flash_attn imports).
 """
 
@@ -36,9 +41,11 @@ import torch  # noqa: E402
 
 from bench.reference import reference_embed_all, reference_rerank  # noqa: E402
 from operators.qwen3vl import Qwen3VLEmbedder, Qwen3VLReranker  # noqa: E402
+from operators.qwen3vl.fast_vision import set_fast_vision  # noqa: E402
 from operators.qwen3vl.preprocess import collate, token_budget_batches  # noqa: E402
 
 RESOLUTIONS = ((256, 256), (512, 512), (1024, 768), (1600, 1200))
+PREPARE_PROCESSES: int | None = None  # --prepare-processes
 
 
 def sync() -> None:
@@ -81,15 +88,16 @@ def param_counts(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def bench_embedder(ckpt: str, attn: str, device: str, dtype: str, items_by_workload: dict[str, list[dict]],
-                   peak_flops: float, batch_size: int) -> list[dict[str, Any]]:
-    emb = Qwen3VLEmbedder(ckpt, device=device, dtype=dtype, attn_implementation=attn)
+                   peak_flops: float, batch_size: int, rows: list[dict[str, Any]],
+                   on_row: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+    emb = Qwen3VLEmbedder(ckpt, device=device, dtype=dtype, attn_implementation=attn,
+                          prepare_processes=PREPARE_PROCESSES)
     p_llm, p_vis = param_counts(emb.model)
     print(f"# embedder {ckpt}: {p_llm / 1e9:.3f}B LLM (non-embedding) + {p_vis / 1e9:.3f}B vision parameters, "
           f"attn {attn}, {emb.dtype}, {emb.device}", flush=True)
     pad_id = emb.processor.tokenizer.pad_token_id
     image_id = emb.model.config.image_token_id
     video_id = emb.model.config.video_token_id
-    rows = []
     for name, items in items_by_workload.items():
         prepared = [emb.prepare(x) for x in items]
         llm_tokens = sum(p.num_tokens for p in prepared)
@@ -101,18 +109,37 @@ def bench_embedder(ckpt: str, attn: str, device: str, dtype: str, items_by_workl
                    for b in token_budget_batches(lengths, emb.token_budget, emb.max_batch_items)]
 
         @torch.inference_mode()
-        def forward_only() -> None:
-            for b in batches:
-                hidden = emb.model(**b).last_hidden_state
-                hidden[torch.arange(hidden.shape[0], device=hidden.device), b["attention_mask"].sum(1) - 1].float()
+        def forward_only(stock: bool = False) -> None:
+            # stock: transformers' own vision tower and rotary positions, on the same batches.
+            set_fast_vision(emb.model, not stock)
+            try:
+                for b in batches:
+                    if stock:
+                        b = {k: v for k, v in b.items() if k != "position_ids"}
+                    hidden = emb.model(**b, use_cache=False).last_hidden_state
+                    hidden[torch.arange(hidden.shape[0], device=hidden.device), b["attention_mask"].sum(1) - 1].float()
+            finally:
+                set_fast_vision(emb.model, True)
 
-        # Warm-up (kernels, allocator, cuDNN/cuBLAS heuristics) on every path.
-        reference_embed_all(emb, items[:4], batch_size)
-        emb.process(items[:4])
-        forward_only()
-        t_ref, ref = timed(lambda: reference_embed_all(emb, items, batch_size))
-        t_ours, ours = timed(lambda: emb.process(items))
-        t_fwd, _ = timed(forward_only)
+        def best(fn: Callable[[], Any], repeats: int = 2) -> tuple[float, Any]:
+            # Each path first runs the whole workload once (new shapes: allocator growth, kernel
+            # selection), then the fastest of the repeats counts: steady state, as in a long job.
+            fn()
+            runs = [timed(fn) for _ in range(repeats)]
+            return min(t for t, _ in runs), runs[-1][1]
+
+        t_ref, ref = best(lambda: reference_embed_all(emb, items, batch_size))
+        emb.stats.reset()
+        t_ours, ours = best(lambda: emb.process(items))
+        stats = {k: round(v / 3, 3) for k, v in vars(emb.stats).items()}  # per run
+        procs, emb.prepare_processes = emb.prepare_processes, 0
+        try:
+            t_threads, _ = best(lambda: emb.process(items), repeats=1)
+        finally:
+            emb.prepare_processes = procs
+        t_fwd, _ = best(forward_only, repeats=1)
+        t_fwd_stock, _ = timed(lambda: forward_only(stock=True))
+        t_prep_pool, _ = timed(lambda: [f.result() for f in [emb.submit_prepare(x) for x in items]])
         diff = (ours - ref).abs().max().item()
         n = len(items)
         row = {"attn": attn, "workload": name, "items": n, "llm_tokens": llm_tokens, "visual_tokens": visual,
@@ -121,11 +148,19 @@ def bench_embedder(ckpt: str, attn: str, device: str, dtype: str, items_by_workl
                "ours_visual_tok_s": visual / t_ours, "ours_text_tok_s": (llm_tokens - visual) / t_ours,
                "baseline_visual_tok_s": visual / t_ref, "baseline_text_tok_s": (llm_tokens - visual) / t_ref,
                "peak_fraction_ours": flops / t_ours / peak_flops, "peak_fraction_forward": flops / t_fwd / peak_flops,
-               "peak_fraction_baseline": flops / t_ref / peak_flops, "max_abs_vector_diff": diff}
+               "peak_fraction_baseline": flops / t_ref / peak_flops, "max_abs_vector_diff": diff,
+               "prepare_processes": procs, "prep_pool_s": t_prep_pool, "forward_only_stock_s": t_fwd_stock,
+               "ours_threads_s": t_threads, "ours_stats": stats,
+               # Ours can be no faster than the slower of its two overlapped halves.
+               "ours_vs_overlap_ceiling": max(t_prep_pool, t_fwd) / t_ours}
         rows.append(row)
         print(f"# {attn} | {name}: baseline {t_ref:.2f}s, ours {t_ours:.2f}s ({row['speedup']:.2f}x), forward only "
               f"{t_fwd:.2f}s; {row['peak_fraction_ours']:.1%} of peak (forward only "
-              f"{row['peak_fraction_forward']:.1%}); max |diff| {diff:.1e}", flush=True)
+              f"{row['peak_fraction_forward']:.1%}); preparation alone {t_prep_pool:.2f}s; "
+              f"max |diff| {diff:.1e}; forward only with the stock tower {t_fwd_stock:.2f}s; ours with preparation "
+              f"threads {t_threads:.2f}s; ours' time per run: {stats}", flush=True)
+        if on_row:
+            on_row()
         del batches
     emb.close()
     del emb
@@ -135,42 +170,55 @@ def bench_embedder(ckpt: str, attn: str, device: str, dtype: str, items_by_workl
     return rows
 
 
-def bench_reranker(ckpt: str, attn: str, device: str, dtype: str, root: Path, n: int,
-                   repeats: int) -> list[dict[str, Any]]:
-    rr = Qwen3VLReranker(ckpt, device=device, dtype=dtype, attn_implementation=attn)
+def bench_reranker(ckpt: str, attn: str, device: str, dtype: str, root: Path, n: int, repeats: int,
+                   batch_sizes: list[int], rows: list[dict[str, Any]],
+                   on_row: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+    rr = Qwen3VLReranker(ckpt, device=device, dtype=dtype, attn_implementation=attn,
+                         prepare_processes=PREPARE_PROCESSES)
+    default_batch = rr.max_batch_items
     rng = random.Random(1)
     images = C.write_images(root / "rerank", [(512, 512)] * n, seed=7)
     query_image = C.write_images(root / "rerank_q", [(896, 672)], seed=8)[0]
     text_query = {"text": C.sentence(rng, 12)}
     scenarios = {
+        f"text query, {n} captions (8-40 words)": (
+            text_query, [{"text": C.sentence(rng, rng.randint(8, 40))} for _ in range(n)]),
         f"text query, {n} passages (60-250 words)": (
             text_query, [{"text": C.sentence(rng, rng.randint(60, 250))} for _ in range(n)]),
         f"image query, {n} captions (8-40 words)": ({"image": query_image},
                                                    [{"text": C.sentence(rng, rng.randint(8, 40))} for _ in range(n)]),
         f"text query, {n} images 512x512": (text_query, [{"image": p} for p in images]),
     }
-    rows = []
     for name, (query, docs) in scenarios.items():
         reference_rerank(rr, query, docs[:2])
-        rr.score(query, docs[:4])
         t_ref, ref = timed(lambda: reference_rerank(rr, query, docs))
-        t_ours, t_plain, diff = [], [], 0.0
-        for _ in range(repeats):
-            rr.prefix_cache = True
-            t, ours = timed(lambda: rr.score(query, docs))
-            t_ours.append(t)
+        for batch in [default_batch] + [b for b in batch_sizes if b != default_batch]:
+            rr.max_batch_items = batch
+            diff = 0.0
+            rr.score(query, docs)  # the whole scenario once first: steady state, as in a serving process
+            t_ours = []
+            for _ in range(repeats):
+                t, ours = timed(lambda: rr.score(query, docs))
+                t_ours.append(t)
+                diff = max(diff, max(abs(a.score - b) for a, b in zip(ours, ref)))
             prefix = rr.last_prefix_length
             rr.prefix_cache = False
-            t, plain = timed(lambda: rr.score(query, docs))
-            t_plain.append(t)
-            rr.prefix_cache = True
-            diff = max(diff, max(abs(a.score - b) for a, b in zip(ours, ref)),
-                       max(abs(a.score - b) for a, b in zip(plain, ref)))
-        to, tp = C.median(t_ours), C.median(t_plain)
-        rows.append({"attn": attn, "scenario": name, "candidates": n, "prefix_tokens": prefix, "one_at_a_time_s": t_ref,
-                     "batched_no_prefix_s": tp, "ours_s": to, "speedup": t_ref / to, "max_abs_score_diff": diff})
-        print(f"# {attn} | rerank {name}: one at a time {t_ref:.2f}s, batched {tp:.3f}s, ours {to:.3f}s "
-              f"({t_ref / to:.1f}x), max |diff| {diff:.1e}", flush=True)
+            try:
+                rr.score(query, docs)
+                tp, plain = timed(lambda: rr.score(query, docs))
+            finally:
+                rr.prefix_cache = True
+            diff = max(diff, max(abs(a.score - b) for a, b in zip(plain, ref)))
+            to = C.best(t_ours)
+            rows.append({"attn": attn, "scenario": name, "candidates": n, "batch_pairs": batch,
+                         "default_batch": batch == default_batch, "prefix_tokens": prefix,
+                         "prepare_processes": rr.prepare_processes, "one_at_a_time_s": t_ref,
+                         "batched_no_prefix_s": tp, "ours_s": to, "speedup": t_ref / to, "max_abs_score_diff": diff})
+            print(f"# {attn} | rerank {name}, batches of {batch}: one at a time {t_ref:.2f}s, batched {tp:.3f}s, "
+                  f"ours {to:.3f}s ({t_ref / to:.1f}x), max |diff| {diff:.1e}", flush=True)
+            if on_row:
+                on_row()
+    rr.max_batch_items = default_batch
     rr.close()
     del rr
     gc.collect()
@@ -179,23 +227,76 @@ def bench_reranker(ckpt: str, attn: str, device: str, dtype: str, root: Path, n:
     return rows
 
 
+def exactness_checks(ckpt_root: Path, device: str, root: Path) -> dict[str, float]:
+    """float32 on the device vs on the CPU (tiny checkpoints): vectors and scores must agree."""
+    ckpt_e = C.checkpoint("embedding", "tiny", str(ckpt_root / "qvl-embedding-tiny"))
+    ckpt_r = C.checkpoint("reranker", "tiny", str(ckpt_root / "qvl-reranker-tiny"))
+    rng = random.Random(3)
+    images = C.write_images(root / "exact", [(96, 64), (640, 480), (300, 40)], seed=3)
+    items = ([{"text": C.sentence(rng, rng.randint(3, 200))} for _ in range(6)] + [{"image": p} for p in images]
+             + [{"text": C.sentence(rng, 10), "image": images[1]}])
+    out: dict[str, float] = {}
+    vecs = {}
+    for dev in ("cpu", device):
+        emb = Qwen3VLEmbedder(ckpt_e, device=dev, dtype="float32")
+        vecs[dev] = emb.process(items)
+        single = torch.cat([emb.process([x]) for x in items])
+        out[f"embedder {dev}: batched vs single"] = (vecs[dev] - single).abs().max().item()
+        emb.close()
+    out[f"embedder {device} vs cpu"] = (vecs[device] - vecs["cpu"]).abs().max().item()
+    docs = items[:6] + [{"image": p} for p in images]
+    scores = {}
+    for dev in ("cpu", device):
+        rr = Qwen3VLReranker(ckpt_r, device=dev, dtype="float32")
+        ref = reference_rerank(rr, {"text": "a query"}, docs)
+        ours = [r.score for r in rr.score({"text": "a query"}, docs)]
+        out[f"reranker {dev}: ours (prefix {rr.last_prefix_length} tokens) vs one pair at a time"] = max(
+            abs(a - b) for a, b in zip(ours, ref))
+        scores[dev] = ours
+        rr.close()
+    out[f"reranker {device} vs cpu"] = max(abs(a - b) for a, b in zip(scores[device], scores["cpu"]))
+    for k, v in out.items():
+        print(f"# exactness | {k}: max |diff| {v:.1e}", flush=True)
+    return out
+
+
+def matmul_tflops(device: str) -> float | None:
+    """Measured bf16 8192^3 matrix-product rate: the practical ceiling next to the datasheet's."""
+    if device != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    t, _ = timed(lambda: [a @ b for _ in range(10)])
+    del a, b
+    torch.cuda.empty_cache()
+    return 10 * 2 * 8192 ** 3 / t / 1e12
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="2b", choices=("tiny", "small", "2b", "8b"))
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--attn", default="auto",
                     help="comma-separated attention implementations; auto = sdpa, plus flash_attention_2 if importable")
-    ap.add_argument("--items", type=int, default=96, help="items per embedder workload")
+    ap.add_argument("--items", type=int, default=64, help="items per embedder workload")
     ap.add_argument("--candidates", type=int, default=100)
-    ap.add_argument("--repeats", type=int, default=3, help="repeats of our reranker timings (median)")
+    ap.add_argument("--repeats", type=int, default=2, help="repeats of our reranker timings (median)")
     ap.add_argument("--batch-size", type=int, default=16, help="the baseline's fixed batch size")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the card (H100 SXM: 989)")
     ap.add_argument("--ckpt-dir", default=None, help="where to build/find the checkpoints (default: temp dir)")
     ap.add_argument("--skip-reranker", action="store_true")
     ap.add_argument("--skip-embedder", action="store_true")
+    ap.add_argument("--prepare-processes", type=int, default=None,
+                    help="preparation worker processes (default: the runners' own: several on a GPU)")
+    ap.add_argument("--skip-checks", action="store_true", help="skip the float32 device-vs-CPU exactness checks")
+    ap.add_argument("--rerank-batches", default="", help="pair batch sizes to try besides the reranker's default")
     ap.add_argument("--out", default=None, help="write all figures as JSON here")
     ap.add_argument("--dry-run", action="store_true", help="tiny checkpoint on CPU, a few items: checks the code paths")
     args = ap.parse_args()
+    global PREPARE_PROCESSES
+    PREPARE_PROCESSES = args.prepare_processes
 
     if args.dry_run:
         args.size, args.dtype, device = "tiny", "float32", "cpu"
@@ -221,44 +322,73 @@ def main() -> None:
     if transformers.__version__ != "4.57.3":
         print(f"# WARNING: transformers {transformers.__version__}, the project pins 4.57.3 (carry its wheel)")
     ckpt_root = Path(args.ckpt_dir) if args.ckpt_dir else Path(tempfile.gettempdir())
-    save_dtype = "bfloat16" if args.dtype in ("bfloat16", "bf16") else "float32"
-    t0 = time.perf_counter()
-    ckpt_e = C.checkpoint("embedding", args.size, str(ckpt_root / f"qvl-embedding-{args.size}"), save_dtype, device)
-    ckpt_r = C.checkpoint("reranker", args.size, str(ckpt_root / f"qvl-reranker-{args.size}"), save_dtype, device)
-    print(f"# checkpoints ready in {time.perf_counter() - t0:.0f}s", flush=True)
     peak = args.peak_tflops * 1e12
-    results: dict[str, Any] = {"machine": C.machine(), "args": vars(args), "embedder": [], "reranker": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        if not args.skip_embedder:
-            items = workloads(root, args.items)
-            for attn in attns:
-                results["embedder"] += bench_embedder(ckpt_e, attn, device, args.dtype, items, peak, args.batch_size)
-        if not args.skip_reranker:
-            for attn in attns:
-                results["reranker"] += bench_reranker(ckpt_r, attn, device, args.dtype, root, args.candidates,
-                                                      args.repeats)
+    results: dict[str, Any] = {"machine": C.machine(), "args": vars(args), "matmul_tflops": matmul_tflops(device),
+                               "exactness": {}, "embedder": [], "reranker": []}
+    if results["matmul_tflops"]:
+        print(f"# measured bf16 8192^3 matrix product: {results['matmul_tflops']:.0f} TFLOP/s", flush=True)
+
+    def save() -> None:  # after every row: a run cut short still leaves its figures
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            if not args.skip_checks:
+                results["exactness"] = exactness_checks(ckpt_root, device, root)
+                save()
+            save_dtype = "bfloat16" if args.dtype in ("bfloat16", "bf16") else "float32"
+            t0 = time.perf_counter()
+            ckpt_e = C.checkpoint("embedding", args.size, str(ckpt_root / f"qvl-embedding-{args.size}"), save_dtype,
+                                  device)
+            ckpt_r = C.checkpoint("reranker", args.size, str(ckpt_root / f"qvl-reranker-{args.size}"), save_dtype,
+                                  device)
+            print(f"# checkpoints ready in {time.perf_counter() - t0:.0f}s", flush=True)
+            if not args.skip_embedder:
+                items = workloads(root, args.items)
+                for attn in attns:
+                    bench_embedder(ckpt_e, attn, device, args.dtype, items, peak, args.batch_size,
+                                   results["embedder"], save)
+            if not args.skip_reranker:
+                batches = [int(b) for b in args.rerank_batches.split(",") if b.strip()]
+                for attn in attns:
+                    bench_reranker(ckpt_r, attn, device, args.dtype, root, args.candidates, args.repeats, batches,
+                                   results["reranker"], save)
+    finally:
+        save()
+        print_tables(results, args, device)
+
+
+def print_tables(results: dict[str, Any], args: argparse.Namespace, device: str) -> None:
+    """The figures gathered so far, as markdown tables."""
+    if results["exactness"]:
+        C.print_table(f"Exactness, float32 tiny checkpoints, {device} vs cpu", ["check", "max |diff|"],
+                      [[k, f"{v:.1e}"] for k, v in results["exactness"].items()])
     if results["embedder"]:
-        C.print_table(f"Embedder on {device} ({args.size}, {args.dtype}); peak {args.peak_tflops:g} TFLOP/s",
+        C.print_table(f"Embedder on {device} ({args.size}, {args.dtype}); % of the {args.peak_tflops:g} TFLOP/s "
+                      f"datasheet peak (measured matmul: {results['matmul_tflops'] or 0:.0f})",
                       ["attn", "workload", "items", "baseline items/s", "ours items/s", "ours vs baseline",
-                       "ours visual tok/s", "ours text tok/s", "baseline visual tok/s", "baseline text tok/s",
-                       "ours % of peak", "forward-only % of peak"],
+                       "forward-only items/s", "forward-only, stock tower items/s", "preparation alone items/s",
+                       "ours, preparation threads items/s", "ours visual tok/s", "ours text tok/s",
+                       "baseline visual tok/s", "baseline text tok/s", "ours % of peak", "forward-only % of peak",
+                       "max |vector diff|"],
                       [[r["attn"], r["workload"], r["items"], f"{r['baseline_items_s']:.1f}",
-                        f"{r['ours_items_s']:.1f}", f"{r['speedup']:.2f}x", f"{r['ours_visual_tok_s']:.0f}",
+                        f"{r['ours_items_s']:.1f}", f"{r['speedup']:.2f}x", f"{r['items'] / r['forward_only_s']:.1f}",
+                        f"{r['items'] / r['forward_only_stock_s']:.1f}", f"{r['items'] / r['prep_pool_s']:.1f}",
+                        f"{r['items'] / r['ours_threads_s']:.1f}", f"{r['ours_visual_tok_s']:.0f}",
                         f"{r['ours_text_tok_s']:.0f}", f"{r['baseline_visual_tok_s']:.0f}",
                         f"{r['baseline_text_tok_s']:.0f}", f"{100 * r['peak_fraction_ours']:.1f}",
-                        f"{100 * r['peak_fraction_forward']:.1f}"] for r in results["embedder"]])
+                        f"{100 * r['peak_fraction_forward']:.1f}", f"{r['max_abs_vector_diff']:.1e}"]
+                       for r in results["embedder"]])
     if results["reranker"]:
         C.print_table(f"Reranker top-{args.candidates} on {device} ({args.size}, {args.dtype})",
-                      ["attn", "scenario", "shared prefix tokens", "one pair at a time s", "batched, no prefix s",
-                       "ours s", "ours vs one at a time", "max |score diff|"],
-                      [[r["attn"], r["scenario"], r["prefix_tokens"], f"{r['one_at_a_time_s']:.2f}",
+                      ["attn", "scenario", "pairs per batch", "shared prefix tokens", "one pair at a time s",
+                       "batched, no prefix s", "ours s", "ours vs one at a time", "max |score diff|"],
+                      [[r["attn"], r["scenario"], r["batch_pairs"], r["prefix_tokens"], f"{r['one_at_a_time_s']:.2f}",
                         f"{r['batched_no_prefix_s']:.3f}", f"{r['ours_s']:.3f}", f"{r['speedup']:.1f}x",
                         f"{r['max_abs_score_diff']:.1e}"] for r in results["reranker"]])
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2, default=str))
-
 
 if __name__ == "__main__":
     main()

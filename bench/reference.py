@@ -12,13 +12,25 @@ work is organised differs.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from qwen_vl_utils import process_vision_info
 
+from operators.qwen3vl.fast_vision import set_fast_vision
 from operators.qwen3vl.reranker import _TAIL_TOKENS, truncate_keeping_special
+
+
+@contextmanager
+def stock_model(runner: Any) -> Iterator[None]:
+    """transformers' own vision tower while inside (the official code does not have our fast path)."""
+    set_fast_vision(runner.model, False)
+    try:
+        yield
+    finally:
+        set_fast_vision(runner.model, True)
 
 
 def _vision(conversations: list[list[dict[str, Any]]]) -> tuple[Any, Any, Any, dict[str, Any]]:
@@ -51,7 +63,8 @@ def reference_embed(embedder: Any, batch: Sequence[dict[str, Any]], normalize: b
 
 def reference_embed_all(embedder: Any, items: Sequence[dict[str, Any]], batch_size: int = 16) -> torch.Tensor:
     """A notebook loop over the official process(): fixed batches of batch_size in input order."""
-    out = [reference_embed(embedder, items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
+    with stock_model(embedder):
+        out = [reference_embed(embedder, items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
     return torch.cat(out).float().cpu()
 
 
@@ -82,4 +95,5 @@ def reference_rerank_one(reranker: Any, query: dict[str, Any], document: dict[st
 def reference_rerank(reranker: Any, query: dict[str, Any], documents: Sequence[dict[str, Any]],
                      instruction: str | None = None) -> list[float]:
     """Official ``process``: one pair at a time, in order."""
-    return [reference_rerank_one(reranker, query, d, instruction) for d in documents]
+    with stock_model(reranker):
+        return [reference_rerank_one(reranker, query, d, instruction) for d in documents]
