@@ -109,3 +109,23 @@ def test_preparation_threads_do_not_take_the_model_threads(tiny_embedding_ckpt):
         assert torch.get_num_threads() == before
     finally:
         emb.close()
+
+
+def test_a_broken_worker_pool_falls_back_to_threads(tiny_embedding_ckpt, media, caplog):
+    # A killed worker breaks the whole process pool; items still get vectors, prepared in threads.
+    import os
+    import signal
+    emb = Qwen3VLEmbedder(str(tiny_embedding_ckpt), prepare_processes=1)
+    try:
+        items = [{"text": "hello"}, {"image": str(media["a"])}]
+        want = emb.embed(items)
+        pids = list(emb._processes._pool._processes)
+        assert pids
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        got = emb.embed(items * 3)
+        assert all(r.ok for r in got)
+        assert abs(got[1].vector - want[1].vector).max() < 1e-6
+        assert emb._processes.broken and "preparing in threads" in caplog.text
+    finally:
+        emb.close()

@@ -13,15 +13,18 @@ cross the pipe without shared-memory handles.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 from concurrent.futures import Future, ProcessPoolExecutor
-from typing import Any
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from .preprocess import Prepared
 
+log = logging.getLogger(__name__)
 _WORKER: Any = None  # the light runner of this worker process
 
 
@@ -78,25 +81,51 @@ def _prepare(args: tuple[Any, ...]) -> Any:
 
 
 class PrepareProcesses:
-    """A spawn-started process pool that prepares items with a light copy of a runner."""
+    """A spawn-started process pool that prepares items with a light copy of a runner.
 
-    def __init__(self, processes: int, state: dict[str, Any]) -> None:
+    If the pool breaks (a worker killed or crashed, or a script without the
+    ``if __name__ == "__main__":`` guard that spawned processes need), the pending and later
+    items are prepared by ``fallback`` (the runner's threads) instead of failing.
+    """
+
+    def __init__(self, processes: int, state: dict[str, Any],
+                 fallback: Callable[..., Future]) -> None:
         # spawn, not fork: the parent may hold a CUDA context, which forked children cannot use.
         self._pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=_init_worker, initargs=(state,))
+        self._fallback = fallback
+        self.broken: str | None = None  # why the pool broke, once it has
 
     def submit(self, *args: Any) -> Future:
         """A future of the prepared item (or its error string) for these prepare() arguments."""
+        if self.broken is not None:
+            return self._fallback(*args)
         outer: Future = Future()
 
         def done(f: Future) -> None:
             try:
                 outer.set_result(unpack(f.result()))
-            except Exception as exc:  # a dead worker: this item fails, with the reason
+                return
+            except BrokenProcessPool as exc:
+                self._broke(exc)
+            except Exception as exc:  # e.g. a result that cannot be unpickled: this item fails
                 outer.set_result(f"preparation worker failed: {type(exc).__name__}: {exc}")
+                return
+            self._fallback(*args).add_done_callback(lambda g: outer.set_result(g.result()))
 
-        self._pool.submit(_prepare, args).add_done_callback(done)
+        try:
+            self._pool.submit(_prepare, args).add_done_callback(done)
+        except BrokenProcessPool as exc:
+            self._broke(exc)
+            return self._fallback(*args)
         return outer
+
+    def _broke(self, exc: BaseException) -> None:
+        if self.broken is None:
+            self.broken = f"{type(exc).__name__}: {exc}"
+            log.warning("preparation worker processes stopped (%s); preparing in threads from now on. "
+                        "A script that starts an embedder on a GPU needs the `if __name__ == \"__main__\":` "
+                        "guard, or prepare_processes=0.", self.broken)
 
     def shutdown(self) -> None:
         """Stop the workers."""

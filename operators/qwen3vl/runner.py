@@ -102,7 +102,8 @@ class Qwen3VLRunner:
             if self._processes is None:
                 state = {name: getattr(self, name) for name in self._PREPARE_STATE}
                 state.update(cls=type(self), config=self.backbone.config)
-                self._processes = PrepareProcesses(self.prepare_processes, state)
+                self._processes = PrepareProcesses(self.prepare_processes, state,
+                                                   fallback=lambda *a: self._pool.submit(self._safe_prepare, *a))
             return self._processes.submit(*args)
         return self._pool.submit(self._safe_prepare, *args)
 
