@@ -120,6 +120,8 @@ def test_cluster_config_loads():
     assert cfg.reranker.model == "Qwen/Qwen3-VL-Reranker-2B"
     assert cfg.embedder.dtype == "bfloat16"
     assert cfg.embedder.attn_implementation == "flash_attention_2"
+    # The actor reserves the CPUs its preparation processes run on.
+    assert cfg.embedder.prepare_processes == 6 and cfg.compute.cpus_per_actor == 8.0
 
 
 def test_every_shipped_key_is_commented():
