@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import av
@@ -89,3 +90,25 @@ def test_segments_reject_bad_input() -> None:
         video_segments(0, 30)
     with pytest.raises(ValueError):
         video_segments(10, 0)
+
+
+def test_remote_video_copies_live_in_one_temp_dir_removed_on_close():
+    import fsspec
+
+    from operators.qwen3vl.media_io import VideoFiles
+    files = VideoFiles()
+    assert files._dir is None  # nothing on disk until a remote video is read
+    with fsspec.open("memory://videos/v.mp4", "wb") as fh:
+        fh.write(b"not really a video")
+    path = files.local_path("memory://videos/v.mp4")
+    assert open(path, "rb").read() == b"not really a video" and files.local_path("memory://videos/v.mp4") == path
+    folder = os.path.dirname(path)
+    files.close()
+    assert not os.path.exists(folder)
+    other = VideoFiles()
+    other.local_path("memory://videos/v.mp4")
+    folder = other._dir
+    del other  # dropped without close(): the folder goes with it
+    import gc
+    gc.collect()
+    assert not os.path.exists(folder)

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import threading
+import weakref
 from collections import OrderedDict
 from typing import Any
 
@@ -77,7 +78,8 @@ class VideoFiles:
         self.max_files = max_files
         self._files: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
-        self._dir = tempfile.mkdtemp(prefix="qvl-video-")
+        self._dir: str | None = None  # created with the first remote video
+        self._cleanup: weakref.finalize | None = None
 
     def local_path(self, uri: str) -> str:
         """A local path holding the video at uri (downloaded once for remote URIs)."""
@@ -95,6 +97,11 @@ class VideoFiles:
                 return self._files[uri]
         data = read_bytes(uri, self.storage_options)
         suffix = os.path.splitext(uri)[1][:8]
+        with self._lock:
+            if self._dir is None:
+                self._dir = tempfile.mkdtemp(prefix="qvl-video-")
+                # Removed at close(), when this object goes, or at interpreter exit, whichever is first.
+                self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, ignore_errors=True)
         fd, path = tempfile.mkstemp(dir=self._dir, suffix=suffix)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -110,10 +117,11 @@ class VideoFiles:
 
     def close(self) -> None:
         """Remove the local copies."""
-        shutil.rmtree(self._dir, ignore_errors=True)
-
-    def __del__(self) -> None:  # best effort: temp files must not outlive the worker
-        self.close()
+        with self._lock:
+            self._files.clear()
+            if self._cleanup is not None:
+                self._cleanup()  # runs once
+            self._dir = self._cleanup = None
 
 
 def resolve_video(source: Any, files: VideoFiles, storage_options: dict[str, Any] | None = None) -> Any:
