@@ -7,12 +7,11 @@ becomes rows that say so instead of a failed job.
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any
-
-from transformers import AutoTokenizer
 
 from .media.expand import ExpandSettings, expand_object
 from .units import SourceObject, dead_row, object_row, payload_for, unit_row
@@ -20,7 +19,27 @@ from .units import SourceObject, dead_row, object_row, payload_for, unit_row
 
 @lru_cache(maxsize=4)
 def tokenizer_for(model: str) -> Any:
-    """The embedder's tokenizer, loaded once per worker process (text is chunked in its tokens)."""
+    """The embedder's tokenizer, loaded once per worker process (text is chunked in its tokens).
+
+    The fast tokenizer's own `tokenizers.Tokenizer` (tokenizer.json) is all chunking uses, so
+    an expand worker loads just that: importing transformers imports torch, which cost each
+    expand worker about 3 CPU-seconds and a few hundred MB (bench/RESULTS.md). Checkpoints
+    without a tokenizer.json fall back to transformers' AutoTokenizer.
+    """
+    from tokenizers import Tokenizer
+
+    local = os.path.join(model, "tokenizer.json")
+    if os.path.isfile(local):
+        return Tokenizer.from_file(local)
+    if not os.path.isdir(model):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return Tokenizer.from_file(hf_hub_download(model, "tokenizer.json"))  # cache- and offline-aware
+        except Exception:  # no tokenizer.json on the hub, or not reachable: let transformers decide
+            pass
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(model)
 
 

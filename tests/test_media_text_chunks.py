@@ -82,3 +82,29 @@ def test_megabytes_far_beyond_model_length_are_fast(tok) -> None:
 def test_utf16_is_named() -> None:
     with pytest.raises(TextDecodeError, match="UTF-16"):
         decode_text("hello".encode("utf-16"))
+
+
+def test_expand_workers_tokenizer_chunks_exactly_as_the_checkpoints_hf_tokenizer(tiny_embedding_ckpt) -> None:
+    # The expand stage loads only tokenizer.json (no transformers/torch import in its workers);
+    # its chunks must be the ones the checkpoint's HF tokenizer gives.
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from operators.expand_stage import tokenizer_for
+    tokenizer_for.cache_clear()
+    raw = tokenizer_for(str(tiny_embedding_ckpt))
+    assert isinstance(raw, Tokenizer)
+    hf = AutoTokenizer.from_pretrained(str(tiny_embedding_ckpt))
+    texts = [LONG_TEXT, "héllo wörld — 漢字 テキスト 🙂 " * 40, "<|im_start|>user\nspecial <|endoftext|> tokens\n" * 20,
+             "  leading and trailing whitespace \n\n\t tabs\r\n" * 30, "x" * 5000]
+    for text in texts:
+        for size, overlap in ((32, 0), (64, 16), (512, 64)):
+            assert chunk_spans(text, raw, size, overlap) == chunk_spans(text, hf, size, overlap)
+    # And a fresh expand worker never imports torch.
+    code = "import sys, operators.expand_stage as e; e.tokenizer_for(sys.argv[1]); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code, str(tiny_embedding_ckpt)], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
