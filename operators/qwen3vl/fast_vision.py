@@ -6,6 +6,8 @@ host in every one of its layers, and runs attention once per image. For a batch 
 that is thousands of kernel launches and dozens of GPU->host syncs per forward, while the
 GPU waits. Here:
 
+- the patch embedding (a Conv3d whose kernel is the whole patch) runs as the matrix product
+  it is;
 - each grid's position embeddings (interpolated absolute and rotary) are computed once, by
   the model's own functions, and cached (a grid's embeddings do not depend on its batch);
 - the chunk lengths are read once per forward, not once per layer;
@@ -78,13 +80,26 @@ def _equal_runs(lengths: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
+def _patch_embed(embed: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """Qwen3VLVisionPatchEmbed as the matrix product it is.
+
+    Its Conv3d has kernel == stride == the whole patch, so each output is one dot product of the
+    flattened patch with each filter: a linear layer over the same weights, in the same order.
+    The convolution kernels ran 6x slower than the product on CPU (8,000 patches: 121 vs 20 ms);
+    results differ only by float rounding (7.6e-06 on values of about 4).
+    """
+    weight = embed.proj.weight
+    flat = pixels.reshape(-1, weight[0].numel()).to(weight.dtype)
+    return F.linear(flat, weight.reshape(weight.shape[0], -1), embed.proj.bias)
+
+
 def _vision_forward(self: Qwen3VLVisionModel, hidden_states: torch.Tensor, grid_thw: torch.Tensor,
                     **kwargs: Any) -> Any:
     """Qwen3VLVisionModel.forward with cached grid embeddings and chunk lengths read once."""
     fast: _FastVision = self._qvl_fast
     if not fast.enabled:
         return type(self).forward(self, hidden_states, grid_thw, **kwargs)
-    hidden_states = self.patch_embed(hidden_states)
+    hidden_states = _patch_embed(self.patch_embed, hidden_states)
     grids = [(int(t), int(h), int(w)) for t, h, w in grid_thw.tolist()]  # the one host read
     pos_embeds, rotary_pos_emb = fast.embeddings(grids)
     hidden_states = hidden_states + pos_embeds
