@@ -61,6 +61,15 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
+def release(runner: Any) -> None:
+    """Close an embedder or reranker and give its GPU memory back before the next one loads."""
+    runner.close()
+    runner.model = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def workloads(root: Path, n: int, seed: int = 0) -> dict[str, list[dict]]:
     rng = random.Random(seed)
     out: dict[str, list[dict]] = {
@@ -162,11 +171,7 @@ def bench_embedder(ckpt: str, attn: str, device: str, dtype: str, items_by_workl
         if on_row:
             on_row()
         del batches
-    emb.close()
-    del emb
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release(emb)
     return rows
 
 
@@ -219,11 +224,7 @@ def bench_reranker(ckpt: str, attn: str, device: str, dtype: str, root: Path, n:
             if on_row:
                 on_row()
     rr.max_batch_items = default_batch
-    rr.close()
-    del rr
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release(rr)
     return rows
 
 
