@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Iterable, Iterator, Sequence
+from typing import Any, Hashable, Iterator, Sequence
 
 import torch
 from qwen_vl_utils import process_vision_info
@@ -254,15 +254,3 @@ def token_budget_batches(lengths: Sequence[int], token_budget: int, max_items: i
             real += lengths[i]
         if batch:
             yield batch
-
-
-def chunked(seq: Sequence[Any] | Iterable[Any], size: int) -> Iterator[list[Any]]:
-    """Consecutive lists of at most size items."""
-    buf: list[Any] = []
-    for x in seq:
-        buf.append(x)
-        if len(buf) == size:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
