@@ -203,6 +203,9 @@ def collate(items: Sequence[Prepared], pad_id: int, padding_side: str) -> dict[s
     mask = torch.zeros((len(items), length), dtype=torch.long)
     extra_keys = set().union(*(p.extra.keys() for p in items))
     extras = {k: torch.zeros((len(items), length), dtype=torch.long) for k in extra_keys}
+    # Padding positions are 1, as get_rope_index leaves them; no real token attends to them.
+    positions = (torch.ones((3, len(items), length), dtype=torch.long)
+                 if all(p.positions is not None for p in items) else None)
     for row, p in enumerate(items):
         n = p.num_tokens
         sl = slice(0, n) if padding_side == "right" else slice(length - n, length)
@@ -210,13 +213,10 @@ def collate(items: Sequence[Prepared], pad_id: int, padding_side: str) -> dict[s
         mask[row, sl] = 1
         for k in extra_keys:
             extras[k][row, sl] = torch.tensor(p.extra[k], dtype=torch.long)
+        if positions is not None:
+            positions[:, row, sl] = p.positions
     batch: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask, **extras}
-    if all(p.positions is not None for p in items):
-        # Padding positions are 1, as get_rope_index leaves them; no real token attends to them.
-        positions = torch.ones((3, len(items), length), dtype=torch.long)
-        for row, p in enumerate(items):
-            n = p.num_tokens
-            positions[:, row, slice(0, n) if padding_side == "right" else slice(length - n, length)] = p.positions
+    if positions is not None:
         batch["position_ids"] = positions
     for key in VISION_KEYS:
         parts = [p.vision[key] for p in items if key in p.vision]

@@ -72,7 +72,8 @@ class Qwen3VLRunner:
         self._processes: PrepareProcesses | None = None  # started on first use
 
     # -- preparation, in threads or worker processes ---------------------------------------
-    _PREPARE_STATE = ("model_name_or_path", "device", "dtype", "max_length", "vision", "default_instruction",
+    # What prepare() reads; a preparation worker gets exactly this (plus the model config).
+    _PREPARE_STATE = ("model_name_or_path", "dtype", "max_length", "vision", "default_instruction",
                       "storage_options", "padding_side")
 
     @classmethod
