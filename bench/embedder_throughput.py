@@ -80,9 +80,7 @@ def main() -> None:
         @torch.inference_mode()
         def ceiling() -> None:
             for b in batches:
-                hidden = emb.model(**b).last_hidden_state
-                last = b["attention_mask"].sum(1) - 1
-                hidden[torch.arange(hidden.shape[0]), last].float()
+                emb.hidden_at(b, b["attention_mask"].sum(1) - 1, use_cache=False).float()
 
         # Warm-up of every path.
         reference_embed_all(emb, corpus[:4], args.batch_size)

@@ -125,8 +125,12 @@ def bench_embedder(ckpt: str, attn: str, device: str, dtype: str, items_by_workl
                 for b in batches:
                     if stock:
                         b = {k: v for k, v in b.items() if k != "position_ids"}
-                    hidden = emb.model(**b, use_cache=False).last_hidden_state
-                    hidden[torch.arange(hidden.shape[0], device=hidden.device), b["attention_mask"].sum(1) - 1].float()
+                    read = b["attention_mask"].sum(1) - 1
+                    if stock:
+                        hidden = emb.model(**b, use_cache=False).last_hidden_state
+                        hidden[torch.arange(hidden.shape[0], device=hidden.device), read].float()
+                    else:
+                        emb.hidden_at(b, read, use_cache=False).float()
             finally:
                 set_fast_vision(emb.model, True)
 

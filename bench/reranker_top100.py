@@ -59,10 +59,11 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="run only scenarios whose name contains this")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--batch-pairs", type=int, default=None, help="pairs per forward (default: the device's)")
     args = ap.parse_args()
 
     ckpt = args.checkpoint or C.checkpoint("reranker", args.size)
-    rr = Qwen3VLReranker(ckpt, device=args.device, dtype=args.dtype)
+    rr = Qwen3VLReranker(ckpt, device=args.device, dtype=args.dtype, max_batch_items=args.batch_pairs)
     print("#", C.machine())
     print(f"# checkpoint {ckpt} ({args.size}), {args.candidates} candidates, {args.repeats} repeats, "
           f"device {rr.device}, dtype {rr.dtype}")

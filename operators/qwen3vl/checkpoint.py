@@ -187,7 +187,7 @@ QWEN3_VL_CHAT_TEMPLATE = r"""{%- if tools %}
 # Text and vision tower sizes. mrope_section sums to head_dim / 2, in the real [24, 20, 20] proportions.
 _ARCH: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
-        "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=16, mrope_section=[4, 2, 2]),
         "vision": dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, deepstack_visual_indexes=[0, 1]),
     },

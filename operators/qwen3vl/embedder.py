@@ -128,11 +128,10 @@ class Qwen3VLEmbedder(Qwen3VLRunner):
         batch = collate(items, self.processor.tokenizer.pad_token_id, padding_side="right")
         batch = self.to_device(batch)
         t1 = time.perf_counter()
-        hidden = self.model(**batch, use_cache=False).last_hidden_state
         mask = batch["attention_mask"]
         # Right padding: the last attended position is the tokenizer-appended end token.
         last = mask.shape[1] - 1 - mask.flip(dims=[1]).argmax(dim=1)
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float().cpu()
+        pooled = self.hidden_at(batch, last, use_cache=False).float().cpu()
         self.stats.add(collate_s=t1 - t0, forward_s=time.perf_counter() - t1, batches=1,
                        padded_tokens=mask.numel(), real_tokens=sum(p.num_tokens for p in items))
         return pooled

@@ -191,7 +191,8 @@ class Qwen3VLReranker(Qwen3VLRunner):
     def score_prepared(self, items: Sequence[Prepared]) -> list[float]:
         """Scores for one batch of prepared pairs (left padded, last position)."""
         batch = self.to_device(collate(items, self.processor.tokenizer.pad_token_id, padding_side="left"))
-        hidden = self.model(**batch, use_cache=False).last_hidden_state[:, -1]
+        rows, width = batch["input_ids"].shape
+        hidden = self.hidden_at(batch, torch.full((rows,), width - 1, device=self.device), use_cache=False)
         return torch.sigmoid(hidden.float() @ self.score_vector).cpu().tolist()
 
     # -- prefix reuse ----------------------------------------------------------------------
@@ -286,9 +287,8 @@ class Qwen3VLReranker(Qwen3VLRunner):
         batch = self.to_device(batch)
         cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1))
                                              for k, v in prefix_kv])
-        hidden = self.model(**batch, past_key_values=cache, use_cache=True).last_hidden_state
-        last = torch.tensor(lengths, device=hidden.device) - 1
-        hidden = hidden[torch.arange(n, device=hidden.device), last]
+        last = torch.tensor(lengths, device=self.device) - 1
+        hidden = self.hidden_at(batch, last, past_key_values=cache, use_cache=True)
         return torch.sigmoid(hidden.float() @ self.score_vector).cpu().tolist()
 
     def _score_isolating(self, items: list[Prepared]) -> list[float | str]:

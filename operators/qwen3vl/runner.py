@@ -14,6 +14,7 @@ from .loading import load_model, load_processor, resolve_device, resolve_dtype
 from .media_io import VideoFiles
 from .prepare_workers import PrepareProcesses, _RopeOnly
 from .preprocess import Prepared, cast_pixels, describe_error, rope_positions, to_device
+from .read_positions import hidden_at, install_read_positions
 
 
 def resolve_prepare_processes(processes: int | None, device: torch.device) -> int:
@@ -64,6 +65,7 @@ class Qwen3VLRunner:
         self.model = load_model(model_cls, model_name_or_path, self.device, self.dtype, attn_implementation,
                                 **model_kwargs)
         install_fast_vision(self.model)
+        self.read_positions_only = install_read_positions(self.model)
         self.padding_side = padding_side
         self._video_files = VideoFiles(self.storage_options)
         self._pool = ThreadPoolExecutor(prepare_workers or min(8, (os.cpu_count() or 2)),
@@ -118,6 +120,10 @@ class Qwen3VLRunner:
         """A Prepared item with its rotary positions and its pixels in the model's dtype."""
         return Prepared(ids, cast_pixels(vision, self.dtype), extra, prompt,
                         positions=rope_positions(self.backbone, ids, vision))
+
+    def hidden_at(self, batch: dict[str, torch.Tensor], read: torch.Tensor, **forward_kwargs: Any) -> torch.Tensor:
+        """The final hidden state at one position per row (batch, hidden), on the device."""
+        return hidden_at(self.model, batch, read, self.read_positions_only, **forward_kwargs)
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A collated batch on the model's device."""
