@@ -32,6 +32,7 @@ import json
 import random
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,9 +40,8 @@ import _common as C  # noqa: E402  (sets sys.path)
 
 import torch  # noqa: E402
 
-from bench.reference import reference_embed_all, reference_rerank  # noqa: E402
+from bench.reference import reference_embed_all, reference_rerank, stock_model  # noqa: E402
 from operators.qwen3vl import Qwen3VLEmbedder, Qwen3VLReranker  # noqa: E402
-from operators.qwen3vl.fast_vision import set_fast_vision  # noqa: E402
 from operators.qwen3vl.preprocess import collate, token_budget_batches  # noqa: E402
 
 RESOLUTIONS = ((256, 256), (512, 512), (1024, 768), (1600, 1200))
@@ -119,20 +119,16 @@ def bench_embedder(ckpt: str, attn: str, device: str, dtype: str, items_by_workl
 
         @torch.inference_mode()
         def forward_only(stock: bool = False) -> None:
-            # stock: transformers' own vision tower and rotary positions, on the same batches.
-            set_fast_vision(emb.model, not stock)
-            try:
+            # stock: transformers' own vision tower, norms, MLPs and rotary positions, on the same batches.
+            with stock_model(emb) if stock else nullcontext():
                 for b in batches:
-                    if stock:
-                        b = {k: v for k, v in b.items() if k != "position_ids"}
                     read = b["attention_mask"].sum(1) - 1
                     if stock:
+                        b = {k: v for k, v in b.items() if k != "position_ids"}
                         hidden = emb.model(**b, use_cache=False).last_hidden_state
                         hidden[torch.arange(hidden.shape[0], device=hidden.device), read].float()
                     else:
                         emb.hidden_at(b, read, use_cache=False).float()
-            finally:
-                set_fast_vision(emb.model, True)
 
         def best(fn: Callable[[], Any], repeats: int = 2) -> tuple[float, Any]:
             # Each path first runs the whole workload once (new shapes: allocator growth, kernel

@@ -19,18 +19,21 @@ import torch
 import torch.nn.functional as F
 from qwen_vl_utils import process_vision_info
 
+from operators.qwen3vl.fast_text import set_fast_text
 from operators.qwen3vl.fast_vision import set_fast_vision
 from operators.qwen3vl.reranker import _TAIL_TOKENS, truncate_keeping_special
 
 
 @contextmanager
 def stock_model(runner: Any) -> Iterator[None]:
-    """transformers' own vision tower while inside (the official code does not have our fast path)."""
+    """transformers' own vision tower, norms and MLPs while inside (the official code has no fast path)."""
     set_fast_vision(runner.model, False)
+    set_fast_text(runner.model, False)
     try:
         yield
     finally:
         set_fast_vision(runner.model, True)
+        set_fast_text(runner.model, True)
 
 
 def _vision(conversations: list[list[dict[str, Any]]]) -> tuple[Any, Any, Any, dict[str, Any]]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .fast_text import install_fast_text
 from .fast_vision import install_fast_vision
 from .formatting import VisionSettings
 from .loading import load_model, load_processor, resolve_device, resolve_dtype
@@ -65,6 +66,7 @@ class Qwen3VLRunner:
         self.model = load_model(model_cls, model_name_or_path, self.device, self.dtype, attn_implementation,
                                 **model_kwargs)
         install_fast_vision(self.model)
+        install_fast_text(self.model)
         self.read_positions_only = install_read_positions(self.model)
         self.padding_side = padding_side
         self._video_files = VideoFiles(self.storage_options)
