@@ -179,7 +179,7 @@ def test_token_budget_batches_cut_on_budget_items_and_padding():
 
 
 def test_growing_windows_start_small_and_cover_every_input():
-    from operators.qwen3vl.embedder import growing_windows
+    from operators.qwen3vl.preprocess import growing_windows
     windows = growing_windows(1000, 32, 256)
     assert [len(w) for w in windows] == [32, 64, 128, 256, 256, 256, 8]
     assert [i for w in windows for i in w] == list(range(1000))

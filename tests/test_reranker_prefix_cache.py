@@ -42,6 +42,10 @@ def _check(rerankers, query, docs, instruction="Pick"):
     on, off = rerankers
     cached = on.score(query, docs, instruction)
     prefix = on.last_prefix_length
+    # Windows of 2, 4, ...: later windows are scored on the prefix planned in the first (or, where
+    # truncation cut a pair inside it, on the plain path).
+    windowed = on.score(query, docs, instruction, first_window=2)
+    assert [r.score for r in windowed] == pytest.approx([r.score for r in cached], abs=TOL)
     plain = off.score(query, docs, instruction)
     assert off.last_prefix_length == 0
     single = [off.score(query, [d], instruction)[0] for d in docs]
@@ -85,11 +89,17 @@ def test_document_images_never_enter_the_prefix(rerankers, media):
         assert 0 < prefix
 
 
-def test_same_documents_keep_one_suffix_token(rerankers, media):
+def test_prefix_stops_where_documents_start(rerankers, media):
+    # Even when every document starts alike (here: is the same), the prefix ends before document
+    # text, so pairs prepared later (next windows) still share it.
+    on = rerankers[0]
+    a, b = (on.prepare({"text": "q"}, {"text": t}, "Pick").input_ids for t in ("0", "1"))
+    doc_start = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
     docs = [{"text": "the very same"}] * 3 + [{"image": media["a"]}] * 2
     _check(rerankers, {"text": "q"}, docs[:3])
-    assert rerankers[0].last_prefix_length == len(rerankers[0].prepare({"text": "q"}, docs[0], "Pick").input_ids) - 1
+    assert on.last_prefix_length == doc_start
     _check(rerankers, {"text": "q"}, docs[3:])
+    assert on.last_prefix_length == doc_start
 
 
 def test_truncated_pairs(tiny_reranker_ckpt, media):
@@ -139,3 +149,17 @@ def test_common_prefix_length():
     assert _common_prefix_length([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
     assert _common_prefix_length([[5], [6]]) == 0
     assert _common_prefix_length([[1, 2, 3]] * 3) == 3
+
+
+def test_later_windows_run_only_their_suffixes(rerankers, media, monkeypatch):
+    on = rerankers[0]
+    rows, plain = [], []
+    suffixes, isolating = on.score_suffixes, on._score_isolating
+    monkeypatch.setattr(on, "score_suffixes", lambda items, *a: rows.append(len(items)) or suffixes(items, *a))
+    monkeypatch.setattr(on, "_score_isolating", lambda items: plain.append(len(items)) or isolating(items))
+    # The first window's documents start alike; the later ones do not.
+    docs = [{"text": "same start one"}, {"text": "same start two"}] + [
+        {"text": f"doc {i} " + "x " * i} for i in range(5)] + [{"image": media["a"]}]
+    results = on.score({"text": "q", "image": media["b"]}, docs, "Pick", first_window=2)
+    assert all(r.ok for r in results) and on.last_prefix_length > 0
+    assert sum(rows) == len(docs) and not plain  # windows 2, 4, 2: every pair on the prefix

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from .formatting import DEFAULT_EMBED_INSTRUCTION, VisionSettings, embed_conversation
 from .loading import Qwen3VLForEmbedding
-from .preprocess import (InputError, Prepared, collate, describe_error, render_prompt, resolve_sources,
-                         run_processor, token_budget_batches)
+from .preprocess import (InputError, Prepared, collate, describe_error, growing_windows, render_prompt,
+                         resolve_sources, run_processor, token_budget_batches)
 from .runner import Qwen3VLRunner
 
 
@@ -64,20 +64,6 @@ def reduce_dim(vectors: torch.Tensor | np.ndarray, dim: int | None, normalize: b
     if normalize:
         t = F.normalize(t.float(), p=2, dim=-1)
     return t.numpy() if is_numpy else t
-
-
-def growing_windows(n: int, first: int, cap: int) -> list[list[int]]:
-    """Consecutive index windows that double from first up to cap.
-
-    A small first window starts the model sooner (nothing overlaps its preparation);
-    later, larger windows sort more items by length and pad less.
-    """
-    out, start, size = [], 0, max(1, min(first, cap))
-    while start < n:
-        out.append(list(range(start, min(n, start + size))))
-        start += size
-        size = min(cap, size * 2)
-    return out
 
 
 class Qwen3VLEmbedder(Qwen3VLRunner):

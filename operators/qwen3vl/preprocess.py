@@ -231,6 +231,20 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device, pin: bool = 
     return {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in batch.items()}
 
 
+def growing_windows(n: int, first: int, cap: int) -> list[list[int]]:
+    """Consecutive index windows that double from first up to cap.
+
+    A small first window starts the model sooner (nothing overlaps its preparation);
+    later, larger windows sort more items by length and pad less.
+    """
+    out, start, size = [], 0, max(1, min(first, cap))
+    while start < n:
+        out.append(list(range(start, min(n, start + size))))
+        start += size
+        size = min(cap, size * 2)
+    return out
+
+
 def token_budget_batches(lengths: Sequence[int], token_budget: int, max_items: int,
                          window: int = 1024, max_padding: float = 0.25) -> Iterator[list[int]]:
     """Index batches: sort a window by length, cut where padded tokens would pass the budget

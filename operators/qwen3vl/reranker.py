@@ -9,6 +9,10 @@ positions (mrope) are computed for each FULL pair sequence with the model's own
 ``get_rope_index`` and the suffix slice is passed explicitly, so every token sees exactly
 the positions and keys/values it sees in the plain path. Scores equal the plain
 (left-padded, whole-sequence) path's to float tolerance; ``prefix_cache=False`` turns it off.
+
+On a GPU the pairs are scored in growing windows while the next window is prepared; the prefix
+is planned on the first window together with two probe documents, so it ends where documents
+start and the later windows' pairs share it too (any that do not take the plain path).
 """
 
 from __future__ import annotations
@@ -23,12 +27,15 @@ from transformers import DynamicCache, Qwen3VLForConditionalGeneration
 
 from .formatting import DEFAULT_RERANK_INSTRUCTION, VisionSettings, media_content, rerank_conversation
 from .loading import ModelLoadError, resolve_device
-from .preprocess import (InputError, Prepared, VisionCache, collate, describe_error, render_prompt,
+from .preprocess import (InputError, Prepared, VisionCache, collate, describe_error, growing_windows, render_prompt,
                          resolve_sources, rope_positions, run_processor, run_processor_cached, token_budget_batches)
 from .runner import Qwen3VLRunner
 
 # `<|im_end|>\n<|im_start|>assistant\n`: the tail that must survive truncation.
 _TAIL_TOKENS = 5
+# Two documents that differ in their first token: their common prefix with the query is where
+# any document starts, so a prefix planned on the first pairs never reaches into document text.
+_PROBE_DOCUMENTS = ({"text": "0"}, {"text": "1"})
 
 
 @dataclass
@@ -69,6 +76,16 @@ class _PrefixPlan:
     n_videos: int  # leading rows of video_grid_thw (the query's videos) inside the prefix
     image_rows: int  # leading rows of pixel_values belonging to those images
     video_rows: int  # leading rows of pixel_values_videos belonging to those videos
+
+
+@dataclass
+class _SharedPrefix:
+    """A planned prefix with its keys/values, and the pair it was taken from."""
+
+    plan: _PrefixPlan
+    ids: list[int]
+    ref: Prepared
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def _common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
@@ -300,20 +317,42 @@ class Qwen3VLReranker(Qwen3VLRunner):
             return [r for p in items for r in self._score_isolating([p])]
 
     def score(self, query: dict[str, Any], documents: Sequence[dict[str, Any]], instruction: str | None = None,
-              fps: float | None = None, max_frames: int | None = None) -> list[ScoreResult]:
-        """Per document, its score or its error, in input order."""
+              fps: float | None = None, max_frames: int | None = None,
+              first_window: int | None = None) -> list[ScoreResult]:
+        """Per document, its score or its error, in input order.
+
+        first_window: pairs prepared before the first forward; None = 16 on a GPU (later windows
+        double, and are scored while the next one is prepared), all of them on a CPU (the model
+        already fills the cores, and one window sorts and pads best).
+        """
         scope = uuid.uuid4().hex  # this call's query images are processed once, for all its pairs
         futures = [self.submit_prepare(query, doc, instruction, fps, max_frames, scope) for doc in documents]
-        prepared = [f.result() for f in futures]
-        results = [ScoreResult(i) for i in range(len(prepared))]
-        ok = [(i, p) for i, p in enumerate(prepared) if isinstance(p, Prepared)]
-        for i, p in enumerate(prepared):
-            if not isinstance(p, Prepared):
-                results[i].error = p
+        use_prefix = self.prefix_cache and len(futures) >= 2
+        probes = [self.submit_prepare(query, doc, instruction, fps, max_frames, scope)
+                  for doc in (_PROBE_DOCUMENTS if use_prefix else ())]
+        if first_window is None:
+            first_window = 16 if self.device.type == "cuda" else len(futures)
+        results = [ScoreResult(i) for i in range(len(futures))]
         self.last_prefix_length = 0
-        if self.prefix_cache and len(ok) >= 2 and self._score_with_prefix(query, ok, results, fps, max_frames):
-            return results
-        self._score_plain(ok, results)
+        shared: _SharedPrefix | None = None
+        for w, idx in enumerate(growing_windows(len(futures), first_window, 256)):
+            ok = []
+            for i in idx:
+                p = futures[i].result()
+                if isinstance(p, Prepared):
+                    ok.append((i, p))
+                else:
+                    results[i].error = p
+            if w == 0 and use_prefix:
+                planned = [p for _, p in ok] + [p for p in (f.result() for f in probes) if isinstance(p, Prepared)]
+                shared = self._open_prefix(query, planned, fps, max_frames)
+                self.last_prefix_length = shared.plan.length if shared else 0
+            if shared is None:
+                self._score_plain(ok, results)
+                continue
+            shares = [self._shares_prefix(p, shared) for _, p in ok]
+            self._score_on_prefix([x for x, s in zip(ok, shares) if s], shared, results)
+            self._score_plain([x for x, s in zip(ok, shares) if not s], results)
         return results
 
     def _record(self, results: list[ScoreResult], index: int, out: float | str) -> None:
@@ -328,34 +367,52 @@ class Qwen3VLReranker(Qwen3VLRunner):
             for b, out in zip(batch, self._score_isolating([ok[b][1] for b in batch])):
                 self._record(results, ok[b][0], out)
 
-    def _score_with_prefix(self, query: dict[str, Any], ok: list[tuple[int, Prepared]], results: list[ScoreResult],
-                           fps: float | None, max_frames: int | None) -> bool:
-        """Score ok pairs on a shared prefix cache; False (nothing recorded) when the plain path must be used."""
-        items = [p for _, p in ok]
+    def _positions(self, item: Prepared) -> torch.Tensor:
+        return item.positions if item.positions is not None else rope_positions(self.backbone, item.input_ids,
+                                                                                item.vision)
+
+    def _open_prefix(self, query: dict[str, Any], items: list[Prepared], fps: float | None,
+                     max_frames: int | None) -> _SharedPrefix | None:
+        """The prefix shared by these pairs, run once; None when the plain path must be used."""
         content = media_content(query, self.vision, fps, max_frames)
         n_query_images = sum(1 for c in content if c.get("type") == "image")
         n_query_videos = sum(1 for c in content if c.get("type") == "video")
         try:
             plan = self._plan_prefix(items, n_query_images, n_query_videos)
             if plan is None:
-                return False
-            positions = [p.positions if p.positions is not None else rope_positions(self.backbone, p.input_ids, p.vision)
-                         for p in items]
-            prefix_kv = self._run_prefix(items[0], plan, positions[0])
+                return None
+            ref = items[0]
+            kv = self._run_prefix(ref, plan, self._positions(ref))
         except Exception:
-            return False  # e.g. an unusual layout: the plain path scores (or reports) every pair
-        self.last_prefix_length = plan.length
+            return None  # e.g. an unusual layout: the plain path scores (or reports) every pair
+        return _SharedPrefix(plan, list(ref.input_ids[:plan.length]), ref, kv)
+
+    def _shares_prefix(self, item: Prepared, shared: _SharedPrefix) -> bool:
+        """True when the pair starts with the shared prefix: its tokens and the query's vision inputs."""
+        plan, ref = shared.plan, shared.ref
+        if item.extra or len(item.input_ids) <= plan.length or item.input_ids[:plan.length] != shared.ids:
+            return False
+        for key, grid_key, n, rows in (("pixel_values", "image_grid_thw", plan.n_images, plan.image_rows),
+                                       ("pixel_values_videos", "video_grid_thw", plan.n_videos, plan.video_rows)):
+            if n and not (grid_key in item.vision and torch.equal(item.vision[grid_key][:n], ref.vision[grid_key][:n])
+                          and torch.equal(item.vision[key][:rows], ref.vision[key][:rows])):
+                return False
+        return True
+
+    def _score_on_prefix(self, ok: list[tuple[int, Prepared]], shared: _SharedPrefix,
+                         results: list[ScoreResult]) -> None:
+        """Pairs that share the prefix: only their suffixes run, batched on its keys/values."""
+        items = [p for _, p in ok]
         # Batches are cut on what they hold in memory: each row's keys/values cover prefix + suffix.
         for batch in token_budget_batches([p.num_tokens for p in items], self.token_budget, self.max_batch_items):
             try:
                 outs: list[float | str] = list(self.score_suffixes(
-                    [items[b] for b in batch], [positions[b] for b in batch], plan, prefix_kv))
+                    [items[b] for b in batch], [self._positions(items[b]) for b in batch], shared.plan, shared.kv))
             except Exception:
                 # Find the pair that breaks the batch: the plain path scores or explains each one.
                 outs = [r for b in batch for r in self._score_isolating([items[b]])]
             for b, out in zip(batch, outs):
                 self._record(results, ok[b][0], out)
-        return True
 
     def process(self, inputs: dict[str, Any]) -> list[float]:
         """Scores for {"instruction", "query", "documents", "fps"}; raises naming the first failing document."""
