@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from operators.qwen3vl import Qwen3VLEmbedder, Qwen3VLReranker
-from operators.qwen3vl.prepare_workers import pack, unpack
+from operators.qwen3vl import prepare_workers
+from operators.qwen3vl.prepare_workers import ShmArray, pack, remove_shm_files, unpack
 from operators.qwen3vl.runner import resolve_prepare_processes
 from tests.media_gen import pattern_image, write_video
 
@@ -13,7 +14,8 @@ from tests.media_gen import pattern_image, write_video
 def media(tmp_path_factory):
     root = tmp_path_factory.mktemp("prepare_workers")
     paths = {}
-    for i, (name, size) in enumerate([("a", (96, 64)), ("b", (300, 40))]):
+    # "big": about 5 MB of float32 pixels, handed over in /dev/shm rather than the pipe.
+    for i, (name, size) in enumerate([("a", (96, 64)), ("b", (300, 40)), ("big", (640, 480))]):
         paths[name] = root / f"{name}.png"
         pattern_image(i, size, "RGB").save(paths[name])
     paths["video"] = write_video(root / "clip.mp4", seconds=2.0)
@@ -24,12 +26,12 @@ def media(tmp_path_factory):
 
 def test_worker_processes_give_the_thread_results(tiny_embedding_ckpt, media):
     items = [{"text": "hello"}, {"image": str(media["a"]), "text": "caption"}, {"video": str(media["video"])},
-             {"image": str(media["broken"])}, {"image": str(media["b"])}]
+             {"image": str(media["broken"])}, {"image": str(media["b"])}, {"image": str(media["big"])}]
     threads = Qwen3VLEmbedder(str(tiny_embedding_ckpt), prepare_processes=0)
     procs = Qwen3VLEmbedder(str(tiny_embedding_ckpt), prepare_processes=2)
     try:
         a, b = threads.embed(items), procs.embed(items)
-        assert [r.ok for r in a] == [r.ok for r in b] == [True, True, True, False, True]
+        assert [r.ok for r in a] == [r.ok for r in b] == [True, True, True, False, True, True]
         assert "broken.png" in b[3].error and b[3].error == a[3].error
         for x, y in zip(a, b):
             if x.ok:
@@ -40,9 +42,12 @@ def test_worker_processes_give_the_thread_results(tiny_embedding_ckpt, media):
         assert torch.equal(p_proc.positions, p_thread.positions)
         assert p_proc.vision.keys() == p_thread.vision.keys()
         assert all(torch.equal(p_proc.vision[k], p_thread.vision[k]) for k in p_thread.vision)
+        big = procs.submit_prepare(items[5]).result()
+        assert torch.equal(big.vision["pixel_values"], threads.prepare(items[5]).vision["pixel_values"])
     finally:
         threads.close()
         procs.close()
+    assert not _handover_files()  # every file was read and deleted
 
 
 def test_reranker_in_worker_processes(tiny_reranker_ckpt, media):
@@ -67,6 +72,67 @@ def test_pack_round_trips_bfloat16_and_errors():
     assert torch.equal(q.vision["pixel_values"], p.vision["pixel_values"])
     assert torch.equal(q.vision["image_grid_thw"], p.vision["image_grid_thw"]) and torch.equal(q.positions, p.positions)
     assert unpack(pack("input 3: unreadable")) == "input 3: unreadable"
+
+
+def _handover_files(pid=None):
+    import glob
+    import os
+    return glob.glob(os.path.join(prepare_workers.SHM_DIR, f"qvl-prep-{pid or os.getpid()}-*"))
+
+
+def _big_item():
+    from operators.qwen3vl.preprocess import Prepared
+    pixels = torch.randn(1024, 512).to(torch.bfloat16)  # 1 MiB: over the threshold
+    return Prepared([1, 2], {"pixel_values": pixels, "image_grid_thw": torch.tensor([[1, 32, 32]])}, {}, "x",
+                    torch.arange(6).view(3, 2))
+
+
+def test_large_arrays_cross_in_shared_memory_and_are_deleted():
+    import os
+    p = _big_item()
+    packed = pack(p, shm_owner=os.getpid())
+    ref = packed[1]["pixel_values"][1]
+    assert isinstance(ref, ShmArray) and os.path.exists(ref.path)
+    assert isinstance(packed[1]["image_grid_thw"][1], type(p.vision["image_grid_thw"].numpy()))  # small: pipe
+    q = unpack(packed)
+    assert not os.path.exists(ref.path)
+    assert q.vision["pixel_values"].dtype == torch.bfloat16
+    assert torch.equal(q.vision["pixel_values"], p.vision["pixel_values"])
+
+
+def test_no_shared_memory_means_the_pipe(monkeypatch, tmp_path):
+    import os
+    monkeypatch.setattr(prepare_workers, "SHM_DIR", str(tmp_path / "missing"))
+    packed = pack(_big_item(), shm_owner=os.getpid())
+    assert not isinstance(packed[1]["pixel_values"][1], ShmArray)
+    # A full tmpfs: the reservation fails, nothing is left behind, the array takes the pipe.
+    monkeypatch.setattr(prepare_workers, "SHM_DIR", str(tmp_path))
+
+    def full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    item = _big_item()
+    packed = pack(item, shm_owner=os.getpid())
+    assert not isinstance(packed[1]["pixel_values"][1], ShmArray) and not list(tmp_path.iterdir())
+    assert torch.equal(unpack(packed).vision["pixel_values"], item.vision["pixel_values"])
+
+
+def test_orphaned_handover_files_are_removed(monkeypatch, tmp_path):
+    import os
+    import subprocess
+    monkeypatch.setattr(prepare_workers, "SHM_DIR", str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    old, fresh, live = (tmp_path / f"qvl-prep-{gone.pid}-a", tmp_path / f"qvl-prep-{gone.pid}-b",
+                        tmp_path / f"qvl-prep-{os.getpid()}-c")
+    for f in (old, fresh, live):
+        f.write_bytes(b"x")
+    os.utime(old, (0, 0))
+    remove_shm_files()
+    assert not old.exists() and fresh.exists() and live.exists()  # only old files of dead processes
+    remove_shm_files(os.getpid())
+    assert not live.exists()
 
 
 def test_default_is_threads_on_cpu_and_processes_on_gpu():

@@ -7,17 +7,25 @@ same GIL, so threads neither prepare in parallel nor let the GPU run while they 
 Worker processes prepare in parallel and leave the model thread its interpreter.
 
 Each worker builds a light copy of the embedder or reranker (its settings and processor, the
-model config for the rotary positions, no weights) and returns items as plain arrays, which
-cross the pipe without shared-memory handles.
+model config for the rotary positions, no weights) and returns items as plain arrays. Large
+arrays (pixels) are handed over in a /dev/shm file instead of the result pipe: through the
+pipe, the model process read about 0.6-0.9 GB/s on one thread, unpickling while holding the
+GIL (bench/RESULTS.md, GPU run 3); a file is read with one system call that releases it. The
+worker reserves the file's space first, so a full /dev/shm (64 MB in a default container)
+means the pipe, never a crash; the model process deletes each file as it reads it.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import multiprocessing
+import os
+import time
+import uuid
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -41,23 +49,103 @@ class _RopeOnly:
         return Qwen3VLModel.get_rope_index(self, *args)  # type: ignore[arg-type]
 
 
-def _pack_tensor(t: torch.Tensor) -> tuple[str, np.ndarray]:
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: ship the bits
-        return "bfloat16", t.contiguous().view(torch.int16).numpy()
-    return str(t.dtype).removeprefix("torch."), t.contiguous().numpy()
+SHM_DIR = "/dev/shm"
+SHM_MIN_BYTES = 1 << 20  # smaller arrays cross the pipe as fast
+_SHM_PREFIX = "qvl-prep-"
 
 
-def _unpack_tensor(packed: tuple[str, np.ndarray]) -> torch.Tensor:
+class ShmArray(NamedTuple):
+    """An array's bytes in a file under SHM_DIR, read (and deleted) by unpack()."""
+
+    path: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def _to_shm(array: np.ndarray, owner: int) -> ShmArray | None:
+    """The array in a new SHM_DIR file; None when there is no room or no SHM_DIR."""
+    if not hasattr(os, "posix_fallocate"):
+        return None
+    path = os.path.join(SHM_DIR, f"{_SHM_PREFIX}{owner}-{uuid.uuid4().hex}")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return None
+    try:
+        # Reserve the pages now: a full tmpfs then fails here (ENOSPC), not with SIGBUS mid-write.
+        os.posix_fallocate(fd, 0, array.nbytes)
+        with open(fd, "wb", closefd=False) as f:
+            f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+    except OSError:
+        os.close(fd)
+        os.unlink(path)
+        return None
+    os.close(fd)
+    return ShmArray(path, array.dtype.str, tuple(array.shape))
+
+
+def _from_shm(ref: ShmArray) -> np.ndarray:
+    """The array a worker left in ref.path; the file is deleted."""
+    try:
+        array = np.empty(ref.shape, dtype=np.dtype(ref.dtype))
+        view, done = memoryview(array).cast("B"), 0
+        with open(ref.path, "rb", buffering=0) as f:
+            while done < len(view):  # readinto releases the GIL while the kernel copies
+                n = f.readinto(view[done:])
+                if not n:
+                    raise OSError(f"{ref.path}: {done} of {len(view)} bytes")
+                done += n
+        return array
+    finally:
+        os.unlink(ref.path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def remove_shm_files(owner: int | None = None, stale_s: float = 600.0) -> None:
+    """Delete hand-over files nobody collected: owner's, or (None) old ones of model processes that are gone."""
+    for path in glob.glob(os.path.join(SHM_DIR, f"{_SHM_PREFIX}{'*' if owner is None else owner}-*")):
+        try:
+            if owner is None:
+                pid = os.path.basename(path)[len(_SHM_PREFIX):].split("-", 1)[0]
+                # Old as well as orphaned: another container sharing /dev/shm has other pids.
+                if not pid.isdigit() or _alive(int(pid)) or time.time() - os.stat(path).st_mtime < stale_s:
+                    continue
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def _pack_tensor(t: torch.Tensor, shm_owner: int | None = None) -> tuple[str, np.ndarray | ShmArray]:
+    dtype = str(t.dtype).removeprefix("torch.")
+    # numpy has no bfloat16: ship the bits.
+    array = (t.contiguous().view(torch.int16) if t.dtype == torch.bfloat16 else t.contiguous()).numpy()
+    if shm_owner is not None and array.nbytes >= SHM_MIN_BYTES:
+        ref = _to_shm(array, shm_owner)
+        if ref is not None:
+            return dtype, ref
+    return dtype, array
+
+
+def _unpack_tensor(packed: tuple[str, np.ndarray | ShmArray]) -> torch.Tensor:
     dtype, array = packed
-    t = torch.from_numpy(array)
+    t = torch.from_numpy(_from_shm(array) if isinstance(array, ShmArray) else array)
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
-def pack(p: Prepared | str) -> Any:
-    """A picklable form of a prepared item (or its error string)."""
+def pack(p: Prepared | str, shm_owner: int | None = None) -> Any:
+    """A picklable form of a prepared item (or its error string); large arrays via SHM_DIR for shm_owner."""
     if isinstance(p, str):
         return p
-    return (p.input_ids, {k: _pack_tensor(v) for k, v in p.vision.items()}, p.extra, p.prompt,
+    return (p.input_ids, {k: _pack_tensor(v, shm_owner) for k, v in p.vision.items()}, p.extra, p.prompt,
             None if p.positions is None else _pack_tensor(p.positions))
 
 
@@ -77,7 +165,7 @@ def _init_worker(state: dict[str, Any]) -> None:
 
 
 def _prepare(args: tuple[Any, ...]) -> Any:
-    return pack(_WORKER._safe_prepare(*args))
+    return pack(_WORKER._safe_prepare(*args), shm_owner=os.getppid())
 
 
 class PrepareProcesses:
@@ -95,6 +183,7 @@ class PrepareProcesses:
                                          initializer=_init_worker, initargs=(state,))
         self._fallback = fallback
         self.broken: str | None = None  # why the pool broke, once it has
+        remove_shm_files()  # left by model processes that died before reading them
 
     def submit(self, *args: Any) -> Future:
         """A future of the prepared item (or its error string) for these prepare() arguments."""
@@ -128,5 +217,7 @@ class PrepareProcesses:
                         "guard, or prepare_processes=0.", self.broken)
 
     def shutdown(self) -> None:
-        """Stop the workers."""
+        """Stop the workers and delete hand-over files nobody collected."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+        # Results still in flight are read (and their files deleted) by their callbacks.
+        remove_shm_files(os.getpid())
