@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sqlite3
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -86,6 +87,31 @@ def _wrap(client: QdrantClient, settings: QdrantSettings) -> QdrantClient:
 def make_client(settings: QdrantSettings) -> QdrantClient:
     """Open a client: server mode with the API key from the environment, or embedded mode at `path`."""
     return _wrap(_open_client(settings), settings)
+
+
+def tune_embedded_storage(client: Any) -> int:
+    """Let an embedded store's collections commit without an fsync per point; how many were tuned.
+
+    qdrant-client's local mode commits its SQLite file once per point, and each commit in the
+    default rollback-journal mode syncs the disk: 2,000 points took 2.1 s (0.9 CPU-s), with WAL
+    and synchronous=NORMAL 0.3 s. That pair survives a crash of the process; an OS crash or a
+    power cut can lose the last commits, which the next incremental run re-embeds (an object
+    whose units are not all stored counts as not stored). Server mode: nothing to do.
+    """
+    collections = getattr(getattr(client, "_client", None), "collections", None)
+    if not isinstance(collections, dict):
+        return 0
+    tuned = 0
+    for collection in collections.values():
+        persistence = getattr(collection, "storage", None)  # None for an in-memory store
+        connection = getattr(persistence, "storage", None)
+        if not isinstance(connection, sqlite3.Connection) or getattr(persistence, "_qvl_tuned", False):
+            continue
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        persistence._qvl_tuned = True
+        tuned += 1
+    return tuned
 
 
 def _open_client(settings: QdrantSettings) -> QdrantClient:

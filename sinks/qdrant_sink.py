@@ -37,7 +37,7 @@ import ray
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import Datasink, WriteResult
 
-from sinks.qdrant_client_factory import QdrantSettings, make_client
+from sinks.qdrant_client_factory import QdrantSettings, make_client, tune_embedded_storage
 from sinks.qdrant_schema import CollectionSpec, ensure_collection
 from sinks.qdrant_writer import PointRecord, QdrantWriter, WriteStats
 
@@ -153,6 +153,7 @@ class QdrantOwner:
 
     def __init__(self, settings: QdrantSettings, collection: str, writer_kwargs: dict[str, Any] | None = None):
         self.client = make_client(settings)
+        tune_embedded_storage(self.client)
         self.writer = QdrantWriter(self.client, collection, **(writer_kwargs or {}))
 
     def upsert(self, rows: Sequence[PointRecord]) -> dict[str, int]:
@@ -177,6 +178,7 @@ class QdrantOwner:
     def ensure_collection(self, spec: CollectionSpec) -> None:
         """Create or validate the collection."""
         ensure_collection(self.client, spec)
+        tune_embedded_storage(self.client)  # a collection created just now
 
     def count(self) -> int:
         """Exact point count."""

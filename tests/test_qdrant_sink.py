@@ -11,7 +11,7 @@ from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import UnexpectedResponse
 
 from operators.units import point_id
-from sinks.qdrant_client_factory import QdrantSettings, make_client
+from sinks.qdrant_client_factory import QdrantSettings, make_client, tune_embedded_storage
 from sinks.qdrant_schema import (
     CollectionMismatchError,
     CollectionSpec,
@@ -285,6 +285,29 @@ def test_datasink_server_path_client_per_task(tmp_path, monkeypatch):
     check.close()
 
 
+def _sqlite_modes(client: QdrantClient, collection: str) -> tuple[str, int]:
+    connection = client._client.collections[collection].storage.storage
+    return (connection.execute("PRAGMA journal_mode").fetchone()[0],
+            connection.execute("PRAGMA synchronous").fetchone()[0])
+
+
+def test_embedded_storage_commits_without_a_sync_per_point(tmp_path):
+    path = str(tmp_path / "q")
+    client = QdrantClient(path=path)
+    ensure_collection(client, SPEC)
+    assert _sqlite_modes(client, "docs") == ("delete", 2)  # qdrant-client's default: FULL, a sync per commit
+    assert tune_embedded_storage(client) == 1 and tune_embedded_storage(client) == 0  # once per collection
+    assert _sqlite_modes(client, "docs") == ("wal", 1)  # NORMAL
+    QdrantWriter(client, "docs").upsert_points(make_points(30))
+    client.close()
+    reopened = QdrantClient(path=path)  # every point is there for the next process
+    try:
+        assert reopened.count("docs", exact=True).count == 30
+    finally:
+        reopened.close()
+    assert tune_embedded_storage(QdrantClient(location=":memory:")) == 0  # nothing on disk to tune
+
+
 def test_ray_datasink_embedded_through_owner(ray_local, tmp_path):
     ray = ray_local
     from sinks.qdrant_sink import QdrantDatasink, start_owner, stop_owner, write_rows
@@ -302,6 +325,8 @@ def test_ray_datasink_embedded_through_owner(ray_local, tmp_path):
             assert sink.summary["num_rows"] == 60
         fps = ray.get(owner.fingerprints_by_uri.remote())
         assert len(fps) == 4 and set(fps.values()) == {"v1"}
+        # The owner created the collection and tuned its storage.
+        assert ray.get(owner.__ray_call__.remote(lambda self: _sqlite_modes(self.client, "docs"))) == ("wal", 1)
 
         # driver-side fallback through the same owner
         extra = [dict(r, point_id=point_id("file:///extra", f"chunk={i}")) for i, r in enumerate(_rows(3))]
