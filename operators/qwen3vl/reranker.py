@@ -350,7 +350,8 @@ class Qwen3VLReranker(Qwen3VLRunner):
             if shared is None:
                 self._score_plain(ok, results)
                 continue
-            shares = [self._shares_prefix(p, shared) for _, p in ok]
+            # The plan already checked the first window's pairs (3.6 MB of query pixels each, for a 448x336 image).
+            shares = [w == 0 or self._shares_prefix(p, shared) for _, p in ok]
             self._score_on_prefix([x for x, s in zip(ok, shares) if s], shared, results)
             self._score_plain([x for x, s in zip(ok, shares) if not s], results)
         return results
