@@ -36,3 +36,4 @@ OUT_DIR=${OUT:-/tmp/gpu_bench_out}
 mkdir -p "$OUT_DIR"
 # Checkpoints are built on the GPU (seconds) under /tmp: the 2B weights never travel.
 python3 bench/gpu_bench.py --ckpt-dir /tmp/qvl-gpu-ckpt --out "$OUT_DIR/gpu_bench.json" "$@" 2>&1 | tee "$OUT_DIR/gpu_bench.log"
+echo "# gpu_bench.sh: ${SECONDS} s in all (the device tool's timeout_s must leave room for a rerun)" | tee -a "$OUT_DIR/gpu_bench.log"
