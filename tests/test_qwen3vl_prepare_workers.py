@@ -63,6 +63,43 @@ def test_reranker_in_worker_processes(tiny_reranker_ckpt, media):
         procs.close()
 
 
+def test_image_query_pixels_are_processed_once_in_the_model_process(tiny_reranker_ckpt, media, caplog):
+    # Workers leave the query image's pixel rows out of each pair; the model process puts back its own.
+    query = {"image": str(media["big"]), "text": "like this"}
+    docs = [{"text": "a"}, {"image": str(media["a"])}, {"image": str(media["broken"])}, {"text": "b " * 50},
+            {"image": str(media["b"]), "text": "c"}]
+    threads = Qwen3VLReranker(str(tiny_reranker_ckpt), prepare_processes=0)
+    procs = Qwen3VLReranker(str(tiny_reranker_ckpt), prepare_processes=2)
+    try:
+        a, b = threads.score(query, docs), procs.score(query, docs)
+        assert [r.ok for r in b] == [True, True, False, True, True] and b[2].error == a[2].error
+        assert max(abs(x.score - y.score) for x, y in zip(a, b) if x.ok) < 1e-6
+        rebuilt = [k for k in procs._vision_cache._items if k[0] == "in model dtype"]
+        assert len(rebuilt) == 1  # one processing of the query image for the whole call
+        # The same pair, whole from a thread and rebuilt from a worker, field for field.
+        args = (query, docs[1], None, None, None, "scope")
+        whole, part = threads.prepare(*args), procs.submit_prepare(*args).result()
+        assert part.input_ids == whole.input_ids and torch.equal(part.positions, whole.positions)
+        assert all(torch.equal(part.vision[k], whole.vision[k]) for k in whole.vision)
+
+        # If the rows cannot be rebuilt, the pair is prepared again in a thread: same scores.
+        procs.close()
+        procs = Qwen3VLReranker(str(tiny_reranker_ckpt), prepare_processes=2)
+
+        def broken(item, marker, args):
+            raise ValueError("differs")
+
+        procs.attach_shared = broken
+        with caplog.at_level("WARNING"):
+            c = procs.score(query, docs)
+        assert [r.ok for r in c] == [r.ok for r in a]
+        assert max(abs(x.score - y.score) for x, y in zip(a, c) if x.ok) < 1e-6
+        assert "could not rebuild a prepared item" in caplog.text
+    finally:
+        threads.close()
+        procs.close()
+
+
 def test_pack_round_trips_bfloat16_and_errors():
     from operators.qwen3vl.preprocess import Prepared
     p = Prepared([1, 2], {"pixel_values": torch.randn(3, 4).to(torch.bfloat16),

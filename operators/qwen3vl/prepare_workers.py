@@ -164,8 +164,14 @@ def _init_worker(state: dict[str, Any]) -> None:
     _WORKER = state["cls"].for_preparation(state)
 
 
-def _prepare(args: tuple[Any, ...]) -> Any:
-    return pack(_WORKER._safe_prepare(*args), shm_owner=os.getppid())
+def _prepare(args: tuple[Any, ...]) -> tuple[Any, Any]:
+    item, marker = _WORKER._safe_prepare(*args), None
+    if isinstance(item, Prepared):
+        try:
+            item, marker = _WORKER.detach_shared(item, args)
+        except Exception:  # nothing detached: the whole item travels
+            marker = None
+    return pack(item, shm_owner=os.getppid()), marker
 
 
 class PrepareProcesses:
@@ -174,14 +180,19 @@ class PrepareProcesses:
     If the pool breaks (a worker killed or crashed, or a script without the
     ``if __name__ == "__main__":`` guard that spawned processes need), the pending and later
     items are prepared by ``fallback`` (the runner's threads) instead of failing.
+
+    A runner may leave out of an item what the model process can rebuild itself
+    (``detach_shared`` in the worker); ``attach`` puts it back here. If that fails, the item
+    is prepared again by ``fallback``.
     """
 
-    def __init__(self, processes: int, state: dict[str, Any],
-                 fallback: Callable[..., Future]) -> None:
+    def __init__(self, processes: int, state: dict[str, Any], fallback: Callable[..., Future],
+                 attach: Callable[[Prepared, Any, tuple[Any, ...]], Prepared] | None = None) -> None:
         # spawn, not fork: the parent may hold a CUDA context, which forked children cannot use.
         self._pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=_init_worker, initargs=(state,))
         self._fallback = fallback
+        self._attach = attach
         self.broken: str | None = None  # why the pool broke, once it has
         remove_shm_files()  # left by model processes that died before reading them
 
@@ -193,13 +204,22 @@ class PrepareProcesses:
 
         def done(f: Future) -> None:
             try:
-                outer.set_result(unpack(f.result()))
-                return
+                packed, marker = f.result()
+                item = unpack(packed)
             except BrokenProcessPool as exc:
                 self._broke(exc)
             except Exception as exc:  # e.g. a result that cannot be unpickled: this item fails
                 outer.set_result(f"preparation worker failed: {type(exc).__name__}: {exc}")
                 return
+            else:
+                try:
+                    if marker is not None and isinstance(item, Prepared) and self._attach is not None:
+                        item = self._attach(item, marker, args)
+                    outer.set_result(item)
+                    return
+                except Exception as exc:
+                    log.warning("could not rebuild a prepared item (%s: %s); preparing it in a thread",
+                                type(exc).__name__, exc)
             self._fallback(*args).add_done_callback(lambda g: outer.set_result(g.result()))
 
         try:

@@ -133,6 +133,25 @@ class VisionCache:
             return value
 
 
+def process_image(processor: Any, entry: dict[str, Any],
+                  storage_options: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixel rows, grid) of one unresolved image content entry: qwen-vl-utils resizing, then the image processor."""
+    resolved = {**entry, "image": resolve_image(entry["image"], storage_options)}
+    images, _, _ = process_vision_info([[{"role": "user", "content": [resolved]}]],
+                                       image_patch_size=IMAGE_PATCH_SIZE, return_video_metadata=True,
+                                       return_video_kwargs=True)
+    out = processor.image_processor(images=images, do_resize=False, return_tensors="pt")
+    return out["pixel_values"], out["image_grid_thw"]
+
+
+def cached_image(processor: Any, entry: dict[str, Any], storage_options: dict[str, Any] | None,
+                 cache: VisionCache, key: Hashable | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """process_image, through the cache where a key is given."""
+    if key is None:
+        return process_image(processor, entry, storage_options)
+    return cache.get_or_compute(key, lambda: process_image(processor, entry, storage_options))
+
+
 def run_processor_cached(processor: Any, prompt: str, conversation: list[dict[str, Any]],
                          storage_options: dict[str, Any] | None, cache: VisionCache,
                          keys: Sequence[Hashable | None], **text_kwargs: Any) -> tuple[list[int],
@@ -149,16 +168,8 @@ def run_processor_cached(processor: Any, prompt: str, conversation: list[dict[st
     if len(keys) != len(entries):
         raise ValueError("one cache key (or None) per image is needed")
     pixels, grids = [], []
-    def process(entry: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        resolved = {**entry, "image": resolve_image(entry["image"], storage_options)}
-        images, _, _ = process_vision_info([[{"role": "user", "content": [resolved]}]],
-                                           image_patch_size=IMAGE_PATCH_SIZE, return_video_metadata=True,
-                                           return_video_kwargs=True)
-        out = processor.image_processor(images=images, do_resize=False, return_tensors="pt")
-        return out["pixel_values"], out["image_grid_thw"]
-
     for entry, key in zip(entries, keys):
-        hit = process(entry) if key is None else cache.get_or_compute(key, lambda: process(entry))
+        hit = cached_image(processor, entry, storage_options, cache, key)
         pixels.append(hit[0])
         grids.append(hit[1])
     text = prompt

@@ -18,7 +18,7 @@ start and the later windows' pairs share it too (any that do not take the plain 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Hashable, Sequence
 
 import numpy as np
@@ -27,8 +27,9 @@ from transformers import DynamicCache, Qwen3VLForConditionalGeneration
 
 from .formatting import DEFAULT_RERANK_INSTRUCTION, VisionSettings, media_content, rerank_conversation
 from .loading import ModelLoadError, resolve_device
-from .preprocess import (InputError, Prepared, VisionCache, collate, describe_error, growing_windows, render_prompt,
-                         resolve_sources, rope_positions, run_processor, run_processor_cached, token_budget_batches)
+from .preprocess import (InputError, Prepared, VisionCache, cached_image, collate, describe_error, growing_windows,
+                         render_prompt, resolve_sources, rope_positions, run_processor, run_processor_cached,
+                         token_budget_batches)
 from .runner import Qwen3VLRunner
 
 # `<|im_end|>\n<|im_start|>assistant\n`: the tail that must survive truncation.
@@ -180,12 +181,9 @@ class Qwen3VLReranker(Qwen3VLRunner):
         (score() gives each call its own scope, so a query image is read once per call).
         """
         raw = self.conversation(query, document, instruction, fps, max_frames)
-        has_video = any(e.get("type") == "video" for m in raw for e in m["content"])
-        if query_scope is not None and not has_video:
+        keys = self._cache_keys(raw, query, fps, max_frames, query_scope)
+        if keys is not None:
             prompt = render_prompt(self.processor, raw)  # sources do not enter the prompt string
-            n_images = sum(1 for m in raw for e in m["content"] if e.get("type") == "image")
-            n_query = sum(1 for e in media_content(query, self.vision, fps, max_frames) if e.get("type") == "image")
-            keys = [(query_scope, i) if i < n_query else None for i in range(n_images)]
             ids, vision, extra = run_processor_cached(self.processor, prompt, raw, self.storage_options,
                                                       self._vision_cache, keys, truncation=False, padding=False)
         else:
@@ -203,6 +201,47 @@ class Qwen3VLReranker(Qwen3VLRunner):
         else:
             ids = head + tail
         return self.finish(ids, vision, extra, prompt)
+
+    def _cache_keys(self, raw: list[dict[str, Any]], query: dict[str, Any], fps: float | None,
+                    max_frames: int | None, query_scope: Hashable | None) -> list[Hashable | None] | None:
+        """Per image of the pair, its cache key (the query's images) or None; None when nothing is cached."""
+        if query_scope is None or any(e.get("type") == "video" for m in raw for e in m["content"]):
+            return None
+        n_images = sum(1 for m in raw for e in m["content"] if e.get("type") == "image")
+        n_query = sum(1 for e in media_content(query, self.vision, fps, max_frames) if e.get("type") == "image")
+        return [(query_scope, i) if i < n_query else None for i in range(n_images)]
+
+    def detach_shared(self, item: Prepared, args: tuple[Any, ...]) -> tuple[Prepared, Any]:
+        """In a worker: the pair less its query images' pixel rows, which the model process processes once.
+
+        An 896x672 query image is 7 MB of bf16 pixels in every one of its pairs; the model process
+        rebuilds them from its own single processing of that image (attach_shared).
+        """
+        query, document, instruction, fps, max_frames, scope = (list(args) + [None] * 6)[:6]
+        raw = self.conversation(query, document, instruction, fps, max_frames)
+        n = sum(k is not None for k in self._cache_keys(raw, query, fps, max_frames, scope) or ())
+        if not n or "image_grid_thw" not in item.vision:
+            return item, None
+        rows = int(item.vision["image_grid_thw"][:n].prod(dim=-1).sum())
+        return replace(item, vision={**item.vision, "pixel_values": item.vision["pixel_values"][rows:]}), (n, rows)
+
+    def attach_shared(self, item: Prepared, marker: Any, args: tuple[Any, ...]) -> Prepared:
+        """In the model process: the pair's query pixel rows put back, processed here once per score() call."""
+        n, rows = marker
+        query, _, _, fps, max_frames, scope = (list(args) + [None] * 6)[:6]
+        # The query's images lead the pair's (rerank_conversation), keyed as prepare() keys them.
+        entries = [e for e in media_content(query, self.vision, fps, max_frames) if e.get("type") == "image"][:n]
+        keys = [(scope, i) for i in range(len(entries))]
+
+        def query_rows() -> tuple[torch.Tensor, torch.Tensor]:
+            parts = [cached_image(self.processor, e, self.storage_options, self._vision_cache, k)
+                     for k, e in zip(keys, entries)]
+            return torch.cat([p for p, _ in parts]).to(self.dtype), torch.cat([g for _, g in parts])
+
+        pixels, grids = self._vision_cache.get_or_compute(("in model dtype", tuple(keys), self.dtype), query_rows)
+        if len(keys) != n or pixels.shape[0] != rows or not torch.equal(grids, item.vision["image_grid_thw"][:n]):
+            raise ValueError("the query's images here differ from the preparation worker's")
+        return replace(item, vision={**item.vision, "pixel_values": torch.cat([pixels, item.vision["pixel_values"]])})
 
     @torch.inference_mode()
     def score_prepared(self, items: Sequence[Prepared]) -> list[float]:

@@ -108,9 +108,18 @@ class Qwen3VLRunner:
                 state = {name: getattr(self, name) for name in self._PREPARE_STATE}
                 state.update(cls=type(self), config=self.backbone.config)
                 self._processes = PrepareProcesses(self.prepare_processes, state,
-                                                   fallback=lambda *a: self._pool.submit(self._safe_prepare, *a))
+                                                   fallback=lambda *a: self._pool.submit(self._safe_prepare, *a),
+                                                   attach=self.attach_shared)
             return self._processes.submit(*args)
         return self._pool.submit(self._safe_prepare, *args)
+
+    def detach_shared(self, item: Prepared, args: tuple[Any, ...]) -> tuple[Prepared, Any]:
+        """In a worker: (the item less what the model process can rebuild, what attach_shared needs); none here."""
+        return item, None
+
+    def attach_shared(self, item: Prepared, marker: Any, args: tuple[Any, ...]) -> Prepared:
+        """In the model process: the whole item again, from detach_shared's marker."""
+        raise NotImplementedError(f"{type(self).__name__} detaches nothing")
 
     @property
     def backbone(self) -> Any:
