@@ -89,6 +89,11 @@ class _SharedPrefix:
     kv: list[tuple[torch.Tensor, torch.Tensor]]
 
 
+def _pair_arguments(args: tuple[Any, ...]) -> list[Any]:
+    """prepare()'s six arguments (query, document, instruction, fps, max_frames, query_scope), defaults filled."""
+    return (list(args) + [None] * 6)[:6]
+
+
 def _common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
     """Length of the longest token prefix shared by every sequence."""
     ref = np.asarray(seqs[0], dtype=np.int64)
@@ -217,7 +222,7 @@ class Qwen3VLReranker(Qwen3VLRunner):
         An 896x672 query image is 7 MB of bf16 pixels in every one of its pairs; the model process
         rebuilds them from its own single processing of that image (attach_shared).
         """
-        query, document, instruction, fps, max_frames, scope = (list(args) + [None] * 6)[:6]
+        query, document, instruction, fps, max_frames, scope = _pair_arguments(args)
         raw = self.conversation(query, document, instruction, fps, max_frames)
         n = sum(k is not None for k in self._cache_keys(raw, query, fps, max_frames, scope) or ())
         if not n or "image_grid_thw" not in item.vision:
@@ -228,7 +233,7 @@ class Qwen3VLReranker(Qwen3VLRunner):
     def attach_shared(self, item: Prepared, marker: Any, args: tuple[Any, ...]) -> Prepared:
         """In the model process: the pair's query pixel rows put back, processed here once per score() call."""
         n, rows = marker
-        query, _, _, fps, max_frames, scope = (list(args) + [None] * 6)[:6]
+        query, _, _, fps, max_frames, scope = _pair_arguments(args)
         # The query's images lead the pair's (rerank_conversation), keyed as prepare() keys them.
         entries = [e for e in media_content(query, self.vision, fps, max_frames) if e.get("type") == "image"][:n]
         keys = [(scope, i) for i in range(len(entries))]
