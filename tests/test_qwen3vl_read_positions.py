@@ -97,6 +97,25 @@ def test_any_read_position_without_a_mask_is_causal(attn):
     assert torch.allclose(ours, stock[torch.arange(2), read], atol=1e-5, rtol=0)
 
 
+def test_attention_switched_after_install_still_reads_the_right_rows():
+    model = _text_only_model(3, [0])
+    ids = torch.randint(0, 50, (2, 6))
+    read = torch.tensor([5, 2])
+    with torch.inference_mode():
+        assert install_read_positions(model)
+        fast = hidden_at(model, {"input_ids": ids}, read, True)
+        # An unsupported kernel now (the final layer then runs whole and picks the rows).
+        for config in (model.config, model.config.text_config):
+            config._attn_implementation = "sdpa_unsupported_here"
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        ALL_ATTENTION_FUNCTIONS["sdpa_unsupported_here"] = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        try:
+            whole = hidden_at(model, {"input_ids": ids}, read, True)
+        finally:
+            del ALL_ATTENTION_FUNCTIONS["sdpa_unsupported_here"]
+    assert torch.allclose(fast, whole, atol=1e-5, rtol=0)
+
+
 def test_not_installed_where_deepstack_reaches_the_final_layer():
     model = _text_only_model(2, [0, 1])
     assert not install_read_positions(model)

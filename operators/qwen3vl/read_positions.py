@@ -60,10 +60,13 @@ def _final_layer_forward(self: Any, hidden_states: torch.Tensor, position_embedd
                          cache_position: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
     """Qwen3VLTextDecoderLayer.forward with queries, attention output and MLP only at the read positions."""
     read = kwargs.pop(_KWARG, None)
-    if read is None:
-        return type(self).forward(self, hidden_states, position_embeddings, attention_mask, position_ids,
-                                  past_key_values, use_cache, cache_position, **kwargs)
     attn = self.self_attn
+    impl = attn.config._attn_implementation
+    if read is None or impl not in ("sdpa", "eager"):
+        out = type(self).forward(self, hidden_states, position_embeddings, attention_mask, position_ids,
+                                 past_key_values, use_cache, cache_position, **kwargs)
+        # Attention switched to another kernel since install: the whole layer, then the read rows.
+        return out if read is None else out[torch.arange(out.shape[0], device=out.device), read][:, None]
     batch, seq, _ = hidden_states.shape
     rows = torch.arange(batch, device=hidden_states.device)
     normed = self.input_layernorm(hidden_states)
@@ -77,7 +80,6 @@ def _final_layer_forward(self: Any, hidden_states: torch.Tensor, position_embedd
     if past_key_values is not None:
         key_states, value_states = past_key_values.update(
             key_states, value_states, attn.layer_idx, {"sin": sin, "cos": cos, "cache_position": cache_position})
-    impl = attn.config._attn_implementation
     mask = _query_mask(attention_mask, rows, read, seq, key_states.shape[-2], query_states.dtype,
                        additive=impl == "eager")
     interface = eager_attention_forward if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
