@@ -133,7 +133,8 @@ def _cmd_query(cfg: Any, args: argparse.Namespace) -> int:
 
 
 def _cmd_query_batch(cfg: Any, args: argparse.Namespace) -> int:
-    from .query import read_queries, run_query_batch, write_results
+    from .query_batch import run_query_batch
+    from .query_files import read_queries, write_results
 
     queries = read_queries(args.queries, dict(cfg.source.storage_options))
     results = run_query_batch(cfg, queries, top_k=args.top_k, top_n=args.top_n, rerank=not args.no_rerank,
@@ -257,7 +258,7 @@ def _cmd_eval(cfg: Any, args: argparse.Namespace) -> int:
     from operators.media.listing import open_uri
 
     from .metrics import parse_qrels
-    from .query import read_queries
+    from .query_files import read_queries
 
     storage_options = dict(cfg.source.storage_options)
     queries = read_queries(args.queries, storage_options)

@@ -35,7 +35,8 @@ from pipelines.cli import main as qvl
 from pipelines.config import parse_config
 from pipelines.ingest import expand_settings, run_ingest
 from pipelines.query import (CollectionLayout, QueryEngine, QueryInputError, QueryPreflightError, build_filter,
-                             normalise_prefix, read_queries, read_results, search_request, write_results)
+                             normalise_prefix, search_request)
+from pipelines.query_files import read_queries, read_results
 from pipelines.query_cli import parse_filter_args
 from tests.media_corpus import encode, make_pdf, pattern, write_video
 
@@ -382,34 +383,6 @@ def test_query_batch_equals_single_queries(world, embedder, reranker, tmp_path, 
                 assert g["rerank_score"] == pytest.approx(w.rerank_score, abs=1e-5)
                 assert g["payload"] == w.payload
             assert [s["point_id"] for s in got["skipped"]] == [s.point_id for s in want.skipped]
-
-
-def test_query_and_result_files_round_trip(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.table({"id": ["1", "2"], "text": ["hello", None], "image": [None, "img/x.png"],
-                             "filters": [None, {"modality": "image", "page": None}]}),
-                   tmp_path / "q.parquet")
-    rows = read_queries(str(tmp_path / "q.parquet"))
-    assert rows[0].query == {"text": "hello"} and rows[0].filters is None
-    assert rows[1].query == {"image": str(tmp_path / "img/x.png")}  # relative to the queries file
-    assert rows[1].filters == {"modality": "image"}
-    (tmp_path / "dup.jsonl").write_text('{"id": 1, "text": "a"}\n{"id": "1", "text": "b"}\n')
-    with pytest.raises(QueryInputError, match="duplicate query id"):
-        read_queries(str(tmp_path / "dup.jsonl"))
-    (tmp_path / "empty.jsonl").write_text('{"id": 1}\n')
-    with pytest.raises(QueryInputError, match="no text, image or video"):
-        read_queries(str(tmp_path / "empty.jsonl"))
-    results = [{"id": "1", "hits": [{"rank": 1, "point_id": "p", "source_uri": "u", "modality": "text",
-                                     "position": "chunk=0", "vector_score": 0.5, "rerank_score": None,
-                                     "payload": {"text": "t", "page": 2}}],
-                "skipped": [{"point_id": "s", "source_uri": "v", "modality": "image", "position": "image",
-                             "vector_score": 0.25, "reason": "gone"}], "error": None},
-               {"id": "2", "hits": [], "skipped": [], "error": "bad"}]
-    for name in ("r.jsonl", "r.parquet"):
-        write_results(str(tmp_path / name), results)
-        assert read_results(str(tmp_path / name)) == results
 
 
 # -- eval ------------------------------------------------------------------------------------

@@ -1,0 +1,211 @@
+"""`qvl query-batch` as a Ray Data job: many queries, the same hits as `QueryEngine` gives each one.
+
+    queries ──> EmbedSearchStage (actor pool: embed + Qdrant search) ──> RerankStage (actor
+            pool holding the reranker: rebuild candidates, rerank) ──> one result per query
+
+Both stages call the functions of ``pipelines.query``, so a batch row gives the same hits as
+the single query. In embedded mode one QdrantOwner actor opens the store and every search
+goes through it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import asdict
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from sinks.qdrant_client_factory import make_client
+
+from .config import Config
+from .ingest import expand_settings, model_dimension, qdrant_settings
+from .query import (Candidate, CollectionLayout, Hit, QueryInputError, Skipped, build_filter, check_dimension,
+                    check_reranker_checkpoint, collection_layout, embed_queries, load_embedder, load_reranker,
+                    query_content, query_vectors, rerank_candidates, resolve_instruction, search_request,
+                    store_location, vector_order)
+from .query_files import QueryRow
+
+# Queries travel through Ray Data as JSON strings (bytes as {"$b64": ...}): nested, optional
+# fields survive Arrow without schema unification surprises.
+
+
+def _encode(obj: Any) -> str:
+    def default(o: Any) -> Any:
+        if isinstance(o, (bytes, bytearray, memoryview)):
+            return {"$b64": base64.b64encode(bytes(o)).decode()}
+        return str(o)
+
+    return json.dumps(obj, ensure_ascii=False, default=default)
+
+
+def _decode(text: str) -> Any:
+    def hook(o: dict) -> Any:
+        return base64.b64decode(o["$b64"]) if set(o) == {"$b64"} else o
+
+    return json.loads(text, object_hook=hook)
+
+
+def _owner_search(owner: Any) -> Callable[[dict[str, Any]], list[Any]]:
+    import ray
+
+    return lambda request: ray.get(owner.query_points.remote(**request))
+
+
+class EmbedSearchStage:
+    """Ray Data actor: embeds a batch of queries and searches Qdrant for each (the owner actor in
+    embedded mode, its own client in server mode). Adds a ``candidates`` JSON column and ``error``."""
+
+    def __init__(self, cfg: Config, layout: CollectionLayout, owner: Any = None, *, top_k: int,
+                 funnel: bool | None = None) -> None:
+        self.cfg, self.layout, self.top_k, self.funnel = cfg, layout, top_k, funnel
+        self.embedder = load_embedder(cfg, dict(cfg.source.storage_options))
+        if owner is not None:
+            self.search = _owner_search(owner)
+        else:
+            self.client = make_client(qdrant_settings(cfg))
+            self.search = lambda request: self.client.query_points(**request).points
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        n = len(batch["id"])
+        rows = [QueryRow(str(batch["id"][i]), _decode(batch["query"][i]), batch["instruction"][i] or None,
+                         _decode(batch["filters"][i])) for i in range(n)]
+        candidates, errors = [""] * n, [""] * n
+        contents: list[dict[str, Any] | None] = []
+        for i, row in enumerate(rows):
+            try:
+                build_filter(row.filters)
+                contents.append(query_content(row.query))
+            except Exception as exc:
+                contents.append(None)
+                errors[i] = f"{type(exc).__name__}: {exc}"
+        live = [i for i in range(n) if contents[i] is not None]
+        raws = embed_queries(self.embedder, [contents[i] for i in live],
+                             [resolve_instruction(rows[i].query, rows[i].instruction, self.cfg.query.instruction)
+                              for i in live])
+        for i, raw in zip(live, raws):
+            if isinstance(raw, str):
+                errors[i] = f"the query cannot be embedded: {raw}"
+                continue
+            try:
+                request = search_request(query_vectors(raw, self.layout), self.layout, top_k=self.top_k,
+                                         prefetch_multiplier=self.cfg.query.prefetch_multiplier,
+                                         query_filter=build_filter(rows[i].filters), funnel=self.funnel)
+                points = [Candidate.from_point(p) for p in self.search(request)]
+                candidates[i] = _encode([asdict(c) for c in points])
+            except Exception as exc:
+                errors[i] = f"search failed: {type(exc).__name__}: {exc}"
+        return {"idx": batch["idx"], "id": batch["id"], "query": batch["query"], "candidates": candidates,
+                "error": errors}
+
+
+class RerankStage:
+    """Ray Data actor holding a Qwen3VLReranker: rebuilds each query's candidates and reranks them."""
+
+    def __init__(self, cfg: Config, top_n: int) -> None:
+        self.cfg, self.top_n = cfg, top_n
+        self.storage_options = dict(cfg.source.storage_options)
+        self.settings = expand_settings(cfg)
+        self.reranker = load_reranker(cfg, self.storage_options)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        results = []
+        for i in range(len(batch["id"])):
+            error = batch["error"][i] or None
+            hits: list[Hit] = []
+            skipped: list[Skipped] = []
+            if not error:
+                try:
+                    candidates = [Candidate(**c) for c in _decode(batch["candidates"][i])]
+                    hits, skipped = rerank_candidates(
+                        self.reranker, query_content(_decode(batch["query"][i])), candidates, top_n=self.top_n,
+                        instruction=self.cfg.reranker.instruction, storage_options=self.storage_options,
+                        settings=self.settings)
+                except Exception as exc:
+                    error = f"rerank failed: {type(exc).__name__}: {exc}"
+            results.append(_encode({"hits": [h.to_dict() for h in hits],
+                                    "skipped": [s.to_dict() for s in skipped], "error": error}))
+        return {"idx": batch["idx"], "id": batch["id"], "result": results}
+
+
+def _unreranked(row: Mapping[str, Any], top_n: int) -> dict[str, Any]:
+    if row["error"]:
+        return {"hits": [], "skipped": [], "error": row["error"]}
+    candidates = [Candidate(**c) for c in _decode(row["candidates"])]
+    return {"hits": [h.to_dict() for h in vector_order(candidates, top_n)], "skipped": [], "error": None}
+
+
+def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | None = None, top_n: int | None = None,
+                    rerank: bool = True, funnel: bool | None = None, rerank_actors: int | None = None,
+                    batch_size: int | None = None) -> list[dict[str, Any]]:
+    """Run many queries as a Ray Data job; one result per query, in input order:
+    ``{"id", "hits": [Hit dicts], "skipped": [Skipped dicts], "error": str | None}``.
+
+    Preflight (before any actor starts): the collection, the embedder dimension and the
+    reranker checkpoint. In embedded mode the store is opened by one QdrantOwner actor.
+    """
+    import ray
+
+    from sinks.qdrant_sink import start_owner, stop_owner
+
+    from .ingest import ensure_ray
+
+    top_k = int(top_k or cfg.query.top_k)
+    top_n = min(int(top_n or cfg.query.top_n), top_k)
+    for row in queries:  # bad filters are a user error: say so before any work
+        try:
+            build_filter(row.filters)
+        except QueryInputError as exc:
+            raise QueryInputError(f"query {row.id}: {exc}") from None
+    settings = qdrant_settings(cfg)
+    client = make_client(settings)
+    try:
+        layout = collection_layout(client, cfg.qdrant.collection, store_location(cfg))
+    finally:
+        client.close()  # releases an embedded folder for the owner actor
+    check_dimension(layout, cfg.embedder.model, model_dimension(cfg.embedder.model))
+    if rerank:
+        check_reranker_checkpoint(cfg.reranker.model)
+    if not queries:
+        return []
+
+    ensure_ray(cfg)
+    owner = start_owner(settings, cfg.qdrant.collection) if settings.embedded else None
+    try:
+        embed_actors = cfg.compute.embed_actors
+        rerank_actors = int(rerank_actors or cfg.compute.embed_actors)
+        gpus = _gpus_per_actor(cfg, embed_actors + (rerank_actors if rerank else 0))
+        items = [{"idx": i, "id": r.id, "query": _encode(r.query), "instruction": r.instruction or "",
+                  "filters": _encode(r.filters)} for i, r in enumerate(queries)]
+        size = int(batch_size or cfg.compute.batch_size)
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // max(size, 1) + 1, 64)))
+        ds = ds.map_batches(EmbedSearchStage, fn_constructor_args=(cfg, layout, owner),
+                            fn_constructor_kwargs=dict(top_k=top_k, funnel=funnel), batch_size=size,
+                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=embed_actors),
+                            num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor)
+        if rerank:
+            ds = ds.map_batches(RerankStage, fn_constructor_args=(cfg, top_n), batch_size=max(1, min(size, 4)),
+                                batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=rerank_actors),
+                                num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor)
+            rows = {int(r["idx"]): _decode(r["result"]) for r in ds.take_all()}
+        else:
+            rows = {int(r["idx"]): _unreranked(r, top_n) for r in ds.take_all()}
+    finally:
+        if owner is not None:
+            stop_owner(owner)
+    return [{"id": q.id, **rows[i]} for i, q in enumerate(queries)]
+
+
+def _gpus_per_actor(cfg: Config, actors: int) -> float:
+    """GPUs per query actor: the configured/auto value, shared when the cluster has fewer GPUs than
+    actors (the embedding and reranking pools run at the same time)."""
+    import ray
+
+    from .ingest import num_gpus_per_actor
+
+    per = num_gpus_per_actor(cfg)
+    total = float(ray.cluster_resources().get("GPU", 0))
+    if per > 0 and total > 0 and per * actors > total:
+        per = total / actors
+    return per
