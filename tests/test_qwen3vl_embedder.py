@@ -141,17 +141,55 @@ def test_one_bad_item_fails_alone_with_index_and_reason(embedder, media, tmp_pat
 
 def test_many_inputs_are_split_into_budgeted_batches(embedder, monkeypatch):
     sizes = []
-    original = embedder.embed_prepared
+    original = embedder._launch
 
-    def spy(items):
+    def spy(items, batch):
         sizes.append(len(items))
-        return original(items)
+        return original(items, batch)
 
-    monkeypatch.setattr(embedder, "embed_prepared", spy)
+    monkeypatch.setattr(embedder, "_launch", spy)
     inputs = [{"text": f"item {i} " * (1 + i % 7)} for i in range(40)]
     vecs = embedder.process(inputs)
     assert vecs.shape[0] == 40 and max(sizes) <= 4 and sum(sizes) == 40
     assert torch.allclose(vecs[7], embedder.process([inputs[7]])[0], atol=1e-5)
+
+
+def test_results_are_fetched_after_the_next_batch_is_collated(embedder, monkeypatch):
+    # On a GPU, copying a batch's vectors back waits for the device; doing it after the next batch
+    # is collated (and before it is launched) lets the device compute while the host collates.
+    events = []
+    for name in ("_collate", "_launch", "_store"):
+        original = getattr(embedder, name)
+
+        def spy(*args, _name=name, _original=original):
+            events.append((_name, len(args[0])))
+            return _original(*args)
+
+        monkeypatch.setattr(embedder, name, spy)
+    inputs = [{"text": f"item {i}"} for i in range(10)]
+    vecs = embedder.process(inputs)
+    assert [e for e, _ in events] == ["_collate", "_store", "_launch"] * 3 + ["_store"]
+    assert [n for _, n in events] == [4, 0, 4, 4, 4, 4, 2, 4, 2, 2]
+    assert torch.allclose(vecs[9], embedder.process([inputs[9]])[0], atol=1e-5)
+
+
+def test_a_batch_that_fails_in_the_model_fails_only_its_culprit(embedder, monkeypatch):
+    original = embedder._launch
+
+    def launch(items, batch):
+        if any("POISON" in p.prompt for p in items):
+            raise RuntimeError("the model rejected this input")
+        return original(items, batch)
+
+    monkeypatch.setattr(embedder, "_launch", launch)
+    inputs = [{"text": f"item {i}"} for i in range(6)]
+    inputs[2] = {"text": "POISON"}
+    results = embedder.embed(inputs)
+    assert [r.ok for r in results] == [True, True, False, True, True, True]
+    assert "RuntimeError" in results[2].error and "rejected" in results[2].error
+    monkeypatch.setattr(embedder, "_launch", original)
+    single = embedder.process([inputs[4]])[0]
+    assert torch.allclose(torch.from_numpy(results[4].vector), single, atol=1e-5)
 
 
 def test_bad_model_path_is_a_clear_error(tmp_path):

@@ -24,7 +24,7 @@ class EmbedStats:
 
     wait_prepare_s: float = 0.0  # waiting for preparation the model could not overlap
     collate_s: float = 0.0  # padding, concatenating and copying batches to the device
-    forward_s: float = 0.0  # the model, pooling and the copy back
+    forward_s: float = 0.0  # the model and pooling (on a GPU: launching them, and waiting for the results)
     batches: int = 0
     padded_tokens: int = 0
     real_tokens: int = 0
@@ -109,27 +109,51 @@ class Qwen3VLEmbedder(Qwen3VLRunner):
     # -- compute -------------------------------------------------------------------------
     @torch.inference_mode()
     def embed_prepared(self, items: Sequence[Prepared]) -> torch.Tensor:
-        """Pooled (un-normalised, float32) vectors for one batch of prepared items."""
+        """Pooled (un-normalised, float32) vectors for one batch of prepared items, on the host."""
+        return self._launch(items, self._collate(items)).cpu()
+
+    def _collate(self, items: Sequence[Prepared]) -> dict[str, torch.Tensor]:
+        """One batch padded and concatenated on the host."""
         t0 = time.perf_counter()
         batch = collate(items, self.processor.tokenizer.pad_token_id, padding_side="right")
+        self.stats.add(collate_s=time.perf_counter() - t0)
+        return batch
+
+    @torch.inference_mode()
+    def _launch(self, items: Sequence[Prepared], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled float32 vectors of a collated batch, left on the device (a GPU may still be computing them)."""
+        t0 = time.perf_counter()
         batch = self.to_device(batch)
         t1 = time.perf_counter()
         mask = batch["attention_mask"]
         # Right padding: the last attended position is the tokenizer-appended end token.
         last = mask.shape[1] - 1 - mask.flip(dims=[1]).argmax(dim=1)
-        pooled = self.hidden_at(batch, last, use_cache=False).float().cpu()
+        pooled = self.hidden_at(batch, last, use_cache=False).float()
         self.stats.add(collate_s=t1 - t0, forward_s=time.perf_counter() - t1, batches=1,
                        padded_tokens=mask.numel(), real_tokens=sum(p.num_tokens for p in items))
         return pooled
 
-    def _forward_isolating(self, items: list[Prepared]) -> list[torch.Tensor | str]:
+    def _launch_isolating(self, items: list[Prepared], batch: dict[str, torch.Tensor]) -> list[torch.Tensor | str]:
         try:
-            return list(self.embed_prepared(items))
+            return list(self._launch(items, batch))
         except Exception as exc:
             if len(items) == 1:
                 return [describe_error(exc)]
             # Find which item breaks the batch; the others still get vectors.
-            return [r for p in items for r in self._forward_isolating([p])]
+            return [r for p in items for r in self._launch_isolating([p], self._collate([p]))]
+
+    def _store(self, launched: list[tuple[EmbedResult, torch.Tensor | str]], dim: int | None,
+               normalize: bool) -> None:
+        """Bring launched vectors to the host (waiting for the device) and put them in their results."""
+        t0 = time.perf_counter()
+        rows = [out for _, out in launched if not isinstance(out, str)]
+        host = iter(torch.stack(rows).cpu() if rows else ())
+        for r, out in launched:
+            if isinstance(out, str):
+                r.error = out
+            else:
+                r.vector = reduce_dim(next(host), dim, normalize).numpy()
+        self.stats.add(forward_s=time.perf_counter() - t0)
 
     def embed(self, inputs: Sequence[dict[str, Any]], normalize: bool = True,
               dim: int | None = None, window: int = 256, first_window: int | None = None) -> list[EmbedResult]:
@@ -151,6 +175,7 @@ class Qwen3VLEmbedder(Qwen3VLRunner):
             return [self.submit_prepare(inputs[i]) for i in idx]
 
         pending = submit(windows[0]) if windows else []
+        launched: list[tuple[EmbedResult, torch.Tensor | str]] = []
         for w, idx in enumerate(windows):
             t0 = time.perf_counter()
             prepared = [f.result() for f in pending]
@@ -163,13 +188,13 @@ class Qwen3VLEmbedder(Qwen3VLRunner):
                     results[i].error = p
             lengths = [p.num_tokens for _, p in ok]
             for batch in token_budget_batches(lengths, self.token_budget, self.max_batch_items):
-                outs = self._forward_isolating([ok[b][1] for b in batch])
-                for b, out in zip(batch, outs):
-                    r = results[ok[b][0]]
-                    if isinstance(out, str):
-                        r.error = out
-                    else:
-                        r.vector = reduce_dim(out, dim, normalize).numpy()
+                items = [ok[b][1] for b in batch]
+                collated = self._collate(items)
+                # Only now wait for the batch launched before: a GPU computes it while this thread
+                # collates the next one (copying results back waits for everything queued before it).
+                self._store(launched, dim, normalize)
+                launched = list(zip([results[ok[b][0]] for b in batch], self._launch_isolating(items, collated)))
+        self._store(launched, dim, normalize)
         return results
 
     def process(self, inputs: Sequence[dict[str, Any]], normalize: bool = True,
