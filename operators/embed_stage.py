@@ -69,13 +69,13 @@ class EmbedStage:
         # Dense (n, d) arrays become tensor columns; non-unit rows keep zeros and are never written.
         vectors = {vector_column(None): np.zeros((n, self.embedder.hidden_size), np.float32)}
         vectors.update({vector_column(d): np.zeros((n, d), np.float32) for d in self.mrl_dims})
+        ok = [(i, r.vector) for i, r in zip(live, results) if r.ok]
+        if ok:
+            rows, raw = [i for i, _ in ok], np.stack([v for _, v in ok])
+            for d in (None, *self.mrl_dims):  # one normalisation per dimension, not per row
+                vectors[vector_column(d)][rows] = reduce_dim(raw, d)
         for i, r in zip(live, results):
-            if r.ok:
-                raw = r.vector[None, :]
-                vectors[vector_column(None)][i] = reduce_dim(raw, None)[0]
-                for d in self.mrl_dims:
-                    vectors[vector_column(d)][i] = reduce_dim(raw, d)[0]
-            else:
+            if not r.ok:
                 out["row_kind"][i] = "dead"
                 out["error_stage"][i] = "embed"
                 out["error_type"][i] = "InputError"

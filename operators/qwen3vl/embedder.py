@@ -147,12 +147,12 @@ class Qwen3VLEmbedder(Qwen3VLRunner):
         """Bring launched vectors to the host (waiting for the device) and put them in their results."""
         t0 = time.perf_counter()
         rows = [out for _, out in launched if not isinstance(out, str)]
-        host = iter(torch.stack(rows).cpu() if rows else ())
+        host = iter(reduce_dim(torch.stack(rows).cpu(), dim, normalize).numpy() if rows else ())
         for r, out in launched:
             if isinstance(out, str):
                 r.error = out
             else:
-                r.vector = reduce_dim(next(host), dim, normalize).numpy()
+                r.vector = next(host)
         self.stats.add(forward_s=time.perf_counter() - t0)
 
     def embed(self, inputs: Sequence[dict[str, Any]], normalize: bool = True,
