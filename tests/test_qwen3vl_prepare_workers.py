@@ -81,6 +81,9 @@ def test_image_query_pixels_are_processed_once_in_the_model_process(tiny_reranke
         whole, part = threads.prepare(*args), procs.submit_prepare(*args).result()
         assert part.input_ids == whole.input_ids and torch.equal(part.positions, whole.positions)
         assert all(torch.equal(part.vision[k], whole.vision[k]) for k in whole.vision)
+        # Pairs whose document has no image get the model process's own rows, not a copy each.
+        one, two = (procs.submit_prepare(query, d, None, None, None, "scope").result() for d in (docs[0], docs[3]))
+        assert one.vision["pixel_values"].data_ptr() == two.vision["pixel_values"].data_ptr()
 
         # If the rows cannot be rebuilt, the pair is prepared again in a thread: same scores.
         procs.close()

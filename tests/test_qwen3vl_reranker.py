@@ -116,6 +116,35 @@ def test_query_scoped_preparation_equals_the_processor(tiny_reranker_ckpt, media
         rr.close()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pairs_of_one_query_image_share_its_pixels(tiny_reranker_ckpt, media, dtype):
+    # 100 pairs of an image query and text documents hold one copy of the query's pixels, in the
+    # model's dtype: no per-pair copy or cast, and comparing them with the prefix's is free.
+    rr = Qwen3VLReranker(str(tiny_reranker_ckpt), dtype=dtype, prepare_processes=0)
+    try:
+        query = {"image": media["img"]}
+        a, b = (rr.prepare(query, {"text": t}, query_scope="call") for t in ("one doc", "another doc"))
+        assert a.vision["pixel_values"].dtype == dtype
+        assert a.vision["pixel_values"].data_ptr() == b.vision["pixel_values"].data_ptr()
+        plain = rr.prepare(query, {"text": "one doc"})
+        assert all(torch.equal(a.vision[k], plain.vision[k]) for k in plain.vision)
+        with_image = rr.prepare(query, {"image": media["rgba"]}, query_scope="call")  # its own rows follow
+        assert with_image.vision["pixel_values"].data_ptr() != a.vision["pixel_values"].data_ptr()
+        assert all(torch.equal(with_image.vision[k], rr.prepare(query, {"image": media["rgba"]}).vision[k])
+                   for k in with_image.vision)
+    finally:
+        rr.close()
+
+
+def test_same_tensor_reads_nothing_for_the_same_view_and_compares_otherwise():
+    from operators.qwen3vl.preprocess import same_tensor
+    x = torch.arange(12.0)
+    assert same_tensor(x, x) and same_tensor(x[2:8], x[2:8]) and same_tensor(x, x.clone())
+    assert not same_tensor(x[:4], x[1:5]) and not same_tensor(x, x + 1)
+    assert same_tensor(torch.zeros(3)[:0], torch.ones(3)[:0])  # empty: equal by shape
+    assert not same_tensor(x.view(3, 4), x.view(4, 3))
+
+
 def test_a_query_image_is_read_once_per_score_call(tiny_reranker_ckpt, media, monkeypatch):
     from operators.qwen3vl import preprocess
     reads = []

@@ -145,20 +145,25 @@ def process_image(processor: Any, entry: dict[str, Any],
 
 
 def cached_image(processor: Any, entry: dict[str, Any], storage_options: dict[str, Any] | None,
-                 cache: VisionCache, key: Hashable | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """process_image, through the cache where a key is given."""
-    if key is None:
-        return process_image(processor, entry, storage_options)
-    return cache.get_or_compute(key, lambda: process_image(processor, entry, storage_options))
+                 cache: VisionCache, key: Hashable | None,
+                 dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """process_image (pixels cast to dtype when given), through the cache where a key is given."""
+    def compute() -> tuple[torch.Tensor, torch.Tensor]:
+        pixels, grid = process_image(processor, entry, storage_options)
+        return (pixels if dtype is None else pixels.to(dtype)), grid
+
+    return compute() if key is None else cache.get_or_compute((key, dtype), compute)
 
 
 def run_processor_cached(processor: Any, prompt: str, conversation: list[dict[str, Any]],
                          storage_options: dict[str, Any] | None, cache: VisionCache,
-                         keys: Sequence[Hashable | None], **text_kwargs: Any) -> tuple[list[int],
-                                                                                     dict[str, torch.Tensor],
-                                                                                     dict[str, list[int]]]:
+                         keys: Sequence[Hashable | None], dtype: torch.dtype | None = None,
+                         **text_kwargs: Any) -> tuple[list[int], dict[str, torch.Tensor], dict[str, list[int]]]:
     """run_processor for a conversation of texts and images (no videos), each image processed on its own
-    and, where keys gives a key, taken from or put in the cache.
+    and, where keys gives a key, taken from or put in the cache; pixels in dtype when given.
+
+    A pair whose only image is a cached one gets the cached tensor itself, not a copy: 100 pairs
+    of one image query then hold one copy of its pixels, and comparing them costs nothing.
 
     What the HF processor does for a list of images, item by item: qwen-vl-utils resizing, the image
     processor (its outputs are per image, concatenated in order), then each image placeholder expanded
@@ -169,7 +174,7 @@ def run_processor_cached(processor: Any, prompt: str, conversation: list[dict[st
         raise ValueError("one cache key (or None) per image is needed")
     pixels, grids = [], []
     for entry, key in zip(entries, keys):
-        hit = cached_image(processor, entry, storage_options, cache, key)
+        hit = cached_image(processor, entry, storage_options, cache, key, dtype)
         pixels.append(hit[0])
         grids.append(hit[1])
     text = prompt
@@ -178,8 +183,20 @@ def run_processor_cached(processor: Any, prompt: str, conversation: list[dict[st
         text = text.replace(processor.image_token, "<|placeholder|>" * int(grid.prod() // merge), 1)
     text = text.replace("<|placeholder|>", processor.image_token)
     out = processor.tokenizer([text], return_tensors="pt", return_token_type_ids=False, **text_kwargs)
-    vision = {"pixel_values": torch.cat(pixels), "image_grid_thw": torch.cat(grids)} if pixels else {}
+    vision = {"pixel_values": _joined(pixels), "image_grid_thw": _joined(grids)} if pixels else {}
     return out["input_ids"][0].tolist(), vision, {}
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """torch.equal, without reading the data when both are the same view of the same memory."""
+    if (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+            and a.device == b.device):
+        return True
+    return torch.equal(a, b)
 
 
 def rope_positions(model: Any, input_ids: list[int], vision: dict[str, torch.Tensor]) -> torch.Tensor:

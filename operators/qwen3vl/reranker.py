@@ -29,7 +29,7 @@ from .formatting import DEFAULT_RERANK_INSTRUCTION, VisionSettings, media_conten
 from .loading import ModelLoadError, resolve_device
 from .preprocess import (InputError, Prepared, VisionCache, cached_image, collate, describe_error, growing_windows,
                          render_prompt, resolve_sources, rope_positions, run_processor, run_processor_cached,
-                         token_budget_batches)
+                         same_tensor, token_budget_batches)
 from .runner import Qwen3VLRunner
 
 # `<|im_end|>\n<|im_start|>assistant\n`: the tail that must survive truncation.
@@ -190,7 +190,8 @@ class Qwen3VLReranker(Qwen3VLRunner):
         if keys is not None:
             prompt = render_prompt(self.processor, raw)  # sources do not enter the prompt string
             ids, vision, extra = run_processor_cached(self.processor, prompt, raw, self.storage_options,
-                                                      self._vision_cache, keys, truncation=False, padding=False)
+                                                      self._vision_cache, keys, self.dtype, truncation=False,
+                                                      padding=False)
         else:
             conversation = resolve_sources(raw, self._video_files, self.storage_options)
             prompt = render_prompt(self.processor, conversation)
@@ -239,14 +240,16 @@ class Qwen3VLReranker(Qwen3VLRunner):
         keys = [(scope, i) for i in range(len(entries))]
 
         def query_rows() -> tuple[torch.Tensor, torch.Tensor]:
-            parts = [cached_image(self.processor, e, self.storage_options, self._vision_cache, k)
+            parts = [cached_image(self.processor, e, self.storage_options, self._vision_cache, k, self.dtype)
                      for k, e in zip(keys, entries)]
-            return torch.cat([p for p, _ in parts]).to(self.dtype), torch.cat([g for _, g in parts])
+            return torch.cat([p for p, _ in parts]), torch.cat([g for _, g in parts])
 
         pixels, grids = self._vision_cache.get_or_compute(("in model dtype", tuple(keys), self.dtype), query_rows)
         if len(keys) != n or pixels.shape[0] != rows or not torch.equal(grids, item.vision["image_grid_thw"][:n]):
             raise ValueError("the query's images here differ from the preparation worker's")
-        return replace(item, vision={**item.vision, "pixel_values": torch.cat([pixels, item.vision["pixel_values"]])})
+        rest = item.vision["pixel_values"]
+        # A document without images gets the query's rows themselves (no copy, and no cost to compare).
+        return replace(item, vision={**item.vision, "pixel_values": torch.cat([pixels, rest]) if len(rest) else pixels})
 
     @torch.inference_mode()
     def score_prepared(self, items: Sequence[Prepared]) -> list[float]:
@@ -298,7 +301,7 @@ class Qwen3VLReranker(Qwen3VLRunner):
             rows[key] = int(ref[grid_key][:n].prod(dim=-1).sum()) if n else 0
             for p in items[1:]:  # the prefix's vision inputs must be the same in every pair
                 if n and not (torch.equal(p.vision[grid_key][:n], ref[grid_key][:n])
-                              and torch.equal(p.vision[key][:rows[key]], ref[key][:rows[key]])):
+                              and same_tensor(p.vision[key][:rows[key]], ref[key][:rows[key]])):
                     return None
         return _PrefixPlan(length, n_img, n_vid, rows["pixel_values"], rows["pixel_values_videos"])
 
@@ -440,7 +443,7 @@ class Qwen3VLReranker(Qwen3VLRunner):
         for key, grid_key, n, rows in (("pixel_values", "image_grid_thw", plan.n_images, plan.image_rows),
                                        ("pixel_values_videos", "video_grid_thw", plan.n_videos, plan.video_rows)):
             if n and not (grid_key in item.vision and torch.equal(item.vision[grid_key][:n], ref.vision[grid_key][:n])
-                          and torch.equal(item.vision[key][:rows], ref.vision[key][:rows])):
+                          and same_tensor(item.vision[key][:rows], ref.vision[key][:rows])):
                 return False
         return True
 
