@@ -331,8 +331,9 @@ def _account_stopped_run(report: RunReport, todo: list[Any], store: Store, exc: 
 
 
 # Object store bytes the ingestion dataset may hold per embedding actor (see _run_dataset): a few
-# batches of encoded images; a GPU actor eats them faster than a CPU one.
-INFLIGHT_BYTES_PER_CPU_ACTOR = 512 * 1024 * 1024
+# batches of encoded images; a GPU actor eats them faster than a CPU one. On a CPU, 256 MiB keeps
+# the embedder as busy as 512 did, and the 10x run's peak memory 320 MB lower (bench/RESULTS.md).
+INFLIGHT_BYTES_PER_CPU_ACTOR = 256 * 1024 * 1024
 INFLIGHT_BYTES_PER_GPU_ACTOR = 2 * 1024 * 1024 * 1024
 OBJECTS_PER_EXPAND_TASK = 64
 
