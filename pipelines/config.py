@@ -426,6 +426,11 @@ class ComputeConfig(_Section):
     windows: small calls sort little and pad much; 64 cost 40% more CPU than 512 in bench/RESULTS.md)."""
     prepare_concurrency: int | None = Field(None, ge=1)
     """Max parallel CPU preparation tasks; None = Ray Data decides."""
+    inflight_mib_per_actor: int | None = Field(None, ge=1)
+    """Object store MiB the ingestion dataset may hold per embedding actor (expanded units waiting
+    for the embedder, vectors waiting for the sink): the streaming memory bound. None = 256 for a
+    CPU actor (keeps it as busy as 512 did, with a lower peak: bench/RESULTS.md section 4) and
+    2048 for a GPU actor, which eats batches faster."""
 
     def effective_num_gpus(self, cluster_gpus: float) -> float:
         """GPUs per embedding actor: the configured value, or for 0 (auto) 1 if
@@ -433,6 +438,11 @@ class ComputeConfig(_Section):
         if self.num_gpus_per_actor > 0:
             return self.num_gpus_per_actor
         return 1.0 if cluster_gpus and cluster_gpus > 0 else 0.0
+
+    def inflight_bytes(self, gpus_per_actor: float) -> int:
+        """Object store bytes the ingestion dataset may hold, for the whole actor pool."""
+        mib = self.inflight_mib_per_actor or (2048 if gpus_per_actor > 0 else 256)
+        return mib * 1024 * 1024 * self.embed_actors
 
 
 _QDRANT_BAD_NAME = re.compile(r'[<>:"/\\|?*\x00]')

@@ -330,11 +330,6 @@ def _account_stopped_run(report: RunReport, todo: list[Any], store: Store, exc: 
                                     "message": f"{what}: the run stopped on {report.error}; re-run to finish"})
 
 
-# Object store bytes the ingestion dataset may hold per embedding actor (see _run_dataset): a few
-# batches of encoded images; a GPU actor eats them faster than a CPU one. On a CPU, 256 MiB keeps
-# the embedder as busy as 512 did, and the 10x run's peak memory 320 MB lower (bench/RESULTS.md).
-INFLIGHT_BYTES_PER_CPU_ACTOR = 256 * 1024 * 1024
-INFLIGHT_BYTES_PER_GPU_ACTOR = 2 * 1024 * 1024 * 1024
 OBJECTS_PER_EXPAND_TASK = 64
 
 
@@ -375,8 +370,7 @@ def _run_dataset(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Stor
     # embedder and memory would grow with the corpus up to there. A few embedding batches in
     # flight per actor keep it fed; more only costs memory.
     options = ds.context.execution_options
-    per_actor = INFLIGHT_BYTES_PER_GPU_ACTOR if gpus > 0 else INFLIGHT_BYTES_PER_CPU_ACTOR
-    limit = min(options.resource_limits.object_store_memory, per_actor * cfg.compute.embed_actors)
+    limit = min(options.resource_limits.object_store_memory, cfg.compute.inflight_bytes(gpus))
     options.resource_limits = options.resource_limits.copy(object_store_memory=limit)
     sink = store.sink(spec)
     ds.write_datasink(sink)

@@ -156,6 +156,10 @@ def test_defaults():
     assert (c.ray_address, c.embed_actors, c.num_gpus_per_actor, c.cpus_per_actor) == (None, 1, 0.0, 1.0)
     assert (c.batch_size, c.prepare_concurrency) == (512, None)
     assert c.effective_num_gpus(0) == 0.0 and c.effective_num_gpus(2) == 1.0
+    assert c.inflight_mib_per_actor is None
+    assert (c.inflight_bytes(0.0), c.inflight_bytes(1.0)) == (256 * 2**20, 2048 * 2**20)  # per actor, CPU / GPU
+    two = c.model_copy(update={"embed_actors": 2, "inflight_mib_per_actor": 100})
+    assert two.inflight_bytes(0.0) == two.inflight_bytes(1.0) == 200 * 2**20
     q = cfg.qdrant
     assert (q.url, q.path, q.api_key_env, q.collection) == (None, "qdrant_data", "QDRANT_API_KEY", "media")
     assert (q.full_datatype, q.on_disk, q.quantization, q.upsert_batch, q.timeout_s) == (
@@ -237,6 +241,7 @@ def test_api_key_in_config_rejected_without_echoing_it():
         ("compute", {"embed_actors": 1.5}, "compute.embed_actors: expected an integer"),
         ("compute", {"num_gpus_per_actor": -1}, "compute.num_gpus_per_actor: must be >= 0"),
         ("compute", {"prepare_concurrency": 0}, "compute.prepare_concurrency: must be >= 1"),
+        ("compute", {"inflight_mib_per_actor": 0}, "compute.inflight_mib_per_actor: must be >= 1"),
         ("embedder", {"dtype": "fp8"}, "embedder.dtype: must be one of"),
         ("embedder", {"mrl_dims": 256}, "embedder.mrl_dims: expected a list"),
         ("embedder", {"mrl_dims": ["a"]}, "embedder.mrl_dims.0: expected an integer"),
