@@ -107,11 +107,6 @@ class Qwen3VLEmbedder(Qwen3VLRunner):
         return self.finish(ids, vision, extra, prompt)
 
     # -- compute -------------------------------------------------------------------------
-    @torch.inference_mode()
-    def embed_prepared(self, items: Sequence[Prepared]) -> torch.Tensor:
-        """Pooled (un-normalised, float32) vectors for one batch of prepared items, on the host."""
-        return self._launch(items, self._collate(items)).cpu()
-
     def _collate(self, items: Sequence[Prepared]) -> dict[str, torch.Tensor]:
         """One batch padded and concatenated on the host."""
         t0 = time.perf_counter()

@@ -183,12 +183,13 @@ def run_processor_cached(processor: Any, prompt: str, conversation: list[dict[st
         text = text.replace(processor.image_token, "<|placeholder|>" * int(grid.prod() // merge), 1)
     text = text.replace("<|placeholder|>", processor.image_token)
     out = processor.tokenizer([text], return_tensors="pt", return_token_type_ids=False, **text_kwargs)
-    vision = {"pixel_values": _joined(pixels), "image_grid_thw": _joined(grids)} if pixels else {}
+    vision = {"pixel_values": joined(pixels), "image_grid_thw": joined(grids)} if pixels else {}
     return out["input_ids"][0].tolist(), vision, {}
 
 
-def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+def joined(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The parts concatenated; a single part is returned as it is (no copy)."""
+    return parts[0] if len(parts) == 1 else torch.cat(list(parts))
 
 
 def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:

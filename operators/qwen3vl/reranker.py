@@ -28,8 +28,8 @@ from transformers import DynamicCache, Qwen3VLForConditionalGeneration
 from .formatting import DEFAULT_RERANK_INSTRUCTION, VisionSettings, media_content, rerank_conversation
 from .loading import ModelLoadError, resolve_device
 from .preprocess import (InputError, Prepared, VisionCache, cached_image, collate, describe_error, growing_windows,
-                         render_prompt, resolve_sources, rope_positions, run_processor, run_processor_cached,
-                         same_tensor, token_budget_batches)
+                         joined, render_prompt, resolve_sources, rope_positions, run_processor,
+                         run_processor_cached, same_tensor, token_budget_batches)
 from .runner import Qwen3VLRunner
 
 # `<|im_end|>\n<|im_start|>assistant\n`: the tail that must survive truncation.
@@ -242,7 +242,7 @@ class Qwen3VLReranker(Qwen3VLRunner):
         def query_rows() -> tuple[torch.Tensor, torch.Tensor]:
             parts = [cached_image(self.processor, e, self.storage_options, self._vision_cache, k, self.dtype)
                      for k, e in zip(keys, entries)]
-            return torch.cat([p for p, _ in parts]), torch.cat([g for _, g in parts])
+            return joined([p for p, _ in parts]), joined([g for _, g in parts])
 
         pixels, grids = self._vision_cache.get_or_compute(("in model dtype", tuple(keys), self.dtype), query_rows)
         if len(keys) != n or pixels.shape[0] != rows or not torch.equal(grids, item.vision["image_grid_thw"][:n]):
