@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from operators.qwen3vl import Qwen3VLEmbedder
-from operators.qwen3vl.fast_vision import _equal_runs, set_fast_vision
+from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
+
+from operators.qwen3vl.fast_vision import _equal_runs, _rotary_qk, set_fast_vision
 from operators.qwen3vl.preprocess import collate
 from tests.media_gen import pattern_image, write_video
 
@@ -89,3 +91,18 @@ def test_fast_path_batches_attention_per_run_of_equal_chunks(tiny_embedding_ckpt
 def test_equal_runs():
     assert _equal_runs([4, 4, 9, 4, 4, 4]) == [(4, 2), (9, 1), (4, 3)]
     assert _equal_runs([]) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rotary_is_bit_for_bit_the_stock_rotary(dtype):
+    generator = torch.Generator().manual_seed(0)
+    seq, heads, head_dim = 300, 4, 16
+    qkv = torch.randn(seq, 3, heads, head_dim, generator=generator).to(dtype)
+    angles = torch.randn(seq, head_dim // 2, generator=generator) * 20
+    emb = torch.cat((angles, angles), dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    q, k, _ = qkv.unbind(1)
+    want_q, want_k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    got_q, got_k = _rotary_qk(qkv, cos, sin)
+    assert got_q.dtype == got_k.dtype == dtype and got_q.shape == want_q.shape
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
