@@ -14,7 +14,7 @@ from functools import lru_cache
 from typing import Any
 
 from .media.expand import ExpandSettings, expand_object
-from .units import SourceObject, dead_row, object_row, payload_for, unit_row
+from .units import DeadLetter, SourceObject, dead_row, object_row, payload_for, unit_row
 
 
 @lru_cache(maxsize=4)
@@ -59,7 +59,12 @@ def expand_rows(row: dict[str, Any], *, settings: ExpandSettings, storage_option
     except Exception:  # chunking falls back to word pieces; the embed stage reports a bad model loudly
         tokenizer = None
     units, dead, status = expand_object(obj, settings, storage_options, tokenizer)
-    rows = [unit_row(u, payload_for(u, model_id, dim, stamp, len(units))) for u in units]
+    try:
+        rows = [unit_row(u, payload_for(u, model_id, dim, stamp, len(units))) for u in units]
+    except Exception as exc:  # a unit that cannot become a point fails its object, not the job
+        units, rows, status = [], [], "failed"
+        dead.append(DeadLetter(uri=obj.uri, stage="expand", error_type=type(exc).__name__,
+                               message=f"cannot build the object's points: {exc}"))
     rows += [dead_row(d) for d in dead]
     rows.append(object_row(obj.uri, status, len(units), time.perf_counter() - start))
     return rows

@@ -214,6 +214,11 @@ def make_malformed_corpus(root: Path, is_root: bool) -> dict[str, Expect]:
         _write(root, rel, data)
         exp[rel] = Expect("failed", reason=reason)
 
+    # A file name that is not valid UTF-8 (byte 0xff): reported under its printable form, not stored.
+    with open(os.path.join(os.fsencode(root / "bad"), b"name\xff.txt"), "wb") as f:
+        f.write(b"A fine text under a name no UTF-8 payload can hold.")
+    exp["bad/name\\xff.txt"] = Expect("failed", reason=r"InvalidFileName: .*not valid UTF-8")
+
     write_av(root / "bad/audio_only.mp4", 1.0, video=False, audio=True)
     exp["bad/audio_only.mp4"] = Expect("failed", reason=r"VideoNoStreamError: file has no video stream")
     write_av(root / "bad/too_long.mp4", 4.0, fps=4)
@@ -267,6 +272,8 @@ def make_malformed_corpus(root: Path, is_root: bool) -> dict[str, Expect]:
         json.dumps({"id": "locked", "image": "locked.png"}),
         "",
         json.dumps({"text": "A good record keyed by its line."}),
+        json.dumps({"id": "lone\ud800", "text": "an id that is not valid Unicode"}),
+        json.dumps({"id": "lone-text", "text": "text with a lone \udfff surrogate"}),
     ]
     _write(root, "refs/manifest.jsonl", ("\n".join(lines) + "\n").encode())
     good_records = 3 + (1 if is_root else 0)
@@ -288,6 +295,8 @@ MANIFEST_RECORD_REASONS = {
     "record=10": r"InvalidRecord: line 10: field 'id' must be",
     "record=11": r"InvalidRecord: line 11: record is a list",
     "record=good-text": r"DuplicateId: line 12: record key 'good-text' already used",
+    "record=16": r"InvalidUnicode: line 16: .*lone surrogate",
+    "record=17": r"InvalidUnicode: line 17: .*lone surrogate",
 }
 
 

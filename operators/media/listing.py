@@ -105,9 +105,21 @@ def _dir_excluded(rel_dir: str, exclude: list[str] | None) -> bool:
     return bool(exclude) and any(glob_match(rel_dir, p) or fnmatchcase(rel_dir + "/", p) for p in exclude)
 
 
+def in_selection(rel_path: str, include: list[str] | None, exclude: list[str] | None) -> bool:
+    """Whether a listing with these patterns would take the file at rel_path (its folders included)."""
+    parts = rel_path.split("/")
+    folders = ("/".join(parts[:i]) for i in range(1, len(parts)))
+    return selected(rel_path, include, exclude) and not any(_dir_excluded(f, exclude) for f in folders)
+
+
 def _dead(uri: str, error_type: str, message: str) -> DeadLetter:
     """A listing-stage dead letter."""
     return DeadLetter(uri=uri, stage="list", error_type=error_type, message=message)
+
+
+def printable_path(path: str) -> str:
+    """A path as valid text: bytes that are not UTF-8 (held as surrogate escapes) shown as \\xNN."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _file_kind(mode: int) -> str:
@@ -122,6 +134,11 @@ def _local_entry(
     path: str, rel: str, ancestors: frozenset[tuple[int, int]], objects: list[SourceObject], dead: list[DeadLetter], stack: list
 ) -> None:
     """Classify one local entry: file → object, folder → stack, anything else → dead letter."""
+    if printable_path(path) != path:
+        # Point ids, payloads and Arrow columns are UTF-8 text: such a name cannot be stored.
+        dead.append(_dead(printable_path(path), "InvalidFileName",
+                          "file or folder name is not valid UTF-8; rename it to ingest it"))
+        return
     try:
         st = os.stat(path)  # follows symlinks
     except FileNotFoundError:

@@ -143,7 +143,13 @@ def _jsonl_rows(data: bytes) -> list[tuple[int, Any] | RecordError]:
         if not raw_line.strip():
             continue
         try:
-            rows.append((number, json.loads(raw_line.decode("utf-8"))))
+            value = json.loads(raw_line.decode("utf-8"))
+            # JSON may escape lone surrogates (\ud800): not text, so no id, payload or tokenizer takes them.
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+            rows.append((number, value))
+        except UnicodeEncodeError:
+            rows.append(RecordError(number, "InvalidUnicode",
+                                    "the record holds a lone surrogate escape (\\ud800-\\udfff): not valid Unicode text"))
         except UnicodeDecodeError as exc:
             rows.append(RecordError(number, "InvalidUTF8", f"invalid UTF-8 at byte {exc.start} of the line"))
         except json.JSONDecodeError as exc:
