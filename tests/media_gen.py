@@ -28,11 +28,11 @@ def image_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
 
 
 def write_video(path: Path, seconds: float = 2.0, fps: int = 8, size: tuple[int, int] = (64, 48),
-                codec: str = "mpeg4", seed: int = 0) -> Path:
-    """Encode a short clip of moving noise with PyAV."""
+                codec: str = "mpeg4", seed: int = 0, faststart: bool = False) -> Path:
+    """Encode a short clip of moving noise with PyAV (faststart: the index before the frames)."""
     rng = np.random.default_rng(seed)
     w, h = size
-    container = av.open(str(path), "w")
+    container = av.open(str(path), "w", options={"movflags": "+faststart"} if faststart else {})
     stream = container.add_stream(codec, rate=fps)
     stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
     base = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)

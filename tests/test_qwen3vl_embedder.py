@@ -139,6 +139,23 @@ def test_one_bad_item_fails_alone_with_index_and_reason(embedder, media, tmp_pat
         embedder.process(inputs)
 
 
+def test_an_undecodable_video_fails_with_the_readers_reason(embedder, media, tmp_path):
+    # qwen-vl-utils retries such videos with torchvision's read_video, gone from torchvision 0.22+:
+    # the error must be the video's own, not that AttributeError.
+    data = media["video"].read_bytes()
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes(data[: len(data) * 3 // 10])
+    inputs = [{"video": str(truncated)}, {"video": str(media["video"]), "video_start": 1.5, "video_end": 0.5},
+              {"video": str(media["video"]), "video_start": 10.0, "video_end": 12.0}, {"video": str(media["video"])}]
+    results = embedder.embed(inputs)
+    assert [r.ok for r in results] == [False, False, False, True]
+    for r in results[:3]:
+        assert "torchvision" not in r.error and "read_video" not in r.error
+    assert "truncated.mp4 cannot be read" in results[0].error
+    assert "Invalid time range" in results[1].error and "exceeds end frame" in results[1].error
+    assert "Invalid time range" in results[2].error
+
+
 def test_many_inputs_are_split_into_budgeted_batches(embedder, monkeypatch):
     sizes = []
     original = embedder._launch

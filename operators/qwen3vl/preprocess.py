@@ -77,12 +77,41 @@ def render_prompt(processor: Any, conversation: list[dict[str, Any]]) -> str:
     return processor.apply_chat_template([conversation], add_generation_prompt=True, tokenize=False)[0]
 
 
+def video_reader_error(conversation: list[dict[str, Any]]) -> str | None:
+    """Why the video reader rejects this conversation's first undecodable video, if one does.
+
+    qwen-vl-utils retries a video that its reader (decord, torchcodec) fails on with
+    torchvision's ``read_video``, which torchvision >= 0.22 no longer has: the error that
+    reaches the caller is then an AttributeError about torchvision, not the video's own
+    problem (a corrupt file, a range past its end). Reading it again here, on failure only,
+    recovers the reader's reason.
+    """
+    from qwen_vl_utils import vision_process
+
+    for message in conversation:
+        for entry in message.get("content", ()):
+            if not (isinstance(entry, dict) and isinstance(entry.get("video"), str)):
+                continue
+            try:
+                vision_process.VIDEO_READER_BACKENDS[vision_process.get_video_reader_backend()](entry)
+            except Exception as exc:
+                detail = str(exc).strip().splitlines()
+                return f"video {entry['video']} cannot be read: {type(exc).__name__}: {detail[0] if detail else ''}"
+    return None
+
+
 def run_processor(processor: Any, prompt: str, conversation: list[dict[str, Any]],
                   **text_kwargs: Any) -> tuple[list[int], dict[str, torch.Tensor], dict[str, list[int]]]:
     """Resize vision inputs with qwen-vl-utils and run the HF processor for one conversation."""
-    images, video_inputs, video_kwargs = process_vision_info(
-        [conversation], image_patch_size=IMAGE_PATCH_SIZE,
-        return_video_metadata=True, return_video_kwargs=True)
+    try:
+        images, video_inputs, video_kwargs = process_vision_info(
+            [conversation], image_patch_size=IMAGE_PATCH_SIZE,
+            return_video_metadata=True, return_video_kwargs=True)
+    except Exception as exc:
+        reason = video_reader_error(conversation)
+        if reason is None:
+            raise
+        raise MediaError(reason) from exc
     videos = metadata = None
     if video_inputs is not None:
         videos, metadata = (list(x) for x in zip(*video_inputs))
