@@ -17,22 +17,25 @@ complete objects are skipped, incomplete ones re-embedded (point ids are determi
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import ray
+from ray.data.exceptions import SystemException
 from transformers import AutoConfig
 
 from operators.embed_stage import EmbedStage
 from operators.expand_stage import expand_rows, object_to_row
 from operators.media.expand import ExpandSettings
-from operators.media.listing import list_objects
+from operators.media.listing import in_selection, is_local_uri, list_objects, local_path
 from sinks.ingest_sink import IngestDatasink
 from sinks.qdrant_client_factory import QdrantSettings, make_client
 from sinks.qdrant_schema import CollectionSpec, ensure_collection
@@ -60,14 +63,65 @@ def model_dimension(model: str) -> int:
     except Exception as exc:
         raise PreflightError(f"embedder.model {model!r} cannot be loaded: {type(exc).__name__}: {exc}") from exc
     text_config = getattr(config, "text_config", config)
+    check_local_weights(model)
     return int(text_config.hidden_size)
+
+
+_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def check_local_weights(model: str) -> None:
+    """A local checkpoint folder must hold its weights (every shard of an index), else PreflightError.
+
+    Found here, before Ray starts and the collection is created; otherwise every embedding actor
+    fails to load it mid-run. Hub ids are left to the actors (their files may not be cached yet).
+    """
+    if not os.path.isdir(model):
+        return
+    for index in _WEIGHT_INDEXES:
+        path = os.path.join(model, index)
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    shards = set(json.load(f)["weight_map"].values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise PreflightError(f"embedder.model {model!r}: unreadable weight index {index}: "
+                                     f"{type(exc).__name__}: {exc}") from None
+            missing = sorted(s for s in shards if not os.path.isfile(os.path.join(model, s)))
+            if missing:
+                raise PreflightError(f"embedder.model {model!r}: weight shards listed in {index} are missing: "
+                                     f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+            _check_safetensors_headers(model, sorted(shards))
+            return
+    if not any(os.path.isfile(os.path.join(model, name)) for name in _WEIGHT_FILES):
+        raise PreflightError(f"embedder.model {model!r} holds no weights: none of {', '.join(_WEIGHT_FILES)} "
+                             f"or {', '.join(_WEIGHT_INDEXES)}")
+    _check_safetensors_headers(model, ["model.safetensors"])
+
+
+def _check_safetensors_headers(model: str, names: Iterable[str]) -> None:
+    """Each safetensors file's header must cover the file: a truncated copy fails here, not in every actor."""
+    from safetensors import safe_open
+
+    for name in names:
+        path = os.path.join(model, name)
+        if not (name.endswith(".safetensors") and os.path.isfile(path)):
+            continue
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except Exception as exc:
+            raise PreflightError(f"embedder.model {model!r}: {name} is unreadable (truncated or corrupt?): "
+                                 f"{_first_line(exc)}") from None
 
 
 def collection_spec(cfg: Config, full_dim: int) -> CollectionSpec:
     """The collection layout the config asks for."""
     for d in cfg.embedder.mrl_dims:
-        if d > full_dim:
-            raise PreflightError(f"embedder.mrl_dims: {d} is larger than the model's dimension {full_dim}")
+        if d >= full_dim:
+            raise PreflightError(f"embedder.mrl_dims: {d} must be smaller than the model's dimension {full_dim} "
+                                 "(the full vector is always stored)")
     return CollectionSpec(name=cfg.qdrant.collection, full_dim=full_dim, mrl_dims=tuple(cfg.embedder.mrl_dims),
                           full_datatype=cfg.qdrant.full_datatype, on_disk=cfg.qdrant.on_disk,
                           quantization=cfg.qdrant.quantization)
@@ -86,6 +140,16 @@ def ensure_ray(cfg: Config) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     ray.init(address=cfg.compute.ray_address, include_dashboard=False, log_to_driver=True)
+
+
+def ensure_folder(key: str, path: str) -> None:
+    """Create the folder a config key names, or raise PreflightError naming the key."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise PreflightError(f"{key} {path!r} is a file, not a folder")
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PreflightError(f"{key} {path!r} cannot be created: {exc.strerror or exc}") from None
 
 
 class Store:
@@ -181,8 +245,15 @@ class Plan:
     vanished: list[str]
 
 
-def plan_objects(objects: list[Any], stored: dict[str, str], source_root: str) -> Plan:
-    """Compare listed fingerprints with the collection's."""
+def plan_objects(objects: list[Any], stored: dict[str, str], source_root: str, include: list[str] | None = None,
+                 exclude: list[str] | None = None, unlisted: Iterable[str] = ()) -> Plan:
+    """Compare listed fingerprints with the collection's.
+
+    Vanished (what ``--prune`` deletes) means gone from the source: a stored object that the
+    include/exclude patterns leave out, or that the listing could not read (it or its folder
+    is in ``unlisted``, the listing's dead letters), may well still exist and is kept, as
+    ``rsync --delete`` keeps excluded files.
+    """
     todo, unchanged, changed = [], [], {}
     for obj in objects:
         old = stored.get(obj.uri)
@@ -193,17 +264,24 @@ def plan_objects(objects: list[Any], stored: dict[str, str], source_root: str) -
             changed[obj.uri] = obj.fingerprint
         todo.append(obj)
     listed = {o.uri for o in objects}
-    # Only objects under this source can have vanished: the collection may hold other sources.
-    vanished = sorted(u for u in stored if u not in listed and u.startswith(source_root))
-    return Plan(todo, unchanged, changed, vanished)
+    unreadable = tuple(u.rstrip("/") for u in unlisted)
+
+    def gone(uri: str) -> bool:
+        # Only objects under this source can have vanished: the collection may hold other sources.
+        if uri in listed or not uri.startswith(source_root):
+            return False
+        if any(uri == u or uri.startswith(u + "/") for u in unreadable):
+            return False
+        return in_selection(uri[len(source_root):], include, exclude)
+
+    return Plan(todo, unchanged, changed, sorted(u for u in stored if gone(u)))
 
 
 def source_root(uri: str) -> str:
     """The source URI in the form listed object URIs start with."""
-    if "://" in uri and not uri.startswith("file://"):
+    if not is_local_uri(uri):
         return uri.rstrip("/") + "/"
-    path = uri[7:] if uri.startswith("file://") else uri
-    return os.path.abspath(path).rstrip("/") + "/"
+    return os.path.abspath(local_path(uri)).rstrip("/") + "/"  # as the listing resolves it: ~, file://, local://
 
 
 def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], None] = print) -> RunReport:
@@ -222,7 +300,9 @@ def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], Non
     except Exception as exc:
         raise PreflightError(f"source.uri {cfg.source.uri!r} cannot be listed: {type(exc).__name__}: "
                              f"{redact(str(exc), secrets)}") from None
+    ensure_folder("output.dir", cfg.output.dir)  # now, not after every object is written
     if cfg.qdrant.embedded:
+        ensure_folder("qdrant.path", cfg.qdrant.path)
         ensure_ray(cfg)  # the embedded store's owner is an actor
     store = Store(cfg)  # a server is pinged here, before Ray starts
     try:
@@ -242,10 +322,12 @@ def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], Non
             report.objects[d.uri] = "failed"
             report.dead_letters.append(d.to_row())
         stored = store.call("fingerprints_by_uri")
-        plan = plan_objects(objects, stored, source_root(cfg.source.uri))
+        plan = plan_objects(objects, stored, source_root(cfg.source.uri), cfg.source.include,
+                            cfg.source.exclude, [d.uri for d in list_dead])
         for uri in plan.unchanged:
             report.objects[uri] = "unchanged"
-        echo(f"listed {len(objects)} objects: {len(plan.todo)} to ingest, {len(plan.unchanged)} unchanged")
+        unlisted = f", {len(list_dead)} could not be listed" if list_dead else ""
+        echo(f"listed {len(objects)} objects: {len(plan.todo)} to ingest, {len(plan.unchanged)} unchanged{unlisted}")
 
         if plan.todo:
             try:
@@ -255,6 +337,9 @@ def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], Non
                 _account_stopped_run(report, plan.todo, store, exc)
             else:
                 _account(report, summary)
+                settled = partly_embedded(summary, plan.todo, report)
+                if settled:
+                    store.call("settle_object_units", settled)
                 # Units of changed objects that the new version no longer has.
                 replaced = {u: fp for u, fp in plan.changed.items() if report.objects.get(u) == "ingested"}
                 if replaced:
@@ -304,7 +389,7 @@ def root_cause(exc: BaseException) -> BaseException:
         seen.add(id(exc))
         nxt = getattr(exc, "cause", None) if isinstance(exc, ray.exceptions.RayTaskError) else None
         nxt = nxt if isinstance(nxt, BaseException) else exc.__cause__
-        if nxt is None:
+        if nxt is None or isinstance(nxt, SystemException):  # Ray Data's empty marker for non-user errors
             break
         exc = nxt
     return exc
@@ -313,7 +398,7 @@ def root_cause(exc: BaseException) -> BaseException:
 def _account_stopped_run(report: RunReport, todo: list[Any], store: Store, exc: BaseException) -> None:
     """After a mid-run failure: objects fully in the store are ingested, every other one is "not written"."""
     cause = root_cause(exc)
-    report.error = f"{type(cause).__name__}: {_first_line(cause)}"
+    report.error = f"{type(cause).__name__}: {_error_text(exc)}"
     try:
         stored = store.call("fingerprints_by_uri", [o.uri for o in todo])
     except Exception as read_exc:  # the store may be down altogether
@@ -354,17 +439,20 @@ def _run_dataset(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Stor
         model_id=cfg.embedder.model, dim=full_dim, ingested_at=datetime.now(timezone.utc).isoformat()),
         num_cpus=1, **({"concurrency": cfg.compute.prepare_concurrency} if cfg.compute.prepare_concurrency else {}))
     gpus = num_gpus_per_actor(cfg)
-    ds = ds.map_batches(
-        EmbedStage,
-        fn_constructor_kwargs=dict(model=cfg.embedder.model, mrl_dims=list(cfg.embedder.mrl_dims),
-                                   embedder_kwargs=embedder_kwargs(cfg, storage_options)),
-        batch_size=cfg.compute.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.compute.embed_actors),
-        num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor,
-        # A crashed or killed embedding actor is restarted and its in-flight batch retried (upserts are
-        # idempotent: a retried batch never duplicates). Ray Data's default retries forever; a batch
-        # that keeps killing its actor (a decoder crash, OOM) stops the run after 3 retries instead.
-        max_restarts=-1, max_task_retries=3)
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates extra remote args but names no parameter for actor retries yet.
+        warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
+        ds = ds.map_batches(
+            EmbedStage,
+            fn_constructor_kwargs=dict(model=cfg.embedder.model, mrl_dims=list(cfg.embedder.mrl_dims),
+                                       embedder_kwargs=embedder_kwargs(cfg, storage_options)),
+            batch_size=cfg.compute.batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=cfg.compute.embed_actors),
+            num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor,
+            # A crashed or killed embedding actor is restarted and its in-flight batch retried (upserts
+            # are idempotent: a retried batch never duplicates). Ray Data's default retries forever; a
+            # batch that keeps killing its actor (a decoder crash, OOM) stops the run after 3 retries.
+            max_restarts=-1, max_task_retries=3)
     # Streaming with a fixed memory bound: Ray Data's default lets a dataset buffer up to half the
     # object store (GBs on a big node), so a fast expand stage would run that far ahead of the
     # embedder and memory would grow with the corpus up to there. A few embedding batches in
@@ -375,6 +463,18 @@ def _run_dataset(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Stor
     sink = store.sink(spec)
     ds.write_datasink(sink)
     return sink.summary or {}
+
+
+def partly_embedded(summary: dict[str, Any], todo: list[Any], report: RunReport) -> dict[str, tuple[str, int]]:
+    """(fingerprint, units embedded) of each ingested object some of whose units failed to embed."""
+    failed: dict[str, int] = {}
+    for dead in summary.get("dead", []):
+        if dead.get("error_stage") == "embed" and dead.get("position"):
+            failed[dead["object_uri"]] = failed.get(dead["object_uri"], 0) + 1
+    fingerprints = {o.uri: o.fingerprint for o in todo}
+    units = {o["object_uri"]: int(o["n_units"]) for o in summary.get("objects", [])}
+    return {uri: (fingerprints[uri], units[uri] - n) for uri, n in failed.items()
+            if report.objects.get(uri) == "ingested" and uri in fingerprints and uri in units}
 
 
 def _account(report: RunReport, summary: dict[str, Any]) -> None:

@@ -171,6 +171,10 @@ class QdrantOwner:
         """Delete points of each URI whose fingerprint is not the current one."""
         self.writer.delete_stale(current)
 
+    def settle_object_units(self, settled: dict[str, tuple[str, int]]) -> None:
+        """Record the unit count of objects whose units partly failed to embed."""
+        self.writer.settle_object_units(settled)
+
     def fingerprints_by_uri(self, uris: list[str] | None = None) -> dict[str, str]:
         """source_uri -> fingerprint."""
         return self.writer.fingerprints_by_uri(uris)

@@ -238,6 +238,24 @@ class QdrantWriter:
                 lambda: self.client.delete(self.collection, points_selector=selector, wait=True),
             )
 
+    def settle_object_units(self, settled: Mapping[str, tuple[str, int]]) -> None:
+        """Set object_units on the points of each (URI, fingerprint) to the units it really has.
+
+        An object whose units partly failed to embed has fewer points than the count its points
+        were written with, so it would read as INCOMPLETE and be re-embedded by every run;
+        after this it reads as complete, as an object whose bad records failed at expansion does.
+        """
+        for uri, (fingerprint, units) in settled.items():
+            selector = models.Filter(must=[
+                models.FieldCondition(key="source_uri", match=models.MatchValue(value=uri)),
+                models.FieldCondition(key="fingerprint", match=models.MatchValue(value=fingerprint)),
+            ])
+            self._with_retry(
+                "set_payload",
+                lambda: self.client.set_payload(self.collection, payload={"object_units": units}, points=selector,
+                                                wait=True),
+            )
+
     # -- reads ---------------------------------------------------------------
 
     def fingerprints_by_uri(self, uris: Sequence[str] | None = None) -> dict[str, str]:

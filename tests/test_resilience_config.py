@@ -122,7 +122,63 @@ def test_mrl_dimension_larger_than_the_model_fails_in_preflight(tmp_path, source
     data["embedder"]["mrl_dims"] = [100000]
     code, out, err = run_cli(tmp_path, data, capsys)
     assert code == EXIT_CONFIG
-    one_clear_error(err, "embedder.mrl_dims: 100000 is larger than the model's dimension")
+    one_clear_error(err, "embedder.mrl_dims: 100000 must be smaller than the model's dimension")
+    assert_nothing_written(tmp_path)
+
+
+def test_mrl_dimension_equal_to_the_models_is_named_in_preflight(tmp_path, source, tiny_embedding_ckpt, capsys):
+    import json
+
+    full = json.loads((tiny_embedding_ckpt / "config.json").read_text())["text_config"]["hidden_size"]
+    data = config_dict(source, tiny_embedding_ckpt, tmp_path)
+    data["embedder"]["mrl_dims"] = [full]
+    code, out, err = run_cli(tmp_path, data, capsys)
+    assert code == EXIT_CONFIG
+    one_clear_error(err, f"embedder.mrl_dims: {full} must be smaller than the model's dimension {full}")
+    assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("broken", ["no-weights", "missing-shard", "truncated"])
+def test_checkpoint_without_its_weights_fails_in_preflight(broken, tmp_path, source, tiny_embedding_ckpt, capsys):
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_embedding_ckpt, model)
+    weights = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").unlink()
+    if broken == "truncated":
+        (model / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    if broken == "missing-shard":
+        index = {"metadata": {}, "weight_map": {"a.weight": "model-00001-of-00002.safetensors",
+                                                "b.weight": "model-00002-of-00002.safetensors"}}
+        (model / "model.safetensors.index.json").write_text(json.dumps(index))
+        (model / "model-00001-of-00002.safetensors").write_bytes(b"")
+    data = config_dict(source, model, tmp_path)
+    code, out, err = run_cli(tmp_path, data, capsys)
+    assert code == EXIT_CONFIG
+    if broken == "no-weights":
+        one_clear_error(err, f"embedder.model '{model}' holds no weights")
+    elif broken == "truncated":
+        one_clear_error(err, f"embedder.model '{model}': model.safetensors is unreadable (truncated or corrupt?)")
+    else:
+        one_clear_error(err, "weight shards listed in model.safetensors.index.json are missing",
+                        "model-00002-of-00002.safetensors")
+    assert not (tmp_path / "qdrant").exists()
+    assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("key", ["output.dir", "qdrant.path"])
+def test_a_folder_key_naming_a_file_fails_in_preflight(key, tmp_path, source, tiny_embedding_ckpt, capsys):
+    data = config_dict(source, tiny_embedding_ckpt, tmp_path)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    section, name = key.split(".")
+    data[section][name] = str(a_file)
+    code, out, err = run_cli(tmp_path, data, capsys)
+    assert code == EXIT_CONFIG
+    one_clear_error(err, f"{key} '{a_file}' is a file, not a folder")
+    assert a_file.read_text() == "not a folder"
     assert_nothing_written(tmp_path)
 
 

@@ -323,3 +323,19 @@ def test_driver_killed_mid_run_then_rerun_completes_without_duplicates(tmp_path,
     check_exactly_once(qdrant, expected)
     print(f"killed after {written} points ({after_kill} stored, {len(complete)} complete objects); "
           f"stragglers killed: {stragglers}")
+
+
+def test_the_reported_cause_is_the_error_not_ray_datas_empty_marker():
+    """Ray Data re-raises internal errors `from SystemException()`, which has no message: the report
+    must name the error itself (for an actor that died loading its model, that error's last line)."""
+    from ray.data.exceptions import SystemException
+
+    from pipelines.ingest import root_cause
+
+    try:
+        try:
+            raise ValueError("ModelLoadError: cannot load model from '/models/x': header incomplete")
+        except ValueError as inner:
+            raise inner from SystemException()
+    except ValueError as exc:
+        assert root_cause(exc) is exc

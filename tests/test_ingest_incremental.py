@@ -1,0 +1,89 @@
+"""Incremental runs and --prune at their edges: partly failed objects, `~` sources, filters, unlisted files."""
+
+import json
+
+import pytest
+
+from operators.units import SourceObject
+from pipelines.config import parse_config
+from pipelines.ingest import plan_objects, run_ingest, source_root
+from tests.media_gen import write_video
+from tests.resilience_helpers import all_points, config_dict, latest_run
+
+
+def _by_uri(points):
+    out = {}
+    for p in points:
+        out.setdefault(p.payload["source_uri"], []).append(p)
+    return out
+
+
+@pytest.mark.slow
+def test_an_object_whose_units_partly_fail_to_embed_is_unchanged_on_the_next_run(tmp_path, tiny_embedding_ckpt,
+                                                                                 ray_local):
+    # The video's index comes first, so listing and expansion read its length; its frames are cut
+    # off, so every segment fails when the embedder decodes it.
+    media = tmp_path / "media"
+    media.mkdir()
+    whole = write_video(media / "whole.mp4", seconds=6.0, faststart=True).read_bytes()
+    (media / "cut.mp4").write_bytes(whole[: len(whole) * 3 // 10])
+    (media / "whole.mp4").unlink()
+    src = tmp_path / "src"
+    src.mkdir()
+    manifest = src / "records.jsonl"
+    manifest.write_text(json.dumps({"id": "t", "text": "A record about lanterns."}) + "\n"
+                        + json.dumps({"id": "v", "video": str(media / "cut.mp4")}) + "\n")
+    cfg = parse_config(config_dict(src, tiny_embedding_ckpt, tmp_path))
+
+    first = run_ingest(cfg)
+    assert first.objects == {str(manifest): "ingested"}
+    _, dead = latest_run(tmp_path / "runs")
+    assert [(d["position"], d["stage"]) for d in dead] == [("record=v", "embed")]
+    assert "cut.mp4 cannot be read" in dead[0]["message"]
+    points = _by_uri(all_points(tmp_path / "qdrant"))[str(manifest)]
+    assert [p.payload["position"] for p in points] == ["record=t"]
+    assert points[0].payload["object_units"] == 1  # settled: the one unit that has a point
+
+    again = run_ingest(cfg)
+    assert again.objects == {str(manifest): "unchanged"} and again.points_written == 0
+
+
+@pytest.mark.slow
+def test_prune_follows_a_home_relative_source(tmp_path, tiny_embedding_ckpt, ray_local, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    src = tmp_path / "home" / "src"
+    src.mkdir(parents=True)
+    for name in ("keep.txt", "gone.txt"):
+        (src / name).write_text(f"The note called {name}.")
+    cfg = parse_config(config_dict("~/src", tiny_embedding_ckpt, tmp_path))
+    assert run_ingest(cfg).counts()["ingested"] == 2
+    (src / "gone.txt").unlink()
+    report = run_ingest(cfg, prune=True)
+    assert report.pruned_objects == 1
+    assert set(_by_uri(all_points(tmp_path / "qdrant"))) == {str(src / "keep.txt")}
+
+
+def test_source_root_resolves_local_uris_as_the_listing_does(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert source_root("~/media") == f"{tmp_path}/media/"
+    assert source_root("local:///data/media/") == "/data/media/"
+    assert source_root("file:///data/media") == "/data/media/"
+    assert source_root("s3://bucket/media") == "s3://bucket/media/"
+
+
+def test_vanished_means_gone_not_filtered_out_or_unreadable():
+    root = "/src/"
+    fp = "size:1:mtime_ns:1"
+    stored = {f"{root}{rel}": fp for rel in ("a.png", "notes/b.txt", "sub/c.png", "locked.png", "gone.png",
+                                             "old/gone.png")}
+    stored["/elsewhere/x.png"] = fp  # another source's object in the same collection
+    listed = [SourceObject(uri=f"{root}a.png", size=1, fingerprint=fp)]
+    # This run keeps only PNGs outside old/; sub/ could not be listed and locked.png could not be read.
+    plan = plan_objects(listed, stored, root, include=["*.png"], exclude=["old/"],
+                        unlisted=[f"{root}sub", f"{root}locked.png"])
+    assert plan.vanished == [f"{root}gone.png"]
+    assert plan.unchanged == [f"{root}a.png"]
+    # Without filters or unreadable entries, everything not listed under the root has vanished.
+    plan = plan_objects(listed, stored, root)
+    assert plan.vanished == sorted(u for u in stored if u.startswith(root) and u != f"{root}a.png")
+
