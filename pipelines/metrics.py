@@ -17,12 +17,24 @@ query the run did not answer counts as an empty ranking (all metrics 0).
 from __future__ import annotations
 
 import math
+import os
+import re
 import uuid
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, MutableMapping, Sequence
 
+from operators.media.listing import is_local_uri, local_path
+from operators.media.manifest import resolve_uri
 from operators.units import POINT_NAMESPACE
 
 METRICS: tuple[str, ...] = ("ndcg@10", "recall@10", "recall@100", "mrr@10")
+
+
+def cutoff(name: str) -> int:
+    """The rank cutoff k of a metric name such as ``recall@100``."""
+    kind, _, k = name.partition("@")
+    if not k.isdigit():
+        raise ValueError(f"unknown metric {name!r} (ndcg@k, recall@k, mrr@k)")
+    return int(k)
 
 
 def dedupe(ranking: Iterable[str]) -> list[str]:
@@ -109,21 +121,69 @@ def evaluate_run(run: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[s
 # -- qrels ------------------------------------------------------------------------------------
 
 
-def normalise_corpus_id(corpus_id: str) -> str:
-    """A qrels corpus-id as a point id: a UUID is a point id already; anything else is read as
-    ``source_uri#position`` and mapped to its point id (the UUIDv5 ingestion assigns)."""
+# A unit position as ingestion writes it (operators/media/expand.py); a record id may hold
+# anything, so "#record=" is taken at its first occurrence, the others at the end.
+_POSITION = re.compile(r"^(?P<uri>.+?)#(?P<pos>record=.*)$"
+                       r"|^(?P<uri2>.+)#(?P<pos2>chunk=\d+|page=\d+|image|t=[0-9.]+-[0-9.]+)$")
+
+
+def normalise_source_uri(uri: str, base: str | None = None) -> str:
+    """A source URI as ingestion stores it: local paths absolute (``file://`` stripped, ``~``
+    expanded, relative ones taken from ``base``'s folder, or the working directory without a
+    base); other URIs unchanged. ``base`` is a file's path or URI (a qrels or queries file)."""
+    uri = str(uri).strip()
+    if not is_local_uri(uri):
+        return uri
+    if uri.startswith(("file://", "local://")):
+        return local_path(uri)
+    uri = os.path.expanduser(uri)
+    if os.path.isabs(uri) or base is None:
+        return local_path(uri)
+    return resolve_uri(uri, base)
+
+
+def split_corpus_id(corpus_id: str) -> tuple[str, str] | None:
+    """``(source_uri, position)`` of a ``source_uri#position`` corpus id, None when it has no known position."""
+    m = _POSITION.match(str(corpus_id).strip())
+    if m is None:
+        return None
+    return (m["uri"], m["pos"]) if m["uri"] is not None else (m["uri2"], m["pos2"])
+
+
+def corpus_name(corpus_id: str, base: str | None = None) -> str:
+    """A qrels corpus-id in canonical text form: a point id (UUID) lower-cased, or
+    ``source_uri#position`` with the source URI normalised like ingestion's (``normalise_source_uri``)."""
     text = str(corpus_id).strip()
     try:
         return str(uuid.UUID(text))
     except ValueError:
-        return str(uuid.uuid5(POINT_NAMESPACE, text))
+        pass
+    parts = split_corpus_id(text)
+    if parts is None:
+        return text  # not a unit of any ingested object: kept, so it can be reported as absent
+    return f"{normalise_source_uri(parts[0], base)}#{parts[1]}"
 
 
-def parse_qrels(text: str, where: str = "qrels") -> dict[str, dict[str, float]]:
+def normalise_corpus_id(corpus_id: str, base: str | None = None) -> str:
+    """A qrels corpus-id as a point id: a UUID is a point id already; anything else is read as
+    ``source_uri#position`` (local paths made absolute: see ``corpus_name``) and mapped to its
+    point id (the UUIDv5 ingestion assigns)."""
+    name = corpus_name(corpus_id, base)
+    try:
+        return str(uuid.UUID(name))
+    except ValueError:
+        return str(uuid.uuid5(POINT_NAMESPACE, name))
+
+
+def parse_qrels(text: str, where: str = "qrels", base: str | None = None,
+                names: MutableMapping[str, str] | None = None) -> dict[str, dict[str, float]]:
     """BEIR qrels TSV: ``query-id<TAB>corpus-id<TAB>score`` per line, after an optional header line.
 
-    Corpus ids go through ``normalise_corpus_id``; a repeated (query, corpus) pair keeps
-    its highest grade. Blank lines are skipped; any other malformed line is an error.
+    Corpus ids go through ``normalise_corpus_id`` (relative paths taken from ``base``'s folder,
+    normally the qrels file; the working directory without one); ``names``, when given, is
+    filled with point id -> the corpus id as written (normalised), for messages. A repeated
+    (query, corpus) pair keeps its highest grade. Blank lines are skipped; any other malformed
+    line, and a grade that is not a finite number, is an error naming the line.
     """
     qrels: dict[str, dict[str, float]] = {}
     first = True
@@ -141,9 +201,14 @@ def parse_qrels(text: str, where: str = "qrels") -> dict[str, dict[str, float]]:
             if is_first:
                 continue  # the header line
             raise ValueError(f"{where} line {n}: score {score!r} is not a number") from None
+        if not math.isfinite(grade):  # nan/inf would turn every mean into nan
+            raise ValueError(f"{where} line {n}: score {score!r} is not a finite number")
         if not qid or not cid:
             raise ValueError(f"{where} line {n}: empty query-id or corpus-id")
-        doc = normalise_corpus_id(cid)
+        name = corpus_name(cid, base)
+        doc = normalise_corpus_id(name)
+        if names is not None:
+            names.setdefault(doc, name)
         judged = qrels.setdefault(qid, {})
         judged[doc] = max(grade, judged.get(doc, grade))
     return qrels

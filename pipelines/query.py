@@ -106,6 +106,16 @@ def check_dimension(layout: CollectionLayout, model: str, dim: int) -> None:
             f"{layout.full_dim}-dimensional {FULL_VECTOR!r} vectors: query with the embedder that ingested it")
 
 
+def open_client(cfg: Config) -> QdrantClient:
+    """A client for the configured store. An embedded store must exist: opening a missing folder
+    would create an empty store there, and a query must not write anything."""
+    settings = qdrant_settings(cfg)
+    if settings.embedded and not os.path.isdir(settings.path):
+        raise QueryPreflightError(f"embedded store {settings.path} (qdrant.path) does not exist: "
+                                  "ingest into it first (qvl ingest), or fix qdrant.path")
+    return make_client(settings)
+
+
 def store_location(cfg: Config) -> str:
     """Where the store is, for messages."""
     return f"embedded store {cfg.qdrant.path}" if cfg.qdrant.path else f"Qdrant at {cfg.qdrant.url}"
@@ -441,7 +451,7 @@ class QueryEngine:
         self.reranker = reranker
         try:
             if self.client is None:
-                self.client = make_client(qdrant_settings(cfg))
+                self.client = open_client(cfg)
             self.layout = collection_layout(self.client, cfg.qdrant.collection, store_location(cfg))
             dim = int(embedder.hidden_size) if embedder is not None else model_dimension(cfg.embedder.model)
             check_dimension(self.layout, cfg.embedder.model if embedder is None else embedder.model_name_or_path, dim)

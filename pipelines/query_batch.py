@@ -23,8 +23,8 @@ from .config import Config
 from .ingest import expand_settings, model_dimension, qdrant_settings
 from .query import (Candidate, CollectionLayout, Hit, QueryInputError, Skipped, build_filter, check_dimension,
                     check_reranker_checkpoint, collection_layout, embed_queries, load_embedder, load_reranker,
-                    query_content, query_vectors, rerank_candidates, resolve_instruction, search_request,
-                    store_location, vector_order)
+                    open_client, query_content, query_vectors, rerank_candidates, resolve_instruction,
+                    search_request, store_location, vector_order)
 from .query_files import QueryRow
 
 # Queries travel through Ray Data as JSON strings (bytes as {"$b64": ...}): nested, optional
@@ -69,7 +69,7 @@ class EmbedSearchStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         n = len(batch["id"])
-        rows = [QueryRow(str(batch["id"][i]), _decode(batch["query"][i]), batch["instruction"][i] or None,
+        rows = [QueryRow(str(batch["id"][i]), _decode(batch["query"][i]), _decode(batch["instruction"][i]),
                          _decode(batch["filters"][i])) for i in range(n)]
         candidates, errors = [""] * n, [""] * n
         contents: list[dict[str, Any] | None] = []
@@ -159,7 +159,7 @@ def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | No
         except QueryInputError as exc:
             raise QueryInputError(f"query {row.id}: {exc}") from None
     settings = qdrant_settings(cfg)
-    client = make_client(settings)
+    client = open_client(cfg)
     try:
         layout = collection_layout(client, cfg.qdrant.collection, store_location(cfg))
     finally:
@@ -176,7 +176,8 @@ def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | No
         embed_actors = cfg.compute.embed_actors
         rerank_actors = int(rerank_actors or cfg.compute.embed_actors)
         gpus = _gpus_per_actor(cfg, embed_actors + (rerank_actors if rerank else 0))
-        items = [{"idx": i, "id": r.id, "query": _encode(r.query), "instruction": r.instruction or "",
+        # The instruction travels JSON-encoded: "" (given, empty) and None (the default) stay apart.
+        items = [{"idx": i, "id": r.id, "query": _encode(r.query), "instruction": _encode(r.instruction),
                   "filters": _encode(r.filters)} for i, r in enumerate(queries)]
         size = int(batch_size or cfg.compute.batch_size)
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // max(size, 1) + 1, 64)))

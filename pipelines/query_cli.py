@@ -51,9 +51,13 @@ def parse_filter_args(items: Sequence[str]) -> dict[str, Any]:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    """An argparse type: an integer >= 1 (its messages are argparse's "argument --top-k: ..." line)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
 
 
@@ -134,8 +138,9 @@ def _cmd_query(cfg: Any, args: argparse.Namespace) -> int:
 
 def _cmd_query_batch(cfg: Any, args: argparse.Namespace) -> int:
     from .query_batch import run_query_batch
-    from .query_files import read_queries, write_results
+    from .query_files import check_results_path, read_queries, write_results
 
+    check_results_path(args.out)  # before the job: a bad --out must not lose its results
     queries = read_queries(args.queries, dict(cfg.source.storage_options))
     results = run_query_batch(cfg, queries, top_k=args.top_k, top_n=args.top_n, rerank=not args.no_rerank,
                               rerank_actors=args.rerank_actors)
@@ -152,47 +157,83 @@ def _cmd_query_batch(cfg: Any, args: argparse.Namespace) -> int:
 
 
 def run_eval(cfg: Any, queries: Sequence[Any], qrels: Mapping[str, Mapping[str, float]], *, top_k: int | None = None,
-             engine: Any = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
+             engine: Any = None, echo: Callable[[str], None] = print, where: str = "qrels",
+             doc_names: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Rank every judged query three ways and score each ranking against the qrels.
 
     - ``vector``: plain search on the full vector (top_k);
     - ``funnel``: prefetch on the smallest MRL vector, rescore on the full one (top_k);
     - ``funnel+rerank``: the funnel's candidates reranked (all top_k kept, skipped ones dropped).
 
-    top_k defaults to max(query.top_k, 100), so Recall@100 is defined. Point ids are
-    compared with the qrels' (normalised) corpus ids.
+    top_k defaults to max(query.top_k, 100), so Recall@100 is defined; a metric cut deeper than
+    top_k is left out (with a note). Point ids are compared with the qrels' (normalised) corpus
+    ids. A query that fails (an unreadable image...) is reported in ``failed`` and left out of
+    the means; QueryInputError (``where`` names the qrels) when nothing can be scored: no
+    judged query, top_k below every cutoff, a bad filter, or every query failed.
     """
-    from .metrics import METRICS, evaluate_run, relevant
-    from .query import QueryEngine
+    from .metrics import METRICS, cutoff, evaluate_run, relevant
+    from .query import QueryEngine, QueryInputError, build_filter
 
     top_k = int(top_k or max(cfg.query.top_k, 100))
+    metrics = [m for m in METRICS if cutoff(m) <= top_k]
+    if not metrics:
+        raise QueryInputError(f"top_k {top_k} is below every metric cutoff "
+                              f"({', '.join(METRIC_LABELS.get(m, m) for m in METRICS)}): use --top-k 10 or more")
     ids = {q.id for q in queries}
     missing = sorted(set(qrels) - ids)
     without = sorted(q for q in qrels if q in ids and not relevant(qrels[q]))
     judged = [q for q in queries if q.id in qrels and relevant(qrels[q.id])]
+    if not qrels:
+        raise QueryInputError(f"{where}: no judgements (expected query-id<TAB>corpus-id<TAB>score lines)")
+    if not judged:
+        if len(missing) == len(qrels):
+            raise QueryInputError(f"{where}: none of its {len(qrels)} judged query ids is in the queries file "
+                                  f"(e.g. {missing[0]!r})")
+        raise QueryInputError(f"{where}: no query of the queries file has a relevant document (grade > 0)")
+    for q in judged:  # a bad filter is an input error, found before any work (as in query-batch)
+        try:
+            build_filter(q.filters)
+        except QueryInputError as exc:
+            raise QueryInputError(f"query {q.id}: {exc}") from None
     notes: list[str] = []
     if missing:
         notes.append(f"{len(missing)} judged queries are not in the queries file and were left out")
     if without:
         notes.append(f"{len(without)} queries have no relevant document in the qrels and were left out")
-    qrels = {q.id: qrels[q.id] for q in judged}
+    dropped = [m for m in METRICS if m not in metrics]
+    if dropped:
+        notes.append(f"{', '.join(METRIC_LABELS.get(m, m) for m in dropped)} left out: cut deeper than "
+                     f"top_k={top_k}")
     own = engine is None
     engine = engine or QueryEngine(cfg, with_reranker=bool(cfg.reranker.model))
     runs: dict[str, dict[str, list[str]]] = {s: {} for s in SYSTEMS}
+    failed: dict[str, str] = {}
     skipped = 0
     try:
+        absent = _absent_documents(engine, {d for q in judged for d in relevant(qrels[q.id])})
+        if absent:
+            total = len({d for q in judged for d in relevant(qrels[q.id])})
+            example = (doc_names or {}).get(absent[0], absent[0])
+            notes.append(f"{len(absent)} of {total} relevant judged documents are not in collection "
+                         f"{engine.layout.name!r} and can never be retrieved (e.g. {example}); corpus-ids are "
+                         "point ids or source_uri#position, relative paths taken from the qrels file's folder")
         if engine.layout.smallest is None:
             notes.append("the collection has no MRL vectors: the funnel is the full-vector search")
         if engine.reranker is None:
             notes.append("reranker.model is not set: no reranked system")
         for i, q in enumerate(judged, start=1):
-            vectors = engine.embed(q.query, q.instruction)
-            full = engine.retrieve(vectors, top_k=top_k, filters=q.filters, funnel=False)
-            funnel = engine.retrieve(vectors, top_k=top_k, filters=q.filters, funnel=True)
+            try:
+                vectors = engine.embed(q.query, q.instruction)
+                full = engine.retrieve(vectors, top_k=top_k, filters=q.filters, funnel=False)
+                funnel = engine.retrieve(vectors, top_k=top_k, filters=q.filters, funnel=True)
+                hits, skip = (engine.rerank(q.query, funnel, top_n=len(funnel) or 1)
+                              if engine.reranker is not None else ([], []))
+            except QueryInputError as exc:  # this query is unusable; the others are still scored
+                failed[q.id] = str(exc)
+                continue
             runs["vector"][q.id] = [c.point_id for c in full]
             runs["funnel"][q.id] = [c.point_id for c in funnel]
             if engine.reranker is not None:
-                hits, skip = engine.rerank(q.query, funnel, top_n=len(funnel) or 1)
                 runs["funnel+rerank"][q.id] = [h.point_id for h in hits]
                 skipped += len(skip)
             if i % 50 == 0:
@@ -200,19 +241,38 @@ def run_eval(cfg: Any, queries: Sequence[Any], qrels: Mapping[str, Mapping[str, 
     finally:
         if own:
             engine.close()
+    if len(failed) == len(judged):
+        shown = "; ".join(f"query {k}: {v}" for k, v in list(failed.items())[:5])
+        raise QueryInputError(f"every judged query failed ({len(failed)}): {shown}")
+    if failed:
+        notes.append(f"{len(failed)} of {len(judged)} judged queries failed and are left out of the means "
+                     f"(see 'failed'): {', '.join(list(failed)[:10])}")
     if engine.reranker is None:
         runs.pop("funnel+rerank")
     if skipped:
         notes.append(f"{skipped} reranking candidates were skipped (source unavailable) and count as not retrieved")
+    scored_qrels = {q.id: qrels[q.id] for q in judged if q.id not in failed}
     systems = {}
     per_query = {}
     for name, run in runs.items():
-        scored = evaluate_run(run, qrels, METRICS)
+        scored = evaluate_run(run, scored_qrels, metrics)
         systems[name] = {"metrics": scored["metrics"], "queries": scored["queries"]}
         per_query[name] = scored["per_query"]
-    return {"collection": cfg.qdrant.collection, "top_k": top_k, "queries": len(judged),
-            "queries_without_relevant": len(without), "queries_not_in_file": len(missing),
-            "metrics": list(METRICS), "systems": systems, "per_query": per_query, "notes": notes}
+    return {"collection": cfg.qdrant.collection, "top_k": top_k, "queries": len(scored_qrels),
+            "queries_failed": len(failed), "queries_without_relevant": len(without),
+            "queries_not_in_file": len(missing), "documents_not_in_collection": len(absent),
+            "metrics": metrics, "systems": systems, "per_query": per_query, "failed": failed, "notes": notes}
+
+
+def _absent_documents(engine: Any, docs: set[str], chunk: int = 256) -> list[str]:
+    """The point ids among ``docs`` that the collection does not hold (sorted)."""
+    wanted = sorted(docs)
+    present: set[str] = set()
+    for start in range(0, len(wanted), chunk):
+        points = engine.client.retrieve(engine.layout.name, ids=wanted[start:start + chunk], with_payload=False,
+                                        with_vectors=False)
+        present.update(str(p.id) for p in points)
+    return [d for d in wanted if d not in present]
 
 
 def format_eval_table(report: Mapping[str, Any]) -> str:
@@ -223,7 +283,9 @@ def format_eval_table(report: Mapping[str, Any]) -> str:
     for name, system in report["systems"].items():
         lines.append("  ".join([SYSTEM_LABELS.get(name, name).ljust(20)]
                                + [f"{system['metrics'][m]:.4f}".rjust(10) for m in metrics]))
-    lines.append(f"{report['queries']} judged queries, top_k={report['top_k']}")
+    failed = report.get("queries_failed") or 0
+    lines.append(f"{report['queries']} judged queries{f' ({failed} more failed)' if failed else ''}, "
+                 f"top_k={report['top_k']}")
     lines += [f"note: {n}" for n in report["notes"]]
     return "\n".join(lines)
 
@@ -255,25 +317,31 @@ def plot_eval(report: Mapping[str, Any], path: str | Path) -> None:
 
 
 def _cmd_eval(cfg: Any, args: argparse.Namespace) -> int:
-    from operators.media.listing import open_uri
+    from operators.media.listing import is_local_uri, local_path, open_uri
 
     from .metrics import parse_qrels
-    from .query_files import read_queries
+    from .query_files import check_writable, decode_text, read_queries
 
     storage_options = dict(cfg.source.storage_options)
+    out = Path(args.out or Path(cfg.output.dir) / f"eval-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}")
+    check_writable(str(out), "--out " if args.out else "output.dir: ", folder=True)  # before any work
     queries = read_queries(args.queries, storage_options)
     try:
-        qrels = parse_qrels(open_uri(args.qrels, storage_options).decode("utf-8-sig"), args.qrels)
+        data = open_uri(args.qrels, storage_options)
     except FileNotFoundError:
         raise ValueError(f"qrels file not found: {args.qrels}") from None
-    out = Path(args.out or Path(cfg.output.dir) / f"eval-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}")
-    report = run_eval(cfg, queries, qrels, top_k=args.top_k)
+    names: dict[str, str] = {}
+    base = local_path(args.qrels) if is_local_uri(args.qrels) else args.qrels
+    qrels = parse_qrels(decode_text(data, args.qrels), args.qrels, base=base, names=names)
+    report = run_eval(cfg, queries, qrels, top_k=args.top_k, where=args.qrels, doc_names=names)
     report.update(queries_file=args.queries, qrels_file=args.qrels, config=cfg.redacted_dict())
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str))
     plot_eval(report, out / "eval.png")
     print(format_eval_table(report))
     print(f"wrote {out / 'eval.json'} and {out / 'eval.png'}")
+    for qid, error in list(report["failed"].items())[:10]:
+        print(f"  query {qid}: {error}", file=sys.stderr)
     return EXIT_OK
 
 

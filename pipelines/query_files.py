@@ -2,7 +2,8 @@
 
 A queries file holds one query per row (``id``, ``text``/``image``/``video``, optional
 ``instruction`` and ``filters``); relative image and video paths are taken from the file's
-folder. A results file holds one row per query: ``id``, ``hits``, ``skipped``, ``error``.
+folder, ``~`` is expanded as ``qvl query`` does. A results file holds one row per query:
+``id``, ``hits``, ``skipped``, ``error``; it is a local file.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from typing import Any, Mapping, Sequence
 
 from operators.media.listing import is_local_uri, local_path, open_uri
 
+from .metrics import normalise_source_uri
 from .query import QUERY_FIELDS, QueryInputError
+
+_NUMBER_FIELDS = ("video_start", "video_end", "fps", "max_frames")
 
 
 @dataclass
@@ -29,50 +33,104 @@ class QueryRow:
     filters: dict[str, Any] | None = None
 
 
-def _file_format(path: str) -> str:
+def _file_format(path: str, what: str = "") -> str:
     lower = path.lower()
     if lower.endswith((".parquet", ".pq")):
         return "parquet"
     if lower.endswith((".jsonl", ".json", ".ndjson")):
         return "jsonl"
-    raise QueryInputError(f"{path}: unknown file type (use .jsonl or .parquet)")
+    raise QueryInputError(f"{what}{path}: unknown file type (use .jsonl or .parquet)")
+
+
+def check_writable(path: str, what: str, *, folder: bool = False) -> None:
+    """Fail before any work when ``path`` cannot be written: a local path only, not an existing
+    folder (a file for ``folder=True``), under a folder that exists or can be made, and writable."""
+    if not is_local_uri(path):
+        raise QueryInputError(f"{what}{path}: results are written to a local path")
+    target = local_path(path)
+    if os.path.isdir(target) and not folder:
+        raise QueryInputError(f"{what}{path}: is a folder (give a file name such as results.parquet)")
+    if os.path.exists(target) and not os.path.isdir(target) and folder:
+        raise QueryInputError(f"{what}{path}: is a file, not a folder")
+    parent = target if folder else os.path.dirname(target)
+    while not os.path.exists(parent):  # the nearest existing ancestor decides
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise QueryInputError(f"{what}{path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise QueryInputError(f"{what}{path}: {parent} is not writable")
+
+
+def check_results_path(path: str) -> None:
+    """A results file path: a known extension and writable (checked before the job runs)."""
+    _file_format(path, "--out ")
+    check_writable(path, "--out ")
 
 
 def _absent(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+def _media(key: str, value: Any, where: str, base_uri: str) -> str | None:
+    """An image/video reference resolved like ``qvl query --image`` (one path or URI; blank: absent)."""
+    if not isinstance(value, str):
+        what = "a list" if isinstance(value, (list, tuple)) else f"a {type(value).__name__}"
+        raise QueryInputError(f"{where}: {key!r} must be one path or URI (a string), got {what}")
+    value = value.strip()
+    return normalise_source_uri(value, base_uri) if value else None
+
+
 def parse_query_row(raw: Any, where: str, base_uri: str) -> QueryRow:
     """Validate one query record; relative image/video paths are taken from the queries file's folder."""
-    from operators.media.manifest import resolve_uri
-
     if not isinstance(raw, Mapping):
         raise QueryInputError(f"{where}: a query row must be an object, got {type(raw).__name__}")
     qid = raw.get("id")
     if _absent(qid) or isinstance(qid, bool) or not str(qid).strip():
         raise QueryInputError(f"{where}: missing 'id'")
+    where = f"{where} (id {qid})"
     query: dict[str, Any] = {}
     for key in QUERY_FIELDS:
         value = raw.get(key)
         if _absent(value):
             continue
-        if key in ("image", "video") and isinstance(value, str):
-            value = resolve_uri(value.strip(), base_uri)
+        if key in ("image", "video"):
+            value = _media(key, value, where, base_uri)
+            if value is None:
+                continue
+        elif key == "text" and not isinstance(value, str):
+            raise QueryInputError(f"{where}: 'text' must be a string, got {type(value).__name__}")
+        elif key in _NUMBER_FIELDS and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise QueryInputError(f"{where}: {key!r} must be a number, got {type(value).__name__}")
         query[key] = value
     if not any(query.get(k) for k in ("text", "image", "video")):
-        raise QueryInputError(f"{where} (id {qid}): the query has no text, image or video")
+        raise QueryInputError(f"{where}: the query has no text, image or video")
     instruction = raw.get("instruction")
+    if not _absent(instruction) and not isinstance(instruction, str):
+        raise QueryInputError(f"{where}: 'instruction' must be a string, got {type(instruction).__name__}")
     filters = raw.get("filters")
     if isinstance(filters, str):
-        filters = json.loads(filters) if filters.strip() else None
+        try:
+            filters = json.loads(filters) if filters.strip() else None
+        except json.JSONDecodeError as exc:
+            raise QueryInputError(f"{where}: 'filters' is not valid JSON: {exc.msg}") from None
     if _absent(filters):
         filters = None
     if filters is not None and not isinstance(filters, Mapping):
-        raise QueryInputError(f"{where} (id {qid}): 'filters' must be an object")
+        raise QueryInputError(f"{where}: 'filters' must be an object")
     if filters is not None:
         filters = {k: v for k, v in filters.items() if not _absent(v)}  # Parquet structs fill gaps with nulls
-    return QueryRow(str(qid), query, None if _absent(instruction) else str(instruction),
+    # "" is kept: an empty instruction is given (as with `qvl query --instruction ""`), None is the default.
+    return QueryRow(str(qid), query, None if _absent(instruction) else instruction,
                     dict(filters) if filters else None)
+
+
+def decode_text(data: bytes, path: str) -> str:
+    """A text file's UTF-8 content (a BOM dropped), or a QueryInputError naming the line of the first bad byte."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise QueryInputError(f"{path} line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x})") from None
 
 
 def read_queries(path: str, storage_options: dict[str, Any] | None = None) -> list[QueryRow]:
@@ -87,21 +145,27 @@ def read_queries(path: str, storage_options: dict[str, Any] | None = None) -> li
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        records = list(enumerate(pq.read_table(io.BytesIO(data)).to_pylist(), start=1))
+        try:
+            table = pq.read_table(io.BytesIO(data))
+        except Exception as exc:  # a truncated or non-Parquet file
+            raise QueryInputError(f"{path}: not a readable Parquet file: {exc}") from None
+        records = list(enumerate(table.to_pylist(), start=1))
     else:
         records = []
-        for n, line in enumerate(data.decode("utf-8-sig").splitlines(), start=1):
+        # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends, which are not line ends here.
+        for n, line in enumerate(decode_text(data, path).split("\n"), start=1):
             if line.strip():
                 try:
                     records.append((n, json.loads(line)))
                 except json.JSONDecodeError as exc:
                     raise QueryInputError(f"{path} line {n}: invalid JSON: {exc.msg}") from None
-    seen: set[str] = set()
+    unit = "row" if fmt == "parquet" else "line"
+    seen: dict[str, int] = {}
     for n, raw in records:
-        row = parse_query_row(raw, f"{path} {'row' if fmt == 'parquet' else 'line'} {n}", base)
+        row = parse_query_row(raw, f"{path} {unit} {n}", base)
         if row.id in seen:
-            raise QueryInputError(f"{path}: duplicate query id {row.id!r}")
-        seen.add(row.id)
+            raise QueryInputError(f"{path} {unit} {n}: duplicate query id {row.id!r} (first on {unit} {seen[row.id]})")
+        seen[row.id] = n
         rows.append(row)
     if not rows:
         raise QueryInputError(f"{path}: no queries")
@@ -114,7 +178,9 @@ _HIT_FIELDS = ("rank", "point_id", "source_uri", "modality", "position", "vector
 def write_results(path: str, results: Sequence[Mapping[str, Any]]) -> None:
     """Write batch results (id, hits, skipped, error) as JSONL or Parquet (payloads as JSON strings there)."""
     fmt = _file_format(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    check_writable(path, "")
+    path = local_path(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     if fmt == "jsonl":
         with open(path, "w", encoding="utf-8") as fh:
             for r in results:

@@ -74,3 +74,34 @@ def test_parse_qrels_header_ids_and_errors():
         parse_qrels("query-id\tcorpus-id\tscore\nq1 d1 1\n")
     with pytest.raises(ValueError, match="line 3: score 'high'"):
         parse_qrels("query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td2\thigh\n")
+
+
+@pytest.mark.parametrize("score", ["nan", "inf", "-inf", "NaN"])
+def test_parse_qrels_rejects_non_finite_grades(score):
+    with pytest.raises(ValueError, match=rf"qrels\.tsv line 3: score '{score}' is not a finite number"):
+        parse_qrels(f"query-id\tcorpus-id\tscore\nq1\td1#image\t1\nq1\td2#image\t{score}\n", "qrels.tsv")
+
+
+def test_qrels_corpus_ids_are_normalised_like_source_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    base = str(tmp_path / "eval" / "qrels.tsv")
+    doc = tmp_path / "eval" / "data" / "a.png"
+    want = point_id(str(doc), "image")
+    # a relative path is taken from the qrels file's folder; file:// URIs, "~" and ".." are resolved
+    for cid in ("data/a.png#image", f"file://{doc}#image", f"{doc}#image", f"{tmp_path}/eval/x/../data/a.png#image",
+                "./data/a.png#image"):
+        assert normalise_corpus_id(cid, base) == want, cid
+    assert normalise_corpus_id("~/b.txt#chunk=0", base) == point_id(str(tmp_path / "home/b.txt"), "chunk=0")
+    monkeypatch.chdir(tmp_path)
+    assert normalise_corpus_id("data/a.png#image") == point_id(str(tmp_path / "data/a.png"), "image")  # no base: CWD
+    # remote URIs are left alone, or taken from a remote qrels file's folder when relative
+    assert normalise_corpus_id("s3://b/x.pdf#page=2", base) == point_id("s3://b/x.pdf", "page=2")
+    assert normalise_corpus_id("d/x.pdf#page=2", "s3://b/eval/q.tsv") == point_id("s3://b/eval/d/x.pdf", "page=2")
+    # a record id may hold "#"; the path is the part before the first "#record="
+    assert normalise_corpus_id("m.jsonl#record=a#b", base) == point_id(str(tmp_path / "eval/m.jsonl"), "record=a#b")
+    assert normalise_corpus_id("data/v.mp4#t=0.000-30.000", base) == \
+        point_id(str(tmp_path / "eval/data/v.mp4"), "t=0.000-30.000")
+    names = {}
+    qrels = parse_qrels("q\tdata/a.png#image\t1\nq\tnot-a-doc\t1\n", "qrels.tsv", base=base, names=names)
+    assert qrels == {"q": {want: 1.0, normalise_corpus_id("not-a-doc"): 1.0}}
+    assert names[want] == f"{doc}#image" and names[normalise_corpus_id("not-a-doc")] == "not-a-doc"

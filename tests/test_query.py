@@ -363,18 +363,20 @@ def test_query_batch_equals_single_queries(world, embedder, reranker, tmp_path, 
             {"id": "b", "image": str(src / "images/red.png"), "filters": {"modality": ["image", "mixed"]}},
             {"id": "c", "text": "violin strings", "instruction": DOC_INSTRUCTION,
              "filters": {"source_prefix": str(src / "texts")}},
+            # "" is a given, empty instruction (as `qvl query --instruction ""`), not the configured default
+            {"id": "e", "text": "violin strings", "instruction": ""},
             {"id": "d", "image": "missing.png"}]
     queries = tmp_path / "queries.jsonl"
     queries.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out.parquet"
     assert qvl(["query-batch", world["yaml"], "--queries", str(queries), "--out", str(out),
                 "--top-k", "6", "--top-n", "3"]) == 0
-    assert "4 queries, 1 failed" in capsys.readouterr().out
+    assert "5 queries, 1 failed" in capsys.readouterr().out
     batch = read_results(str(out))
-    assert [r["id"] for r in batch] == ["a", "b", "c", "d"]
-    assert "missing.png" in batch[3]["error"] and batch[3]["hits"] == []
+    assert [r["id"] for r in batch] == ["a", "b", "c", "e", "d"]
+    assert "missing.png" in batch[4]["error"] and batch[4]["hits"] == []
     with open_engine(world, embedder, reranker) as engine:
-        for row, got in zip(read_queries(str(queries))[:3], batch[:3]):
+        for row, got in zip(read_queries(str(queries))[:4], batch[:4]):
             want = engine.search(row.query, instruction=row.instruction, filters=row.filters, top_k=6, top_n=3)
             assert got["error"] is None and len(got["hits"]) == len(want.hits) == 3
             for g, w in zip(got["hits"], want.hits):
@@ -383,6 +385,62 @@ def test_query_batch_equals_single_queries(world, embedder, reranker, tmp_path, 
                 assert g["rerank_score"] == pytest.approx(w.rerank_score, abs=1e-5)
                 assert g["payload"] == w.payload
             assert [s["point_id"] for s in got["skipped"]] == [s.point_id for s in want.skipped]
+        default = engine.search({"text": "violin strings"}, top_k=6, rerank=False)
+    # the same row through `qvl query --instruction ""`; and "" really differs from the default
+    assert qvl(["query", world["yaml"], "--text", "violin strings", "--instruction", "", "--top-k", "6",
+                "--top-n", "3", "--json"]) == 0
+    cli = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"kind": "hit"' in line]
+    assert [(h["point_id"], h["rank"]) for h in cli] == [(h["point_id"], h["rank"]) for h in batch[3]["hits"]]
+    for c, g in zip(cli, batch[3]["hits"]):
+        assert c["vector_score"] == pytest.approx(g["vector_score"], abs=1e-5)
+    by_id = {h.point_id: h.vector_score for h in default.hits}
+    assert any(abs(by_id[h["point_id"]] - h["vector_score"]) > 1e-4 for h in batch[3]["hits"] if h["point_id"] in by_id)
+
+
+def test_bad_output_paths_fail_before_any_work(world, tmp_path, capsys):
+    queries = tmp_path / "q.jsonl"
+    queries.write_text('{"id": "1", "text": "x"}\n')
+    qrels = tmp_path / "qrels.tsv"
+    qrels.write_text("q\td#image\t1\n")
+    (tmp_path / "adir.parquet").mkdir()
+    (tmp_path / "afile").write_text("keep")
+    # The collection does not exist: a check that ran after the work would report that instead.
+    nope = ["--set", "qdrant.collection=nope"]
+    batch = ["query-batch", world["yaml"], "--queries", str(queries), *nope, "--out"]
+    for out, message in [(tmp_path / "res.csv", "res.csv: unknown file type"),
+                         (tmp_path / "adir.parquet", "adir.parquet: is a folder"),
+                         (tmp_path / "afile" / "r.jsonl", "afile is a file, not a folder")]:
+        assert qvl([*batch, str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {out}") and message in err and "nope" not in err, err
+    assert qvl(["eval", world["yaml"], "--queries", str(queries), "--qrels", str(qrels), *nope,
+                "--out", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: --out {tmp_path / 'afile'}: is a file, not a folder"
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
+def test_missing_store_is_not_created(world, tmp_path, capsys):
+    gone = tmp_path / "no-store"
+    assert qvl(["query", world["yaml"], "--text", "x", "--set", f"qdrant.path={gone}"]) == 2
+    assert f"embedded store {gone} (qdrant.path) does not exist" in capsys.readouterr().err
+    queries = tmp_path / "q.jsonl"
+    queries.write_text('{"id": "1", "text": "x"}\n')
+    assert qvl(["query-batch", world["yaml"], "--queries", str(queries), "--out", str(tmp_path / "o.jsonl"),
+                "--set", f"qdrant.path={gone}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not gone.exists()
+
+
+def test_top_k_that_is_not_a_number_is_a_readable_error(world, capsys):
+    with pytest.raises(SystemExit) as exc:
+        qvl(["query", world["yaml"], "--text", "x", "--top-k", "abc"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --top-k: expected a positive integer, got 'abc'" in err and "_positive" not in err
+    with pytest.raises(SystemExit):
+        qvl(["eval", world["yaml"], "--queries", "q", "--qrels", "r", "--top-k", "0"])
+    assert "argument --top-k: expected a positive integer, got 0" in capsys.readouterr().err
 
 
 # -- eval ------------------------------------------------------------------------------------
@@ -435,3 +493,80 @@ def test_eval_metrics_equal_hand_computed_values(world, embedder, reranker, tmp_
     assert reranked["mrr@10"] == pytest.approx((1 / rank1 + 1 / rank2) / 3)
     dcg2 = 2 / math.log2(rank2 + 1)
     assert reranked["ndcg@10"] == pytest.approx((1 / math.log2(rank1 + 1) + dcg2 / (2 + 1 / math.log2(3))) / 3)
+
+
+def test_eval_failed_queries_normalised_qrels_and_top_k_cutoffs(world, tmp_path, capsys):
+    text_unit = _unit(world, "text", uri_part="violins")
+    doc = Path(text_unit.object_uri)
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    queries = folder / "queries.jsonl"
+    queries.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "abs", "text": text_unit.text, "instruction": DOC_INSTRUCTION},
+        {"id": "rel", "text": text_unit.text, "instruction": DOC_INSTRUCTION},
+        {"id": "uri", "text": text_unit.text, "instruction": DOC_INSTRUCTION},
+        {"id": "bad", "image": "nope.png"},
+        {"id": "ghost", "text": "no such document"}]))
+    # One document named three ways: absolute, relative to the qrels file's folder, file:// URI.
+    qrels = folder / "qrels.tsv"
+    qrels.write_text("query-id\tcorpus-id\tscore\n"
+                     f"abs\t{doc}#chunk=0\t1\n"
+                     f"rel\t{os.path.relpath(doc, folder)}#chunk=0\t1\n"
+                     f"uri\tfile://{doc}#chunk=0\t1\n"
+                     f"bad\t{doc}#chunk=0\t1\n"
+                     "ghost\tghost/nowhere.txt#chunk=0\t1\n")
+    out = tmp_path / "out"
+    assert qvl(["eval", world["yaml"], "--queries", str(queries), "--qrels", str(qrels), "--out", str(out),
+                "--top-k", "10"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads((out / "eval.json").read_text())
+    # the failed query is named, reported and left out of the means; the others are scored
+    assert list(report["failed"]) == ["bad"] and "nope.png" in report["failed"]["bad"]
+    assert "query bad:" in captured.err and "nope.png" in captured.err
+    assert report["queries"] == 4 and report["queries_failed"] == 1
+    assert "4 judged queries (1 more failed), top_k=10" in captured.out
+    for system in ("vector", "funnel", "funnel+rerank"):
+        per = report["per_query"][system]
+        assert set(per) == {"abs", "rel", "uri", "ghost"}
+        assert per["rel"] == per["uri"] == per["abs"], system
+        assert per["ghost"]["recall@10"] == 0.0
+    assert report["per_query"]["vector"]["abs"] == {"ndcg@10": 1.0, "recall@10": 1.0, "mrr@10": 1.0}
+    # Recall@100 is cut deeper than top_k=10: left out, with a note
+    assert report["metrics"] == ["ndcg@10", "recall@10", "mrr@10"] and "Recall@100" not in captured.out.split("\n")[0]
+    notes = "\n".join(report["notes"])
+    assert "Recall@100 left out: cut deeper than top_k=10" in notes
+    assert "1 of 5 judged queries failed and are left out of the means" in notes
+    # the judged document the collection lacks is counted, named as resolved from the qrels file's folder
+    assert report["documents_not_in_collection"] == 1
+    assert "1 of 2 relevant judged documents are not in collection 'media'" in notes
+    assert f"(e.g. {folder}/ghost/nowhere.txt#chunk=0)" in notes
+
+    # every judged query failing is an error naming them; nothing is written
+    only_bad = folder / "bad.tsv"
+    only_bad.write_text(f"bad\t{doc}#chunk=0\t1\n")
+    assert qvl(["eval", world["yaml"], "--queries", str(queries), "--qrels", str(only_bad), "--out",
+                str(tmp_path / "failed")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: every judged query failed (1): query bad: ") and "nope.png" in err
+    assert not (tmp_path / "failed").exists()
+
+
+@pytest.mark.parametrize("body, message", [
+    ("", "no judgements"),
+    ("query-id\tcorpus-id\tscore\n", "no judgements"),
+    ("query-id\tcorpus-id\tscore\nzz\td#image\t1\nyy\td#image\t2\n",
+     "none of its 2 judged query ids is in the queries file (e.g. 'yy')"),
+    ("q1\td#image\t0\nq1\te#image\t-1\n", "no query of the queries file has a relevant document (grade > 0)"),
+    ("q1\td#image\tnan\n", "line 1: score 'nan' is not a finite number"),
+    (b"q1\td#image\t1\nq1\tcaf\xe9#image\t1\n", r"line 2: not UTF-8 text"),
+])
+def test_eval_without_judged_queries_is_an_input_error(world, tmp_path, capsys, body, message):
+    queries = tmp_path / "q.jsonl"
+    queries.write_text('{"id": "q1", "text": "x"}\n')
+    qrels = tmp_path / "qrels.tsv"
+    qrels.write_bytes(body if isinstance(body, bytes) else body.encode())
+    assert qvl(["eval", world["yaml"], "--queries", str(queries), "--qrels", str(qrels), "--out",
+                str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {qrels}") and message in err, err
+    assert not (tmp_path / "out").exists()

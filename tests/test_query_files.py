@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.query import QueryInputError
-from pipelines.query_files import read_queries, read_results, write_results
+from pipelines.query_files import check_results_path, read_queries, read_results, write_results
 
 
 def test_query_and_result_files_round_trip(tmp_path):
@@ -64,3 +64,60 @@ def test_queries_file_on_s3_resolves_relative_media_there(moto_s3):
     assert [(r.id, r.query, r.instruction, r.filters) for r in rows] == [
         ("a", {"image": "s3://queries/eval/img/cat.png"}, "Find it", None),
         ("b", {"text": "dogs"}, None, {"modality": "text"})]
+
+
+@pytest.mark.parametrize("body, message", [
+    ('{"id": 1, "text": "a"}\n{"id": 2, "text": "a", "filters": "{bad"}\n',
+     r"q\.jsonl line 2 \(id 2\): 'filters' is not valid JSON"),
+    ('{"id": 1, "text": 5}\n', r"q\.jsonl line 1 \(id 1\): 'text' must be a string, got int"),
+    ('{"id": 1, "text": {"a": 1}}\n', r"line 1 \(id 1\): 'text' must be a string, got dict"),
+    ('{"id": 1, "image": 123}\n', r"line 1 \(id 1\): 'image' must be one path or URI \(a string\), got a int"),
+    ('{"id": 1, "image": ["a.png", "b.png"]}\n', r"line 1 \(id 1\): 'image' must be one path or URI .*got a list"),
+    ('{"id": 1, "video": "v.mp4", "video_start": "5"}\n', r"line 1 \(id 1\): 'video_start' must be a number"),
+    ('{"id": 1, "text": "a", "instruction": 5}\n', r"line 1 \(id 1\): 'instruction' must be a string, got int"),
+    ('{"id": 1, "text": "a"}\n{"id": 2, "text": "b"}\n{"id": "1", "text": "c"}\n',
+     r"q\.jsonl line 3: duplicate query id '1' \(first on line 1\)"),
+])
+def test_bad_query_values_name_file_line_and_id(tmp_path, body, message):
+    (tmp_path / "q.jsonl").write_text(body)
+    with pytest.raises(QueryInputError, match=message):
+        read_queries(str(tmp_path / "q.jsonl"))
+
+
+def test_non_utf8_and_corrupt_files_name_the_file(tmp_path):
+    (tmp_path / "q.jsonl").write_bytes(b'{"id": 1, "text": "a"}\n{"id": 2, "text": "caf\xe9"}\n')
+    with pytest.raises(QueryInputError, match=r"q\.jsonl line 2: not UTF-8 text \(byte 0xe9\)"):
+        read_queries(str(tmp_path / "q.jsonl"))
+    (tmp_path / "q.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(QueryInputError, match=r"q\.parquet: not a readable Parquet file"):
+        read_queries(str(tmp_path / "q.parquet"))
+
+
+def test_media_paths_resolved_like_qvl_query(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "q.jsonl").write_text(
+        '{"id": "t", "image": "~/x.png"}\n'
+        f'{{"id": "f", "image": "file://{tmp_path}/img/y.png", "video": "  "}}\n'
+        '{"id": "r", "video": "../v.mp4", "text": "", "instruction": ""}\n'
+        '{"id": "s", "image": "s3://b/z.png", "text": "\\u2028 one line"}\n')
+    rows = read_queries(str(tmp_path / "q.jsonl"))
+    assert [r.query for r in rows] == [{"image": str(tmp_path / "home/x.png")},
+                                       {"image": str(tmp_path / "img/y.png")},  # a blank video is no video
+                                       {"video": str(tmp_path.parent / "v.mp4"), "text": ""},
+                                       {"image": "s3://b/z.png", "text": "\u2028 one line"}]
+    # "" is a given (empty) instruction, as with `qvl query --instruction ""`; absent is the default
+    assert [r.instruction for r in rows] == [None, None, "", None]
+
+
+def test_results_path_is_checked_before_any_work(tmp_path):
+    (tmp_path / "adir.jsonl").mkdir()
+    (tmp_path / "afile").write_text("x")
+    for path, message in [(tmp_path / "res.csv", r"--out .*res\.csv: unknown file type"),
+                          (tmp_path / "adir.jsonl", r"--out .*adir\.jsonl: is a folder"),
+                          (tmp_path / "afile" / "r.jsonl", r"--out .*afile/r\.jsonl: .*afile is a file, not a folder")]:
+        with pytest.raises(QueryInputError, match=message):
+            check_results_path(str(path))
+    check_results_path(str(tmp_path / "new" / "deeper" / "r.parquet"))  # folders that can be made are fine
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+    with pytest.raises(QueryInputError, match="written to a local path"):
+        check_results_path("s3://bucket/r.parquet")
