@@ -22,6 +22,7 @@ content as a stored unit gets exactly that unit's vector. The reranker uses
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import time
@@ -200,11 +201,51 @@ def resolve_instruction(query: Mapping[str, Any], instruction: str | None, defau
     return own if isinstance(own, str) else default
 
 
-def embed_queries(embedder: Any, contents: Sequence[Mapping[str, Any]],
-                  instructions: Sequence[str]) -> list[np.ndarray | str]:
+def oversized_image(content: Mapping[str, Any], max_pixels: int,
+                    storage_options: Mapping[str, Any] | None = None) -> str | None:
+    """Why a query's image is over ``limits.max_image_pixels``, from its header alone; None if it is not.
+
+    The same decompression-bomb guard as ingestion's: a query image is decoded in full by the
+    embedder (and by every reranker pair), so a huge one must be refused before that.
+    """
+    import fsspec
+    from PIL import Image
+
+    image = content.get("image")
+    if isinstance(image, (bytes, bytearray)):
+        opener: Any = lambda: io.BytesIO(bytes(image))  # noqa: E731
+    elif isinstance(image, str) and not image.startswith(("http://", "https://", "data:")):
+        path = local_path(image) if is_local_uri(image) else image
+        opener = lambda: fsspec.open(path, "rb", **dict(storage_options or {})).open()  # noqa: E731
+    else:
+        return None  # a PIL image is decoded already; URLs are read by qwen-vl-utils
+    try:
+        with opener() as fh, Image.open(fh) as img:
+            width, height = img.size
+    except Exception:
+        return None  # unreadable: the embedder names the reason
+    if width * height > max_pixels:
+        return (f"image is {width}x{height} = {width * height} pixels, over limits.max_image_pixels="
+                f"{max_pixels} (decompression-bomb guard)")
+    return None
+
+
+def embed_queries(embedder: Any, contents: Sequence[Mapping[str, Any]], instructions: Sequence[str],
+                  max_image_pixels: int | None = None,
+                  storage_options: Mapping[str, Any] | None = None) -> list[np.ndarray | str]:
     """Raw (un-normalised) pooled vectors of queries, or the error of each query that fails."""
-    inputs = [{**c, "instruction": i} for c, i in zip(contents, instructions)]
-    return [r.vector if r.ok else (r.error or "unknown error") for r in embedder.embed(inputs, normalize=False)]
+    out: list[np.ndarray | str] = [""] * len(contents)
+    live = []
+    for i, content in enumerate(contents):
+        too_large = oversized_image(content, max_image_pixels, storage_options) if max_image_pixels else None
+        if too_large:
+            out[i] = too_large
+        else:
+            live.append(i)
+    inputs = [{**contents[i], "instruction": instructions[i]} for i in live]
+    for i, r in zip(live, embedder.embed(inputs, normalize=False) if inputs else []):
+        out[i] = r.vector if r.ok else (r.error or "unknown error")
+    return out
 
 
 def query_vectors(raw: np.ndarray, layout: CollectionLayout) -> dict[str, list[float]]:
@@ -478,7 +519,8 @@ class QueryEngine:
         """The query's named vectors (full, and the smallest MRL one when the collection has them)."""
         content = query_content(query)
         instr = resolve_instruction(query, instruction, self.cfg.query.instruction)
-        out = embed_queries(self.embedder, [content], [instr])[0]
+        out = embed_queries(self.embedder, [content], [instr], self.cfg.limits.max_image_pixels,
+                            self.cfg.source.storage_options)[0]
         if isinstance(out, str):
             raise QueryInputError(f"the query cannot be embedded: {out}")
         return query_vectors(out, self.layout)

@@ -71,6 +71,15 @@ def _absent(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+def _is_unicode(text: str) -> bool:
+    """False for a string holding lone surrogates (JSON may escape them; no tokenizer takes them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _media(key: str, value: Any, where: str, base_uri: str) -> str | None:
     """An image/video reference resolved like ``qvl query --image`` (one path or URI; blank: absent)."""
     if not isinstance(value, str):
@@ -99,6 +108,9 @@ def parse_query_row(raw: Any, where: str, base_uri: str) -> QueryRow:
                 continue
         elif key == "text" and not isinstance(value, str):
             raise QueryInputError(f"{where}: 'text' must be a string, got {type(value).__name__}")
+        elif key == "text" and not _is_unicode(value):
+            raise QueryInputError(f"{where}: 'text' holds a lone surrogate escape (\\ud800-\\udfff): "
+                                  "not valid Unicode text")
         elif key in _NUMBER_FIELDS and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise QueryInputError(f"{where}: {key!r} must be a number, got {type(value).__name__}")
         query[key] = value

@@ -21,6 +21,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
@@ -395,6 +396,29 @@ def test_query_batch_equals_single_queries(world, embedder, reranker, tmp_path, 
         assert c["vector_score"] == pytest.approx(g["vector_score"], abs=1e-5)
     by_id = {h.point_id: h.vector_score for h in default.hits}
     assert any(abs(by_id[h["point_id"]] - h["vector_score"]) > 1e-4 for h in batch[3]["hits"] if h["point_id"] in by_id)
+
+
+def test_query_images_over_the_pixel_limit_are_refused_before_decoding(world, embedder, tmp_path):
+    from pipelines.query import embed_queries
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (80, 60)).save(big)  # 4,800 pixels; the corpus's red.png has 4,096
+    cfg = world["cfg"]
+    small_limit = cfg.model_copy(update={"limits": cfg.limits.model_copy(update={"max_image_pixels": 4096})})
+    engine = QueryEngine(small_limit, embedder=embedder, with_reranker=False)
+    try:
+        with pytest.raises(QueryInputError, match=r"80x60 = 4800 pixels, over limits.max_image_pixels=4096"):
+            engine.embed({"image": str(big)})
+        assert engine.embed({"image": str(world["src"] / "images/red.png")})  # under the limit: embedded
+    finally:
+        engine.close()
+    # A batch: the oversized query fails alone, the others are embedded as without a limit.
+    contents = [{"image": big.read_bytes()}, {"text": "Apples grow on trees"}, {"image": str(big)}]
+    out = embed_queries(embedder, contents, ["q"] * 3, 2000)
+    assert isinstance(out[0], str) and "over limits.max_image_pixels=2000" in out[0]
+    assert isinstance(out[2], str) and "over limits.max_image_pixels=2000" in out[2]
+    unlimited = embed_queries(embedder, contents, ["q"] * 3)
+    assert np.allclose(out[1], unlimited[1], atol=1e-5) and not isinstance(unlimited[0], str)
 
 
 def test_bad_output_paths_fail_before_any_work(world, tmp_path, capsys):
