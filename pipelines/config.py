@@ -789,9 +789,10 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
             value = yaml.load(text, Loader=_UniqueKeyLoader) if text.strip() else None
         except yaml.YAMLError as exc:
             if not takes_str:
+                hint = "; quote glob patterns such as '*.jpg'" if "*" in text else ""  # YAML reads *x as an alias
                 raise ConfigError(
-                    f"override '{key}': value is not valid YAML ({getattr(exc, 'problem', None) or 'syntax error'}; "
-                    "quote glob patterns such as '*.jpg')"
+                    f"override '{key}': value is not valid YAML ({getattr(exc, 'problem', None) or 'syntax error'}"
+                    f"{hint})"
                 ) from None
             value = text.strip()
         if takes_str and value is not None and not isinstance(value, str):

@@ -385,6 +385,8 @@ def test_override_empty_list_and_section():
         ("prune", "expected dotted.key=value"),
         ("=3", "expected dotted.key=value"),
         ("source.include=[*.jpg]", "override 'source.include': value is not valid YAML"),
+        ("source.include=[*.jpg]", "quote glob patterns such as '*.jpg'"),
+        ("source.storage_options={key: ${K}, secret: [}", "override 'source.storage_options': value is not valid YAML"),
     ],
 )
 def test_bad_overrides(override, expected):
@@ -392,6 +394,8 @@ def test_bad_overrides(override, expected):
         load_config(CONFIGS / "local.yaml", [override])
     assert f"config {CONFIGS / 'local.yaml'}: " in str(ei.value)
     assert expected in str(ei.value)
+    if "*" not in override:  # the glob hint only where a '*' is the likely culprit
+        assert "glob" not in str(ei.value)
 
 
 def test_override_value_validated_and_not_echoed_for_secrets():
