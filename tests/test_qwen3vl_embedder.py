@@ -272,3 +272,33 @@ def test_positions_are_what_the_model_uses(embedder, media):
     finally:
         del embedder.prepare
     assert (good - bad).abs().max() > 1e-3
+
+
+def test_an_unsupported_video_fails_its_item_instead_of_vanishing(embedder, media):
+    # A video the reader cannot take used to be dropped, so the item was embedded as "NULL" (or
+    # as its text alone): a wrong vector with no error. The reference raises for it too.
+    inputs = [{"video": media["video"]}, {"video": media["video"].read_bytes(), "text": "caption"}, {"video": 42},
+              {"video": [str(media["video"]), 3]}, {"video": str(media["video"])}]
+    results = embedder.embed(inputs)
+    assert [r.ok for r in results] == [False, False, False, False, True]
+    assert "unsupported video type PosixPath" in results[0].error
+    assert "unsupported video type bytes" in results[1].error
+    assert "unsupported video type int" in results[2].error
+    assert "in a list of videos" in results[3].error
+
+
+def test_api_guards(tiny_embedding_ckpt):
+    import numpy as np
+
+    with pytest.raises(ValueError, match="dtype or torch_dtype, not both"):
+        Qwen3VLEmbedder(str(tiny_embedding_ckpt), dtype="float32", torch_dtype=torch.bfloat16)
+    # transformers' older keyword is honoured, not overridden by our default dtype
+    with Qwen3VLEmbedder(str(tiny_embedding_ckpt), torch_dtype=torch.bfloat16) as emb:
+        assert emb.model.dtype == torch.bfloat16
+        assert emb.process([{"text": "a"}], dim=np.int64(16)).shape == (1, 16)
+        with pytest.raises(TypeError, match="got one dict: wrap it in a list"):
+            emb.process({"text": "a"})
+        with pytest.raises(TypeError):
+            emb.process([{"text": "a"}], 16)  # flags are keywords: 16 must not become normalize=16
+    with pytest.raises(RuntimeError, match="Qwen3VLEmbedder is closed"):
+        emb.embed([{"text": "a"}])

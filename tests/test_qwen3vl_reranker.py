@@ -165,3 +165,13 @@ def test_a_query_image_is_read_once_per_score_call(tiny_reranker_ckpt, media, mo
         assert first == second
     finally:
         rr.close()
+
+
+def test_documents_and_queries_of_the_wrong_shape_are_named(reranker):
+    with pytest.raises(TypeError, match="documents must be a list of dicts, got one dict"):
+        reranker.score({"text": "q"}, {"text": "one document"})
+    with pytest.raises(TypeError, match="query must be a dict"):
+        reranker.score("q", [{"text": "d"}])
+    results = reranker.score({"text": "q"}, ["a bare string", {"text": "a document"}])
+    assert not results[0].ok and "a document must be a dict" in results[0].error
+    assert results[1].ok

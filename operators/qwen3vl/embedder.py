@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from .formatting import DEFAULT_EMBED_INSTRUCTION, VisionSettings, embed_convers
 from .loading import Qwen3VLForEmbedding
 from .preprocess import (InputError, Prepared, collate, describe_error, growing_windows, render_prompt,
                          resolve_sources, run_processor, token_budget_batches)
-from .runner import Qwen3VLRunner
+from .runner import Qwen3VLRunner, check_inputs
 
 
 @dataclass
@@ -58,9 +59,9 @@ def reduce_dim(vectors: torch.Tensor | np.ndarray, dim: int | None, normalize: b
     is_numpy = isinstance(vectors, np.ndarray)
     t = torch.from_numpy(vectors) if is_numpy else vectors
     if dim is not None:
-        if not isinstance(dim, int) or isinstance(dim, bool) or not 1 <= dim <= t.shape[-1]:
+        if not isinstance(dim, numbers.Integral) or isinstance(dim, bool) or not 1 <= dim <= t.shape[-1]:
             raise ValueError(f"dim must be an integer in 1..{t.shape[-1]} (the model's hidden size), got {dim!r}")
-        t = t[..., :dim]
+        t = t[..., :int(dim)]  # numpy integers too (dims read from arrays or configs)
     if normalize:
         t = F.normalize(t.float(), p=2, dim=-1)
     return t.numpy() if is_numpy else t
@@ -150,7 +151,7 @@ class Qwen3VLEmbedder(Qwen3VLRunner):
                 r.vector = next(host)
         self.stats.add(forward_s=time.perf_counter() - t0)
 
-    def embed(self, inputs: Sequence[dict[str, Any]], normalize: bool = True,
+    def embed(self, inputs: Sequence[dict[str, Any]], *, normalize: bool = True,
               dim: int | None = None, window: int = 256, first_window: int | None = None) -> list[EmbedResult]:
         """Per input, its vector or its error, in input order; batches cut by token budget.
 
@@ -160,7 +161,7 @@ class Qwen3VLEmbedder(Qwen3VLRunner):
         """
         if dim is not None:
             reduce_dim(torch.zeros(1, self.hidden_size), dim)  # validate before any work
-        inputs = list(inputs)
+        inputs = list(check_inputs(inputs, "inputs"))
         results = [EmbedResult(i) for i in range(len(inputs))]
         if first_window is None:
             first_window = 32 if self.device.type == "cuda" else window
@@ -192,7 +193,7 @@ class Qwen3VLEmbedder(Qwen3VLRunner):
         self._store(launched, dim, normalize)
         return results
 
-    def process(self, inputs: Sequence[dict[str, Any]], normalize: bool = True,
+    def process(self, inputs: Sequence[dict[str, Any]], *, normalize: bool = True,
                 dim: int | None = None) -> torch.Tensor:
         """Embeddings (n, d) as float32; raises InputError naming the first failing input."""
         results = self.embed(inputs, normalize=normalize, dim=dim)

@@ -71,11 +71,18 @@ def split_videos(video: Any) -> list:
         return []
     if isinstance(video, str):
         return [video]
-    if isinstance(video, (list, tuple)) and video:
+    if isinstance(video, (list, tuple)):
+        if not video:
+            return []
         if _is_frame(video[0]):
             return [list(video)]
+        for one in video:
+            if not isinstance(one, (str, list, tuple)):
+                raise TypeError(f"unsupported video type {type(one).__name__} in a list of videos: "
+                                "each is a path/URI string or a list of frames")
         return list(video)
-    return []
+    # The reference raises too ("Unrecognized video type"); dropping it would embed the rest alone.
+    raise TypeError(f"unsupported video type {type(video).__name__}: give a path/URI string or a list of frames")
 
 
 def sample_frames(frames: list, max_frames: int) -> list:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, replace
-from typing import Any, Hashable, Sequence
+from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from .loading import ModelLoadError, resolve_device
 from .preprocess import (InputError, Prepared, VisionCache, cached_image, collate, describe_error, growing_windows,
                          joined, render_prompt, resolve_sources, rope_positions, run_processor,
                          run_processor_cached, same_tensor, token_budget_batches)
-from .runner import Qwen3VLRunner
+from .runner import Qwen3VLRunner, check_inputs
 
 # `<|im_end|>\n<|im_start|>assistant\n`: the tail that must survive truncation.
 _TAIL_TOKENS = 5
@@ -185,6 +185,8 @@ class Qwen3VLReranker(Qwen3VLRunner):
         query_scope: pairs prepared with the same scope share one processing of the query's images
         (score() gives each call its own scope, so a query image is read once per call).
         """
+        if not isinstance(document, Mapping):
+            raise TypeError(f"a document must be a dict such as {{'text': ...}}, got {type(document).__name__}")
         raw = self.conversation(query, document, instruction, fps, max_frames)
         keys = self._cache_keys(raw, query, fps, max_frames, query_scope)
         if keys is not None:
@@ -372,6 +374,9 @@ class Qwen3VLReranker(Qwen3VLRunner):
         double, and are scored while the next one is prepared), all of them on a CPU (the model
         already fills the cores, and one window sorts and pads best).
         """
+        if not isinstance(query, Mapping):
+            raise TypeError(f"query must be a dict such as {{'text': ...}}, got {type(query).__name__}")
+        documents = list(check_inputs(documents, "documents"))
         scope = uuid.uuid4().hex  # this call's query images are processed once, for all its pairs
         futures = [self.submit_prepare(query, doc, instruction, fps, max_frames, scope) for doc in documents]
         use_prefix = self.prefix_cache and len(futures) >= 2

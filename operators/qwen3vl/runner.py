@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -42,6 +42,15 @@ def _one_intra_op_thread() -> None:
     torch.set_num_threads(1)
 
 
+def check_inputs(items: Any, what: str) -> Sequence[Any]:
+    """A sequence of inputs, or a TypeError saying what was passed instead (one dict, one string)."""
+    if isinstance(items, (Mapping, str, bytes)):
+        raise TypeError(f"{what} must be a list of dicts, got one {type(items).__name__}: wrap it in a list")
+    if not isinstance(items, Iterable):
+        raise TypeError(f"{what} must be a list of dicts, got {type(items).__name__}")
+    return items
+
+
 class Qwen3VLRunner:
     """A loaded Qwen3-VL checkpoint with its processor, vision settings and preparation threads."""
 
@@ -50,6 +59,11 @@ class Qwen3VLRunner:
                  max_length: int, vision: VisionSettings, default_instruction: str, token_budget: int,
                  max_batch_items: int, prepare_workers: int | None, storage_options: dict[str, Any] | None,
                  thread_name: str, prepare_processes: int | None = None, **model_kwargs: Any) -> None:
+        torch_dtype = model_kwargs.pop("torch_dtype", None)
+        if torch_dtype is not None:  # transformers' older name: honoured, not silently overridden by dtype
+            if dtype not in (None, "auto"):
+                raise ValueError("give dtype or torch_dtype, not both")
+            dtype = torch_dtype
         self.model_name_or_path = model_name_or_path
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -103,6 +117,8 @@ class Qwen3VLRunner:
 
     def submit_prepare(self, *args: Any) -> Future:
         """A future of prepare(*args), or of the reason it failed, from a thread or a worker process."""
+        if getattr(self, "_closed", False):
+            raise RuntimeError(f"{type(self).__name__} is closed")
         if self.prepare_processes:
             if self._processes is None:
                 state = {name: getattr(self, name) for name in self._PREPARE_STATE}
@@ -140,8 +156,15 @@ class Qwen3VLRunner:
         """A collated batch on the model's device."""
         return to_device(batch, self.device, pin=self.pin_memory)
 
+    def __enter__(self) -> "Qwen3VLRunner":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def close(self) -> None:
-        """Release worker threads and temporary video copies."""
+        """Release worker threads and temporary video copies (use after this raises RuntimeError)."""
+        self._closed = True
         self._pool.shutdown(wait=False)
         if self._processes is not None:
             self._processes.shutdown()
