@@ -17,9 +17,12 @@ complete objects are skipped, incomplete ones re-embedded (point ids are determi
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
+import re
 import time
 import uuid
 import warnings
@@ -36,6 +39,7 @@ from operators.embed_stage import EmbedStage
 from operators.expand_stage import expand_rows, object_to_row
 from operators.media.expand import ExpandSettings
 from operators.media.listing import in_selection, is_local_uri, list_objects, local_path
+from operators.units import SourceObject
 from sinks.ingest_sink import IngestDatasink
 from sinks.qdrant_client_factory import QdrantSettings, make_client
 from sinks.qdrant_schema import CollectionSpec, ensure_collection
@@ -268,11 +272,11 @@ def plan_objects(objects: list[Any], stored: dict[str, str], source_root: str, i
 
     def gone(uri: str) -> bool:
         # Only objects under this source can have vanished: the collection may hold other sources.
-        if uri in listed or not uri.startswith(source_root):
+        if uri in listed or any(uri == u or uri.startswith(u + "/") for u in unreadable):
             return False
-        if any(uri == u or uri.startswith(u + "/") for u in unreadable):
-            return False
-        return in_selection(uri[len(source_root):], include, exclude)
+        if uri == source_root[:-1]:  # the source is this one object (an S3 key), now gone
+            return in_selection(uri.rsplit("/", 1)[-1], include, exclude)
+        return uri.startswith(source_root) and in_selection(uri[len(source_root):], include, exclude)
 
     return Plan(todo, unchanged, changed, sorted(u for u in stored if gone(u)))
 
@@ -282,6 +286,26 @@ def source_root(uri: str) -> str:
     if not is_local_uri(uri):
         return uri.rstrip("/") + "/"
     return os.path.abspath(local_path(uri)).rstrip("/") + "/"  # as the listing resolves it: ~, file://, local://
+
+
+def settings_digest(cfg: Config) -> str:
+    """A short hash of every setting that changes a unit's vector: which model, and how objects
+    become model inputs (chunking, PDF and video sampling, pixel bounds, instruction, dtype).
+
+    It is part of each stored fingerprint, so changing any of them makes every object "changed"
+    on the next run: re-embedded, its old points deleted. Settings that only move float rounding
+    (batching, attention kernel) or decide what fails (limits) are left out.
+    """
+    e = cfg.embedder
+    relevant = {"model": e.model, "dtype": e.dtype, "max_length": e.max_length, "min_pixels": e.min_pixels,
+                "max_pixels": e.max_pixels, "total_pixels": e.total_pixels, "instruction": e.instruction,
+                "expand": cfg.expand.model_dump()}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def with_settings(objects: list[SourceObject], digest: str) -> list[SourceObject]:
+    """The listed objects with the settings digest appended to their fingerprints."""
+    return [dataclasses.replace(o, fingerprint=f"{o.fingerprint}|embed:{digest}") for o in objects]
 
 
 def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], None] = print) -> RunReport:
@@ -300,6 +324,7 @@ def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], Non
     except Exception as exc:
         raise PreflightError(f"source.uri {cfg.source.uri!r} cannot be listed: {type(exc).__name__}: "
                              f"{redact(str(exc), secrets)}") from None
+    objects = with_settings(objects, settings_digest(cfg))
     ensure_folder("output.dir", cfg.output.dir)  # now, not after every object is written
     if cfg.qdrant.embedded:
         ensure_folder("qdrant.path", cfg.qdrant.path)
@@ -360,10 +385,14 @@ def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], Non
     echo(f"report: {run_dir / cfg.output.report_file}")
     if failure is not None:
         not_written = sum(1 for d in report.dead_letters if d.get("stage") == "write")
+        # A model the workers cannot load fails the same way on every re-run: say what to fix.
+        advice = ("the embedding actors could not load the model: fix embedder.model / attn_implementation / "
+                  "dtype for the workers, then re-run" if "ModelLoadError" in str(root_cause(failure))
+                  else "re-run the same job to finish (complete objects are skipped)")
         raise IngestError(redact(
             f"the run stopped: {report.error}; {report.counts()['ingested']} objects were written completely, "
             f"{not_written} were not (listed with stage 'write' in {run_dir / cfg.output.dead_letter_file}); "
-            "re-run the same job to finish (complete objects are skipped)", secrets)) from None
+            f"{advice}", secrets)) from None
     return report
 
 
@@ -373,12 +402,20 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def _error_text(exc: BaseException) -> str:
-    """The message of the root cause; for a Ray error carrying a remote traceback, its last line."""
+_EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception)\b[^:\s]*: ")
+
+
+def _error_text(exc: BaseException, limit: int = 500) -> str:
+    """The message of the root cause; for a Ray error carrying a remote traceback, the remote
+    exception's own message (its last "SomeError: ..." line and the lines that continue it)."""
     cause = root_cause(exc)
     text = str(cause).strip()
     if isinstance(cause, ray.exceptions.RayError) and "\n" in text:
-        text = [line for line in text.splitlines() if line.strip()][-1].strip()
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        starts = [i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line)]
+        text = " ".join(lines[starts[-1]:]) if starts else lines[-1]
+        if len(text) > limit:
+            text = text[: limit - 3] + "..."
     return text
 
 

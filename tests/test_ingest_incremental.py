@@ -86,4 +86,33 @@ def test_vanished_means_gone_not_filtered_out_or_unreadable():
     # Without filters or unreadable entries, everything not listed under the root has vanished.
     plan = plan_objects(listed, stored, root)
     assert plan.vanished == sorted(u for u in stored if u.startswith(root) and u != f"{root}a.png")
+    # A source that is one object (an S3 key): once deleted, it is what vanished.
+    key = "s3://bucket/in/notes/one.md"
+    plan = plan_objects([], {key: fp, "s3://bucket/in/notes/other.md": fp}, source_root(key))
+    assert plan.vanished == [key]
 
+
+
+@pytest.mark.slow
+def test_changing_how_units_are_embedded_re_embeds_every_object(tmp_path, tiny_embedding_ckpt, ray_local):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "short.txt").write_text("A short note about lanterns.")
+    (src / "long.txt").write_text("Many words about rivers and boats. " * 30)
+    data = config_dict(src, tiny_embedding_ckpt, tmp_path, expand={"chunk_tokens": 64, "overlap_tokens": 8})
+    first = run_ingest(parse_config(data))
+    before = all_points(tmp_path / "qdrant")
+    assert first.counts()["ingested"] == 2
+    # A new instruction changes every vector; smaller chunks change the units themselves.
+    data["embedder"]["instruction"] = "Represent this note for retrieval."
+    data["expand"]["chunk_tokens"] = 32
+    second = run_ingest(parse_config(data))
+    after = all_points(tmp_path / "qdrant")
+    assert second.counts()["ingested"] == 2 and second.counts()["unchanged"] == 0
+    assert len({p.payload["fingerprint"] for p in after}) == 2  # one per object: no old point is left
+    assert len(after) > len(before)  # long.txt: more, smaller chunks
+    assert {p.payload["fingerprint"] for p in after}.isdisjoint({p.payload["fingerprint"] for p in before})
+    # Settings that only move rounding or batching change nothing.
+    data["compute"]["batch_size"] = 3
+    data["embedder"]["token_budget"] = 2048
+    assert run_ingest(parse_config(data)).counts()["unchanged"] == 2
