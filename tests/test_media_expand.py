@@ -151,6 +151,36 @@ def test_manifest_missing_file_fails_that_record_only(tmp_path: Path, corpus: Co
     assert dead[0].message.startswith("line 2: ") and all(d.uri == str(manifest) for d in dead)
 
 
+@pytest.mark.parametrize("remote", [False, True])
+def test_manifest_references_over_the_object_cap_fail_their_record(tmp_path: Path, corpus: CorpusSpec, remote,
+                                                                  request) -> None:
+    image, video = corpus.root / "images/red.png", corpus.root / "videos/clip.mp4"
+    cap = min(image.stat().st_size, video.stat().st_size) - 1
+    lines = [{"id": "img", "image": image.name}, {"id": "vid", "video": video.name}, {"id": "t", "text": "fine"}]
+    body = ("\n".join(json.dumps(x) for x in lines) + "\n").encode()
+    opts = None
+    if remote:  # a remote video is copied whole to the embedding actor: it must be capped before that
+        moto = request.getfixturevalue("moto_s3")
+        client, opts = moto["client"], moto["storage_options"]
+        client.create_bucket(Bucket="cap-bucket")
+        for key, data in (("m.jsonl", body), (image.name, image.read_bytes()), (video.name, video.read_bytes())):
+            client.put_object(Bucket="cap-bucket", Key=key, Body=data)
+        (obj,), _ = list_objects("s3://cap-bucket/m.jsonl", storage_options=opts)
+        where = "s3://cap-bucket/"
+    else:
+        for path in (image, video):
+            (tmp_path / path.name).write_bytes(path.read_bytes())
+        (tmp_path / "m.jsonl").write_bytes(body)
+        obj = SourceObject(str(tmp_path / "m.jsonl"), len(body), "fp")
+        where = f"{tmp_path}/"
+    units, dead, status = expand_object(obj, ExpandSettings(max_object_bytes=cap), opts)
+    assert status == "ok" and [u.position for u in units] == ["record=t"]
+    messages = {d.position: f"{d.error_type}: {d.message}" for d in dead}
+    assert messages["record=img"] == f"ObjectTooLargeError: line 1: {where}{image.name} is over max_object_bytes={cap}"
+    assert messages["record=vid"] == (f"ObjectTooLargeError: line 2: {where}{video.name} is "
+                                      f"{video.stat().st_size} bytes, over max_object_bytes={cap}")
+
+
 def test_manifest_with_no_good_record_fails(tmp_path: Path) -> None:
     manifest = tmp_path / "m.jsonl"
     manifest.write_text('{"id": "x"}\n{oops\n')

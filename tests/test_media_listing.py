@@ -179,6 +179,10 @@ def test_s3_listing_etag_globs_and_read(moto_s3) -> None:
     pngs, _ = list_objects("s3://list-bucket/", include=["img/*.png", "*.png"], storage_options=opts)
     assert [o.uri for o in pngs] == ["s3://list-bucket/data/img/b.png"]
     assert open_uri("s3://list-bucket/data/img/c.jpg", opts) == b"jpg"
+    # A folder pattern excludes the folder, on S3 as in a local walk.
+    for folder in ("img/", "img"):
+        kept, _ = list_objects("s3://list-bucket/data", exclude=[folder], storage_options=opts)
+        assert [o.uri for o in kept] == ["s3://list-bucket/data/a.txt"], folder
     single, _ = list_objects("s3://list-bucket/top.txt", storage_options=opts)
     assert [o.uri for o in single] == ["s3://list-bucket/top.txt"]
     # a new object shows up on the next listing (no stale listing cache)

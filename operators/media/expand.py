@@ -118,12 +118,28 @@ def _open(uri: str, storage_options: dict[str, Any] | None) -> Iterator[IO[bytes
             yield fh
 
 
-def _read_capped(fh: IO[bytes], head: bytes, limit: int, uri: str) -> bytes:
-    """The rest of an open object after `head`, refusing to read more than `limit` bytes."""
+def _read_capped(fh: IO[bytes], head: bytes, limit: int, uri: str, listed: bool = True) -> bytes:
+    """The rest of an open object after `head`, refusing to read more than `limit` bytes.
+
+    listed: the object's listed size was under the limit already (a manifest's reference was not listed).
+    """
     data = head + fh.read(limit + 1 - len(head))
     if len(data) > limit:
-        raise ObjectTooLargeError(f"{uri} grew past max_object_bytes={limit} after listing")
+        raise ObjectTooLargeError(f"{uri} grew past max_object_bytes={limit} after listing" if listed
+                                  else f"{uri} is over max_object_bytes={limit}")
     return data
+
+
+def _check_size(fh: IO[bytes], limit: int, uri: str) -> None:
+    """Refuse an open object over `limit` bytes without reading it (fsspec files know their size)."""
+    size = getattr(fh, "size", None)
+    if not isinstance(size, int):
+        try:
+            size = os.fstat(fh.fileno()).st_size
+        except (AttributeError, OSError, ValueError):
+            return  # size unknown here: the reader's own limits still apply
+    if size > limit:
+        raise ObjectTooLargeError(f"{uri} is {size} bytes, over max_object_bytes={limit}")
 
 
 def _text_units(obj: SourceObject, det: Detection, data: bytes, cfg: ExpandSettings, tokenizer: Any) -> list[Unit]:
@@ -184,13 +200,15 @@ def _record_unit(obj: SourceObject, rec: ManifestRecord, cfg: ExpandSettings, st
         meta["video_uri"] = rec.video
         opts = _options_for(rec.video, obj.uri, storage_options)
         with _open(rec.video, opts) as fh:
+            # A remote video is copied whole to the embedding actor: the object cap applies to it too.
+            _check_size(fh, cfg.max_object_bytes, rec.video)
             info = probe_video(_video_source(rec.video, fh), cfg.max_video_duration_s)
         meta["duration_s"] = info.duration_s
         mime = from_extension(rec.video).mime
     if rec.image is not None:
         meta["image_uri"] = rec.image
         with _open(rec.image, _options_for(rec.image, obj.uri, storage_options)) as fh:
-            data = _read_capped(fh, b"", cfg.max_object_bytes, rec.image)
+            data = _read_capped(fh, b"", cfg.max_object_bytes, rec.image, listed=False)
         if not data:
             raise EmptyFileError(f"empty file: {rec.image}")
         info_img = inspect_image(data, cfg.max_image_pixels)

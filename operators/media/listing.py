@@ -284,7 +284,7 @@ def _list_remote(
         if info.get("type", "file") != "file":
             continue
         rel = name[len(base) :].lstrip("/") if base and name.startswith(base) else posixpath.basename(name)
-        if not selected(rel, include, exclude):
+        if not in_selection(rel, include, exclude):  # excluded folders too, as a local walk skips them
             continue
         full = _remote_uri(uri, fs, name)
         try:
