@@ -339,3 +339,26 @@ def test_the_reported_cause_is_the_error_not_ray_datas_empty_marker():
             raise inner from SystemException()
     except ValueError as exc:
         assert root_cause(exc) is exc
+
+
+def test_a_model_the_actors_cannot_load_is_named_with_what_to_fix(tmp_path, tiny_embedding_ckpt, ray_local, capsys):
+    """Weights whose shapes do not match the config pass preflight (only headers are read there) and
+    fail in every embedding actor: the error names the load failure, and the advice is to fix the
+    model, not to re-run."""
+    import json
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_embedding_ckpt, model)
+    config = json.loads((model / "config.json").read_text())
+    config["text_config"]["intermediate_size"] += 8
+    (model / "config.json").write_text(json.dumps(config))
+    src = tmp_path / "src"
+    make_text_corpus(src, 2)
+    data = config_dict(src, model, tmp_path)
+    path = tmp_path / "cfg.yaml"
+    helpers.write_yaml(data, path)
+    assert qvl(["ingest", str(path)]) == EXIT_INFRA
+    err = capsys.readouterr().err
+    assert "ModelLoadError" in err and "could not load the model" in err and "re-run the same job" not in err
+    report, _ = latest_run(tmp_path / "runs")
+    assert report["error"].startswith("ActorDiedError: ") and "ModelLoadError: cannot load model" in report["error"]
