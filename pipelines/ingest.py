@@ -353,6 +353,9 @@ def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], Non
             report.objects[uri] = "unchanged"
         unlisted = f", {len(list_dead)} could not be listed" if list_dead else ""
         echo(f"listed {len(objects)} objects: {len(plan.todo)} to ingest, {len(plan.unchanged)} unchanged{unlisted}")
+        if not objects and not list_dead:  # a mistyped prefix or pattern looks like an empty source
+            echo(f"warning: nothing under source.uri {cfg.source.uri!r} matched (check the prefix and "
+                 "source.include / source.exclude)")
 
         if plan.todo:
             try:

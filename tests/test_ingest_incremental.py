@@ -116,3 +116,15 @@ def test_changing_how_units_are_embedded_re_embeds_every_object(tmp_path, tiny_e
     data["compute"]["batch_size"] = 3
     data["embedder"]["token_budget"] = 2048
     assert run_ingest(parse_config(data)).counts()["unchanged"] == 2
+
+
+@pytest.mark.slow
+def test_a_source_where_nothing_matches_is_warned_about(tmp_path, tiny_embedding_ckpt, ray_local):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "note.txt").write_text("A note.")
+    lines = []
+    data = config_dict(src, tiny_embedding_ckpt, tmp_path, source={"include": ["*.png"]})
+    report = run_ingest(parse_config(data), echo=lines.append)
+    assert report.counts()["ingested"] == 0
+    assert any(line.startswith("warning: nothing under source.uri") for line in lines), lines
