@@ -156,6 +156,16 @@ def test_an_undecodable_video_fails_with_the_readers_reason(embedder, media, tmp
     assert "Invalid time range" in results[2].error
 
 
+def test_an_undecodable_remote_video_is_named_by_its_uri_not_its_local_copy(tiny_embedding_ckpt, media, moto_s3):
+    client, opts = moto_s3["client"], moto_s3["storage_options"]
+    client.create_bucket(Bucket="video-errors")
+    data = media["video"].read_bytes()
+    client.put_object(Bucket="video-errors", Key="cut.mp4", Body=data[: len(data) * 3 // 10])
+    with Qwen3VLEmbedder(str(tiny_embedding_ckpt), storage_options=opts) as emb:
+        (result,) = emb.embed([{"video": "s3://video-errors/cut.mp4"}])
+    assert not result.ok and "video s3://video-errors/cut.mp4 cannot be read" in result.error
+
+
 def test_many_inputs_are_split_into_budgeted_batches(embedder, monkeypatch):
     sizes = []
     original = embedder._launch

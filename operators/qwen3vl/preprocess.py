@@ -56,6 +56,9 @@ class Prepared:
         return total
 
 
+_SOURCE_KEY = "qvl_source_uri"
+
+
 def resolve_sources(conversation: list[dict[str, Any]], files: VideoFiles,
                     storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Copy of a conversation whose image/video sources qwen-vl-utils can read."""
@@ -66,7 +69,10 @@ def resolve_sources(conversation: list[dict[str, Any]], files: VideoFiles,
             if entry.get("type") == "image":
                 entry = {**entry, "image": resolve_image(entry["image"], storage_options)}
             elif entry.get("type") == "video":
-                entry = {**entry, "video": resolve_video(entry["video"], files, storage_options)}
+                source = entry["video"]
+                entry = {**entry, "video": resolve_video(source, files, storage_options)}
+                if isinstance(source, str) and entry["video"] != source:
+                    entry[_SOURCE_KEY] = source  # a local copy: errors name the original (qwen-vl-utils ignores it)
             content.append(entry)
         out.append({"role": message["role"], "content": content})
     return out
@@ -96,7 +102,8 @@ def video_reader_error(conversation: list[dict[str, Any]]) -> str | None:
                 vision_process.VIDEO_READER_BACKENDS[vision_process.get_video_reader_backend()](entry)
             except Exception as exc:
                 detail = str(exc).strip().splitlines()
-                return f"video {entry['video']} cannot be read: {type(exc).__name__}: {detail[0] if detail else ''}"
+                name = entry.get(_SOURCE_KEY, entry["video"])
+                return f"video {name} cannot be read: {type(exc).__name__}: {detail[0] if detail else ''}"
     return None
 
 
