@@ -39,6 +39,7 @@ from operators.embed_stage import EmbedStage
 from operators.expand_stage import expand_rows, object_to_row
 from operators.media.expand import ExpandSettings
 from operators.media.listing import in_selection, is_local_uri, list_objects, local_path
+from operators.qwen3vl.formatting import DEFAULT_EMBED_INSTRUCTION
 from operators.units import SourceObject
 from sinks.ingest_sink import IngestDatasink
 from sinks.qdrant_client_factory import QdrantSettings, make_client
@@ -296,10 +297,13 @@ def settings_digest(cfg: Config) -> str:
     on the next run: re-embedded, its old points deleted. Settings that only move float rounding
     (batching, attention kernel) or decide what fails (limits) are left out.
     """
-    e = cfg.embedder
+    e, x = cfg.embedder, cfg.expand
     relevant = {"model": e.model, "dtype": e.dtype, "max_length": e.max_length, "min_pixels": e.min_pixels,
-                "max_pixels": e.max_pixels, "total_pixels": e.total_pixels, "instruction": e.instruction,
-                "expand": cfg.expand.model_dump()}
+                "max_pixels": e.max_pixels, "total_pixels": e.total_pixels,
+                # as embedder_kwargs passes it on: none (or "") and the default's own text are the same
+                "instruction": e.instruction or DEFAULT_EMBED_INSTRUCTION,
+                "expand": [x.chunk_tokens, x.overlap_tokens, x.pdf_dpi, x.video_segment_s, x.video_fps,
+                           x.video_max_frames]}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -390,13 +394,19 @@ def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], Non
         not_written = sum(1 for d in report.dead_letters if d.get("stage") == "write")
         # A model the workers cannot load fails the same way on every re-run: say what to fix.
         advice = ("the embedding actors could not load the model: fix embedder.model / attn_implementation / "
-                  "dtype for the workers, then re-run" if "ModelLoadError" in str(root_cause(failure))
+                  "dtype for the workers, then re-run" if _model_load_failed(failure)
                   else "re-run the same job to finish (complete objects are skipped)")
         raise IngestError(redact(
             f"the run stopped: {report.error}; {report.counts()['ingested']} objects were written completely, "
             f"{not_written} were not (listed with stage 'write' in {run_dir / cfg.output.dead_letter_file}); "
             f"{advice}", secrets)) from None
     return report
+
+
+def _model_load_failed(exc: BaseException) -> bool:
+    """Whether a run failed because the model could not be loaded (locally or in an actor)."""
+    cause = root_cause(exc)
+    return type(cause).__name__ == "ModelLoadError" or "ModelLoadError" in str(cause)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -417,9 +427,9 @@ def _error_text(exc: BaseException, limit: int = 500) -> str:
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         starts = [i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line)]
         text = " ".join(lines[starts[-1]:]) if starts else lines[-1]
-        if len(text) > limit:
-            text = text[: limit - 3] + "..."
-    return text
+    elif "\n" in text:  # e.g. an HTTP error with the response body after its first line
+        text = text.splitlines()[0].strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def root_cause(exc: BaseException) -> BaseException:
@@ -508,13 +518,21 @@ def _run_dataset(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Stor
 def partly_embedded(summary: dict[str, Any], todo: list[Any], report: RunReport) -> dict[str, tuple[str, int]]:
     """(fingerprint, units embedded) of each ingested object some of whose units failed to embed."""
     failed: dict[str, int] = {}
+    retry: set[str] = set()
     for dead in summary.get("dead", []):
         if dead.get("error_stage") == "embed" and dead.get("position"):
             failed[dead["object_uri"]] = failed.get(dead["object_uri"], 0) + 1
+            if any(m in (dead.get("error_message") or "") for m in _FETCH_FAILURES):
+                retry.add(dead["object_uri"])  # the file could not be fetched: may well work next time
     fingerprints = {o.uri: o.fingerprint for o in todo}
     units = {o["object_uri"]: int(o["n_units"]) for o in summary.get("objects", [])}
     return {uri: (fingerprints[uri], units[uri] - n) for uri, n in failed.items()
-            if report.objects.get(uri) == "ingested" and uri in fingerprints and uri in units}
+            if report.objects.get(uri) == "ingested" and uri in fingerprints and uri in units and uri not in retry}
+
+
+# Messages of operators/qwen3vl/media_io.py for a medium that could not be fetched (not decoded):
+# an object whose unit failed so stays incomplete, and the next run tries it again.
+_FETCH_FAILURES = ("not found", "cannot read ")
 
 
 def _account(report: RunReport, summary: dict[str, Any]) -> None:

@@ -206,27 +206,30 @@ def oversized_image(content: Mapping[str, Any], max_pixels: int,
     """Why a query's image is over ``limits.max_image_pixels``, from its header alone; None if it is not.
 
     The same decompression-bomb guard as ingestion's: a query image is decoded in full by the
-    embedder (and by every reranker pair), so a huge one must be refused before that.
+    embedder (and by every reranker pair), so a huge one must be refused before that. Each image
+    of a list is checked; http(s) and data: URLs are left to qwen-vl-utils, which reads them itself.
     """
-    import fsspec
     from PIL import Image
 
-    image = content.get("image")
-    if isinstance(image, (bytes, bytearray)):
-        opener: Any = lambda: io.BytesIO(bytes(image))  # noqa: E731
-    elif isinstance(image, str) and not image.startswith(("http://", "https://", "data:")):
-        path = local_path(image) if is_local_uri(image) else image
-        opener = lambda: fsspec.open(path, "rb", **dict(storage_options or {})).open()  # noqa: E731
-    else:
-        return None  # a PIL image is decoded already; URLs are read by qwen-vl-utils
-    try:
-        with opener() as fh, Image.open(fh) as img:
-            width, height = img.size
-    except Exception:
-        return None  # unreadable: the embedder names the reason
-    if width * height > max_pixels:
-        return (f"image is {width}x{height} = {width * height} pixels, over limits.max_image_pixels="
-                f"{max_pixels} (decompression-bomb guard)")
+    from operators.media.listing import fs_for
+
+    images = content.get("image")
+    for image in images if isinstance(images, (list, tuple)) else [images]:
+        if isinstance(image, (bytes, bytearray)):
+            opener: Any = lambda: io.BytesIO(bytes(image))  # noqa: E731
+        elif isinstance(image, str) and not image.startswith(("http://", "https://", "data:")):
+            fs, path = fs_for(image, dict(storage_options or {}))  # fsspec options normalised as the reader's
+            opener = lambda: fs.open(path, "rb")  # noqa: E731
+        else:
+            continue  # a PIL image is decoded already
+        try:
+            with opener() as fh, Image.open(fh) as img:
+                width, height = img.size
+        except Exception:
+            continue  # unreadable: the embedder names the reason
+        if width * height > max_pixels:
+            return (f"image {image if isinstance(image, str) else '(bytes)'} is {width}x{height} = "
+                    f"{width * height} pixels, over limits.max_image_pixels={max_pixels} (decompression-bomb guard)")
     return None
 
 

@@ -52,6 +52,8 @@ def check_writable(path: str, what: str, *, folder: bool = False) -> None:
         raise QueryInputError(f"{what}{path}: is a folder (give a file name such as results.parquet)")
     if os.path.exists(target) and not os.path.isdir(target) and folder:
         raise QueryInputError(f"{what}{path}: is a file, not a folder")
+    if os.path.isfile(target) and not os.access(target, os.W_OK):
+        raise QueryInputError(f"{what}{path}: the file exists and is not writable")
     parent = target if folder else os.path.dirname(target)
     while not os.path.exists(parent):  # the nearest existing ancestor decides
         parent = os.path.dirname(parent)
@@ -71,15 +73,6 @@ def _absent(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _is_unicode(text: str) -> bool:
-    """False for a string holding lone surrogates (JSON may escape them; no tokenizer takes them)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _media(key: str, value: Any, where: str, base_uri: str) -> str | None:
     """An image/video reference resolved like ``qvl query --image`` (one path or URI; blank: absent)."""
     if not isinstance(value, str):
@@ -97,6 +90,11 @@ def parse_query_row(raw: Any, where: str, base_uri: str) -> QueryRow:
     if _absent(qid) or isinstance(qid, bool) or not str(qid).strip():
         raise QueryInputError(f"{where}: missing 'id'")
     where = f"{where} (id {qid})"
+    try:  # JSON may escape lone surrogates: no id, path, filter or result file can hold them
+        json.dumps(raw, ensure_ascii=False, default=str).encode("utf-8")
+    except UnicodeEncodeError:
+        raise QueryInputError(f"{where}: holds a lone surrogate escape (\\ud800-\\udfff): not valid Unicode "
+                              "text") from None
     query: dict[str, Any] = {}
     for key in QUERY_FIELDS:
         value = raw.get(key)
@@ -108,9 +106,6 @@ def parse_query_row(raw: Any, where: str, base_uri: str) -> QueryRow:
                 continue
         elif key == "text" and not isinstance(value, str):
             raise QueryInputError(f"{where}: 'text' must be a string, got {type(value).__name__}")
-        elif key == "text" and not _is_unicode(value):
-            raise QueryInputError(f"{where}: 'text' holds a lone surrogate escape (\\ud800-\\udfff): "
-                                  "not valid Unicode text")
         elif key in _NUMBER_FIELDS and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise QueryInputError(f"{where}: {key!r} must be a number, got {type(value).__name__}")
         query[key] = value

@@ -128,3 +128,44 @@ def test_a_source_where_nothing_matches_is_warned_about(tmp_path, tiny_embedding
     report = run_ingest(parse_config(data), echo=lines.append)
     assert report.counts()["ingested"] == 0
     assert any(line.startswith("warning: nothing under source.uri") for line in lines), lines
+
+
+def test_settings_digest_ignores_spelling_that_embeds_the_same(tiny_embedding_ckpt, tmp_path):
+    from operators.qwen3vl.formatting import DEFAULT_EMBED_INSTRUCTION
+    from pipelines.ingest import settings_digest
+
+    def digest(**embedder):
+        data = config_dict(tmp_path, tiny_embedding_ckpt, tmp_path)
+        data["embedder"].update(embedder)
+        return settings_digest(parse_config(data))
+
+    assert digest() == digest(instruction=DEFAULT_EMBED_INSTRUCTION) == digest(token_budget=1024)
+    assert digest() != digest(instruction="Represent the note.") != digest(max_pixels=10_000)
+
+
+def test_only_units_that_fail_for_good_are_settled():
+    """A unit whose file could not be fetched (gone, unreachable) keeps its object incomplete, so
+    the next run tries again; one the decoder rejects is final until the object changes."""
+    from pipelines.ingest import partly_embedded
+    from pipelines.report import RunReport
+
+    report = RunReport("run", "media", "/src", "model")
+    report.objects = {"/src/a.jsonl": "ingested", "/src/b.jsonl": "ingested"}
+    todo = [SourceObject(uri=u, size=1, fingerprint=f"fp-{u[-7]}") for u in report.objects]
+    dead = [("/src/a.jsonl", "video /v/cut.mp4 cannot be read: DECORDError: av_read_frame failed"),
+            ("/src/b.jsonl", "cannot read s3://b/clip.mp4: EndpointConnectionError: could not connect")]
+    summary = {"dead": [{"object_uri": u, "position": "record=v", "error_stage": "embed", "error_message": m}
+                        for u, m in dead],
+               "objects": [{"object_uri": u, "n_units": 3} for u in report.objects]}
+    assert partly_embedded(summary, todo, report) == {"/src/a.jsonl": ("fp-a", 2)}
+
+
+def test_reported_errors_are_one_line_and_a_model_load_failure_is_recognised():
+    from operators.qwen3vl.loading import ModelLoadError
+    from pipelines.ingest import _error_text, _model_load_failed
+
+    body = "Unexpected Response: 500 (Internal Server Error)\n" + "Raw response content:\n" + "x" * 2000
+    assert _error_text(RuntimeError(body)) == "Unexpected Response: 500 (Internal Server Error)"
+    assert len(_error_text(RuntimeError("y" * 2000))) == 500
+    assert _model_load_failed(ModelLoadError("cannot load model from '/m': bad header"))
+    assert not _model_load_failed(RuntimeError("the store went away"))

@@ -408,6 +408,8 @@ def test_query_images_over_the_pixel_limit_are_refused_before_decoding(world, em
     engine = QueryEngine(small_limit, embedder=embedder, with_reranker=False)
     try:
         with pytest.raises(QueryInputError, match=r"80x60 = 4800 pixels, over limits.max_image_pixels=4096"):
+            engine.embed({"image": [str(world["src"] / "images/red.png"), str(big)]})  # each image of a list
+        with pytest.raises(QueryInputError, match=r"80x60 = 4800 pixels, over limits.max_image_pixels=4096"):
             engine.embed({"image": str(big)})
         assert engine.embed({"image": str(world["src"] / "images/red.png")})  # under the limit: embedded
     finally:

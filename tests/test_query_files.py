@@ -75,7 +75,10 @@ def test_queries_file_on_s3_resolves_relative_media_there(moto_s3):
     ('{"id": 1, "image": ["a.png", "b.png"]}\n', r"line 1 \(id 1\): 'image' must be one path or URI .*got a list"),
     ('{"id": 1, "video": "v.mp4", "video_start": "5"}\n', r"line 1 \(id 1\): 'video_start' must be a number"),
     ('{"id": 1, "text": "a", "instruction": 5}\n', r"line 1 \(id 1\): 'instruction' must be a string, got int"),
-    ('{"id": 1, "text": "a lone \\udfff surrogate"}\n', r"line 1 \(id 1\): 'text' holds a lone surrogate escape"),
+    ('{"id": 1, "text": "a lone \\udfff surrogate"}\n', r"line 1 \(id 1\): holds a lone surrogate escape"),
+    ('{"id": "x\\ud800", "text": "t"}\n', r"line 1 \(id x.\): holds a lone surrogate escape"),
+    ('{"id": 1, "image": "a\\ud800.png"}\n', r"line 1 \(id 1\): holds a lone surrogate escape"),
+    ('{"id": 1, "text": "t", "filters": {"source_prefix": "\\udfff"}}\n', r"holds a lone surrogate escape"),
     ('{"id": 1, "text": "a"}\n{"id": 2, "text": "b"}\n{"id": "1", "text": "c"}\n',
      r"q\.jsonl line 3: duplicate query id '1' \(first on line 1\)"),
 ])

@@ -93,8 +93,9 @@ def test_equal_runs():
     assert _equal_runs([]) == []
 
 
+@pytest.mark.parametrize("upcast", [True, False])  # False: the GPU's mixed-dtype products, run here on CPU
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_rotary_is_bit_for_bit_the_stock_rotary(dtype):
+def test_rotary_is_bit_for_bit_the_stock_rotary(dtype, upcast):
     generator = torch.Generator().manual_seed(0)
     seq, heads, head_dim = 300, 4, 16
     qkv = torch.randn(seq, 3, heads, head_dim, generator=generator).to(dtype)
@@ -103,6 +104,6 @@ def test_rotary_is_bit_for_bit_the_stock_rotary(dtype):
     cos, sin = emb.cos(), emb.sin()
     q, k, _ = qkv.unbind(1)
     want_q, want_k = apply_rotary_pos_emb_vision(q, k, cos, sin)
-    got_q, got_k = _rotary_qk(qkv, cos, sin)
+    got_q, got_k = _rotary_qk(qkv, cos, sin, upcast)
     assert got_q.dtype == got_k.dtype == dtype and got_q.shape == want_q.shape
     assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)

@@ -94,7 +94,8 @@ def _patch_embed(embed: Any, pixels: torch.Tensor) -> torch.Tensor:
     return F.linear(flat, weight.reshape(weight.shape[0], -1), embed.proj.bias)
 
 
-def _rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               upcast: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Queries and keys of a (seq, 3, heads, head_dim) projection with the vision rotary applied.
 
     Bit for bit ``apply_rotary_pos_emb_vision``: float32 ``q * cos + rotate_half(q) * sin``, cast
@@ -106,9 +107,11 @@ def _rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple
     stock casts do). ``-x2 * s == -(x2 * s)`` exactly, so the subtraction is the stock sum.
     """
     qk = qkv[:, :2]
-    if qk.device.type == "cpu" and qk.dtype != torch.float32:
+    if upcast is None:
         # CPU kernels with mixed bf16/float32 operands run slower than one upcast first;
         # on a GPU the mixed products save that pass (the values are the same either way).
+        upcast = qk.device.type == "cpu"
+    if upcast and qk.dtype != torch.float32:
         qk = qk.float()
     half = qk.shape[-1] // 2
     x1, x2 = qk[..., :half], qk[..., half:]

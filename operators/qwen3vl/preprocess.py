@@ -115,7 +115,8 @@ def run_processor(processor: Any, prompt: str, conversation: list[dict[str, Any]
             [conversation], image_patch_size=IMAGE_PATCH_SIZE,
             return_video_metadata=True, return_video_kwargs=True)
     except Exception as exc:
-        reason = video_reader_error(conversation)
+        # Only the torchvision fallback's symptom is worth a second read (other errors name their cause).
+        reason = video_reader_error(conversation) if "read_video" in str(exc) else None
         if reason is None:
             raise
         raise MediaError(reason) from exc
