@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 from typing import Callable
 
 from .config import ConfigError, load_config, redact
@@ -74,26 +78,90 @@ def _redact_logs(secrets: list[str]) -> None:
         handler.addFilter(_RedactingFilter(list(secrets)))
 
 
+def _clash(target: Path, rel: Path) -> Path | None:
+    """The existing path that writing ``target / rel`` would overwrite (or trip on), else None."""
+    node = target
+    for part in rel.parts[:-1]:
+        node = node / part
+        if os.path.lexists(node) and not node.is_dir():
+            return node  # a file where a folder must go
+    dest = target / rel
+    return dest if os.path.lexists(dest) else None
+
+
+def _write_into_folder(command: str, out_dir: str, force: bool, write: Callable[[Path], object],
+                       known: tuple[str, ...] = ()) -> int:
+    """Run ``write(stage)`` in a staging folder, then move its files into ``out_dir``; an exit code."""
+    # The writers only know what they write after writing it: stage first (inside out_dir, so on
+    # the same file system and moving is a rename), and without force move nothing if any file
+    # would be overwritten. `known` files are checked before writing, to fail before a slow build.
+    target = Path(out_dir)
+    hint = " (use --force to overwrite)"
+    if os.path.lexists(target) and not target.is_dir():
+        print(f"error: {command}: {out_dir}: exists and is not a folder", file=sys.stderr)
+        return EXIT_CONFIG
+    if not force:
+        for name in known:
+            if os.path.lexists(target / name):
+                print(f"error: {command}: {target / name} already exists{hint}", file=sys.stderr)
+                return EXIT_CONFIG
+    created = not target.exists()
+    stage: Path | None = None
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".qvl-staging-", dir=target))
+        write(stage)
+        files = sorted(p.relative_to(stage) for p in stage.rglob("*") if p.is_file() or p.is_symlink())
+        if not force:
+            for rel in files:
+                clash = _clash(target, rel)
+                if clash is not None:
+                    print(f"error: {command}: {clash} already exists{hint}", file=sys.stderr)
+                    return EXIT_CONFIG
+        for rel in files:
+            (target / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(stage / rel, target / rel)
+    except OSError as exc:
+        # Name the user's path, never the staging folder's.
+        where = exc.filename or out_dir
+        if stage is not None and str(where).startswith(str(stage)):
+            where = out_dir
+        print(f"error: {command}: {where}: cannot write ({exc.strerror or type(exc).__name__})", file=sys.stderr)
+        return EXIT_CONFIG
+    finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+        if created and target.is_dir() and not any(target.iterdir()):
+            target.rmdir()  # nothing was written: leave no empty folder behind
+    return EXIT_OK
+
+
 def _cmd_tiny_checkpoint(args: argparse.Namespace) -> int:
     from operators.qwen3vl.checkpoint import build_checkpoint
 
-    path = build_checkpoint(args.out_dir, args.kind, args.size, seed=args.seed)
-    print(f"wrote {args.kind} checkpoint ({args.size}) to {path}")
-    return EXIT_OK
+    code = _write_into_folder("tiny-checkpoint", args.out_dir, args.force,
+                              lambda stage: build_checkpoint(stage, args.kind, args.size, seed=args.seed),
+                              known=("config.json", "model.safetensors"))
+    if code == EXIT_OK:
+        print(f"wrote {args.kind} checkpoint ({args.size}) to {args.out_dir}")
+    return code
 
 
 def _cmd_sample_data(args: argparse.Namespace) -> int:
     from operators.sample_media import write_sample_media
 
-    paths = write_sample_media(args.out_dir)
-    print(f"wrote {len(paths)} sample files to {args.out_dir}")
-    return EXIT_OK
+    written: list[Path] = []
+    code = _write_into_folder("sample-data", args.out_dir, args.force,
+                              lambda stage: written.extend(write_sample_media(stage)))
+    if code == EXIT_OK:
+        print(f"wrote {len(written)} sample files to {args.out_dir}")
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The qvl argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="qvl", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_verbose(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ingest", help="ingest a source into Qdrant")
@@ -106,15 +174,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=["embedding", "reranker"], required=True)
     p.add_argument("--size", choices=["tiny", "small", "2b", "8b"], default="tiny")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="overwrite files of an existing checkpoint in OUT_DIR")
     p.set_defaults(func=_cmd_tiny_checkpoint)
 
     p = sub.add_parser("sample-data", help="write a small mixed-media sample folder")
     p.add_argument("out_dir", nargs="?", default="sample_data")
+    p.add_argument("--force", action="store_true", help="overwrite existing files of the same names in OUT_DIR")
     p.set_defaults(func=_cmd_sample_data)
 
     for register in _EXTRA_COMMANDS:
         register(sub)
+    for p in sub.choices.values():
+        _add_verbose(p, default=argparse.SUPPRESS)
     return parser
+
+
+def _add_verbose(p: argparse.ArgumentParser, default: object = False) -> None:
+    """Add ``-v/--verbose`` to ``p`` (the main parser and every subcommand: before or after it)."""
+    # Subcommands get a SUPPRESS default: absent there, they set nothing, so `qvl -v ingest ...`
+    # is not reset to False by the subcommand's own default.
+    try:
+        p.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+    except argparse.ArgumentError:
+        pass  # a registered subcommand defines -v itself: leave it its meaning
 
 
 # Other modules (query, evaluation) register their subcommands here.

@@ -16,13 +16,16 @@ Errors
     chained (its repr holds the inputs).
 
 Overrides
-    ``dotted.key=value`` strings; the value is parsed as a YAML scalar, list or mapping
-    (``compute.embed_actors=2``, ``embedder.mrl_dims=[256,64]``, ``qdrant.path=null``,
-    an empty value is null). For keys that take a string, the text is used as written
-    unless it parses to null (``qdrant.collection=2024`` is the string ``"2024"``,
-    ``embedder.instruction=Find: cats`` is not a mapping). Glob patterns in lists must
-    be quoted (``source.include=['*.jpg']``: ``*`` starts a YAML alias). A mapping value
-    replaces the whole section. Keys inside ``source.storage_options`` are free-form.
+    ``dotted.key=value`` strings. For keys that take a string the text is used as written,
+    stripped, and is not YAML (``qdrant.collection=2024`` is the string ``"2024"``,
+    ``source.uri=s3://b/my #1 folder/`` keeps its ``#1 folder/``, ``embedder.instruction=Find: cats``
+    is not a mapping); an empty value, ``null`` or ``~`` is null, and one quoted YAML scalar
+    (``'...'`` or ``"..."``) is unquoted (``"null"`` is the string ``null``). Other values are
+    parsed as a YAML scalar, list or mapping (``compute.embed_actors=2``,
+    ``embedder.mrl_dims=[256,64]``, ``qdrant.path=null``; an empty value is null). Glob
+    patterns in lists must be quoted (``source.include=['*.jpg']``: ``*`` starts a YAML
+    alias). A mapping value replaces the whole section. Keys inside ``source.storage_options``
+    are free-form, so their values are YAML.
 
 Secrets
     ``${VAR}`` anywhere inside a string value of ``source.storage_options`` (nested
@@ -39,7 +42,10 @@ Secrets
     references; pass configs around as objects (they pickle) instead.
 
 Relative paths (``source.uri``, ``qdrant.path``, ``output.dir``) are relative to the
-working directory of the process, not to the config file.
+working directory of the process, not to the config file. A leading ``~`` in ``qdrant.path``
+and ``output.dir`` is expanded when the config is validated (``source.uri`` keeps it: the
+listing expands it for local paths). ``output.report_file`` and ``output.dead_letter_file``
+are plain file names inside each run's folder.
 """
 
 from __future__ import annotations
@@ -86,9 +92,13 @@ __all__ = [
     "is_secret_key",
     "DEFAULT_QUERY_INSTRUCTION",
     "REDACTED",
+    "ATTN_IMPLEMENTATIONS",
 ]
 
 REDACTED = "***"
+# attn_implementation values transformers 4.57 accepts for Qwen3-VL (it supports flash attention
+# and SDPA, not flex attention; the paged variants are for generation only).
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
 DEFAULT_QUERY_INSTRUCTION = "Retrieve images or text relevant to the user's query."
 
 
@@ -113,8 +123,17 @@ def _empty_to_none(value: Any) -> Any:
     return None if isinstance(value, str) and not value.strip() else value
 
 
+def _expand_user(value: str | None) -> str | None:
+    """A leading ``~`` / ``~user`` of a local folder path expanded, so every consumer sees one path."""
+    return os.path.expanduser(value) if isinstance(value, str) else value
+
+
 PathStr = Annotated[str, BeforeValidator(_fspath), Field(min_length=1)]
 OptPathStr = Annotated[str | None, BeforeValidator(_empty_to_none)]
+# Local folders the jobs create or open themselves (source.uri is expanded by the listing, which
+# also takes URLs).
+LocalDirStr = Annotated[str, BeforeValidator(_fspath), Field(min_length=1), AfterValidator(_expand_user)]
+OptLocalDirStr = Annotated[str | None, BeforeValidator(_empty_to_none), AfterValidator(_expand_user)]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 StrList = Annotated[list[str], BeforeValidator(_tuple_to_list)]
 
@@ -379,7 +398,7 @@ class EmbedderConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """``auto``: the embedder's choice (bfloat16 on GPU, float32 on CPU)."""
     attn_implementation: str | None = None
-    """e.g. ``sdpa``, ``flash_attention_2``; None = transformers' default."""
+    """One of :data:`ATTN_IMPLEMENTATIONS` (the reranker uses it too); None = transformers' default."""
     max_length: int = Field(8192, ge=1)
     """Max tokens per input (longer inputs are truncated by the embedder)."""
     min_pixels: int = Field(4096, ge=1)
@@ -397,6 +416,15 @@ class EmbedderConfig(_Section):
     Also used by the reranker."""
     instruction: str | None = None
     """Document instruction; None = the model's default."""
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _attn_known(cls, v: str | None) -> str | None:
+        # transformers only rejects an unknown name when each actor loads the model, mid-run.
+        if v is not None and v not in ATTN_IMPLEMENTATIONS:
+            names = ", ".join(repr(n) for n in ATTN_IMPLEMENTATIONS)
+            raise ValueError(f"must be null or one of {names} (got {_show(v)})")
+        return v
 
     @model_validator(mode="after")
     def _pixel_order(self) -> "EmbedderConfig":
@@ -453,8 +481,8 @@ class QdrantConfig(_Section):
 
     url: OptPathStr = None
     """Server URL (``http(s)://host:6333``)."""
-    path: OptPathStr = None
-    """Embedded (local mode) folder; only one process may open it."""
+    path: OptLocalDirStr = None
+    """Embedded (local mode) folder; only one process may open it. A leading ``~`` is expanded."""
     api_key_env: str | None = "QDRANT_API_KEY"
     """Environment variable holding the server API key (the key is never in the config)."""
     collection: NonEmptyStr
@@ -532,10 +560,22 @@ class QueryConfig(_Section):
 class OutputConfig(_Section):
     """Run outputs."""
 
-    dir: PathStr = "runs"
-    """Folder for run outputs (dead letters, report)."""
+    dir: LocalDirStr = "runs"
+    """Folder for run outputs (dead letters, report). A leading ``~`` is expanded."""
     dead_letter_file: NonEmptyStr = "dead_letters.jsonl"
+    """File name (no folder part) of the dead letters, inside each run's folder."""
     report_file: NonEmptyStr = "report.json"
+    """File name (no folder part) of the run report, inside each run's folder."""
+
+    @field_validator("dead_letter_file", "report_file")
+    @classmethod
+    def _plain_file_name(cls, v: str) -> str:
+        # Checked here, not when the run ends: a bad name would otherwise fail after all the work.
+        # Both separators on every OS: the same config may run on Windows and POSIX machines.
+        if "/" in v or "\\" in v or v.strip() in (".", ".."):
+            raise ValueError("must be a plain file name without a folder part or '..', written inside the "
+                             f"run's folder under output.dir (got {_show(v)})")
+        return v
 
 
 class Config(_Section):
@@ -765,6 +805,30 @@ def _override_target(keys: list[str]) -> tuple[str | None, bool]:
     return None, False
 
 
+_YAML_NULLS = ("", "~", "null", "Null", "NULL")
+
+
+def _string_override(text: str) -> str | None:
+    """The value of an override whose key takes a string: the stripped text, null, or one unquoted scalar."""
+    # Not YAML: `#` would start a comment and a leading `&`, `*`, `!`, `%`, `@` or backquote an
+    # anchor, alias, tag or error, which cut or broke values such as "s3://bucket/my #1 folder/".
+    # The null spellings still mean null; one quoted scalar ('...' or "...") is unquoted, to allow
+    # surrounding spaces or a literal "null".
+    value = text.strip()
+    if value in _YAML_NULLS:
+        return None
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        try:
+            node = yaml.compose(value, Loader=yaml.SafeLoader)
+        except yaml.YAMLError:
+            return value  # not one quoted scalar (e.g. '"a" or "b"'): as written
+        # The scalar must span the whole text: '"a" #x "b"' parses to "a" plus a comment.
+        quoted = isinstance(node, yaml.ScalarNode) and node.style in ("'", '"')
+        if quoted and node.end_mark.index == len(value):
+            return node.value
+    return value
+
+
 def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """A copy of ``data`` with ``dotted.key=value`` overrides applied (see module doc).
 
@@ -785,18 +849,17 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
         problem, takes_str = _override_target(keys)
         if problem:
             raise ConfigError(f"override '{key}': {problem}")
-        try:
-            value = yaml.load(text, Loader=_UniqueKeyLoader) if text.strip() else None
-        except yaml.YAMLError as exc:
-            if not takes_str:
+        if takes_str:
+            value = _string_override(text)
+        else:
+            try:
+                value = yaml.load(text, Loader=_UniqueKeyLoader) if text.strip() else None
+            except yaml.YAMLError as exc:
                 hint = "; quote glob patterns such as '*.jpg'" if "*" in text else ""  # YAML reads *x as an alias
                 raise ConfigError(
                     f"override '{key}': value is not valid YAML ({getattr(exc, 'problem', None) or 'syntax error'}"
                     f"{hint})"
                 ) from None
-            value = text.strip()
-        if takes_str and value is not None and not isinstance(value, str):
-            value = text.strip()
         node = out
         for part in keys[:-1]:
             child = node.get(part)

@@ -86,30 +86,50 @@ def test_local_config_loads_without_any_env(monkeypatch):
     load_config(str(CONFIGS / "cluster.yaml"))
 
 
-def test_s3_config_loads_with_env(monkeypatch):
-    for k, v in S3_ENV.items():
-        monkeypatch.setenv(k, v)
+def test_s3_config_uses_the_standard_aws_chain_without_any_env(monkeypatch):
+    # As shipped it names no variable, so s3fs/botocore find credentials (and AWS_ENDPOINT_URL) themselves.
+    for var in S3_ENV:
+        monkeypatch.delenv(var, raising=False)
     cfg = load_config(CONFIGS / "s3.yaml")
     assert cfg.source.uri == "s3://my-bucket/media/"
+    assert cfg.source.storage_options == {"client_kwargs": {"region_name": "us-east-1"}}
+
+
+def s3_explicit_variant(tmp_path: Path) -> Path:
+    """configs/s3.yaml with its commented explicit-credential lines switched on."""
+    lines = []
+    for line in (CONFIGS / "s3.yaml").read_text().splitlines():
+        stripped = line.lstrip()
+        if stripped.startswith(("# key:", "# secret:", "# endpoint_url:")):
+            line = line[: len(line) - len(stripped)] + stripped[2:]
+        lines.append(line)
+    return write(tmp_path, "\n".join(lines) + "\n", "s3_explicit.yaml")
+
+
+def test_s3_config_explicit_variant_loads_with_env(monkeypatch, tmp_path):
+    for k, v in S3_ENV.items():
+        monkeypatch.setenv(k, v)
+    cfg = load_config(s3_explicit_variant(tmp_path))
     so = cfg.source.storage_options
     assert so["key"] == S3_ENV["AWS_ACCESS_KEY_ID"]
     assert so["secret"] == S3_ENV["AWS_SECRET_ACCESS_KEY"]
-    assert so["client_kwargs"]["endpoint_url"] == S3_ENV["AWS_ENDPOINT_URL"]
+    assert so["endpoint_url"] == S3_ENV["AWS_ENDPOINT_URL"]
+    assert so["client_kwargs"] == {"region_name": "us-east-1"}
     red = json.dumps(cfg.redacted_dict())
     assert S3_ENV["AWS_SECRET_ACCESS_KEY"] not in red and S3_ENV["AWS_ACCESS_KEY_ID"] not in red
     assert "${AWS_SECRET_ACCESS_KEY}" in red and "${AWS_ENDPOINT_URL}" in red
     assert S3_ENV["AWS_SECRET_ACCESS_KEY"] not in repr(cfg)
 
 
-def test_s3_config_missing_env_names_variable(monkeypatch):
+def test_s3_config_explicit_variant_missing_env_names_variable(monkeypatch, tmp_path):
     for k, v in S3_ENV.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     with pytest.raises(ConfigError) as ei:
-        load_config(CONFIGS / "s3.yaml")
+        load_config(s3_explicit_variant(tmp_path))
     msg = str(ei.value)
     assert "AWS_SECRET_ACCESS_KEY" in msg and "source.storage_options.secret" in msg
-    assert "s3.yaml" in msg
+    assert "s3_explicit.yaml" in msg
 
 
 def test_cluster_config_loads():
@@ -404,6 +424,51 @@ def test_override_value_validated_and_not_echoed_for_secrets():
     assert "source.storage_options: expected a mapping" in msg and "PLANTED-SECRET" not in msg
 
 
+@pytest.mark.parametrize(
+    "override, key, expected",
+    [
+        # '#' would start a YAML comment: the value was cut (a different collection!).
+        ("source.uri=s3://bucket/my #1 folder/", ("source", "uri"), "s3://bucket/my #1 folder/"),
+        ("qdrant.collection=media #2", ("qdrant", "collection"), "media #2"),
+        ("embedder.instruction=#x", ("embedder", "instruction"), "#x"),  # was null
+        ("source.uri=&x", ("source", "uri"), "&x"),  # was a YAML anchor error
+        ("source.uri=*x", ("source", "uri"), "*x"),
+        ("source.uri=!tag x", ("source", "uri"), "!tag x"),
+        ("embedder.instruction=Find: cats, dogs", ("embedder", "instruction"), "Find: cats, dogs"),
+        ("embedder.instruction=[not a list]", ("embedder", "instruction"), "[not a list]"),
+        ("qdrant.collection=  spaced  ", ("qdrant", "collection"), "spaced"),
+        # One quoted YAML scalar is unquoted: spaces kept, a literal "null", escapes.
+        ("embedder.instruction='  keep spaces '", ("embedder", "instruction"), "  keep spaces "),
+        ('embedder.instruction="null"', ("embedder", "instruction"), "null"),
+        ("embedder.instruction='it''s'", ("embedder", "instruction"), "it's"),
+        ('embedder.instruction="a #1"', ("embedder", "instruction"), "a #1"),
+        # Not one quoted scalar: as written.
+        ('embedder.instruction="a" #x "b"', ("embedder", "instruction"), '"a" #x "b"'),
+        ('embedder.instruction="a" or "b"', ("embedder", "instruction"), '"a" or "b"'),
+        # Null as before.
+        ("embedder.instruction=", ("embedder", "instruction"), None),
+        ("embedder.instruction=null", ("embedder", "instruction"), None),
+        ("embedder.instruction=~", ("embedder", "instruction"), None),
+        ("embedder.instruction=  ", ("embedder", "instruction"), None),
+    ],
+)
+def test_string_override_is_used_as_written(override, key, expected):
+    out = apply_overrides(MINIMAL, [override])
+    assert out[key[0]][key[1]] == expected
+    if expected is not None and key != ("source", "uri"):
+        cfg = parse_config(MINIMAL, [override])
+        assert getattr(getattr(cfg, key[0]), key[1]) == expected
+
+
+def test_non_string_overrides_stay_yaml():
+    out = apply_overrides(MINIMAL, ["compute.embed_actors=3 # three", "embedder.mrl_dims=[64, 32]",
+                                    "source.include=['#1*.jpg']", "source.storage_options.anon=true"])
+    assert out["compute"]["embed_actors"] == 3
+    assert out["embedder"]["mrl_dims"] == [64, 32]
+    assert out["source"]["include"] == ["#1*.jpg"]
+    assert out["source"]["storage_options"] == {"anon": True}
+
+
 def test_apply_overrides_does_not_mutate_input():
     data = with_section("embedder", mrl_dims=[256])
     out = apply_overrides(data, ["embedder.mrl_dims=[1]", "source.storage_options.client_kwargs.region_name=eu"])
@@ -549,3 +614,50 @@ def test_config_constructible_in_python(tmp_path):
     )
     assert cfg.source.uri == str(tmp_path) and cfg.embedder.mrl_dims == [256, 128]
     assert cfg.qdrant.path == str(tmp_path / "q")
+
+
+# ------------------------------------------------------------------- paths and names
+
+
+def test_tilde_expanded_in_local_folders(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = parse_config(MINIMAL, ["qdrant.path=~/store", "output.dir=~/runs"])
+    assert cfg.qdrant.path == str(tmp_path / "store")
+    assert cfg.output.dir == str(tmp_path / "runs")
+    # Also from a file and from Python; source.uri is left to the listing (it may be a URL).
+    cfg = parse_config(with_section("output", dir="~"), ["source.uri=~/media"])
+    assert cfg.output.dir == str(tmp_path) and cfg.source.uri == "~/media"
+    assert parse_config(MINIMAL, ["qdrant.path=x/~"]).qdrant.path == "x/~"
+
+
+@pytest.mark.parametrize("key", ["report_file", "dead_letter_file"])
+@pytest.mark.parametrize("name", ["sub/r.json", "/abs/r.json", "..", ".", "../r.json", "a\\b.json"])
+def test_output_file_names_must_be_plain(key, name):
+    msg = error_of(with_section("output", **{key: name}))
+    assert f"output.{key}: must be a plain file name" in msg
+
+
+def test_output_file_names_plain_ok():
+    cfg = parse_config(with_section("output", report_file="r..json", dead_letter_file="dead letters.jsonl"))
+    assert (cfg.output.report_file, cfg.output.dead_letter_file) == ("r..json", "dead letters.jsonl")
+
+
+@pytest.mark.parametrize("value", [None, "eager", "sdpa", "flash_attention_2", "flash_attention_3"])
+def test_attn_implementation_accepted(value):
+    assert parse_config(with_section("embedder", attn_implementation=value)).embedder.attn_implementation == value
+
+
+@pytest.mark.parametrize("value", ["bogus", "SDPA", "flex_attention", "paged_attention"])
+def test_attn_implementation_rejected_listing_the_values(value):
+    msg = error_of(MINIMAL, [f"embedder.attn_implementation={value}"])
+    assert "embedder.attn_implementation: must be null or one of 'eager', 'sdpa', 'flash_attention_2', " \
+           f"'flash_attention_3' (got '{value}')" in msg
+
+
+def test_attn_implementation_names_known_to_transformers():
+    # The list must stay a subset of what the installed transformers accepts.
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from pipelines.config import ATTN_IMPLEMENTATIONS
+
+    assert set(ATTN_IMPLEMENTATIONS) <= {"eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()}

@@ -60,8 +60,14 @@ def one_clear_error(err, *patterns):
     (lambda d: d["limits"].update(max_image_pixels=-5), ["limits.max_image_pixels: must be >= 1"]),
     (lambda d: d["qdrant"].update(url="http://127.0.0.1:6333"), ["qdrant.url", "qdrant.path", "got both"]),
     (lambda d: d["source"].pop("uri"), ["source.uri: required key missing"]),
+    # Both used to pass validation and fail only mid-run (every actor, or the report at the end).
+    (lambda d: d["embedder"].update(attn_implementation="bogus"),
+     ["embedder.attn_implementation: must be null or one of 'eager', 'sdpa'", "(got 'bogus')"]),
+    (lambda d: d["output"].update(report_file="sub/r.json"), ["output.report_file: must be a plain file name"]),
+    (lambda d: d["output"].update(dead_letter_file="../dead.jsonl"),
+     ["output.dead_letter_file: must be a plain file name"]),
 ], ids=["unknown-key", "unknown-section", "wrong-type-int", "wrong-type-list", "bad-value", "bad-limit",
-        "both-url-and-path", "missing-key"])
+        "both-url-and-path", "missing-key", "unknown-attn", "report-file-path", "dead-letter-file-path"])
 def test_invalid_config_is_one_clear_error_and_exit_2(mutate, expected, tmp_path, source, tiny_embedding_ckpt, capsys):
     data = config_dict(source, tiny_embedding_ckpt, tmp_path, limits={})
     mutate(data)
@@ -179,6 +185,25 @@ def test_a_folder_key_naming_a_file_fails_in_preflight(key, tmp_path, source, ti
     assert code == EXIT_CONFIG
     one_clear_error(err, f"{key} '{a_file}' is a file, not a folder")
     assert a_file.read_text() == "not a folder"
+    assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("key", ["output.dir", "qdrant.path"])
+def test_a_folder_key_starting_with_tilde_is_expanded(key, tmp_path, source, tiny_embedding_ckpt, capsys,
+                                                     monkeypatch):
+    # The preflight sees the expanded path (here a file, so the run stops before writing anything).
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    (home / "a_file").write_text("not a folder")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    path = write_yaml(config_dict(source, tiny_embedding_ckpt, tmp_path), tmp_path / "cfg.yaml")
+    code = qvl(["ingest", path, "--set", f"{key}=~/a_file"])
+    err = capsys.readouterr().err
+    assert code == EXIT_CONFIG
+    one_clear_error(err, f"{key} '{home / 'a_file'}' is a file, not a folder")
+    assert list(cwd.iterdir()) == [], "a literal '~' folder was created"
     assert_nothing_written(tmp_path)
 
 
