@@ -28,7 +28,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    from .ingest import PreflightError, run_ingest
+    from .ingest import run_ingest
+    from .preflight import PreflightError
 
     cfg = load_config(args.config, args.overrides)
     secrets = cfg.secret_values()

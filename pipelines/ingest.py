@@ -6,7 +6,8 @@
 Everything that can be checked before work is checked before work, in this order: the
 config, the model's config (dimension), the source (listed before anything is created),
 the store (a server is pinged) and the collection (dimension, distance). Any of these
-failing raises PreflightError and nothing is written.
+failing raises PreflightError (``preflight.py``) and nothing is written. What to embed, skip
+and prune is decided by ``plan.py``.
 
 A failure DURING the run (the store keeps failing, the cluster breaks) still writes the
 report: objects whose points are all in the store count as ingested, every other object
@@ -17,30 +18,23 @@ complete objects are skipped, incomplete ones re-embedded (point ids are determi
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import logging
 import os
 import re
 import time
 import uuid
 import warnings
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import ray
 from ray.data.exceptions import SystemException
-from transformers import AutoConfig
 
 from operators.embed_stage import EmbedStage
 from operators.expand_stage import expand_rows, object_to_row
 from operators.media.expand import ExpandSettings
-from operators.media.listing import in_selection, is_local_uri, list_objects, local_path
-from operators.qwen3vl.formatting import DEFAULT_EMBED_INSTRUCTION
-from operators.units import SourceObject
+from operators.media.listing import list_objects
 from sinks.ingest_sink import IngestDatasink
 from sinks.qdrant_client_factory import QdrantSettings, make_client
 from sinks.qdrant_schema import CollectionSpec, ensure_collection
@@ -48,88 +42,15 @@ from sinks.qdrant_sink import start_owner, stop_owner
 from sinks.qdrant_writer import QdrantWriter
 
 from .config import Config, redact
+from .plan import plan_objects, settings_digest, source_root, with_settings
+from .preflight import PreflightError, first_line, collection_spec, ensure_folder, model_dimension
 from .report import RunReport
 
 logger = logging.getLogger(__name__)
 
 
-class PreflightError(RuntimeError):
-    """The job cannot start: a configuration, model, store or source problem found before any work."""
-
-
 class IngestError(RuntimeError):
     """The run started but stopped on an infrastructure error; the report says what was written."""
-
-
-def model_dimension(model: str) -> int:
-    """The embedding dimension (text hidden size) of a checkpoint, from its config alone."""
-    try:
-        config = AutoConfig.from_pretrained(model)
-    except Exception as exc:
-        raise PreflightError(f"embedder.model {model!r} cannot be loaded: {type(exc).__name__}: {exc}") from exc
-    text_config = getattr(config, "text_config", config)
-    check_local_weights(model)
-    return int(text_config.hidden_size)
-
-
-_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def check_local_weights(model: str) -> None:
-    """A local checkpoint folder must hold its weights (every shard of an index), else PreflightError.
-
-    Found here, before Ray starts and the collection is created; otherwise every embedding actor
-    fails to load it mid-run. Hub ids are left to the actors (their files may not be cached yet).
-    """
-    if not os.path.isdir(model):
-        return
-    for index in _WEIGHT_INDEXES:
-        path = os.path.join(model, index)
-        if os.path.isfile(path):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    shards = set(json.load(f)["weight_map"].values())
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise PreflightError(f"embedder.model {model!r}: unreadable weight index {index}: "
-                                     f"{type(exc).__name__}: {exc}") from None
-            missing = sorted(s for s in shards if not os.path.isfile(os.path.join(model, s)))
-            if missing:
-                raise PreflightError(f"embedder.model {model!r}: weight shards listed in {index} are missing: "
-                                     f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-            _check_safetensors_headers(model, sorted(shards))
-            return
-    if not any(os.path.isfile(os.path.join(model, name)) for name in _WEIGHT_FILES):
-        raise PreflightError(f"embedder.model {model!r} holds no weights: none of {', '.join(_WEIGHT_FILES)} "
-                             f"or {', '.join(_WEIGHT_INDEXES)}")
-    _check_safetensors_headers(model, ["model.safetensors"])
-
-
-def _check_safetensors_headers(model: str, names: Iterable[str]) -> None:
-    """Each safetensors file's header must cover the file: a truncated copy fails here, not in every actor."""
-    from safetensors import safe_open
-
-    for name in names:
-        path = os.path.join(model, name)
-        if not (name.endswith(".safetensors") and os.path.isfile(path)):
-            continue
-        try:
-            with safe_open(path, framework="pt"):
-                pass
-        except Exception as exc:
-            raise PreflightError(f"embedder.model {model!r}: {name} is unreadable (truncated or corrupt?): "
-                                 f"{_first_line(exc)}") from None
-
-
-def collection_spec(cfg: Config, full_dim: int) -> CollectionSpec:
-    """The collection layout the config asks for."""
-    for d in cfg.embedder.mrl_dims:
-        if d >= full_dim:
-            raise PreflightError(f"embedder.mrl_dims: {d} must be smaller than the model's dimension {full_dim} "
-                                 "(the full vector is always stored)")
-    return CollectionSpec(name=cfg.qdrant.collection, full_dim=full_dim, mrl_dims=tuple(cfg.embedder.mrl_dims),
-                          full_datatype=cfg.qdrant.full_datatype, on_disk=cfg.qdrant.on_disk,
-                          quantization=cfg.qdrant.quantization)
 
 
 def qdrant_settings(cfg: Config) -> QdrantSettings:
@@ -145,16 +66,6 @@ def ensure_ray(cfg: Config) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     ray.init(address=cfg.compute.ray_address, include_dashboard=False, log_to_driver=True)
-
-
-def ensure_folder(key: str, path: str) -> None:
-    """Create the folder a config key names, or raise PreflightError naming the key."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise PreflightError(f"{key} {path!r} is a file, not a folder")
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PreflightError(f"{key} {path!r} cannot be created: {exc.strerror or exc}") from None
 
 
 class Store:
@@ -183,7 +94,7 @@ class Store:
             except Exception as exc:
                 client.close()
                 raise PreflightError(redact(f"qdrant.url {self.settings.url} is unreachable or refused the "
-                                            f"request: {type(exc).__name__}: {_first_line(exc)}", secrets)) from None
+                                            f"request: {type(exc).__name__}: {first_line(exc)}", secrets)) from None
             self.writer = QdrantWriter(client, self.collection, **writer_kwargs)
 
     def call(self, method: str, *args: Any) -> Any:
@@ -238,78 +149,6 @@ def expand_settings(cfg: Config) -> ExpandSettings:
                           max_video_duration_s=cfg.limits.max_video_duration_s,
                           max_object_bytes=cfg.limits.max_object_bytes,
                           max_image_pixels=cfg.limits.max_image_pixels)
-
-
-@dataclass
-class Plan:
-    """Which listed objects to process, which are unchanged, and which stored ones vanished."""
-
-    todo: list[Any]
-    unchanged: list[str]
-    changed: dict[str, str]  # uri -> new fingerprint, for objects that had older points
-    vanished: list[str]
-
-
-def plan_objects(objects: list[Any], stored: dict[str, str], source_root: str, include: list[str] | None = None,
-                 exclude: list[str] | None = None, unlisted: Iterable[str] = ()) -> Plan:
-    """Compare listed fingerprints with the collection's.
-
-    Vanished (what ``--prune`` deletes) means gone from the source: a stored object that the
-    include/exclude patterns leave out, or that the listing could not read (it or its folder
-    is in ``unlisted``, the listing's dead letters), may well still exist and is kept, as
-    ``rsync --delete`` keeps excluded files.
-    """
-    todo, unchanged, changed = [], [], {}
-    for obj in objects:
-        old = stored.get(obj.uri)
-        if old == obj.fingerprint:
-            unchanged.append(obj.uri)
-            continue
-        if old is not None:
-            changed[obj.uri] = obj.fingerprint
-        todo.append(obj)
-    listed = {o.uri for o in objects}
-    unreadable = tuple(u.rstrip("/") for u in unlisted)
-
-    def gone(uri: str) -> bool:
-        # Only objects under this source can have vanished: the collection may hold other sources.
-        if uri in listed or any(uri == u or uri.startswith(u + "/") for u in unreadable):
-            return False
-        if uri == source_root[:-1]:  # the source is this one object (an S3 key), now gone
-            return in_selection(uri.rsplit("/", 1)[-1], include, exclude)
-        return uri.startswith(source_root) and in_selection(uri[len(source_root):], include, exclude)
-
-    return Plan(todo, unchanged, changed, sorted(u for u in stored if gone(u)))
-
-
-def source_root(uri: str) -> str:
-    """The source URI in the form listed object URIs start with."""
-    if not is_local_uri(uri):
-        return uri.rstrip("/") + "/"
-    return os.path.abspath(local_path(uri)).rstrip("/") + "/"  # as the listing resolves it: ~, file://, local://
-
-
-def settings_digest(cfg: Config) -> str:
-    """A short hash of every setting that changes a unit's vector: which model, and how objects
-    become model inputs (chunking, PDF and video sampling, pixel bounds, instruction, dtype).
-
-    It is part of each stored fingerprint, so changing any of them makes every object "changed"
-    on the next run: re-embedded, its old points deleted. Settings that only move float rounding
-    (batching, attention kernel) or decide what fails (limits) are left out.
-    """
-    e, x = cfg.embedder, cfg.expand
-    relevant = {"model": e.model, "dtype": e.dtype, "max_length": e.max_length, "min_pixels": e.min_pixels,
-                "max_pixels": e.max_pixels, "total_pixels": e.total_pixels,
-                # as embedder_kwargs passes it on: none (or "") and the default's own text are the same
-                "instruction": e.instruction or DEFAULT_EMBED_INSTRUCTION,
-                "expand": [x.chunk_tokens, x.overlap_tokens, x.pdf_dpi, x.video_segment_s, x.video_fps,
-                           x.video_max_frames]}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def with_settings(objects: list[SourceObject], digest: str) -> list[SourceObject]:
-    """The listed objects with the settings digest appended to their fingerprints."""
-    return [dataclasses.replace(o, fingerprint=f"{o.fingerprint}|embed:{digest}") for o in objects]
 
 
 def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], None] = print) -> RunReport:
@@ -407,12 +246,6 @@ def _model_load_failed(exc: BaseException) -> bool:
     """Whether a run failed because the model could not be loaded (locally or in an actor)."""
     cause = root_cause(exc)
     return type(cause).__name__ == "ModelLoadError" or "ModelLoadError" in str(cause)
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of an exception's message."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
 
 
 _EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception)\b[^:\s]*: ")

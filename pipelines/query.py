@@ -42,7 +42,8 @@ from sinks.qdrant_client_factory import make_client
 from sinks.qdrant_schema import FULL_VECTOR, vector_name
 
 from .config import Config
-from .ingest import PreflightError, embedder_kwargs, expand_settings, model_dimension, qdrant_settings
+from .ingest import embedder_kwargs, expand_settings, qdrant_settings
+from .preflight import PreflightError, model_dimension
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,8 @@ import numpy as np
 from sinks.qdrant_client_factory import make_client
 
 from .config import Config
-from .ingest import expand_settings, model_dimension, qdrant_settings
+from .ingest import expand_settings, qdrant_settings
+from .preflight import model_dimension
 from .query import (Candidate, CollectionLayout, Hit, QueryInputError, Skipped, build_filter, check_dimension,
                     check_reranker_checkpoint, collection_layout, embed_queries, load_embedder, load_reranker,
                     open_client, query_content, query_vectors, rerank_candidates, resolve_instruction,

@@ -63,7 +63,7 @@ def _positive(text: str) -> int:
 
 def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Load the config, run a command, map errors to exit codes with secrets redacted."""
-    from .ingest import PreflightError
+    from .preflight import PreflightError
     from .query import QueryInputError
 
     cfg = load_config(args.config, args.overrides)

@@ -14,7 +14,8 @@ from operators.media.listing import list_objects
 from operators.qwen3vl import Qwen3VLEmbedder, reduce_dim
 from pipelines.cli import main as qvl
 from pipelines.config import parse_config
-from pipelines.ingest import PreflightError, run_ingest
+from pipelines.ingest import run_ingest
+from pipelines.preflight import PreflightError
 from tests.media_corpus import make_corpus
 
 SETTINGS = ExpandSettings(chunk_tokens=64, overlap_tokens=8, video_segment_s=1.0)

@@ -6,7 +6,8 @@ import pytest
 
 from operators.units import SourceObject
 from pipelines.config import parse_config
-from pipelines.ingest import plan_objects, run_ingest, source_root
+from pipelines.ingest import run_ingest
+from pipelines.plan import plan_objects, source_root
 from tests.media_gen import write_video
 from tests.resilience_helpers import all_points, config_dict, latest_run
 
@@ -132,7 +133,7 @@ def test_a_source_where_nothing_matches_is_warned_about(tmp_path, tiny_embedding
 
 def test_settings_digest_ignores_spelling_that_embeds_the_same(tiny_embedding_ckpt, tmp_path):
     from operators.qwen3vl.formatting import DEFAULT_EMBED_INSTRUCTION
-    from pipelines.ingest import settings_digest
+    from pipelines.plan import settings_digest
 
     def digest(**embedder):
         data = config_dict(tmp_path, tiny_embedding_ckpt, tmp_path)

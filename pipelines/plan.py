@@ -1,0 +1,91 @@
+"""What an ingestion run has to do: which listed objects are new or changed, which are unchanged,
+which stored ones vanished; and the settings digest that makes a change of model or of how
+objects become inputs count as a change of every object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from operators.media.listing import in_selection, is_local_uri, local_path
+from operators.qwen3vl.formatting import DEFAULT_EMBED_INSTRUCTION
+from operators.units import SourceObject
+
+from .config import Config
+
+
+@dataclass
+class Plan:
+    """Which listed objects to process, which are unchanged, and which stored ones vanished."""
+
+    todo: list[Any]
+    unchanged: list[str]
+    changed: dict[str, str]  # uri -> new fingerprint, for objects that had older points
+    vanished: list[str]
+
+
+def plan_objects(objects: list[Any], stored: dict[str, str], source_root: str, include: list[str] | None = None,
+                 exclude: list[str] | None = None, unlisted: Iterable[str] = ()) -> Plan:
+    """Compare listed fingerprints with the collection's.
+
+    Vanished (what ``--prune`` deletes) means gone from the source: a stored object that the
+    include/exclude patterns leave out, or that the listing could not read (it or its folder
+    is in ``unlisted``, the listing's dead letters), may well still exist and is kept, as
+    ``rsync --delete`` keeps excluded files.
+    """
+    todo, unchanged, changed = [], [], {}
+    for obj in objects:
+        old = stored.get(obj.uri)
+        if old == obj.fingerprint:
+            unchanged.append(obj.uri)
+            continue
+        if old is not None:
+            changed[obj.uri] = obj.fingerprint
+        todo.append(obj)
+    listed = {o.uri for o in objects}
+    unreadable = tuple(u.rstrip("/") for u in unlisted)
+
+    def gone(uri: str) -> bool:
+        # Only objects under this source can have vanished: the collection may hold other sources.
+        if uri in listed or any(uri == u or uri.startswith(u + "/") for u in unreadable):
+            return False
+        if uri == source_root[:-1]:  # the source is this one object (an S3 key), now gone
+            return in_selection(uri.rsplit("/", 1)[-1], include, exclude)
+        return uri.startswith(source_root) and in_selection(uri[len(source_root):], include, exclude)
+
+    return Plan(todo, unchanged, changed, sorted(u for u in stored if gone(u)))
+
+
+def source_root(uri: str) -> str:
+    """The source URI in the form listed object URIs start with."""
+    if not is_local_uri(uri):
+        return uri.rstrip("/") + "/"
+    return os.path.abspath(local_path(uri)).rstrip("/") + "/"  # as the listing resolves it: ~, file://, local://
+
+
+def settings_digest(cfg: Config) -> str:
+    """A short hash of every setting that changes a unit's vector: which model, and how objects
+    become model inputs (chunking, PDF and video sampling, pixel bounds, instruction, dtype).
+
+    It is part of each stored fingerprint, so changing any of them makes every object "changed"
+    on the next run: re-embedded, its old points deleted. Settings that only move float rounding
+    (batching, attention kernel) or decide what fails (limits) are left out.
+    """
+    e, x = cfg.embedder, cfg.expand
+    relevant = {"model": e.model, "dtype": e.dtype, "max_length": e.max_length, "min_pixels": e.min_pixels,
+                "max_pixels": e.max_pixels, "total_pixels": e.total_pixels,
+                # as embedder_kwargs passes it on: none (or "") and the default's own text are the same
+                "instruction": e.instruction or DEFAULT_EMBED_INSTRUCTION,
+                "expand": [x.chunk_tokens, x.overlap_tokens, x.pdf_dpi, x.video_segment_s, x.video_fps,
+                           x.video_max_frames]}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def with_settings(objects: list[SourceObject], digest: str) -> list[SourceObject]:
+    """The listed objects with the settings digest appended to their fingerprints."""
+    return [dataclasses.replace(o, fingerprint=f"{o.fingerprint}|embed:{digest}") for o in objects]

@@ -1,0 +1,107 @@
+"""Checks made before an ingestion does any work: the model's checkpoint, the collection layout,
+the folders the run writes to. Each failure is a PreflightError naming the config key (exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+from transformers import AutoConfig
+
+from sinks.qdrant_schema import CollectionSpec
+
+from .config import Config
+
+
+class PreflightError(RuntimeError):
+    """The job cannot start: a configuration, model, store or source problem found before any work."""
+
+
+def model_dimension(model: str) -> int:
+    """The embedding dimension (text hidden size) of a checkpoint, from its config alone."""
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except Exception as exc:
+        raise PreflightError(f"embedder.model {model!r} cannot be loaded: {type(exc).__name__}: {exc}") from exc
+    text_config = getattr(config, "text_config", config)
+    check_local_weights(model)
+    return int(text_config.hidden_size)
+
+
+_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def check_local_weights(model: str) -> None:
+    """A local checkpoint folder must hold its weights (every shard of an index), else PreflightError.
+
+    Found here, before Ray starts and the collection is created; otherwise every embedding actor
+    fails to load it mid-run. Hub ids are left to the actors (their files may not be cached yet).
+    """
+    if not os.path.isdir(model):
+        return
+    for index in _WEIGHT_INDEXES:
+        path = os.path.join(model, index)
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    shards = set(json.load(f)["weight_map"].values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise PreflightError(f"embedder.model {model!r}: unreadable weight index {index}: "
+                                     f"{type(exc).__name__}: {exc}") from None
+            missing = sorted(s for s in shards if not os.path.isfile(os.path.join(model, s)))
+            if missing:
+                raise PreflightError(f"embedder.model {model!r}: weight shards listed in {index} are missing: "
+                                     f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+            _check_safetensors_headers(model, sorted(shards))
+            return
+    if not any(os.path.isfile(os.path.join(model, name)) for name in _WEIGHT_FILES):
+        raise PreflightError(f"embedder.model {model!r} holds no weights: none of {', '.join(_WEIGHT_FILES)} "
+                             f"or {', '.join(_WEIGHT_INDEXES)}")
+    _check_safetensors_headers(model, ["model.safetensors"])
+
+
+def _check_safetensors_headers(model: str, names: Iterable[str]) -> None:
+    """Each safetensors file's header must cover the file: a truncated copy fails here, not in every actor."""
+    from safetensors import safe_open
+
+    for name in names:
+        path = os.path.join(model, name)
+        if not (name.endswith(".safetensors") and os.path.isfile(path)):
+            continue
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except Exception as exc:
+            raise PreflightError(f"embedder.model {model!r}: {name} is unreadable (truncated or corrupt?): "
+                                 f"{first_line(exc)}") from None
+
+
+def collection_spec(cfg: Config, full_dim: int) -> CollectionSpec:
+    """The collection layout the config asks for."""
+    for d in cfg.embedder.mrl_dims:
+        if d >= full_dim:
+            raise PreflightError(f"embedder.mrl_dims: {d} must be smaller than the model's dimension {full_dim} "
+                                 "(the full vector is always stored)")
+    return CollectionSpec(name=cfg.qdrant.collection, full_dim=full_dim, mrl_dims=tuple(cfg.embedder.mrl_dims),
+                          full_datatype=cfg.qdrant.full_datatype, on_disk=cfg.qdrant.on_disk,
+                          quantization=cfg.qdrant.quantization)
+
+
+def ensure_folder(key: str, path: str) -> None:
+    """Create the folder a config key names, or raise PreflightError naming the key."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise PreflightError(f"{key} {path!r} is a file, not a folder")
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PreflightError(f"{key} {path!r} cannot be created: {exc.strerror or exc}") from None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
