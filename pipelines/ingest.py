@@ -76,8 +76,7 @@ class Store:
         self.collection = cfg.qdrant.collection
         writer_kwargs = {"max_points_per_request": cfg.qdrant.upsert_batch}
         self.writer_kwargs = writer_kwargs
-        if self.settings.embedded:
-            Path(self.settings.path).mkdir(parents=True, exist_ok=True)
+        if self.settings.embedded:  # its folder was made by run_ingest's preflight (ensure_folder)
             self.owner = start_owner(self.settings, self.collection, writer_kwargs)
             self.writer = None
         else:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from operators.media.listing import is_local_uri, local_path, open_uri
+from operators.media.manifest import LONE_SURROGATE, is_unicode_text
 
 from .metrics import normalise_source_uri
 from .query import QUERY_FIELDS, QueryInputError
@@ -90,11 +91,8 @@ def parse_query_row(raw: Any, where: str, base_uri: str) -> QueryRow:
     if _absent(qid) or isinstance(qid, bool) or not str(qid).strip():
         raise QueryInputError(f"{where}: missing 'id'")
     where = f"{where} (id {qid})"
-    try:  # JSON may escape lone surrogates: no id, path, filter or result file can hold them
-        json.dumps(raw, ensure_ascii=False, default=str).encode("utf-8")
-    except UnicodeEncodeError:
-        raise QueryInputError(f"{where}: holds a lone surrogate escape (\\ud800-\\udfff): not valid Unicode "
-                              "text") from None
+    if not is_unicode_text(raw):  # nor could a results file hold it
+        raise QueryInputError(f"{where}: {LONE_SURROGATE}")
     query: dict[str, Any] = {}
     for key in QUERY_FIELDS:
         value = raw.get(key)

@@ -98,6 +98,19 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
+LONE_SURROGATE = "holds a lone surrogate escape (\\ud800-\\udfff): not valid Unicode text"
+
+
+def is_unicode_text(value: Any) -> bool:
+    """False when a decoded JSON value holds a lone surrogate anywhere (JSON may escape one as
+    \\ud800): no id, payload, Arrow column or tokenizer takes it."""
+    try:
+        json.dumps(value, ensure_ascii=False, default=str).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _absent(value: Any) -> bool:
     """None, or a Parquet null that arrived as NaN."""
     return value is None or (isinstance(value, float) and math.isnan(value))
@@ -144,12 +157,10 @@ def _jsonl_rows(data: bytes) -> list[tuple[int, Any] | RecordError]:
             continue
         try:
             value = json.loads(raw_line.decode("utf-8"))
-            # JSON may escape lone surrogates (\ud800): not text, so no id, payload or tokenizer takes them.
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
+            if not is_unicode_text(value):
+                rows.append(RecordError(number, "InvalidUnicode", f"the record {LONE_SURROGATE}"))
+                continue
             rows.append((number, value))
-        except UnicodeEncodeError:
-            rows.append(RecordError(number, "InvalidUnicode",
-                                    "the record holds a lone surrogate escape (\\ud800-\\udfff): not valid Unicode text"))
         except UnicodeDecodeError as exc:
             rows.append(RecordError(number, "InvalidUTF8", f"invalid UTF-8 at byte {exc.start} of the line"))
         except json.JSONDecodeError as exc:
