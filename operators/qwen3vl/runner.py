@@ -11,6 +11,7 @@ import torch
 from .fast_text import install_fast_text
 from .fast_vision import install_fast_vision
 from .formatting import VisionSettings
+from .heap import retain_freed_memory
 from .loading import load_model, load_processor, resolve_device, resolve_dtype
 from .media_io import VideoFiles
 from .prepare_workers import PrepareProcesses, _RopeOnly
@@ -67,6 +68,8 @@ class Qwen3VLRunner:
         self.model_name_or_path = model_name_or_path
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        if self.device.type == "cpu":
+            retain_freed_memory()  # CPU activations are reused, not page-faulted in anew (heap.py)
         self.max_length = max_length
         self.vision = vision
         self.default_instruction = default_instruction
