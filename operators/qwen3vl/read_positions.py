@@ -24,6 +24,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen3_vl.modeling_qwen3_vl import (Qwen3VLTextModel, eager_attention_forward,
                                                             rotate_half)
 
+from . import prefix_attention
+
 _KWARG = "qvl_read_positions"  # rides along the decoder layers' **kwargs; the stock layers ignore it
 
 
@@ -80,6 +82,11 @@ def _final_layer_forward(self: Any, hidden_states: torch.Tensor, position_embedd
     if past_key_values is not None:
         key_states, value_states = past_key_values.update(
             key_states, value_states, attn.layer_idx, {"sin": sin, "cos": cos, "cache_position": cache_position})
+    prefix = kwargs.pop(prefix_attention.KWARG, None)
+    if prefix is not None:  # a shared prefix's keys/values come first (prefix_attention.py)
+        prefix_key, prefix_value = prefix[attn.layer_idx]
+        key_states = torch.cat([prefix_key.expand(batch, -1, -1, -1), key_states], dim=2)
+        value_states = torch.cat([prefix_value.expand(batch, -1, -1, -1), value_states], dim=2)
     mask = _query_mask(attention_mask, rows, read, seq, key_states.shape[-2], query_states.dtype,
                        additive=impl == "eager")
     interface = eager_attention_forward if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]

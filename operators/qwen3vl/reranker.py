@@ -27,6 +27,7 @@ from transformers import DynamicCache, Qwen3VLForConditionalGeneration
 
 from .formatting import DEFAULT_RERANK_INSTRUCTION, VisionSettings, media_content, rerank_conversation
 from .loading import ModelLoadError, resolve_device
+from .prefix_attention import KWARG as PREFIX_KV, install_prefix_attention, suffix_mask
 from .preprocess import (InputError, Prepared, VisionCache, cached_image, collate, describe_error, growing_windows,
                          joined, render_prompt, resolve_sources, rope_positions, run_processor,
                          run_processor_cached, same_tensor, token_budget_batches)
@@ -161,6 +162,8 @@ class Qwen3VLReranker(Qwen3VLRunner):
         self._image_id = int(config.image_token_id)
         self._video_id = int(config.video_token_id)
         self._merge = int(config.vision_config.spatial_merge_size)
+        # On a CPU, suffix batches attend to the prefix and to themselves apart (prefix_attention.py).
+        self.split_prefix_attention = install_prefix_attention(self.model, self.device)
         self._light_init()
 
     def _light_init(self) -> None:
@@ -350,11 +353,15 @@ class Qwen3VLReranker(Qwen3VLRunner):
             if grids and sum(g.shape[0] for g in grids):
                 batch[grid_key] = torch.cat(grids, dim=0)
                 batch[key] = torch.cat(pixels, dim=0)
-        batch = self.to_device(batch)
-        cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1))
-                                             for k, v in prefix_kv])
         last = torch.tensor(lengths, device=self.device) - 1
-        hidden = self.hidden_at(batch, last, past_key_values=cache, use_cache=True)
+        if self.split_prefix_attention:
+            # A full mask all the same: the final layer reads its rows; the other layers need none.
+            batch["attention_mask"] = suffix_mask(lengths, p_len, width)
+            hidden = self.hidden_at(self.to_device(batch), last, use_cache=False, **{PREFIX_KV: prefix_kv})
+        else:
+            cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1))
+                                                 for k, v in prefix_kv])
+            hidden = self.hidden_at(self.to_device(batch), last, past_key_values=cache, use_cache=True)
         return torch.sigmoid(hidden.float() @ self.score_vector).cpu().tolist()
 
     def _score_isolating(self, items: list[Prepared]) -> list[float | str]:
