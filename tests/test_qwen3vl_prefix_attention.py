@@ -1,11 +1,11 @@
-"""Split prefix/suffix attention: equal to one attention over prefix + suffix with the full mask."""
+"""Packed suffixes, prefix and suffix attended apart: one attention over prefix + suffix with the full mask."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from operators.qwen3vl import Qwen3VLReranker
-from operators.qwen3vl.prefix_attention import prefix_causal_attention, suffix_mask
+from operators.qwen3vl.prefix_attention import SuffixPack, prefix_causal_attention, suffix_mask
 from tests.media_gen import pattern_image
 
 
@@ -29,12 +29,23 @@ def test_equals_one_masked_attention_on_real_positions(heads, kv_heads, dtype, t
     query = torch.randn(batch, width, heads, dim, dtype=dtype).transpose(1, 2)
     key, value = (torch.randn(batch, width, kv_heads, dim, dtype=dtype).transpose(1, 2) for _ in range(2))
     prefix_key, prefix_value = (torch.randn(1, kv_heads, prefix, dim, dtype=dtype) for _ in range(2))
-    got = prefix_causal_attention(query, key, value, prefix_key, prefix_value, dim ** -0.5)
+    pack = SuffixPack([(prefix_key, prefix_value)], lengths)
+    # Packed as the model sees them: (1, heads, T, d) of the real tokens only.
+    packed = [pack.packed(x.transpose(1, 2))[None].transpose(1, 2) for x in (query, key, value)]
+    got = prefix_causal_attention(*packed, pack, 0, dim ** -0.5)
     want = _reference(query, key, value, prefix_key, prefix_value, lengths, dim ** -0.5)
-    assert got.shape == want.shape and got.dtype == dtype
-    for row, n in enumerate(lengths):  # padded positions are never read
-        assert (got[row, :, :n].float() - want[row, :, :n].float()).abs().max() <= tol
-    assert torch.isfinite(got).all()  # padded rows too: the next layer's products see them
+    assert got.shape == (1, sum(lengths), heads * dim) and got.dtype == dtype  # o_proj's input
+    got = got.view(sum(lengths), heads, dim)
+    want = pack.packed(want.transpose(1, 2))  # padded positions are never read
+    assert (got.float() - want.float()).abs().max() <= tol
+
+
+def test_pack_round_trip():
+    pack = SuffixPack([(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4))], [2, 3, 1])
+    x = torch.arange(6.0).view(1, 6, 1)
+    grid = pack.padded(x)
+    assert grid[..., 0].tolist() == [[0, 1, 0], [2, 3, 4], [5, 0, 0]]
+    assert torch.equal(pack.packed(grid), x[0])
 
 
 def test_suffix_mask():

@@ -64,6 +64,13 @@ def _final_layer_forward(self: Any, hidden_states: torch.Tensor, position_embedd
     read = kwargs.pop(_KWARG, None)
     attn = self.self_attn
     impl = attn.config._attn_implementation
+    pack = kwargs.pop(prefix_attention.KWARG, None)
+    if pack is not None:
+        if read is None or impl != "sdpa":
+            raise RuntimeError("packed reranker suffixes need the read positions and sdpa attention")
+        # Back to the padded grid: this layer computes one query per row (prefix_attention.py).
+        hidden_states = pack.padded(hidden_states)
+        position_embeddings = tuple(pack.padded(x) for x in position_embeddings)
     if read is None or impl not in ("sdpa", "eager"):
         out = type(self).forward(self, hidden_states, position_embeddings, attention_mask, position_ids,
                                  past_key_values, use_cache, cache_position, **kwargs)
@@ -82,9 +89,8 @@ def _final_layer_forward(self: Any, hidden_states: torch.Tensor, position_embedd
     if past_key_values is not None:
         key_states, value_states = past_key_values.update(
             key_states, value_states, attn.layer_idx, {"sin": sin, "cos": cos, "cache_position": cache_position})
-    prefix = kwargs.pop(prefix_attention.KWARG, None)
-    if prefix is not None:  # a shared prefix's keys/values come first (prefix_attention.py)
-        prefix_key, prefix_value = prefix[attn.layer_idx]
+    if pack is not None:  # the shared prefix's keys/values come first
+        prefix_key, prefix_value = pack.kv[attn.layer_idx]
         key_states = torch.cat([prefix_key.expand(batch, -1, -1, -1), key_states], dim=2)
         value_states = torch.cat([prefix_value.expand(batch, -1, -1, -1), value_states], dim=2)
     mask = _query_mask(attention_mask, rows, read, seq, key_states.shape[-2], query_states.dtype,

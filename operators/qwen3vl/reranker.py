@@ -4,7 +4,8 @@ Every pair of one query starts with the same tokens (system prompt, instruction,
 often ``\\n<Document>:``). The model is causal, so the keys/values of that shared prefix
 do not depend on the document: :meth:`Qwen3VLReranker.score` runs the prefix once
 (with the query's images/videos) and then only the documents' suffixes, batched with
-right padding on top of the prefix cache expanded to the batch. Qwen3-VL's 3-D rotary
+right padding on top of the prefix cache expanded to the batch (on a CPU: packed into one
+row of real tokens, attending to the prefix and to themselves apart; prefix_attention.py). Qwen3-VL's 3-D rotary
 positions (mrope) are computed for each FULL pair sequence with the model's own
 ``get_rope_index`` and the suffix slice is passed explicitly, so every token sees exactly
 the positions and keys/values it sees in the plain path. Scores equal the plain
@@ -27,7 +28,8 @@ from transformers import DynamicCache, Qwen3VLForConditionalGeneration
 
 from .formatting import DEFAULT_RERANK_INSTRUCTION, VisionSettings, media_content, rerank_conversation
 from .loading import ModelLoadError, resolve_device
-from .prefix_attention import KWARG as PREFIX_KV, install_prefix_attention, suffix_mask
+from .prefix_attention import KWARG as PREFIX_PACK
+from .prefix_attention import SuffixPack, attention_is_sdpa, install_prefix_attention, suffix_mask
 from .preprocess import (InputError, Prepared, VisionCache, cached_image, collate, describe_error, growing_windows,
                          joined, render_prompt, resolve_sources, rope_positions, run_processor,
                          run_processor_cached, same_tensor, token_budget_batches)
@@ -162,8 +164,9 @@ class Qwen3VLReranker(Qwen3VLRunner):
         self._image_id = int(config.image_token_id)
         self._video_id = int(config.video_token_id)
         self._merge = int(config.vision_config.spatial_merge_size)
-        # On a CPU, suffix batches attend to the prefix and to themselves apart (prefix_attention.py).
-        self.split_prefix_attention = install_prefix_attention(self.model, self.device)
+        # On a CPU, suffix batches run packed and attend to the prefix and to themselves apart
+        # (prefix_attention.py); the final layer's read-positions path reads them back.
+        self.split_prefix_attention = self.read_positions_only and install_prefix_attention(self.model, self.device)
         self._light_init()
 
     def _light_init(self) -> None:
@@ -354,10 +357,13 @@ class Qwen3VLReranker(Qwen3VLRunner):
                 batch[grid_key] = torch.cat(grids, dim=0)
                 batch[key] = torch.cat(pixels, dim=0)
         last = torch.tensor(lengths, device=self.device) - 1
-        if self.split_prefix_attention:
-            # A full mask all the same: the final layer reads its rows; the other layers need none.
+        if self.split_prefix_attention and attention_is_sdpa(self.model):
+            # One row of the suffixes' real tokens; the full mask is for the final layer's read rows.
+            pack = SuffixPack(prefix_kv, lengths)
+            batch["input_ids"] = pack.packed(ids[:, :, None]).view(1, -1)
+            batch["position_ids"] = pack.packed(pos.permute(1, 2, 0)).T[:, None, :]
             batch["attention_mask"] = suffix_mask(lengths, p_len, width)
-            hidden = self.hidden_at(self.to_device(batch), last, use_cache=False, **{PREFIX_KV: prefix_kv})
+            hidden = self.hidden_at(self.to_device(batch), last, use_cache=False, **{PREFIX_PACK: pack})
         else:
             cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1))
                                                  for k, v in prefix_kv])
