@@ -11,17 +11,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # Five allocations of 48 MiB, each written in full and freed, after three to warm up: the minor
-# page faults they cost. torch only, so the measurement is of glibc, not of a model.
+# page faults of each. torch only, so the measurement is of glibc, not of a model.
 _PROBE = """
 import json, resource, torch
 from operators.qwen3vl.heap import retain_freed_memory
 applied = retain_freed_memory()
 for _ in range(3):  # glibc settles its heap top over the first two
     x = torch.empty(48 << 18).fill_(1.0); del x
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+faults = []
 for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     x = torch.empty(48 << 18).fill_(1.0); del x
-print(json.dumps({"applied": applied, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"applied": applied, "faults": sorted(faults)[2]}))  # the median: one late settle is noise
 """
 
 
@@ -38,7 +40,7 @@ def test_freed_memory_is_reused_without_page_faults():
     assert kept["applied"] is True and returned["applied"] is False
     # Returned to the kernel, every 48 MiB tensor faults its pages in again (12,288 of 4 KiB each,
     # fewer with huge pages); kept, they are reused.
-    assert returned["faults"] > 100
+    assert returned["faults"] > 20
     assert kept["faults"] * 10 < returned["faults"]
 
 
