@@ -4,8 +4,8 @@ A CPU forward allocates and frees activations of tens of MB per op. glibc return
 at the top of the heap to the kernel once it passes ``M_TRIM_THRESHOLD`` (and serves chunks over
 ``M_MMAP_THRESHOLD`` with mmap, unmapped again on free), so every batch faults the same memory
 back in, one zeroed 4 KiB page at a time. Measured on the reranker's 100 passages (2 cores):
-SiLU 3.2 -> 1.2 ms per call, the whole call 2.23 -> 2.05 s, with one pair at a time unchanged
-(its tensors are small enough to be reused anyway; bench/RESULTS.md section 3). This is what
+SiLU 3.2 -> 1.2 ms per call, the whole call 2.17-2.25 -> 1.92-2.07 s, with one pair at a time
+unchanged (its tensors are small enough to be reused anyway; bench/RESULTS.md section 3). This is what
 PyTorch's CPU tuning guides get from jemalloc or tcmalloc; here it is two ``mallopt`` calls.
 
 The price is that the process keeps up to ``_TRIM_THRESHOLD`` of freed heap instead of giving it

@@ -114,24 +114,20 @@ def _attention_forward(self: Qwen3VLTextAttention, hidden_states: torch.Tensor,
     return self.o_proj(prefix_causal_attention(query, key, value, pack, self.layer_idx, self.scaling)), None
 
 
-def _attention_layers(model: torch.nn.Module) -> list[Qwen3VLTextAttention]:
-    return [m for m in model.modules() if isinstance(m, Qwen3VLTextAttention)]
-
-
 def attention_is_sdpa(model: torch.nn.Module) -> bool:
     """True while the language model attends with sdpa (the final layer reads the boolean mask with it)."""
-    layers = _attention_layers(model)
-    return bool(layers) and layers[0].config._attn_implementation == "sdpa"
+    text = getattr(model, "language_model", None)  # Qwen3VLModel's; read once per batch, no module walk
+    return text is not None and text.config._attn_implementation == "sdpa"
 
 
 def install_prefix_attention(model: torch.nn.Module, device: torch.device) -> bool:
     """Let the language model's attention take a suffix pack; False where that is not supported."""
     if device.type != "cpu" or _FLASH is None or not attention_is_sdpa(model):
         return False
-    layers = _attention_layers(model)
-    for layer in layers:
-        # An instance attribute: nn.Module.__call__ looks forward up on the instance first.
-        layer.forward = types.MethodType(_attention_forward, layer)
+    for layer in model.modules():
+        if isinstance(layer, Qwen3VLTextAttention):
+            # An instance attribute: nn.Module.__call__ looks forward up on the instance first.
+            layer.forward = types.MethodType(_attention_forward, layer)
     return True
 
 

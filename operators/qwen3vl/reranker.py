@@ -5,8 +5,8 @@ often ``\\n<Document>:``). The model is causal, so the keys/values of that share
 do not depend on the document: :meth:`Qwen3VLReranker.score` runs the prefix once
 (with the query's images/videos) and then only the documents' suffixes, batched with
 right padding on top of the prefix cache expanded to the batch (on a CPU: packed into one
-row of real tokens, attending to the prefix and to themselves apart; prefix_attention.py). Qwen3-VL's 3-D rotary
-positions (mrope) are computed for each FULL pair sequence with the model's own
+row of real tokens, attending to the prefix and to themselves apart; prefix_attention.py).
+Qwen3-VL's 3-D rotary positions (mrope) are computed for each FULL pair sequence with the model's own
 ``get_rope_index`` and the suffix slice is passed explicitly, so every token sees exactly
 the positions and keys/values it sees in the plain path. Scores equal the plain
 (left-padded, whole-sequence) path's to float tolerance; ``prefix_cache=False`` turns it off.
@@ -338,16 +338,7 @@ class Qwen3VLReranker(Qwen3VLRunner):
         n, p_len = len(items), plan.length
         lengths = [len(p.input_ids) - p_len for p in items]
         width = max(lengths)
-        ids = torch.full((n, width), self.processor.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((n, p_len + width), dtype=torch.long)
-        mask[:, :p_len] = 1
-        pos = torch.zeros((positions[0].shape[0], n, width), dtype=torch.long)
-        for row, (p, s, full) in enumerate(zip(items, lengths, positions)):
-            ids[row, :s] = torch.tensor(p.input_ids[p_len:], dtype=torch.long)
-            mask[row, p_len:p_len + s] = 1
-            pos[:, row, :s] = full[:, p_len:]
-        batch: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
-                                          "cache_position": torch.arange(p_len, p_len + width)}
+        batch: dict[str, torch.Tensor] = {"cache_position": torch.arange(p_len, p_len + width)}
         for key, grid_key, n_skip, row_skip in (
                 ("pixel_values", "image_grid_thw", plan.n_images, plan.image_rows),
                 ("pixel_values_videos", "video_grid_thw", plan.n_videos, plan.video_rows)):
@@ -359,15 +350,23 @@ class Qwen3VLReranker(Qwen3VLRunner):
         last = torch.tensor(lengths, device=self.device) - 1
         if self.split_prefix_attention and attention_is_sdpa(self.model):
             # One row of the suffixes' real tokens; the full mask is for the final layer's read rows.
-            pack = SuffixPack(prefix_kv, lengths)
-            batch["input_ids"] = pack.packed(ids[:, :, None]).view(1, -1)
-            batch["position_ids"] = pack.packed(pos.permute(1, 2, 0)).T[:, None, :]
+            batch["input_ids"] = torch.tensor([[t for p in items for t in p.input_ids[p_len:]]], dtype=torch.long)
+            batch["position_ids"] = torch.cat([full[:, p_len:] for full in positions], dim=1)[:, None, :]
             batch["attention_mask"] = suffix_mask(lengths, p_len, width)
-            hidden = self.hidden_at(self.to_device(batch), last, use_cache=False, **{PREFIX_PACK: pack})
-        else:
-            cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1))
-                                                 for k, v in prefix_kv])
-            hidden = self.hidden_at(self.to_device(batch), last, past_key_values=cache, use_cache=True)
+            hidden = self.hidden_at(self.to_device(batch), last, use_cache=False,
+                                    **{PREFIX_PACK: SuffixPack(prefix_kv, lengths)})
+            return torch.sigmoid(hidden.float() @ self.score_vector).cpu().tolist()
+        ids = torch.full((n, width), self.processor.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((n, p_len + width), dtype=torch.long)
+        mask[:, :p_len] = 1
+        pos = torch.zeros((positions[0].shape[0], n, width), dtype=torch.long)
+        for row, (p, s, full) in enumerate(zip(items, lengths, positions)):
+            ids[row, :s] = torch.tensor(p.input_ids[p_len:], dtype=torch.long)
+            mask[row, p_len:p_len + s] = 1
+            pos[:, row, :s] = full[:, p_len:]
+        batch.update(input_ids=ids, attention_mask=mask, position_ids=pos)
+        cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix_kv])
+        hidden = self.hidden_at(self.to_device(batch), last, past_key_values=cache, use_cache=True)
         return torch.sigmoid(hidden.float() @ self.score_vector).cpu().tolist()
 
     def _score_isolating(self, items: list[Prepared]) -> list[float | str]:
