@@ -184,6 +184,11 @@ def query_content(query: Mapping[str, Any]) -> dict[str, Any]:
     """The model-visible part of a query dict (text, image, video, segment bounds), paths made absolute."""
     if not isinstance(query, Mapping):
         raise QueryInputError(f"a query must be a dict, got {type(query).__name__}")
+    unknown = [k for k in query if k not in QUERY_FIELDS and k != "instruction"]
+    if unknown:  # a misspelt "imgae" would otherwise search on the text alone
+        raise QueryInputError(f"unknown query key{'s' if len(unknown) > 1 else ''} "
+                              f"{', '.join(repr(k) for k in unknown)}: a query takes {', '.join(QUERY_FIELDS)}, "
+                              "instruction")
     content = {k: query[k] for k in QUERY_FIELDS if query.get(k) is not None}
     if not any(content.get(k) for k in ("text", "image", "video")):
         raise QueryInputError("the query has no text, image or video")

@@ -326,6 +326,8 @@ def test_preflight_errors(world, embedder, tmp_path, tiny_embedding_ckpt):
             engine.search({"text": "x"})
         with pytest.raises(QueryInputError, match="no text, image or video"):
             engine.search({"instruction": "x"}, rerank=False)
+        with pytest.raises(QueryInputError, match="unknown query key 'imgae'"):
+            engine.search({"text": "x", "imgae": "red.png"}, rerank=False)
 
     path = tmp_path / "bad.yaml"
     bad_data = yaml.safe_load(Path(world["yaml"]).read_text())

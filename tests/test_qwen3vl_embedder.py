@@ -131,7 +131,7 @@ def test_one_bad_item_fails_alone_with_index_and_reason(embedder, media, tmp_pat
     results = embedder.embed(inputs)
     assert [r.ok for r in results] == [True, False, False, False, True, False]
     assert "missing.png" in results[1].error
-    assert "corrupt.png" in results[2].error or "image" in results[2].error.lower()
+    assert f"cannot decode image {corrupt}" in results[2].error
     assert "nope.mp4" in results[5].error
     good = embedder.process([inputs[0], inputs[4]])
     assert torch.allclose(torch.from_numpy(results[0].vector), good[0], atol=1e-6)
@@ -312,3 +312,30 @@ def test_api_guards(tiny_embedding_ckpt):
             emb.process([{"text": "a"}], 16)  # flags are keywords: 16 must not become normalize=16
     with pytest.raises(RuntimeError, match="Qwen3VLEmbedder is closed"):
         emb.embed([{"text": "a"}])
+
+
+def test_malformed_inputs_fail_alone_naming_the_key(embedder):
+    """A misspelt key or a non-string text is an error, not the empty input "NULL" or "b'...'" embedded."""
+    inputs = [{"txt": "a dog"}, {"text": b"a dog"}, {"text": ["ok", None]}, {"text": "a dog"},
+              {"text": "a dog", "instruction": 5}, {"text": "a dog", "fps": "2"}]
+    results = embedder.embed(inputs)
+    assert [r.ok for r in results] == [False, False, False, True, False, False]
+    assert "unknown key 'txt'" in results[0].error
+    assert "text must be a string or a list of strings, got bytes" in results[1].error
+    assert "a list holding NoneType" in results[2].error
+    assert "instruction must be a string, got int" in results[4].error
+    assert "fps must be a number, got str" in results[5].error
+    assert torch.allclose(torch.from_numpy(results[3].vector), embedder.process([inputs[3]])[0], atol=1e-6)
+
+
+def test_one_unloaded_pil_image_in_many_inputs(embedder, media):
+    """Image.open() decodes lazily from one file object: every thread's input must still read it whole."""
+    from PIL import Image
+
+    want = embedder.process([{"image": str(media["rgb"])}])[0]
+    for _ in range(5):
+        with Image.open(media["rgb"]) as lazy:
+            results = embedder.embed([{"image": lazy}] * 8)
+        assert all(r.ok for r in results), [r.error for r in results]
+        for r in results:
+            assert torch.allclose(torch.from_numpy(r.vector), want, atol=1e-5)

@@ -1,10 +1,11 @@
 """Contract rules that need no model: instructions, message layout, content order, pixel settings."""
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from operators.qwen3vl.formatting import (DEFAULT_EMBED_INSTRUCTION, RERANK_SYSTEM_PROMPT, VisionSettings,
-                                          embed_conversation, normalize_instruction, rerank_conversation,
+                                          check_input, embed_conversation, normalize_instruction, rerank_conversation,
                                           sample_frames, split_videos)
 
 VS = VisionSettings()
@@ -65,3 +66,27 @@ def test_rerank_conversation_literals_and_verbatim_instruction():
     empty = rerank_conversation({}, {}, "i", VS)
     assert [c.get("text") for c in empty[1]["content"]] == ["<Instruct>: i", "<Query>:", "NULL",
                                                              "\n<Document>:", "NULL"]
+
+
+@pytest.mark.parametrize("item, error, match", [
+    ({"txt": "a"}, ValueError, "unknown key 'txt'"),
+    ({"text": "a", "images": "x.png", "id": 3}, ValueError, "unknown keys 'images', 'id'"),
+    ({"text": 5}, TypeError, "got int"),
+    ({"text": ("a", b"b")}, TypeError, "a tuple holding bytes"),
+    ({"text": "a", "instruction": ["x"]}, TypeError, "instruction must be a string"),
+    ({"video": "v.mp4", "video_start": "1"}, TypeError, "video_start must be a number"),
+    ({"video": "v.mp4", "fps": True}, TypeError, "fps must be a number"),
+    ({"video": "v.mp4", "fps": 0}, ValueError, "fps must be > 0"),
+    ({"video": "v.mp4", "max_frames": 2.5}, ValueError, "max_frames must be an integer >= 1"),
+])
+def test_malformed_inputs_are_named(item, error, match):
+    with pytest.raises(error, match=match):
+        embed_conversation(item, VisionSettings())
+
+
+def test_well_formed_inputs_pass_the_checks():
+    for item in ({}, {"text": []}, {"text": ["a", "b"]}, {"text": np.str_("a")},
+                 {"video": "v.mp4", "fps": np.float32(2), "max_frames": np.int64(8), "video_start": 0, "video_end": 1.5},
+                 {"text": "a", "instruction": None}):
+        check_input(item)
+        embed_conversation(item, VisionSettings())

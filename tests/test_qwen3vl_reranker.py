@@ -175,3 +175,29 @@ def test_documents_and_queries_of_the_wrong_shape_are_named(reranker):
     results = reranker.score({"text": "q"}, ["a bare string", {"text": "a document"}])
     assert not results[0].ok and "a document must be a dict" in results[0].error
     assert results[1].ok
+
+
+def test_a_bad_query_is_named_as_the_query(reranker, tmp_path):
+    docs = [{"text": "a"}, {"text": "b"}]
+    with pytest.raises(ValueError, match="query: image file not found: .*gone.png"):
+        reranker.score({"image": str(tmp_path / "gone.png")}, docs)
+    with pytest.raises(ValueError, match="query: image file not found"):
+        reranker.process({"query": {"image": str(tmp_path / "gone.png")}, "documents": docs})
+    with pytest.raises(ValueError, match="query: unknown key 'txt'"):
+        reranker.score({"txt": "q"}, docs)
+    with pytest.raises(TypeError, match="instruction must be a string, got int"):
+        reranker.score({"text": "q"}, docs, instruction=5)
+    # Every document failing on its own is still each document's error.
+    results = reranker.score({"text": "q"}, [{"image": str(tmp_path / "gone.png")}, {"txt": "b"}])
+    assert "gone.png" in results[0].error and "unknown key 'txt'" in results[1].error
+
+
+def test_one_unloaded_pil_image_in_many_documents(reranker, media):
+    from PIL import Image
+
+    want = reranker.score({"text": "q"}, [{"image": media["img"]}])[0].score
+    for _ in range(5):
+        with Image.open(media["img"]) as lazy:
+            results = reranker.score({"text": "q"}, [{"image": lazy}] * 6)
+        assert all(r.ok for r in results), [r.error for r in results]
+        assert all(abs(r.score - want) < 1e-5 for r in results)

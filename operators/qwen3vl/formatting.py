@@ -7,10 +7,11 @@ rules are kept in one small module that tests pin string-for-string.
 
 from __future__ import annotations
 
+import numbers
 import os
 import unicodedata
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 from urllib.parse import urlparse
 
 import numpy as np
@@ -23,6 +24,8 @@ RERANK_SYSTEM_PROMPT = (
     'Note that the answer can only be "yes" or "no".'
 )
 EMPTY_TEXT = "NULL"
+# What one input dict may hold (model-contract.md "Inputs", plus a video segment's bounds).
+INPUT_KEYS = ("text", "image", "video", "instruction", "fps", "max_frames", "video_start", "video_end")
 
 # Extensions that make a string in a list a frame (so the list is one frame-list video).
 _FRAME_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tiff", ".tif", ".svg"}
@@ -39,8 +42,49 @@ class VisionSettings:
     max_frames: int = 64
 
 
+def check_instruction(instruction: Any) -> None:
+    """Raise TypeError unless the instruction is None or a string."""
+    if instruction is not None and not isinstance(instruction, str):
+        raise TypeError(f"instruction must be a string, got {type(instruction).__name__}")
+
+
+def check_input(item: Mapping[str, Any]) -> None:
+    """Raise naming the key when an input has an unknown key or a value of the wrong type.
+
+    The reference drops unknown keys and formats any text with str(): a misspelt "txt" would
+    embed as the empty input "NULL", and bytes as the string "b'...'", with no error at all.
+    """
+    unknown = [k for k in item if k not in INPUT_KEYS]
+    if unknown:
+        raise ValueError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(repr(k) for k in unknown)}: "
+                         f"an input takes {', '.join(INPUT_KEYS)}")
+    text = item.get("text")
+    if text is not None and not isinstance(text, str) and not (
+            isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text)):
+        raise TypeError(f"text must be a string or a list of strings, got {_describe(text)}")
+    check_instruction(item.get("instruction"))
+    for key in ("fps", "video_start", "video_end"):
+        value = item.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise TypeError(f"{key} must be a number, got {type(value).__name__}")
+    if item.get("fps") is not None and not item["fps"] > 0:
+        raise ValueError(f"fps must be > 0, got {item['fps']}")
+    max_frames = item.get("max_frames")
+    if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, numbers.Integral)
+                                   or max_frames < 1):
+        raise ValueError(f"max_frames must be an integer >= 1, got {max_frames!r}")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        odd = next(v for v in value if not isinstance(v, str))
+        return f"a {type(value).__name__} holding {type(odd).__name__}"
+    return type(value).__name__
+
+
 def normalize_instruction(instruction: str | None, default: str) -> str:
     """Strip a given instruction and end it with punctuation; the default is used as is."""
+    check_instruction(instruction)
     if instruction:
         instruction = instruction.strip()
         if instruction and not unicodedata.category(instruction[-1]).startswith("P"):
@@ -97,6 +141,7 @@ def sample_frames(frames: list, max_frames: int) -> list:
 def media_content(item: dict[str, Any], vs: VisionSettings, fps: float | None = None,
                   max_frames: int | None = None) -> list[dict[str, Any]]:
     """Content items for one input: videos first, then images, then texts; `NULL` when empty."""
+    check_input(item)
     texts = [t for t in _as_list(item.get("text"))]
     images = _as_list(item.get("image"))
     videos = split_videos(item.get("video"))
@@ -141,6 +186,7 @@ def rerank_conversation(query: dict[str, Any], document: dict[str, Any], instruc
                         vs: VisionSettings, fps: float | None = None,
                         max_frames: int | None = None) -> list[dict[str, Any]]:
     """The reranker's (query, document) conversation; the instruction is used verbatim."""
+    check_instruction(instruction)
     content = [{"type": "text", "text": "<Instruct>: " + instruction},
                {"type": "text", "text": "<Query>:"}]
     content += media_content(query, vs, fps, max_frames)

@@ -51,10 +51,27 @@ def open_image_bytes(data: bytes, name: str = "<bytes>") -> Image.Image:
         raise MediaError(f"cannot decode image {name}: {type(exc).__name__}: {exc}") from exc
 
 
+# Image.open() returns an image that decodes on first use, reading its file object: several
+# preparation threads given the same unloaded image (one PIL object in several inputs) would read
+# that one file at once and corrupt each other's reads.
+_PIL_LOAD_LOCK = threading.Lock()
+
+
+def load_image(image: Image.Image) -> Image.Image:
+    """The caller's PIL image, decoded (once, whichever thread gets there first)."""
+    try:
+        with _PIL_LOAD_LOCK:
+            image.load()
+    except Exception as exc:
+        name = getattr(image, "filename", "") or "<PIL image>"
+        raise MediaError(f"cannot decode image {name}: {type(exc).__name__}: {exc}") from exc
+    return image
+
+
 def resolve_image(source: Any, storage_options: dict[str, Any] | None = None) -> Any:
     """Turn an image source into a PIL image or a string qwen-vl-utils reads identically."""
     if isinstance(source, Image.Image):
-        return source
+        return load_image(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
         return open_image_bytes(bytes(source))
     if isinstance(source, str):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Hashable, Iterator, Sequence
 
 import torch
+from PIL import Image
 from qwen_vl_utils import process_vision_info
 
 from .media_io import MediaError, VideoFiles, resolve_image, resolve_video
@@ -107,19 +108,43 @@ def video_reader_error(conversation: list[dict[str, Any]]) -> str | None:
     return None
 
 
-def run_processor(processor: Any, prompt: str, conversation: list[dict[str, Any]],
-                  **text_kwargs: Any) -> tuple[list[int], dict[str, torch.Tensor], dict[str, list[int]]]:
-    """Resize vision inputs with qwen-vl-utils and run the HF processor for one conversation."""
+def image_reader_error(conversation: list[dict[str, Any]]) -> str | None:
+    """Why the first undecodable local image file of this conversation cannot be read, if one cannot.
+
+    PIL's errors for a corrupt or truncated file ("Truncated File Read", "image file is
+    truncated") do not name the file; reading each local image again, on failure only, does.
+    """
+    for message in conversation:
+        for entry in message.get("content", ()):
+            source = entry.get("image") if isinstance(entry, dict) else None
+            if not isinstance(source, str) or "://" in source and not source.startswith("file://"):
+                continue
+            path = source[len("file://"):] if source.startswith("file://") else source
+            try:
+                with Image.open(path) as image:
+                    image.load()
+            except Exception as exc:
+                return f"cannot decode image {path}: {type(exc).__name__}: {exc}"
+    return None
+
+
+def vision_info(conversation: list[dict[str, Any]]) -> tuple[Any, Any, dict[str, Any]]:
+    """qwen-vl-utils' resized images, videos and video kwargs; a failure names the image or video it is about."""
     try:
-        images, video_inputs, video_kwargs = process_vision_info(
-            [conversation], image_patch_size=IMAGE_PATCH_SIZE,
-            return_video_metadata=True, return_video_kwargs=True)
+        return process_vision_info([conversation], image_patch_size=IMAGE_PATCH_SIZE,
+                                   return_video_metadata=True, return_video_kwargs=True)
     except Exception as exc:
-        # Only the torchvision fallback's symptom is worth a second read (other errors name their cause).
-        reason = video_reader_error(conversation) if "read_video" in str(exc) else None
+        # The torchvision fallback's symptom hides the video reader's reason; PIL's hide the file.
+        reason = video_reader_error(conversation) if "read_video" in str(exc) else image_reader_error(conversation)
         if reason is None:
             raise
         raise MediaError(reason) from exc
+
+
+def run_processor(processor: Any, prompt: str, conversation: list[dict[str, Any]],
+                  **text_kwargs: Any) -> tuple[list[int], dict[str, torch.Tensor], dict[str, list[int]]]:
+    """Resize vision inputs with qwen-vl-utils and run the HF processor for one conversation."""
+    images, video_inputs, video_kwargs = vision_info(conversation)
     videos = metadata = None
     if video_inputs is not None:
         videos, metadata = (list(x) for x in zip(*video_inputs))
@@ -174,9 +199,7 @@ def process_image(processor: Any, entry: dict[str, Any],
                   storage_options: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(pixel rows, grid) of one unresolved image content entry: qwen-vl-utils resizing, then the image processor."""
     resolved = {**entry, "image": resolve_image(entry["image"], storage_options)}
-    images, _, _ = process_vision_info([[{"role": "user", "content": [resolved]}]],
-                                       image_patch_size=IMAGE_PATCH_SIZE, return_video_metadata=True,
-                                       return_video_kwargs=True)
+    images, _, _ = vision_info([{"role": "user", "content": [resolved]}])
     out = processor.image_processor(images=images, do_resize=False, return_tensors="pt")
     return out["pixel_values"], out["image_grid_thw"]
 

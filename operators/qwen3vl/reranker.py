@@ -26,8 +26,10 @@ import numpy as np
 import torch
 from transformers import DynamicCache, Qwen3VLForConditionalGeneration
 
-from .formatting import DEFAULT_RERANK_INSTRUCTION, VisionSettings, media_content, rerank_conversation
+from .formatting import (DEFAULT_RERANK_INSTRUCTION, VisionSettings, check_input, check_instruction, media_content,
+                         rerank_conversation)
 from .loading import ModelLoadError, resolve_device
+from .media_io import MediaError
 from .prefix_attention import KWARG as PREFIX_PACK
 from .prefix_attention import SuffixPack, attention_is_sdpa, install_prefix_attention, suffix_mask
 from .preprocess import (InputError, Prepared, VisionCache, cached_image, collate, describe_error, growing_windows,
@@ -388,6 +390,11 @@ class Qwen3VLReranker(Qwen3VLRunner):
         """
         if not isinstance(query, Mapping):
             raise TypeError(f"query must be a dict such as {{'text': ...}}, got {type(query).__name__}")
+        try:
+            check_input(query)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"query: {exc}") from None
+        check_instruction(instruction)
         documents = list(check_inputs(documents, "documents"))
         scope = uuid.uuid4().hex  # this call's query images are processed once, for all its pairs
         futures = [self.submit_prepare(query, doc, instruction, fps, max_frames, scope) for doc in documents]
@@ -418,7 +425,17 @@ class Qwen3VLReranker(Qwen3VLRunner):
             shares = [w == 0 or self._shares_prefix(p, shared) for _, p in ok]
             self._score_on_prefix([x for x, s in zip(ok, shares) if s], shared, results)
             self._score_plain([x for x, s in zip(ok, shares) if not s], results)
+        if results and not any(r.ok for r in results):
+            reason = self._query_failure(query, instruction, fps, max_frames)
+            if reason is not None:  # no document is at fault: say so, instead of failing each one
+                raise MediaError(f"query: {reason}")
         return results
+
+    def _query_failure(self, query: dict[str, Any], instruction: str | None, fps: float | None,
+                       max_frames: int | None) -> str | None:
+        """Why the query cannot be prepared with an empty document, if it cannot."""
+        item = self._safe_prepare(query, {}, instruction, fps, max_frames, None)
+        return None if isinstance(item, Prepared) else item
 
     def _record(self, results: list[ScoreResult], index: int, out: float | str) -> None:
         if isinstance(out, str):
