@@ -577,6 +577,14 @@ class OutputConfig(_Section):
                              f"run's folder under output.dir (got {_show(v)})")
         return v
 
+    @model_validator(mode="after")
+    def _distinct_files(self) -> "OutputConfig":
+        # One name for both: the report, written last, would replace the dead letters.
+        if self.dead_letter_file == self.report_file:
+            raise ValueError(f"dead_letter_file and report_file are both {_show(self.report_file)}: "
+                             "the report would overwrite the dead letters; give them different names")
+        return self
+
 
 class Config(_Section):
     """The whole job configuration (see configs/*.yaml)."""

@@ -43,7 +43,7 @@ from sinks.qdrant_writer import QdrantWriter
 
 from .config import Config, redact
 from .plan import plan_objects, settings_digest, source_root, with_settings
-from .preflight import PreflightError, first_line, collection_spec, ensure_folder, model_dimension
+from .preflight import PreflightError, check_ray_address, first_line, collection_spec, ensure_folder, model_dimension
 from .report import RunReport
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ def ensure_ray(cfg: Config) -> None:
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    check_ray_address(cfg.compute.ray_address)
     ray.init(address=cfg.compute.ray_address, include_dashboard=False, log_to_driver=True)
 
 
@@ -182,9 +183,11 @@ def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], Non
     failure: BaseException | None = None
     try:
         try:
-            store.call("ensure_collection", spec)  # a mismatch stops here, before any work
+            notes = store.call("ensure_collection", spec)  # a mismatch stops here, before any work
         except Exception as exc:
             raise PreflightError(redact(_error_text(exc), secrets)) from exc
+        for note in notes or ():
+            echo(f"warning: {note}")
         for d in list_dead:
             report.objects[d.uri] = "failed"
             report.dead_letters.append(d.to_row())
@@ -217,7 +220,8 @@ def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], Non
                 gone = [u for u in plan.changed if report.objects.get(u) == "failed"]
                 if gone:  # the object changed into something unreadable: its old vectors are wrong now
                     store.call("delete_by_uri", gone)
-                report.deleted_stale_objects = len(replaced) + len(gone)
+                report.deleted_stale_objects = len(replaced)
+                report.removed_failed_objects = len(gone)
         if prune and plan.vanished and failure is None:
             store.call("delete_by_uri", plan.vanished)
             report.pruned_objects = len(plan.vanished)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Iterable
 
@@ -18,6 +19,33 @@ from .config import Config
 
 class PreflightError(RuntimeError):
     """The job cannot start: a configuration, model, store or source problem found before any work."""
+
+
+RAY_GCS_PORT = 6379  # Ray's default for a bare host
+RAY_CLIENT_PORT = 10001  # and for ray://host
+
+
+def check_ray_address(address: str | None, timeout_s: float = 10.0) -> None:
+    """Raise PreflightError unless compute.ray_address (host:port or ray://host:port) accepts a connection.
+
+    ray.init() retries an unreachable cluster for many minutes, ignoring SIGTERM meanwhile;
+    one TCP connect answers in seconds. None (a local Ray) and "auto" are not probed.
+    """
+    if address is None or address in ("auto", "local"):
+        return
+    client = address.startswith("ray://")
+    hostport = address[len("ray://"):] if client else address
+    host, _, port = hostport.rstrip("/").rpartition(":") if ":" in hostport else (hostport, "", "")
+    host = host.strip("[]") or "localhost"
+    try:
+        port_number = int(port) if port else (RAY_CLIENT_PORT if client else RAY_GCS_PORT)
+    except ValueError:
+        raise PreflightError(f"compute.ray_address {address!r}: {port!r} is not a port number") from None
+    try:
+        socket.create_connection((host, port_number), timeout=timeout_s).close()
+    except OSError as exc:
+        raise PreflightError(f"compute.ray_address {address!r}: cannot connect to {host}:{port_number} "
+                             f"({type(exc).__name__}: {exc}); is the Ray cluster up and reachable?") from None
 
 
 def model_dimension(model: str) -> int:

@@ -112,6 +112,9 @@ def open_client(cfg: Config) -> QdrantClient:
     """A client for the configured store. An embedded store must exist: opening a missing folder
     would create an empty store there, and a query must not write anything."""
     settings = qdrant_settings(cfg)
+    if settings.embedded and os.path.exists(settings.path) and not os.path.isdir(settings.path):
+        raise QueryPreflightError(f"embedded store {settings.path} (qdrant.path) is a file, not a folder: "
+                                  "fix qdrant.path")
     if settings.embedded and not os.path.isdir(settings.path):
         raise QueryPreflightError(f"embedded store {settings.path} (qdrant.path) does not exist: "
                                   "ingest into it first (qvl ingest), or fix qdrant.path")
@@ -190,6 +193,8 @@ def query_content(query: Mapping[str, Any]) -> dict[str, Any]:
                               f"{', '.join(repr(k) for k in unknown)}: a query takes {', '.join(QUERY_FIELDS)}, "
                               "instruction")
     content = {k: query[k] for k in QUERY_FIELDS if query.get(k) is not None}
+    if isinstance(content.get("text"), str) and not content["text"].strip():
+        del content["text"]  # blank text is no query (ingestion, likewise, embeds no blank text)
     if not any(content.get(k) for k in ("text", "image", "video")):
         raise QueryInputError("the query has no text, image or video")
     for key in ("image", "video"):

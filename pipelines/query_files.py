@@ -104,6 +104,8 @@ def parse_query_row(raw: Any, where: str, base_uri: str) -> QueryRow:
                 continue
         elif key == "text" and not isinstance(value, str):
             raise QueryInputError(f"{where}: 'text' must be a string, got {type(value).__name__}")
+        elif key == "text" and not value.strip():
+            continue  # blank text is no query
         elif key in _NUMBER_FIELDS and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise QueryInputError(f"{where}: {key!r} must be a number, got {type(value).__name__}")
         query[key] = value

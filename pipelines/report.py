@@ -25,6 +25,8 @@ class RunReport:
     points_per_modality: dict[str, int] = field(default_factory=dict)
     units_failed: int = 0
     deleted_stale_objects: int = 0
+    # Changed objects that now fail: their old points were deleted, and nothing replaced them.
+    removed_failed_objects: int = 0
     pruned_objects: int = 0
     dead_letters: list[dict[str, Any]] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
@@ -76,8 +78,9 @@ class RunReport:
             f"  points written {self.points_written} ({', '.join(f'{m} {n}' for m, n in sorted(self.points_per_modality.items())) or 'none'})"
             f" in {self.wall_seconds:.1f}s ({rate:.1f} points/s)",
         ]
-        if self.deleted_stale_objects or self.pruned_objects:
+        if self.deleted_stale_objects or self.removed_failed_objects or self.pruned_objects:
             lines.append(f"  replaced units of {self.deleted_stale_objects} changed objects, "
+                         f"removed the points of {self.removed_failed_objects} changed objects that now fail, "
                          f"pruned {self.pruned_objects} vanished objects")
         if self.error:
             not_written = sum(1 for d in self.dead_letters if d.get("stage") == "write")

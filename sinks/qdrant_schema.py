@@ -158,6 +158,47 @@ def validate_collection(info: models.CollectionInfo, spec: CollectionSpec) -> No
                 f"collection {spec.name!r} vector {name!r} uses distance {distance.value} "
                 f"but the embedder expects {models.Distance.COSINE.value}"
             )
+    # Points written without one of the collection's MRL vectors are invisible to a query that
+    # prefetches on it (the query funnels on the collection's smallest MRL vector).
+    unwritten = sorted(n for n in existing if n.startswith("mrl_") and n not in spec.vector_dims)
+    if unwritten:
+        held = sorted((int(n[4:]) for n in existing if n.startswith("mrl_") and n[4:].isdigit()), reverse=True)
+        raise CollectionMismatchError(
+            f"collection {spec.name!r} holds MRL vectors {unwritten} that embedder.mrl_dims "
+            f"{list(spec.mrl_dims)} would not write: new points would lack them and queries, which "
+            f"prefetch on the smallest, would never find those points; set embedder.mrl_dims to "
+            f"{held} or use another collection"
+        )
+
+
+def storage_differences(info: models.CollectionInfo, spec: CollectionSpec) -> list[str]:
+    """The existing collection's storage settings that differ from spec (the collection keeps its own)."""
+    existing: Any = info.config.params.vectors
+    full = existing.get(FULL_VECTOR) if isinstance(existing, dict) else None
+    if full is None:
+        return []
+    notes = []
+    have_type = models.Datatype(full.datatype).value if full.datatype else "float32"
+    if have_type != spec.full_datatype:
+        notes.append(f"qdrant.full_datatype is {spec.full_datatype} but the collection stores {have_type}")
+    if bool(full.on_disk) != spec.on_disk:
+        notes.append(f"qdrant.on_disk is {str(spec.on_disk).lower()} but the collection keeps its full vectors "
+                     f"{'on disk' if full.on_disk else 'in RAM'}")
+    quant = {vector_name(d): existing[vector_name(d)].quantization_config for d in spec.mrl_dims
+             if vector_name(d) in existing}
+    have_quant = {_quantization_kind(q) for q in quant.values()} or {spec.quantization}
+    if have_quant != {spec.quantization}:
+        notes.append(f"qdrant.quantization is {spec.quantization} but the collection's MRL vectors use "
+                     f"{', '.join(sorted(have_quant))}")
+    return [f"collection {spec.name!r}: {n} (an existing collection's storage is left as it is)" for n in notes]
+
+
+def _quantization_kind(config: Any) -> str:
+    if isinstance(config, models.ScalarQuantization):
+        return "int8"
+    if isinstance(config, models.BinaryQuantization):
+        return "binary"
+    return "none" if config is None else type(config).__name__
 
 
 def ensure_payload_indexes(client: QdrantClient, spec: CollectionSpec) -> list[str]:
@@ -177,10 +218,16 @@ def ensure_payload_indexes(client: QdrantClient, spec: CollectionSpec) -> list[s
     return created
 
 
-def ensure_collection(client: QdrantClient, spec: CollectionSpec) -> None:
-    """Create the collection if missing, else validate it; then create missing payload indexes."""
+def ensure_collection(client: QdrantClient, spec: CollectionSpec) -> list[str]:
+    """Create the collection if missing, else validate it; then create missing payload indexes.
+
+    Returns the existing collection's storage settings that differ from spec, for a warning.
+    """
+    notes: list[str] = []
     if client.collection_exists(spec.name):
-        validate_collection(client.get_collection(spec.name), spec)
+        info = client.get_collection(spec.name)
+        validate_collection(info, spec)
+        notes = storage_differences(info, spec)
     else:
         logger.info("creating collection %r with vectors %s", spec.name, spec.vector_dims)
         try:
@@ -195,3 +242,4 @@ def ensure_collection(client: QdrantClient, spec: CollectionSpec) -> None:
                 raise
             validate_collection(client.get_collection(spec.name), spec)
     ensure_payload_indexes(client, spec)
+    return notes

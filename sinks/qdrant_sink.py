@@ -179,10 +179,11 @@ class QdrantOwner:
         """source_uri -> fingerprint."""
         return self.writer.fingerprints_by_uri(uris)
 
-    def ensure_collection(self, spec: CollectionSpec) -> None:
-        """Create or validate the collection."""
-        ensure_collection(self.client, spec)
+    def ensure_collection(self, spec: CollectionSpec) -> list[str]:
+        """Create or validate the collection; returns the storage settings it keeps that differ from spec."""
+        notes = ensure_collection(self.client, spec)
         tune_embedded_storage(self.client)  # a collection created just now
+        return notes
 
     def count(self) -> int:
         """Exact point count."""

@@ -222,3 +222,9 @@ def test_config_sizes(size, hidden, layers, heads, kv, inter, vis):
     assert t.vocab_size == (len(tok) if size in ("tiny", "small") else 151936)
     if size in ("2b", "8b"):
         assert t.head_dim == 128 and t.rope_scaling["mrope_section"] == [24, 20, 20]
+
+
+def test_weights_are_as_readable_as_the_other_files(tiny_embedding_ckpt):
+    """safetensors writes through a 0600 temporary file; a shared checkpoint must stay readable."""
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(tiny_embedding_ckpt / "model.safetensors") == mode(tiny_embedding_ckpt / "config.json")

@@ -637,6 +637,12 @@ def test_output_file_names_must_be_plain(key, name):
     assert f"output.{key}: must be a plain file name" in msg
 
 
+def test_output_file_names_must_differ():
+    # One name for both: the report, written last, would overwrite the dead letters.
+    msg = error_of(with_section("output", report_file="dead_letters.jsonl"))
+    assert "dead_letter_file and report_file are both 'dead_letters.jsonl'" in msg
+
+
 def test_output_file_names_plain_ok():
     cfg = parse_config(with_section("output", report_file="r..json", dead_letter_file="dead letters.jsonl"))
     assert (cfg.output.report_file, cfg.output.dead_letter_file) == ("r..json", "dead letters.jsonl")

@@ -1,6 +1,7 @@
 """Incremental runs and --prune at their edges: partly failed objects, `~` sources, filters, unlisted files."""
 
 import json
+import re
 
 import pytest
 
@@ -131,6 +132,26 @@ def test_a_source_where_nothing_matches_is_warned_about(tmp_path, tiny_embedding
     assert any(line.startswith("warning: nothing under source.uri") for line in lines), lines
 
 
+@pytest.mark.slow
+def test_an_existing_collections_layout_is_kept_or_refused(tmp_path, tiny_embedding_ckpt, ray_local):
+    from pipelines.preflight import PreflightError
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("Alpha bravo charlie.")
+    run_ingest(parse_config(config_dict(src, tiny_embedding_ckpt, tmp_path, embedder={"mrl_dims": [32, 16]})))
+    (src / "b.txt").write_text("Zulu yankee xray.")
+    # Points without mrl_16 would never be found by a query that prefetches on it.
+    with pytest.raises(PreflightError, match=r"holds MRL vectors \['mrl_16'\] .*set embedder.mrl_dims to \[32, 16\]"):
+        run_ingest(parse_config(config_dict(src, tiny_embedding_ckpt, tmp_path, embedder={"mrl_dims": [32]})))
+    lines: list[str] = []
+    data = config_dict(src, tiny_embedding_ckpt, tmp_path, embedder={"mrl_dims": [32, 16]},
+                       qdrant={"quantization": "binary"})
+    report = run_ingest(parse_config(data), echo=lines.append)
+    assert report.counts()["ingested"] == 1
+    assert any(line.startswith("warning: collection 'media': qdrant.quantization is binary") for line in lines), lines
+
+
 def test_settings_digest_ignores_spelling_that_embeds_the_same(tiny_embedding_ckpt, tmp_path):
     from operators.qwen3vl.formatting import DEFAULT_EMBED_INSTRUCTION
     from pipelines.plan import settings_digest
@@ -170,3 +191,31 @@ def test_reported_errors_are_one_line_and_a_model_load_failure_is_recognised():
     assert len(_error_text(RuntimeError("y" * 2000))) == 500
     assert _model_load_failed(ModelLoadError("cannot load model from '/m': bad header"))
     assert not _model_load_failed(RuntimeError("the store went away"))
+
+
+def test_the_summary_tells_replaced_from_removed_changed_objects():
+    from pipelines.report import RunReport
+
+    report = RunReport("r", "c", "src", "m", deleted_stale_objects=2, removed_failed_objects=1)
+    assert ("replaced units of 2 changed objects, removed the points of 1 changed objects that now fail, "
+            "pruned 0 vanished objects") in report.summary()
+    assert report.as_dict()["removed_failed_objects"] == 1
+
+
+def test_an_unreachable_ray_address_fails_in_seconds_naming_the_key():
+    import socket
+
+    from pipelines.preflight import PreflightError, check_ray_address
+
+    with socket.create_server(("127.0.0.1", 0)) as server:  # a listening port: reachable
+        port = server.getsockname()[1]
+        check_ray_address(f"127.0.0.1:{port}")
+        check_ray_address(f"ray://127.0.0.1:{port}")
+    # The port is closed now: refused at once, where ray.init() would retry for minutes.
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(PreflightError, match=rf"compute.ray_address '{re.escape(address)}': cannot connect"):
+            check_ray_address(address, timeout_s=5)
+    with pytest.raises(PreflightError, match="'x' is not a port number"):
+        check_ray_address("head:x")
+    check_ray_address(None)
+    check_ray_address("auto")

@@ -95,7 +95,19 @@ def test_create_named_vectors_and_quantization(client):
     v = client.get_collection("bin").config.params.vectors
     assert v["full"].datatype == models.Datatype.FLOAT16 and v["full"].on_disk
     assert isinstance(v["mrl_4"].quantization_config, models.BinaryQuantization)
-    ensure_collection(client, spec16)  # validating a matching collection is a no-op
+    assert ensure_collection(client, spec16) == []  # validating a matching collection is a no-op
+
+
+def test_storage_settings_that_differ_are_reported_not_applied(client):
+    spec = CollectionSpec(name="plain", full_dim=FULL, mrl_dims=(MRL,))
+    ensure_collection(client, spec)
+    other = CollectionSpec(name="plain", full_dim=FULL, mrl_dims=(MRL,), full_datatype="float16", on_disk=True,
+                           quantization="binary")
+    notes = ensure_collection(client, other)
+    assert len(notes) == 3, notes
+    assert "full_datatype is float16 but the collection stores float32" in notes[0]
+    assert "on_disk is true" in notes[1] and "quantization is binary" in notes[2] and "use none" in notes[2]
+    assert client.get_collection("plain").config.params.vectors["full"].datatype in (None, models.Datatype.FLOAT32)
 
 
 def test_mismatch_names_both_dims_and_writes_nothing(client):
@@ -111,6 +123,10 @@ def test_mismatch_names_both_dims_and_writes_nothing(client):
 
     with pytest.raises(CollectionMismatchError, match="no vector 'mrl_4'"):
         ensure_collection(client, CollectionSpec(name="docs", full_dim=FULL, mrl_dims=(MRL, 4)))
+    # Fewer MRL dimensions than the collection holds: new points would be invisible to the funnel.
+    with pytest.raises(CollectionMismatchError, match=r"holds MRL vectors \['mrl_8'\] .*embedder.mrl_dims \[\] .*"
+                                                      r"set embedder.mrl_dims to \[8\]"):
+        ensure_collection(client, CollectionSpec(name="docs", full_dim=FULL))
 
     after = client.get_collection("docs")
     assert after.config.params.vectors == before.config.params.vectors

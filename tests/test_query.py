@@ -328,6 +328,8 @@ def test_preflight_errors(world, embedder, tmp_path, tiny_embedding_ckpt):
             engine.search({"instruction": "x"}, rerank=False)
         with pytest.raises(QueryInputError, match="unknown query key 'imgae'"):
             engine.search({"text": "x", "imgae": "red.png"}, rerank=False)
+        with pytest.raises(QueryInputError, match="no text, image or video"):
+            engine.search({"text": "  \n"}, rerank=False)  # blank text is no query, as in ingestion
 
     path = tmp_path / "bad.yaml"
     bad_data = yaml.safe_load(Path(world["yaml"]).read_text())
@@ -458,6 +460,9 @@ def test_missing_store_is_not_created(world, tmp_path, capsys):
                 "--set", f"qdrant.path={gone}"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not gone.exists()
+    (tmp_path / "afile").write_text("x")
+    assert qvl(["query", world["yaml"], "--text", "x", "--set", f"qdrant.path={tmp_path / 'afile'}"]) == 2
+    assert f"embedded store {tmp_path / 'afile'} (qdrant.path) is a file, not a folder" in capsys.readouterr().err
 
 
 def test_top_k_that_is_not_a_number_is_a_readable_error(world, capsys):

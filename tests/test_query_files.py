@@ -102,12 +102,12 @@ def test_media_paths_resolved_like_qvl_query(tmp_path, monkeypatch):
     (tmp_path / "q.jsonl").write_text(
         '{"id": "t", "image": "~/x.png"}\n'
         f'{{"id": "f", "image": "file://{tmp_path}/img/y.png", "video": "  "}}\n'
-        '{"id": "r", "video": "../v.mp4", "text": "", "instruction": ""}\n'
+        '{"id": "r", "video": "../v.mp4", "text": " ", "instruction": ""}\n'
         '{"id": "s", "image": "s3://b/z.png", "text": "\\u2028 one line"}\n')
     rows = read_queries(str(tmp_path / "q.jsonl"))
     assert [r.query for r in rows] == [{"image": str(tmp_path / "home/x.png")},
                                        {"image": str(tmp_path / "img/y.png")},  # a blank video is no video
-                                       {"video": str(tmp_path.parent / "v.mp4"), "text": ""},
+                                       {"video": str(tmp_path.parent / "v.mp4")},  # nor a blank text a text
                                        {"image": "s3://b/z.png", "text": "\u2028 one line"}]
     # "" is a given (empty) instruction, as with `qvl query --instruction ""`; absent is the default
     assert [r.instruction for r in rows] == [None, None, "", None]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -433,6 +434,12 @@ def build_checkpoint(out_dir: str | Path, kind: Kind, size: Size = "tiny", seed:
     jinja = out / "chat_template.jinja"
     if jinja.exists():
         jinja.unlink()
+    # safetensors writes the weights through a private (0600) temporary file: give them the mode
+    # every other file got, so workers running as another user can read the checkpoint.
+    umask = os.umask(0)
+    os.umask(umask)
+    for weights in out.glob("*.safetensors"):
+        weights.chmod(0o666 & ~umask)
     return out
 
 
