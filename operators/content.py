@@ -11,7 +11,8 @@ every unit kind is rebuilt the way ``operators.media.expand`` built it:
 - PDF page (``page=<n>``): page n rendered at the ingestion ``pdf_dpi`` (same PDFium
   calls and PNG encoding as ``render_pdf``, only that page);
 - video segment (``t=<s>-<e>``): the source URI with ``video_start``/``video_end``;
-- manifest record (``record=<key>``): the payload's ``text``, the ``image_uri`` bytes
+- manifest record (``record=<key>``): the payload's ``text`` (the record's whole text,
+  re-read from the manifest, when the payload only holds an excerpt), the ``image_uri`` bytes
   (through ``image_unit_bytes``) and the ``video_uri`` (whole video), whatever the
   record's modality (text, image, video or mixed).
 
@@ -140,6 +141,24 @@ def _position_value(position: str, key: str) -> str:
     return position[len(prefix):]
 
 
+def _record_text(payload: Mapping[str, Any], uri: str, position: str, storage_options: dict[str, Any] | None,
+                 cache: SourceCache | None) -> str:
+    """A record's text: the payload's, or, where that is an excerpt, the whole text from the manifest."""
+    from operators.media.manifest import ManifestRecord, parse_manifest
+
+    text = payload["text"]
+    if not payload.get("text_truncated"):
+        return text
+    key = position[len("record="):]
+    try:
+        for rec in parse_manifest(_read(uri, storage_options, cache), uri):
+            if isinstance(rec, ManifestRecord) and rec.key == key and rec.text and rec.text.startswith(text):
+                return rec.text
+    except Exception:
+        pass  # the excerpt still answers, as for a text chunk
+    return text
+
+
 def candidate_input(payload: Mapping[str, Any], *, storage_options: dict[str, Any] | None = None,
                     settings: Any = None, cache: SourceCache | None = None) -> dict[str, Any]:
     """The embedder/reranker input dict of a stored point, rebuilt from its payload and source.
@@ -158,7 +177,7 @@ def candidate_input(payload: Mapping[str, Any], *, storage_options: dict[str, An
     if position.startswith("record="):  # manifest record: text inline, media by URI
         item: dict[str, Any] = {}
         if payload.get("text"):
-            item["text"] = payload["text"]
+            item["text"] = _record_text(payload, uri, position, storage_options, cache)
         if payload.get("image_uri"):
             ref = payload["image_uri"]
             item["image"] = _image(ref, _options_for(ref, uri, storage_options), cfg, cache)

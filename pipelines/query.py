@@ -244,6 +244,34 @@ def oversized_image(content: Mapping[str, Any], max_pixels: int,
     return None
 
 
+def upright_images(content: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The query content with every EXIF-rotated image replaced by its upright pixels, as ingestion embeds it."""
+    images = content.get("image")
+    if images is None:
+        return dict(content)
+    many = isinstance(images, (list, tuple))
+    upright = [_upright(image, storage_options) for image in (images if many else [images])]
+    return {**content, "image": upright if many else upright[0]}
+
+
+def _upright(image: Any, storage_options: Mapping[str, Any] | None) -> Any:
+    from operators.media.images import upright_bytes
+    from operators.media.listing import fs_for
+
+    try:
+        if isinstance(image, (bytes, bytearray)):
+            data = bytes(image)
+        elif isinstance(image, str) and not image.startswith(("http://", "https://", "data:")):
+            fs, path = fs_for(image, dict(storage_options or {}))
+            with fs.open(path, "rb") as fh:
+                data = fh.read()
+        else:
+            return image  # a URL qwen-vl-utils reads itself, or a PIL image
+        return upright_bytes(data) or image
+    except Exception:
+        return image  # unreadable: the embedder names the reason
+
+
 def embed_queries(embedder: Any, contents: Sequence[Mapping[str, Any]], instructions: Sequence[str],
                   max_image_pixels: int | None = None,
                   storage_options: Mapping[str, Any] | None = None) -> list[np.ndarray | str]:
@@ -256,7 +284,7 @@ def embed_queries(embedder: Any, contents: Sequence[Mapping[str, Any]], instruct
             out[i] = too_large
         else:
             live.append(i)
-    inputs = [{**contents[i], "instruction": instructions[i]} for i in live]
+    inputs = [{**upright_images(contents[i], storage_options), "instruction": instructions[i]} for i in live]
     for i, r in zip(live, embedder.embed(inputs, normalize=False) if inputs else []):
         out[i] = r.vector if r.ok else (r.error or "unknown error")
     return out
@@ -409,7 +437,8 @@ def rerank_candidates(reranker: Any, query: Mapping[str, Any], candidates: Seque
     scored: list[tuple[float, int, Candidate]] = []
     # One call for the whole top-k: the reranker batches the pairs itself and computes the
     # query's shared prefix (and, for an image query, its vision tower) once, not once per batch.
-    results = reranker.score(dict(query), [d for _, _, d in ready], instruction) if ready else []
+    results = (reranker.score(upright_images(query, storage_options), [d for _, _, d in ready], instruction)
+               if ready else [])
     for (i, c, _), r in zip(ready, results):
         if r.ok:
             scored.append((float(r.score), i, c))

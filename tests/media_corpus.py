@@ -190,7 +190,7 @@ def make_corpus(root: Path, settings: ExpandSettings | None = None, tokenizer: A
         spec.files[rel] = FileSpec("ok", 1, "image", modalities=("image",))
     spec.files["docs/three_pages.pdf"] = FileSpec("ok", 3, "pdf", modalities=("pdf_page",) * 3)
     for rel, frames in (("videos/clip.mp4", MP4_FRAMES), ("videos/clip.webm", WEBM_FRAMES)):
-        n = len(video_segments(frames / VIDEO_FPS, settings.video_segment_s))
+        n = len(video_segments(frames / VIDEO_FPS, settings.video_segment_s, VIDEO_FPS))
         spec.files[rel] = FileSpec("ok", n, "video", modalities=("video",) * n)
     spec.files["manifests/records.jsonl"] = FileSpec("ok", 5, "manifest", modalities=("text", "image", "mixed", "video", "text"))
     spec.files["manifests/records.parquet"] = FileSpec("ok", 3, "manifest", modalities=("text", "image", "mixed"))

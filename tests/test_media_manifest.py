@@ -71,10 +71,26 @@ def test_jsonl_invalid_utf8_line_only_fails_that_line() -> None:
     assert isinstance(out[0], ManifestRecord) and isinstance(out[1], RecordError) and out[1].error_type == "InvalidUTF8"
 
 
-def test_line_key_and_id_share_namespace() -> None:
-    data = b'{"text": "line one"}\n{"id": "1", "text": "clashes with line 1"}\n'
+def test_an_id_less_record_never_takes_another_records_id() -> None:
+    """Line numbers key id-less records, but a record's own id wins, wherever it comes in the file."""
+    data = (b'{"text": "line one"}\n{"id": "1", "text": "names itself 1"}\n{"id": 0, "text": "zero"}\n'
+            b'{"text": "line four"}\n{"id": 2, "text": "two"}\n{"id": "1", "text": "a real duplicate"}\n')
     out = parse_manifest(data, "/m.jsonl")
-    assert isinstance(out[1], RecordError) and out[1].error_type == "DuplicateId"
+    assert [r.key for r in out[:5]] == ["line:1", "1", "0", "4", "2"]
+    assert isinstance(out[5], RecordError) and out[5].error_type == "DuplicateId"
+
+
+def test_pandas_integer_ids_with_nulls_are_integers() -> None:
+    """pandas stores an integer column with nulls as doubles: 1.0 is the id 1."""
+    table = pa.table({"id": pa.array([1.0, None, 3.0]), "text": ["a", "b", "c"]})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    out = parse_manifest(buf.getvalue(), "/m.parquet")
+    assert [r.key for r in out] == ["1", "2", "3"] and [r.id for r in out] == ["1", None, "3"]
+    bad = pa.table({"id": pa.array([1.5]), "text": ["a"]})
+    buf = io.BytesIO()
+    pq.write_table(bad, buf)
+    assert parse_manifest(buf.getvalue(), "/m.parquet")[0].error_type == "InvalidRecord"
 
 
 def test_parquet_with_nulls_and_metadata() -> None:

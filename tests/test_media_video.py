@@ -10,7 +10,8 @@ import av
 import numpy as np
 import pytest
 
-from operators.media.video import VideoCorruptError, VideoNoStreamError, VideoTooLongError, probe_video, video_segments
+from operators.media.video import (VideoCorruptError, VideoNoStreamError, VideoTooLongError, VideoTooShortError,
+                                   probe_video, video_segments)
 from tests.media_corpus import write_video
 
 
@@ -83,6 +84,44 @@ def test_segments(duration: float, seg: float, expected) -> None:
     got = video_segments(duration, seg)
     assert len(got) == len(expected)
     assert [x for span in got for x in span] == pytest.approx([x for span in expected for x in span])
+
+
+@pytest.mark.parametrize(
+    "duration, seg, fps, expected",
+    [
+        (31.0, 30.0, 1.0, [(0.0, 31.0)]),  # the 1 s tail holds 1 frame at 1 fps: merged
+        (32.0, 30.0, 1.0, [(0.0, 30.0), (30.0, 32.0)]),  # 2 frames: kept
+        (30.5, 30.0, 2.0, [(0.0, 30.5)]),
+        (8.0, 1.0, 0.5, [(0.0, 4.0), (4.0, 8.0)]),  # segments of at least 2 frame intervals
+        (6.0, 1.0, 0.5, [(0.0, 6.0)]),
+        (60.5, 30.0, 30.0, [(0.0, 30.0), (30.0, 60.0), (60.0, 60.5)]),  # at 30 fps 0.5 s is 15 frames
+    ],
+)
+def test_segments_hold_at_least_two_frames(duration: float, seg: float, fps: float, expected) -> None:
+    got = video_segments(duration, seg, fps)
+    assert [x for span in got for x in span] == pytest.approx([x for span in expected for x in span])
+
+
+def test_a_one_frame_video_is_refused_at_probe(tmp_path) -> None:
+    from tests.media_gen import write_video as gen_video
+
+    path = gen_video(tmp_path / "one.mp4", seconds=0.125, fps=8)
+    with pytest.raises(VideoTooShortError, match="video has 1 frame"):
+        probe_video(str(path))
+
+
+def test_the_tail_segment_of_a_low_fps_video_embeds(tmp_path, tiny_embedding_ckpt) -> None:
+    """At 1 fps the 1 s tail of a 5 s video held one frame and failed to embed on every run."""
+    from operators.qwen3vl import Qwen3VLEmbedder
+    from tests.media_gen import write_video as gen_video
+
+    path = gen_video(tmp_path / "slow.mp4", seconds=5.0, fps=1)
+    info = probe_video(str(path))
+    segments = video_segments(info.duration_s, 2.0, info.fps)
+    assert segments[-1][1] == pytest.approx(info.duration_s) and len(segments) == 2
+    with Qwen3VLEmbedder(str(tiny_embedding_ckpt)) as emb:
+        results = emb.embed([{"video": str(path), "video_start": a, "video_end": b} for a, b in segments])
+    assert all(r.ok for r in results), [r.error for r in results]
 
 
 def test_segments_reject_bad_input() -> None:

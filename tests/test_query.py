@@ -197,6 +197,20 @@ def test_exact_copy_comes_first_with_and_without_reranking(world, embedder, moda
     assert hit.payload["source_uri"] == unit.object_uri and len(reranked.hits) == 3
 
 
+def test_an_exif_rotated_query_image_is_turned_upright_as_ingestion_embeds_it(world, embedder, reranker):
+    path = str(world["src"] / "images/rotated.jpg")
+    unit = next(u for u in world["units"].values() if u.object_uri == path)
+    with open_engine(world, embedder, reranker) as engine:
+        result = engine.search({"image": path}, instruction=DOC_INSTRUCTION, top_k=10, top_n=10)
+    vector = {h.point_id: h.vector_score for h in result.hits}
+    assert vector[unit.point_id] == pytest.approx(1.0, abs=1e-5)  # the stored photo finds itself
+    # The reranker's query is the upright image too: the same score as the stored content's.
+    docs = [candidate_input(h.payload, settings=world["cfg"]) for h in result.hits]
+    expected = reranker.process({"instruction": None, "query": unit.model_input(), "documents": docs})
+    for hit, want in zip(result.hits, expected):
+        assert hit.rerank_score == pytest.approx(want, abs=1e-5)
+
+
 def test_exact_copy_with_the_real_reranker_and_scores_equal_process(world, embedder, reranker):
     unit = _unit(world, "text", uri_part="apples")
     with open_engine(world, embedder, reranker) as engine:
@@ -603,3 +617,21 @@ def test_eval_without_judged_queries_is_an_input_error(world, tmp_path, capsys, 
     err = capsys.readouterr().err
     assert err.startswith(f"error: {qrels}") and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_long_manifest_record_is_rebuilt_whole_not_from_its_payload_excerpt(tmp_path):
+    from operators.media.expand import ExpandSettings
+    from operators.units import MAX_PAYLOAD_TEXT, payload_for
+
+    long_text = " ".join(f"word{i}" for i in range(2 * MAX_PAYLOAD_TEXT // 5))
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"text": "short"}) + "\n" + json.dumps({"id": "r2", "text": long_text}) + "\n")
+    settings = ExpandSettings()
+    units, dead, status = expand_object(list_objects(str(manifest))[0][0], settings)
+    assert status == "ok" and not dead and len(units) == 2
+    for unit in units:
+        payload = payload_for(unit, "m", 8, "now", len(units))
+        assert candidate_input(payload, settings=settings) == unit.model_input()
+    assert payload["text_truncated"] and len(payload["text"]) == MAX_PAYLOAD_TEXT
+    manifest.write_text(json.dumps({"text": "the manifest changed"}) + "\n")  # unreadable record: the excerpt
+    assert candidate_input(payload, settings=settings) == {"text": payload["text"]}

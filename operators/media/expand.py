@@ -183,7 +183,7 @@ def _video_units(obj: SourceObject, det: Detection, fh: IO[bytes], cfg: ExpandSe
     """One unit per time segment of a video object."""
     info = probe_video(_video_source(obj.uri, fh), cfg.max_video_duration_s)
     units = []
-    for start, end in video_segments(info.duration_s, cfg.video_segment_s):
+    for start, end in video_segments(info.duration_s, cfg.video_segment_s, info.fps):
         meta = {"start_s": start, "end_s": end, "duration_s": info.duration_s, "fps": info.fps}
         units.append(
             Unit(obj.uri, obj.fingerprint, f"t={start:.3f}-{end:.3f}", "video", det.mime, video=obj.uri, video_start=start, video_end=end, meta=meta)

@@ -112,6 +112,16 @@ def inspect_image(data: bytes, max_pixels: int) -> ImageInfo:
         return ImageInfo(data, mime, width, height, frames)
 
 
+def upright_bytes(data: bytes) -> bytes | None:
+    """PNG bytes of the image turned upright when its EXIF orientation rotates or flips it, else None.
+
+    Ingestion embeds these for an EXIF-rotated image (inspect_image): a query image must be
+    turned the same way, or a stored photo would not find itself.
+    """
+    with _open(data) as img:
+        return _upright_png(img)[0] if 2 <= _orientation(img) <= 8 else None
+
+
 def image_unit_bytes(data: bytes, max_pixels: int) -> tuple[bytes, str]:
     """Validated image bytes (original unless EXIF-rotated) and their MIME type."""
     info = inspect_image(data, max_pixels)

@@ -36,11 +36,15 @@ class ManifestRecord:
     image: str | None = None
     video: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    # An id-less record's key when its line number is another record's id ("line:<n>").
+    line_key: str | None = None
 
     @property
     def key(self) -> str:
         """The record's key in unit positions: its id, else its line number."""
-        return self.id if self.id is not None else str(self.line)
+        if self.id is not None:
+            return self.id
+        return self.line_key or str(self.line)
 
     @property
     def modality(self) -> str:
@@ -116,11 +120,30 @@ def _absent(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def build_record(line: int, raw: Any, manifest_uri: str, seen_keys: set[str]) -> ManifestRecord | RecordError:
-    """Validate one decoded record and resolve its URIs."""
+def _integral(value: Any) -> Any:
+    """An integral float as an int: pandas writes an integer column with nulls as doubles (1.0)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def explicit_ids(rows: list[tuple[int, Any] | RecordError]) -> set[str]:
+    """The ids that records give themselves, as keys."""
+    ids = set()
+    for row in rows:
+        raw = None if isinstance(row, RecordError) else row[1]
+        rid = _integral(raw.get("id")) if isinstance(raw, dict) else None
+        if isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid).strip():
+            ids.add(str(rid))
+    return ids
+
+
+def build_record(line: int, raw: Any, manifest_uri: str, seen_keys: set[str],
+                 ids: set[str] | frozenset[str] = frozenset()) -> ManifestRecord | RecordError:
+    """Validate one decoded record and resolve its URIs (ids: every record's own id, see explicit_ids)."""
     if not isinstance(raw, dict):
         return RecordError(line, "InvalidRecord", f"record is a {type(raw).__name__}, not an object")
-    rid = raw.get("id")
+    rid = _integral(raw.get("id"))
     if _absent(rid):
         rid = None
     elif isinstance(rid, bool) or not isinstance(rid, (str, int)) or (isinstance(rid, str) and not rid.strip()):
@@ -139,12 +162,17 @@ def build_record(line: int, raw: Any, manifest_uri: str, seen_keys: set[str]) ->
         content[name] = value if name == "text" else resolve_uri(value.strip(), manifest_uri)
     if not content:
         return RecordError(line, "InvalidRecord", "record has none of text, image, video", rid)
-    key = rid if rid is not None else str(line)
-    if key in seen_keys:  # ids and line numbers share the position namespace
+    line_key = None
+    if rid is None and str(line) in ids:
+        # Ids and line numbers share the position namespace: an id-less record must not take the
+        # key of a record that names itself, wherever that record comes in the file.
+        line_key = f"line:{line}"
+    key = rid if rid is not None else (line_key or str(line))
+    if key in seen_keys:
         return RecordError(line, "DuplicateId", f"record key {key!r} already used by an earlier record", rid)
     seen_keys.add(key)
     metadata = {str(k): _json_safe(v) for k, v in raw.items() if k not in CONTENT_FIELDS and k != "id"}
-    return ManifestRecord(line=line, id=rid, metadata=metadata, **content)
+    return ManifestRecord(line=line, id=rid, metadata=metadata, line_key=line_key, **content)
 
 
 def _jsonl_rows(data: bytes) -> list[tuple[int, Any] | RecordError]:
@@ -191,9 +219,10 @@ def parse_manifest(data: bytes, manifest_uri: str, fmt: str | None = None) -> li
         raise ValueError(f"unknown manifest format {fmt!r}")
     rows = _parquet_rows(data) if fmt == "parquet" else _jsonl_rows(data)
     seen: set[str] = set()
+    ids = explicit_ids(rows)
     out: list[ManifestRecord | RecordError] = []
     for row in rows:
-        out.append(row if isinstance(row, RecordError) else build_record(row[0], row[1], manifest_uri, seen))
+        out.append(row if isinstance(row, RecordError) else build_record(row[0], row[1], manifest_uri, seen, ids))
     if not out:
         raise ManifestError("manifest has no records")
     return out

@@ -33,6 +33,13 @@ class VideoTooLongError(VideoError):
     """Longer than the configured duration cap."""
 
 
+class VideoTooShortError(VideoError):
+    """Fewer than the 2 frames the model's video reader samples at least."""
+
+
+MIN_FRAMES = 2  # qwen-vl-utils samples at least 2 frames: a 1-frame span fails ("Start frame exceeds end frame")
+
+
 class VideoInfo(NamedTuple):
     """What a probe finds: duration (s), frames per second, frame count, width, height."""
 
@@ -103,22 +110,32 @@ def probe_video(source: str | bytes | IO[bytes], max_duration_s: float | None = 
         container.close()
     if max_duration_s is not None and duration > max_duration_s:
         raise VideoTooLongError(f"video is {duration:.1f} s long, over the cap of {max_duration_s:g} s")
+    if 0 < n_frames < MIN_FRAMES:
+        raise VideoTooShortError(f"video has {n_frames} frame: the model reads videos of at least {MIN_FRAMES} "
+                                 "frames (store a single frame as an image)")
     return VideoInfo(duration, fps, n_frames, width, height)
 
 
-def video_segments(duration_s: float, segment_s: float) -> list[tuple[float, float]]:
-    """(start, end) seconds of consecutive segments; the last is shorter, one under 0.5 s merges back."""
+def video_segments(duration_s: float, segment_s: float, fps: float = 0.0) -> list[tuple[float, float]]:
+    """(start, end) seconds of consecutive segments; the last is shorter, a too short one merges back.
+
+    Too short: under 0.5 s, or, given the video's fps, under 2 frame intervals; segments are
+    never shorter than that either. A span of one frame cannot be embedded (MIN_FRAMES), so a
+    low-fps video's tail segment would fail on every run.
+    """
     if not duration_s > 0:
         raise ValueError(f"duration must be > 0, got {duration_s}")
     if not segment_s > 0:
         raise ValueError(f"segment length must be > 0, got {segment_s}")
+    frames_s = MIN_FRAMES / fps if fps > 0 else 0.0
+    segment_s = max(segment_s, frames_s)
     bounds: list[tuple[float, float]] = []
     i = 0
     while i * segment_s < duration_s:
         start = i * segment_s
         bounds.append((start, min(start + segment_s, duration_s)))
         i += 1
-    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < MIN_SEGMENT_S:
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < max(MIN_SEGMENT_S, frames_s):
         tail = bounds.pop()
         bounds[-1] = (bounds[-1][0], tail[1])
     return bounds
