@@ -65,7 +65,10 @@ def ensure_ray(cfg: Config) -> None:
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    check_ray_address(cfg.compute.ray_address)
+    if cfg.compute.ray_address is not None:
+        check_ray_address(cfg.compute.ray_address)
+    elif os.environ.get("RAY_ADDRESS"):  # ray.init(address=None) joins it
+        check_ray_address(os.environ["RAY_ADDRESS"], key="the RAY_ADDRESS environment variable")
     ray.init(address=cfg.compute.ray_address, include_dashboard=False, log_to_driver=True)
 
 

@@ -25,14 +25,15 @@ RAY_GCS_PORT = 6379  # Ray's default for a bare host
 RAY_CLIENT_PORT = 10001  # and for ray://host
 
 
-def check_ray_address(address: str | None, timeout_s: float = 10.0) -> None:
-    """Raise PreflightError unless compute.ray_address (host:port or ray://host:port) accepts a connection.
+def check_ray_address(address: str | None, timeout_s: float = 10.0, key: str = "compute.ray_address") -> None:
+    """Raise PreflightError unless a Ray address (host:port or ray://host:port) accepts a connection.
 
     ray.init() retries an unreachable cluster for many minutes, ignoring SIGTERM meanwhile;
-    one TCP connect answers in seconds. None (a local Ray) and "auto" are not probed.
+    one TCP connect answers in seconds. None (a local Ray) and "auto" are not probed. key: where
+    the address comes from, for the message.
     """
-    if address is None or address in ("auto", "local"):
-        return
+    if address is None or address in ("auto", "local") or ("://" in address and not address.startswith("ray://")):
+        return  # other schemes are Ray's to interpret
     client = address.startswith("ray://")
     hostport = address[len("ray://"):] if client else address
     host, _, port = hostport.rstrip("/").rpartition(":") if ":" in hostport else (hostport, "", "")
@@ -40,11 +41,11 @@ def check_ray_address(address: str | None, timeout_s: float = 10.0) -> None:
     try:
         port_number = int(port) if port else (RAY_CLIENT_PORT if client else RAY_GCS_PORT)
     except ValueError:
-        raise PreflightError(f"compute.ray_address {address!r}: {port!r} is not a port number") from None
+        raise PreflightError(f"{key} {address!r}: {port!r} is not a port number") from None
     try:
         socket.create_connection((host, port_number), timeout=timeout_s).close()
     except OSError as exc:
-        raise PreflightError(f"compute.ray_address {address!r}: cannot connect to {host}:{port_number} "
+        raise PreflightError(f"{key} {address!r}: cannot connect to {host}:{port_number} "
                              f"({type(exc).__name__}: {exc}); is the Ray cluster up and reachable?") from None
 
 

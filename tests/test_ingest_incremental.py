@@ -217,5 +217,7 @@ def test_an_unreachable_ray_address_fails_in_seconds_naming_the_key():
             check_ray_address(address, timeout_s=5)
     with pytest.raises(PreflightError, match="'x' is not a port number"):
         check_ray_address("head:x")
-    check_ray_address(None)
-    check_ray_address("auto")
+    with pytest.raises(PreflightError, match=r"the RAY_ADDRESS environment variable '127.0.0.1:\d+': cannot connect"):
+        check_ray_address(f"127.0.0.1:{port}", key="the RAY_ADDRESS environment variable")
+    for not_probed in (None, "auto", "http://127.0.0.1:1"):
+        check_ray_address(not_probed)
