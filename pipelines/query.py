@@ -28,7 +28,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import IO, Any, Callable, Mapping, Sequence
 
 import numpy as np
 from qdrant_client import QdrantClient, models
@@ -222,16 +222,10 @@ def oversized_image(content: Mapping[str, Any], max_pixels: int,
     """
     from PIL import Image
 
-    from operators.media.listing import fs_for
-
     images = content.get("image")
     for image in images if isinstance(images, (list, tuple)) else [images]:
-        if isinstance(image, (bytes, bytearray)):
-            opener: Any = lambda: io.BytesIO(bytes(image))  # noqa: E731
-        elif isinstance(image, str) and not image.startswith(("http://", "https://", "data:")):
-            fs, path = fs_for(image, dict(storage_options or {}))  # fsspec options normalised as the reader's
-            opener = lambda: fs.open(path, "rb")  # noqa: E731
-        else:
+        opener = _image_opener(image, storage_options)
+        if opener is None:
             continue  # a PIL image is decoded already
         try:
             with opener() as fh, Image.open(fh) as img:
@@ -254,19 +248,33 @@ def upright_images(content: Mapping[str, Any], storage_options: Mapping[str, Any
     return {**content, "image": upright if many else upright[0]}
 
 
-def _upright(image: Any, storage_options: Mapping[str, Any] | None) -> Any:
-    from operators.media.images import upright_bytes
+def _image_opener(image: Any, storage_options: Mapping[str, Any] | None) -> Callable[[], IO[bytes]] | None:
+    """How to open a query image's bytes here; None for a URL qwen-vl-utils reads itself, or a PIL image."""
     from operators.media.listing import fs_for
 
+    if isinstance(image, (bytes, bytearray)):
+        return lambda: io.BytesIO(bytes(image))
+    if isinstance(image, str) and not image.startswith(("http://", "https://", "data:")):
+        fs, path = fs_for(image, dict(storage_options or {}))  # fsspec options normalised as the reader's
+        return lambda: fs.open(path, "rb")
+    return None
+
+
+def _upright(image: Any, storage_options: Mapping[str, Any] | None) -> Any:
+    from PIL import Image
+
+    from operators.media.images import exif_rotated, upright_bytes
+
     try:
-        if isinstance(image, (bytes, bytearray)):
-            data = bytes(image)
-        elif isinstance(image, str) and not image.startswith(("http://", "https://", "data:")):
-            fs, path = fs_for(image, dict(storage_options or {}))
-            with fs.open(path, "rb") as fh:
-                data = fh.read()
-        else:
-            return image  # a URL qwen-vl-utils reads itself, or a PIL image
+        opener = _image_opener(image, storage_options)
+        if opener is None:
+            return image
+        with opener() as fh:
+            with Image.open(fh) as img:
+                if not exif_rotated(img):  # the header says so: the image is read no further
+                    return image
+            fh.seek(0)
+            data = fh.read()
         return upright_bytes(data) or image
     except Exception:
         return image  # unreadable: the embedder names the reason

@@ -184,9 +184,8 @@ def storage_differences(info: models.CollectionInfo, spec: CollectionSpec) -> li
     if bool(full.on_disk) != spec.on_disk:
         notes.append(f"qdrant.on_disk is {str(spec.on_disk).lower()} but the collection keeps its full vectors "
                      f"{'on disk' if full.on_disk else 'in RAM'}")
-    quant = {vector_name(d): existing[vector_name(d)].quantization_config for d in spec.mrl_dims
-             if vector_name(d) in existing}
-    have_quant = {_quantization_kind(q) for q in quant.values()} or {spec.quantization}
+    have_quant = {_quantization_kind(existing[vector_name(d)].quantization_config) for d in spec.mrl_dims
+                  if vector_name(d) in existing} or {spec.quantization}
     if have_quant != {spec.quantization}:
         notes.append(f"qdrant.quantization is {spec.quantization} but the collection's MRL vectors use "
                      f"{', '.join(sorted(have_quant))}")

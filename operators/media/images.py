@@ -84,6 +84,11 @@ def _orientation(img: Image.Image) -> int:
         return 1
 
 
+def exif_rotated(img: Image.Image) -> bool:
+    """True when the image's EXIF orientation rotates or flips it (read from the header alone)."""
+    return 2 <= _orientation(img) <= 8
+
+
 def _upright_png(img: Image.Image) -> tuple[bytes, int, int]:
     """Apply the EXIF rotation and re-encode losslessly as PNG."""
     upright = ImageOps.exif_transpose(img)
@@ -106,7 +111,7 @@ def inspect_image(data: bytes, max_pixels: int) -> ImageInfo:
             raise ImageValidationError(f"cannot decode image (truncated or corrupt): {type(exc).__name__}: {exc}") from exc
         mime = Image.MIME.get(img.format or "", "application/octet-stream")
         frames = int(getattr(img, "n_frames", 1) or 1)
-        if 2 <= _orientation(img) <= 8:
+        if exif_rotated(img):
             png, w, h = _upright_png(img)
             return ImageInfo(png, "image/png", w, h, frames)
         return ImageInfo(data, mime, width, height, frames)
@@ -119,7 +124,7 @@ def upright_bytes(data: bytes) -> bytes | None:
     turned the same way, or a stored photo would not find itself.
     """
     with _open(data) as img:
-        return _upright_png(img)[0] if 2 <= _orientation(img) <= 8 else None
+        return _upright_png(img)[0] if exif_rotated(img) else None
 
 
 def image_unit_bytes(data: bytes, max_pixels: int) -> tuple[bytes, str]:

@@ -127,13 +127,18 @@ def _integral(value: Any) -> Any:
     return value
 
 
+def _usable_id(rid: Any) -> bool:
+    """A non-empty string or an integer (not a bool)."""
+    return isinstance(rid, (str, int)) and not isinstance(rid, bool) and bool(str(rid).strip())
+
+
 def explicit_ids(rows: list[tuple[int, Any] | RecordError]) -> set[str]:
     """The ids that records give themselves, as keys."""
     ids = set()
     for row in rows:
         raw = None if isinstance(row, RecordError) else row[1]
         rid = _integral(raw.get("id")) if isinstance(raw, dict) else None
-        if isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid).strip():
+        if _usable_id(rid):
             ids.add(str(rid))
     return ids
 
@@ -146,7 +151,7 @@ def build_record(line: int, raw: Any, manifest_uri: str, seen_keys: set[str],
     rid = _integral(raw.get("id"))
     if _absent(rid):
         rid = None
-    elif isinstance(rid, bool) or not isinstance(rid, (str, int)) or (isinstance(rid, str) and not rid.strip()):
+    elif not _usable_id(rid):
         return RecordError(line, "InvalidRecord", f"field 'id' must be a non-empty string or an integer, got {rid!r}")
     else:
         rid = str(rid)
