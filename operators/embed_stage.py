@@ -4,6 +4,10 @@ Input rows follow operators.units.ROW_COLUMNS. Unit rows get one vector column p
 named vector (`vec_full`, `vec_mrl_<d>`), L2-normalised; a unit that fails here
 becomes a dead row (never an exception). Other rows pass through. Image bytes are
 dropped after this stage: only vectors and payloads travel on to the sink.
+
+A unit that crashes a native decoder kills the actor's process; Ray restarts the actor
+and retries the batch, which then runs one unit at a time, so that the culprit is named
+and becomes a dead row on the next retry (operators/crash_journal.py).
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .qwen3vl.embedder import Qwen3VLEmbedder, reduce_dim
+from .crash_journal import CRASH_ERROR_TYPE, TaskGuard, batch_key, crash_message
+from .qwen3vl.embedder import EmbedResult, Qwen3VLEmbedder, reduce_dim
 from .units import model_input_from_row
 
 _INPUT_COLUMNS = ("text", "image", "video", "video_start", "video_end")
@@ -39,11 +44,17 @@ def cpu_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+class _Crashed(EmbedResult):
+    """A unit left out because it killed the actor's process (its dead letter says so)."""
+
+
 class EmbedStage:
     """Loads the embedder once per actor and embeds the unit rows of each batch."""
 
-    def __init__(self, model: str, mrl_dims: list[int], embedder_kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(self, model: str, mrl_dims: list[int], embedder_kwargs: dict[str, Any] | None = None,
+                 crash_journal: Any = None) -> None:
         self.embedder = Qwen3VLEmbedder(model, **(embedder_kwargs or {}))
+        self.crash_journal = crash_journal
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1 by default), which halves a CPU
         # embedder on a 2-core machine: its matmuls are what this node's cores are for. (On a GPU
         # the CPU threads only prepare inputs, so Ray's setting is kept.)
@@ -61,7 +72,13 @@ class EmbedStage:
         n = len(kinds)
         live = [i for i in range(n) if kinds[i] == "unit"]
         inputs = [model_input_from_row({k: batch[k][i] for k in _INPUT_COLUMNS}) for i in live]
-        results = self.embedder.embed(inputs, normalize=False)
+        point_ids = [str(batch["point_id"][i]) for i in live]
+        # Keyed by content: Ray Data resubmits a batch whose actor died under a new task id.
+        guard = TaskGuard(self.crash_journal, batch_key(point_ids)) if self.crash_journal is not None and live else None
+        if guard is not None and guard.careful:
+            results = self._embed_carefully(inputs, point_ids, guard)
+        else:
+            results = self.embedder.embed(inputs, normalize=False)
 
         # numpy batches turn all-None string columns into NaN floats; keep them None.
         out = {k: [x if isinstance(x, str) else None for x in v] if k in _TEXT_COLUMNS
@@ -78,13 +95,35 @@ class EmbedStage:
             if not r.ok:
                 out["row_kind"][i] = "dead"
                 out["error_stage"][i] = "embed"
-                out["error_type"][i] = "InputError"
+                out["error_type"][i] = CRASH_ERROR_TYPE if isinstance(r, _Crashed) else "InputError"
                 out["error_message"][i] = r.error
         per_row = (time.perf_counter() - start) / max(len(live), 1)
         for i in live:
             out["seconds"][i] = per_row
         out.update(vectors)
+        if guard is not None:
+            guard.end()
         return out
+
+    def _embed_carefully(self, inputs: list[dict[str, Any]], point_ids: list[str],
+                         guard: TaskGuard) -> list[EmbedResult]:
+        """After this batch killed an actor: one unit at a time, each named first; a unit that killed one is skipped.
+
+        So is every unit that reads the same video file: a video's segments all open that file, and
+        finding each of them by another crash would spend the batch's retries on one bad file.
+        """
+        bad_videos = {item.get("video") for item, pid in zip(inputs, point_ids) if guard.skip(pid)} - {None}
+        results: list[EmbedResult] = []
+        for k, (item, pid) in enumerate(zip(inputs, point_ids)):
+            if guard.skip(pid):
+                results.append(_Crashed(k, error=crash_message("preparing or embedding")))
+            elif item.get("video") in bad_videos:
+                results.append(_Crashed(k, error=f"skipped: another segment of {item['video']} killed the "
+                                                 "worker process on a retry after an earlier crash"))
+            else:
+                with guard.reading(pid):
+                    results.append(self.embedder.embed([item], normalize=False)[0])
+        return results
 
     def _set_threads(self) -> None:
         # Per call too: OpenMP's thread count is per calling thread, and Ray may call from another one.

@@ -2,18 +2,22 @@
 
 Runs as CPU tasks (flat_map). Reads the object once through fsspec, detects its
 type from content, and cuts it into units; it never raises, so one bad file
-becomes rows that say so instead of a failed job.
+becomes rows that say so instead of a failed job. A file that crashes a native
+decoder (which no ``except`` catches) becomes such rows on the task's retry
+(operators/crash_journal.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any
 
-from .media.expand import ExpandSettings, expand_object
+from .crash_journal import CRASH_ERROR_TYPE, TaskGuard, crash_message, current_task_id
+from .media.expand import FAILED, ExpandSettings, expand_object
 from .units import DeadLetter, SourceObject, dead_row, object_row, payload_for, unit_row
 
 
@@ -48,17 +52,42 @@ def object_to_row(obj: SourceObject) -> dict[str, Any]:
     return {"uri": obj.uri, "size": obj.size, "fingerprint": obj.fingerprint, "mtime": obj.mtime}
 
 
+_GUARD: TaskGuard | None = None  # this worker process's current task attempt (tasks run one at a time)
+
+
+def _task_guard(journal: Any) -> TaskGuard | None:
+    """The crash journal's guard for the running task attempt: one journal call per attempt, not per row."""
+    global _GUARD
+    task = current_task_id() if journal is not None else None
+    if task is None:
+        return None
+    if _GUARD is None or _GUARD.task != task:  # task ids are unique across runs
+        _GUARD = TaskGuard(journal, task)
+    return _GUARD
+
+
 def expand_rows(row: dict[str, Any], *, settings: ExpandSettings, storage_options: dict[str, Any] | None,
-                model: str, model_id: str, dim: int, ingested_at: str | None = None) -> list[dict[str, Any]]:
-    """Unit rows, dead-letter rows and one object-status row for one listed object."""
+                model: str, model_id: str, dim: int, ingested_at: str | None = None,
+                crash_journal: Any = None) -> list[dict[str, Any]]:
+    """Unit rows, dead-letter rows and one object-status row for one listed object.
+
+    crash_journal: a CrashJournal actor; an object that killed this task's worker process is then
+    a dead letter on the retry instead of a crash loop (operators/crash_journal.py).
+    """
     start = time.perf_counter()
     obj = SourceObject(row["uri"], int(row["size"]), row["fingerprint"], row.get("mtime"))
     stamp = ingested_at or datetime.now(timezone.utc).isoformat()
+    guard = _task_guard(crash_journal)
+    if guard is not None and guard.skip(obj.uri):
+        dead = DeadLetter(uri=obj.uri, stage="expand", error_type=CRASH_ERROR_TYPE,
+                          message=crash_message("expanding"))
+        return [dead_row(dead), object_row(obj.uri, FAILED, 0, time.perf_counter() - start)]
     try:
         tokenizer = tokenizer_for(model)
     except Exception:  # chunking falls back to word pieces; the embed stage reports a bad model loudly
         tokenizer = None
-    units, dead, status = expand_object(obj, settings, storage_options, tokenizer)
+    with guard.reading(obj.uri) if guard is not None else contextlib.nullcontext():
+        units, dead, status = expand_object(obj, settings, storage_options, tokenizer)
     try:
         rows = [unit_row(u, payload_for(u, model_id, dim, stamp, len(units))) for u in units]
     except Exception as exc:  # a unit that cannot become a point fails its object, not the job

@@ -18,6 +18,7 @@ complete objects are skipped, incomplete ones re-embedded (point ids are determi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -31,6 +32,7 @@ from typing import Any, Callable
 import ray
 from ray.data.exceptions import SystemException
 
+from operators.crash_journal import start_journal
 from operators.embed_stage import EmbedStage
 from operators.expand_stage import expand_rows, object_to_row
 from operators.media.expand import ExpandSettings
@@ -322,10 +324,22 @@ def input_blocks(n_objects: int) -> int:
 def _run_dataset(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store,
                  storage_options: dict[str, Any], full_dim: int) -> dict[str, Any]:
     """Build and run the Ray Data pipeline over the objects to ingest; returns the sink's summary."""
+    journal = start_journal()  # a file that crashes a decoder's process fails alone (crash_journal.py)
+    try:
+        return _run_stages(cfg, todo, spec, store, storage_options, full_dim, journal)
+    finally:
+        with contextlib.suppress(Exception):  # Ray itself may be what failed; the actor dies with the driver
+            ray.kill(journal)
+
+
+def _run_stages(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store, storage_options: dict[str, Any],
+                full_dim: int, journal: Any) -> dict[str, Any]:
+    """The expansion and embedding stages into the store's sink, with the crash journal given to both."""
     ds = ray.data.from_items([object_to_row(o) for o in todo], override_num_blocks=input_blocks(len(todo)))
     ds = ds.flat_map(expand_rows, fn_kwargs=dict(
         settings=expand_settings(cfg), storage_options=storage_options, model=cfg.embedder.model,
-        model_id=cfg.embedder.model, dim=full_dim, ingested_at=datetime.now(timezone.utc).isoformat()),
+        model_id=cfg.embedder.model, dim=full_dim, ingested_at=datetime.now(timezone.utc).isoformat(),
+        crash_journal=journal),
         num_cpus=1, **({"concurrency": cfg.compute.prepare_concurrency} if cfg.compute.prepare_concurrency else {}))
     gpus = num_gpus_per_actor(cfg)
     with warnings.catch_warnings():
@@ -334,13 +348,15 @@ def _run_dataset(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Stor
         ds = ds.map_batches(
             EmbedStage,
             fn_constructor_kwargs=dict(model=cfg.embedder.model, mrl_dims=list(cfg.embedder.mrl_dims),
-                                       embedder_kwargs=embedder_kwargs(cfg, storage_options)),
+                                       embedder_kwargs=embedder_kwargs(cfg, storage_options),
+                                       crash_journal=journal),
             batch_size=cfg.compute.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=cfg.compute.embed_actors),
             num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor,
             # A crashed or killed embedding actor is restarted and its in-flight batch retried (upserts
             # are idempotent: a retried batch never duplicates). Ray Data's default retries forever; a
-            # batch that keeps killing its actor (a decoder crash, OOM) stops the run after 3 retries.
+            # batch that keeps killing its actor stops the run after 3 retries. A unit that crashes a
+            # decoder costs two of them (the journal names it, then it is skipped).
             max_restarts=-1, max_task_retries=3)
     # Streaming with a fixed memory bound: Ray Data's default lets a dataset buffer up to half the
     # object store (GBs on a big node), so a fast expand stage would run that far ahead of the

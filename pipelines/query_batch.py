@@ -11,12 +11,15 @@ goes through it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import warnings
 from dataclasses import asdict
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from operators.crash_journal import CRASH_ERROR_TYPE, TaskGuard, batch_key, crash_message, start_journal
 from sinks.qdrant_client_factory import make_client
 
 from .config import Config
@@ -102,32 +105,47 @@ class EmbedSearchStage:
 
 
 class RerankStage:
-    """Ray Data actor holding a Qwen3VLReranker: rebuilds each query's candidates and reranks them."""
+    """Ray Data actor holding a Qwen3VLReranker: rebuilds each query's candidates and reranks them.
 
-    def __init__(self, cfg: Config, top_n: int) -> None:
+    A query whose candidates crash a native decoder kills the actor; with a crash journal, the retry
+    names each query before reranking it, and the query it died on fails alone on the next retry
+    (operators/crash_journal.py).
+    """
+
+    def __init__(self, cfg: Config, top_n: int, crash_journal: Any = None) -> None:
         self.cfg, self.top_n = cfg, top_n
         self.storage_options = dict(cfg.source.storage_options)
         self.settings = expand_settings(cfg)
         self.reranker = load_reranker(cfg, self.storage_options)
+        self.crash_journal = crash_journal
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        keys = [str(i) for i in batch["idx"]]
+        guard = TaskGuard(self.crash_journal, batch_key(keys)) if self.crash_journal is not None and keys else None
         results = []
-        for i in range(len(batch["id"])):
+        for i, key in enumerate(keys):
             error = batch["error"][i] or None
             hits: list[Hit] = []
             skipped: list[Skipped] = []
-            if not error:
+            if not error and guard is not None and guard.skip(key):
+                error = f"rerank failed: {CRASH_ERROR_TYPE}: {crash_message('reranking the candidates of')}"
+            elif not error:
                 try:
-                    candidates = [Candidate(**c) for c in _decode(batch["candidates"][i])]
-                    hits, skipped = rerank_candidates(
-                        self.reranker, query_content(_decode(batch["query"][i])), candidates, top_n=self.top_n,
-                        instruction=self.cfg.reranker.instruction, storage_options=self.storage_options,
-                        settings=self.settings)
+                    with guard.reading(key) if guard is not None else contextlib.nullcontext():
+                        hits, skipped = self._rerank(batch, i)
                 except Exception as exc:
                     error = f"rerank failed: {type(exc).__name__}: {exc}"
             results.append(_encode({"hits": [h.to_dict() for h in hits],
                                     "skipped": [s.to_dict() for s in skipped], "error": error}))
+        if guard is not None:
+            guard.end()
         return {"idx": batch["idx"], "id": batch["id"], "result": results}
+
+    def _rerank(self, batch: dict[str, np.ndarray], i: int) -> tuple[list[Hit], list[Skipped]]:
+        candidates = [Candidate(**c) for c in _decode(batch["candidates"][i])]
+        return rerank_candidates(self.reranker, query_content(_decode(batch["query"][i])), candidates,
+                                 top_n=self.top_n, instruction=self.cfg.reranker.instruction,
+                                 storage_options=self.storage_options, settings=self.settings)
 
 
 def _unreranked(row: Mapping[str, Any], top_n: int) -> dict[str, Any]:
@@ -173,6 +191,7 @@ def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | No
 
     ensure_ray(cfg)
     owner = start_owner(settings, cfg.qdrant.collection) if settings.embedded else None
+    journal = None
     try:
         embed_actors = cfg.compute.embed_actors
         rerank_actors = int(rerank_actors or cfg.compute.embed_actors)
@@ -182,20 +201,32 @@ def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | No
                   "filters": _encode(r.filters)} for i, r in enumerate(queries)]
         size = int(batch_size or cfg.compute.batch_size)
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // max(size, 1) + 1, 64)))
-        ds = ds.map_batches(EmbedSearchStage, fn_constructor_args=(cfg, layout, owner),
-                            fn_constructor_kwargs=dict(top_k=top_k, funnel=funnel), batch_size=size,
-                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=embed_actors),
-                            num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor)
+        with warnings.catch_warnings():
+            # Ray 2.60 deprecates extra remote args but names no parameter for actor retries yet.
+            warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
+            # Ray Data retries a batch whose actor died forever: a query that keeps killing its actor
+            # would hang the job. 3 retries leave the journal the two it needs to find the query.
+            retries = dict(max_restarts=-1, max_task_retries=3)
+            ds = ds.map_batches(EmbedSearchStage, fn_constructor_args=(cfg, layout, owner),
+                                fn_constructor_kwargs=dict(top_k=top_k, funnel=funnel), batch_size=size,
+                                batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=embed_actors),
+                                num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor, **retries)
+            if rerank:
+                journal = start_journal()
+                ds = ds.map_batches(RerankStage, fn_constructor_args=(cfg, top_n),
+                                    fn_constructor_kwargs=dict(crash_journal=journal), batch_size=max(1, min(size, 4)),
+                                    batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=rerank_actors),
+                                    num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor, **retries)
         if rerank:
-            ds = ds.map_batches(RerankStage, fn_constructor_args=(cfg, top_n), batch_size=max(1, min(size, 4)),
-                                batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=rerank_actors),
-                                num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor)
             rows = {int(r["idx"]): _decode(r["result"]) for r in ds.take_all()}
         else:
             rows = {int(r["idx"]): _unreranked(r, top_n) for r in ds.take_all()}
     finally:
         if owner is not None:
             stop_owner(owner)
+        if journal is not None:
+            with contextlib.suppress(Exception):
+                ray.kill(journal)
     return [{"id": q.id, **rows[i]} for i, q in enumerate(queries)]
 
 

@@ -6,11 +6,14 @@
 - the S3 endpoint answering 503 (loopback proxy in front of moto): retried, everything ingested; an
   object deleted between listing and reading: a dead letter, not a crash;
 - the driver SIGKILLed mid-run: the same job run again completes without duplicates, re-embedding only
-  the objects that were not completely written.
+  the objects that were not completely written;
+- files that crash a native decoder (SIGSEGV in PDFium or decord, injected by tests/crash_hooks into a
+  run's own Ray): each fails alone, in ingestion and in `query-batch`, instead of a crash loop.
 """
 
 import dataclasses
 import functools
+import json
 import os
 import shutil
 import signal
@@ -30,7 +33,8 @@ from pipelines import ingest
 from pipelines.cli import EXIT_INFRA, EXIT_OK, main as qvl
 from pipelines.config import parse_config
 from pipelines.ingest import run_ingest
-from tests.resilience_corpus import make_text_corpus
+from operators.sample_media import make_pdf
+from tests.resilience_corpus import make_text_corpus, write_av
 from tests.resilience_helpers import (FlakyProxy, FlakyQdrantClient, all_points, config_dict, latest_run, point_keys,
                                       reap_session, sqlite_point_count, write_yaml)
 
@@ -267,6 +271,15 @@ def _wait_lock_free(lock_file, timeout_s):
     return False
 
 
+def own_ray_env(request, pythonpath: list[Path] = (), **extra: str) -> dict[str, str]:
+    """The environment for a `qvl` subprocess that starts its own Ray, not this session's."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="qvlray", dir="/tmp"))  # short: Ray's socket paths
+    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    env.update(RAY_TMPDIR=str(ray_tmp), PYTHONPATH=os.pathsep.join(map(str, [*pythonpath, REPO])), **extra)
+    return env
+
+
 def test_driver_killed_mid_run_then_rerun_completes_without_duplicates(tmp_path, tiny_embedding_ckpt, ray_local,
                                                                        request):
     src = tmp_path / "src"
@@ -274,10 +287,7 @@ def test_driver_killed_mid_run_then_rerun_completes_without_duplicates(tmp_path,
     expected, per_uri = _expected_units(src, tiny_embedding_ckpt)
     path = write_yaml(config_dict(src, tiny_embedding_ckpt, tmp_path, compute={"batch_size": 4},
                                   qdrant={"upsert_batch": 16}), tmp_path / "cfg.yaml")
-    ray_tmp = Path(tempfile.mkdtemp(prefix="qvlray", dir="/tmp"))  # short: Ray's socket paths
-    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
-    env.update(RAY_TMPDIR=str(ray_tmp), PYTHONPATH=str(REPO))  # its own Ray, not this session's
+    env = own_ray_env(request)
     qdrant = tmp_path / "qdrant"
     with open(tmp_path / "driver.out", "wb") as out, open(tmp_path / "driver.err", "wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "ingest", path], cwd=REPO, env=env,
@@ -362,3 +372,80 @@ def test_a_model_the_actors_cannot_load_is_named_with_what_to_fix(tmp_path, tiny
     assert "ModelLoadError" in err and "could not load the model" in err and "re-run the same job" not in err
     report, _ = latest_run(tmp_path / "runs")
     assert report["error"].startswith("ActorDiedError: ") and "ModelLoadError: cannot load model" in report["error"]
+
+
+# ------------------------------------------------------------- (e) a file that crashes a decoder
+
+
+def qvl_with_crash_hook(request, args: list[str], timeout_s: float = 300) -> tuple[int, str]:
+    """(exit code, output) of `qvl ARGS` in a subprocess whose own Ray loads tests/crash_hooks (marked
+    files kill their decoder's process with SIGSEGV)."""
+    env = own_ray_env(request, [REPO / "tests" / "crash_hooks"], QVL_TEST_NATIVE_CRASH="1")
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        reap_session(proc.pid, grace_s=10)
+    return proc.returncode, out.decode(errors="replace")
+
+
+def test_files_that_crash_a_native_decoder_fail_alone(tmp_path, tiny_embedding_ckpt, request):
+    """A PDF that kills its expansion worker and a video that kills the embedding actor (SIGSEGV inside
+    the decoder, injected by tests/crash_hooks/sitecustomize.py into this run's own Ray): each becomes a
+    dead letter naming the crash on a retry, and every other file lands. Before the crash journal, the
+    PDF's expansion task was retried forever and the video stopped the run."""
+    src = tmp_path / "src"
+    names = make_text_corpus(src, 4)
+    (src / "docs").mkdir()
+    (src / "docs/fine.pdf").write_bytes(make_pdf(["a page that renders"]))
+    (src / "docs/qvl-crash.pdf").write_bytes(make_pdf(["a page PDFium dies on"]) + b"\n%qvl-crash\n")
+    (src / "clips").mkdir()
+    write_av(src / "clips/fine.mp4", 2.0)
+    write_av(src / "clips/qvl-crash.mp4", 2.0)  # two 1-second segments: both open the same file
+    path = write_yaml(config_dict(src, tiny_embedding_ckpt, tmp_path, compute={"batch_size": 16}), tmp_path / "cfg.yaml")
+    code, log = qvl_with_crash_hook(request, ["ingest", path])
+    assert code == EXIT_OK, log[-3000:]
+    assert "Segmentation fault" in log or "SIGSEGV" in log or "worker died" in log.lower(), "no crash happened"
+    report, dead = latest_run(tmp_path / "runs")
+    assert report["error"] is None
+    bad_pdf, bad_video = str(src / "docs/qvl-crash.pdf"), str(src / "clips/qvl-crash.mp4")
+    crashed = sorted((d["uri"], d["stage"], d["position"]) for d in dead if d["error_type"] == "WorkerCrashed")
+    assert crashed == [(bad_video, "embed", "t=0.000-1.000"), (bad_video, "embed", "t=1.000-2.000"),
+                       (bad_pdf, "expand", None)], dead
+    assert len(dead) == 3
+    assert any("worker process died while expanding it" in d["message"] for d in dead if d["uri"] == bad_pdf)
+    assert report["counts"]["failed"] == 2
+    assert report["counts"]["ingested"] == len(names) + 2
+    keys = point_keys(all_points(tmp_path / "qdrant"))
+    assert sorted(keys) == sorted([*text_keys(src, names), (str(src / "docs/fine.pdf"), "page=1"),
+                                   (str(src / "clips/fine.mp4"), "t=0.000-1.000"),
+                                   (str(src / "clips/fine.mp4"), "t=1.000-2.000")])
+
+
+def test_a_candidate_that_crashes_its_decoder_fails_its_query_alone(tmp_path, tiny_embedding_ckpt,
+                                                                     tiny_reranker_ckpt, ray_local, request):
+    """`qvl query-batch`: a query whose candidates include a video that kills decord (and so the reranking
+    actor) fails alone, naming the crash; the other queries of the job get their hits. Before, Ray Data
+    retried the dying batch forever."""
+    src = tmp_path / "src"
+    make_text_corpus(src, 3)
+    (src / "clips").mkdir()
+    write_av(src / "clips/qvl-crash.mp4", 2.0)
+    path = write_yaml(config_dict(src, tiny_embedding_ckpt, tmp_path, reranker={"model": str(tiny_reranker_ckpt)}),
+                      tmp_path / "cfg.yaml")
+    assert qvl(["ingest", path]) == EXIT_OK  # this session's Ray has no crash hook: the video embeds
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text(json.dumps({"id": "texts", "text": "words", "filters": {"modality": "text"}}) + "\n"
+                       + json.dumps({"id": "everything", "text": "words"}) + "\n")
+    out = tmp_path / "results.jsonl"
+    code, log = qvl_with_crash_hook(request, ["query-batch", path, "--queries", str(queries), "--out", str(out),
+                                             "--top-k", "10", "--top-n", "3"])
+    assert code == EXIT_OK, log[-3000:]
+    results = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert results["texts"]["error"] is None and len(results["texts"]["hits"]) == 3
+    assert "WorkerCrashed" in results["everything"]["error"], results["everything"]
+    assert "died while reranking the candidates of it" in results["everything"]["error"]

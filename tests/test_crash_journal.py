@@ -1,0 +1,65 @@
+"""The crash journal's rules (operators/crash_journal.py): which item a dead attempt blames, and when."""
+
+import ray
+
+from operators.crash_journal import CrashJournal, TaskGuard, batch_key, start_journal
+
+
+def test_a_first_attempt_names_nothing_and_blames_nothing():
+    journal = CrashJournal()
+    assert journal.begin("t") == (0, set())
+    # The first attempt died (it named no item): the retry is careful, and skips nothing yet.
+    assert journal.begin("t") == (1, set())
+
+
+def test_the_item_a_careful_attempt_died_on_is_skipped_by_the_next():
+    journal = CrashJournal()
+    journal.begin("t")
+    journal.begin("t")  # attempt 1, careful
+    journal.enter("t", "a")
+    journal.leave("t", "a")
+    journal.enter("t", "b")  # ... and it died here
+    assert journal.begin("t") == (2, {"b"})
+    journal.enter("t", "c")  # attempt 2 died on another item: both are skipped from then on
+    assert journal.begin("t") == (3, {"b", "c"})
+    assert journal.begin("t") == (4, {"b", "c"})  # attempt 3 died outside any item: nothing new
+
+
+def test_tasks_are_kept_apart_and_forgotten_when_they_end():
+    journal = CrashJournal()
+    journal.begin("t")
+    journal.begin("u")
+    journal.begin("u")
+    journal.enter("u", "x")
+    assert journal.begin("t") == (1, set())
+    journal.end("u")
+    assert journal.begin("u") == (0, set())
+    assert journal.tasks() == 2
+
+
+def test_batch_keys_depend_on_the_items_and_their_order():
+    assert batch_key(["a", "b"]) == batch_key(["a", "b"])
+    assert batch_key(["a", "b"]) != batch_key(["b", "a"])
+    assert batch_key(["ab"]) != batch_key(["a", "b"])
+
+
+def test_a_guard_names_items_only_after_a_crash(ray_local):
+    journal = start_journal()
+    try:
+        first = TaskGuard(journal, "task")
+        assert not first.careful
+        with first.reading("a"):  # not named: a first attempt costs one call in all
+            pass
+        assert ray.get(journal.begin.remote("task")) == (1, set())
+
+        careful = TaskGuard(journal, "task")  # attempt 2
+        assert careful.careful and not careful.skip("a")
+        with careful.reading("a"):
+            pass
+        ray.get(journal.enter.remote("task", "b"))  # as a careful attempt that dies reading "b" leaves it
+        after = TaskGuard(journal, "task")
+        assert after.skip("b") and not after.skip("a")
+        after.end()
+        assert ray.get(journal.tasks.remote()) == 0
+    finally:
+        ray.kill(journal)
