@@ -21,6 +21,7 @@ import torch
 
 from .crash_journal import CRASH_ERROR_TYPE, TaskGuard, batch_key, crash_message
 from .qwen3vl.embedder import EmbedResult, Qwen3VLEmbedder, reduce_dim
+from .qwen3vl.prepare_workers import WORKER_DIED
 from .units import model_input_from_row
 
 _INPUT_COLUMNS = ("text", "image", "video", "video_start", "video_end")
@@ -95,7 +96,8 @@ class EmbedStage:
             if not r.ok:
                 out["row_kind"][i] = "dead"
                 out["error_stage"][i] = "embed"
-                out["error_type"][i] = CRASH_ERROR_TYPE if isinstance(r, _Crashed) else "InputError"
+                crashed = isinstance(r, _Crashed) or WORKER_DIED in r.error
+                out["error_type"][i] = CRASH_ERROR_TYPE if crashed else "InputError"
                 out["error_message"][i] = r.error
         per_row = (time.perf_counter() - start) / max(len(live), 1)
         for i in live:

@@ -217,8 +217,8 @@ def test_preparation_threads_do_not_take_the_model_threads(tiny_embedding_ckpt):
         emb.close()
 
 
-def test_a_broken_worker_pool_falls_back_to_threads(tiny_embedding_ckpt, media, caplog):
-    # A killed worker breaks the whole process pool; items still get vectors, prepared in threads.
+def test_a_killed_worker_is_replaced_and_every_item_still_gets_its_vector(tiny_embedding_ckpt, media, caplog):
+    # A killed worker breaks the whole process pool: a fresh pool takes over, items keep their vectors.
     import os
     import signal
     emb = Qwen3VLEmbedder(str(tiny_embedding_ckpt), prepare_processes=1)
@@ -232,6 +232,60 @@ def test_a_broken_worker_pool_falls_back_to_threads(tiny_embedding_ckpt, media, 
         got = emb.embed(items * 3)
         assert all(r.ok for r in got)
         assert abs(got[1].vector - want[1].vector).max() < 1e-6
-        assert emb._processes.broken and "preparing in threads" in caplog.text
+        assert emb._processes.restarts == 1 and emb._processes.broken is None
+        assert "started the workers afresh" in caplog.text
     finally:
         emb.close()
+
+
+def test_an_input_that_crashes_its_worker_fails_alone_and_the_model_process_lives(tiny_embedding_ckpt, media,
+                                                                                   tmp_path, monkeypatch):
+    """A video that kills decord with SIGSEGV (tests/crash_hooks, loaded by the spawned workers only): it
+    fails alone, with WORKER_DIED, and never runs in this process; its neighbours get the thread path's
+    vectors."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    bad = tmp_path / "qvl-crash.mp4"
+    shutil.copy(media["video"], bad)
+    items = [{"text": "hello"}, {"video": str(media["video"])}, {"video": str(bad)}, {"image": str(media["a"])},
+             {"image": str(media["b"])}]
+    threads = Qwen3VLEmbedder(str(tiny_embedding_ckpt), prepare_processes=0)
+    want = threads.embed(items)
+    threads.close()
+    hooks = Path(__file__).parent / "crash_hooks"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("QVL_TEST_NATIVE_CRASH", "1")  # read by the workers, spawned after this
+    emb = Qwen3VLEmbedder(str(tiny_embedding_ckpt), prepare_processes=2)
+    try:
+        warm = emb.embed(items[:1])  # the pool has prepared an item: it can start, so a death is a crash
+        assert warm[0].ok
+        got = emb.embed(items)
+        assert got[2].error is not None and prepare_workers.WORKER_DIED in got[2].error
+        for i in (0, 1, 3, 4):
+            assert got[i].ok, got[i].error
+            assert abs(got[i].vector - want[i].vector).max() < 1e-5
+        assert emb._processes.restarts >= 1 and emb._processes.crashed == 1 and emb._processes.broken is None
+        assert all(r.ok for r in emb.embed(items[:2]))  # the fresh pool serves the next call
+    finally:
+        emb.close()
+
+
+def test_a_pool_that_cannot_start_hands_items_to_threads(caplog):
+    from concurrent.futures import Future
+
+    def in_thread(*args):
+        f = Future()
+        f.set_result(("thread", args))
+        return f
+
+    # No settings for the light runner: every worker's initializer fails before preparing anything.
+    procs = prepare_workers.PrepareProcesses(1, {"cls": Qwen3VLEmbedder}, fallback=in_thread)
+    try:
+        assert procs.submit("x").result(timeout=120) == ("thread", ("x",))
+        assert procs.submit("y").result(timeout=10) == ("thread", ("y",))
+        assert procs.broken and procs.restarts == 0
+        assert "preparing in threads" in caplog.text
+    finally:
+        procs.shutdown()

@@ -21,6 +21,8 @@ import glob
 import logging
 import multiprocessing
 import os
+import queue
+import threading
 import time
 import uuid
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -174,60 +176,153 @@ def _prepare(args: tuple[Any, ...]) -> tuple[Any, Any]:
     return pack(item, shm_owner=os.getppid()), marker
 
 
+WORKER_DIED = ("the preparation worker process died while preparing this input, twice (a crash in a native "
+               "decoder, or out of memory)")
+
+
 class PrepareProcesses:
     """A spawn-started process pool that prepares items with a light copy of a runner.
 
-    If the pool breaks (a worker killed or crashed, or a script without the
-    ``if __name__ == "__main__":`` guard that spawned processes need), the pending and later
-    items are prepared by ``fallback`` (the runner's threads) instead of failing.
+    A worker that dies (a native decoder crashing on one file, an OOM kill) breaks the whole
+    pool and fails every item in flight. The pool is then started afresh for new items, and the
+    items that were in flight are prepared again one at a time, in a one-worker quarantine pool:
+    the one that kills that worker twice fails alone with WORKER_DIED, the others get their
+    results. The model process never runs the culprit itself, so it survives it.
+
+    A pool that breaks before it has prepared anything (a script without the
+    ``if __name__ == "__main__":`` guard that spawned processes need), or that breaks more than
+    MAX_RESTARTS times, hands the pending and later items to ``fallback`` (the runner's
+    threads) instead.
 
     A runner may leave out of an item what the model process can rebuild itself
     (``detach_shared`` in the worker); ``attach`` puts it back here. If that fails, the item
     is prepared again by ``fallback``.
     """
 
+    MAX_RESTARTS = 8
+
     def __init__(self, processes: int, state: dict[str, Any], fallback: Callable[..., Future],
                  attach: Callable[[Prepared, Any, tuple[Any, ...]], Prepared] | None = None) -> None:
-        # spawn, not fork: the parent may hold a CUDA context, which forked children cannot use.
-        self._pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_init_worker, initargs=(state,))
+        self._processes, self._state = processes, state
+        self._pool = self._new_pool(processes)
         self._fallback = fallback
         self._attach = attach
-        self.broken: str | None = None  # why the pool broke, once it has
+        self.broken: str | None = None  # why the pool broke for good, once it has
+        self.restarts = 0  # pools started afresh after a worker died
+        self.crashed = 0  # items that killed a quarantine worker twice
+        self._delivered = False  # a worker has prepared an item: the pool can start
+        self._closed = False
+        self._lock = threading.Lock()
+        self._suspects: queue.SimpleQueue[tuple[tuple[Any, ...], Future] | None] | None = None
         remove_shm_files()  # left by model processes that died before reading them
+
+    def _new_pool(self, processes: int) -> ProcessPoolExecutor:
+        # spawn, not fork: the parent may hold a CUDA context, which forked children cannot use.
+        return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(self._state,))
 
     def submit(self, *args: Any) -> Future:
         """A future of the prepared item (or its error string) for these prepare() arguments."""
         if self.broken is not None:
             return self._fallback(*args)
         outer: Future = Future()
-
-        def done(f: Future) -> None:
-            try:
-                packed, marker = f.result()
-                item = unpack(packed)
-            except BrokenProcessPool as exc:
-                self._broke(exc)
-            except Exception as exc:  # e.g. a result that cannot be unpickled: this item fails
-                outer.set_result(f"preparation worker failed: {type(exc).__name__}: {exc}")
-                return
-            else:
-                try:
-                    if marker is not None and isinstance(item, Prepared) and self._attach is not None:
-                        item = self._attach(item, marker, args)
-                    outer.set_result(item)
-                    return
-                except Exception as exc:
-                    log.warning("could not rebuild a prepared item (%s: %s); preparing it in a thread",
-                                type(exc).__name__, exc)
-            self._fallback(*args).add_done_callback(lambda g: outer.set_result(g.result()))
-
+        pool = self._pool
         try:
-            self._pool.submit(_prepare, args).add_done_callback(done)
-        except BrokenProcessPool as exc:
-            self._broke(exc)
+            pool.submit(_prepare, args).add_done_callback(lambda f: self._done(f, pool, args, outer))
+        except BrokenProcessPool as exc:  # broke while idle: nothing was running, nothing is suspect
+            if self._restart(pool, exc):
+                return self.submit(*args)
             return self._fallback(*args)
         return outer
+
+    def _done(self, f: Future, pool: ProcessPoolExecutor, args: tuple[Any, ...], outer: Future) -> None:
+        try:
+            result = f.result()
+        except BrokenProcessPool as exc:  # this item may be the one that killed a worker
+            if self._restart(pool, exc):
+                self._quarantine(args, outer)
+            elif self._closed:
+                outer.set_result("preparation stopped: the runner was closed")
+            else:
+                self._fallback(*args).add_done_callback(lambda g: outer.set_result(g.result()))
+            return
+        except Exception as exc:  # e.g. a result that cannot be unpickled: this item fails
+            outer.set_result(f"preparation worker failed: {type(exc).__name__}: {exc}")
+            return
+        self._delivered = True
+        self._deliver(result, args, outer)
+
+    def _deliver(self, result: tuple[Any, Any], args: tuple[Any, ...], outer: Future) -> None:
+        """Resolve outer with a worker's result (put back together), or with the fallback's."""
+        try:
+            packed, marker = result
+            item = unpack(packed)
+        except Exception as exc:
+            outer.set_result(f"preparation worker failed: {type(exc).__name__}: {exc}")
+            return
+        try:
+            if marker is not None and isinstance(item, Prepared) and self._attach is not None:
+                item = self._attach(item, marker, args)
+            outer.set_result(item)
+            return
+        except Exception as exc:
+            log.warning("could not rebuild a prepared item (%s: %s); preparing it in a thread",
+                        type(exc).__name__, exc)
+        self._fallback(*args).add_done_callback(lambda g: outer.set_result(g.result()))
+
+    def _restart(self, pool: ProcessPoolExecutor, exc: BaseException) -> bool:
+        """After `pool` broke: True when a fresh pool is running (started here or already), False for threads."""
+        with self._lock:
+            if self.broken is not None or self._closed:
+                return False
+            if pool is not self._pool:  # another item of the same break got here first
+                return True
+            if not self._delivered or self.restarts >= self.MAX_RESTARTS:
+                self._broke(exc)
+                return False
+            self.restarts += 1
+            self._pool = self._new_pool(self._processes)
+        pool.shutdown(wait=False, cancel_futures=True)
+        log.warning("a preparation worker process died (%s: %s); started the workers afresh (%d of at most %d), "
+                    "and the items it was preparing are prepared again one at a time", type(exc).__name__, exc,
+                    self.restarts, self.MAX_RESTARTS)
+        return True
+
+    def _quarantine(self, args: tuple[Any, ...], outer: Future) -> None:
+        with self._lock:
+            if self._suspects is None:
+                self._suspects = queue.SimpleQueue()
+                threading.Thread(target=self._quarantine_loop, args=(self._suspects,), daemon=True,
+                                 name="qvl-prepare-quarantine").start()
+            self._suspects.put((args, outer))
+
+    def _quarantine_loop(self, suspects: "queue.SimpleQueue[tuple[tuple[Any, ...], Future] | None]") -> None:
+        """Prepare suspect items one at a time, each alone in its worker; two deaths on one item fail it."""
+        pool: ProcessPoolExecutor | None = None
+        try:
+            while (job := suspects.get()) is not None:
+                args, outer = job
+                for _ in range(2):  # a second death tells a crash on this item from a pool that failed to start
+                    pool = pool or self._new_pool(1)
+                    try:
+                        result = pool.submit(_prepare, args).result()
+                    except BrokenProcessPool:
+                        pool.shutdown(wait=False)
+                        pool = None
+                        continue
+                    except Exception as exc:
+                        outer.set_result(f"preparation worker failed: {type(exc).__name__}: {exc}")
+                        break
+                    self._deliver(result, args, outer)
+                    break
+                else:
+                    self.crashed += 1
+                    log.warning("an input killed its preparation worker twice; it fails alone: %s",
+                                _describe(args))
+                    outer.set_result(WORKER_DIED)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     def _broke(self, exc: BaseException) -> None:
         if self.broken is None:
@@ -238,6 +333,16 @@ class PrepareProcesses:
 
     def shutdown(self) -> None:
         """Stop the workers and delete hand-over files nobody collected."""
+        with self._lock:
+            self._closed = True
+            if self._suspects is not None:
+                self._suspects.put(None)
         self._pool.shutdown(wait=False, cancel_futures=True)
         # Results still in flight are read (and their files deleted) by their callbacks.
         remove_shm_files(os.getpid())
+
+
+def _describe(args: tuple[Any, ...]) -> str:
+    """A short description of prepare() arguments for a log line."""
+    text = repr(args)
+    return text if len(text) <= 300 else text[:300] + "..."
