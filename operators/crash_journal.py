@@ -107,8 +107,10 @@ class TaskGuard:
             yield
             return
         ray.get(self.journal.enter.remote(self.task, item))  # recorded before the read that may kill us
-        yield
-        self.journal.leave.remote(self.task, item)  # no wait: calls from one caller arrive in order
+        try:
+            yield
+        finally:  # an exception is not a crash: only a death leaves the item named
+            self.journal.leave.remote(self.task, item)  # no wait: calls from one caller arrive in order
 
     def end(self) -> None:
         """The attempt finished (no wait)."""

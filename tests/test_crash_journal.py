@@ -63,3 +63,18 @@ def test_a_guard_names_items_only_after_a_crash(ray_local):
         assert ray.get(journal.tasks.remote()) == 0
     finally:
         ray.kill(journal)
+
+
+def test_an_exception_while_reading_is_not_a_crash(ray_local):
+    journal = start_journal()
+    try:
+        ray.get(journal.begin.remote("task"))
+        guard = TaskGuard(journal, "task")  # careful
+        try:
+            with guard.reading("a"):
+                raise ValueError("a Python error, caught by the caller")
+        except ValueError:
+            pass
+        assert ray.get(journal.begin.remote("task")) == (2, set())
+    finally:
+        ray.kill(journal)
