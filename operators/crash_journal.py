@@ -16,18 +16,31 @@ The journal breaks that loop at the cost of one extra retry per bad file, wherev
 
 Only an attempt that already follows a crash names items, so one worker death that no item caused
 (a node lost, a one-off OOM kill) blames nothing; it takes two deaths on the same item.
+
+A decoder that hangs instead of crashing would stall the job forever (Ray has no task timeouts). A
+guard with a time limit arms this process's watchdog around each item (an attribute write, no call):
+when an item runs past its limit, the watchdog tells the journal which item it was and kills the
+process. The retry skips that item at once. (A hang that holds the GIL starves the watchdog too;
+the decoders' C calls through ctypes and Pillow release it.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import signal
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import ray
 
 CRASH_ERROR_TYPE = "WorkerCrashed"
+TIMEOUT_ERROR_TYPE = "WorkerTimedOut"
+_CRASHED = "crashed"  # the journal's reason for an item that killed a worker; "timeout:<s>" for a hang
 
 
 def crash_message(doing: str) -> str:
@@ -36,11 +49,21 @@ def crash_message(doing: str) -> str:
             "crashing, or out of memory); it was skipped so that its neighbours could go on")
 
 
+def skip_letter(reason: str, doing: str, setting: str | None = None) -> tuple[str, str]:
+    """(error type, message) of the dead letter for an item the journal says to leave out, for `reason`."""
+    if reason.startswith("timeout:"):
+        seconds = reason.split(":", 1)[1]
+        limit = f"{setting}={seconds} s" if setting else f"{seconds} s"
+        return TIMEOUT_ERROR_TYPE, (f"{doing} it took longer than {limit} (a hung decoder?): its worker process "
+                                    "was stopped, and it was skipped so that its neighbours could go on")
+    return CRASH_ERROR_TYPE, crash_message(doing)
+
+
 @dataclass
 class _Task:
     attempts: int = 0
     current: str | None = None  # the item a careful attempt is reading now
-    crashed: set[str] = field(default_factory=set)
+    skipped: dict[str, str] = field(default_factory=dict)  # item -> why: _CRASHED or "timeout:<s>"
 
 
 class CrashJournal:
@@ -49,14 +72,20 @@ class CrashJournal:
     def __init__(self) -> None:
         self._tasks: dict[str, _Task] = {}
 
-    def begin(self, task: str) -> tuple[int, set[str]]:
-        """Start an attempt of `task`: (its attempt number from 0, the items that killed earlier attempts)."""
+    def begin(self, task: str) -> tuple[int, dict[str, str]]:
+        """Start an attempt of `task`: (its attempt number from 0, {item: why} for the items to leave out)."""
         rec = self._tasks.setdefault(task, _Task())
         if rec.current is not None:  # the last attempt died reading this item
-            rec.crashed.add(rec.current)
+            rec.skipped.setdefault(rec.current, _CRASHED)
             rec.current = None
         attempt, rec.attempts = rec.attempts, rec.attempts + 1
-        return attempt, set(rec.crashed)
+        return attempt, dict(rec.skipped)
+
+    def timed_out(self, task: str, item: str, seconds: float) -> None:
+        """`item` of `task` ran past its limit; its process is about to be killed."""
+        rec = self._tasks.setdefault(task, _Task())
+        rec.skipped[item] = f"timeout:{seconds:g}"
+        rec.current = None
 
     def enter(self, task: str, item: str) -> None:
         """A careful attempt of `task` is about to read `item`."""
@@ -83,13 +112,58 @@ def start_journal() -> ray.actor.ActorHandle:
     return ray.remote(num_cpus=0, max_restarts=0)(CrashJournal).remote()
 
 
-class TaskGuard:
-    """One task attempt's view of the journal: which items to skip, and (after a crash) which item it reads now."""
+class _Watchdog:
+    """This process's watchdog: kills it when the armed item runs past its deadline, after telling the journal."""
 
-    def __init__(self, journal: ray.actor.ActorHandle, task: str) -> None:
+    def __init__(self) -> None:
+        self._slot: tuple[Any, str, str, float, float] | None = None  # journal, task, item, deadline, limit
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def arm(self, journal: Any, task: str, item: str, limit_s: float) -> None:
+        """Watch `item` for `limit_s` seconds from now."""
+        self._slot = (journal, task, item, time.monotonic() + limit_s, limit_s)
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="qvl-watchdog", daemon=True)
+                    self._thread.start()
+
+    def disarm(self) -> None:
+        """Nothing is being read now."""
+        self._slot = None
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(0.25)
+            slot = self._slot
+            if slot is None or time.monotonic() < slot[3]:
+                continue
+            journal, task, item, _, limit = slot
+            try:  # the retry must learn which item it was before this process is gone
+                ray.get(journal.timed_out.remote(task, item, limit), timeout=30)
+            finally:
+                os.kill(os.getpid(), signal.SIGKILL)  # a hung C call cannot be interrupted any other way
+
+
+WATCHDOG = _Watchdog()
+WHOLE_BATCH = "<the whole batch>"  # the item a first attempt at a batch is watched as
+
+
+class TaskGuard:
+    """One task attempt's view of the journal: which items to skip, and which item it reads now.
+
+    limit_s: how long one item (or a first attempt's whole batch) may take before the watchdog
+    stops the process; `setting` names it in dead letters.
+    """
+
+    def __init__(self, journal: ray.actor.ActorHandle, task: str, limit_s: float | None = None,
+                 setting: str | None = None) -> None:
         self.journal = journal
         self.task = task
-        self.attempt, self.crashed = ray.get(journal.begin.remote(task))
+        self.limit_s = limit_s
+        self.setting = setting
+        self.attempt, self.skipped = ray.get(journal.begin.remote(task))
 
     @property
     def careful(self) -> bool:
@@ -97,20 +171,27 @@ class TaskGuard:
         return self.attempt > 0
 
     def skip(self, item: str) -> bool:
-        """True when `item` killed an earlier attempt: leave it unread."""
-        return item in self.crashed
+        """True when `item` killed (or hung) an earlier attempt: leave it unread."""
+        return item in self.skipped
+
+    def letter(self, item: str, doing: str) -> tuple[str, str]:
+        """(error type, message) of the dead letter for a skipped item."""
+        return skip_letter(self.skipped[item], doing, self.setting)
 
     @contextlib.contextmanager
     def reading(self, item: str) -> Iterator[None]:
-        """Around the reading of one item: named to the journal first when this attempt is careful."""
-        if not self.careful:
-            yield
-            return
-        ray.get(self.journal.enter.remote(self.task, item))  # recorded before the read that may kill us
+        """Around the reading of one item: named to the journal first when this attempt is careful,
+        and watched when the guard has a time limit."""
+        if self.careful:
+            ray.get(self.journal.enter.remote(self.task, item))  # recorded before the read that may kill us
+        if self.limit_s is not None:
+            WATCHDOG.arm(self.journal, self.task, item, self.limit_s)
         try:
             yield
         finally:  # an exception is not a crash: only a death leaves the item named
-            self.journal.leave.remote(self.task, item)  # no wait: calls from one caller arrive in order
+            WATCHDOG.disarm()
+            if self.careful:
+                self.journal.leave.remote(self.task, item)  # no wait: calls from one caller arrive in order
 
     def end(self) -> None:
         """The attempt finished (no wait)."""

@@ -5,21 +5,23 @@ named vector (`vec_full`, `vec_mrl_<d>`), L2-normalised; a unit that fails here
 becomes a dead row (never an exception). Other rows pass through. Image bytes are
 dropped after this stage: only vectors and payloads travel on to the sink.
 
-A unit that crashes a native decoder kills the actor's process; Ray restarts the actor
-and retries the batch, which then runs one unit at a time, so that the culprit is named
-and becomes a dead row on the next retry (operators/crash_journal.py).
+A unit that crashes a native decoder kills the actor's process (one that hangs it past
+limits.max_embed_batch_s gets it killed); Ray restarts the actor and retries the batch,
+which then runs one unit at a time, so that the culprit is named and becomes a dead row
+on the next retry (operators/crash_journal.py).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from .crash_journal import CRASH_ERROR_TYPE, TaskGuard, batch_key, crash_message
+from .crash_journal import CRASH_ERROR_TYPE, WHOLE_BATCH, TaskGuard, batch_key
 from .qwen3vl.embedder import EmbedResult, Qwen3VLEmbedder, reduce_dim
 from .qwen3vl.prepare_workers import WORKER_DIED
 from .units import model_input_from_row
@@ -45,17 +47,21 @@ def cpu_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+@dataclass
 class _Crashed(EmbedResult):
-    """A unit left out because it killed the actor's process (its dead letter says so)."""
+    """A unit left out because it killed or hung the actor's process (its dead letter says so)."""
+
+    error_type: str = CRASH_ERROR_TYPE
 
 
 class EmbedStage:
     """Loads the embedder once per actor and embeds the unit rows of each batch."""
 
     def __init__(self, model: str, mrl_dims: list[int], embedder_kwargs: dict[str, Any] | None = None,
-                 crash_journal: Any = None) -> None:
+                 crash_journal: Any = None, max_batch_s: float | None = None) -> None:
         self.embedder = Qwen3VLEmbedder(model, **(embedder_kwargs or {}))
         self.crash_journal = crash_journal
+        self.max_batch_s = max_batch_s  # with a journal: a batch (after a crash, a unit) that runs longer is stopped
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1 by default), which halves a CPU
         # embedder on a 2-core machine: its matmuls are what this node's cores are for. (On a GPU
         # the CPU threads only prepare inputs, so Ray's setting is kept.)
@@ -75,11 +81,15 @@ class EmbedStage:
         inputs = [model_input_from_row({k: batch[k][i] for k in _INPUT_COLUMNS}) for i in live]
         point_ids = [str(batch["point_id"][i]) for i in live]
         # Keyed by content: Ray Data resubmits a batch whose actor died under a new task id.
-        guard = TaskGuard(self.crash_journal, batch_key(point_ids)) if self.crash_journal is not None and live else None
-        if guard is not None and guard.careful:
+        guard = (TaskGuard(self.crash_journal, batch_key(point_ids), self.max_batch_s, "limits.max_embed_batch_s")
+                 if self.crash_journal is not None and live else None)
+        if guard is None:
+            results = self.embedder.embed(inputs, normalize=False)
+        elif guard.careful:
             results = self._embed_carefully(inputs, point_ids, guard)
         else:
-            results = self.embedder.embed(inputs, normalize=False)
+            with guard.reading(WHOLE_BATCH):  # watched as a whole: a hang makes the retry careful
+                results = self.embedder.embed(inputs, normalize=False)
 
         # numpy batches turn all-None string columns into NaN floats; keep them None.
         out = {k: [x if isinstance(x, str) else None for x in v] if k in _TEXT_COLUMNS
@@ -96,8 +106,8 @@ class EmbedStage:
             if not r.ok:
                 out["row_kind"][i] = "dead"
                 out["error_stage"][i] = "embed"
-                crashed = isinstance(r, _Crashed) or WORKER_DIED in r.error
-                out["error_type"][i] = CRASH_ERROR_TYPE if crashed else "InputError"
+                out["error_type"][i] = (r.error_type if isinstance(r, _Crashed) else
+                                        CRASH_ERROR_TYPE if WORKER_DIED in r.error else "InputError")
                 out["error_message"][i] = r.error
         per_row = (time.perf_counter() - start) / max(len(live), 1)
         for i in live:
@@ -109,19 +119,23 @@ class EmbedStage:
 
     def _embed_carefully(self, inputs: list[dict[str, Any]], point_ids: list[str],
                          guard: TaskGuard) -> list[EmbedResult]:
-        """After this batch killed an actor: one unit at a time, each named first; a unit that killed one is skipped.
+        """After this batch killed or hung an actor: one unit at a time, each named first and watched; a unit
+        that killed or hung one is skipped.
 
         So is every unit that reads the same video file: a video's segments all open that file, and
         finding each of them by another crash would spend the batch's retries on one bad file.
         """
-        bad_videos = {item.get("video") for item, pid in zip(inputs, point_ids) if guard.skip(pid)} - {None}
+        letters = {pid: guard.letter(pid, "preparing or embedding") for pid in point_ids if guard.skip(pid)}
+        bad_videos = {item["video"]: letters[pid][0] for item, pid in zip(inputs, point_ids)
+                      if pid in letters and item.get("video")}
         results: list[EmbedResult] = []
         for k, (item, pid) in enumerate(zip(inputs, point_ids)):
-            if guard.skip(pid):
-                results.append(_Crashed(k, error=crash_message("preparing or embedding")))
+            if pid in letters:
+                error_type, message = letters[pid]
+                results.append(_Crashed(k, error=message, error_type=error_type))
             elif item.get("video") in bad_videos:
-                results.append(_Crashed(k, error=f"skipped: another segment of {item['video']} killed the "
-                                                 "worker process on a retry after an earlier crash"))
+                results.append(_Crashed(k, error=f"skipped: another segment of {item['video']} killed or hung the "
+                                                 "worker process", error_type=bad_videos[item["video"]]))
             else:
                 with guard.reading(pid):
                     results.append(self.embedder.embed([item], normalize=False)[0])

@@ -3,8 +3,8 @@
 Runs as CPU tasks (flat_map). Reads the object once through fsspec, detects its
 type from content, and cuts it into units; it never raises, so one bad file
 becomes rows that say so instead of a failed job. A file that crashes a native
-decoder (which no ``except`` catches) becomes such rows on the task's retry
-(operators/crash_journal.py).
+decoder (which no ``except`` catches) or hangs it becomes such rows on the task's
+retry (operators/crash_journal.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any
 
-from .crash_journal import CRASH_ERROR_TYPE, TaskGuard, crash_message, current_task_id
+from .crash_journal import TaskGuard, current_task_id
 from .media.expand import FAILED, ExpandSettings, expand_object
 from .units import DeadLetter, SourceObject, dead_row, object_row, payload_for, unit_row
 
@@ -55,32 +55,33 @@ def object_to_row(obj: SourceObject) -> dict[str, Any]:
 _GUARD: TaskGuard | None = None  # this worker process's current task attempt (tasks run one at a time)
 
 
-def _task_guard(journal: Any) -> TaskGuard | None:
+def _task_guard(journal: Any, limit_s: float | None) -> TaskGuard | None:
     """The crash journal's guard for the running task attempt: one journal call per attempt, not per row."""
     global _GUARD
     task = current_task_id() if journal is not None else None
     if task is None:
         return None
     if _GUARD is None or _GUARD.task != task:  # task ids are unique across runs
-        _GUARD = TaskGuard(journal, task)
+        _GUARD = TaskGuard(journal, task, limit_s, setting="limits.max_expand_s")
     return _GUARD
 
 
 def expand_rows(row: dict[str, Any], *, settings: ExpandSettings, storage_options: dict[str, Any] | None,
                 model: str, model_id: str, dim: int, ingested_at: str | None = None,
-                crash_journal: Any = None) -> list[dict[str, Any]]:
+                crash_journal: Any = None, max_expand_s: float | None = None) -> list[dict[str, Any]]:
     """Unit rows, dead-letter rows and one object-status row for one listed object.
 
-    crash_journal: a CrashJournal actor; an object that killed this task's worker process is then
-    a dead letter on the retry instead of a crash loop (operators/crash_journal.py).
+    crash_journal: a CrashJournal actor; an object that killed this task's worker process, or
+    took longer than max_expand_s to expand, is then a dead letter on the retry instead of a crash
+    loop or a stalled job (operators/crash_journal.py).
     """
     start = time.perf_counter()
     obj = SourceObject(row["uri"], int(row["size"]), row["fingerprint"], row.get("mtime"))
     stamp = ingested_at or datetime.now(timezone.utc).isoformat()
-    guard = _task_guard(crash_journal)
+    guard = _task_guard(crash_journal, max_expand_s)
     if guard is not None and guard.skip(obj.uri):
-        dead = DeadLetter(uri=obj.uri, stage="expand", error_type=CRASH_ERROR_TYPE,
-                          message=crash_message("expanding"))
+        error_type, message = guard.letter(obj.uri, "expanding")
+        dead = DeadLetter(uri=obj.uri, stage="expand", error_type=error_type, message=message)
         return [dead_row(dead), object_row(obj.uri, FAILED, 0, time.perf_counter() - start)]
     try:
         tokenizer = tokenizer_for(model)

@@ -339,7 +339,7 @@ def _run_stages(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store
     ds = ds.flat_map(expand_rows, fn_kwargs=dict(
         settings=expand_settings(cfg), storage_options=storage_options, model=cfg.embedder.model,
         model_id=cfg.embedder.model, dim=full_dim, ingested_at=datetime.now(timezone.utc).isoformat(),
-        crash_journal=journal),
+        crash_journal=journal, max_expand_s=cfg.limits.max_expand_s),
         num_cpus=1, **({"concurrency": cfg.compute.prepare_concurrency} if cfg.compute.prepare_concurrency else {}))
     gpus = num_gpus_per_actor(cfg)
     with warnings.catch_warnings():
@@ -349,15 +349,15 @@ def _run_stages(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store
             EmbedStage,
             fn_constructor_kwargs=dict(model=cfg.embedder.model, mrl_dims=list(cfg.embedder.mrl_dims),
                                        embedder_kwargs=embedder_kwargs(cfg, storage_options),
-                                       crash_journal=journal),
+                                       crash_journal=journal, max_batch_s=cfg.limits.max_embed_batch_s),
             batch_size=cfg.compute.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=cfg.compute.embed_actors),
             num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor,
             # A crashed or killed embedding actor is restarted and its in-flight batch retried (upserts
             # are idempotent: a retried batch never duplicates). Ray Data's default retries forever; a
-            # batch that keeps killing its actor stops the run after 3 retries. A unit that crashes a
-            # decoder costs two of them (the journal names it, then it is skipped).
-            max_restarts=-1, max_task_retries=3)
+            # batch that keeps killing its actor stops the run after 5 retries. A unit that crashes or
+            # hangs a decoder costs at most two of them (the journal names it, then it is skipped).
+            max_restarts=-1, max_task_retries=5)
     # Streaming with a fixed memory bound: Ray Data's default lets a dataset buffer up to half the
     # object store (GBs on a big node), so a fast expand stage would run that far ahead of the
     # embedder and memory would grow with the corpus up to there. A few embedding batches in

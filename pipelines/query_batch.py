@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from operators.crash_journal import CRASH_ERROR_TYPE, TaskGuard, batch_key, crash_message, start_journal
+from operators.crash_journal import TaskGuard, batch_key, start_journal
 from sinks.qdrant_client_factory import make_client
 
 from .config import Config
@@ -128,7 +128,7 @@ class RerankStage:
             hits: list[Hit] = []
             skipped: list[Skipped] = []
             if not error and guard is not None and guard.skip(key):
-                error = f"rerank failed: {CRASH_ERROR_TYPE}: {crash_message('reranking the candidates of')}"
+                error = "rerank failed: {}: {}".format(*guard.letter(key, "reranking the candidates of"))
             elif not error:
                 try:
                     with guard.reading(key) if guard is not None else contextlib.nullcontext():

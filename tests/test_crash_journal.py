@@ -1,15 +1,19 @@
-"""The crash journal's rules (operators/crash_journal.py): which item a dead attempt blames, and when."""
+"""The crash journal's rules (operators/crash_journal.py): which item a dead attempt blames, and when;
+the watchdog that stops a process whose item hangs."""
+
+import time
 
 import ray
 
-from operators.crash_journal import CrashJournal, TaskGuard, batch_key, start_journal
+from operators.crash_journal import (CRASH_ERROR_TYPE, TIMEOUT_ERROR_TYPE, CrashJournal, TaskGuard, batch_key,
+                                     current_task_id, start_journal)
 
 
 def test_a_first_attempt_names_nothing_and_blames_nothing():
     journal = CrashJournal()
-    assert journal.begin("t") == (0, set())
+    assert journal.begin("t") == (0, {})
     # The first attempt died (it named no item): the retry is careful, and skips nothing yet.
-    assert journal.begin("t") == (1, set())
+    assert journal.begin("t") == (1, {})
 
 
 def test_the_item_a_careful_attempt_died_on_is_skipped_by_the_next():
@@ -19,10 +23,17 @@ def test_the_item_a_careful_attempt_died_on_is_skipped_by_the_next():
     journal.enter("t", "a")
     journal.leave("t", "a")
     journal.enter("t", "b")  # ... and it died here
-    assert journal.begin("t") == (2, {"b"})
+    assert journal.begin("t") == (2, {"b": "crashed"})
     journal.enter("t", "c")  # attempt 2 died on another item: both are skipped from then on
-    assert journal.begin("t") == (3, {"b", "c"})
-    assert journal.begin("t") == (4, {"b", "c"})  # attempt 3 died outside any item: nothing new
+    assert journal.begin("t") == (3, {"b": "crashed", "c": "crashed"})
+    assert journal.begin("t") == (4, {"b": "crashed", "c": "crashed"})  # died outside any item: nothing new
+
+
+def test_an_item_that_ran_past_its_limit_is_skipped_at_once():
+    journal = CrashJournal()
+    journal.begin("t")
+    journal.timed_out("t", "slow", 2.5)  # a first attempt's watchdog names the item itself
+    assert journal.begin("t") == (1, {"slow": "timeout:2.5"})
 
 
 def test_tasks_are_kept_apart_and_forgotten_when_they_end():
@@ -31,9 +42,9 @@ def test_tasks_are_kept_apart_and_forgotten_when_they_end():
     journal.begin("u")
     journal.begin("u")
     journal.enter("u", "x")
-    assert journal.begin("t") == (1, set())
+    assert journal.begin("t") == (1, {})
     journal.end("u")
-    assert journal.begin("u") == (0, set())
+    assert journal.begin("u") == (0, {})
     assert journal.tasks() == 2
 
 
@@ -50,7 +61,7 @@ def test_a_guard_names_items_only_after_a_crash(ray_local):
         assert not first.careful
         with first.reading("a"):  # not named: a first attempt costs one call in all
             pass
-        assert ray.get(journal.begin.remote("task")) == (1, set())
+        assert ray.get(journal.begin.remote("task")) == (1, {})
 
         careful = TaskGuard(journal, "task")  # attempt 2
         assert careful.careful and not careful.skip("a")
@@ -59,6 +70,7 @@ def test_a_guard_names_items_only_after_a_crash(ray_local):
         ray.get(journal.enter.remote("task", "b"))  # as a careful attempt that dies reading "b" leaves it
         after = TaskGuard(journal, "task")
         assert after.skip("b") and not after.skip("a")
+        assert after.letter("b", "reading")[0] == CRASH_ERROR_TYPE
         after.end()
         assert ray.get(journal.tasks.remote()) == 0
     finally:
@@ -75,6 +87,28 @@ def test_an_exception_while_reading_is_not_a_crash(ray_local):
                 raise ValueError("a Python error, caught by the caller")
         except ValueError:
             pass
-        assert ray.get(journal.begin.remote("task")) == (2, set())
+        assert ray.get(journal.begin.remote("task")) == (2, {})
+    finally:
+        ray.kill(journal)
+
+
+@ray.remote(max_retries=1)
+def _hanging_task(journal):
+    guard = TaskGuard(journal, current_task_id(), limit_s=1.0, setting="limits.example_s")
+    if guard.skip("slow"):
+        return guard.letter("slow", "reading")
+    with guard.reading("slow"):
+        time.sleep(120)  # stands in for a decoder that never returns
+    return "finished"
+
+
+def test_the_watchdog_stops_a_hung_process_and_the_retry_skips_its_item(ray_local):
+    journal = start_journal()
+    try:
+        started = time.monotonic()
+        error_type, message = ray.get(_hanging_task.remote(journal), timeout=90)
+        assert error_type == TIMEOUT_ERROR_TYPE
+        assert message.startswith("reading it took longer than limits.example_s=1 s (a hung decoder?)")
+        assert time.monotonic() - started < 60
     finally:
         ray.kill(journal)

@@ -289,3 +289,53 @@ def test_a_pool_that_cannot_start_hands_items_to_threads(caplog):
         assert "preparing in threads" in caplog.text
     finally:
         procs.shutdown()
+
+
+_ORPHAN_SCRIPT = """
+import multiprocessing, sys, time
+from operators.qwen3vl.prepare_workers import die_with_parent
+
+def child():
+    die_with_parent()
+    print("ready", flush=True)
+    time.sleep(600)  # a worker stuck in a hung decoder
+
+if __name__ == "__main__":
+    p = multiprocessing.get_context("spawn").Process(target=child)
+    p.start()
+    print(p.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_worker_dies_with_its_model_process(tmp_path):
+    # A worker stuck in a hung decoder never reads its pipe: without this it outlives a killed parent.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    script = tmp_path / "parent.py"
+    script.write_text(_ORPHAN_SCRIPT)
+    repo = Path(__file__).resolve().parents[1]
+    parent = subprocess.Popen([sys.executable, str(script)], cwd=repo, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(repo)})
+    child = None
+    try:
+        child = int(parent.stdout.readline())
+        assert parent.stdout.readline().strip() == "ready"  # its death signal is set
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{child}") and \
+                "Z" not in open(f"/proc/{child}/stat").read().split()[2]:
+            time.sleep(0.05)
+        alive = os.path.exists(f"/proc/{child}") and "Z" not in open(f"/proc/{child}/stat").read().split()[2]
+        assert not alive, "the worker outlived its parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if child is not None and os.path.exists(f"/proc/{child}"):
+            os.kill(child, signal.SIGKILL)

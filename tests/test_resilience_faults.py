@@ -7,8 +7,9 @@
   object deleted between listing and reading: a dead letter, not a crash;
 - the driver SIGKILLed mid-run: the same job run again completes without duplicates, re-embedding only
   the objects that were not completely written;
-- files that crash a native decoder (SIGSEGV in PDFium or decord, injected by tests/crash_hooks into a
-  run's own Ray): each fails alone, in ingestion and in `query-batch`, instead of a crash loop.
+- files that crash or hang a native decoder (SIGSEGV or an endless call in PDFium or decord, injected by
+  tests/crash_hooks into a run's own Ray): each fails alone, in ingestion (and a crash in `query-batch`),
+  instead of a crash loop or a stalled job.
 """
 
 import dataclasses
@@ -393,32 +394,40 @@ def qvl_with_crash_hook(request, args: list[str], timeout_s: float = 300) -> tup
     return proc.returncode, out.decode(errors="replace")
 
 
-def test_files_that_crash_a_native_decoder_fail_alone(tmp_path, tiny_embedding_ckpt, request):
-    """A PDF that kills its expansion worker and a video that kills the embedding actor (SIGSEGV inside
-    the decoder, injected by tests/crash_hooks/sitecustomize.py into this run's own Ray): each becomes a
-    dead letter naming the crash on a retry, and every other file lands. Before the crash journal, the
-    PDF's expansion task was retried forever and the video stopped the run."""
+def test_files_that_crash_or_hang_a_native_decoder_fail_alone(tmp_path, tiny_embedding_ckpt, request):
+    """PDFs that kill or hang their expansion worker, and videos that kill or hang the embedding actor
+    (SIGSEGV, or an endless call, inside the decoder, injected by tests/crash_hooks/sitecustomize.py into
+    this run's own Ray): each becomes a dead letter naming what happened, and every other file lands.
+    Before the crash journal, the crashing PDF's expansion task was retried forever, the crashing video
+    stopped the run, and either hanging file stalled it for good."""
     src = tmp_path / "src"
     names = make_text_corpus(src, 4)
     (src / "docs").mkdir()
     (src / "docs/fine.pdf").write_bytes(make_pdf(["a page that renders"]))
     (src / "docs/qvl-crash.pdf").write_bytes(make_pdf(["a page PDFium dies on"]) + b"\n%qvl-crash\n")
+    (src / "docs/qvl-hang.pdf").write_bytes(make_pdf(["a page PDFium never finishes"]) + b"\n%qvl-hang\n")
     (src / "clips").mkdir()
-    write_av(src / "clips/fine.mp4", 2.0)
-    write_av(src / "clips/qvl-crash.mp4", 2.0)  # two 1-second segments: both open the same file
-    path = write_yaml(config_dict(src, tiny_embedding_ckpt, tmp_path, compute={"batch_size": 16}), tmp_path / "cfg.yaml")
+    for name in ("fine", "qvl-crash", "qvl-hang"):
+        write_av(src / f"clips/{name}.mp4", 2.0)  # two 1-second segments: both open the same file
+    path = write_yaml(config_dict(src, tiny_embedding_ckpt, tmp_path, compute={"batch_size": 16},
+                                  limits={"max_expand_s": 6.0, "max_embed_batch_s": 12.0}), tmp_path / "cfg.yaml")
     code, log = qvl_with_crash_hook(request, ["ingest", path])
     assert code == EXIT_OK, log[-3000:]
     assert "Segmentation fault" in log or "SIGSEGV" in log or "worker died" in log.lower(), "no crash happened"
     report, dead = latest_run(tmp_path / "runs")
     assert report["error"] is None
-    bad_pdf, bad_video = str(src / "docs/qvl-crash.pdf"), str(src / "clips/qvl-crash.mp4")
-    crashed = sorted((d["uri"], d["stage"], d["position"]) for d in dead if d["error_type"] == "WorkerCrashed")
-    assert crashed == [(bad_video, "embed", "t=0.000-1.000"), (bad_video, "embed", "t=1.000-2.000"),
-                       (bad_pdf, "expand", None)], dead
-    assert len(dead) == 3
-    assert any("worker process died while expanding it" in d["message"] for d in dead if d["uri"] == bad_pdf)
-    assert report["counts"]["failed"] == 2
+    letters = sorted((Path(d["uri"]).name, d["stage"], d["position"], d["error_type"]) for d in dead)
+    assert letters == [
+        ("qvl-crash.mp4", "embed", "t=0.000-1.000", "WorkerCrashed"),
+        ("qvl-crash.mp4", "embed", "t=1.000-2.000", "WorkerCrashed"),
+        ("qvl-crash.pdf", "expand", None, "WorkerCrashed"),
+        ("qvl-hang.mp4", "embed", "t=0.000-1.000", "WorkerTimedOut"),
+        ("qvl-hang.mp4", "embed", "t=1.000-2.000", "WorkerTimedOut"),
+        ("qvl-hang.pdf", "expand", None, "WorkerTimedOut")], dead
+    messages = {Path(d["uri"]).name: d["message"] for d in dead if d["stage"] == "expand"}
+    assert "worker process died while expanding it" in messages["qvl-crash.pdf"]
+    assert "expanding it took longer than limits.max_expand_s=6 s" in messages["qvl-hang.pdf"]
+    assert report["counts"]["failed"] == 4
     assert report["counts"]["ingested"] == len(names) + 2
     keys = point_keys(all_points(tmp_path / "qdrant"))
     assert sorted(keys) == sorted([*text_keys(src, names), (str(src / "docs/fine.pdf"), "page=1"),

@@ -160,8 +160,30 @@ def unpack(packed: Any) -> Prepared | str:
                     None if positions is None else _unpack_tensor(positions))
 
 
+def die_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies (Linux; elsewhere nothing).
+
+    An idle worker notices a dead parent through its pipe, but one stuck in a hung decoder never
+    reads it: when the model process is stopped (the ingestion's watchdog, a killed actor) such a
+    worker would live on, an orphan busy forever.
+    """
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the pipe still ends idle workers
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before the signal was set
+        os._exit(1)
+
+
 def _init_worker(state: dict[str, Any]) -> None:
     global _WORKER
+    die_with_parent()
     torch.set_num_threads(1)  # the workers are the parallelism; no nested intra-op pools
     _WORKER = state["cls"].for_preparation(state)
 

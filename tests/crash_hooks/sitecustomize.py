@@ -1,29 +1,36 @@
-"""Real native crashes for tests/test_resilience_faults.py: a marked file makes the decoder's process die of SIGSEGV.
+"""Real native crashes and hangs for the resilience tests: a marked file makes its decoder die or hang.
 
 Loaded by every Python process (Ray workers included) of a test's own Ray instance whose PYTHONPATH
 starts with this folder and whose environment sets QVL_TEST_NATIVE_CRASH=1. It stands in for a file
-that crashes PDFium or FFmpeg inside C code: the process dies at once, and no Python handler runs.
-- PDFs: pypdfium2 given bytes that contain b"qvl-crash" (the expansion stage renders PDFs);
-- videos: decord opening a path that contains "qvl-crash" (the embedding stage decodes videos).
+that crashes PDFium or FFmpeg inside C code (the process dies of SIGSEGV at once, and no Python
+handler runs), or that sends it into an endless loop (here: an hour's sleep).
+- PDFs: pypdfium2 given bytes that contain b"qvl-crash" / b"qvl-hang" (the expansion stage renders PDFs);
+- videos: decord opening a path that contains "qvl-crash" / "qvl-hang" (the embedding stage decodes videos).
 """
 
 import os
 
 if os.environ.get("QVL_TEST_NATIVE_CRASH") == "1":
     import signal
+    import time
 
     import decord
     import pypdfium2
 
-    MARK = "qvl-crash"
+    MARK, HANG = "qvl-crash", "qvl-hang"
 
     def _die() -> None:
         os.kill(os.getpid(), signal.SIGSEGV)
+
+    def _hang() -> None:
+        time.sleep(3600)
 
     class _PdfDocument(pypdfium2.PdfDocument):
         def __init__(self, input, *args, **kwargs):
             if isinstance(input, (bytes, bytearray)) and MARK.encode() in input:
                 _die()
+            if isinstance(input, (bytes, bytearray)) and HANG.encode() in input:
+                _hang()
             super().__init__(input, *args, **kwargs)
 
     _VideoReader = decord.VideoReader
@@ -31,6 +38,8 @@ if os.environ.get("QVL_TEST_NATIVE_CRASH") == "1":
     def _video_reader(uri, *args, **kwargs):
         if MARK in str(uri):
             _die()
+        if HANG in str(uri):
+            _hang()
         return _VideoReader(uri, *args, **kwargs)
 
     pypdfium2.PdfDocument = _PdfDocument
