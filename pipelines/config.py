@@ -390,6 +390,9 @@ class LimitsConfig(_Section):
     max_embed_batch_s: float = Field(3600.0, gt=0)
     """Seconds for one embedding batch. Past it the actor is stopped, the retry embeds the batch's
     units one at a time with this limit each, and a unit that runs past it is a dead letter."""
+    max_rerank_query_s: float = Field(600.0, gt=0)
+    """Seconds for `qvl query-batch` to rebuild and rerank one query's candidates. Past it the
+    reranking actor is stopped, and on the retry that query fails alone (a hung decoder)."""
 
 
 class EmbedderConfig(_Section):

@@ -108,8 +108,9 @@ class RerankStage:
     """Ray Data actor holding a Qwen3VLReranker: rebuilds each query's candidates and reranks them.
 
     A query whose candidates crash a native decoder kills the actor; with a crash journal, the retry
-    names each query before reranking it, and the query it died on fails alone on the next retry
-    (operators/crash_journal.py).
+    names each query before reranking it, and the query it died on fails alone on the next retry. A
+    query that takes longer than limits.max_rerank_query_s (a hung decoder) gets the actor stopped,
+    and fails alone on the retry (operators/crash_journal.py).
     """
 
     def __init__(self, cfg: Config, top_n: int, crash_journal: Any = None) -> None:
@@ -121,7 +122,8 @@ class RerankStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         keys = [str(i) for i in batch["idx"]]
-        guard = TaskGuard(self.crash_journal, batch_key(keys)) if self.crash_journal is not None and keys else None
+        guard = (TaskGuard(self.crash_journal, batch_key(keys), self.cfg.limits.max_rerank_query_s,
+                           "limits.max_rerank_query_s") if self.crash_journal is not None and keys else None)
         results = []
         for i, key in enumerate(keys):
             error = batch["error"][i] or None
@@ -205,8 +207,8 @@ def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | No
             # Ray 2.60 deprecates extra remote args but names no parameter for actor retries yet.
             warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
             # Ray Data retries a batch whose actor died forever: a query that keeps killing its actor
-            # would hang the job. 3 retries leave the journal the two it needs to find the query.
-            retries = dict(max_restarts=-1, max_task_retries=3)
+            # would hang the job. Each query that crashes or hangs a decoder costs at most 2 retries.
+            retries = dict(max_restarts=-1, max_task_retries=5)
             ds = ds.map_batches(EmbedSearchStage, fn_constructor_args=(cfg, layout, owner),
                                 fn_constructor_kwargs=dict(top_k=top_k, funnel=funnel), batch_size=size,
                                 batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=embed_actors),

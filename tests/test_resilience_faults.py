@@ -8,8 +8,8 @@
 - the driver SIGKILLed mid-run: the same job run again completes without duplicates, re-embedding only
   the objects that were not completely written;
 - files that crash or hang a native decoder (SIGSEGV or an endless call in PDFium or decord, injected by
-  tests/crash_hooks into a run's own Ray): each fails alone, in ingestion (and a crash in `query-batch`),
-  instead of a crash loop or a stalled job.
+  tests/crash_hooks into a run's own Ray): each fails alone, in ingestion and in `query-batch`, instead
+  of a crash loop or a stalled job.
 """
 
 import dataclasses
@@ -435,26 +435,33 @@ def test_files_that_crash_or_hang_a_native_decoder_fail_alone(tmp_path, tiny_emb
                                    (str(src / "clips/fine.mp4"), "t=1.000-2.000")])
 
 
-def test_a_candidate_that_crashes_its_decoder_fails_its_query_alone(tmp_path, tiny_embedding_ckpt,
-                                                                     tiny_reranker_ckpt, ray_local, request):
+def test_candidates_that_crash_or_hang_their_decoder_fail_their_query_alone(tmp_path, tiny_embedding_ckpt,
+                                                                              tiny_reranker_ckpt, ray_local,
+                                                                              request):
     """`qvl query-batch`: a query whose candidates include a video that kills decord (and so the reranking
-    actor) fails alone, naming the crash; the other queries of the job get their hits. Before, Ray Data
-    retried the dying batch forever."""
+    actor), and one whose candidates include a video that hangs it, each fail alone, naming what happened;
+    the other query of the job gets its hits. Before, Ray Data retried the dying batch forever, and the
+    hang stalled the job."""
     src = tmp_path / "src"
     make_text_corpus(src, 3)
-    (src / "clips").mkdir()
-    write_av(src / "clips/qvl-crash.mp4", 2.0)
-    path = write_yaml(config_dict(src, tiny_embedding_ckpt, tmp_path, reranker={"model": str(tiny_reranker_ckpt)}),
-                      tmp_path / "cfg.yaml")
-    assert qvl(["ingest", path]) == EXIT_OK  # this session's Ray has no crash hook: the video embeds
+    for folder, name in (("clips", "qvl-crash.mp4"), ("slow", "qvl-hang.mp4")):
+        (src / folder).mkdir()
+        write_av(src / folder / name, 2.0)
+    path = write_yaml(config_dict(src, tiny_embedding_ckpt, tmp_path, reranker={"model": str(tiny_reranker_ckpt)},
+                                  limits={"max_rerank_query_s": 10.0}), tmp_path / "cfg.yaml")
+    assert qvl(["ingest", path]) == EXIT_OK  # this session's Ray has no crash hook: the videos embed
     queries = tmp_path / "queries.jsonl"
-    queries.write_text(json.dumps({"id": "texts", "text": "words", "filters": {"modality": "text"}}) + "\n"
-                       + json.dumps({"id": "everything", "text": "words"}) + "\n")
+    rows = [{"id": "texts", "text": "words", "filters": {"modality": "text"}},
+            {"id": "crashing", "text": "words", "filters": {"source_prefix": str(src / "clips")}},
+            {"id": "hanging", "text": "words", "filters": {"source_prefix": str(src / "slow")}}]
+    queries.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "results.jsonl"
     code, log = qvl_with_crash_hook(request, ["query-batch", path, "--queries", str(queries), "--out", str(out),
                                              "--top-k", "10", "--top-n", "3"])
     assert code == EXIT_OK, log[-3000:]
     results = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert results["texts"]["error"] is None and len(results["texts"]["hits"]) == 3
-    assert "WorkerCrashed" in results["everything"]["error"], results["everything"]
-    assert "died while reranking the candidates of it" in results["everything"]["error"]
+    assert "WorkerCrashed" in results["crashing"]["error"], results["crashing"]
+    assert "died while reranking the candidates of it" in results["crashing"]["error"]
+    assert "WorkerTimedOut" in results["hanging"]["error"], results["hanging"]
+    assert "took longer than limits.max_rerank_query_s=10 s" in results["hanging"]["error"]
