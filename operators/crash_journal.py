@@ -102,7 +102,7 @@ class CrashJournal:
         self._tasks.pop(task, None)
 
     def tasks(self) -> int:
-        """Tasks begun and not ended (for tests and the report)."""
+        """Tasks begun and not ended (for tests)."""
         return len(self._tasks)
 
 
