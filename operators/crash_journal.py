@@ -112,6 +112,12 @@ def start_journal() -> ray.actor.ActorHandle:
     return ray.remote(num_cpus=0, max_restarts=0)(CrashJournal).remote()
 
 
+def stop_journal(journal: ray.actor.ActorHandle) -> None:
+    """End a run's CrashJournal actor (quietly: Ray itself may be what failed, and it dies with the driver)."""
+    with contextlib.suppress(Exception):
+        ray.kill(journal)
+
+
 class _Watchdog:
     """This process's watchdog: kills it when the armed item runs past its deadline, after telling the journal."""
 
@@ -196,6 +202,11 @@ class TaskGuard:
     def end(self) -> None:
         """The attempt finished (no wait)."""
         self.journal.end.remote(self.task)
+
+
+def reading(guard: TaskGuard | None, item: str) -> contextlib.AbstractContextManager[None]:
+    """guard.reading(item), or nothing to do when there is no journal."""
+    return guard.reading(item) if guard is not None else contextlib.nullcontext()
 
 
 def batch_key(items: list[str]) -> str:

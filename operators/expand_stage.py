@@ -9,14 +9,13 @@ retry (operators/crash_journal.py).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any
 
-from .crash_journal import TaskGuard, current_task_id
+from .crash_journal import TaskGuard, current_task_id, reading
 from .media.expand import FAILED, ExpandSettings, expand_object
 from .units import DeadLetter, SourceObject, dead_row, object_row, payload_for, unit_row
 
@@ -87,7 +86,7 @@ def expand_rows(row: dict[str, Any], *, settings: ExpandSettings, storage_option
         tokenizer = tokenizer_for(model)
     except Exception:  # chunking falls back to word pieces; the embed stage reports a bad model loudly
         tokenizer = None
-    with guard.reading(obj.uri) if guard is not None else contextlib.nullcontext():
+    with reading(guard, obj.uri):
         units, dead, status = expand_object(obj, settings, storage_options, tokenizer)
     try:
         rows = [unit_row(u, payload_for(u, model_id, dim, stamp, len(units))) for u in units]

@@ -18,7 +18,6 @@ complete objects are skipped, incomplete ones re-embedded (point ids are determi
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -32,7 +31,7 @@ from typing import Any, Callable
 import ray
 from ray.data.exceptions import SystemException
 
-from operators.crash_journal import start_journal
+from operators.crash_journal import start_journal, stop_journal
 from operators.embed_stage import EmbedStage
 from operators.expand_stage import expand_rows, object_to_row
 from operators.media.expand import ExpandSettings
@@ -328,8 +327,7 @@ def _run_dataset(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Stor
     try:
         return _run_stages(cfg, todo, spec, store, storage_options, full_dim, journal)
     finally:
-        with contextlib.suppress(Exception):  # Ray itself may be what failed; the actor dies with the driver
-            ray.kill(journal)
+        stop_journal(journal)
 
 
 def _run_stages(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store, storage_options: dict[str, Any],

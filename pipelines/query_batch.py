@@ -11,7 +11,6 @@ goes through it.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import warnings
 from dataclasses import asdict
@@ -19,7 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from operators.crash_journal import TaskGuard, batch_key, start_journal
+from operators.crash_journal import TaskGuard, batch_key, reading, start_journal, stop_journal
 from sinks.qdrant_client_factory import make_client
 
 from .config import Config
@@ -133,7 +132,7 @@ class RerankStage:
                 error = "rerank failed: {}: {}".format(*guard.letter(key, "reranking the candidates of"))
             elif not error:
                 try:
-                    with guard.reading(key) if guard is not None else contextlib.nullcontext():
+                    with reading(guard, key):
                         hits, skipped = self._rerank(batch, i)
                 except Exception as exc:
                     error = f"rerank failed: {type(exc).__name__}: {exc}"
@@ -227,8 +226,7 @@ def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | No
         if owner is not None:
             stop_owner(owner)
         if journal is not None:
-            with contextlib.suppress(Exception):
-                ray.kill(journal)
+            stop_journal(journal)
     return [{"id": q.id, **rows[i]} for i, q in enumerate(queries)]
 
 
