@@ -17,7 +17,11 @@ every unit kind is rebuilt the way ``operators.media.expand`` built it:
   record's modality (text, image, video or mixed).
 
 A source that vanished or cannot be read raises ``CandidateUnavailable`` naming the
-point and the reason: the query reports that candidate as skipped.
+point and the reason: the query reports that candidate as skipped. So does a source that
+changed since it was ingested (its fingerprint is no longer the one in the point's payload):
+its new content is not what the point's vector was computed from. Content held whole in the
+payload (a text chunk, a record's text) needs no source; a text excerpt whose source changed
+stays the excerpt.
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ from typing import Any, Callable, Mapping
 
 from operators.media.expand import ExpandSettings, _options_for
 from operators.media.images import image_unit_bytes
-from operators.media.listing import fs_for, is_local_uri, local_path, open_uri
+from operators.media.listing import fs_for, is_local_uri, local_path, object_fingerprint, read_with_fingerprint
 from operators.media.pdf import PDFIUM_LOCK, _check_pages, _open_document, _render_page
 from operators.media.text_chunks import decode_text
+from operators.units import source_fingerprint
 
 __all__ = ["CandidateUnavailable", "SourceCache", "candidate_input", "render_pdf_page", "settings_from"]
 
@@ -53,39 +58,85 @@ def settings_from(settings_or_cfg: Any) -> ExpandSettings:
 
 
 class SourceCache:
-    """Reads each source object once per query (a PDF with several candidate pages is fetched once).
+    """Reads (or fingerprints) each source object once per query: a PDF with several candidate
+    pages is fetched once.
 
     Thread-safe: concurrent readers of the same URI wait for the one read in flight.
     """
 
-    def __init__(self, reader: Callable[[str, dict[str, Any] | None], bytes] = open_uri) -> None:
-        self._reader = reader
+    def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._entries: dict[str, Future] = {}
+        self._entries: dict[tuple[str, str], Future] = {}
 
-    def read(self, uri: str, storage_options: dict[str, Any] | None) -> bytes:
-        """The whole object at uri (raises what the reader raises, every time it is asked)."""
+    def _once(self, key: tuple[str, str], fetch: Callable[[], Any]) -> Any:
         with self._lock:
-            fut = self._entries.get(uri)
+            fut = self._entries.get(key)
             owner = fut is None
             if owner:
-                fut = self._entries[uri] = Future()
+                fut = self._entries[key] = Future()
         if owner:
             try:
-                fut.set_result(self._reader(uri, storage_options))
+                fut.set_result(fetch())
             except BaseException as exc:
                 fut.set_exception(exc)
         return fut.result()
 
+    def read(self, uri: str, storage_options: dict[str, Any] | None) -> tuple[bytes, str]:
+        """The whole object at uri and the fingerprint of what was read (raises what reading raises)."""
+        return self._once(("read", uri), lambda: read_with_fingerprint(uri, storage_options))
 
-def _read(uri: str, storage_options: dict[str, Any] | None, cache: SourceCache | None) -> bytes:
-    """Object bytes, mapping every read failure to CandidateUnavailable."""
+    def fingerprint(self, uri: str, storage_options: dict[str, Any] | None) -> str:
+        """The object's current fingerprint: that of its read, if it was read in this query."""
+        with self._lock:
+            read = self._entries.get(("read", uri))
+        if read is not None and read.done() and read.exception() is None:
+            return read.result()[1]
+        return self._once(("fingerprint", uri), lambda: object_fingerprint(uri, storage_options))
+
+
+def _unavailable(uri: str, exc: Exception) -> CandidateUnavailable:
+    """The CandidateUnavailable for a failed read or check of a source object."""
+    if isinstance(exc, FileNotFoundError):
+        return CandidateUnavailable(f"source object not found: {uri}")
+    return CandidateUnavailable(f"cannot read source {uri}: {type(exc).__name__}: {exc}")
+
+
+def _read(uri: str, storage_options: dict[str, Any] | None, cache: SourceCache | None) -> tuple[bytes, str]:
+    """Object bytes and their fingerprint, mapping every read failure to CandidateUnavailable."""
     try:
-        return cache.read(uri, storage_options) if cache is not None else open_uri(uri, storage_options)
-    except FileNotFoundError as exc:
-        raise CandidateUnavailable(f"source object not found: {uri}") from exc
+        return cache.read(uri, storage_options) if cache is not None else read_with_fingerprint(uri, storage_options)
     except Exception as exc:
-        raise CandidateUnavailable(f"cannot read source {uri}: {type(exc).__name__}: {exc}") from exc
+        raise _unavailable(uri, exc) from exc
+
+
+def _current_fingerprint(uri: str, storage_options: dict[str, Any] | None, cache: SourceCache | None) -> str:
+    """The object's fingerprint now, mapping every failure to CandidateUnavailable."""
+    try:
+        return cache.fingerprint(uri, storage_options) if cache is not None else object_fingerprint(uri, storage_options)
+    except Exception as exc:
+        raise _unavailable(uri, exc) from exc
+
+
+def _changed(payload: Mapping[str, Any], now: str) -> str | None:
+    """The fingerprint the point was ingested under, when its source's is no longer that; else None.
+
+    Points without a fingerprint (written by other tools) are taken as current.
+    """
+    stored = payload.get("fingerprint")
+    if not isinstance(stored, str) or not stored or source_fingerprint(stored) == now:
+        return None
+    return source_fingerprint(stored)
+
+
+def _require_unchanged(payload: Mapping[str, Any], uri: str, now: str) -> None:
+    """Raise CandidateUnavailable when the source is no longer the version the point was embedded from.
+
+    Reranking its new content would score something the point's vector never saw.
+    """
+    then = _changed(payload, now)
+    if then is not None:
+        raise CandidateUnavailable(f"source changed since it was ingested: {uri} (fingerprint then {then}, "
+                                   f"now {now}); run the ingestion again to refresh its points")
 
 
 def _require_exists(uri: str, storage_options: dict[str, Any] | None) -> None:
@@ -124,8 +175,11 @@ def render_pdf_page(data: bytes, page: int, settings: ExpandSettings) -> bytes:
 
 
 def _image(uri: str, storage_options: dict[str, Any] | None, settings: ExpandSettings,
-           cache: SourceCache | None) -> bytes:
-    data = _read(uri, storage_options, cache)
+           cache: SourceCache | None, payload: Mapping[str, Any] | None = None) -> bytes:
+    """An image unit's bytes from uri; with payload (uri is the point's own source), only the ingested version."""
+    data, now = _read(uri, storage_options, cache)
+    if payload is not None:
+        _require_unchanged(payload, uri, now)
     if not data:
         raise CandidateUnavailable(f"source is empty now: {uri}")
     try:
@@ -151,7 +205,10 @@ def _record_text(payload: Mapping[str, Any], uri: str, position: str, storage_op
         return text
     key = position[len("record="):]
     try:
-        for rec in parse_manifest(_read(uri, storage_options, cache), uri):
+        data, now = _read(uri, storage_options, cache)
+        if _changed(payload, now) is not None:
+            return text  # a changed manifest's records may not be what was embedded
+        for rec in parse_manifest(data, uri):
             if isinstance(rec, ManifestRecord) and rec.key == key and rec.text and rec.text.startswith(text):
                 return rec.text
     except Exception:
@@ -175,6 +232,10 @@ def candidate_input(payload: Mapping[str, Any], *, storage_options: dict[str, An
         raise CandidateUnavailable("payload has no source_uri")
 
     if position.startswith("record="):  # manifest record: text inline, media by URI
+        if payload.get("image_uri") or payload.get("video_uri"):
+            # Its media are re-read by reference: only worth it while the manifest still says
+            # what it said at ingestion (the referenced files themselves are not fingerprinted).
+            _require_unchanged(payload, uri, _current_fingerprint(uri, storage_options, cache))
         item: dict[str, Any] = {}
         if payload.get("text"):
             item["text"] = _record_text(payload, uri, position, storage_options, cache)
@@ -195,18 +256,19 @@ def candidate_input(payload: Mapping[str, Any], *, storage_options: dict[str, An
             raise CandidateUnavailable("text point has no text in its payload")
         if payload.get("text_truncated") and payload.get("char_start") is not None:
             try:  # the payload holds an excerpt: re-cut the whole chunk from the source
-                full = decode_text(_read(uri, storage_options, cache))
-                chunk = full[int(payload["char_start"]):int(payload["char_end"])]
-                if chunk.startswith(text):
+                data, now = _read(uri, storage_options, cache)
+                chunk = decode_text(data)[int(payload["char_start"]):int(payload["char_end"])]
+                if _changed(payload, now) is None and chunk.startswith(text):
                     return {"text": chunk}
             except Exception:
                 pass  # the excerpt still answers
         return {"text": text}
     if modality == "image":
-        return {"image": _image(uri, storage_options, cfg, cache)}
+        return {"image": _image(uri, storage_options, cfg, cache, payload)}
     if modality == "pdf_page":
         page = int(payload.get("page") or _position_value(position, "page"))
-        data = _read(uri, storage_options, cache)
+        data, now = _read(uri, storage_options, cache)
+        _require_unchanged(payload, uri, now)
         try:
             return {"image": render_pdf_page(data, page, cfg)}
         except CandidateUnavailable:
@@ -219,6 +281,9 @@ def candidate_input(payload: Mapping[str, Any], *, storage_options: dict[str, An
             bounds = _position_value(position, "t").split("-")
             start, end = float(bounds[0]), float(bounds[1])
         video = payload.get("video_uri") or uri
-        _require_exists(video, storage_options)
+        if video == uri:
+            _require_unchanged(payload, uri, _current_fingerprint(uri, storage_options, cache))
+        else:
+            _require_exists(video, storage_options)
         return {"video": video, "video_start": float(start), "video_end": float(end)}
     raise CandidateUnavailable(f"unknown modality {modality!r} at position {position!r}")

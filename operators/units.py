@@ -17,6 +17,15 @@ POINT_NAMESPACE = uuid.UUID("6f1c2d3e-8a4b-5c6d-9e0f-112233445566")
 
 MODALITIES = ("text", "image", "pdf_page", "video", "mixed")
 
+# A stored fingerprint is the source object's, then this, then the digest of the settings
+# that shape its vectors (pipelines.plan.settings_digest).
+SETTINGS_SEPARATOR = "|embed:"
+
+
+def source_fingerprint(stored: str) -> str:
+    """The source object's part of a stored fingerprint (without the settings digest)."""
+    return stored.split(SETTINGS_SEPARATOR, 1)[0]
+
 
 @dataclass
 class SourceObject:

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 from operators.media.listing import in_selection, is_local_uri, local_path
 from operators.qwen3vl.formatting import DEFAULT_EMBED_INSTRUCTION
-from operators.units import SourceObject
+from operators.units import SETTINGS_SEPARATOR, SourceObject
 
 from .config import Config
 
@@ -88,4 +88,4 @@ def settings_digest(cfg: Config) -> str:
 
 def with_settings(objects: list[SourceObject], digest: str) -> list[SourceObject]:
     """The listed objects with the settings digest appended to their fingerprints."""
-    return [dataclasses.replace(o, fingerprint=f"{o.fingerprint}|embed:{digest}") for o in objects]
+    return [dataclasses.replace(o, fingerprint=f"{o.fingerprint}{SETTINGS_SEPARATOR}{digest}") for o in objects]

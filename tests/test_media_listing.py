@@ -10,7 +10,8 @@ import fsspec
 import pytest
 
 from operators.media import listing
-from operators.media.listing import fs_for, glob_match, info_fingerprint, list_objects, open_uri
+from operators.media.listing import (fs_for, glob_match, info_fingerprint, list_objects, object_fingerprint, open_uri,
+                                    read_with_fingerprint)
 
 
 def _tree(root: Path) -> Path:
@@ -160,6 +161,40 @@ def test_memory_filesystem_and_sha256_fallback(monkeypatch) -> None:
     objects, _ = list_objects("memory://mlist", include=["*.md"])
     assert objects[0].fingerprint == "sha256:" + hashlib.sha256(b"two").hexdigest()
     fs.rm("/mlist", recursive=True)
+
+
+def _same_as_listing(uri: str, storage_options=None) -> str:
+    """The listing's fingerprint of uri, checked equal to object_fingerprint's and read_with_fingerprint's."""
+    listed = {o.uri: o.fingerprint for o in list_objects(uri, storage_options=storage_options)[0]}[uri]
+    data, read_fp = read_with_fingerprint(uri, storage_options)
+    assert object_fingerprint(uri, storage_options) == read_fp == listed
+    assert data == open_uri(uri, storage_options)
+    return listed
+
+
+def test_one_object_fingerprint_equals_the_listings(tmp_path: Path, monkeypatch, moto_s3) -> None:
+    """The query compares a source's fingerprint now with the one listed at ingestion: same function, same value."""
+    root = _tree(tmp_path)
+    first = _same_as_listing(str(root / "sub/c.txt"))
+    (root / "sub/c.txt").write_bytes(b"cccc")
+    assert _same_as_listing(str(root / "sub/c.txt")) != first
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/mfp/one.txt", b"one")
+    assert _same_as_listing("memory:///mfp/one.txt").startswith("size:3:mtime:")
+    monkeypatch.setattr(listing, "info_fingerprint", lambda info: None)  # a store that reports nothing
+    assert _same_as_listing("memory:///mfp/one.txt") == "sha256:" + hashlib.sha256(b"one").hexdigest()
+    monkeypatch.undo()
+    fs.rm("/mfp", recursive=True)
+    client, opts = moto_s3["client"], moto_s3["storage_options"]
+    client.create_bucket(Bucket="fp-bucket")
+    client.put_object(Bucket="fp-bucket", Key="k/a.txt", Body=b"alpha")
+    assert _same_as_listing("s3://fp-bucket/k/a.txt", opts) == "etag:" + hashlib.md5(b"alpha").hexdigest()
+    client.put_object(Bucket="fp-bucket", Key="k/a.txt", Body=b"beta")  # overwritten: seen at once, no stale cache
+    assert _same_as_listing("s3://fp-bucket/k/a.txt", opts) == "etag:" + hashlib.md5(b"beta").hexdigest()
+    with pytest.raises(FileNotFoundError):
+        object_fingerprint("s3://fp-bucket/k/gone.txt", opts)
+    with pytest.raises(FileNotFoundError):
+        read_with_fingerprint(str(root / "gone.txt"))
 
 
 # ---- S3 through a real HTTP server (moto) ----

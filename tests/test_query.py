@@ -168,6 +168,96 @@ def test_candidate_from_s3_and_vanished_source(moto_s3, world):
         candidate_input(video, storage_options=opts)
 
 
+def _ingested_payloads(src: str, cfg, tokenizer, storage_options=None) -> dict[str, tuple[dict, object]]:
+    """(payload, unit) of every unit under src, as ingestion would store them now, keyed by position."""
+    from operators.units import payload_for
+
+    found = {}
+    objects, dead = list_objects(src, storage_options=storage_options)
+    assert not dead, dead
+    for obj in objects:
+        obj.fingerprint += "|embed:0123456789ab"  # as pipelines.plan.with_settings stores it
+        units, dead, _ = expand_object(obj, expand_settings(cfg), storage_options, tokenizer)
+        assert not dead, dead
+        for unit in units:
+            found[f"{Path(obj.uri).name}#{unit.position}"] = (payload_for(unit, "m", 64, "now", len(units)), unit)
+    return found
+
+
+def test_candidate_whose_source_changed_since_ingestion_is_skipped(world, tmp_path, tiny_embedding_ckpt):
+    """Reranking a replaced file would score content the point's vector never saw: it is skipped, naming why."""
+    src = tmp_path / "src"
+    (src / "images").mkdir(parents=True)
+    (src / "images/red.png").write_bytes(encode(pattern(2, (64, 64)), "PNG"))
+    (src / "two.pdf").write_bytes(make_pdf(["Page one: apples", "Page two: bananas"]))
+    write_video(src / "clip.mp4", 16)
+    (src / "notes.txt").write_text("Apples grow on trees in the orchard near the river.")
+    (src / "records.jsonl").write_text(json.dumps({"id": "mx", "text": "A caption.", "image": "images/red.png"}) + "\n"
+                                       + json.dumps({"id": "tx", "text": "Only text."}) + "\n")
+    tok = AutoTokenizer.from_pretrained(str(tiny_embedding_ckpt))
+    stored = _ingested_payloads(str(src), world["cfg"], tok)
+    assert sorted(stored) == ["clip.mp4#t=0.000-2.000", "notes.txt#chunk=0", "records.jsonl#record=mx",
+                              "records.jsonl#record=tx", "red.png#image", "two.pdf#page=1", "two.pdf#page=2"]
+    for key, (payload, unit) in stored.items():  # unchanged sources: rebuilt exactly
+        assert candidate_input(payload, settings=world["cfg"]) == unit.model_input(), key
+
+    (src / "images/red.png").write_bytes(encode(pattern(3, (64, 64)), "PNG"))  # replaced by another image
+    (src / "two.pdf").write_bytes(make_pdf(["Page one: pears", "Page two: plums"]))
+    os.utime(src / "clip.mp4", ns=(1, 1))  # touched: ingestion would re-embed it too
+    (src / "notes.txt").write_text("Something else entirely.")
+    (src / "records.jsonl").write_text(json.dumps({"id": "mx", "text": "Another caption.", "image": "two.pdf"}) + "\n")
+    for key in ("red.png#image", "two.pdf#page=1", "two.pdf#page=2", "clip.mp4#t=0.000-2.000", "records.jsonl#record=mx"):
+        with pytest.raises(CandidateUnavailable, match="source changed since it was ingested") as info:
+            candidate_input(stored[key][0], settings=world["cfg"])
+        assert str(src) in str(info.value) and "fingerprint then size:" in str(info.value), key
+    # Content held whole in the payload needs no source: still exactly what was embedded.
+    for key in ("notes.txt#chunk=0", "records.jsonl#record=tx"):
+        assert candidate_input(stored[key][0], settings=world["cfg"]) == stored[key][1].model_input(), key
+
+    # A text excerpt (payload text cut at 8,000 characters) is re-cut from an unchanged source only.
+    long_text = "word " * 2000
+    (src / "notes.txt").write_text(long_text)
+    payload = {**stored["notes.txt#chunk=0"][0], "text": long_text[:100], "text_truncated": True,
+               "char_start": 0, "char_end": len(long_text)}
+    assert candidate_input(payload) == {"text": long_text[:100]}  # fingerprint of the older file
+    payload["fingerprint"] = list_objects(str(src))[0][[o.uri for o in list_objects(str(src))[0]].index(
+        str(src / "notes.txt"))].fingerprint + "|embed:0123456789ab"
+    assert candidate_input(payload) == {"text": long_text}
+
+    # Through the query: the changed candidates are skipped with the reason, the others reranked.
+    from pipelines.query import Candidate, rerank_candidates
+
+    candidates = [Candidate(k, 0.5, p) for k, (p, _) in stored.items()]
+    hits, skipped = rerank_candidates(OracleReranker(), {"text": "Only text."}, candidates, top_n=10, instruction=None,
+                                      storage_options=None, settings=expand_settings(world["cfg"]))
+    assert [h.point_id for h in hits][:1] == ["records.jsonl#record=tx"] and len(hits) == 2
+    assert sorted(s.point_id for s in skipped) == sorted(["red.png#image", "two.pdf#page=1", "two.pdf#page=2",
+                                                          "clip.mp4#t=0.000-2.000", "records.jsonl#record=mx"])
+    assert all("source changed since it was ingested" in s.reason for s in skipped)
+
+
+def test_candidate_whose_s3_object_was_overwritten_is_skipped(moto_s3, world, tiny_embedding_ckpt):
+    """On S3 the listing's ETag is what is compared: an overwritten object is skipped, an untouched one is not."""
+    client, opts = moto_s3["client"], moto_s3["storage_options"]
+    client.create_bucket(Bucket="query-changed")
+    src = world["src"]
+    client.put_object(Bucket="query-changed", Key="d/two.pdf", Body=(src / "docs/two.pdf").read_bytes())
+    client.put_object(Bucket="query-changed", Key="d/red.png", Body=(src / "images/red.png").read_bytes())
+    client.put_object(Bucket="query-changed", Key="d/clip.mp4", Body=(src / "videos/clip.mp4").read_bytes())
+    tok = AutoTokenizer.from_pretrained(str(tiny_embedding_ckpt))
+    stored = _ingested_payloads("s3://query-changed/d/", world["cfg"], tok, opts)
+    assert stored["red.png#image"][0]["fingerprint"].startswith("etag:")
+    for key, (payload, unit) in stored.items():
+        assert candidate_input(payload, storage_options=opts, settings=world["cfg"]) == unit.model_input(), key
+    client.put_object(Bucket="query-changed", Key="d/red.png", Body=(src / "images/photo.jpg").read_bytes())
+    client.put_object(Bucket="query-changed", Key="d/clip.mp4", Body=b"not the same video any more")
+    for key in ("red.png#image", "clip.mp4#t=0.000-2.000"):
+        with pytest.raises(CandidateUnavailable, match="source changed since it was ingested.*now etag:"):
+            candidate_input(stored[key][0], storage_options=opts, settings=world["cfg"])
+    payload, unit = stored["two.pdf#page=2"]
+    assert candidate_input(payload, storage_options=opts, settings=world["cfg"]) == unit.model_input()
+
+
 # -- exact copies, funnel, rerank=False --------------------------------------------------------
 
 

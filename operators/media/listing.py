@@ -164,9 +164,7 @@ def _local_entry(
     if not os.access(path, os.R_OK):
         dead.append(_dead(path, "PermissionError", "file is not readable"))
         return
-    objects.append(
-        SourceObject(uri=path, size=st.st_size, fingerprint=f"size:{st.st_size}:mtime_ns:{st.st_mtime_ns}", mtime=st.st_mtime)
-    )
+    objects.append(SourceObject(uri=path, size=st.st_size, fingerprint=local_fingerprint(st), mtime=st.st_mtime))
 
 
 def _list_local(root: str, include: list[str] | None, exclude: list[str] | None) -> tuple[list[SourceObject], list[DeadLetter]]:
@@ -242,6 +240,11 @@ def info_fingerprint(info: dict[str, Any]) -> str | None:
     return None
 
 
+def local_fingerprint(st: os.stat_result) -> str:
+    """Fingerprint of a local file from its ``stat``."""
+    return f"size:{st.st_size}:mtime_ns:{st.st_mtime_ns}"
+
+
 def _sha256_fingerprint(fs: AbstractFileSystem, path: str) -> str:
     """sha256 of an object's content, streamed."""
     digest = hashlib.sha256()
@@ -249,6 +252,45 @@ def _sha256_fingerprint(fs: AbstractFileSystem, path: str) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return f"sha256:{digest.hexdigest()}"
+
+
+def _forget_cached_listing(fs: AbstractFileSystem, path: str) -> None:
+    """Drop fsspec's cached listing of path, so that info() asks the store (s3fs caches listings)."""
+    try:
+        fs.invalidate_cache(path)
+    except Exception:  # some backends keep no cache
+        pass
+
+
+def object_fingerprint(uri: str, storage_options: dict[str, Any] | None = None) -> str:
+    """The current fingerprint of one object, as ``list_objects`` would give it now."""
+    if is_local_uri(uri):
+        return local_fingerprint(os.stat(local_path(uri)))
+    fs, path = fs_for(uri, storage_options)
+    _forget_cached_listing(fs, path)
+    return info_fingerprint(fs.info(path)) or _sha256_fingerprint(fs, path)
+
+
+def read_with_fingerprint(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[bytes, str]:
+    """A whole object and the fingerprint of exactly the version that was read."""
+    if is_local_uri(uri):
+        with open(local_path(uri), "rb") as fh:
+            before = os.fstat(fh.fileno())
+            data = fh.read()
+            after = os.fstat(fh.fileno())
+        if local_fingerprint(after) != local_fingerprint(before):  # written while we read it
+            raise OSError(f"{uri} changed while it was being read")
+        return data, local_fingerprint(before)
+    fs, path = fs_for(uri, storage_options)
+    _forget_cached_listing(fs, path)
+    with fs.open(path, "rb") as fh:
+        # A buffered file (s3fs, gcsfs, ...) holds the info it read on opening; s3fs reads
+        # with If-Match on its ETag, so the bytes are that version's.
+        details = getattr(fh, "details", None)
+        data = fh.read()
+    if not isinstance(details, dict):
+        details = fs.info(path)
+    return data, info_fingerprint(details) or f"sha256:{hashlib.sha256(data).hexdigest()}"
 
 
 def _remote_uri(uri: str, fs: AbstractFileSystem, name: str) -> str:
@@ -264,10 +306,7 @@ def _list_remote(
     """List an fsspec location recursively."""
     fs, root = fs_for(uri, storage_options)
     root = root.rstrip("/") or root
-    try:
-        fs.invalidate_cache(root)
-    except Exception:  # some backends keep no cache
-        pass
+    _forget_cached_listing(fs, root)
     if fs.isfile(root):
         entries = {root: fs.info(root)}
         base = posixpath.dirname(root)
