@@ -2,7 +2,9 @@
 
 Exit codes: 0 success; 1 the run worked but nothing at all could be ingested;
 2 configuration or preflight error (nothing was done); 3 infrastructure error
-during the run (store or cluster failure; the report says what was written).
+during the run (store or cluster failure; the report says what was written);
+130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM (the ingestion's report says what
+was written; see ``interrupts.py``).
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 from .config import ConfigError, load_config, redact
+from .interrupts import Interrupted
 
 EXIT_OK, EXIT_NOTHING_INGESTED, EXIT_CONFIG, EXIT_INFRA = 0, 1, 2, 3
 
@@ -39,6 +43,9 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     except PreflightError as exc:
         print(f"error: {redact(str(exc), secrets)}", file=sys.stderr)
         return EXIT_CONFIG
+    except Interrupted as exc:
+        print(f"error: {redact(str(exc), secrets)}", file=sys.stderr)
+        return exc.exit_code
     except Exception as exc:  # store/cluster failures: say what, without secrets
         print(f"error: ingestion failed: {type(exc).__name__}: {redact(str(exc), secrets)}", file=sys.stderr)
         return EXIT_INFRA
@@ -215,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except KeyboardInterrupt as exc:  # Ctrl-C (or, in a Ray job's run, SIGTERM): one line, not a traceback
+        stop = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
+        print(f"error: {stop}", file=sys.stderr)
+        return stop.exit_code
 
 
 def _load_extra_commands() -> None:

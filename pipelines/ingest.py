@@ -12,8 +12,11 @@ and prune is decided by ``plan.py``.
 A failure DURING the run (the store keeps failing, the cluster breaks) still writes the
 report: objects whose points are all in the store count as ingested, every other object
 to ingest gets a dead letter of stage ``write`` ("not written"), the report's ``error``
-says why, and IngestError is raised (the CLI exits 3). Re-running finishes the job:
-complete objects are skipped, incomplete ones re-embedded (point ids are deterministic).
+says why, and IngestError is raised (the CLI exits 3). A stop signal (SIGINT, SIGTERM)
+during the run is accounted the same way, then raised as ``Interrupted`` (the CLI exits 130 /
+143); one during the bookkeeping around the run waits for a safe point (``interrupts.py``).
+Re-running finishes the job: complete objects are skipped, incomplete ones re-embedded (point
+ids are deterministic).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from sinks.qdrant_sink import start_owner, stop_owner
 from sinks.qdrant_writer import QdrantWriter
 
 from .config import Config, redact
+from .interrupts import Interrupted, SignalGate, stop_on_signals
 from .plan import plan_objects, settings_digest, source_root, with_settings
 from .preflight import PreflightError, check_ray_address, first_line, collection_spec, ensure_folder, model_dimension
 from .report import RunReport
@@ -184,69 +188,81 @@ def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], Non
         raise
     report = RunReport(run_id, cfg.qdrant.collection, cfg.source.uri, cfg.embedder.model,
                        config=cfg.redacted_dict())
-    failure: BaseException | None = None
-    try:
+    # After ray.init: its SIGTERM handler (an abort in Ray's core worker) is replaced for the run.
+    with stop_on_signals() as gate:
         try:
-            notes = store.call("ensure_collection", spec)  # a mismatch stops here, before any work
-        except Exception as exc:
-            raise PreflightError(redact(_error_text(exc), secrets)) from exc
-        for note in notes or ():
-            echo(f"warning: {note}")
-        for d in list_dead:
-            report.objects[d.uri] = "failed"
-            report.dead_letters.append(d.to_row())
-        stored = store.call("fingerprints_by_uri")
-        plan = plan_objects(objects, stored, source_root(cfg.source.uri), cfg.source.include,
-                            cfg.source.exclude, [d.uri for d in list_dead])
-        for uri in plan.unchanged:
-            report.objects[uri] = "unchanged"
-        unlisted = f", {len(list_dead)} could not be listed" if list_dead else ""
-        echo(f"listed {len(objects)} objects: {len(plan.todo)} to ingest, {len(plan.unchanged)} unchanged{unlisted}")
-        if not objects and not list_dead:  # a mistyped prefix or pattern looks like an empty source
-            echo(f"warning: nothing under source.uri {cfg.source.uri!r} matched (check the prefix and "
-                 "source.include / source.exclude)")
-
-        if plan.todo:
-            try:
-                summary = _run_dataset(cfg, plan.todo, spec, store, storage_options, full_dim)
-            except Exception as exc:  # the store or the cluster failed mid-run: say what got written
-                failure = exc
-                _account_stopped_run(report, plan.todo, store, exc)
-            else:
-                _account(report, summary)
-                settled = partly_embedded(summary, plan.todo, report)
-                if settled:
-                    store.call("settle_object_units", settled)
-                # Units of changed objects that the new version no longer has.
-                replaced = {u: fp for u, fp in plan.changed.items() if report.objects.get(u) == "ingested"}
-                if replaced:
-                    store.call("delete_stale", replaced)
-                gone = [u for u in plan.changed if report.objects.get(u) == "failed"]
-                if gone:  # the object changed into something unreadable: its old vectors are wrong now
-                    store.call("delete_by_uri", gone)
-                report.deleted_stale_objects = len(replaced)
-                report.removed_failed_objects = len(gone)
-        if prune and plan.vanished and failure is None:
-            store.call("delete_by_uri", plan.vanished)
-            report.pruned_objects = len(plan.vanished)
-    finally:
-        store.close()
-        report.wall_seconds = time.perf_counter() - started
-    run_dir = Path(cfg.output.dir) / run_id
-    report.write(run_dir, cfg.output.report_file, cfg.output.dead_letter_file, secrets)
-    echo(redact(report.summary(), secrets))
-    echo(f"report: {run_dir / cfg.output.report_file}")
-    if failure is not None:
-        not_written = sum(1 for d in report.dead_letters if d.get("stage") == "write")
-        # A model the workers cannot load fails the same way on every re-run: say what to fix.
-        advice = ("the embedding actors could not load the model: fix embedder.model / attn_implementation / "
-                  "dtype for the workers, then re-run" if _model_load_failed(failure)
-                  else "re-run the same job to finish (complete objects are skipped)")
-        raise IngestError(redact(
-            f"the run stopped: {report.error}; {report.counts()['ingested']} objects were written completely, "
-            f"{not_written} were not (listed with stage 'write' in {run_dir / cfg.output.dead_letter_file}); "
-            f"{advice}", secrets)) from None
+            failure = _ingest(cfg, report, objects, list_dead, spec, store, storage_options, full_dim, prune,
+                              gate, secrets, echo)
+        finally:
+            store.close()
+            report.wall_seconds = time.perf_counter() - started
+        run_dir = Path(cfg.output.dir) / run_id
+        report.write(run_dir, cfg.output.report_file, cfg.output.dead_letter_file, secrets)
+        echo(redact(report.summary(), secrets))
+        echo(f"report: {run_dir / cfg.output.report_file}")
+        if failure is not None:
+            not_written = sum(1 for d in report.dead_letters if d.get("stage") == "write")
+            # A model the workers cannot load fails the same way on every re-run: say what to fix.
+            advice = ("the embedding actors could not load the model: fix embedder.model / attn_implementation / "
+                      "dtype for the workers, then re-run" if _model_load_failed(failure)
+                      else "re-run the same job to finish (complete objects are skipped)")
+            what = (f"{report.counts()['ingested']} objects were written completely, {not_written} were not "
+                    f"(listed with stage 'write' in {run_dir / cfg.output.dead_letter_file}); {advice}")
+            if isinstance(failure, Interrupted):
+                raise failure.with_message(redact(f"{failure}: {what}", secrets)) from None
+            raise IngestError(redact(f"the run stopped: {report.error}; {what}", secrets)) from None
+        gate.raise_pending(f"interrupted: a stop signal came after the run had written everything "
+                           f"(report: {run_dir / cfg.output.report_file})")
     return report
+
+
+def _ingest(cfg: Config, report: RunReport, objects: list[Any], list_dead: list[Any], spec: CollectionSpec,
+            store: Store, storage_options: dict[str, Any], full_dim: int, prune: bool, gate: SignalGate,
+            secrets: list[str], echo: Callable[[str], None]) -> BaseException | None:
+    """Plan, run the stages, settle the store; fills the report; the failure that stopped the run, if any."""
+    try:
+        notes = store.call("ensure_collection", spec)  # a mismatch stops here, before any work
+    except Exception as exc:
+        raise PreflightError(redact(_error_text(exc), secrets)) from exc
+    for note in notes or ():
+        echo(f"warning: {note}")
+    for d in list_dead:
+        report.objects[d.uri] = "failed"
+        report.dead_letters.append(d.to_row())
+    stored = store.call("fingerprints_by_uri")
+    plan = plan_objects(objects, stored, source_root(cfg.source.uri), cfg.source.include,
+                        cfg.source.exclude, [d.uri for d in list_dead])
+    for uri in plan.unchanged:
+        report.objects[uri] = "unchanged"
+    unlisted = f", {len(list_dead)} could not be listed" if list_dead else ""
+    echo(f"listed {len(objects)} objects: {len(plan.todo)} to ingest, {len(plan.unchanged)} unchanged{unlisted}")
+    if not objects and not list_dead:  # a mistyped prefix or pattern looks like an empty source
+        echo(f"warning: nothing under source.uri {cfg.source.uri!r} matched (check the prefix and "
+             "source.include / source.exclude)")
+    if plan.todo:
+        try:
+            with gate.interruptible():  # only here: the bookkeeping below must not stop half-way
+                summary = _run_dataset(cfg, plan.todo, spec, store, storage_options, full_dim)
+        except (Exception, Interrupted) as exc:  # the store or the cluster failed, or a stop signal: say what got written
+            _account_stopped_run(report, plan.todo, store, exc)
+            return exc
+        _account(report, summary)
+        settled = partly_embedded(summary, plan.todo, report)
+        if settled:
+            store.call("settle_object_units", settled)
+        # Units of changed objects that the new version no longer has.
+        replaced = {u: fp for u, fp in plan.changed.items() if report.objects.get(u) == "ingested"}
+        if replaced:
+            store.call("delete_stale", replaced)
+        gone = [u for u in plan.changed if report.objects.get(u) == "failed"]
+        if gone:  # the object changed into something unreadable: its old vectors are wrong now
+            store.call("delete_by_uri", gone)
+        report.deleted_stale_objects = len(replaced)
+        report.removed_failed_objects = len(gone)
+    if prune and plan.vanished:
+        store.call("delete_by_uri", plan.vanished)
+        report.pruned_objects = len(plan.vanished)
+    return None
 
 
 def _model_load_failed(exc: BaseException) -> bool:

@@ -23,6 +23,7 @@ from sinks.qdrant_client_factory import make_client
 
 from .config import Config
 from .ingest import expand_settings, qdrant_settings
+from .interrupts import stop_on_signals
 from .preflight import model_dimension
 from .query import (Candidate, CollectionLayout, Hit, QueryInputError, Skipped, build_filter, check_dimension,
                     check_reranker_checkpoint, collection_layout, embed_queries, load_embedder, load_reranker,
@@ -191,42 +192,45 @@ def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | No
         return []
 
     ensure_ray(cfg)
-    owner = start_owner(settings, cfg.qdrant.collection) if settings.embedded else None
-    journal = None
-    try:
-        embed_actors = cfg.compute.embed_actors
-        rerank_actors = int(rerank_actors or cfg.compute.embed_actors)
-        gpus = _gpus_per_actor(cfg, embed_actors + (rerank_actors if rerank else 0))
-        # The instruction travels JSON-encoded: "" (given, empty) and None (the default) stay apart.
-        items = [{"idx": i, "id": r.id, "query": _encode(r.query), "instruction": _encode(r.instruction),
-                  "filters": _encode(r.filters)} for i, r in enumerate(queries)]
-        size = int(batch_size or cfg.compute.batch_size)
-        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // max(size, 1) + 1, 64)))
-        with warnings.catch_warnings():
-            # Ray 2.60 deprecates extra remote args but names no parameter for actor retries yet.
-            warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
-            # Ray Data retries a batch whose actor died forever: a query that keeps killing its actor
-            # would hang the job. Each query that crashes or hangs a decoder costs at most 2 retries.
-            retries = dict(max_restarts=-1, max_task_retries=5)
-            ds = ds.map_batches(EmbedSearchStage, fn_constructor_args=(cfg, layout, owner),
-                                fn_constructor_kwargs=dict(top_k=top_k, funnel=funnel), batch_size=size,
-                                batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=embed_actors),
-                                num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor, **retries)
-            if rerank:
-                journal = start_journal()
-                ds = ds.map_batches(RerankStage, fn_constructor_args=(cfg, top_n),
-                                    fn_constructor_kwargs=dict(crash_journal=journal), batch_size=max(1, min(size, 4)),
-                                    batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=rerank_actors),
+    # After ray.init, whose SIGTERM handler (an abort in Ray's core worker) this replaces: a stop
+    # signal ends the job with one line, its actors and the store's owner stopped.
+    with stop_on_signals() as gate, gate.interruptible():
+        owner = start_owner(settings, cfg.qdrant.collection) if settings.embedded else None
+        journal = None
+        try:
+            embed_actors = cfg.compute.embed_actors
+            rerank_actors = int(rerank_actors or cfg.compute.embed_actors)
+            gpus = _gpus_per_actor(cfg, embed_actors + (rerank_actors if rerank else 0))
+            # The instruction travels JSON-encoded: "" (given, empty) and None (the default) stay apart.
+            items = [{"idx": i, "id": r.id, "query": _encode(r.query), "instruction": _encode(r.instruction),
+                      "filters": _encode(r.filters)} for i, r in enumerate(queries)]
+            size = int(batch_size or cfg.compute.batch_size)
+            ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // max(size, 1) + 1, 64)))
+            with warnings.catch_warnings():
+                # Ray 2.60 deprecates extra remote args but names no parameter for actor retries yet.
+                warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
+                # Ray Data retries a batch whose actor died forever: a query that keeps killing its actor
+                # would hang the job. Each query that crashes or hangs a decoder costs at most 2 retries.
+                retries = dict(max_restarts=-1, max_task_retries=5)
+                ds = ds.map_batches(EmbedSearchStage, fn_constructor_args=(cfg, layout, owner),
+                                    fn_constructor_kwargs=dict(top_k=top_k, funnel=funnel), batch_size=size,
+                                    batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=embed_actors),
                                     num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor, **retries)
-        if rerank:
-            rows = {int(r["idx"]): _decode(r["result"]) for r in ds.take_all()}
-        else:
-            rows = {int(r["idx"]): _unreranked(r, top_n) for r in ds.take_all()}
-    finally:
-        if owner is not None:
-            stop_owner(owner)
-        if journal is not None:
-            stop_journal(journal)
+                if rerank:
+                    journal = start_journal()
+                    ds = ds.map_batches(RerankStage, fn_constructor_args=(cfg, top_n),
+                                        fn_constructor_kwargs=dict(crash_journal=journal), batch_size=max(1, min(size, 4)),
+                                        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=rerank_actors),
+                                        num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor, **retries)
+            if rerank:
+                rows = {int(r["idx"]): _decode(r["result"]) for r in ds.take_all()}
+            else:
+                rows = {int(r["idx"]): _unreranked(r, top_n) for r in ds.take_all()}
+        finally:
+            if owner is not None:
+                stop_owner(owner)
+            if journal is not None:
+                stop_journal(journal)
     return [{"id": q.id, **rows[i]} for i, q in enumerate(queries)]
 
 

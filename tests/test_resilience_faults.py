@@ -7,6 +7,8 @@
   object deleted between listing and reading: a dead letter, not a crash;
 - the driver SIGKILLed mid-run: the same job run again completes without duplicates, re-embedding only
   the objects that were not completely written;
+- the driver sent SIGTERM (a scheduler) or SIGINT (Ctrl-C, to its process group) mid-run: it stops within
+  seconds, exit 143 / 130, with one error line and a report of what it wrote; re-running finishes;
 - files that crash or hang a native decoder (SIGSEGV or an endless call in PDFium or decord, injected by
   tests/crash_hooks into a run's own Ray): each fails alone, in ingestion and in `query-batch`, instead
   of a crash loop or a stalled job.
@@ -281,27 +283,39 @@ def own_ray_env(request, pythonpath: list[Path] = (), **extra: str) -> dict[str,
     return env
 
 
+def _driver_job(tmp_path, ckpt, request):
+    """A job for a `qvl ingest` subprocess: 24 texts of about 5 chunks, small batches (many writes).
+
+    Returns the expected unit keys, units per URI, the config path, the environment and the store folder."""
+    src = tmp_path / "src"
+    make_text_corpus(src, 24, words=40)
+    expected, per_uri = _expected_units(src, ckpt)
+    path = write_yaml(config_dict(src, ckpt, tmp_path, compute={"batch_size": 4}, qdrant={"upsert_batch": 16}),
+                      tmp_path / "cfg.yaml")
+    return expected, per_uri, path, own_ray_env(request), tmp_path / "qdrant"
+
+
+def _ingest_until_points(path, env, out, err, qdrant, at_least, timeout_s=240):
+    """`qvl ingest path` in its own session, returned once the store holds at_least points (or it ended)."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "ingest", path], cwd=REPO, env=env,
+                            stdout=out, stderr=err, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    written = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        written = sqlite_point_count(qdrant)
+        if written >= at_least:
+            break
+        time.sleep(0.01)
+    return proc, written
+
+
 def test_driver_killed_mid_run_then_rerun_completes_without_duplicates(tmp_path, tiny_embedding_ckpt, ray_local,
                                                                        request):
-    src = tmp_path / "src"
-    make_text_corpus(src, 24, words=40)  # about 5 chunks per file
-    expected, per_uri = _expected_units(src, tiny_embedding_ckpt)
-    path = write_yaml(config_dict(src, tiny_embedding_ckpt, tmp_path, compute={"batch_size": 4},
-                                  qdrant={"upsert_batch": 16}), tmp_path / "cfg.yaml")
-    env = own_ray_env(request)
-    qdrant = tmp_path / "qdrant"
+    expected, per_uri, path, env, qdrant = _driver_job(tmp_path, tiny_embedding_ckpt, request)
     with open(tmp_path / "driver.out", "wb") as out, open(tmp_path / "driver.err", "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "ingest", path], cwd=REPO, env=env,
-                                stdout=out, stderr=err, start_new_session=True)
+        # Kill the driver (SIGKILL: no cleanup at all) once a quarter of the points are in the store.
+        proc, written = _ingest_until_points(path, env, out, err, qdrant, len(expected) // 4)
         try:
-            # Kill the driver (SIGKILL: no cleanup at all) once a quarter of the points are in the store.
-            deadline = time.monotonic() + 240
-            written = 0
-            while time.monotonic() < deadline and proc.poll() is None:
-                written = sqlite_point_count(qdrant)
-                if written >= len(expected) // 4:
-                    break
-                time.sleep(0.01)
             assert proc.poll() is None, f"the run ended before it could be killed: {(tmp_path / 'driver.err').read_text()[-2000:]}"
             assert written < len(expected), "everything was written before the kill"
             os.kill(proc.pid, signal.SIGKILL)
@@ -334,6 +348,103 @@ def test_driver_killed_mid_run_then_rerun_completes_without_duplicates(tmp_path,
     check_exactly_once(qdrant, expected)
     print(f"killed after {written} points ({after_kill} stored, {len(complete)} complete objects); "
           f"stragglers killed: {stragglers}")
+
+
+def _run_report(report_line: str) -> tuple[dict, list[dict]]:
+    """(report.json, dead letters) of the run whose console line was "report: <path>"."""
+    path = Path(report_line.split("report: ", 1)[1].strip())
+    dead = [json.loads(line) for line in (path.parent / "dead_letters.jsonl").read_text().splitlines() if line]
+    return json.loads(path.read_text()), dead
+
+
+def test_stop_signals_mid_run_write_the_report_and_exit_128_plus_the_signal(tmp_path, tiny_embedding_ckpt,
+                                                                            ray_local, request):
+    """A scheduler's SIGTERM to the driver, then Ctrl-C (SIGINT to the whole process group): each run
+    stops within seconds with one error line, exit 143 / 130, and a report of what it wrote. Before,
+    SIGTERM aborted in Ray's core worker (exit 134, a crash dump) and SIGINT ended in a traceback
+    (exit 1), neither with a report."""
+    expected, per_uri, path, env, qdrant = _driver_job(tmp_path, tiny_embedding_ckpt, request)
+    complete: set[str] = set()
+    for sig, to_group in ((signal.SIGTERM, False), (signal.SIGINT, True)):
+        name = signal.Signals(sig).name
+        before = sqlite_point_count(qdrant) if qdrant.exists() else 0
+        with open(tmp_path / f"{name}.out", "wb") as out, open(tmp_path / f"{name}.err", "wb") as err:
+            proc, written = _ingest_until_points(path, env, out, err, qdrant, before + (len(expected) - before) // 4)
+            try:
+                assert proc.poll() is None, f"the run ended first: {(tmp_path / f'{name}.err').read_text()[-2000:]}"
+                assert written < len(expected), "everything was written before the signal"
+                sent = time.monotonic()
+                os.killpg(proc.pid, sig) if to_group else os.kill(proc.pid, sig)
+                proc.wait(60)
+                took = time.monotonic() - sent
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(30)
+                stragglers = reap_session(proc.pid, grace_s=10)
+        stderr = (tmp_path / f"{name}.err").read_text()
+        assert proc.returncode == 128 + sig, stderr[-3000:]
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(f"error: interrupted by {name}: "), errors
+        assert "re-run the same job to finish" in errors[0] and "Traceback" not in stderr
+        assert _wait_lock_free(qdrant / ".lock", 60)
+        previously = complete
+        complete = _complete_objects(qdrant)
+        report_line = [ln for ln in (tmp_path / f"{name}.out").read_text().splitlines() if ln.startswith("report: ")]
+        saved, dead = _run_report(report_line[-1])
+        assert saved["error"] == f"Interrupted: interrupted by {name}"
+        assert saved["counts"] == {"ingested": len(complete - previously), "unchanged": len(previously),
+                                   "failed": len(per_uri) - len(complete), "skipped": 0}
+        assert {d["uri"] for d in dead} == set(per_uri) - complete
+        assert {(d["stage"], d["error_type"]) for d in dead} == {("write", "Interrupted")}
+        assert f"{len(complete - previously)} objects were written completely" in errors[0]
+        assert previously < complete < set(per_uri), "no object was completed, or all were"
+        print(f"{name}: stopped {took:.1f} s after the signal, {len(complete)} of {len(per_uri)} objects "
+              f"complete; stragglers: {stragglers}")
+
+    # The same job again: it finishes the rest, with every unit stored exactly once.
+    assert qvl(["ingest", path]) == EXIT_OK
+    saved, dead = latest_run(tmp_path / "runs")
+    assert not dead and saved["error"] is None
+    assert saved["counts"]["unchanged"] == len(complete)
+    assert saved["counts"]["ingested"] == len(per_uri) - len(complete)
+    check_exactly_once(qdrant, expected)
+
+
+def test_a_stop_signal_outside_the_run_phase_waits_for_a_safe_point(tmp_path, tiny_embedding_ckpt, ray_local):
+    """Bookkeeping (planning, deleting replaced units after a run) is not stopped half-way: a signal there
+    takes effect when the run phase starts (nothing embedded, all "not written"), or after the report."""
+    from pipelines.interrupts import Interrupted
+
+    src = tmp_path / "src"
+    names = make_text_corpus(src, 6)
+    cfg = parse_config(config_dict(src, tiny_embedding_ckpt, tmp_path, expand=ONE_CHUNK))
+    lines: list[str] = []
+
+    def signal_on(prefix):
+        def echo(line):
+            lines.append(line)
+            if line.startswith(prefix):
+                os.kill(os.getpid(), signal.SIGTERM)
+        return echo
+
+    ray_handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted) as info:
+        run_ingest(cfg, echo=signal_on("listed "))  # after planning, before the run
+    assert info.value.exit_code == 143
+    assert str(info.value).startswith("interrupted by SIGTERM: 0 objects were written completely, 6 were not")
+    saved, dead = _run_report([ln for ln in lines if ln.startswith("report: ")][-1])
+    assert saved["error"] == "Interrupted: interrupted by SIGTERM" and len(dead) == 6
+    assert not all_points(tmp_path / "qdrant")
+    assert signal.getsignal(signal.SIGTERM) == ray_handler  # restored after the run
+
+    lines.clear()
+    with pytest.raises(Interrupted, match="after the run had written everything") as info:
+        run_ingest(cfg, echo=signal_on("report: "))  # the last line: the run is complete
+    assert info.value.exit_code == 143
+    saved, dead = _run_report([ln for ln in lines if ln.startswith("report: ")][-1])
+    assert saved["error"] is None and not dead and saved["counts"]["ingested"] == len(names)
+    check_exactly_once(tmp_path / "qdrant", text_keys(src, names))
 
 
 def test_the_reported_cause_is_the_error_not_ray_datas_empty_marker():

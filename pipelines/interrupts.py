@@ -1,0 +1,104 @@
+"""Stopping a run on request: Ctrl-C (SIGINT) or a scheduler's SIGTERM become ``Interrupted``.
+
+A scheduler that times a job out, or a person at the terminal, asks it to stop with a signal.
+Python's default turns SIGINT into a KeyboardInterrupt with a traceback, and Ray's driver turns
+SIGTERM into an abort in its core worker (exit 134, a crash dump); either way the run ends
+without saying what it wrote. Inside ``stop_on_signals()`` both raise ``Interrupted`` in the
+main thread instead (at once in the interruptible phase, else at its start or the job's end),
+which the jobs catch like any mid-run failure: the ingestion writes its report (complete
+objects ingested, the others "not written"), then the CLI exits 128 + the signal's number
+(130, 143), as shells and schedulers expect. The first signal also restores the default
+action, so a second one stops the process at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Any, Iterator
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was asked to stop by a signal (a KeyboardInterrupt, so callers' handlers still catch it)."""
+
+    def __init__(self, signum: int, message: str | None = None) -> None:
+        self.signum = int(signum)
+        super().__init__(message or f"interrupted by {self.signal_name}")
+
+    @property
+    def signal_name(self) -> str:
+        """SIGINT, SIGTERM, ..."""
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number: what a shell reports for a process the signal ended."""
+        return 128 + self.signum
+
+    def with_message(self, message: str) -> "Interrupted":
+        """The same interruption, saying what the run did before it stopped."""
+        return Interrupted(self.signum, message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return Interrupted, (self.signum, str(self))
+
+
+class SignalGate:
+    """Where a stop signal may take effect: at once inside ``interruptible()``, else at the next such point.
+
+    The job's long phase (the Ray Data run, whose written points are accounted object by object)
+    is interruptible; short bookkeeping around it (deleting an object's replaced units after its
+    new ones landed) is not, since stopping half-way through it would leave stale points that
+    the next run cannot see.
+    """
+
+    def __init__(self) -> None:
+        self.pending: int | None = None
+        self._armed = False
+
+    def handle(self, signum: int, frame: Any) -> None:
+        """The signal handler: remember the signal; raise Interrupted if the gate is open."""
+        for sig in SIGNALS:  # the next signal, of either kind, acts at once
+            signal.signal(sig, signal.SIG_DFL)
+        self.pending = int(signum)
+        if self._armed:
+            self._armed = False
+            raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """Within the block a stop signal raises Interrupted at once (one that came before, on entry)."""
+        self.raise_pending()
+        self._armed = True
+        try:
+            yield
+        finally:
+            self._armed = False
+
+    def raise_pending(self, message: str | None = None) -> None:
+        """Raise Interrupted if a stop signal came while the gate was closed."""
+        if self.pending is not None:
+            raise Interrupted(self.pending, message)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[SignalGate]:
+    """Within the block SIGINT and SIGTERM are the gate's (see SignalGate); the old handlers are restored after.
+
+    Outside the main thread (where Python cannot install handlers) the gate never sees a signal.
+    """
+    gate = SignalGate()
+    if threading.current_thread() is not threading.main_thread():
+        yield gate
+        return
+    previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    for sig in SIGNALS:
+        signal.signal(sig, gate.handle)
+    try:
+        yield gate
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)

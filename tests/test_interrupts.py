@@ -1,0 +1,75 @@
+"""Stop signals (pipelines/interrupts.py): real SIGINT / SIGTERM sent to this process."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import threading
+
+import pytest
+
+from pipelines.interrupts import Interrupted, SignalGate, stop_on_signals
+
+
+def _send(sig: int) -> None:
+    os.kill(os.getpid(), sig)  # handled in the main thread before the next bytecode after this call
+
+
+def test_a_signal_in_the_interruptible_phase_raises_at_once() -> None:
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with stop_on_signals() as gate:
+        with pytest.raises(Interrupted) as info:
+            with gate.interruptible():
+                _send(signal.SIGTERM)
+                raise AssertionError("not interrupted")
+        # The first signal gave both signals back their default action: a second one stops at once.
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL == signal.getsignal(signal.SIGTERM)
+    assert {s: signal.getsignal(s) for s in before} == before
+    stop = info.value
+    assert isinstance(stop, KeyboardInterrupt)  # callers' Ctrl-C handlers still catch it
+    assert (stop.signum, stop.signal_name, stop.exit_code, str(stop)) == \
+        (signal.SIGTERM, "SIGTERM", 143, "interrupted by SIGTERM")
+
+
+def test_a_signal_outside_it_waits_for_the_next_safe_point() -> None:
+    with stop_on_signals() as gate:
+        _send(signal.SIGINT)  # bookkeeping: not stopped half-way
+        assert gate.pending == signal.SIGINT
+        with pytest.raises(Interrupted) as info:
+            with gate.interruptible():  # entering the run phase raises it
+                raise AssertionError("entered")
+        assert info.value.exit_code == 130
+        with pytest.raises(Interrupted, match="^after everything$"):
+            gate.raise_pending("after everything")
+
+
+def test_no_signal_no_interruption_and_handlers_restored() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals() as gate:
+        assert signal.getsignal(signal.SIGTERM) == gate.handle
+        with gate.interruptible():
+            pass
+        gate.raise_pending()
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_outside_the_main_thread_nothing_is_installed() -> None:
+    seen = {}
+
+    def worker() -> None:
+        with stop_on_signals() as gate:
+            seen["handler"] = signal.getsignal(signal.SIGTERM)
+            seen["gate"] = gate
+
+    before = signal.getsignal(signal.SIGTERM)
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen["handler"] == before and isinstance(seen["gate"], SignalGate)
+
+
+def test_interrupted_keeps_its_signal_and_message_across_pickling() -> None:
+    stop = Interrupted(signal.SIGTERM).with_message("interrupted by SIGTERM: 3 objects were written completely")
+    back = pickle.loads(pickle.dumps(stop))
+    assert (back.signum, str(back), back.exit_code) == (signal.SIGTERM, str(stop), 143)
