@@ -17,7 +17,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .config import ConfigError, load_config, redact
 from .interrupts import Interrupted
@@ -31,6 +31,17 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. --set embedder.mrl_dims=[256,64] (repeatable)")
 
 
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1 (its messages are argparse's "argument --top-k: ..." line)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from .ingest import run_ingest
     from .preflight import PreflightError
@@ -38,6 +49,8 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     secrets = cfg.secret_values()
     _redact_logs(secrets)
+    if args.plan:
+        return _plan_ingest(cfg, args, secrets)
     try:
         report = run_ingest(cfg, prune=True if args.prune else None)
     except PreflightError as exc:
@@ -52,6 +65,21 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     if report.nothing_ingested:
         print("error: nothing could be ingested: every object failed (see the dead-letter file)", file=sys.stderr)
         return EXIT_NOTHING_INGESTED
+    return EXIT_OK
+
+
+def _plan_ingest(cfg: Any, args: argparse.Namespace, secrets: list[str]) -> int:
+    """`qvl ingest --plan`: print what the run would do; nothing is embedded or written."""
+    from .preflight import PreflightError
+    from .preview import preview_ingest
+
+    try:
+        preview = preview_ingest(cfg, prune=True if args.prune else None)
+    except PreflightError as exc:
+        print(f"error: {redact(str(exc), secrets)}", file=sys.stderr)
+        return EXIT_CONFIG
+    for line in preview.lines(limit=args.plan_limit):
+        print(redact(line, secrets))
     return EXIT_OK
 
 
@@ -175,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingest", help="ingest a source into Qdrant")
     _add_config_args(p)
     p.add_argument("--prune", action="store_true", help="delete points of objects that vanished from the source")
+    p.add_argument("--plan", action="store_true",
+                   help="show what the run would embed, skip and prune, then stop: nothing is embedded or written")
+    p.add_argument("--plan-limit", type=_positive, default=10, metavar="N", help="with --plan: URIs shown per kind")
     p.set_defaults(func=_cmd_ingest)
 
     p = sub.add_parser("tiny-checkpoint", help="write a random-weight Qwen3-VL checkpoint (tests, benchmarks)")

@@ -39,6 +39,7 @@ from operators.embed_stage import EmbedStage
 from operators.expand_stage import expand_rows, object_to_row
 from operators.media.expand import ExpandSettings
 from operators.media.listing import list_objects
+from operators.units import DeadLetter, SourceObject
 from sinks.ingest_sink import IngestDatasink
 from sinks.qdrant_client_factory import QdrantSettings, make_client
 from sinks.qdrant_schema import CollectionSpec, ensure_collection
@@ -77,6 +78,33 @@ def ensure_ray(cfg: Config) -> None:
     ray.init(address=cfg.compute.ray_address, include_dashboard=False, log_to_driver=True)
 
 
+def server_client(cfg: Config) -> Any:
+    """A client of the configured Qdrant server, checked to answer (PreflightError if it does not)."""
+    settings, secrets = qdrant_settings(cfg), cfg.secret_values()
+    try:
+        client = make_client(settings)
+    except Exception as exc:
+        raise PreflightError(redact(f"qdrant.url {settings.url}: cannot create a client: {exc}", secrets)) from None
+    try:
+        client.get_collections()  # cheap reachability and authentication check
+    except Exception as exc:
+        client.close()
+        raise PreflightError(redact(f"qdrant.url {settings.url} is unreachable or refused the "
+                                    f"request: {type(exc).__name__}: {first_line(exc)}", secrets)) from None
+    return client
+
+
+def list_source(cfg: Config) -> tuple[list[SourceObject], list[DeadLetter]]:
+    """The source's objects, fingerprinted with the settings digest, and what could not be listed."""
+    try:
+        objects, dead = list_objects(cfg.source.uri, cfg.source.include, cfg.source.exclude,
+                                     dict(cfg.source.storage_options))
+    except Exception as exc:
+        raise PreflightError(f"source.uri {cfg.source.uri!r} cannot be listed: {type(exc).__name__}: "
+                             f"{redact(str(exc), cfg.secret_values())}") from None
+    return with_settings(objects, settings_digest(cfg)), dead
+
+
 class Store:
     """The job's handle on Qdrant: an owner actor in embedded mode, a client in server mode."""
 
@@ -90,20 +118,7 @@ class Store:
             self.writer = None
         else:
             self.owner = None
-            self.writer = None
-            secrets = cfg.secret_values()
-            try:
-                client = make_client(self.settings)
-            except Exception as exc:
-                raise PreflightError(redact(f"qdrant.url {self.settings.url}: cannot create a client: {exc}",
-                                            secrets)) from None
-            try:
-                client.get_collections()  # cheap reachability and authentication check
-            except Exception as exc:
-                client.close()
-                raise PreflightError(redact(f"qdrant.url {self.settings.url} is unreachable or refused the "
-                                            f"request: {type(exc).__name__}: {first_line(exc)}", secrets)) from None
-            self.writer = QdrantWriter(client, self.collection, **writer_kwargs)
+            self.writer = QdrantWriter(server_client(cfg), self.collection, **writer_kwargs)
 
     def call(self, method: str, *args: Any) -> Any:
         """Run a store operation in the owner (embedded) or locally (server)."""
@@ -169,13 +184,8 @@ def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], Non
     secrets = cfg.secret_values()
     full_dim = model_dimension(cfg.embedder.model)
     spec = collection_spec(cfg, full_dim)
-    try:  # the source before the store: an unreachable source must not leave a new collection behind
-        objects, list_dead = list_objects(cfg.source.uri, cfg.source.include, cfg.source.exclude,
-                                          storage_options)
-    except Exception as exc:
-        raise PreflightError(f"source.uri {cfg.source.uri!r} cannot be listed: {type(exc).__name__}: "
-                             f"{redact(str(exc), secrets)}") from None
-    objects = with_settings(objects, settings_digest(cfg))
+    # The source before the store: an unreachable source must not leave a new collection behind.
+    objects, list_dead = list_source(cfg)
     ensure_folder("output.dir", cfg.output.dir)  # now, not after every object is written
     if cfg.qdrant.embedded:
         ensure_folder("qdrant.path", cfg.qdrant.path)

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from .cli import _EXTRA_COMMANDS, EXIT_CONFIG, EXIT_INFRA, EXIT_NOTHING_INGESTED, EXIT_OK, _add_config_args
+from .cli import _EXTRA_COMMANDS, EXIT_CONFIG, EXIT_INFRA, EXIT_NOTHING_INGESTED, EXIT_OK, _add_config_args, _positive
 from .config import load_config, redact
 
 SYSTEMS = ("vector", "funnel", "funnel+rerank")
@@ -48,17 +48,6 @@ def parse_filter_args(items: Sequence[str]) -> dict[str, Any]:
         else:
             filters[key] = value
     return filters
-
-
-def _positive(text: str) -> int:
-    """An argparse type: an integer >= 1 (its messages are argparse's "argument --top-k: ..." line)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

@@ -1,0 +1,114 @@
+"""`qvl ingest --plan`: what a run would do, read-only.
+
+A scheduled ingestion over a large prefix is expensive to start by mistake: a changed model or
+chunking setting re-embeds every object, a wrong prefix with ``--prune`` deletes another
+source's points. The plan is computed exactly as the run computes it (the same listing,
+fingerprints with the settings digest, the same store read and ``plan_objects``) and the same
+preflight checks stop it (a bad checkpoint, source or store, a collection of another layout),
+but nothing is embedded, created or written, and Ray is not started: an embedded store is
+opened in this process, read-only in effect (a missing store folder is not created).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from qdrant_client import QdrantClient
+
+from operators.units import DeadLetter
+from sinks.qdrant_schema import CollectionMismatchError, storage_differences, validate_collection
+from sinks.qdrant_writer import QdrantWriter
+
+from .config import Config, redact
+from .ingest import list_source, server_client
+from .plan import Plan, plan_objects, source_root
+from .preflight import PreflightError, collection_spec, first_line, model_dimension
+
+
+@dataclass
+class PlanPreview:
+    """What an ingestion run would do: its plan, what could not be listed, and notes on the store."""
+
+    collection: str
+    store: str
+    listed: int
+    plan: Plan
+    unlisted: list[DeadLetter]
+    prune: bool
+    collection_exists: bool
+    notes: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """Objects per outcome: new, changed, unchanged, could not be listed, vanished."""
+        changed = len(self.plan.changed)
+        return {"new": len(self.plan.todo) - changed, "changed": changed, "unchanged": len(self.plan.unchanged),
+                "unlisted": len(self.unlisted), "vanished": len(self.plan.vanished)}
+
+    def lines(self, limit: int = 10) -> list[str]:
+        """The console report; at most `limit` URIs per kind."""
+        c = self.counts()
+        created = "" if self.collection_exists else " (does not exist yet: the run creates it)"
+        vanished = ("their points are deleted (--prune)" if self.prune
+                    else "their points are kept; --prune deletes them")
+        out = [f"plan for collection {self.collection!r}{created} in {self.store}: {self.listed} objects listed",
+               f"  to embed {len(self.plan.todo)} (new {c['new']}, changed {c['changed']}), "
+               f"unchanged {c['unchanged']}, could not be listed {c['unlisted']}",
+               f"  vanished from the source {c['vanished']}: {vanished}"]
+        out += [f"  note: {n}" for n in self.notes]
+        changed = set(self.plan.changed)
+        kinds = [("new", [o.uri for o in self.plan.todo if o.uri not in changed]), ("changed", sorted(changed)),
+                 ("could not be listed", [f"{d.uri}: {d.message}" for d in self.unlisted]),
+                 ("vanished", self.plan.vanished)]
+        for kind, items in kinds:
+            for item in items[:limit]:
+                out.append(f"  {kind}: {item}")
+            if len(items) > limit:
+                out.append(f"  {kind}: ... and {len(items) - limit} more")
+        out.append("nothing was embedded or written")
+        return out
+
+
+def _stored_fingerprints(cfg: Config, spec: Any) -> tuple[dict[str, str], bool, list[str]]:
+    """(source_uri -> fingerprint, whether the collection exists, storage notes) from the configured store."""
+    if cfg.qdrant.embedded:
+        if not os.path.isdir(cfg.qdrant.path):  # opening it would create it
+            return {}, False, []
+        try:
+            client = QdrantClient(path=cfg.qdrant.path)
+        except Exception as exc:  # e.g. held by a running ingestion ("already accessed by another instance")
+            raise PreflightError(f"qdrant.path {cfg.qdrant.path!r} cannot be opened: {type(exc).__name__}: "
+                                 f"{first_line(exc)}") from None
+    else:
+        client = server_client(cfg)
+    try:
+        if not client.collection_exists(cfg.qdrant.collection):
+            return {}, False, []
+        info = client.get_collection(cfg.qdrant.collection)
+        try:
+            validate_collection(info, spec)  # the run would stop here, before any work
+        except CollectionMismatchError as exc:
+            raise PreflightError(str(exc)) from None
+        stored = QdrantWriter(client, cfg.qdrant.collection).fingerprints_by_uri()
+        return stored, True, storage_differences(info, spec)
+    finally:
+        client.close()
+
+
+def preview_ingest(cfg: Config, prune: bool | None = None) -> PlanPreview:
+    """What `qvl ingest` would do with cfg now, without embedding, creating or writing anything."""
+    prune = cfg.prune if prune is None else prune
+    spec = collection_spec(cfg, model_dimension(cfg.embedder.model))
+    objects, unlisted = list_source(cfg)
+    try:
+        stored, exists, notes = _stored_fingerprints(cfg, spec)
+    except PreflightError:
+        raise
+    except Exception as exc:  # the store failed while being read
+        raise PreflightError(redact(f"the store could not be read: {type(exc).__name__}: {first_line(exc)}",
+                                    cfg.secret_values())) from None
+    plan = plan_objects(objects, stored, source_root(cfg.source.uri), cfg.source.include, cfg.source.exclude,
+                        [d.uri for d in unlisted])
+    where = f"embedded store {cfg.qdrant.path}" if cfg.qdrant.embedded else f"{cfg.qdrant.url}"
+    return PlanPreview(cfg.qdrant.collection, where, len(objects), plan, unlisted, prune, exists, notes)
