@@ -312,16 +312,22 @@ def root_cause(exc: BaseException) -> BaseException:
 
 
 def _account_stopped_run(report: RunReport, todo: list[Any], store: Store, exc: BaseException) -> None:
-    """After a mid-run failure: objects fully in the store are ingested, every other one is "not written"."""
+    """After a mid-run failure: objects fully in the store are ingested, every other one is "not written";
+    the points written are those of the run's objects, in their new version, found in the store."""
     cause = root_cause(exc)
     report.error = f"{type(cause).__name__}: {_error_text(exc)}"
     try:
-        stored = store.call("fingerprints_by_uri", [o.uri for o in todo])
+        stored = store.call("stored_objects", [o.uri for o in todo])
     except Exception as read_exc:  # the store may be down altogether
         stored = None
         report.error += f" (the store could not be read afterwards: {type(read_exc).__name__})"
     for obj in todo:
-        if stored is not None and stored.get(obj.uri) == obj.fingerprint:
+        held = stored.get(obj.uri) if stored is not None else None
+        # The sink's own count died with the run: count this version's points in the store instead.
+        for modality, n in (held.points_of(obj.fingerprint) if held is not None else {}).items():
+            report.points_written += n
+            report.points_per_modality[modality] = report.points_per_modality.get(modality, 0) + n
+        if held is not None and held.fingerprint() == obj.fingerprint:
             report.objects[obj.uri] = "ingested"
             continue
         report.objects[obj.uri] = "failed"

@@ -39,7 +39,7 @@ from ray.data.datasource.datasink import Datasink, WriteResult
 
 from sinks.qdrant_client_factory import QdrantSettings, make_client, tune_embedded_storage
 from sinks.qdrant_schema import CollectionSpec, ensure_collection
-from sinks.qdrant_writer import PointRecord, QdrantWriter, WriteStats
+from sinks.qdrant_writer import PointRecord, QdrantWriter, StoredObject, WriteStats
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
@@ -178,6 +178,10 @@ class QdrantOwner:
     def fingerprints_by_uri(self, uris: list[str] | None = None) -> dict[str, str]:
         """source_uri -> fingerprint."""
         return self.writer.fingerprints_by_uri(uris)
+
+    def stored_objects(self, uris: list[str] | None = None) -> dict[str, StoredObject]:
+        """source_uri -> the points held of it."""
+        return self.writer.stored_objects(uris)
 
     def ensure_collection(self, spec: CollectionSpec) -> list[str]:
         """Create or validate the collection; returns the storage settings it keeps that differ from spec."""

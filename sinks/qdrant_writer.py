@@ -266,7 +266,11 @@ class QdrantWriter:
         half-replaced or half-written object maps to INCOMPLETE, which never equals
         a real fingerprint, so the next run re-embeds it.
         """
-        result: dict[str, str] = {}
+        return {uri: held.fingerprint() for uri, held in self.stored_objects(uris).items()}
+
+    def stored_objects(self, uris: Sequence[str] | None = None) -> dict[str, "StoredObject"]:
+        """Map source_uri -> the points the collection holds of it, over the collection (or only `uris`)."""
+        result: dict[str, StoredObject] = {}
         if uris is None:
             self._scroll_into(result, None)
         else:
@@ -275,11 +279,7 @@ class QdrantWriter:
                 self._scroll_into(result, _uri_filter(unique[i : i + _URI_CHUNK]))
         return result
 
-    def _scroll_into(self, out: dict[str, str], scroll_filter: models.Filter | None) -> None:
-        # uri -> [fingerprints seen, points, expected points]: an object counts as stored
-        # only when all of its units are there under one fingerprint (a run killed
-        # half-way through an object must not make it look unchanged).
-        seen: dict[str, list[Any]] = {}
+    def _scroll_into(self, out: dict[str, "StoredObject"], scroll_filter: models.Filter | None) -> None:
         offset = None
         while True:
             records, offset = self._with_retry(
@@ -289,7 +289,7 @@ class QdrantWriter:
                     scroll_filter=scroll_filter,
                     limit=_SCROLL_PAGE,
                     offset=offset,
-                    with_payload=["source_uri", "fingerprint", "object_units"],
+                    with_payload=["source_uri", "fingerprint", "object_units", "modality"],
                     with_vectors=False,
                 ),
             )
@@ -298,14 +298,11 @@ class QdrantWriter:
                 uri, fp = payload.get("source_uri"), payload.get("fingerprint")
                 if uri is None or fp is None:
                     continue
-                entry = seen.setdefault(str(uri), [set(), 0, payload.get("object_units")])
-                entry[0].add(str(fp))
-                entry[1] += 1
+                held = out.setdefault(str(uri), StoredObject({}, payload.get("object_units")))
+                key = (str(fp), str(payload.get("modality") or ""))
+                held.points[key] = held.points.get(key, 0) + 1
             if offset is None:
                 break
-        for uri, (fps, points, expected) in seen.items():
-            complete = len(fps) == 1 and (expected is None or points >= int(expected))
-            out[uri] = next(iter(fps)) if complete else INCOMPLETE
 
     def count(self) -> int:
         """Exact number of points in the collection."""
@@ -313,6 +310,35 @@ class QdrantWriter:
 
 
 INCOMPLETE = "incomplete"  # fingerprint reported for a partially stored object: never "unchanged"
+
+
+@dataclass
+class StoredObject:
+    """The points the collection holds of one source object: how many per (fingerprint, modality),
+    and how many units the object has (``object_units``)."""
+
+    points: dict[tuple[str, str], int]
+    expected: int | None
+
+    def fingerprint(self) -> str:
+        """The object's fingerprint if it is stored completely, else INCOMPLETE.
+
+        Complete: all of its units are there under one fingerprint (a run killed half-way
+        through an object must not make it look unchanged).
+        """
+        fps = {fp for fp, _ in self.points}
+        total = sum(self.points.values())
+        if len(fps) == 1 and (self.expected is None or total >= int(self.expected)):
+            return next(iter(fps))
+        return INCOMPLETE
+
+    def points_of(self, fingerprint: str) -> dict[str, int]:
+        """Points per modality stored under fingerprint."""
+        out: dict[str, int] = {}
+        for (fp, modality), n in self.points.items():
+            if fp == fingerprint:
+                out[modality] = out.get(modality, 0) + n
+        return out
 
 
 def _uri_filter(uris: list[str]) -> models.Filter:

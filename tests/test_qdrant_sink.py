@@ -234,6 +234,24 @@ def test_fingerprints_and_delete_by_uri(client):
     assert set(writer.fingerprints_by_uri()) == {"file:///data/doc1.txt"}
 
 
+def test_stored_objects_count_points_per_fingerprint_and_modality(client):
+    from sinks.qdrant_writer import INCOMPLETE, StoredObject
+
+    ensure_collection(client, SPEC)
+    writer = QdrantWriter(client, "docs")
+    writer.upsert_points(make_points(6, uri_count=2, fingerprint="v1"))  # 3 points per URI
+    held = writer.stored_objects()
+    assert sorted(held) == ["file:///data/doc0.txt", "file:///data/doc1.txt"]
+    one = held["file:///data/doc0.txt"]
+    assert one.fingerprint() == "v1" and sum(one.points.values()) == 3
+    assert one.points_of("v1") == {m: n for (fp, m), n in one.points.items()} and one.points_of("v2") == {}
+    # Half replaced, or fewer points than units: never a fingerprint the next run would skip.
+    assert StoredObject({("v1", "text"): 2, ("v2", "text"): 1}, None).fingerprint() == INCOMPLETE
+    assert StoredObject({("v2", "text"): 2}, 3).fingerprint() == INCOMPLETE
+    assert StoredObject({("v2", "text"): 2, ("v2", "image"): 1}, 3).fingerprint() == "v2"
+    assert StoredObject({("v2", "text"): 2, ("v2", "image"): 1}, 3).points_of("v2") == {"text": 2, "image": 1}
+
+
 # -- client factory ----------------------------------------------------------------
 
 

@@ -167,6 +167,7 @@ def test_persistent_qdrant_write_failure_stops_the_run_and_reports_what_was_not_
     assert not_written == sorted(str(src / n) for n in names)
     assert all("not written" in d["message"] for d in dead if d["stage"] == "write")
     assert all_points(tmp_path / "qdrant") == []
+    assert saved["points_written"] == 0 and "points written 0 (none)" in out
     assert elapsed < 120, f"stopping took {elapsed:.0f}s"
 
 
@@ -399,6 +400,9 @@ def test_stop_signals_mid_run_write_the_report_and_exit_128_plus_the_signal(tmp_
         assert {(d["stage"], d["error_type"]) for d in dead} == {("write", "Interrupted")}
         assert f"{len(complete - previously)} objects were written completely" in errors[0]
         assert previously < complete < set(per_uri), "no object was completed, or all were"
+        # What the run wrote, counted in the store (the sink's own count died with the run).
+        this_run = len(all_points(qdrant)) - sum(per_uri[u] for u in previously)
+        assert saved["points_written"] == this_run > 0 and saved["points_per_modality"] == {"text": this_run}
         print(f"{name}: stopped {took:.1f} s after the signal, {len(complete)} of {len(per_uri)} objects "
               f"complete; stragglers: {stragglers}")
 
