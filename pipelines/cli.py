@@ -19,7 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import ConfigError, load_config, redact
+from .config import ConfigError, load_config
+from .config_secrets import redact
 from .interrupts import Interrupted
 
 EXIT_OK, EXIT_NOTHING_INGESTED, EXIT_CONFIG, EXIT_INFRA = 0, 1, 2, 3

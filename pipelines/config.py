@@ -1,4 +1,4 @@
-"""Typed job configuration: the YAML schema, every default, loading, overrides and secrets.
+"""Typed job configuration: the YAML schema, every default, loading and overrides.
 
 Every default of the jobs lives in this file. A config is YAML validated into frozen
 pydantic models that forbid unknown keys at every level::
@@ -27,7 +27,7 @@ Overrides
     alias). A mapping value replaces the whole section. Keys inside ``source.storage_options``
     are free-form, so their values are YAML.
 
-Secrets
+Secrets (``config_secrets.py``)
     ``${VAR}`` anywhere inside a string value of ``source.storage_options`` (nested
     mappings and lists included) is replaced from the environment when the config is
     validated; a missing variable is an error naming the variable (``$${VAR}`` stands
@@ -57,7 +57,6 @@ import re
 import types
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal, Mapping, Union, get_args, get_origin
-from urllib.parse import quote, quote_plus
 
 import yaml
 from pydantic import (
@@ -71,6 +70,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from .config_secrets import (REDACTED, MissingEnv, is_secret_key, is_secret_var, redact, redact_obj, redacted_options,
+                             scrub_url, secret_leaves, substitute_env)
 
 __all__ = [
     "ConfigError",
@@ -95,7 +97,6 @@ __all__ = [
     "ATTN_IMPLEMENTATIONS",
 ]
 
-REDACTED = "***"
 # attn_implementation values transformers 4.57 accepts for Qwen3-VL (it supports flash attention
 # and SDPA, not flex attention; the paged variants are for generation only).
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
@@ -160,147 +161,6 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
-# ------------------------------------------------------------------ env substitution
-
-_ENV_REF = re.compile(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_PURE_REFS = re.compile(r"^(?:\$\{[A-Za-z_][A-Za-z0-9_]*\})+$")
-
-
-class _MissingEnv(Exception):
-    def __init__(self, var: str, where: str):
-        super().__init__(var)
-        self.var, self.where = var, where
-
-
-def _substitute(value: Any, where: str, resolved: dict[str, str]) -> Any:
-    """Replace ``${VAR}`` in every string of a nested structure; record what was resolved."""
-    if isinstance(value, str):
-
-        def repl(m: re.Match[str]) -> str:
-            if m.group(1):  # "$${VAR}" -> literal "${VAR}"
-                return "${" + m.group(2) + "}"
-            var = m.group(2)
-            if var not in os.environ:
-                raise _MissingEnv(var, where)
-            resolved[var] = os.environ[var]
-            return os.environ[var]
-
-        return _ENV_REF.sub(repl, value)
-    if isinstance(value, Mapping):
-        return {k: _substitute(v, f"{where}.{k}", resolved) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_substitute(v, f"{where}.{i}", resolved) for i, v in enumerate(value)]
-    return value
-
-
-# ------------------------------------------------------------------------- secrets
-
-_SECRET_KEY_PARTS = (
-    "key",  # key, access_key, account_key, aws_access_key_id, aws_secret_access_key, sse...key
-    "secret",
-    "token",  # token, session_token, sas_token, aws_session_token
-    "password",
-    "passwd",
-    "pwd",
-    "credential",
-    "connection_string",
-    "auth",
-    "signature",
-    "private",
-    "cookie",
-)
-
-
-def is_secret_key(key: Any) -> bool:
-    """True for option names that look like they hold a secret (case-insensitive)."""
-    k = str(key).lower()
-    return k == "sas" or any(part in k for part in _SECRET_KEY_PARTS)
-
-
-def _is_secret_var(name: str) -> bool:
-    n = name.lower()
-    return any(part in n for part in ("key", "secret", "token", "password", "passwd", "credential", "auth"))
-
-
-def _redact_options(value: Any, secret: bool = False) -> Any:
-    """Storage options as written (``${VAR}`` kept), secret-looking keys as ``***``."""
-    if secret:
-        # A value made only of ${VAR} references names variables, not secrets: echo it.
-        if isinstance(value, str) and _PURE_REFS.match(value):
-            return value
-        return REDACTED
-    if isinstance(value, Mapping):
-        return {k: _redact_options(v, is_secret_key(k)) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_redact_options(v) for v in value]
-    return value
-
-
-def _string_leaves(value: Any) -> Iterable[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, Mapping):
-        for v in value.values():
-            yield from _string_leaves(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _string_leaves(v)
-
-
-def _secret_leaves(value: Any, secret: bool = False) -> Iterable[str]:
-    if secret:
-        yield from _string_leaves(value)
-    elif isinstance(value, Mapping):
-        for k, v in value.items():
-            yield from _secret_leaves(v, is_secret_key(k))
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _secret_leaves(v)
-
-
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*):(?P<pw>[^/@\s]*)@")
-
-
-def _scrub_url(text: str) -> str:
-    """``scheme://user:password@host`` -> ``scheme://user:***@host``."""
-    return _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
-
-
-def redact(text: str, secrets: Iterable[str]) -> str:
-    """Replace every occurrence of each secret (also URL-quoted) in ``text`` by ``***``.
-
-    Empty secrets are ignored; longer secrets are replaced first. Passwords in
-    ``scheme://user:password@host`` URLs are scrubbed too.
-    """
-    text = str(text)
-    variants: set[str] = set()
-    for s in secrets:
-        if not s:
-            continue
-        s = str(s)
-        variants.update((s, quote(s, safe=""), quote_plus(s)))
-    for s in sorted(variants, key=len, reverse=True):
-        if s in text:
-            text = text.replace(s, REDACTED)
-    return _scrub_url(text)
-
-
-def redact_obj(obj: Any, secrets: Iterable[str]) -> Any:
-    """:func:`redact` applied to every string (keys included) of a nested dict/list structure."""
-    secrets = [s for s in secrets if s]
-
-    def walk(o: Any) -> Any:
-        if isinstance(o, str):
-            return redact(o, secrets)
-        if isinstance(o, Mapping):
-            return {(walk(k) if isinstance(k, str) else k): walk(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [walk(v) for v in o]
-        return o
-
-    return walk(obj)
-
-
 # ------------------------------------------------------------------------ sections
 
 
@@ -325,8 +185,8 @@ class SourceConfig(_Section):
         raw = self.storage_options
         resolved: dict[str, str] = {}
         try:
-            options = _substitute(raw, "storage_options", resolved)
-        except _MissingEnv as e:
+            options = substitute_env(raw, "storage_options", resolved)
+        except MissingEnv as e:
             # Names the variable, never a value; `from None` keeps the inputs out of tracebacks.
             raise ValueError(f"{e.where}: environment variable '{e.var}' is not set") from None
         self._raw_storage_options = raw
@@ -336,12 +196,12 @@ class SourceConfig(_Section):
 
     def redacted_storage_options(self) -> dict[str, Any]:
         """Storage options as written, ``${VAR}`` kept, secret-looking keys as ``***``."""
-        return _redact_options(self._raw_storage_options)
+        return redacted_options(self._raw_storage_options)
 
     def secret_values(self) -> list[str]:
         """Resolved values of secret-looking keys and of secret-looking ``${VAR}`` refs."""
-        values = list(_secret_leaves(self.storage_options))
-        values += [v for k, v in self._resolved_env.items() if _is_secret_var(k)]
+        values = list(secret_leaves(self.storage_options))
+        values += [v for k, v in self._resolved_env.items() if is_secret_var(k)]
         return values
 
     def __repr_args__(self):
@@ -641,7 +501,7 @@ def _show(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        text = _scrub_url(value)
+        text = scrub_url(value)
         return repr(text if len(text) <= 60 else text[:57] + "...")
     if isinstance(value, (list, tuple)):
         return "a list"

@@ -46,7 +46,8 @@ from sinks.qdrant_schema import CollectionSpec, ensure_collection
 from sinks.qdrant_sink import start_owner, stop_owner
 from sinks.qdrant_writer import QdrantWriter
 
-from .config import Config, redact
+from .config import Config
+from .config_secrets import redact
 from .interrupts import Interrupted, SignalGate, stop_on_signals
 from .plan import plan_objects, settings_digest, source_root, with_settings
 from .preflight import PreflightError, check_ray_address, first_line, collection_spec, ensure_folder, model_dimension

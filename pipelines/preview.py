@@ -21,7 +21,8 @@ from operators.units import DeadLetter
 from sinks.qdrant_schema import CollectionMismatchError, storage_differences, validate_collection
 from sinks.qdrant_writer import QdrantWriter
 
-from .config import Config, redact
+from .config import Config
+from .config_secrets import redact
 from .ingest import list_source, server_client
 from .plan import Plan, plan_objects, source_root
 from .preflight import PreflightError, collection_spec, first_line, model_dimension

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from .cli import _EXTRA_COMMANDS, EXIT_CONFIG, EXIT_INFRA, EXIT_NOTHING_INGESTED, EXIT_OK, _add_config_args, _positive
-from .config import load_config, redact
+from .config import load_config
+from .config_secrets import redact
 
 SYSTEMS = ("vector", "funnel", "funnel+rerank")
 SYSTEM_LABELS = {"vector": "full-vector search", "funnel": "MRL funnel", "funnel+rerank": "funnel + rerank"}

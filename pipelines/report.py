@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .config import redact_obj
+from .config_secrets import redact_obj
 
 OBJECT_STATUSES = ("ingested", "unchanged", "failed", "skipped")
 

@@ -17,9 +17,8 @@ from pipelines.config import (
     apply_overrides,
     load_config,
     parse_config,
-    redact,
-    redact_obj,
 )
+from pipelines.config_secrets import redact, redact_obj
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
