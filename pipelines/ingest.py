@@ -180,11 +180,8 @@ def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], Non
     started = time.perf_counter()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     prune = cfg.prune if prune is None else prune
-    storage_options = dict(cfg.source.storage_options)
-
     secrets = cfg.secret_values()
-    full_dim = model_dimension(cfg.embedder.model)
-    spec = collection_spec(cfg, full_dim)
+    spec = collection_spec(cfg, model_dimension(cfg.embedder.model))
     # The source before the store: an unreachable source must not leave a new collection behind.
     objects, list_dead = list_source(cfg)
     ensure_folder("output.dir", cfg.output.dir)  # now, not after every object is written
@@ -202,8 +199,7 @@ def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], Non
     # After ray.init: its SIGTERM handler (an abort in Ray's core worker) is replaced for the run.
     with stop_on_signals() as gate:
         try:
-            failure = _ingest(cfg, report, objects, list_dead, spec, store, storage_options, full_dim, prune,
-                              gate, secrets, echo)
+            failure = _ingest(cfg, report, (objects, list_dead), spec, store, prune, gate, echo)
         finally:
             store.close()
             report.wall_seconds = time.perf_counter() - started
@@ -227,10 +223,12 @@ def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], Non
     return report
 
 
-def _ingest(cfg: Config, report: RunReport, objects: list[Any], list_dead: list[Any], spec: CollectionSpec,
-            store: Store, storage_options: dict[str, Any], full_dim: int, prune: bool, gate: SignalGate,
-            secrets: list[str], echo: Callable[[str], None]) -> BaseException | None:
+def _ingest(cfg: Config, report: RunReport, listing: tuple[list[SourceObject], list[DeadLetter]],
+            spec: CollectionSpec, store: Store, prune: bool, gate: SignalGate,
+            echo: Callable[[str], None]) -> BaseException | None:
     """Plan, run the stages, settle the store; fills the report; the failure that stopped the run, if any."""
+    objects, list_dead = listing
+    secrets = cfg.secret_values()
     try:
         notes = store.call("ensure_collection", spec)  # a mismatch stops here, before any work
     except Exception as exc:
@@ -253,7 +251,7 @@ def _ingest(cfg: Config, report: RunReport, objects: list[Any], list_dead: list[
     if plan.todo:
         try:
             with gate.interruptible():  # only here: the bookkeeping below must not stop half-way
-                summary = _run_dataset(cfg, plan.todo, spec, store, storage_options, full_dim)
+                summary = _run_dataset(cfg, plan.todo, spec, store)
         except (Exception, Interrupted) as exc:  # the store or the cluster failed, or a stop signal: say what got written
             _account_stopped_run(report, plan.todo, store, exc)
             return exc
@@ -353,23 +351,22 @@ def input_blocks(n_objects: int) -> int:
     return max(1, min(n_objects, 4096, max(2 * cpus, -(-n_objects // OBJECTS_PER_EXPAND_TASK))))
 
 
-def _run_dataset(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store,
-                 storage_options: dict[str, Any], full_dim: int) -> dict[str, Any]:
+def _run_dataset(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store) -> dict[str, Any]:
     """Build and run the Ray Data pipeline over the objects to ingest; returns the sink's summary."""
     journal = start_journal()  # a file that crashes a decoder's process fails alone (crash_journal.py)
     try:
-        return _run_stages(cfg, todo, spec, store, storage_options, full_dim, journal)
+        return _run_stages(cfg, todo, spec, store, journal)
     finally:
         stop_journal(journal)
 
 
-def _run_stages(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store, storage_options: dict[str, Any],
-                full_dim: int, journal: Any) -> dict[str, Any]:
+def _run_stages(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store, journal: Any) -> dict[str, Any]:
     """The expansion and embedding stages into the store's sink, with the crash journal given to both."""
+    storage_options = dict(cfg.source.storage_options)
     ds = ray.data.from_items([object_to_row(o) for o in todo], override_num_blocks=input_blocks(len(todo)))
     ds = ds.flat_map(expand_rows, fn_kwargs=dict(
         settings=expand_settings(cfg), storage_options=storage_options, model=cfg.embedder.model,
-        model_id=cfg.embedder.model, dim=full_dim, ingested_at=datetime.now(timezone.utc).isoformat(),
+        model_id=cfg.embedder.model, dim=spec.full_dim, ingested_at=datetime.now(timezone.utc).isoformat(),
         crash_journal=journal, max_expand_s=cfg.limits.max_expand_s),
         num_cpus=1, **({"concurrency": cfg.compute.prepare_concurrency} if cfg.compute.prepare_concurrency else {}))
     gpus = num_gpus_per_actor(cfg)
