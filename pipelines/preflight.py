@@ -8,7 +8,7 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from transformers import AutoConfig
 
@@ -128,6 +128,24 @@ def ensure_folder(key: str, path: str) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PreflightError(f"{key} {path!r} cannot be created: {exc.strerror or exc}") from None
+
+
+def embedded_store_error(path: str, exc: BaseException) -> str:
+    """The message for an embedded store (qdrant.path) that cannot be opened."""
+    # The usual cause is another process holding it (a running ingestion).
+    hint = (" (an embedded store admits one process at a time: wait for the other one, e.g. a running "
+            "ingestion, or use a Qdrant server)" if "already accessed" in str(exc) else "")
+    return f"qdrant.path {path!r} cannot be opened: {type(exc).__name__}: {first_line(exc)}{hint}"
+
+
+def open_embedded_store(path: str) -> Any:
+    """A client of the embedded store in the existing folder path (qdrant.path), or PreflightError."""
+    from qdrant_client import QdrantClient
+
+    try:
+        return QdrantClient(path=path)
+    except Exception as exc:
+        raise PreflightError(embedded_store_error(path, exc)) from None
 
 
 def first_line(exc: BaseException) -> str:

@@ -15,8 +15,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from qdrant_client import QdrantClient
-
 from operators.units import DeadLetter
 from sinks.qdrant_schema import CollectionMismatchError, storage_differences, validate_collection
 from sinks.qdrant_writer import QdrantWriter
@@ -25,7 +23,7 @@ from .config import Config
 from .config_secrets import redact
 from .ingest import list_source, server_client
 from .plan import Plan, plan_objects, source_root
-from .preflight import PreflightError, collection_spec, first_line, model_dimension
+from .preflight import PreflightError, collection_spec, first_line, model_dimension, open_embedded_store
 
 
 @dataclass
@@ -76,11 +74,7 @@ def _stored_fingerprints(cfg: Config, spec: Any) -> tuple[dict[str, str], bool, 
     if cfg.qdrant.embedded:
         if not os.path.isdir(cfg.qdrant.path):  # opening it would create it
             return {}, False, []
-        try:
-            client = QdrantClient(path=cfg.qdrant.path)
-        except Exception as exc:  # e.g. held by a running ingestion ("already accessed by another instance")
-            raise PreflightError(f"qdrant.path {cfg.qdrant.path!r} cannot be opened: {type(exc).__name__}: "
-                                 f"{first_line(exc)}") from None
+        client = open_embedded_store(cfg.qdrant.path)
     else:
         client = server_client(cfg)
     try:

@@ -43,7 +43,7 @@ from sinks.qdrant_schema import FULL_VECTOR, vector_name
 
 from .config import Config
 from .ingest import embedder_kwargs, expand_settings, qdrant_settings
-from .preflight import PreflightError, model_dimension
+from .preflight import PreflightError, embedded_store_error, model_dimension
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,12 @@ def open_client(cfg: Config) -> QdrantClient:
     if settings.embedded and not os.path.isdir(settings.path):
         raise QueryPreflightError(f"embedded store {settings.path} (qdrant.path) does not exist: "
                                   "ingest into it first (qvl ingest), or fix qdrant.path")
-    return make_client(settings)
+    try:
+        return make_client(settings)
+    except Exception as exc:
+        if settings.embedded:  # e.g. held by a running ingestion: one clear error, exit 2
+            raise QueryPreflightError(embedded_store_error(settings.path, exc)) from None
+        raise
 
 
 def store_location(cfg: Config) -> str:

@@ -569,6 +569,20 @@ def test_missing_store_is_not_created(world, tmp_path, capsys):
     assert f"embedded store {tmp_path / 'afile'} (qdrant.path) is a file, not a folder" in capsys.readouterr().err
 
 
+def test_a_store_held_by_another_process_is_one_clear_error(world, tmp_path, capsys):
+    """A running ingestion holds the embedded store: the query says so (exit 2) instead of a traceback."""
+    store = world["cfg"].qdrant.path
+    holder = QdrantClient(path=store)
+    try:
+        assert qvl(["query", world["yaml"], "--text", "x", "--no-rerank"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: qdrant.path {store!r} cannot be opened: RuntimeError: ") and \
+            "already accessed by another instance" in err and "one process at a time" in err, err
+        assert len(err.strip().splitlines()) == 1
+    finally:
+        holder.close()
+
+
 def test_top_k_that_is_not_a_number_is_a_readable_error(world, capsys):
     with pytest.raises(SystemExit) as exc:
         qvl(["query", world["yaml"], "--text", "x", "--top-k", "abc"])
