@@ -28,6 +28,22 @@ def files_under(root: Path) -> dict[str, bytes]:
 # --------------------------------------------------------------------- sample-data
 
 
+def test_ctrl_c_is_one_line_exit_130_and_leaves_nothing_behind(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in any command: one error line (no traceback), exit 130, no staging folder left."""
+    import signal as _signal
+
+    import operators.sample_media as sample_media
+
+    def interrupted_write(stage):
+        (stage / "half.txt").write_text("half")
+        os.kill(os.getpid(), _signal.SIGINT)  # Python's default handler: KeyboardInterrupt here
+
+    monkeypatch.setattr(sample_media, "write_sample_media", interrupted_write)
+    assert qvl(["sample-data", str(tmp_path / "out")]) == 130
+    one_error(capsys.readouterr().err, "error: interrupted by SIGINT")
+    assert not (tmp_path / "out").exists()
+
+
 def test_sample_data_into_new_and_empty_folders(tmp_path, capsys):
     assert qvl(["sample-data", str(tmp_path / "new" / "nested")]) == EXIT_OK
     (tmp_path / "empty").mkdir()
