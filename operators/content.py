@@ -34,7 +34,8 @@ from typing import Any, Callable, Mapping
 
 from operators.media.expand import ExpandSettings, _options_for
 from operators.media.images import image_unit_bytes
-from operators.media.listing import fs_for, is_local_uri, local_path, object_fingerprint, read_with_fingerprint
+from operators.media.listing import (forget_cached_listing, fs_for, is_local_uri, local_path, object_fingerprint,
+                                    read_with_fingerprint)
 from operators.media.pdf import PDFIUM_LOCK, _check_pages, _open_document, _render_page
 from operators.media.text_chunks import decode_text
 from operators.units import source_fingerprint
@@ -146,10 +147,7 @@ def _require_exists(uri: str, storage_options: dict[str, Any] | None) -> None:
             found = os.path.isfile(local_path(uri))
         else:
             fs, path = fs_for(uri, storage_options)
-            try:
-                fs.invalidate_cache(path)
-            except Exception:  # some backends keep no cache
-                pass
+            forget_cached_listing(fs, path)
             found = fs.exists(path)
     except Exception as exc:
         raise CandidateUnavailable(f"cannot check source {uri}: {type(exc).__name__}: {exc}") from exc

@@ -351,6 +351,22 @@ def input_blocks(n_objects: int) -> int:
     return max(1, min(n_objects, 4096, max(2 * cpus, -(-n_objects // OBJECTS_PER_EXPAND_TASK))))
 
 
+# Ray Data retries a batch whose actor died forever: a batch that keeps killing its actor would
+# loop. A unit that crashes or hangs a decoder costs at most two retries (the crash journal names
+# it, then it is skipped), so five leave room for an unrelated death or two.
+BATCH_RETRIES = 5
+
+
+def map_on_actor_pool(ds: Any, fn: type, *, actors: int, **kwargs: Any) -> Any:
+    """ds.map_batches(fn) on a fixed pool of `actors` actors, restarted when they die; a batch is
+    retried at most BATCH_RETRIES times."""
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates extra remote args but names no parameter for actor retries yet.
+        warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
+        return ds.map_batches(fn, compute=ray.data.ActorPoolStrategy(size=actors), max_restarts=-1,
+                              max_task_retries=BATCH_RETRIES, **kwargs)
+
+
 def _run_dataset(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store) -> dict[str, Any]:
     """Build and run the Ray Data pipeline over the objects to ingest; returns the sink's summary."""
     journal = start_journal()  # a file that crashes a decoder's process fails alone (crash_journal.py)
@@ -370,22 +386,14 @@ def _run_stages(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store
         crash_journal=journal, max_expand_s=cfg.limits.max_expand_s),
         num_cpus=1, **({"concurrency": cfg.compute.prepare_concurrency} if cfg.compute.prepare_concurrency else {}))
     gpus = num_gpus_per_actor(cfg)
-    with warnings.catch_warnings():
-        # Ray 2.60 deprecates extra remote args but names no parameter for actor retries yet.
-        warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
-        ds = ds.map_batches(
-            EmbedStage,
-            fn_constructor_kwargs=dict(model=cfg.embedder.model, mrl_dims=list(cfg.embedder.mrl_dims),
-                                       embedder_kwargs=embedder_kwargs(cfg, storage_options),
-                                       crash_journal=journal, max_batch_s=cfg.limits.max_embed_batch_s),
-            batch_size=cfg.compute.batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=cfg.compute.embed_actors),
-            num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor,
-            # A crashed or killed embedding actor is restarted and its in-flight batch retried (upserts
-            # are idempotent: a retried batch never duplicates). Ray Data's default retries forever; a
-            # batch that keeps killing its actor stops the run after 5 retries. A unit that crashes or
-            # hangs a decoder costs at most two of them (the journal names it, then it is skipped).
-            max_restarts=-1, max_task_retries=5)
+    # A crashed or killed embedding actor is restarted and its in-flight batch retried (upserts are
+    # idempotent: a retried batch never duplicates).
+    ds = map_on_actor_pool(
+        ds, EmbedStage, actors=cfg.compute.embed_actors,
+        fn_constructor_kwargs=dict(model=cfg.embedder.model, mrl_dims=list(cfg.embedder.mrl_dims),
+                                   embedder_kwargs=embedder_kwargs(cfg, storage_options),
+                                   crash_journal=journal, max_batch_s=cfg.limits.max_embed_batch_s),
+        batch_size=cfg.compute.batch_size, batch_format="numpy", num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor)
     # Streaming with a fixed memory bound: Ray Data's default lets a dataset buffer up to half the
     # object store (GBs on a big node), so a fast expand stage would run that far ahead of the
     # embedder and memory would grow with the corpus up to there. A few embedding batches in

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import json
-import warnings
 from dataclasses import asdict
 from typing import Any, Callable, Mapping, Sequence
 
@@ -22,7 +21,7 @@ from operators.crash_journal import TaskGuard, batch_key, reading, start_journal
 from sinks.qdrant_client_factory import make_client
 
 from .config import Config
-from .ingest import expand_settings, qdrant_settings
+from .ingest import expand_settings, map_on_actor_pool, qdrant_settings
 from .interrupts import stop_on_signals
 from .preflight import model_dimension
 from .query import (Candidate, CollectionLayout, Hit, QueryInputError, Skipped, build_filter, check_dimension,
@@ -206,23 +205,15 @@ def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | No
                       "filters": _encode(r.filters)} for i, r in enumerate(queries)]
             size = int(batch_size or cfg.compute.batch_size)
             ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // max(size, 1) + 1, 64)))
-            with warnings.catch_warnings():
-                # Ray 2.60 deprecates extra remote args but names no parameter for actor retries yet.
-                warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
-                # Ray Data retries a batch whose actor died forever: a query that keeps killing its actor
-                # would hang the job. Each query that crashes or hangs a decoder costs at most 2 retries.
-                retries = dict(max_restarts=-1, max_task_retries=5)
-                ds = ds.map_batches(EmbedSearchStage, fn_constructor_args=(cfg, layout, owner),
-                                    fn_constructor_kwargs=dict(top_k=top_k, funnel=funnel), batch_size=size,
-                                    batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=embed_actors),
-                                    num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor, **retries)
-                if rerank:
-                    journal = start_journal()
-                    ds = ds.map_batches(RerankStage, fn_constructor_args=(cfg, top_n),
-                                        fn_constructor_kwargs=dict(crash_journal=journal), batch_size=max(1, min(size, 4)),
-                                        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=rerank_actors),
-                                        num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor, **retries)
+            ds = map_on_actor_pool(ds, EmbedSearchStage, actors=embed_actors, fn_constructor_args=(cfg, layout, owner),
+                                   fn_constructor_kwargs=dict(top_k=top_k, funnel=funnel), batch_size=size,
+                                   batch_format="numpy", num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor)
             if rerank:
+                journal = start_journal()  # a query whose candidate crashes or hangs a decoder fails alone
+                ds = map_on_actor_pool(ds, RerankStage, actors=rerank_actors, fn_constructor_args=(cfg, top_n),
+                                       fn_constructor_kwargs=dict(crash_journal=journal),
+                                       batch_size=max(1, min(size, 4)), batch_format="numpy", num_gpus=gpus,
+                                       num_cpus=cfg.compute.cpus_per_actor)
                 rows = {int(r["idx"]): _decode(r["result"]) for r in ds.take_all()}
             else:
                 rows = {int(r["idx"]): _unreranked(r, top_n) for r in ds.take_all()}

@@ -266,20 +266,26 @@ class QdrantWriter:
         half-replaced or half-written object maps to INCOMPLETE, which never equals
         a real fingerprint, so the next run re-embeds it.
         """
-        return {uri: held.fingerprint() for uri, held in self.stored_objects(uris).items()}
+        return {uri: held.fingerprint() for uri, held in self.stored_objects(uris, by_modality=False).items()}
 
-    def stored_objects(self, uris: Sequence[str] | None = None) -> dict[str, "StoredObject"]:
-        """Map source_uri -> the points the collection holds of it, over the collection (or only `uris`)."""
+    def stored_objects(self, uris: Sequence[str] | None = None, by_modality: bool = True) -> dict[str, "StoredObject"]:
+        """Map source_uri -> the points the collection holds of it, over the collection (or only `uris`).
+
+        by_modality=False counts every point under modality "" and reads one payload field less
+        (the plan reads the whole collection at each run's start and needs no modality).
+        """
+        fields = ["source_uri", "fingerprint", "object_units"] + (["modality"] if by_modality else [])
         result: dict[str, StoredObject] = {}
         if uris is None:
-            self._scroll_into(result, None)
+            self._scroll_into(result, None, fields)
         else:
             unique = list(dict.fromkeys(uris))
             for i in range(0, len(unique), _URI_CHUNK):
-                self._scroll_into(result, _uri_filter(unique[i : i + _URI_CHUNK]))
+                self._scroll_into(result, _uri_filter(unique[i : i + _URI_CHUNK]), fields)
         return result
 
-    def _scroll_into(self, out: dict[str, "StoredObject"], scroll_filter: models.Filter | None) -> None:
+    def _scroll_into(self, out: dict[str, "StoredObject"], scroll_filter: models.Filter | None,
+                     fields: list[str]) -> None:
         offset = None
         while True:
             records, offset = self._with_retry(
@@ -289,7 +295,7 @@ class QdrantWriter:
                     scroll_filter=scroll_filter,
                     limit=_SCROLL_PAGE,
                     offset=offset,
-                    with_payload=["source_uri", "fingerprint", "object_units", "modality"],
+                    with_payload=fields,
                     with_vectors=False,
                 ),
             )

@@ -254,7 +254,7 @@ def _sha256_fingerprint(fs: AbstractFileSystem, path: str) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def _forget_cached_listing(fs: AbstractFileSystem, path: str) -> None:
+def forget_cached_listing(fs: AbstractFileSystem, path: str) -> None:
     """Drop fsspec's cached listing of path, so that info() asks the store (s3fs caches listings)."""
     try:
         fs.invalidate_cache(path)
@@ -267,7 +267,7 @@ def object_fingerprint(uri: str, storage_options: dict[str, Any] | None = None) 
     if is_local_uri(uri):
         return local_fingerprint(os.stat(local_path(uri)))
     fs, path = fs_for(uri, storage_options)
-    _forget_cached_listing(fs, path)
+    forget_cached_listing(fs, path)
     return info_fingerprint(fs.info(path)) or _sha256_fingerprint(fs, path)
 
 
@@ -282,7 +282,7 @@ def read_with_fingerprint(uri: str, storage_options: dict[str, Any] | None = Non
             raise OSError(f"{uri} changed while it was being read")
         return data, local_fingerprint(before)
     fs, path = fs_for(uri, storage_options)
-    _forget_cached_listing(fs, path)
+    forget_cached_listing(fs, path)
     with fs.open(path, "rb") as fh:
         # A buffered file (s3fs, gcsfs, ...) holds the info it read on opening; s3fs reads
         # with If-Match on its ETag, so the bytes are that version's.
@@ -306,7 +306,7 @@ def _list_remote(
     """List an fsspec location recursively."""
     fs, root = fs_for(uri, storage_options)
     root = root.rstrip("/") or root
-    _forget_cached_listing(fs, root)
+    forget_cached_listing(fs, root)
     if fs.isfile(root):
         entries = {root: fs.info(root)}
         base = posixpath.dirname(root)
