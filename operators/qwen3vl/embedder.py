@@ -103,9 +103,12 @@ class Qwen3VLEmbedder(Qwen3VLRunner):
         """Token ids and vision tensors for one input (CPU work: decoding, resizing, tokenising)."""
         conversation = resolve_sources(self.conversation(item), self._video_files, self.storage_options)
         prompt = render_prompt(self.processor, conversation)
-        ids, vision, extra = run_processor(self.processor, prompt, conversation,
-                                           truncation=True, max_length=self.max_length, padding=False)
+        ids, vision, extra = run_processor(self.processor, prompt, conversation, **self.text_kwargs())
         return self.finish(ids, vision, extra, prompt)
+
+    def text_kwargs(self) -> dict[str, Any]:
+        """Truncated to max_length, as the reference embedder does; never padded (batches pad themselves)."""
+        return {"truncation": True, "max_length": self.max_length, "padding": False}
 
     # -- compute -------------------------------------------------------------------------
     def _collate(self, items: Sequence[Prepared]) -> dict[str, torch.Tensor]:

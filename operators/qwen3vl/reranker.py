@@ -171,6 +171,10 @@ class Qwen3VLReranker(Qwen3VLRunner):
         self.split_prefix_attention = self.read_positions_only and install_prefix_attention(self.model, self.device)
         self._light_init()
 
+    def text_kwargs(self) -> dict[str, Any]:
+        """Untruncated (prepare() truncates, keeping special tokens and the answer tail); never padded."""
+        return {"truncation": False, "padding": False}
+
     def _light_init(self) -> None:
         self._special_ids = set(self.processor.tokenizer.all_special_ids)
         self._vision_cache = VisionCache()
@@ -200,13 +204,12 @@ class Qwen3VLReranker(Qwen3VLRunner):
         if keys is not None:
             prompt = render_prompt(self.processor, raw)  # sources do not enter the prompt string
             ids, vision, extra = run_processor_cached(self.processor, prompt, raw, self.storage_options,
-                                                      self._vision_cache, keys, self.dtype, truncation=False,
-                                                      padding=False)
+                                                      self._vision_cache, keys, self.dtype,
+                                                      **self.text_kwargs())
         else:
             conversation = resolve_sources(raw, self._video_files, self.storage_options)
             prompt = render_prompt(self.processor, conversation)
-            ids, vision, extra = run_processor(self.processor, prompt, conversation, truncation=False,
-                                               padding=False)
+            ids, vision, extra = run_processor(self.processor, prompt, conversation, **self.text_kwargs())
         head, tail = ids[:-_TAIL_TOKENS], ids[-_TAIL_TOKENS:]
         kept = truncate_keeping_special(head, self.max_length, self._special_ids)
         if len(kept) < len(head):

@@ -80,6 +80,7 @@ class Qwen3VLRunner:
         self.pin_memory = False
         self.storage_options = storage_options or {}
         self.processor = load_processor(model_name_or_path, padding_side=padding_side)
+        self._settle_tokenizer()
         self.model = load_model(model_cls, model_name_or_path, self.device, self.dtype, attn_implementation,
                                 **model_kwargs)
         install_fast_vision(self.model)
@@ -104,6 +105,7 @@ class Qwen3VLRunner:
         for name in cls._PREPARE_STATE:
             setattr(self, name, state[name])
         self.processor = load_processor(self.model_name_or_path, padding_side=self.padding_side)
+        self._settle_tokenizer()
         self.model = _RopeOnly(state["config"])
         self._video_files = VideoFiles(self.storage_options)
         self._light_init()
@@ -111,6 +113,20 @@ class Qwen3VLRunner:
 
     def _light_init(self) -> None:
         """Derived preparation settings (subclasses override)."""
+
+    def text_kwargs(self) -> dict[str, Any]:
+        """The truncation and padding arguments prepare() tokenises with (subclasses override)."""
+        raise NotImplementedError
+
+    def _settle_tokenizer(self) -> None:
+        """Put the fast tokenizer in the truncation and padding state prepare() asks for, before any thread runs.
+
+        transformers writes these settings into the shared Rust tokenizer on the first call that asks for
+        different ones. A write while another preparation thread is encoding (the GIL released, the
+        tokenizer borrowed) raises "RuntimeError: Already borrowed", and that item was dead-lettered
+        (seen in CI). Once settled, every later call only reads them, and concurrent reads are safe.
+        """
+        self.processor.tokenizer([""], **self.text_kwargs())
 
     def _safe_prepare(self, *args: Any) -> Prepared | str:
         try:
