@@ -33,17 +33,25 @@ def tokenizer_for(model: str) -> Any:
 
     local = os.path.join(model, "tokenizer.json")
     if os.path.isfile(local):
-        return Tokenizer.from_file(local)
+        return _for_chunking(Tokenizer.from_file(local))
     if not os.path.isdir(model):
         try:
             from huggingface_hub import hf_hub_download
 
-            return Tokenizer.from_file(hf_hub_download(model, "tokenizer.json"))  # cache- and offline-aware
+            # cache- and offline-aware
+            return _for_chunking(Tokenizer.from_file(hf_hub_download(model, "tokenizer.json")))
         except Exception:  # no tokenizer.json on the hub, or not reachable: let transformers decide
             pass
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model)
+
+
+def _for_chunking(tokenizer: Any) -> Any:
+    """The tokenizer without the truncation and padding its tokenizer.json may ship: chunking needs every token."""
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
 
 
 def object_to_row(obj: SourceObject) -> dict[str, Any]:

@@ -108,3 +108,19 @@ def test_expand_workers_tokenizer_chunks_exactly_as_the_checkpoints_hf_tokenizer
     out = subprocess.run([sys.executable, "-c", code, str(tiny_embedding_ckpt)], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_tokenizer_json_shipping_truncation_and_padding_still_chunks_whole_texts(tiny_embedding_ckpt,
+                                                                                    tmp_path) -> None:
+    # Settings a hub tokenizer.json ships (truncation to 16 tokens here) are the HF tokenizer's
+    # defaults for other callers; chunking must see every token, as with the HF tokenizer.
+    from transformers import AutoTokenizer
+
+    from operators.expand_stage import tokenizer_for
+    from tests.tokenizer_settings import with_shipped_tokenizer_settings
+
+    ckpt = with_shipped_tokenizer_settings(tiny_embedding_ckpt, tmp_path / "ckpt")
+    hf = AutoTokenizer.from_pretrained(ckpt)
+    spans = chunk_spans(LONG_TEXT, tokenizer_for(ckpt), 32, 8)
+    assert spans == chunk_spans(LONG_TEXT, hf, 32, 8)
+    assert spans[-1][1] == len(LONG_TEXT.rstrip()) or spans[-1][1] == len(LONG_TEXT)

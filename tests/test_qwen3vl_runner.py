@@ -1,13 +1,12 @@
 """What the embedder and the reranker share (runner.py): a tokenizer safe to use from preparation threads."""
 
-import json
-import shutil
 import threading
 import time
 
 import pytest
 
 from operators.qwen3vl import Qwen3VLEmbedder, Qwen3VLReranker
+from tests.tokenizer_settings import with_shipped_tokenizer_settings
 
 
 class BusyTokenizer:
@@ -37,17 +36,6 @@ class BusyTokenizer:
         self.thread.join()
 
 
-def _with_shipped_tokenizer_settings(ckpt, out):
-    """A copy of ckpt whose tokenizer.json ships truncation and padding settings, as some hub tokenizers do."""
-    shutil.copytree(ckpt, out)
-    spec = json.loads((out / "tokenizer.json").read_text())
-    spec["truncation"] = {"direction": "Right", "max_length": 512, "strategy": "LongestFirst", "stride": 0}
-    spec["padding"] = {"strategy": "BatchLongest", "direction": "Left", "pad_to_multiple_of": None, "pad_id": 0,
-                       "pad_type_id": 0, "pad_token": "<|endoftext|>"}
-    (out / "tokenizer.json").write_text(json.dumps(spec))
-    return str(out)
-
-
 def _weightless_copy(runner):
     """The copy a preparation worker process builds (for_preparation), here in this process."""
     state = {name: getattr(runner, name) for name in runner._PREPARE_STATE}
@@ -59,11 +47,11 @@ def _weightless_copy(runner):
 def test_a_fresh_runner_prepares_while_another_thread_tokenises(kind, tiny_embedding_ckpt, tiny_reranker_ckpt,
                                                                  tmp_path):
     if kind == "embedder":
-        ckpt = _with_shipped_tokenizer_settings(tiny_embedding_ckpt, tmp_path / "ckpt")
+        ckpt = with_shipped_tokenizer_settings(tiny_embedding_ckpt, tmp_path / "ckpt")
         runner = Qwen3VLEmbedder(ckpt, max_length=64, prepare_workers=1)
         args = ({"text": "a first text, prepared while another thread encodes"},)
     else:
-        ckpt = _with_shipped_tokenizer_settings(tiny_reranker_ckpt, tmp_path / "ckpt")
+        ckpt = with_shipped_tokenizer_settings(tiny_reranker_ckpt, tmp_path / "ckpt")
         runner = Qwen3VLReranker(ckpt, max_length=64, prepare_workers=1)
         args = ({"text": "a query"}, {"text": "a first document, prepared while another thread encodes"})
     with runner:
