@@ -104,3 +104,19 @@ def test_animated_gif_reports_frames_and_decodes_first() -> None:
     info = inspect_image(buf.getvalue(), LIMIT)
     assert info.frames == 3 and info.data == buf.getvalue()
     assert Image.open(io.BytesIO(info.data)).tell() == 0  # the embedder sees frame 0
+
+
+def test_inspecting_images_on_many_threads_leaves_the_warning_filters_as_they_were() -> None:
+    # The query reads candidates on 8 threads; the bomb-warning filter is set around each open,
+    # and overlapping catch_warnings blocks used to leave it on for the whole process.
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+
+    from operators.media.images import _open  # where the filter is set; the callers add work that hides the race
+
+    data = encode(pattern(7, (64, 64)), "PNG")
+    before = list(warnings.filters)
+    with ThreadPoolExecutor(8) as pool:
+        sizes = set(pool.map(lambda _: _open(data).size, range(20000)))
+    assert sizes == {(64, 64)}
+    assert warnings.filters == before

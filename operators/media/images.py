@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -49,10 +50,15 @@ class ImageInfo:
     frames: int = 1
 
 
+_WARNINGS_LOCK = threading.Lock()
+
+
 def _open(data: bytes) -> Image.Image:
     """Open image bytes lazily (header only), mapping Pillow's own bomb error to ours."""
     try:
-        with warnings.catch_warnings():
+        # catch_warnings swaps the process-wide filter list: two threads overlapping here would
+        # restore each other's copies and leave the filter on (or lose another's).
+        with _WARNINGS_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
