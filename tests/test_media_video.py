@@ -151,3 +151,46 @@ def test_remote_video_copies_live_in_one_temp_dir_removed_on_close():
     import gc
     gc.collect()
     assert not os.path.exists(folder)
+
+
+def test_segments_of_one_remote_video_asking_at_once_share_one_download(moto_s3):
+    # The segments of one video are prepared on several threads at once: one download, one copy.
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from operators.qwen3vl.media_io import VideoFiles
+    moto_s3["client"].create_bucket(Bucket="videos")
+    moto_s3["client"].put_object(Bucket="videos", Key="long.mp4", Body=os.urandom(8 << 20))
+    files = VideoFiles(moto_s3["storage_options"])
+    start = threading.Barrier(8)
+
+    def segment(_):
+        start.wait()
+        return files.acquire("s3://videos/long.mp4")
+
+    with ThreadPoolExecutor(8) as pool:
+        paths = list(pool.map(segment, range(8)))
+    assert len(set(paths)) == 1 and os.listdir(files._dir) == [os.path.basename(paths[0])]
+    for _ in paths:
+        files.release("s3://videos/long.mp4")
+    files.close()
+
+
+def test_a_remote_video_copy_in_use_is_never_evicted():
+    # A thread holds its copy from resolving the conversation until the processor has read it;
+    # other threads' videos pushing it out of the cache in between failed that item.
+    import fsspec
+
+    from operators.qwen3vl.media_io import VideoFiles
+    for i in range(5):
+        with fsspec.open(f"memory://held/v{i}.mp4", "wb") as fh:
+            fh.write(b"video %d" % i)
+    files = VideoFiles(max_files=2)
+    held = files.acquire("memory://held/v0.mp4")
+    others = [files.local_path(f"memory://held/v{i}.mp4") for i in range(1, 5)]
+    assert open(held, "rb").read() == b"video 0"
+    assert sum(os.path.exists(p) for p in others) == 1  # the rest went, as the cache holds 2
+    files.release("memory://held/v0.mp4")
+    files.local_path("memory://held/v1.mp4")  # now the held one is the oldest: it goes
+    assert not os.path.exists(held) and len(os.listdir(files._dir)) == 2
+    files.close()

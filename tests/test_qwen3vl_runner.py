@@ -59,3 +59,36 @@ def test_a_fresh_runner_prepares_while_another_thread_tokenises(kind, tiny_embed
             with BusyTokenizer(fresh.processor.tokenizer):
                 busy_ids = fresh.prepare(*args).input_ids
             assert busy_ids == fresh.prepare(*args).input_ids
+
+
+@pytest.mark.parametrize("kind", ["embedder", "reranker"])
+def test_a_model_call_from_a_new_thread_gets_the_loading_threads_intra_op_threads(kind, tiny_embedding_ckpt,
+                                                                                   tiny_reranker_ckpt):
+    # Preparation threads run with one intra-op thread, which also became the default of threads
+    # started afterwards: a server thread calling embed() ran the model's matmuls on one core.
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        if kind == "embedder":
+            runner = Qwen3VLEmbedder(str(tiny_embedding_ckpt), prepare_workers=2)
+            call = lambda: runner.embed([{"text": "one"}, {"text": "two"}])  # noqa: E731
+        else:
+            runner = Qwen3VLReranker(str(tiny_reranker_ckpt), prepare_workers=2)
+            call = lambda: runner.score({"text": "q"}, [{"text": "one"}, {"text": "two"}])  # noqa: E731
+        with runner:
+            assert all(r.ok for r in call())  # starts the preparation threads
+            seen = []
+
+            def server_thread():
+                seen.append(torch.get_num_threads())  # what this thread starts with
+                assert all(r.ok for r in call())
+                seen.append(torch.get_num_threads())
+
+            worker = threading.Thread(target=server_thread)
+            worker.start()
+            worker.join()
+        assert seen == [1, 2]
+    finally:
+        torch.set_num_threads(saved)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .formatting import DEFAULT_EMBED_INSTRUCTION, VisionSettings, embed_conversation
 from .loading import Qwen3VLForEmbedding
 from .preprocess import (InputError, Prepared, collate, describe_error, growing_windows, render_prompt,
-                         resolve_sources, run_processor, token_budget_batches)
+                         resolved_sources, run_processor, token_budget_batches)
 from .runner import Qwen3VLRunner, check_inputs
 
 
@@ -101,9 +101,9 @@ class Qwen3VLEmbedder(Qwen3VLRunner):
 
     def prepare(self, item: dict[str, Any]) -> Prepared:
         """Token ids and vision tensors for one input (CPU work: decoding, resizing, tokenising)."""
-        conversation = resolve_sources(self.conversation(item), self._video_files, self.storage_options)
-        prompt = render_prompt(self.processor, conversation)
-        ids, vision, extra = run_processor(self.processor, prompt, conversation, **self.text_kwargs())
+        with resolved_sources(self.conversation(item), self._video_files, self.storage_options) as conversation:
+            prompt = render_prompt(self.processor, conversation)
+            ids, vision, extra = run_processor(self.processor, prompt, conversation, **self.text_kwargs())
         return self.finish(ids, vision, extra, prompt)
 
     def text_kwargs(self) -> dict[str, Any]:
@@ -165,6 +165,7 @@ class Qwen3VLEmbedder(Qwen3VLRunner):
         if dim is not None:
             reduce_dim(torch.zeros(1, self.hidden_size), dim)  # validate before any work
         inputs = list(check_inputs(inputs, "inputs"))
+        self.model_threads()
         results = [EmbedResult(i) for i in range(len(inputs))]
         if first_window is None:
             first_window = 32 if self.device.type == "cuda" else window

@@ -88,18 +88,31 @@ def resolve_image(source: Any, storage_options: dict[str, Any] | None = None) ->
 
 
 class VideoFiles:
-    """Local copies of remote videos, kept for reuse by the segments of one video (LRU)."""
+    """Local copies of remote videos, kept for reuse by the segments of one video (LRU).
+
+    Preparation threads share one instance: a video is downloaded once however many of its
+    segments ask at the same time, and a copy is never evicted while a thread holds it
+    (acquire() until release()), so the cache may exceed max_files while all are in use.
+    """
 
     def __init__(self, storage_options: dict[str, Any] | None = None, max_files: int = 8) -> None:
         self.storage_options = storage_options or {}
         self.max_files = max_files
         self._files: OrderedDict[str, str] = OrderedDict()
+        self._users: dict[str, int] = {}  # uri -> acquire() calls not yet released
+        self._fetching: dict[str, threading.Lock] = {}  # uri -> held by the one thread downloading it
         self._lock = threading.Lock()
         self._dir: str | None = None  # created with the first remote video
         self._cleanup: weakref.finalize | None = None
 
     def local_path(self, uri: str) -> str:
-        """A local path holding the video at uri (downloaded once for remote URIs)."""
+        """A local path holding the video at uri (downloaded once for remote URIs); evictable at once."""
+        path = self.acquire(uri)
+        self.release(uri)
+        return path
+
+    def acquire(self, uri: str) -> str:
+        """A local path holding the video at uri, kept on disk until release(uri)."""
         if uri.startswith(("http://", "https://")):
             return uri
         if uri.startswith("file://"):
@@ -109,9 +122,39 @@ class VideoFiles:
                 raise MediaError(f"video file not found: {uri}")
             return uri
         with self._lock:
-            if uri in self._files:
-                self._files.move_to_end(uri)
-                return self._files[uri]
+            fetching = self._fetching.setdefault(uri, threading.Lock())
+        with fetching:  # the segments of one video asking at once: one download, the others wait for it
+            try:
+                with self._lock:
+                    path = self._files.get(uri)
+                    if path is not None:
+                        self._files.move_to_end(uri)
+                        self._users[uri] = self._users.get(uri, 0) + 1
+                        return path
+                path = self._download(uri)
+                with self._lock:
+                    self._files[uri] = path
+                    self._users[uri] = self._users.get(uri, 0) + 1
+                    self._evict()
+                return path
+            finally:
+                with self._lock:
+                    if self._fetching.get(uri) is fetching:  # a later one may already be in its place
+                        del self._fetching[uri]
+
+    def release(self, uri: str) -> None:
+        """One acquire(uri) is done with its path: the copy may be evicted again."""
+        if uri.startswith("file://"):
+            uri = uri[7:]
+        with self._lock:
+            users = self._users.get(uri, 0) - 1
+            if users > 0:
+                self._users[uri] = users
+                return
+            self._users.pop(uri, None)
+            self._evict()
+
+    def _download(self, uri: str) -> str:
         data = read_bytes(uri, self.storage_options)
         suffix = os.path.splitext(uri)[1][:8]
         with self._lock:
@@ -122,31 +165,33 @@ class VideoFiles:
         fd, path = tempfile.mkstemp(dir=self._dir, suffix=suffix)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        with self._lock:
-            self._files[uri] = path
-            while len(self._files) > self.max_files:
-                _, old = self._files.popitem(last=False)
-                try:
-                    os.remove(old)
-                except OSError:
-                    pass
         return path
+
+    def _evict(self) -> None:
+        """Remove the least recently used copies beyond max_files that nobody holds (under the lock)."""
+        idle = [uri for uri in self._files if uri not in self._users]
+        for uri in idle[:max(0, len(self._files) - self.max_files)]:
+            try:
+                os.remove(self._files.pop(uri))
+            except OSError:
+                pass
 
     def close(self) -> None:
         """Remove the local copies."""
         with self._lock:
             self._files.clear()
+            self._users.clear()
             if self._cleanup is not None:
                 self._cleanup()  # runs once
             self._dir = self._cleanup = None
 
 
 def resolve_video(source: Any, files: VideoFiles, storage_options: dict[str, Any] | None = None) -> Any:
-    """Turn a video source (URI or frame list) into what qwen-vl-utils reads."""
+    """Turn a video source (URI or frame list) into what qwen-vl-utils reads; a URI is acquired from files."""
     if isinstance(source, list):
         if not source:
             raise MediaError("empty frame list")
         return [resolve_image(frame, storage_options) for frame in source]
     if isinstance(source, str):
-        return files.local_path(source)
+        return files.acquire(source)
     raise MediaError(f"unsupported video type {type(source).__name__}")

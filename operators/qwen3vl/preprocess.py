@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Iterator, Sequence
 
@@ -60,23 +61,32 @@ class Prepared:
 _SOURCE_KEY = "qvl_source_uri"
 
 
-def resolve_sources(conversation: list[dict[str, Any]], files: VideoFiles,
-                    storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Copy of a conversation whose image/video sources qwen-vl-utils can read."""
-    out = []
-    for message in conversation:
-        content = []
-        for entry in message["content"]:
-            if entry.get("type") == "image":
-                entry = {**entry, "image": resolve_image(entry["image"], storage_options)}
-            elif entry.get("type") == "video":
-                source = entry["video"]
-                entry = {**entry, "video": resolve_video(source, files, storage_options)}
-                if isinstance(source, str) and entry["video"] != source:
-                    entry[_SOURCE_KEY] = source  # a local copy: errors name the original (qwen-vl-utils ignores it)
-            content.append(entry)
-        out.append({"role": message["role"], "content": content})
-    return out
+@contextmanager
+def resolved_sources(conversation: list[dict[str, Any]], files: VideoFiles,
+                     storage_options: dict[str, Any] | None) -> Iterator[list[dict[str, Any]]]:
+    """A copy of a conversation whose image/video sources qwen-vl-utils can read; local copies of
+    remote videos stay on disk until the block ends."""
+    held: list[str] = []
+    try:
+        out = []
+        for message in conversation:
+            content = []
+            for entry in message["content"]:
+                if entry.get("type") == "image":
+                    entry = {**entry, "image": resolve_image(entry["image"], storage_options)}
+                elif entry.get("type") == "video":
+                    source = entry["video"]
+                    entry = {**entry, "video": resolve_video(source, files, storage_options)}
+                    if isinstance(source, str):
+                        held.append(source)
+                        if entry["video"] != source:
+                            entry[_SOURCE_KEY] = source  # a local copy: errors name the original (qwen-vl-utils ignores it)
+                content.append(entry)
+            out.append({"role": message["role"], "content": content})
+        yield out
+    finally:
+        for source in held:
+            files.release(source)
 
 
 def render_prompt(processor: Any, conversation: list[dict[str, Any]]) -> str:
@@ -185,14 +195,14 @@ class VisionCache:
                 return hit
             try:
                 value = compute()
-            finally:
                 with self._lock:
+                    self._items[key] = value
+                    while len(self._items) > self.max_items:
+                        self._items.popitem(last=False)
+                return value
+            finally:
+                with self._lock:  # after storing: a caller arriving in between finds the value
                     self._computing.pop(key, None)
-            with self._lock:
-                self._items[key] = value
-                while len(self._items) > self.max_items:
-                    self._items.popitem(last=False)
-            return value
 
 
 def process_image(processor: Any, entry: dict[str, Any],

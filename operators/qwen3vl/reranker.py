@@ -33,7 +33,7 @@ from .media_io import MediaError
 from .prefix_attention import KWARG as PREFIX_PACK
 from .prefix_attention import SuffixPack, attention_is_sdpa, install_prefix_attention, suffix_mask
 from .preprocess import (InputError, Prepared, VisionCache, cached_image, collate, describe_error, growing_windows,
-                         joined, render_prompt, resolve_sources, rope_positions, run_processor,
+                         joined, render_prompt, resolved_sources, rope_positions, run_processor,
                          run_processor_cached, same_tensor, token_budget_batches)
 from .runner import Qwen3VLRunner, check_inputs
 
@@ -207,9 +207,9 @@ class Qwen3VLReranker(Qwen3VLRunner):
                                                       self._vision_cache, keys, self.dtype,
                                                       **self.text_kwargs())
         else:
-            conversation = resolve_sources(raw, self._video_files, self.storage_options)
-            prompt = render_prompt(self.processor, conversation)
-            ids, vision, extra = run_processor(self.processor, prompt, conversation, **self.text_kwargs())
+            with resolved_sources(raw, self._video_files, self.storage_options) as conversation:
+                prompt = render_prompt(self.processor, conversation)
+                ids, vision, extra = run_processor(self.processor, prompt, conversation, **self.text_kwargs())
         head, tail = ids[:-_TAIL_TOKENS], ids[-_TAIL_TOKENS:]
         kept = truncate_keeping_special(head, self.max_length, self._special_ids)
         if len(kept) < len(head):
@@ -398,6 +398,7 @@ class Qwen3VLReranker(Qwen3VLRunner):
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"query: {exc}") from None
         check_instruction(instruction)
+        self.model_threads()
         documents = list(check_inputs(documents, "documents"))
         scope = uuid.uuid4().hex  # this call's query images are processed once, for all its pairs
         futures = [self.submit_prepare(query, doc, instruction, fps, max_frames, scope) for doc in documents]

@@ -88,6 +88,9 @@ class Qwen3VLRunner:
         self.read_positions_only = install_read_positions(self.model)
         self.padding_side = padding_side
         self._video_files = VideoFiles(self.storage_options)
+        # Setting preparation threads to one intra-op thread (below) also makes one the default of
+        # threads started later; a model call from such a thread gets this thread's count back.
+        self._model_threads = torch.get_num_threads()
         self._pool = ThreadPoolExecutor(prepare_workers or min(8, (os.cpu_count() or 2)),
                                         thread_name_prefix=thread_name, initializer=_one_intra_op_thread)
         self.prepare_processes = resolve_prepare_processes(prepare_processes, self.device)
@@ -166,6 +169,11 @@ class Qwen3VLRunner:
         """A Prepared item with its rotary positions and its pixels in the model's dtype."""
         return Prepared(ids, cast_pixels(vision, self.dtype), extra, prompt,
                         positions=rope_positions(self.backbone, ids, vision))
+
+    def model_threads(self) -> None:
+        """On a CPU, give the calling thread at least the intra-op threads of the thread that loaded the model."""
+        if self.device.type == "cpu" and torch.get_num_threads() < self._model_threads:
+            torch.set_num_threads(self._model_threads)
 
     def hidden_at(self, batch: dict[str, torch.Tensor], read: torch.Tensor, **forward_kwargs: Any) -> torch.Tensor:
         """The final hidden state at one position per row (batch, hidden), on the device."""
