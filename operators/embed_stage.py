@@ -13,14 +13,13 @@ on the next retry (operators/crash_journal.py).
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
+from .actor_threads import ActorThreads
 from .crash_journal import CRASH_ERROR_TYPE, WHOLE_BATCH, TaskGuard, batch_key
 from .qwen3vl.embedder import EmbedResult, Qwen3VLEmbedder, reduce_dim
 from .qwen3vl.prepare_workers import WORKER_DIED
@@ -34,17 +33,6 @@ _TEXT_COLUMNS = {"row_kind", "point_id", "object_uri", "fingerprint", "position"
 def vector_column(dim: int | None) -> str:
     """Column name of the full vector (dim None) or of one MRL-reduced vector."""
     return "vec_full" if dim is None else f"vec_mrl_{dim}"
-
-
-def cpu_threads() -> int:
-    """Intra-op threads for an embedder on CPU: $QVL_TORCH_THREADS, else every core this process may use."""
-    env = os.environ.get("QVL_TORCH_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 @dataclass
@@ -62,11 +50,7 @@ class EmbedStage:
         self.embedder = Qwen3VLEmbedder(model, **(embedder_kwargs or {}))
         self.crash_journal = crash_journal
         self.max_batch_s = max_batch_s  # with a journal: a batch (after a crash, a unit) that runs longer is stopped
-        # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1 by default), which halves a CPU
-        # embedder on a 2-core machine: its matmuls are what this node's cores are for. (On a GPU
-        # the CPU threads only prepare inputs, so Ray's setting is kept.)
-        self.threads = cpu_threads() if self.embedder.device.type == "cpu" else None
-        self._set_threads()
+        self.threads = ActorThreads(self.embedder.device)  # every core on a CPU, not Ray's one
         self.mrl_dims = list(mrl_dims)
         for d in self.mrl_dims:  # a bad dimension fails the actor at start, before any row
             reduce_dim(np.zeros((1, self.embedder.hidden_size), np.float32), d)
@@ -74,7 +58,7 @@ class EmbedStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         """Embed the batch's unit rows; carry the other rows through."""
         start = time.perf_counter()
-        self._set_threads()
+        self.threads.apply()
         kinds = batch["row_kind"]
         n = len(kinds)
         live = [i for i in range(n) if kinds[i] == "unit"]
@@ -140,8 +124,3 @@ class EmbedStage:
                 with guard.reading(pid):
                     results.append(self.embedder.embed([item], normalize=False)[0])
         return results
-
-    def _set_threads(self) -> None:
-        # Per call too: OpenMP's thread count is per calling thread, and Ray may call from another one.
-        if self.threads and torch.get_num_threads() != self.threads:
-            torch.set_num_threads(self.threads)
