@@ -50,6 +50,53 @@ def test_worker_processes_give_the_thread_results(tiny_embedding_ckpt, media):
     assert not _handover_files()  # every file was read and deleted
 
 
+def test_first_calls_from_several_threads_start_one_pool_of_workers(tiny_embedding_ckpt):
+    # A server's threads sharing one embedder: their first calls raced to start the pool, each
+    # started its own, and each pool's workers died with the thread that had started them.
+    import multiprocessing
+    import threading
+
+    earlier = set(multiprocessing.active_children())  # other tests' workers may still be exiting
+    emb = Qwen3VLEmbedder(str(tiny_embedding_ckpt), prepare_processes=2)
+    start = threading.Barrier(4)
+    results = []
+
+    def first_call(k):
+        start.wait()
+        results.append(emb.embed([{"text": f"thread {k} item {i}"} for i in range(4)]))
+
+    callers = [threading.Thread(target=first_call, args=(k,), daemon=True) for k in range(4)]
+    try:
+        for t in callers:
+            t.start()
+        for t in callers:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in callers), "the first calls never returned"
+        assert len(results) == 4 and all(r.ok for rs in results for r in rs)
+        assert 1 <= len(set(multiprocessing.active_children()) - earlier) <= 2
+        assert emb._processes.restarts == 0
+    finally:
+        emb.close()
+
+
+def test_workers_outlive_the_thread_whose_call_started_them(tiny_embedding_ckpt, caplog):
+    # A pool spawns its workers from the thread that submits, and their parent-death signal
+    # follows that thread: a request thread that ended took the workers with it.
+    import logging
+    import threading
+
+    emb = Qwen3VLEmbedder(str(tiny_embedding_ckpt), prepare_processes=1)
+    try:
+        request = threading.Thread(target=lambda: emb.embed([{"text": "the first request"}]))
+        request.start()
+        request.join()
+        with caplog.at_level(logging.WARNING):
+            assert all(r.ok for r in emb.embed([{"text": "a later request"}, {"text": "and another"}]))
+        assert emb._processes.restarts == 0 and "died" not in caplog.text
+    finally:
+        emb.close()
+
+
 def test_reranker_in_worker_processes(tiny_reranker_ckpt, media):
     docs = [{"text": "a"}, {"image": str(media["a"])}, {"image": str(media["broken"])}, {"text": "b " * 50}]
     threads = Qwen3VLReranker(str(tiny_reranker_ckpt), prepare_processes=0)

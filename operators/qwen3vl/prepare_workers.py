@@ -198,8 +198,38 @@ def _prepare(args: tuple[Any, ...]) -> tuple[Any, Any]:
     return pack(item, shm_owner=os.getppid()), marker
 
 
+_STOPPED = "preparation stopped: the runner was closed"
 WORKER_DIED = ("the preparation worker process died while preparing this input, twice (a crash in a native "
                "decoder, or out of memory)")
+
+
+_SPAWNER: tuple[int, queue.SimpleQueue[Callable[[], None]]] | None = None  # (pid, jobs)
+_SPAWNER_LOCK = threading.Lock()
+
+
+def on_spawner_thread(job: Callable[[], None]) -> None:
+    """Run job on this process's one pool-feeding thread, which lives as long as the process.
+
+    A pool spawns its workers from the thread that submits to it, and die_with_parent's signal
+    fires when that *thread* ends, not the process: a caller's short-lived thread (a server's
+    request) took its workers with it, and a worker killed while holding the pool's queue lock
+    left the others waiting on it for good (the interpreter then hung at exit).
+    """
+    global _SPAWNER
+    with _SPAWNER_LOCK:
+        if _SPAWNER is None or _SPAWNER[0] != os.getpid():  # a forked child has the queue but not the thread
+            jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+            threading.Thread(target=_spawner_loop, args=(jobs,), daemon=True, name="qvl-prepare-spawner").start()
+            _SPAWNER = (os.getpid(), jobs)
+        _SPAWNER[1].put(job)
+
+
+def _spawner_loop(jobs: "queue.SimpleQueue[Callable[[], None]]") -> None:
+    while True:
+        try:
+            jobs.get()()
+        except Exception:  # jobs resolve their own futures; nothing may stop this thread
+            log.exception("preparation hand-over failed")
 
 
 class PrepareProcesses:
@@ -248,14 +278,37 @@ class PrepareProcesses:
         if self.broken is not None:
             return self._fallback(*args)
         outer: Future = Future()
+        if self._closed:
+            outer.set_result(_STOPPED)
+        else:
+            on_spawner_thread(lambda: self._to_pool_or_fail(args, outer))
+        return outer
+
+    def _to_pool_or_fail(self, args: tuple[Any, ...], outer: Future) -> None:
+        try:
+            self._to_pool(args, outer)
+        except Exception as exc:  # never leave the caller waiting
+            if not outer.done():
+                outer.set_result(f"preparation worker failed: {type(exc).__name__}: {exc}")
+
+    def _to_pool(self, args: tuple[Any, ...], outer: Future) -> None:
+        if self.broken is not None:
+            self._to_fallback(args, outer)
+            return
         pool = self._pool
         try:
             pool.submit(_prepare, args).add_done_callback(lambda f: self._done(f, pool, args, outer))
         except BrokenProcessPool as exc:  # broke while idle: nothing was running, nothing is suspect
             if self._restart(pool, exc):
-                return self.submit(*args)
-            return self._fallback(*args)
-        return outer
+                self._to_pool(args, outer)
+            else:
+                self._to_fallback(args, outer)
+        except RuntimeError:  # "cannot schedule new futures after shutdown"
+            outer.set_result(_STOPPED)
+
+    def _to_fallback(self, args: tuple[Any, ...], outer: Future) -> None:
+        """Resolve outer with the fallback's (the runner's threads') result for args."""
+        self._fallback(*args).add_done_callback(lambda g: outer.set_result(g.result()))
 
     def _done(self, f: Future, pool: ProcessPoolExecutor, args: tuple[Any, ...], outer: Future) -> None:
         try:
@@ -264,9 +317,9 @@ class PrepareProcesses:
             if self._restart(pool, exc):
                 self._quarantine(args, outer)
             elif self._closed:
-                outer.set_result("preparation stopped: the runner was closed")
+                outer.set_result(_STOPPED)
             else:
-                self._fallback(*args).add_done_callback(lambda g: outer.set_result(g.result()))
+                self._to_fallback(args, outer)
             return
         except Exception as exc:  # e.g. a result that cannot be unpickled: this item fails
             outer.set_result(f"preparation worker failed: {type(exc).__name__}: {exc}")
@@ -290,7 +343,7 @@ class PrepareProcesses:
         except Exception as exc:
             log.warning("could not rebuild a prepared item (%s: %s); preparing it in a thread",
                         type(exc).__name__, exc)
-        self._fallback(*args).add_done_callback(lambda g: outer.set_result(g.result()))
+        self._to_fallback(args, outer)
 
     def _restart(self, pool: ProcessPoolExecutor, exc: BaseException) -> bool:
         """After `pool` broke: True when a fresh pool is running (started here or already), False for threads."""

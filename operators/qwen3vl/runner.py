@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -95,6 +96,7 @@ class Qwen3VLRunner:
                                         thread_name_prefix=thread_name, initializer=_one_intra_op_thread)
         self.prepare_processes = resolve_prepare_processes(prepare_processes, self.device)
         self._processes: PrepareProcesses | None = None  # started on first use
+        self._processes_lock = threading.Lock()
 
     # -- preparation, in threads or worker processes ---------------------------------------
     # What prepare() reads; a preparation worker gets exactly this (plus the model config).
@@ -142,13 +144,15 @@ class Qwen3VLRunner:
         if getattr(self, "_closed", False):
             raise RuntimeError(f"{type(self).__name__} is closed")
         if self.prepare_processes:
-            if self._processes is None:
-                state = {name: getattr(self, name) for name in self._PREPARE_STATE}
-                state.update(cls=type(self), config=self.backbone.config)
-                self._processes = PrepareProcesses(self.prepare_processes, state,
-                                                   fallback=lambda *a: self._pool.submit(self._safe_prepare, *a),
-                                                   attach=self.attach_shared)
-            return self._processes.submit(*args)
+            with self._processes_lock:  # two threads' first calls must not start two pools
+                if self._processes is None:
+                    state = {name: getattr(self, name) for name in self._PREPARE_STATE}
+                    state.update(cls=type(self), config=self.backbone.config)
+                    self._processes = PrepareProcesses(self.prepare_processes, state,
+                                                       fallback=lambda *a: self._pool.submit(self._safe_prepare, *a),
+                                                       attach=self.attach_shared)
+                processes = self._processes
+            return processes.submit(*args)
         return self._pool.submit(self._safe_prepare, *args)
 
     def detach_shared(self, item: Prepared, args: tuple[Any, ...]) -> tuple[Prepared, Any]:
@@ -193,7 +197,8 @@ class Qwen3VLRunner:
         """Release worker threads and temporary video copies (use after this raises RuntimeError)."""
         self._closed = True
         self._pool.shutdown(wait=False)
-        if self._processes is not None:
-            self._processes.shutdown()
-            self._processes = None
+        with self._processes_lock:
+            processes, self._processes = self._processes, None
+        if processes is not None:
+            processes.shutdown()
         self._video_files.close()
