@@ -147,11 +147,13 @@ class VideoFiles:
         if uri.startswith("file://"):
             uri = uri[7:]
         with self._lock:
-            users = self._users.get(uri, 0) - 1
-            if users > 0:
-                self._users[uri] = users
+            users = self._users.get(uri)
+            if users is None:  # nothing held: a local file or a URL qwen-vl-utils reads itself
                 return
-            self._users.pop(uri, None)
+            if users > 1:
+                self._users[uri] = users - 1
+                return
+            del self._users[uri]
             self._evict()
 
     def _download(self, uri: str) -> str:
