@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import io
 import os
-import threading
-from concurrent.futures import Future
 from typing import Any, Callable, Mapping
 
 from operators.media.expand import ExpandSettings, _options_for
@@ -38,6 +36,7 @@ from operators.media.listing import (forget_cached_listing, fs_for, is_local_uri
                                     read_with_fingerprint)
 from operators.media.pdf import PDFIUM_LOCK, _check_pages, _open_document, _render_page
 from operators.media.text_chunks import decode_text
+from operators.once_cache import OnceCache
 from operators.units import source_fingerprint
 
 __all__ = ["CandidateUnavailable", "SourceCache", "candidate_input", "render_pdf_page", "settings_from"]
@@ -62,25 +61,24 @@ class SourceCache:
     """Reads (or fingerprints) each source object once per query: a PDF with several candidate
     pages is fetched once.
 
-    Thread-safe: concurrent readers of the same URI wait for the one read in flight.
+    Thread-safe: concurrent readers of the same URI wait for the one read in flight. A failed read
+    is kept too: the other candidates of a vanished PDF do not each try it again.
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._entries: dict[tuple[str, str], Future] = {}
+        self._outcomes: OnceCache[tuple[Any, Exception | None]] = OnceCache()
 
     def _once(self, key: tuple[str, str], fetch: Callable[[], Any]) -> Any:
-        with self._lock:
-            fut = self._entries.get(key)
-            owner = fut is None
-            if owner:
-                fut = self._entries[key] = Future()
-        if owner:
+        def outcome() -> tuple[Any, Exception | None]:
             try:
-                fut.set_result(fetch())
-            except BaseException as exc:
-                fut.set_exception(exc)
-        return fut.result()
+                return fetch(), None
+            except Exception as exc:
+                return None, exc
+
+        value, error = self._outcomes.get(key, outcome)
+        if error is not None:
+            raise error
+        return value
 
     def read(self, uri: str, storage_options: dict[str, Any] | None) -> tuple[bytes, str]:
         """The whole object at uri and the fingerprint of what was read (raises what reading raises)."""
@@ -88,10 +86,9 @@ class SourceCache:
 
     def fingerprint(self, uri: str, storage_options: dict[str, Any] | None) -> str:
         """The object's current fingerprint: that of its read, if it was read in this query."""
-        with self._lock:
-            read = self._entries.get(("read", uri))
-        if read is not None and read.done() and read.exception() is None:
-            return read.result()[1]
+        read = self._outcomes.peek(("read", uri))
+        if read is not None and read[1] is None:
+            return read[0][1]
         return self._once(("fingerprint", uri), lambda: object_fingerprint(uri, storage_options))
 
 

@@ -13,11 +13,12 @@ import shutil
 import tempfile
 import threading
 import weakref
-from collections import OrderedDict
 from typing import Any
 
 import fsspec
 from PIL import Image
+
+from ..once_cache import OnceCache
 
 _PASSTHROUGH_PREFIXES = ("http://", "https://", "data:image", "file://")
 
@@ -98,10 +99,8 @@ class VideoFiles:
     def __init__(self, storage_options: dict[str, Any] | None = None, max_files: int = 8) -> None:
         self.storage_options = storage_options or {}
         self.max_files = max_files
-        self._files: OrderedDict[str, str] = OrderedDict()
-        self._users: dict[str, int] = {}  # uri -> acquire() calls not yet released
-        self._fetching: dict[str, threading.Lock] = {}  # uri -> held by the one thread downloading it
-        self._lock = threading.Lock()
+        self._copies: OnceCache[str] = OnceCache(max_files, on_evict=_remove_copy)  # uri -> local path
+        self._dir_lock = threading.Lock()
         self._dir: str | None = None  # created with the first remote video
         self._cleanup: weakref.finalize | None = None
 
@@ -121,71 +120,42 @@ class VideoFiles:
             if not os.path.exists(uri):
                 raise MediaError(f"video file not found: {uri}")
             return uri
-        with self._lock:
-            fetching = self._fetching.setdefault(uri, threading.Lock())
-        with fetching:  # the segments of one video asking at once: one download, the others wait for it
-            try:
-                with self._lock:
-                    path = self._files.get(uri)
-                    if path is not None:
-                        self._files.move_to_end(uri)
-                        self._users[uri] = self._users.get(uri, 0) + 1
-                        return path
-                path = self._download(uri)
-                with self._lock:
-                    self._files[uri] = path
-                    self._users[uri] = self._users.get(uri, 0) + 1
-                    self._evict()
-                return path
-            finally:
-                with self._lock:
-                    if self._fetching.get(uri) is fetching:  # a later one may already be in its place
-                        del self._fetching[uri]
+        return self._copies.get(uri, lambda: self._download(uri), hold=True)
 
     def release(self, uri: str) -> None:
         """One acquire(uri) is done with its path: the copy may be evicted again."""
-        if uri.startswith("file://"):
-            uri = uri[7:]
-        with self._lock:
-            users = self._users.get(uri)
-            if users is None:  # nothing held: a local file or a URL qwen-vl-utils reads itself
-                return
-            if users > 1:
-                self._users[uri] = users - 1
-                return
-            del self._users[uri]
-            self._evict()
+        # A source never held (a local file, a URL qwen-vl-utils reads itself) changes nothing.
+        self._copies.release(uri[7:] if uri.startswith("file://") else uri)
 
     def _download(self, uri: str) -> str:
         data = read_bytes(uri, self.storage_options)
         suffix = os.path.splitext(uri)[1][:8]
-        with self._lock:
+        with self._dir_lock:
             if self._dir is None:
                 self._dir = tempfile.mkdtemp(prefix="qvl-video-")
                 # Removed at close(), when this object goes, or at interpreter exit, whichever is first.
                 self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, ignore_errors=True)
-        fd, path = tempfile.mkstemp(dir=self._dir, suffix=suffix)
+            folder = self._dir
+        fd, path = tempfile.mkstemp(dir=folder, suffix=suffix)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         return path
 
-    def _evict(self) -> None:
-        """Remove the least recently used copies beyond max_files that nobody holds (under the lock)."""
-        idle = [uri for uri in self._files if uri not in self._users]
-        for uri in idle[:max(0, len(self._files) - self.max_files)]:
-            try:
-                os.remove(self._files.pop(uri))
-            except OSError:
-                pass
-
     def close(self) -> None:
         """Remove the local copies."""
-        with self._lock:
-            self._files.clear()
-            self._users.clear()
+        self._copies.clear()
+        with self._dir_lock:
             if self._cleanup is not None:
                 self._cleanup()  # runs once
             self._dir = self._cleanup = None
+
+
+def _remove_copy(uri: str, path: str) -> None:
+    """Delete an evicted video copy (already gone: nothing to do)."""
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def resolve_video(source: Any, files: VideoFiles, storage_options: dict[str, Any] | None = None) -> Any:

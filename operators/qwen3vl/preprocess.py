@@ -8,8 +8,6 @@ image/video patches are concatenated in order and ids are padded.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Iterator, Sequence
@@ -18,6 +16,7 @@ import torch
 from PIL import Image
 from qwen_vl_utils import process_vision_info
 
+from ..once_cache import OnceCache
 from .media_io import MediaError, VideoFiles, resolve_image, resolve_video
 
 IMAGE_PATCH_SIZE = 16
@@ -167,7 +166,7 @@ def run_processor(processor: Any, prompt: str, conversation: list[dict[str, Any]
     return ids, vision, extra
 
 
-class VisionCache:
+class VisionCache(OnceCache[tuple[torch.Tensor, torch.Tensor]]):
     """Processed images (pixel rows, grid) by key, least recently used first out.
 
     The reranker keys a query's images by its score() call, so an image query is read,
@@ -175,34 +174,7 @@ class VisionCache:
     """
 
     def __init__(self, max_items: int = 16) -> None:
-        self.max_items = max_items
-        self._items: OrderedDict[Hashable, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._computing: dict[Hashable, threading.Lock] = {}
-        self._lock = threading.Lock()
-
-    def get_or_compute(self, key: Hashable, compute: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached value of key, else compute() once (concurrent callers of one key wait for it)."""
-        with self._lock:
-            hit = self._items.get(key)
-            if hit is not None:
-                self._items.move_to_end(key)
-                return hit
-            key_lock = self._computing.setdefault(key, threading.Lock())
-        with key_lock:
-            with self._lock:
-                hit = self._items.get(key)
-            if hit is not None:
-                return hit
-            try:
-                value = compute()
-                with self._lock:
-                    self._items[key] = value
-                    while len(self._items) > self.max_items:
-                        self._items.popitem(last=False)
-                return value
-            finally:
-                with self._lock:  # after storing: a caller arriving in between finds the value
-                    self._computing.pop(key, None)
+        super().__init__(max_items)
 
 
 def process_image(processor: Any, entry: dict[str, Any],
@@ -222,7 +194,7 @@ def cached_image(processor: Any, entry: dict[str, Any], storage_options: dict[st
         pixels, grid = process_image(processor, entry, storage_options)
         return (pixels if dtype is None else pixels.to(dtype)), grid
 
-    return compute() if key is None else cache.get_or_compute((key, dtype), compute)
+    return compute() if key is None else cache.get((key, dtype), compute)
 
 
 def run_processor_cached(processor: Any, prompt: str, conversation: list[dict[str, Any]],

@@ -257,7 +257,7 @@ class Qwen3VLReranker(Qwen3VLRunner):
                      for k, e in zip(keys, entries)]
             return joined([p for p, _ in parts]), joined([g for _, g in parts])
 
-        pixels, grids = self._vision_cache.get_or_compute(("in model dtype", tuple(keys), self.dtype), query_rows)
+        pixels, grids = self._vision_cache.get(("in model dtype", tuple(keys), self.dtype), query_rows)
         if len(keys) != n or pixels.shape[0] != rows or not torch.equal(grids, item.vision["image_grid_thw"][:n]):
             raise ValueError("the query's images here differ from the preparation worker's")
         rest = item.vision["pixel_values"]
