@@ -3,7 +3,7 @@
     .venv/bin/python bench/query_batch_threads.py [--queries 96] [--repeats 2]
 
 Ray starts an actor with OMP_NUM_THREADS = its num_cpus (1); the query-batch stages (embed and
-search, rerank) raise their model's intra-op threads to every core (operators/actor_threads.py).
+search, rerank) raise their model's intra-op threads to every core (`use_every_core` in operators/qwen3vl/runner.py).
 QVL_TORCH_THREADS=1 gives the one-thread behaviour back. Each variant runs in its own child
 process (its own Ray, so the variable reaches the actors), alternately, on the same 300-text
 collection (small random checkpoints, top 30 reranked, top 5 kept). Prints the best of the

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from .actor_threads import ActorThreads
 from .crash_journal import CRASH_ERROR_TYPE, WHOLE_BATCH, TaskGuard, batch_key
 from .qwen3vl.embedder import EmbedResult, Qwen3VLEmbedder, reduce_dim
 from .qwen3vl.prepare_workers import WORKER_DIED
@@ -50,7 +49,7 @@ class EmbedStage:
         self.embedder = Qwen3VLEmbedder(model, **(embedder_kwargs or {}))
         self.crash_journal = crash_journal
         self.max_batch_s = max_batch_s  # with a journal: a batch (after a crash, a unit) that runs longer is stopped
-        self.threads = ActorThreads(self.embedder.device)  # every core on a CPU, not Ray's one
+        self.embedder.use_every_core()  # on a CPU: Ray starts actors with one thread
         self.mrl_dims = list(mrl_dims)
         for d in self.mrl_dims:  # a bad dimension fails the actor at start, before any row
             reduce_dim(np.zeros((1, self.embedder.hidden_size), np.float32), d)
@@ -58,7 +57,6 @@ class EmbedStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         """Embed the batch's unit rows; carry the other rows through."""
         start = time.perf_counter()
-        self.threads.apply()
         kinds = batch["row_kind"]
         n = len(kinds)
         live = [i for i in range(n) if kinds[i] == "unit"]

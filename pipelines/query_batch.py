@@ -17,7 +17,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from operators.actor_threads import ActorThreads
 from operators.crash_journal import TaskGuard, batch_key, reading, start_journal, stop_journal
 from sinks.qdrant_client_factory import make_client
 
@@ -65,7 +64,7 @@ class EmbedSearchStage:
                  funnel: bool | None = None) -> None:
         self.cfg, self.layout, self.top_k, self.funnel = cfg, layout, top_k, funnel
         self.embedder = load_embedder(cfg, dict(cfg.source.storage_options))
-        self.threads = ActorThreads(self.embedder.device)  # every core on a CPU, not Ray's one
+        self.embedder.use_every_core()  # on a CPU: Ray starts actors with one thread
         if owner is not None:
             self.search = _owner_search(owner)
         else:
@@ -73,7 +72,6 @@ class EmbedSearchStage:
             self.search = lambda request: self.client.query_points(**request).points
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        self.threads.apply()
         n = len(batch["id"])
         rows = [QueryRow(str(batch["id"][i]), _decode(batch["query"][i]), _decode(batch["instruction"][i]),
                          _decode(batch["filters"][i])) for i in range(n)]
@@ -123,11 +121,10 @@ class RerankStage:
         # Every core on a CPU too: the two pools' models take turns more than they overlap
         # (96 queries, top 30 reranked, small checkpoints, 2 cores: 24-27 s against 32-33 s with one
         # thread each; bench/RESULTS.md section 3).
-        self.threads = ActorThreads(self.reranker.device)
+        self.reranker.use_every_core()
         self.crash_journal = crash_journal
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        self.threads.apply()
         keys = [str(i) for i in batch["idx"]]
         guard = (TaskGuard(self.crash_journal, batch_key(keys), self.cfg.limits.max_rerank_query_s,
                            "limits.max_rerank_query_s") if self.crash_journal is not None and keys else None)

@@ -34,6 +34,17 @@ def resolve_prepare_processes(processes: int | None, device: torch.device) -> in
     return min(8, cpus - 2) if device.type == "cuda" and cpus >= 4 else 0
 
 
+def every_core() -> int:
+    """Intra-op threads for a model on CPU: $QVL_TORCH_THREADS, else every core this process may use."""
+    env = os.environ.get("QVL_TORCH_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def _one_intra_op_thread() -> None:
     """Preparation threads run their torch ops (image processor, rotary positions) single-threaded.
 
@@ -89,8 +100,9 @@ class Qwen3VLRunner:
         self.read_positions_only = install_read_positions(self.model)
         self.padding_side = padding_side
         self._video_files = VideoFiles(self.storage_options)
-        # Setting preparation threads to one intra-op thread (below) also makes one the default of
-        # threads started later; a model call from such a thread gets this thread's count back.
+        # On a CPU, every model call runs with at least this many intra-op threads (model_threads()):
+        # the loading thread's count, or every core after use_every_core(). Setting preparation
+        # threads to one (below) also makes one the default of threads started later.
         self._model_threads = torch.get_num_threads()
         self._pool = ThreadPoolExecutor(prepare_workers or min(8, (os.cpu_count() or 2)),
                                         thread_name_prefix=thread_name, initializer=_one_intra_op_thread)
@@ -175,9 +187,19 @@ class Qwen3VLRunner:
                         positions=rope_positions(self.backbone, ids, vision))
 
     def model_threads(self) -> None:
-        """On a CPU, give the calling thread at least the intra-op threads of the thread that loaded the model."""
+        """On a CPU, give the calling thread at least the model's intra-op threads (see use_every_core)."""
         if self.device.type == "cpu" and torch.get_num_threads() < self._model_threads:
             torch.set_num_threads(self._model_threads)
+
+    def use_every_core(self) -> None:
+        """On a CPU, run model calls on every core (every_core()) from now on; on a GPU, change nothing.
+
+        For a model held by a Ray actor: Ray sets OMP_NUM_THREADS to the actor's num_cpus (1 by
+        default), which halves a CPU model on 2 cores. On a GPU the CPU threads only prepare inputs.
+        """
+        if self.device.type == "cpu":
+            self._model_threads = every_core()
+            self.model_threads()
 
     def hidden_at(self, batch: dict[str, torch.Tensor], read: torch.Tensor, **forward_kwargs: Any) -> torch.Tensor:
         """The final hidden state at one position per row (batch, hidden), on the device."""
