@@ -8,8 +8,9 @@
 ``QueryEngine`` is the Python API (one query at a time, on the calling process);
 ``pipelines.query_batch.run_query_batch`` is the same steps as a Ray Data job (embedding +
 search in one fixed-size actor pool, reranking in another). Both share the functions below,
-so a batch row gives the same hits as the single query. Queries and results files:
-``pipelines.query_files``.
+so a batch row gives the same hits as the single query. What a query asks (content, filters,
+images): ``pipelines.query_inputs``; the collection and the search request:
+``pipelines.query_store``; queries and results files: ``pipelines.query_files``.
 
 Instructions. The query is embedded with ``instruction`` if given, else the query
 dict's own ``"instruction"``, else ``query.instruction`` from the config (a retrieval
@@ -22,267 +23,30 @@ content as a stored unit gets exactly that unit's vector. The reranker uses
 
 from __future__ import annotations
 
-import io
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import IO, Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from qdrant_client import QdrantClient, models
 
 from operators.content import CandidateUnavailable, SourceCache, candidate_input
 from operators.media.expand import ExpandSettings
-from operators.media.listing import is_local_uri, local_path
-from operators.qwen3vl.embedder import reduce_dim
-from operators.units import MODALITIES
-from sinks.qdrant_client_factory import make_client
-from sinks.qdrant_schema import FULL_VECTOR, vector_name
 
 from .config import Config
-from .ingest import embedder_kwargs, expand_settings, qdrant_settings
-from .preflight import PreflightError, embedded_store_error, model_dimension
+from .ingest import embedder_kwargs, expand_settings
+from .preflight import model_dimension
+from .query_inputs import (QueryInputError, build_filter, oversized_image, query_content, resolve_instruction,
+                           upright_images)
+from .query_store import (QueryPreflightError, check_dimension, collection_layout, open_client, query_vectors,
+                          search_request, store_location)
 
 logger = logging.getLogger(__name__)
 
-QUERY_FIELDS = ("text", "image", "video", "video_start", "video_end", "fps", "max_frames")
-_MRL_PREFIX = "mrl_"
 
-
-class QueryPreflightError(PreflightError):
-    """The query cannot start: missing collection, dimension mismatch, reranker that does not load."""
-
-
-class QueryInputError(ValueError):
-    """The query itself is unusable (no content, unreadable image, bad filter)."""
-
-
-# -- collection layout ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CollectionLayout:
-    """What the query needs to know about the collection: its vectors and quantisation."""
-
-    name: str
-    full_dim: int
-    mrl_dims: tuple[int, ...] = ()  # ascending
-    quantized: bool = False
-    points: int | None = None
-
-    @property
-    def smallest(self) -> int | None:
-        """The smallest MRL dimension (the prefetch vector), None without MRL vectors."""
-        return self.mrl_dims[0] if self.mrl_dims else None
-
-
-def read_layout(info: models.CollectionInfo, name: str) -> CollectionLayout:
-    """The layout of a collection from its info (QueryPreflightError when it has no "full" vector)."""
-    vectors: Any = info.config.params.vectors
-    if not isinstance(vectors, dict) or FULL_VECTOR not in vectors:
-        held = sorted(vectors) if isinstance(vectors, dict) else "a single unnamed vector"
-        raise QueryPreflightError(
-            f"collection {name!r} has no {FULL_VECTOR!r} vector (it holds {held}): it was not written by `qvl ingest`")
-    mrl = sorted(int(k[len(_MRL_PREFIX):]) for k in vectors
-                 if k.startswith(_MRL_PREFIX) and k[len(_MRL_PREFIX):].isdigit())
-    quantized = info.config.quantization_config is not None or any(
-        getattr(vectors[vector_name(d)], "quantization_config", None) is not None for d in mrl)
-    return CollectionLayout(name, int(vectors[FULL_VECTOR].size), tuple(mrl), bool(quantized), info.points_count)
-
-
-def collection_layout(client: QdrantClient, name: str, where: str = "") -> CollectionLayout:
-    """Read the layout, with a clear error when the collection does not exist."""
-    if not client.collection_exists(name):
-        raise QueryPreflightError(
-            f"collection {name!r} does not exist{f' in {where}' if where else ''}: ingest into it first (qvl ingest)")
-    return read_layout(client.get_collection(name), name)
-
-
-def check_dimension(layout: CollectionLayout, model: str, dim: int) -> None:
-    """The query embedder must produce the collection's full dimension."""
-    if dim != layout.full_dim:
-        raise QueryPreflightError(
-            f"query embedder {model!r} produces {dim}-dimensional vectors but collection {layout.name!r} holds "
-            f"{layout.full_dim}-dimensional {FULL_VECTOR!r} vectors: query with the embedder that ingested it")
-
-
-def open_client(cfg: Config) -> QdrantClient:
-    """A client for the configured store. An embedded store must exist: opening a missing folder
-    would create an empty store there, and a query must not write anything."""
-    settings = qdrant_settings(cfg)
-    if settings.embedded and os.path.exists(settings.path) and not os.path.isdir(settings.path):
-        raise QueryPreflightError(f"embedded store {settings.path} (qdrant.path) is a file, not a folder: "
-                                  "fix qdrant.path")
-    if settings.embedded and not os.path.isdir(settings.path):
-        raise QueryPreflightError(f"embedded store {settings.path} (qdrant.path) does not exist: "
-                                  "ingest into it first (qvl ingest), or fix qdrant.path")
-    try:
-        return make_client(settings)
-    except Exception as exc:
-        if settings.embedded:  # e.g. held by a running ingestion: one clear error, exit 2
-            raise QueryPreflightError(embedded_store_error(settings.path, exc)) from None
-        raise
-
-
-def store_location(cfg: Config) -> str:
-    """Where the store is, for messages."""
-    return f"embedded store {cfg.qdrant.path}" if cfg.qdrant.path else f"Qdrant at {cfg.qdrant.url}"
-
-
-# -- filters ----------------------------------------------------------------------------
-
-
-def normalise_prefix(prefix: str) -> str:
-    """A source prefix as stored in ``source_prefixes``: absolute for local paths, ending in "/"."""
-    prefix = str(prefix).strip()
-    if not prefix:
-        raise QueryInputError("source_prefix filter is empty")
-    if is_local_uri(prefix):
-        prefix = local_path(prefix)
-    return prefix if prefix.endswith("/") else prefix + "/"
-
-
-def _condition(key: str, value: Any) -> models.FieldCondition:
-    values = list(value) if isinstance(value, (list, tuple, set)) else [value]
-    if not values:
-        raise QueryInputError(f"filter {key!r} has no value")
-    if all(isinstance(v, str) for v in values) or all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        match = models.MatchValue(value=values[0]) if len(values) == 1 else models.MatchAny(any=values)
-        return models.FieldCondition(key=key, match=match)
-    if len(values) == 1 and isinstance(values[0], bool):
-        return models.FieldCondition(key=key, match=models.MatchValue(value=values[0]))
-    if len(values) == 1 and isinstance(values[0], float):
-        return models.FieldCondition(key=key, range=models.Range(gte=values[0], lte=values[0]))
-    raise QueryInputError(f"filter {key!r}: unsupported value {value!r} (use strings, integers, a bool or a number)")
-
-
-def build_filter(filters: Mapping[str, Any] | models.Filter | None) -> models.Filter | None:
-    """Payload filter: ``modality``, ``source_prefix`` (a folder or URL prefix), any other payload key.
-
-    A list value matches any of its values; conditions are ANDed.
-    """
-    if filters is None or isinstance(filters, models.Filter):
-        return filters
-    if not isinstance(filters, Mapping):
-        raise QueryInputError(f"filters must be an object (key -> value), got {type(filters).__name__}")
-    must = []
-    for key, value in filters.items():
-        if value is None:
-            continue
-        if key == "modality":
-            wanted = value if isinstance(value, (list, tuple)) else [value]
-            bad = [m for m in wanted if m not in MODALITIES]
-            if bad:
-                raise QueryInputError(f"unknown modality {bad[0]!r} (one of {', '.join(MODALITIES)})")
-            must.append(_condition("modality", value))
-        elif key == "source_prefix":
-            prefixes = value if isinstance(value, (list, tuple)) else [value]
-            must.append(_condition("source_prefixes", [normalise_prefix(p) for p in prefixes]))
-        else:
-            must.append(_condition(str(key), value))
-    return models.Filter(must=must) if must else None
-
-
-# -- query content and vectors ------------------------------------------------------------
-
-
-def query_content(query: Mapping[str, Any]) -> dict[str, Any]:
-    """The model-visible part of a query dict (text, image, video, segment bounds), paths made absolute."""
-    if not isinstance(query, Mapping):
-        raise QueryInputError(f"a query must be a dict, got {type(query).__name__}")
-    unknown = [k for k in query if k not in QUERY_FIELDS and k != "instruction"]
-    if unknown:  # a misspelt "imgae" would otherwise search on the text alone
-        raise QueryInputError(f"unknown query key{'s' if len(unknown) > 1 else ''} "
-                              f"{', '.join(repr(k) for k in unknown)}: a query takes {', '.join(QUERY_FIELDS)}, "
-                              "instruction")
-    content = {k: query[k] for k in QUERY_FIELDS if query.get(k) is not None}
-    if isinstance(content.get("text"), str) and not content["text"].strip():
-        del content["text"]  # blank text is no query (ingestion, likewise, embeds no blank text)
-    if not any(content.get(k) for k in ("text", "image", "video")):
-        raise QueryInputError("the query has no text, image or video")
-    for key in ("image", "video"):
-        value = content.get(key)
-        if isinstance(value, str) and "://" not in value:
-            content[key] = os.path.abspath(os.path.expanduser(value))
-    return content
-
-
-def resolve_instruction(query: Mapping[str, Any], instruction: str | None, default: str) -> str:
-    """The embedding instruction: the argument, else the query's own, else the configured default."""
-    if instruction is not None:
-        return instruction
-    own = query.get("instruction")
-    return own if isinstance(own, str) else default
-
-
-def oversized_image(content: Mapping[str, Any], max_pixels: int,
-                    storage_options: Mapping[str, Any] | None = None) -> str | None:
-    """Why a query's image is over ``limits.max_image_pixels``, from its header alone; None if it is not.
-
-    The same decompression-bomb guard as ingestion's: a query image is decoded in full by the
-    embedder (and by every reranker pair), so a huge one must be refused before that. Each image
-    of a list is checked; http(s) and data: URLs are left to qwen-vl-utils, which reads them itself.
-    """
-    from PIL import Image
-
-    images = content.get("image")
-    for image in images if isinstance(images, (list, tuple)) else [images]:
-        opener = _image_opener(image, storage_options)
-        if opener is None:
-            continue  # a PIL image is decoded already
-        try:
-            with opener() as fh, Image.open(fh) as img:
-                width, height = img.size
-        except Exception:
-            continue  # unreadable: the embedder names the reason
-        if width * height > max_pixels:
-            return (f"image {image if isinstance(image, str) else '(bytes)'} is {width}x{height} = "
-                    f"{width * height} pixels, over limits.max_image_pixels={max_pixels} (decompression-bomb guard)")
-    return None
-
-
-def upright_images(content: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The query content with every EXIF-rotated image replaced by its upright pixels, as ingestion embeds it."""
-    images = content.get("image")
-    if images is None:
-        return dict(content)
-    many = isinstance(images, (list, tuple))
-    upright = [_upright(image, storage_options) for image in (images if many else [images])]
-    return {**content, "image": upright if many else upright[0]}
-
-
-def _image_opener(image: Any, storage_options: Mapping[str, Any] | None) -> Callable[[], IO[bytes]] | None:
-    """How to open a query image's bytes here; None for a URL qwen-vl-utils reads itself, or a PIL image."""
-    from operators.media.listing import fs_for
-
-    if isinstance(image, (bytes, bytearray)):
-        return lambda: io.BytesIO(bytes(image))
-    if isinstance(image, str) and not image.startswith(("http://", "https://", "data:")):
-        fs, path = fs_for(image, dict(storage_options or {}))  # fsspec options normalised as the reader's
-        return lambda: fs.open(path, "rb")
-    return None
-
-
-def _upright(image: Any, storage_options: Mapping[str, Any] | None) -> Any:
-    from PIL import Image
-
-    from operators.media.images import exif_rotated, upright_bytes
-
-    try:
-        opener = _image_opener(image, storage_options)
-        if opener is None:
-            return image
-        with opener() as fh:
-            with Image.open(fh) as img:
-                if not exif_rotated(img):  # the header says so: the image is read no further
-                    return image
-            fh.seek(0)
-            data = fh.read()
-        return upright_bytes(data) or image
-    except Exception:
-        return image  # unreadable: the embedder names the reason
+# -- query vectors -------------------------------------------------------------------------
 
 
 def embed_queries(embedder: Any, contents: Sequence[Mapping[str, Any]], instructions: Sequence[str],
@@ -301,36 +65,6 @@ def embed_queries(embedder: Any, contents: Sequence[Mapping[str, Any]], instruct
     for i, r in zip(live, embedder.embed(inputs, normalize=False) if inputs else []):
         out[i] = r.vector if r.ok else (r.error or "unknown error")
     return out
-
-
-def query_vectors(raw: np.ndarray, layout: CollectionLayout) -> dict[str, list[float]]:
-    """The query's full vector and, when the collection has MRL vectors, its smallest reduced vector."""
-    raw = np.asarray(raw, np.float32)[None, :]
-    out = {FULL_VECTOR: reduce_dim(raw, None)[0].tolist()}
-    if layout.smallest is not None:
-        out[vector_name(layout.smallest)] = reduce_dim(raw, layout.smallest)[0].tolist()
-    return out
-
-
-def search_request(vectors: Mapping[str, list[float]], layout: CollectionLayout, *, top_k: int,
-                   prefetch_multiplier: int, query_filter: models.Filter | None,
-                   funnel: bool | None = None) -> dict[str, Any]:
-    """The ``query_points`` keyword arguments: the MRL funnel, or a plain full-vector search.
-
-    funnel None = use it when the collection has MRL vectors; True without MRL vectors
-    falls back to the full-vector search.
-    """
-    request: dict[str, Any] = dict(collection_name=layout.name, query=vectors[FULL_VECTOR], using=FULL_VECTOR,
-                                   limit=int(top_k), query_filter=query_filter, with_payload=True)
-    small = layout.smallest
-    if (funnel is None or funnel) and small is not None:
-        params = (models.SearchParams(quantization=models.QuantizationSearchParams(rescore=True))
-                  if layout.quantized else None)
-        request["prefetch"] = models.Prefetch(query=vectors[vector_name(small)], using=vector_name(small),
-                                              limit=int(top_k) * int(prefetch_multiplier), filter=query_filter,
-                                              params=params)
-    return request
-
 
 @dataclass
 class Candidate:

@@ -24,10 +24,11 @@ from .config import Config
 from .ingest import expand_settings, map_on_actor_pool, qdrant_settings
 from .interrupts import stop_on_signals
 from .preflight import model_dimension
-from .query import (Candidate, CollectionLayout, Hit, QueryInputError, Skipped, build_filter, check_dimension,
-                    check_reranker_checkpoint, collection_layout, embed_queries, load_embedder, load_reranker,
-                    open_client, query_content, query_vectors, rerank_candidates, resolve_instruction,
-                    search_request, store_location, vector_order)
+from .query import (Candidate, Hit, Skipped, check_reranker_checkpoint, embed_queries, load_embedder, load_reranker,
+                    rerank_candidates, vector_order)
+from .query_inputs import QueryInputError, build_filter, query_content, resolve_instruction
+from .query_store import (CollectionLayout, check_dimension, collection_layout, open_client, query_vectors,
+                          search_request, store_location)
 from .query_files import QueryRow
 
 # Queries travel through Ray Data as JSON strings (bytes as {"$b64": ...}): nested, optional

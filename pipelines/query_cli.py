@@ -54,7 +54,7 @@ def parse_filter_args(items: Sequence[str]) -> dict[str, Any]:
 def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Load the config, run a command, map errors to exit codes with secrets redacted."""
     from .preflight import PreflightError
-    from .query import QueryInputError
+    from .query_inputs import QueryInputError
 
     cfg = load_config(args.config, args.overrides)
     secrets = cfg.secret_values()
@@ -100,7 +100,8 @@ def format_table(result: Any) -> str:
 
 
 def _cmd_query(cfg: Any, args: argparse.Namespace) -> int:
-    from .query import QueryEngine, QueryInputError, build_filter
+    from .query import QueryEngine
+    from .query_inputs import QueryInputError, build_filter
 
     query: dict[str, Any] = {k: v for k, v in (("text", args.text), ("image", args.image), ("video", args.video))
                              if v}
@@ -162,7 +163,8 @@ def run_eval(cfg: Any, queries: Sequence[Any], qrels: Mapping[str, Mapping[str, 
     judged query, top_k below every cutoff, a bad filter, or every query failed.
     """
     from .metrics import METRICS, cutoff, evaluate_run, relevant
-    from .query import QueryEngine, QueryInputError, build_filter
+    from .query import QueryEngine
+    from .query_inputs import QueryInputError, build_filter
 
     top_k = int(top_k or max(cfg.query.top_k, 100))
     metrics = [m for m in METRICS if cutoff(m) <= top_k]

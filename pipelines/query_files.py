@@ -19,7 +19,7 @@ from operators.media.listing import is_local_uri, local_path, open_uri
 from operators.media.manifest import LONE_SURROGATE, is_unicode_text
 
 from .metrics import normalise_source_uri
-from .query import QUERY_FIELDS, QueryInputError
+from .query_inputs import QUERY_FIELDS, QueryInputError
 
 _NUMBER_FIELDS = ("video_start", "video_end", "fps", "max_frames")
 

@@ -64,7 +64,7 @@ def test_qvl_torch_threads_overrides_the_core_count(monkeypatch):
 @pytest.mark.parametrize("stage", ["embed", "rerank"])
 def test_query_batch_stages_run_their_model_on_every_core(stage, tiny_embedding_ckpt, tiny_reranker_ckpt, tmp_path):
     from pipelines.config import parse_config
-    from pipelines.query import CollectionLayout
+    from pipelines.query_store import CollectionLayout
     from pipelines.query_batch import EmbedSearchStage, RerankStage
 
     cfg = parse_config({"source": {"uri": str(tmp_path)}, "embedder": {"model": str(tiny_embedding_ckpt)},

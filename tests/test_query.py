@@ -35,8 +35,9 @@ from operators.qwen3vl import Qwen3VLEmbedder, Qwen3VLReranker, ScoreResult
 from pipelines.cli import main as qvl
 from pipelines.config import parse_config
 from pipelines.ingest import expand_settings, run_ingest
-from pipelines.query import (CollectionLayout, QueryEngine, QueryInputError, QueryPreflightError, build_filter,
-                             normalise_prefix, search_request)
+from pipelines.query import QueryEngine
+from pipelines.query_inputs import QueryInputError, build_filter, normalise_prefix
+from pipelines.query_store import CollectionLayout, QueryPreflightError, search_request
 from pipelines.query_files import read_queries, read_results
 from pipelines.query_cli import parse_filter_args
 from tests.media_corpus import encode, make_pdf, pattern, write_video

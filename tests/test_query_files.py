@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.query import QueryInputError
+from pipelines.query_inputs import QueryInputError
 from pipelines.query_files import check_results_path, read_queries, read_results, write_results
 
 

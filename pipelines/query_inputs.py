@@ -1,0 +1,173 @@
+"""What a query asks: its content and instruction, its payload filters, its images checked against the
+decompression-bomb guard and set upright as ingestion embeds them."""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import IO, Any, Callable, Mapping
+
+from qdrant_client import models
+
+from operators.media.listing import is_local_uri, local_path
+from operators.units import MODALITIES
+
+QUERY_FIELDS = ("text", "image", "video", "video_start", "video_end", "fps", "max_frames")
+
+
+class QueryInputError(ValueError):
+    """The query itself is unusable (no content, unreadable image, bad filter)."""
+
+
+# -- filters ----------------------------------------------------------------------------
+
+
+def normalise_prefix(prefix: str) -> str:
+    """A source prefix as stored in ``source_prefixes``: absolute for local paths, ending in "/"."""
+    prefix = str(prefix).strip()
+    if not prefix:
+        raise QueryInputError("source_prefix filter is empty")
+    if is_local_uri(prefix):
+        prefix = local_path(prefix)
+    return prefix if prefix.endswith("/") else prefix + "/"
+
+
+def _condition(key: str, value: Any) -> models.FieldCondition:
+    values = list(value) if isinstance(value, (list, tuple, set)) else [value]
+    if not values:
+        raise QueryInputError(f"filter {key!r} has no value")
+    if all(isinstance(v, str) for v in values) or all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        match = models.MatchValue(value=values[0]) if len(values) == 1 else models.MatchAny(any=values)
+        return models.FieldCondition(key=key, match=match)
+    if len(values) == 1 and isinstance(values[0], bool):
+        return models.FieldCondition(key=key, match=models.MatchValue(value=values[0]))
+    if len(values) == 1 and isinstance(values[0], float):
+        return models.FieldCondition(key=key, range=models.Range(gte=values[0], lte=values[0]))
+    raise QueryInputError(f"filter {key!r}: unsupported value {value!r} (use strings, integers, a bool or a number)")
+
+
+def build_filter(filters: Mapping[str, Any] | models.Filter | None) -> models.Filter | None:
+    """Payload filter: ``modality``, ``source_prefix`` (a folder or URL prefix), any other payload key.
+
+    A list value matches any of its values; conditions are ANDed.
+    """
+    if filters is None or isinstance(filters, models.Filter):
+        return filters
+    if not isinstance(filters, Mapping):
+        raise QueryInputError(f"filters must be an object (key -> value), got {type(filters).__name__}")
+    must = []
+    for key, value in filters.items():
+        if value is None:
+            continue
+        if key == "modality":
+            wanted = value if isinstance(value, (list, tuple)) else [value]
+            bad = [m for m in wanted if m not in MODALITIES]
+            if bad:
+                raise QueryInputError(f"unknown modality {bad[0]!r} (one of {', '.join(MODALITIES)})")
+            must.append(_condition("modality", value))
+        elif key == "source_prefix":
+            prefixes = value if isinstance(value, (list, tuple)) else [value]
+            must.append(_condition("source_prefixes", [normalise_prefix(p) for p in prefixes]))
+        else:
+            must.append(_condition(str(key), value))
+    return models.Filter(must=must) if must else None
+
+
+# -- query content and images --------------------------------------------------------------
+
+
+def query_content(query: Mapping[str, Any]) -> dict[str, Any]:
+    """The model-visible part of a query dict (text, image, video, segment bounds), paths made absolute."""
+    if not isinstance(query, Mapping):
+        raise QueryInputError(f"a query must be a dict, got {type(query).__name__}")
+    unknown = [k for k in query if k not in QUERY_FIELDS and k != "instruction"]
+    if unknown:  # a misspelt "imgae" would otherwise search on the text alone
+        raise QueryInputError(f"unknown query key{'s' if len(unknown) > 1 else ''} "
+                              f"{', '.join(repr(k) for k in unknown)}: a query takes {', '.join(QUERY_FIELDS)}, "
+                              "instruction")
+    content = {k: query[k] for k in QUERY_FIELDS if query.get(k) is not None}
+    if isinstance(content.get("text"), str) and not content["text"].strip():
+        del content["text"]  # blank text is no query (ingestion, likewise, embeds no blank text)
+    if not any(content.get(k) for k in ("text", "image", "video")):
+        raise QueryInputError("the query has no text, image or video")
+    for key in ("image", "video"):
+        value = content.get(key)
+        if isinstance(value, str) and "://" not in value:
+            content[key] = os.path.abspath(os.path.expanduser(value))
+    return content
+
+
+def resolve_instruction(query: Mapping[str, Any], instruction: str | None, default: str) -> str:
+    """The embedding instruction: the argument, else the query's own, else the configured default."""
+    if instruction is not None:
+        return instruction
+    own = query.get("instruction")
+    return own if isinstance(own, str) else default
+
+
+def oversized_image(content: Mapping[str, Any], max_pixels: int,
+                    storage_options: Mapping[str, Any] | None = None) -> str | None:
+    """Why a query's image is over ``limits.max_image_pixels``, from its header alone; None if it is not.
+
+    The same decompression-bomb guard as ingestion's: a query image is decoded in full by the
+    embedder (and by every reranker pair), so a huge one must be refused before that. Each image
+    of a list is checked; http(s) and data: URLs are left to qwen-vl-utils, which reads them itself.
+    """
+    from PIL import Image
+
+    images = content.get("image")
+    for image in images if isinstance(images, (list, tuple)) else [images]:
+        opener = _image_opener(image, storage_options)
+        if opener is None:
+            continue  # a PIL image is decoded already
+        try:
+            with opener() as fh, Image.open(fh) as img:
+                width, height = img.size
+        except Exception:
+            continue  # unreadable: the embedder names the reason
+        if width * height > max_pixels:
+            return (f"image {image if isinstance(image, str) else '(bytes)'} is {width}x{height} = "
+                    f"{width * height} pixels, over limits.max_image_pixels={max_pixels} (decompression-bomb guard)")
+    return None
+
+
+def upright_images(content: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The query content with every EXIF-rotated image replaced by its upright pixels, as ingestion embeds it."""
+    images = content.get("image")
+    if images is None:
+        return dict(content)
+    many = isinstance(images, (list, tuple))
+    upright = [_upright(image, storage_options) for image in (images if many else [images])]
+    return {**content, "image": upright if many else upright[0]}
+
+
+def _image_opener(image: Any, storage_options: Mapping[str, Any] | None) -> Callable[[], IO[bytes]] | None:
+    """How to open a query image's bytes here; None for a URL qwen-vl-utils reads itself, or a PIL image."""
+    from operators.media.listing import fs_for
+
+    if isinstance(image, (bytes, bytearray)):
+        return lambda: io.BytesIO(bytes(image))
+    if isinstance(image, str) and not image.startswith(("http://", "https://", "data:")):
+        fs, path = fs_for(image, dict(storage_options or {}))  # fsspec options normalised as the reader's
+        return lambda: fs.open(path, "rb")
+    return None
+
+
+def _upright(image: Any, storage_options: Mapping[str, Any] | None) -> Any:
+    from PIL import Image
+
+    from operators.media.images import exif_rotated, upright_bytes
+
+    try:
+        opener = _image_opener(image, storage_options)
+        if opener is None:
+            return image
+        with opener() as fh:
+            with Image.open(fh) as img:
+                if not exif_rotated(img):  # the header says so: the image is read no further
+                    return image
+            fh.seek(0)
+            data = fh.read()
+        return upright_bytes(data) or image
+    except Exception:
+        return image  # unreadable: the embedder names the reason

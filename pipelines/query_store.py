@@ -1,0 +1,129 @@
+"""The collection a query reads: its layout (full and MRL vectors, quantisation), the client, and the
+``query_points`` request through the MRL funnel."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+from qdrant_client import QdrantClient, models
+
+from operators.qwen3vl.embedder import reduce_dim
+from sinks.qdrant_client_factory import make_client
+from sinks.qdrant_schema import FULL_VECTOR, vector_name
+
+from .config import Config
+from .ingest import qdrant_settings
+from .preflight import PreflightError, embedded_store_error
+
+_MRL_PREFIX = "mrl_"
+
+
+class QueryPreflightError(PreflightError):
+    """The query cannot start: missing collection, dimension mismatch, reranker that does not load."""
+
+
+# -- collection layout ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CollectionLayout:
+    """What the query needs to know about the collection: its vectors and quantisation."""
+
+    name: str
+    full_dim: int
+    mrl_dims: tuple[int, ...] = ()  # ascending
+    quantized: bool = False
+    points: int | None = None
+
+    @property
+    def smallest(self) -> int | None:
+        """The smallest MRL dimension (the prefetch vector), None without MRL vectors."""
+        return self.mrl_dims[0] if self.mrl_dims else None
+
+
+def read_layout(info: models.CollectionInfo, name: str) -> CollectionLayout:
+    """The layout of a collection from its info (QueryPreflightError when it has no "full" vector)."""
+    vectors: Any = info.config.params.vectors
+    if not isinstance(vectors, dict) or FULL_VECTOR not in vectors:
+        held = sorted(vectors) if isinstance(vectors, dict) else "a single unnamed vector"
+        raise QueryPreflightError(
+            f"collection {name!r} has no {FULL_VECTOR!r} vector (it holds {held}): it was not written by `qvl ingest`")
+    mrl = sorted(int(k[len(_MRL_PREFIX):]) for k in vectors
+                 if k.startswith(_MRL_PREFIX) and k[len(_MRL_PREFIX):].isdigit())
+    quantized = info.config.quantization_config is not None or any(
+        getattr(vectors[vector_name(d)], "quantization_config", None) is not None for d in mrl)
+    return CollectionLayout(name, int(vectors[FULL_VECTOR].size), tuple(mrl), bool(quantized), info.points_count)
+
+
+def collection_layout(client: QdrantClient, name: str, where: str = "") -> CollectionLayout:
+    """Read the layout, with a clear error when the collection does not exist."""
+    if not client.collection_exists(name):
+        raise QueryPreflightError(
+            f"collection {name!r} does not exist{f' in {where}' if where else ''}: ingest into it first (qvl ingest)")
+    return read_layout(client.get_collection(name), name)
+
+
+def check_dimension(layout: CollectionLayout, model: str, dim: int) -> None:
+    """The query embedder must produce the collection's full dimension."""
+    if dim != layout.full_dim:
+        raise QueryPreflightError(
+            f"query embedder {model!r} produces {dim}-dimensional vectors but collection {layout.name!r} holds "
+            f"{layout.full_dim}-dimensional {FULL_VECTOR!r} vectors: query with the embedder that ingested it")
+
+
+def open_client(cfg: Config) -> QdrantClient:
+    """A client for the configured store. An embedded store must exist: opening a missing folder
+    would create an empty store there, and a query must not write anything."""
+    settings = qdrant_settings(cfg)
+    if settings.embedded and os.path.exists(settings.path) and not os.path.isdir(settings.path):
+        raise QueryPreflightError(f"embedded store {settings.path} (qdrant.path) is a file, not a folder: "
+                                  "fix qdrant.path")
+    if settings.embedded and not os.path.isdir(settings.path):
+        raise QueryPreflightError(f"embedded store {settings.path} (qdrant.path) does not exist: "
+                                  "ingest into it first (qvl ingest), or fix qdrant.path")
+    try:
+        return make_client(settings)
+    except Exception as exc:
+        if settings.embedded:  # e.g. held by a running ingestion: one clear error, exit 2
+            raise QueryPreflightError(embedded_store_error(settings.path, exc)) from None
+        raise
+
+
+def store_location(cfg: Config) -> str:
+    """Where the store is, for messages."""
+    return f"embedded store {cfg.qdrant.path}" if cfg.qdrant.path else f"Qdrant at {cfg.qdrant.url}"
+
+
+# -- the search request -------------------------------------------------------------------
+
+
+def query_vectors(raw: np.ndarray, layout: CollectionLayout) -> dict[str, list[float]]:
+    """The query's full vector and, when the collection has MRL vectors, its smallest reduced vector."""
+    raw = np.asarray(raw, np.float32)[None, :]
+    out = {FULL_VECTOR: reduce_dim(raw, None)[0].tolist()}
+    if layout.smallest is not None:
+        out[vector_name(layout.smallest)] = reduce_dim(raw, layout.smallest)[0].tolist()
+    return out
+
+
+def search_request(vectors: Mapping[str, list[float]], layout: CollectionLayout, *, top_k: int,
+                   prefetch_multiplier: int, query_filter: models.Filter | None,
+                   funnel: bool | None = None) -> dict[str, Any]:
+    """The ``query_points`` keyword arguments: the MRL funnel, or a plain full-vector search.
+
+    funnel None = use it when the collection has MRL vectors; True without MRL vectors
+    falls back to the full-vector search.
+    """
+    request: dict[str, Any] = dict(collection_name=layout.name, query=vectors[FULL_VECTOR], using=FULL_VECTOR,
+                                   limit=int(top_k), query_filter=query_filter, with_payload=True)
+    small = layout.smallest
+    if (funnel is None or funnel) and small is not None:
+        params = (models.SearchParams(quantization=models.QuantizationSearchParams(rescore=True))
+                  if layout.quantized else None)
+        request["prefetch"] = models.Prefetch(query=vectors[vector_name(small)], using=vector_name(small),
+                                              limit=int(top_k) * int(prefetch_multiplier), filter=query_filter,
+                                              params=params)
+    return request
