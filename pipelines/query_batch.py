@@ -26,10 +26,10 @@ from .interrupts import stop_on_signals
 from .preflight import model_dimension
 from .query import (Candidate, Hit, Skipped, check_reranker_checkpoint, embed_queries, load_embedder, load_reranker,
                     rerank_candidates, vector_order)
+from .query_files import QueryRow
 from .query_inputs import QueryInputError, build_filter, query_content, resolve_instruction
 from .query_store import (CollectionLayout, check_dimension, collection_layout, open_client, query_vectors,
                           search_request, store_location)
-from .query_files import QueryRow
 
 # Queries travel through Ray Data as JSON strings (bytes as {"$b64": ...}): nested, optional
 # fields survive Arrow without schema unification surprises.

@@ -53,6 +53,25 @@ def test_every_core_on_a_gpu_leaves_the_cpu_threads_alone(tiny_embedding_ckpt):
         torch.set_num_threads(saved)
 
 
+def test_qvl_torch_threads_sets_the_count_a_model_call_runs_with(tiny_embedding_ckpt, monkeypatch):
+    # Fewer threads than the loading thread had too: a machine shared with other work.
+    from operators.qwen3vl.embedder import Qwen3VLEmbedder
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    monkeypatch.setenv("QVL_TORCH_THREADS", "1")
+    emb = Qwen3VLEmbedder(str(tiny_embedding_ckpt), prepare_processes=0)
+    seen = []
+    emb.model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    try:
+        emb.use_every_core()
+        torch.set_num_threads(2)  # the calling thread's own count, as a later call might find it
+        emb.embed([{"text": "hi"}])
+        assert seen == [1]
+    finally:
+        emb.close()
+        torch.set_num_threads(saved)
+
+
 def test_qvl_torch_threads_overrides_the_core_count(monkeypatch):
     monkeypatch.setenv("QVL_TORCH_THREADS", "3")
     assert every_core() == 3

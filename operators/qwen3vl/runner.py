@@ -100,9 +100,9 @@ class Qwen3VLRunner:
         self.read_positions_only = install_read_positions(self.model)
         self.padding_side = padding_side
         self._video_files = VideoFiles(self.storage_options)
-        # On a CPU, every model call runs with at least this many intra-op threads (model_threads()):
-        # the loading thread's count, or every core after use_every_core(). Setting preparation
-        # threads to one (below) also makes one the default of threads started later.
+        # On a CPU, every model call runs with this many intra-op threads (model_threads()): the
+        # loading thread's count, or every core after use_every_core(). Setting preparation threads
+        # to one (below) also makes one the default of threads started later.
         self._model_threads = torch.get_num_threads()
         self._pool = ThreadPoolExecutor(prepare_workers or min(8, (os.cpu_count() or 2)),
                                         thread_name_prefix=thread_name, initializer=_one_intra_op_thread)
@@ -187,8 +187,8 @@ class Qwen3VLRunner:
                         positions=rope_positions(self.backbone, ids, vision))
 
     def model_threads(self) -> None:
-        """On a CPU, give the calling thread at least the model's intra-op threads (see use_every_core)."""
-        if self.device.type == "cpu" and torch.get_num_threads() < self._model_threads:
+        """On a CPU, give the calling thread the model's intra-op threads (see use_every_core)."""
+        if self.device.type == "cpu" and torch.get_num_threads() != self._model_threads:
             torch.set_num_threads(self._model_threads)
 
     def use_every_core(self) -> None:
