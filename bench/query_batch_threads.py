@@ -18,7 +18,6 @@ import random
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import _common as C  # noqa: E402  (sets sys.path)
@@ -50,9 +49,7 @@ def child(root: Path, queries: int) -> None:
         run_ingest(cfg, echo=lambda _: None)
     rng = random.Random(1)
     rows = [QueryRow(str(i), {"text": C.sentence(rng, 8)}) for i in range(queries)]
-    t0 = time.perf_counter()
-    out = run_query_batch(cfg, rows, top_k=30, top_n=5)
-    seconds = time.perf_counter() - t0
+    seconds, out = C.timed(lambda: run_query_batch(cfg, rows, top_k=30, top_n=5))
     assert all(r["error"] is None and len(r["hits"]) == 5 for r in out), out[0]
     print(f"RESULT {seconds:.2f}", flush=True)
 
@@ -82,13 +79,11 @@ def main() -> None:
                 seconds = float(run.stdout.split("RESULT ")[1].split()[0])
                 times[name].append(seconds)
                 print(f"# {name}: {seconds:.1f}s", flush=True)
-    base = min(times["Ray's one thread per actor (QVL_TORCH_THREADS=1)"])
-    print(f"### query-batch, {args.queries} queries, top 30 reranked (small, CPU, best of {args.repeats})")
-    print("| query actors' model threads | seconds | queries/s | speed-up |")
-    print("|---|---|---|---|")
-    for name, ts in times.items():
-        best = min(ts)
-        print(f"| {name} | {best:.1f} | {args.queries / best:.2f} | {base / best:.2f}x |")
+    base = C.best(times["Ray's one thread per actor (QVL_TORCH_THREADS=1)"])
+    C.print_table(f"query-batch, {args.queries} queries, top 30 reranked (small, CPU, best of {args.repeats})",
+                  ["query actors' model threads", "seconds", "queries/s", "speed-up"],
+                  [[name, C.best(ts), args.queries / C.best(ts), f"{base / C.best(ts):.2f}x"]
+                   for name, ts in times.items()])
 
 
 if __name__ == "__main__":

@@ -131,6 +131,13 @@ def test_segments_reject_bad_input() -> None:
         video_segments(10, 0)
 
 
+def _fetched(files, uri):
+    """The video's local path, not held: evictable at once."""
+    path = files.acquire(uri)
+    files.release(uri)
+    return path
+
+
 def test_remote_video_copies_live_in_one_temp_dir_removed_on_close():
     import fsspec
 
@@ -139,13 +146,13 @@ def test_remote_video_copies_live_in_one_temp_dir_removed_on_close():
     assert files._dir is None  # nothing on disk until a remote video is read
     with fsspec.open("memory://videos/v.mp4", "wb") as fh:
         fh.write(b"not really a video")
-    path = files.local_path("memory://videos/v.mp4")
-    assert open(path, "rb").read() == b"not really a video" and files.local_path("memory://videos/v.mp4") == path
+    path = _fetched(files, "memory://videos/v.mp4")
+    assert open(path, "rb").read() == b"not really a video" and _fetched(files, "memory://videos/v.mp4") == path
     folder = os.path.dirname(path)
     files.close()
     assert not os.path.exists(folder)
     other = VideoFiles()
-    other.local_path("memory://videos/v.mp4")
+    _fetched(other, "memory://videos/v.mp4")
     folder = other._dir
     del other  # dropped without close(): the folder goes with it
     import gc
@@ -187,10 +194,10 @@ def test_a_remote_video_copy_in_use_is_never_evicted():
             fh.write(b"video %d" % i)
     files = VideoFiles(max_files=2)
     held = files.acquire("memory://held/v0.mp4")
-    others = [files.local_path(f"memory://held/v{i}.mp4") for i in range(1, 5)]
+    others = [_fetched(files, f"memory://held/v{i}.mp4") for i in range(1, 5)]
     assert open(held, "rb").read() == b"video 0"
     assert sum(os.path.exists(p) for p in others) == 1  # the rest went, as the cache holds 2
     files.release("memory://held/v0.mp4")
-    files.local_path("memory://held/v1.mp4")  # now the held one is the oldest: it goes
+    _fetched(files, "memory://held/v1.mp4")  # now the held one is the oldest: it goes
     assert not os.path.exists(held) and len(os.listdir(files._dir)) == 2
     files.close()

@@ -104,12 +104,6 @@ class VideoFiles:
         self._dir: str | None = None  # created with the first remote video
         self._cleanup: weakref.finalize | None = None
 
-    def local_path(self, uri: str) -> str:
-        """A local path holding the video at uri (downloaded once for remote URIs); evictable at once."""
-        path = self.acquire(uri)
-        self.release(uri)
-        return path
-
     def acquire(self, uri: str) -> str:
         """A local path holding the video at uri, kept on disk until release(uri)."""
         if uri.startswith(("http://", "https://")):

@@ -30,19 +30,23 @@ def resolve_prepare_processes(processes: int | None, device: torch.device) -> in
         if processes < 0:
             raise ValueError(f"prepare_processes must be >= 0, got {processes}")
         return processes
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = usable_cores()
     return min(8, cpus - 2) if device.type == "cuda" and cpus >= 4 else 0
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
 def every_core() -> int:
-    """Intra-op threads for a model on CPU: $QVL_TORCH_THREADS, else every core this process may use."""
+    """Intra-op threads for a model on CPU: $QVL_TORCH_THREADS, else usable_cores()."""
     env = os.environ.get("QVL_TORCH_THREADS", "")
     if env.isdigit() and int(env) > 0:
         return int(env)
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+    return usable_cores()
 
 
 def _one_intra_op_thread() -> None:
