@@ -92,6 +92,7 @@ class _RedactingFilter(logging.Filter):
         self.secrets = secrets
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Scrub the record in place; always keep it."""
         try:
             message = record.getMessage()
         except Exception:  # a malformed log call: keep its parts, scrubbed

@@ -393,6 +393,7 @@ class QdrantConfig(_Section):
 
     @property
     def embedded(self) -> bool:
+        """Whether Qdrant is embedded (local mode at qdrant.path) rather than a server at qdrant.url."""
         return self.path is not None
 
     def api_key(self) -> str | None:

@@ -76,6 +76,7 @@ class Candidate:
 
     @classmethod
     def from_point(cls, point: Any) -> "Candidate":
+        """The candidate of one Qdrant scored point."""
         return cls(str(point.id), float(point.score), dict(point.payload or {}))
 
 
