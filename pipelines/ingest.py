@@ -263,8 +263,8 @@ def _ingest(cfg: Config, report: RunReport, listing: tuple[list[SourceObject], l
         replaced = {u: fp for u, fp in plan.changed.items() if report.objects.get(u) == "ingested"}
         if replaced:
             store.call("delete_stale", replaced)
-        gone = [u for u in plan.changed if report.objects.get(u) == "failed"]
-        if gone:  # the object changed into something unreadable: its old vectors are wrong now
+        gone = [u for u in plan.changed if report.objects.get(u) in ("failed", "skipped")]
+        if gone:  # the object changed into something unreadable or unsupported: its old vectors are wrong now
             store.call("delete_by_uri", gone)
         report.deleted_stale_objects = len(replaced)
         report.removed_failed_objects = len(gone)

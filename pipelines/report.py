@@ -80,7 +80,7 @@ class RunReport:
         ]
         if self.deleted_stale_objects or self.removed_failed_objects or self.pruned_objects:
             lines.append(f"  replaced units of {self.deleted_stale_objects} changed objects, "
-                         f"removed the points of {self.removed_failed_objects} changed objects that now fail, "
+                         f"removed the points of {self.removed_failed_objects} changed objects that now fail or are skipped, "
                          f"pruned {self.pruned_objects} vanished objects")
         if self.error:
             not_written = sum(1 for d in self.dead_letters if d.get("stage") == "write")

@@ -9,7 +9,7 @@ from operators.units import SourceObject
 from pipelines.config import parse_config
 from pipelines.ingest import run_ingest
 from pipelines.plan import plan_objects, source_root
-from tests.media_gen import write_video
+from tests.media_gen import image_bytes, pattern_image, write_video
 from tests.resilience_helpers import all_points, config_dict, latest_run
 
 
@@ -48,6 +48,24 @@ def test_an_object_whose_units_partly_fail_to_embed_is_unchanged_on_the_next_run
 
     again = run_ingest(cfg)
     assert again.objects == {str(manifest): "unchanged"} and again.points_written == 0
+
+
+@pytest.mark.slow
+def test_an_object_that_changes_into_an_unsupported_kind_loses_its_points(tmp_path, tiny_embedding_ckpt, ray_local):
+    """An extension-less key sniffed as an image, then overwritten with plain bytes: skipped now, so
+    its image point is removed (it no longer shows what the object holds)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "upload-3f2a9c").write_bytes(image_bytes(pattern_image(0)))
+    (src / "note.txt").write_text("A short note about lanterns.")
+    cfg = parse_config(config_dict(src, tiny_embedding_ckpt, tmp_path))
+    assert run_ingest(cfg).objects[str(src / "upload-3f2a9c")] == "ingested"
+    (src / "upload-3f2a9c").write_bytes(b"just some bytes now, not an image at all\n" * 10)
+
+    again = run_ingest(cfg)
+    assert again.objects == {str(src / "upload-3f2a9c"): "skipped", str(src / "note.txt"): "unchanged"}
+    assert again.removed_failed_objects == 1
+    assert sorted(_by_uri(all_points(tmp_path / "qdrant"))) == [str(src / "note.txt")]
 
 
 @pytest.mark.slow
@@ -197,7 +215,7 @@ def test_the_summary_tells_replaced_from_removed_changed_objects():
     from pipelines.report import RunReport
 
     report = RunReport("r", "c", "src", "m", deleted_stale_objects=2, removed_failed_objects=1)
-    assert ("replaced units of 2 changed objects, removed the points of 1 changed objects that now fail, "
+    assert ("replaced units of 2 changed objects, removed the points of 1 changed objects that now fail or are skipped, "
             "pruned 0 vanished objects") in report.summary()
     assert report.as_dict()["removed_failed_objects"] == 1
 

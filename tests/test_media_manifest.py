@@ -71,6 +71,32 @@ def test_jsonl_invalid_utf8_line_only_fails_that_line() -> None:
     assert isinstance(out[0], ManifestRecord) and isinstance(out[1], RecordError) and out[1].error_type == "InvalidUTF8"
 
 
+def test_json_that_python_refuses_fails_only_its_line() -> None:
+    """An integer past Python's digit limit or nesting past the recursion limit is one bad line."""
+    lines = [json.dumps({"id": "a", "text": "first"}),
+             '{"id": "big", "text": "x", "checksum": ' + "9" * 5000 + "}",
+             '{"id": "deep", "text": "x", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}",
+             json.dumps({"id": "b", "text": "last"})]
+    out = parse_manifest("\n".join(lines).encode(), "/m.jsonl")
+    assert [r.key for r in out if isinstance(r, ManifestRecord)] == ["a", "b"]
+    bad = [r for r in out if isinstance(r, RecordError)]
+    assert [(r.line, r.error_type) for r in bad] == [(2, "InvalidJSON"), (3, "InvalidJSON")]
+    assert "digits" in bad[0].message and "RecursionError" in bad[1].message
+
+
+def test_a_record_whose_metadata_cannot_fit_a_point_fails_alone() -> None:
+    """Metadata goes into every point's payload: over MAX_METADATA_BYTES the record is a dead letter."""
+    from operators.media.manifest import MAX_METADATA_BYTES
+
+    lines = [json.dumps({"id": "a", "text": "fits", "note": "x" * (MAX_METADATA_BYTES - 100)}),
+             json.dumps({"id": "b", "text": "too big", "ocr": "é" * MAX_METADATA_BYTES}),
+             json.dumps({"id": "b", "text": "the id is still free"})]
+    out = parse_manifest("\n".join(lines).encode(), "/m.jsonl")
+    assert isinstance(out[0], ManifestRecord) and isinstance(out[2], ManifestRecord)
+    assert out[1].error_type == "MetadataTooLarge" and out[1].id == "b"
+    assert "2,097,16" in out[1].message and "1,048,576-byte limit" in out[1].message
+
+
 def test_an_id_less_record_never_takes_another_records_id() -> None:
     """Line numbers key id-less records, but a record's own id wins, wherever it comes in the file."""
     data = (b'{"text": "line one"}\n{"id": "1", "text": "names itself 1"}\n{"id": 0, "text": "zero"}\n'

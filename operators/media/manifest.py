@@ -24,6 +24,10 @@ from operators.media.detect import extension
 from operators.media.listing import is_local_uri, local_path
 
 CONTENT_FIELDS = ("text", "image", "video")
+# A record's other fields go into the payload of each of its points. A point must fit one upsert
+# request (16 MiB in sinks/qdrant_writer.py), and a batch fails as a whole when one does not:
+# a record carrying an OCR dump or a base64 thumbnail fails alone here instead.
+MAX_METADATA_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,12 @@ def build_record(line: int, raw: Any, manifest_uri: str, seen_keys: set[str],
         content[name] = value if name == "text" else resolve_uri(value.strip(), manifest_uri)
     if not content:
         return RecordError(line, "InvalidRecord", "record has none of text, image, video", rid)
+    metadata = {str(k): _json_safe(v) for k, v in raw.items() if k not in CONTENT_FIELDS and k != "id"}
+    size = len(json.dumps(metadata, ensure_ascii=False).encode("utf-8"))
+    if size > MAX_METADATA_BYTES:
+        return RecordError(line, "MetadataTooLarge",
+                           f"the record's other fields are {size:,} bytes as JSON, over the {MAX_METADATA_BYTES:,}-byte "
+                           "limit for a point's payload: keep large values out of the manifest (store a reference)", rid)
     line_key = None
     if rid is None and str(line) in ids:
         # Ids and line numbers share the position namespace: an id-less record must not take the
@@ -176,7 +186,6 @@ def build_record(line: int, raw: Any, manifest_uri: str, seen_keys: set[str],
     if key in seen_keys:
         return RecordError(line, "DuplicateId", f"record key {key!r} already used by an earlier record", rid)
     seen_keys.add(key)
-    metadata = {str(k): _json_safe(v) for k, v in raw.items() if k not in CONTENT_FIELDS and k != "id"}
     return ManifestRecord(line=line, id=rid, metadata=metadata, line_key=line_key, **content)
 
 
@@ -198,6 +207,10 @@ def _jsonl_rows(data: bytes) -> list[tuple[int, Any] | RecordError]:
             rows.append(RecordError(number, "InvalidUTF8", f"invalid UTF-8 at byte {exc.start} of the line"))
         except json.JSONDecodeError as exc:
             rows.append(RecordError(number, "InvalidJSON", f"invalid JSON: {exc.msg} (column {exc.colno})"))
+        except (ValueError, RecursionError) as exc:
+            # Valid JSON that Python refuses: an integer over its digit limit, nesting past the
+            # recursion limit. One such line must not hide the manifest's good records.
+            rows.append(RecordError(number, "InvalidJSON", f"unreadable JSON: {type(exc).__name__}: {exc}"))
     return rows
 
 
