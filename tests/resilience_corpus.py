@@ -66,8 +66,9 @@ def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
 
 
 def write_av(path: Path, seconds: float, video: bool = True, audio: bool = False, fps: int = 8,
-             size: tuple[int, int] = (64, 48), audio_codec: str = "aac") -> None:
-    """A short clip with a video stream, an audio stream (sine tone), or both (PyAV)."""
+             size: tuple[int, int] = (64, 48), audio_codec: str = "aac", audio_seconds: float | None = None) -> None:
+    """A short clip with a video stream, an audio stream (sine tone, audio_seconds long: default
+    seconds), or both (PyAV)."""
     rate = 16000
     with av.open(str(path), "w") as out:
         vs = out.add_stream("mpeg4", rate=fps) if video else None
@@ -88,7 +89,7 @@ def write_av(path: Path, seconds: float, video: bool = True, audio: bool = False
                 out.mux(packet)
         if aus is not None:
             frame_size = aus.codec_context.frame_size or 1024
-            total = int(seconds * rate)
+            total = int((seconds if audio_seconds is None else audio_seconds) * rate)
             t = np.arange(total) / rate
             samples = (0.3 * np.sin(2 * math.pi * 440 * t)).astype(np.float32)
             fmt = aus.codec_context.format.name if aus.codec_context.format else "fltp"

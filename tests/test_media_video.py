@@ -110,6 +110,28 @@ def test_a_one_frame_video_is_refused_at_probe(tmp_path) -> None:
         probe_video(str(path))
 
 
+@pytest.mark.parametrize("ext", [".mkv", ".mp4"])
+def test_a_soundtrack_longer_than_the_picture_does_not_lengthen_the_video(tmp_path, ext: str) -> None:
+    """Matroska has no per-stream duration: the container's spans the audio, and segments past the
+    last frame could never be embedded. A 1-frame picture under 5 s of sound is still 1 frame."""
+    from tests.resilience_corpus import write_av
+
+    write_av(tmp_path / f"long_audio{ext}", 2.0, audio=True, audio_seconds=5.0)
+    info = probe_video(str(tmp_path / f"long_audio{ext}"))
+    assert info.duration_s == pytest.approx(2.0, abs=0.13) and info.n_frames == 16
+    write_av(tmp_path / f"one_frame{ext}", 0.125, audio=True, audio_seconds=5.0)
+    with pytest.raises(VideoTooShortError, match="video has 1 frame"):
+        probe_video(str(tmp_path / f"one_frame{ext}"))
+
+
+@pytest.mark.parametrize(("tag", "seconds"), [("00:00:04.000000000", 4.0), ("01:02:03.5", 3723.5), (None, None),
+                                              ("", None), ("4.0", None), ("00:00:00.000", None), ("aa:bb:cc", None)])
+def test_a_stream_duration_tag_is_read_or_ignored(tag, seconds) -> None:
+    from operators.media.video import _tagged_seconds
+
+    assert _tagged_seconds(tag) == seconds
+
+
 def test_the_tail_segment_of_a_low_fps_video_embeds(tmp_path, tiny_embedding_ckpt) -> None:
     """At 1 fps the 1 s tail of a 5 s video held one frame and failed to embed on every run."""
     from operators.qwen3vl import Qwen3VLEmbedder

@@ -50,11 +50,26 @@ class VideoInfo(NamedTuple):
     height: int
 
 
+def _tagged_seconds(value: str | None) -> float | None:
+    """A Matroska/WebM per-stream DURATION tag ("HH:MM:SS.nnnnnnnnn") in seconds, or None."""
+    parts = (value or "").strip().split(":")
+    try:
+        seconds = sum(float(p) * 60 ** i for i, p in enumerate(reversed(parts))) if len(parts) == 3 else None
+    except ValueError:
+        return None
+    return seconds if seconds and math.isfinite(seconds) and seconds > 0 else None
+
+
 def _duration(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float | None:
-    """Stream duration, else container duration, in seconds."""
+    """The video stream's duration in seconds; None when only demuxing it can tell."""
     if stream.duration is not None and stream.time_base is not None:
         return float(stream.duration * stream.time_base)
-    if container.duration is not None:
+    # Matroska has no per-stream duration field, only a tag; the container's duration spans every
+    # stream, so a soundtrack that outlasts the picture would give segments with no frames.
+    tagged = _tagged_seconds(stream.metadata.get("DURATION") or stream.metadata.get("duration"))
+    if tagged is not None:
+        return tagged
+    if container.duration is not None and len(container.streams) == 1:
         return container.duration / av.time_base
     return None
 
