@@ -6,8 +6,8 @@ every unit kind is rebuilt the way ``operators.media.expand`` built it:
 - text chunk (``chunk=<i>``): the payload's ``text``; when the payload only holds an
   excerpt (``text_truncated``), the chunk is re-cut from the source by its
   ``char_start``/``char_end`` (the excerpt is kept if the source cannot be read);
-- image (``image``): the source bytes through ``image_unit_bytes`` (EXIF-rotated
-  images are re-encoded upright exactly as at ingestion);
+- image (``image``): the source bytes through ``image_unit_bytes`` (EXIF-rotated and
+  16-bit images are re-encoded exactly as at ingestion);
 - PDF page (``page=<n>``): page n rendered at the ingestion ``pdf_dpi`` (same PDFium
   calls and PNG encoding as ``render_pdf``, only that page);
 - video segment (``t=<s>-<e>``): the source URI with ``video_start``/``video_end``;

@@ -39,7 +39,7 @@ from .config import Config
 from .ingest import embedder_kwargs, expand_settings
 from .preflight import model_dimension
 from .query_inputs import (QueryInputError, build_filter, oversized_image, query_content, resolve_instruction,
-                           upright_images)
+                           model_ready_images)
 from .query_store import (QueryPreflightError, check_dimension, collection_layout, open_client, query_vectors,
                           search_request, store_location)
 
@@ -61,7 +61,7 @@ def embed_queries(embedder: Any, contents: Sequence[Mapping[str, Any]], instruct
             out[i] = too_large
         else:
             live.append(i)
-    inputs = [{**upright_images(contents[i], storage_options), "instruction": instructions[i]} for i in live]
+    inputs = [{**model_ready_images(contents[i], storage_options), "instruction": instructions[i]} for i in live]
     for i, r in zip(live, embedder.embed(inputs, normalize=False) if inputs else []):
         out[i] = r.vector if r.ok else (r.error or "unknown error")
     return out
@@ -185,7 +185,7 @@ def rerank_candidates(reranker: Any, query: Mapping[str, Any], candidates: Seque
     scored: list[tuple[float, int, Candidate]] = []
     # One call for the whole top-k: the reranker batches the pairs itself and computes the
     # query's shared prefix (and, for an image query, its vision tower) once, not once per batch.
-    results = (reranker.score(upright_images(query, storage_options), [d for _, _, d in ready], instruction)
+    results = (reranker.score(model_ready_images(query, storage_options), [d for _, _, d in ready], instruction)
                if ready else [])
     for (i, c, _), r in zip(ready, results):
         if r.ok:

@@ -1,5 +1,5 @@
 """What a query asks: its content and instruction, its payload filters, its images checked against the
-decompression-bomb guard and set upright as ingestion embeds them."""
+decompression-bomb guard and re-encoded as ingestion embeds them (upright, 8-bit)."""
 
 from __future__ import annotations
 
@@ -131,14 +131,14 @@ def oversized_image(content: Mapping[str, Any], max_pixels: int,
     return None
 
 
-def upright_images(content: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The query content with every EXIF-rotated image replaced by its upright pixels, as ingestion embeds it."""
+def model_ready_images(content: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The query content with each image re-encoded where ingestion re-encodes it (EXIF rotation, deep samples)."""
     images = content.get("image")
     if images is None:
         return dict(content)
     many = isinstance(images, (list, tuple))
-    upright = [_upright(image, storage_options) for image in (images if many else [images])]
-    return {**content, "image": upright if many else upright[0]}
+    ready = [_model_ready(image, storage_options) for image in (images if many else [images])]
+    return {**content, "image": ready if many else ready[0]}
 
 
 def _image_opener(image: Any, storage_options: Mapping[str, Any] | None) -> Callable[[], IO[bytes]] | None:
@@ -153,10 +153,10 @@ def _image_opener(image: Any, storage_options: Mapping[str, Any] | None) -> Call
     return None
 
 
-def _upright(image: Any, storage_options: Mapping[str, Any] | None) -> Any:
+def _model_ready(image: Any, storage_options: Mapping[str, Any] | None) -> Any:
     from PIL import Image
 
-    from operators.media.images import exif_rotated, upright_bytes
+    from operators.media.images import model_ready_bytes, needs_reencoding
 
     try:
         opener = _image_opener(image, storage_options)
@@ -164,10 +164,10 @@ def _upright(image: Any, storage_options: Mapping[str, Any] | None) -> Any:
             return image
         with opener() as fh:
             with Image.open(fh) as img:
-                if not exif_rotated(img):  # the header says so: the image is read no further
+                if not needs_reencoding(img):  # the header says so: the image is read no further
                     return image
             fh.seek(0)
             data = fh.read()
-        return upright_bytes(data) or image
+        return model_ready_bytes(data) or image
     except Exception:
         return image  # unreadable: the embedder names the reason

@@ -269,6 +269,7 @@ def test_api_key_in_config_rejected_without_echoing_it():
         ("expand", {"overlap_tokens": 512}, "expand.overlap_tokens: must be < chunk_tokens (512)"),
         ("expand", {"video_fps": 0}, "expand.video_fps: must be > 0"),
         ("limits", {"max_video_duration_s": float("inf")}, "limits.max_video_duration_s: must be a finite number"),
+        ("limits", {"max_image_pixels": 178_956_971}, "limits.max_image_pixels: must be <= 178956970"),
         ("qdrant", {"quantization": "int4"}, "qdrant.quantization: must be one of"),
         ("qdrant", {"on_disk": "yes please"}, "qdrant.on_disk: expected true or false"),
         ("qdrant", {"collection": "a/b"}, "qdrant.collection: must be"),

@@ -26,7 +26,6 @@ def test_formats_pass_original_bytes(fmt: str, mime: str) -> None:
 @pytest.mark.parametrize(
     "img",
     [
-        Image.fromarray((np.arange(600, dtype=np.uint16).reshape(20, 30) * 100)),  # 16-bit grayscale
         Image.new("CMYK", (20, 10), (10, 20, 30, 40)),
         pattern(2, (20, 10)).convert("P"),
         Image.new("L", (20, 10), 128),
@@ -34,12 +33,51 @@ def test_formats_pass_original_bytes(fmt: str, mime: str) -> None:
         pattern(3, (20, 10), "RGBA"),
         Image.new("1", (20, 10), 1),
     ],
-    ids=["I16", "CMYK", "P", "L", "LA", "RGBA", "1"],
+    ids=["CMYK", "P", "L", "LA", "RGBA", "1"],
 )
 def test_modes_accepted_unchanged(img: Image.Image) -> None:
     data = encode(img, "JPEG" if img.mode == "CMYK" else "TIFF" if img.mode == "LA" else "PNG")
     out, _ = image_unit_bytes(data, LIMIT)
     assert out == data
+
+
+@pytest.mark.parametrize(
+    ("img", "fmt", "expected"),
+    [
+        # 16-bit grayscale over its whole range: the model side's RGB conversion clipped it white
+        (Image.fromarray(np.array([[0, 255, 256, 40_000, 65_535]], np.uint16)), "PNG", [0, 0, 1, 156, 255]),
+        (Image.fromarray(np.array([[0, 255, 256, 40_000, 65_535]], np.int32)), "TIFF", [0, 0, 1, 156, 255]),
+        (Image.fromarray(np.array([[0, 7, 200, 255, 3]], np.int32)), "TIFF", [0, 7, 200, 255, 3]),
+        (Image.fromarray(np.array([[-1000, 0, 1000, 0, 0]], np.int32)), "TIFF", [0, 128, 255, 128, 128]),
+        (Image.fromarray(np.array([[0.0, 0.5, 1.0, 0.2, 0.0]], np.float32)), "TIFF", [0, 128, 255, 51, 0]),
+        (Image.fromarray(np.array([[0.0, 12.4, 250.0, 3.0, 0.0]], np.float32)), "TIFF", [0, 12, 250, 3, 0]),
+        (Image.fromarray(np.array([[-1.0, 0.0, 3.0, 1.0, 1.0]], np.float32)), "TIFF", [0, 64, 255, 128, 128]),
+    ],
+    ids=["I16", "I-16bit", "I-8bit", "I-signed", "F-unit", "F-8bit", "F-any"],
+)
+def test_deep_samples_become_8bit_grayscale_as_a_viewer_shows_them(img: Image.Image, fmt: str, expected) -> None:
+    data = encode(img, fmt)
+    info = inspect_image(data, LIMIT)
+    assert info.mime == "image/png" and (info.width, info.height) == (5, 1)
+    out = Image.open(io.BytesIO(info.data))
+    assert out.mode == "L" and np.asarray(out).ravel().tolist() == expected
+    assert np.asarray(out.convert("RGB"))[0, :, 0].tolist() == expected  # what the model side sees
+
+
+def test_pillow_decodes_up_to_the_limit_the_settings_allow() -> None:
+    """Pillow refuses twice its MAX_IMAGE_PIXELS whatever our limit says: a larger one is refused
+    where it is set. Between Pillow's default and that, the configured limit is what counts."""
+    from operators.media.expand import ExpandSettings
+    from operators.media.images import PILLOW_DECODE_LIMIT
+
+    assert PILLOW_DECODE_LIMIT == 2 * Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ValueError, match="max_image_pixels must be <= 178956970"):
+        ExpandSettings(max_image_pixels=PILLOW_DECODE_LIMIT + 1)
+    big = Image.new("1", (10_000, 9_000))  # 90 M pixels, over Pillow's default: 11 kB as a PNG
+    data = encode(big, "PNG")
+    assert inspect_image(data, 100_000_000).width == 10_000
+    with pytest.raises(ImageTooLargeError, match="over the limit of 89478485"):
+        inspect_image(data, LIMIT)
 
 
 def test_one_pixel_is_valid() -> None:

@@ -302,6 +302,29 @@ def test_an_exif_rotated_query_image_is_turned_upright_as_ingestion_embeds_it(wo
         assert hit.rerank_score == pytest.approx(want, abs=1e-5)
 
 
+def test_a_query_image_is_re_encoded_exactly_as_ingestion_embeds_it(tmp_path):
+    """Upright and 8-bit, from bytes or a path; an image that needs neither is passed on untouched."""
+    import io
+
+    from operators.media.images import inspect_image
+    from pipelines.query_inputs import model_ready_images
+
+    deep = io.BytesIO()
+    Image.fromarray(np.arange(0, 65_536, 256, dtype=np.uint16).reshape(16, 16)).save(deep, format="PNG")
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (30, 20), (200, 30, 10)).save(rotated, format="JPEG", exif=exif)
+    (tmp_path / "deep.png").write_bytes(deep.getvalue())
+    plain = str(tmp_path / "plain.png")
+    Image.new("RGB", (8, 8)).save(plain)
+    out = model_ready_images({"image": [deep.getvalue(), str(tmp_path / "deep.png"), rotated.getvalue(), plain],
+                              "text": "t"})
+    assert out["image"][:3] == [inspect_image(deep.getvalue(), 10**8).data] * 2 + [inspect_image(rotated.getvalue(), 10**8).data]
+    assert out["image"][3] == plain and out["text"] == "t"
+    assert Image.open(io.BytesIO(out["image"][0])).mode == "L" and Image.open(io.BytesIO(out["image"][2])).size == (20, 30)
+
+
 def test_exact_copy_with_the_real_reranker_and_scores_equal_process(world, embedder, reranker):
     unit = _unit(world, "text", uri_part="apples")
     with open_engine(world, embedder, reranker) as engine:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from operators.media.detect import HEAD_BYTES, Detection, detect, from_extension
-from operators.media.images import inspect_image
+from operators.media.images import PILLOW_DECODE_LIMIT, inspect_image
 from operators.media.listing import fs_for, is_local_uri, local_path
 from operators.media.manifest import ManifestRecord, RecordError, parse_manifest
 from operators.media.pdf import render_pdf
@@ -67,7 +67,7 @@ class ExpandSettings:
     video_segment_s: float = 30.0
     max_video_duration_s: float = 3600.0
     max_object_bytes: int = 512 * 1024 * 1024
-    max_image_pixels: int = 89_478_485  # Pillow's default MAX_IMAGE_PIXELS
+    max_image_pixels: int = 89_478_485  # Pillow's default MAX_IMAGE_PIXELS; Pillow decodes at most twice that
     tokenizer_fallback: bool = True  # no tokenizer given: chunk on regex word pieces (else: fail text objects)
 
     def __post_init__(self) -> None:
@@ -77,6 +77,9 @@ class ExpandSettings:
         for name in ("pdf_dpi", "max_pdf_pages", "video_segment_s", "max_video_duration_s", "max_object_bytes", "max_image_pixels"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_image_pixels > PILLOW_DECODE_LIMIT:
+            raise ValueError(f"max_image_pixels must be <= {PILLOW_DECODE_LIMIT} (Pillow decodes nothing larger), "
+                             f"got {self.max_image_pixels}")
 
 
 def _dead(uri: str, exc: BaseException, position: str | None = None, prefix: str = "") -> DeadLetter:
