@@ -226,6 +226,21 @@ def test_s3_listing_etag_globs_and_read(moto_s3) -> None:
     assert list_objects("s3://list-bucket/nothing-here", storage_options=opts) == ([], [])
 
 
+def test_s3_keys_with_double_colons_read_and_folder_markers_are_not_objects(moto_s3) -> None:
+    """S3 allows "::" in a key, which fsspec reads as a URL chain unless the URL has one protocol;
+    the empty "folder/" keys that consoles create are not objects to ingest or count."""
+    client, opts = moto_s3["client"], moto_s3["storage_options"]
+    client.create_bucket(Bucket="odd-keys")
+    for key, body in {"a::b.txt": b"double colon", "dir/": b"", "dir/x::y/z.txt": b"deeper"}.items():
+        client.put_object(Bucket="odd-keys", Key=key, Body=body)
+    objects, dead = list_objects("s3://odd-keys", storage_options=opts)
+    assert dead == [] and [o.uri for o in objects] == ["s3://odd-keys/a::b.txt", "s3://odd-keys/dir/x::y/z.txt"]
+    assert open_uri("s3://odd-keys/a::b.txt", opts) == b"double colon"
+    assert open_uri("s3://odd-keys/dir/x::y/z.txt", opts) == b"deeper"
+    fs, path = fs_for("simplecache::s3://odd-keys/a.txt", {"s3": opts})  # a real chain is still one
+    assert "simplecache" in fs.protocol and path == "odd-keys/a.txt"
+
+
 def test_s3_missing_bucket_raises(moto_s3) -> None:
     with pytest.raises(FileNotFoundError):
         list_objects("s3://no-such-bucket-xyz/prefix", storage_options=moto_s3["storage_options"])

@@ -69,9 +69,14 @@ def fs_for(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[Abs
     """The fsspec filesystem and the backend path for a URI (plain paths are local)."""
     if is_local_uri(uri):
         return fsspec.filesystem("file"), local_path(uri)
-    protocol = uri.split("://", 1)[0].split("::")[-1]
-    fs, path = fsspec.core.url_to_fs(uri, **_normalise_options(protocol, storage_options))
-    return fs, path
+    head = uri.split("://", 1)[0]
+    protocol = head.split("::")[-1]
+    opts = _normalise_options(protocol, storage_options)
+    if "::" in head:  # a chained URL ("simplecache::s3://..."): fsspec builds the chain
+        return fsspec.core.url_to_fs(uri, **opts)
+    # One protocol: url_to_fs would also split "::" inside the key (S3 allows "a::b.txt") as a chain.
+    cls = fsspec.get_filesystem_class(protocol)
+    return fsspec.filesystem(protocol, **{**cls._get_kwargs_from_urls(uri), **opts}), cls._strip_protocol(uri)
 
 
 def open_uri(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
@@ -321,6 +326,8 @@ def _list_remote(
     dead: list[DeadLetter] = []
     for name, info in entries.items():
         if info.get("type", "file") != "file":
+            continue
+        if name.endswith("/") and not info.get("size"):  # an empty "folder/" key: a console's folder marker
             continue
         rel = name[len(base) :].lstrip("/") if base and name.startswith(base) else posixpath.basename(name)
         if not in_selection(rel, include, exclude):  # excluded folders too, as a local walk skips them
