@@ -38,8 +38,8 @@ from operators.media.expand import ExpandSettings
 from .config import Config
 from .ingest import embedder_kwargs, expand_settings
 from .preflight import model_dimension
-from .query_inputs import (QueryInputError, build_filter, oversized_image, query_content, resolve_instruction,
-                           model_ready_images)
+from .query_inputs import (QueryInputError, build_filter, model_ready_images, oversized_image, query_content,
+                           resolve_instruction, result_count)
 from .query_store import (QueryPreflightError, check_dimension, collection_layout, open_client, query_vectors,
                           search_request, store_location)
 
@@ -332,7 +332,7 @@ class QueryEngine:
             raise QueryPreflightError("no reranker loaded: set reranker.model, or search with rerank=False "
                                       "(--no-rerank)")
         return rerank_candidates(self.reranker, query_content(query), candidates,
-                                 top_n=top_n or self.cfg.query.top_n,
+                                 top_n=result_count("top_n", top_n, self.cfg.query.top_n),
                                  instruction=instruction or self.cfg.reranker.instruction,
                                  storage_options=self.storage_options, settings=self.settings)
 
@@ -341,8 +341,8 @@ class QueryEngine:
                rerank: bool = True, funnel: bool | None = None,
                rerank_instruction: str | None = None) -> QueryResult:
         """Run one query: the top_n hits (reranked unless rerank=False) and the skipped candidates."""
-        top_k = int(top_k or self.cfg.query.top_k)
-        top_n = min(int(top_n or self.cfg.query.top_n), top_k)
+        top_k = result_count("top_k", top_k, self.cfg.query.top_k)
+        top_n = min(result_count("top_n", top_n, self.cfg.query.top_n), top_k)
         if rerank and self.reranker is None:
             raise QueryPreflightError("no reranker loaded: set reranker.model, or search with rerank=False "
                                       "(--no-rerank)")

@@ -27,7 +27,7 @@ from .preflight import model_dimension
 from .query import (Candidate, Hit, Skipped, check_reranker_checkpoint, embed_queries, load_embedder, load_reranker,
                     rerank_candidates, vector_order)
 from .query_files import QueryRow
-from .query_inputs import QueryInputError, build_filter, query_content, resolve_instruction
+from .query_inputs import QueryInputError, build_filter, query_content, resolve_instruction, result_count
 from .query_store import (CollectionLayout, check_dimension, collection_layout, open_client, query_vectors,
                           search_request, store_location)
 
@@ -177,8 +177,8 @@ def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | No
 
     from .ingest import ensure_ray
 
-    top_k = int(top_k or cfg.query.top_k)
-    top_n = min(int(top_n or cfg.query.top_n), top_k)
+    top_k = result_count("top_k", top_k, cfg.query.top_k)
+    top_n = min(result_count("top_n", top_n, cfg.query.top_n), top_k)
     for row in queries:  # bad filters are a user error: say so before any work
         try:
             build_filter(row.filters)

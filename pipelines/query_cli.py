@@ -164,9 +164,9 @@ def run_eval(cfg: Any, queries: Sequence[Any], qrels: Mapping[str, Mapping[str, 
     """
     from .metrics import METRICS, cutoff, evaluate_run, relevant
     from .query import QueryEngine
-    from .query_inputs import QueryInputError, build_filter
+    from .query_inputs import QueryInputError, build_filter, result_count
 
-    top_k = int(top_k or max(cfg.query.top_k, 100))
+    top_k = result_count("top_k", top_k, max(cfg.query.top_k, 100))
     metrics = [m for m in METRICS if cutoff(m) <= top_k]
     if not metrics:
         raise QueryInputError(f"top_k {top_k} is below every metric cutoff "

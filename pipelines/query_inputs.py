@@ -4,6 +4,7 @@ decompression-bomb guard and re-encoded as ingestion embeds them (upright, 8-bit
 from __future__ import annotations
 
 import io
+import numbers
 import os
 from typing import IO, Any, Callable, Mapping
 
@@ -95,6 +96,16 @@ def query_content(query: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(value, str) and "://" not in value:
             content[key] = os.path.abspath(os.path.expanduser(value))
     return content
+
+
+def result_count(name: str, value: int | None, default: int) -> int:
+    """A top_k / top_n argument: the configured default when None, else an integer of at least 1."""
+    if value is None:
+        return int(default)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        # 0 once fell back to the default and a negative top_n sliced candidates[:-n] ("all but n")
+        raise QueryInputError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
 def resolve_instruction(query: Mapping[str, Any], instruction: str | None, default: str) -> str:

@@ -388,6 +388,21 @@ def test_filters_restrict_results(world, embedder):
     assert [h.point_id for h in images.hits] == [p for p in order if p in {h.point_id for h in images.hits}]
 
 
+def test_result_counts_are_integers_of_at_least_one(world, embedder):
+    """0 once meant the default and a negative top_n sliced off the last hits: both are errors now."""
+    from pipelines.query_inputs import result_count
+
+    assert result_count("top_k", None, 50) == 50 and result_count("top_k", np.int64(3), 50) == 3
+    for bad in (0, -2, 2.5, True, "3"):
+        with pytest.raises(QueryInputError, match=f"top_n must be an integer >= 1, got {bad!r}"):
+            result_count("top_n", bad, 10)
+    with open_engine(world, embedder) as engine:
+        for kwargs in ({"top_k": 0}, {"top_n": -2}):
+            with pytest.raises(QueryInputError, match="must be an integer >= 1"):
+                engine.search({"text": "x"}, rerank=False, **kwargs)
+        assert len(engine.search({"text": "x"}, rerank=False, top_k=3, top_n=10).hits) == 3
+
+
 def test_filter_helpers():
     assert normalise_prefix("s3://bucket/dir") == "s3://bucket/dir/"
     assert normalise_prefix("s3://bucket/dir/") == "s3://bucket/dir/"
