@@ -8,6 +8,7 @@ folder, ``~`` is expanded as ``qvl query`` does. A results file holds one row pe
 
 from __future__ import annotations
 
+import difflib
 import io
 import json
 import math
@@ -83,6 +84,10 @@ def _media(key: str, value: Any, where: str, base_uri: str) -> str | None:
     return normalise_source_uri(value, base_uri) if value else None
 
 
+# pandas' index columns in a Parquet file (__index_level_0__...) are not fields and are ignored.
+ROW_KEYS = ("id", *QUERY_FIELDS, "instruction", "filters")
+
+
 def parse_query_row(raw: Any, where: str, base_uri: str) -> QueryRow:
     """Validate one query record; relative image/video paths are taken from the queries file's folder."""
     if not isinstance(raw, Mapping):
@@ -91,6 +96,12 @@ def parse_query_row(raw: Any, where: str, base_uri: str) -> QueryRow:
     if _absent(qid) or isinstance(qid, bool) or not str(qid).strip():
         raise QueryInputError(f"{where}: missing 'id'")
     where = f"{where} (id {qid})"
+    unknown = [str(k) for k in raw if k not in ROW_KEYS and not str(k).startswith("__index_level_")]
+    if unknown:  # a misspelt "imgae" would run a text-only query, "filter" an unfiltered one
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, ROW_KEYS, n=1)) else repr(k)
+                 for k in unknown]
+        raise QueryInputError(f"{where}: unknown field{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
+                              f"a query row takes {', '.join(ROW_KEYS)}")
     if not is_unicode_text(raw):  # nor could a results file hold it
         raise QueryInputError(f"{where}: {LONE_SURROGATE}")
     query: dict[str, Any] = {}

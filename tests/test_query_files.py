@@ -81,11 +81,26 @@ def test_queries_file_on_s3_resolves_relative_media_there(moto_s3):
     ('{"id": 1, "text": "t", "filters": {"source_prefix": "\\udfff"}}\n', r"holds a lone surrogate escape"),
     ('{"id": 1, "text": "a"}\n{"id": 2, "text": "b"}\n{"id": "1", "text": "c"}\n',
      r"q\.jsonl line 3: duplicate query id '1' \(first on line 1\)"),
+    ('{"id": 1, "text": "a"}\n{"id": 2, "text": "red", "imgae": "cat.png"}\n',
+     r"q\.jsonl line 2 \(id 2\): unknown field 'imgae' \(did you mean 'image'\?\); a query row takes id, text"),
+    ('{"id": 1, "text": "a", "filter": {"modality": "video"}, "score": 3}\n',
+     r"line 1 \(id 1\): unknown fields 'filter' \(did you mean 'filters'\?\), 'score'; a query row takes"),
 ])
 def test_bad_query_values_name_file_line_and_id(tmp_path, body, message):
     (tmp_path / "q.jsonl").write_text(body)
     with pytest.raises(QueryInputError, match=message):
         read_queries(str(tmp_path / "q.jsonl"))
+
+
+def test_a_parquet_queries_file_may_carry_pandas_index_columns_and_nothing_else(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": ["a"], "text": ["red"], "__index_level_0__": [7]}), tmp_path / "q.parquet")
+    assert [(r.id, r.query) for r in read_queries(str(tmp_path / "q.parquet"))] == [("a", {"text": "red"})]
+    pq.write_table(pa.table({"id": ["a"], "text": ["red"], "note": ["x"]}), tmp_path / "q.parquet")
+    with pytest.raises(QueryInputError, match=r"q\.parquet row 1 \(id a\): unknown field 'note'"):
+        read_queries(str(tmp_path / "q.parquet"))
 
 
 def test_non_utf8_and_corrupt_files_name_the_file(tmp_path):
