@@ -73,6 +73,7 @@ def test_local_config_loads():
             "source": {"uri": "sample_data/"},
             "embedder": {"model": "Qwen/Qwen3-VL-Embedding-2B", "mrl_dims": [256, 64]},
             "qdrant": {"path": "qdrant_data", "collection": "media"},
+            "reranker": {"model": "Qwen/Qwen3-VL-Reranker-2B"},
         }
     )
     assert cfg == defaults
