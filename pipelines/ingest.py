@@ -66,16 +66,21 @@ def qdrant_settings(cfg: Config) -> QdrantSettings:
                           timeout_s=cfg.qdrant.timeout_s)
 
 
+def check_cluster(cfg: Config) -> None:
+    """Raise PreflightError when the Ray cluster the run would join does not answer (none named: nothing to check)."""
+    if cfg.compute.ray_address is not None:
+        check_ray_address(cfg.compute.ray_address)
+    elif os.environ.get("RAY_ADDRESS"):  # ray.init(address=None) joins it
+        check_ray_address(os.environ["RAY_ADDRESS"], key="the RAY_ADDRESS environment variable")
+
+
 def ensure_ray(cfg: Config) -> None:
     """Connect to the configured cluster, or start a local Ray."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    if cfg.compute.ray_address is not None:
-        check_ray_address(cfg.compute.ray_address)
-    elif os.environ.get("RAY_ADDRESS"):  # ray.init(address=None) joins it
-        check_ray_address(os.environ["RAY_ADDRESS"], key="the RAY_ADDRESS environment variable")
+    check_cluster(cfg)
     ray.init(address=cfg.compute.ray_address, include_dashboard=False, log_to_driver=True)
 
 

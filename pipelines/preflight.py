@@ -120,10 +120,15 @@ def collection_spec(cfg: Config, full_dim: int) -> CollectionSpec:
                           quantization=cfg.qdrant.quantization)
 
 
-def ensure_folder(key: str, path: str) -> None:
-    """Create the folder a config key names, or raise PreflightError naming the key."""
+def check_not_a_file(key: str, path: str) -> None:
+    """Raise PreflightError naming the key when the folder it names exists as something else."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise PreflightError(f"{key} {path!r} is a file, not a folder")
+
+
+def ensure_folder(key: str, path: str) -> None:
+    """Create the folder a config key names, or raise PreflightError naming the key."""
+    check_not_a_file(key, path)
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -21,9 +21,10 @@ from sinks.qdrant_writer import QdrantWriter
 
 from .config import Config
 from .config_secrets import redact
-from .ingest import list_source, server_client
+from .ingest import check_cluster, list_source, server_client
 from .plan import Plan, plan_objects, source_root
-from .preflight import PreflightError, collection_spec, first_line, model_dimension, open_embedded_store
+from .preflight import (PreflightError, check_not_a_file, collection_spec, first_line, model_dimension,
+                        open_embedded_store)
 
 
 @dataclass
@@ -96,6 +97,11 @@ def preview_ingest(cfg: Config, prune: bool | None = None) -> PlanPreview:
     prune = cfg.prune if prune is None else prune
     spec = collection_spec(cfg, model_dimension(cfg.embedder.model))
     objects, unlisted = list_source(cfg)
+    # The run's other checks, in its order, none of which creates or starts anything here.
+    check_not_a_file("output.dir", cfg.output.dir)
+    if cfg.qdrant.embedded:
+        check_not_a_file("qdrant.path", cfg.qdrant.path)
+    check_cluster(cfg)
     try:
         stored, exists, notes = _stored_fingerprints(cfg, spec)
     except PreflightError:

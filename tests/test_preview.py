@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import re
+
 import pytest
 from qdrant_client import QdrantClient
 
@@ -89,3 +91,12 @@ def test_the_plan_stops_where_the_run_would(tmp_path, tiny_embedding_ckpt, ray_l
     server = write_yaml({**data, "qdrant": {"url": url, "collection": "media", "timeout_s": 5}}, tmp_path / "s.yaml")
     assert qvl(["ingest", server, "--plan"]) == EXIT_CONFIG
     assert capsys.readouterr().err.startswith(f"error: qdrant.url {url} is unreachable")
+    # A file where a folder should be, and a cluster that does not answer: nothing created.
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for key, section, value in (("output.dir", "output", {"dir": str(afile)}),
+                                ("qdrant.path", "qdrant", {"path": str(afile), "collection": "media"}),
+                                ("compute.ray_address", "compute", {"ray_address": f"127.0.0.1:{free_port()}"})):
+        with pytest.raises(PreflightError, match=re.escape(key)):
+            preview_ingest(parse_config({**data, section: value}))
+    assert afile.read_text() == "x"
