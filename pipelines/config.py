@@ -214,7 +214,7 @@ class ExpandConfig(_Section):
     """How objects are cut into units (one vector each)."""
 
     chunk_tokens: int = Field(512, ge=1)
-    """Text chunk length in tokenizer tokens."""
+    """Text chunk length in tokenizer tokens; at most embedder.max_length - TEMPLATE_TOKENS."""
     overlap_tokens: int = Field(64, ge=0)
     """Tokens shared by consecutive chunks; must be < chunk_tokens."""
     pdf_dpi: int = Field(144, ge=1, le=1200)
@@ -457,6 +457,11 @@ class OutputConfig(_Section):
         return self
 
 
+TEMPLATE_TOKENS = 64
+"""Tokens kept free in embedder.max_length for the chat template and instruction around a text chunk
+(20 with the default instruction, plus the instruction's own)."""
+
+
 class Config(_Section):
     """The whole job configuration (see configs/*.yaml)."""
 
@@ -471,6 +476,18 @@ class Config(_Section):
     output: OutputConfig = OutputConfig()
     prune: bool = False
     """Delete points of objects that disappeared from the source."""
+
+    @model_validator(mode="after")
+    def _chunks_fit_the_model(self) -> "Config":
+        # The embedder truncates each input to max_length tokens, chat template included (as the
+        # reference does): the tail of a longer chunk would be stored in the payload but not embedded.
+        room = self.embedder.max_length - TEMPLATE_TOKENS
+        if self.expand.chunk_tokens > room:
+            raise ValueError(
+                f"expand.chunk_tokens: must be <= embedder.max_length - {TEMPLATE_TOKENS} = {room} ({TEMPLATE_TOKENS} "
+                "tokens are kept for the chat template and instruction: a longer chunk would lose its tail to "
+                f"truncation) (got {self.expand.chunk_tokens})")
+        return self
 
     def secret_values(self) -> list[str]:
         """Secret values to scrub from logs and reports: resolved secret storage options
