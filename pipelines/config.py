@@ -310,8 +310,8 @@ class EmbedderConfig(_Section):
 class ComputeConfig(_Section):
     """Ray resources."""
 
-    ray_address: str | None = None
-    """None = start a local Ray; ``auto`` = join the running cluster; or ``ray://host:port``."""
+    ray_address: OptPathStr = None
+    """None (or blank) = start a local Ray; ``auto`` = join the running cluster; or ``ray://host:port``."""
     embed_actors: int = Field(1, ge=1)
     """Fixed size of the embedding actor pool."""
     num_gpus_per_actor: float = Field(0.0, ge=0)
@@ -407,8 +407,8 @@ class QdrantConfig(_Section):
 class RerankerConfig(_Section):
     """Qwen3-VL-Reranker for the last query step."""
 
-    model: str | None = None
-    """Hub id or path; None = no reranking available."""
+    model: OptPathStr = None
+    """Hub id or path; None (or blank) = no reranking available."""
     instruction: str | None = None
     """Reranker instruction; None = the model's default."""
     max_length: int = Field(10240, ge=1)
@@ -640,9 +640,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
-    loader.flatten_mapping(node)
     seen: set[Any] = set()
+    # Only the keys written in this mapping: a key merged in with "<<: *anchor" is one they may
+    # override, as YAML says (construct_mapping flattens the merges after this check).
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
         key = loader.construct_object(key_node, deep=deep)
         try:
             dup = key in seen

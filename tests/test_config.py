@@ -329,6 +329,23 @@ def test_yaml_duplicate_key_rejected(tmp_path):
         load_config(p)
 
 
+def test_yaml_merge_keys_may_be_overridden_but_written_keys_not_repeated(tmp_path):
+    """`<<: *anchor` then a key of its own is YAML's override, not a duplicate."""
+    text = ("source:\n  uri: x\n  storage_options:\n    base: &base {region: eu, anon: false}\n"
+            "    other:\n      <<: *base\n      anon: true\n"
+            "embedder: {model: m}\nqdrant: {path: q, collection: c}\n")
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.source.storage_options["other"] == {"region": "eu", "anon": True}
+    twice = text.replace("      anon: true\n", "      anon: true\n      anon: false\n")
+    with pytest.raises(ConfigError, match=r"line 8.*duplicate key 'anon'"):
+        load_config(write(tmp_path, twice))
+
+
+def test_blank_ray_address_and_reranker_model_mean_none(tmp_path):
+    cfg = parse_config(with_section("compute", ray_address=" ") | {"reranker": {"model": ""}})
+    assert cfg.compute.ray_address is None and cfg.reranker.model is None
+
+
 def test_missing_file():
     with pytest.raises(ConfigError, match="nope.yaml: file not found"):
         load_config("configs/nope.yaml")
