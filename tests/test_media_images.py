@@ -80,6 +80,15 @@ def test_pillow_decodes_up_to_the_limit_the_settings_allow() -> None:
         inspect_image(data, LIMIT)
 
 
+def test_a_phone_jpeg_with_appended_images_is_a_still_jpeg() -> None:
+    """Pillow opens many camera JPEGs as MPO (a preview or depth map appended): the payload says JPEG."""
+    buf = io.BytesIO()
+    pattern(4, (32, 24)).save(buf, format="MPO", save_all=True, append_images=[pattern(5, (32, 24))])
+    assert Image.open(io.BytesIO(buf.getvalue())).format == "MPO"
+    info = inspect_image(buf.getvalue(), LIMIT)
+    assert (info.data, info.mime, info.frames) == (buf.getvalue(), "image/jpeg", 1)
+
+
 def test_one_pixel_is_valid() -> None:
     info = inspect_image(encode(Image.new("RGB", (1, 1), (1, 2, 3)), "PNG"), LIMIT)
     assert (info.width, info.height) == (1, 1)

@@ -158,6 +158,8 @@ def inspect_image(data: bytes, max_pixels: int) -> ImageInfo:
             raise ImageValidationError(f"cannot decode image (truncated or corrupt): {type(exc).__name__}: {exc}") from exc
         mime = Image.MIME.get(img.format or "", "application/octet-stream")
         frames = int(getattr(img, "n_frames", 1) or 1)
+        if img.format == "MPO":  # a camera's JPEG with extra images appended (a preview, a depth map): a still photo
+            mime, frames = "image/jpeg", 1
         if needs_reencoding(img):
             png, w, h = _model_ready_png(img)
             return ImageInfo(png, "image/png", w, h, frames)
