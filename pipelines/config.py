@@ -223,8 +223,8 @@ class ExpandConfig(_Section):
     """Video segment length in seconds (one unit per segment)."""
     video_fps: float = Field(1.0, gt=0)
     """Frames sampled per second of video."""
-    video_max_frames: int = Field(64, ge=1)
-    """At most this many frames per segment."""
+    video_max_frames: int = Field(64, ge=2)
+    """At most this many frames per segment (at least 2: the video reader samples at least 2)."""
 
     @model_validator(mode="after")
     def _overlap_lt_chunk(self) -> "ExpandConfig":

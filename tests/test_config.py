@@ -269,6 +269,7 @@ def test_api_key_in_config_rejected_without_echoing_it():
         ("embedder", {"max_pixels": 100}, "embedder.max_pixels: must be >= min_pixels"),
         ("expand", {"overlap_tokens": 512}, "expand.overlap_tokens: must be < chunk_tokens (512)"),
         ("expand", {"video_fps": 0}, "expand.video_fps: must be > 0"),
+        ("expand", {"video_max_frames": 1}, "expand.video_max_frames: must be >= 2"),
         ("embedder", {"model": "m", "max_length": 512}, "expand.chunk_tokens: must be <= embedder.max_length - 64 = 448"),
         ("limits", {"max_video_duration_s": float("inf")}, "limits.max_video_duration_s: must be a finite number"),
         ("limits", {"max_image_pixels": 178_956_971}, "limits.max_image_pixels: must be <= 178956970"),

@@ -249,6 +249,13 @@ def test_growing_windows_start_small_and_cover_every_input():
     assert [len(w) for w in windows] == [32, 64, 128, 256, 256, 256, 8]
     assert [i for w in windows for i in w] == list(range(1000))
     assert growing_windows(0, 32, 256) == [] and growing_windows(3, 64, 16) == [[0, 1, 2]]
+    assert growing_windows(3, 0, 0) == [[0], [1], [2]]  # a cap below 1 once never advanced
+
+
+def test_window_sizes_below_one_are_refused_before_any_work(embedder):
+    for kwargs in ({"window": 0}, {"first_window": 0}, {"window": -1}, {"first_window": 2.5}):
+        with pytest.raises(ValueError, match="window must be an integer >= 1"):
+            embedder.embed([{"text": "a"}], **kwargs)
 
 
 def test_collated_positions_equal_the_models_own_on_the_padded_batch(embedder, media):

@@ -77,7 +77,8 @@ def test_rerank_conversation_literals_and_verbatim_instruction():
     ({"video": "v.mp4", "video_start": "1"}, TypeError, "video_start must be a number"),
     ({"video": "v.mp4", "fps": True}, TypeError, "fps must be a number"),
     ({"video": "v.mp4", "fps": 0}, ValueError, "fps must be > 0"),
-    ({"video": "v.mp4", "max_frames": 2.5}, ValueError, "max_frames must be an integer >= 1"),
+    ({"video": "v.mp4", "max_frames": 2.5}, ValueError, "max_frames must be an integer >= 2"),
+    ({"video": "v.mp4", "max_frames": 1}, ValueError, r"max_frames must be an integer >= 2 \(the video reader"),
 ])
 def test_malformed_inputs_are_named(item, error, match):
     with pytest.raises(error, match=match):
@@ -90,3 +91,12 @@ def test_well_formed_inputs_pass_the_checks():
                  {"text": "a", "instruction": None}):
         check_input(item)
         embed_conversation(item, VisionSettings())
+
+
+def test_vision_settings_refuse_a_frame_count_no_video_could_be_read_with():
+    from operators.qwen3vl.formatting import VisionSettings
+
+    with pytest.raises(ValueError, match="max_frames must be an integer >= 2"):
+        VisionSettings(max_frames=1)
+    with pytest.raises(ValueError, match="fps must be > 0"):
+        VisionSettings(fps=0)

@@ -201,3 +201,9 @@ def test_one_unloaded_pil_image_in_many_documents(reranker, media):
             results = reranker.score({"text": "q"}, [{"image": lazy}] * 6)
         assert all(r.ok for r in results), [r.error for r in results]
         assert all(abs(r.score - want) < 1e-5 for r in results)
+
+
+def test_a_first_window_below_one_is_refused(reranker):
+    with pytest.raises(ValueError, match="first_window must be an integer >= 1, got 0"):
+        reranker.score({"text": "q"}, [{"text": "d"}], first_window=0)
+    assert reranker.score({"text": "q"}, []) == []

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .formatting import DEFAULT_EMBED_INSTRUCTION, VisionSettings, embed_conversation
 from .loading import Qwen3VLForEmbedding
-from .preprocess import (InputError, Prepared, collate, describe_error, growing_windows, render_prompt,
+from .preprocess import (InputError, Prepared, check_window, collate, describe_error, growing_windows, render_prompt,
                          resolved_sources, run_processor, token_budget_batches)
 from .runner import Qwen3VLRunner, check_inputs
 
@@ -164,6 +164,8 @@ class Qwen3VLEmbedder(Qwen3VLRunner):
         """
         if dim is not None:
             reduce_dim(torch.zeros(1, self.hidden_size), dim)  # validate before any work
+        check_window("window", window)
+        check_window("first_window", first_window)
         inputs = list(check_inputs(inputs, "inputs"))
         self.model_threads()
         results = [EmbedResult(i) for i in range(len(inputs))]

@@ -31,6 +31,11 @@ INPUT_KEYS = ("text", "image", "video", "instruction", "fps", "max_frames", "vid
 _FRAME_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tiff", ".tif", ".svg"}
 
 
+# qwen-vl-utils reads a video file as at least 2 frames; a max_frames of 1 rounds down to 0 there
+# and every video item fails ("nframes should in interval [2, ...], but got 0").
+MIN_VIDEO_FRAMES = 2
+
+
 @dataclass(frozen=True)
 class VisionSettings:
     """Pixel and frame settings applied to every image and video item."""
@@ -40,6 +45,10 @@ class VisionSettings:
     total_pixels: int = 7864320
     fps: float = 1.0
     max_frames: int = 64
+
+    def __post_init__(self) -> None:
+        """Reject a frame setting no video could be read with."""
+        check_input({"fps": self.fps, "max_frames": self.max_frames})
 
 
 def check_instruction(instruction: Any) -> None:
@@ -71,8 +80,9 @@ def check_input(item: Mapping[str, Any]) -> None:
         raise ValueError(f"fps must be > 0, got {item['fps']}")
     max_frames = item.get("max_frames")
     if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, numbers.Integral)
-                                   or max_frames < 1):
-        raise ValueError(f"max_frames must be an integer >= 1, got {max_frames!r}")
+                                   or max_frames < MIN_VIDEO_FRAMES):
+        raise ValueError(f"max_frames must be an integer >= {MIN_VIDEO_FRAMES} (the video reader samples at least "
+                         f"{MIN_VIDEO_FRAMES} frames), got {max_frames!r}")
 
 
 def _describe(value: Any) -> str:

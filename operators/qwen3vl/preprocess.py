@@ -312,8 +312,14 @@ def growing_windows(n: int, first: int, cap: int) -> list[list[int]]:
     while start < n:
         out.append(list(range(start, min(n, start + size))))
         start += size
-        size = min(cap, size * 2)
+        size = max(1, min(cap, size * 2))  # a cap below 1 would stop the windows advancing
     return out
+
+
+def check_window(name: str, value: int | None) -> None:
+    """Raise ValueError unless a window size argument is None or an integer >= 1."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def token_budget_batches(lengths: Sequence[int], token_budget: int, max_items: int,

@@ -32,8 +32,8 @@ from .loading import ModelLoadError, resolve_device
 from .media_io import MediaError
 from .prefix_attention import KWARG as PREFIX_PACK
 from .prefix_attention import SuffixPack, attention_is_sdpa, install_prefix_attention, suffix_mask
-from .preprocess import (InputError, Prepared, VisionCache, cached_image, collate, describe_error, growing_windows,
-                         joined, render_prompt, resolved_sources, rope_positions, run_processor,
+from .preprocess import (InputError, Prepared, VisionCache, cached_image, check_window, collate, describe_error,
+                         growing_windows, joined, render_prompt, resolved_sources, rope_positions, run_processor,
                          run_processor_cached, same_tensor, token_budget_batches)
 from .runner import Qwen3VLRunner, check_inputs
 
@@ -398,6 +398,7 @@ class Qwen3VLReranker(Qwen3VLRunner):
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"query: {exc}") from None
         check_instruction(instruction)
+        check_window("first_window", first_window)
         self.model_threads()
         documents = list(check_inputs(documents, "documents"))
         scope = uuid.uuid4().hex  # this call's query images are processed once, for all its pairs
