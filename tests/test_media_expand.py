@@ -263,3 +263,12 @@ def test_empty_unsupported_file_is_skipped(tmp_path: Path) -> None:
     (tmp_path / "empty.png").write_bytes(b"")
     results = {Path(o.uri).name: expand_object(o, CFG)[2] for o in list_objects(str(tmp_path))[0]}
     assert results == {".DS_Store": "skipped_unsupported", "empty.png": "failed"}
+
+
+def test_a_page_text_layer_is_capped_in_the_payload():
+    """A hostile PDF's huge text layer must not make its point too large to upsert."""
+    from operators.media.expand import MAX_PAGE_TEXT, page_meta
+
+    assert page_meta(2, "short") == {"page": 2, "page_text": "short"}
+    meta = page_meta(1, "x" * (MAX_PAGE_TEXT + 5))
+    assert len(meta["page_text"]) == MAX_PAGE_TEXT and meta["page_text_truncated"] is True

@@ -166,10 +166,23 @@ def _image_units(obj: SourceObject, data: bytes, cfg: ExpandSettings) -> list[Un
     return [Unit(obj.uri, obj.fingerprint, "image", "image", info.mime, image=info.data, meta=meta)]
 
 
+# A dense page holds a few thousand characters. The cap keeps a page whose text layer is huge (a
+# broken or hostile PDF) from making its point too large for an upsert, which fails the whole batch.
+MAX_PAGE_TEXT = 65_536
+
+
+def page_meta(number: int, text: str) -> dict[str, Any]:
+    """A PDF page unit's payload fields: its number and text (cut at MAX_PAGE_TEXT characters, flagged)."""
+    meta: dict[str, Any] = {"page": number, "page_text": text[:MAX_PAGE_TEXT]}
+    if len(text) > MAX_PAGE_TEXT:
+        meta["page_text_truncated"] = True
+    return meta
+
+
 def _pdf_units(obj: SourceObject, data: bytes, cfg: ExpandSettings) -> list[Unit]:
     """One rendered-page unit per PDF page."""
     return [
-        Unit(obj.uri, obj.fingerprint, f"page={n}", "pdf_page", "image/png", image=png, meta={"page": n, "page_text": text})
+        Unit(obj.uri, obj.fingerprint, f"page={n}", "pdf_page", "image/png", image=png, meta=page_meta(n, text))
         for n, png, text in render_pdf(data, cfg.pdf_dpi, cfg.max_pdf_pages, cfg.max_image_pixels)
     ]
 
