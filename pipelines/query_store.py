@@ -15,7 +15,7 @@ from sinks.qdrant_client_factory import make_client
 from sinks.qdrant_schema import FULL_VECTOR, vector_name
 
 from .config import Config
-from .ingest import qdrant_settings
+from .ingest import qdrant_settings, server_client
 from .preflight import PreflightError, embedded_store_error
 
 _MRL_PREFIX = "mrl_"
@@ -84,12 +84,15 @@ def open_client(cfg: Config) -> QdrantClient:
     if settings.embedded and not os.path.isdir(settings.path):
         raise QueryPreflightError(f"embedded store {settings.path} (qdrant.path) does not exist: "
                                   "ingest into it first (qvl ingest), or fix qdrant.path")
+    if not settings.embedded:  # a server that does not answer: one clear error, exit 2, as for ingest
+        try:
+            return server_client(cfg)
+        except PreflightError as exc:
+            raise QueryPreflightError(str(exc)) from None
     try:
         return make_client(settings)
-    except Exception as exc:
-        if settings.embedded:  # e.g. held by a running ingestion: one clear error, exit 2
-            raise QueryPreflightError(embedded_store_error(settings.path, exc)) from None
-        raise
+    except Exception as exc:  # e.g. held by a running ingestion: one clear error, exit 2
+        raise QueryPreflightError(embedded_store_error(settings.path, exc)) from None
 
 
 def store_location(cfg: Config) -> str:

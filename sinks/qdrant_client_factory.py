@@ -23,10 +23,15 @@ import logging
 import math
 import os
 import sqlite3
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from qdrant_client import QdrantClient
+
+# A server that does not answer makes the client warn while it is built, before our own check
+# (get_collections) names the problem in one line: the warning only adds noise to that error.
+warnings.filterwarnings("ignore", message="Failed to obtain server version", category=UserWarning)
 
 logger = logging.getLogger(__name__)
 

@@ -88,6 +88,25 @@ def test_unreachable_qdrant_server_fails_in_preflight(tmp_path, source, tiny_emb
     assert_nothing_written(tmp_path)
 
 
+def test_the_query_commands_fail_in_preflight_on_an_unreachable_server(tmp_path, source, tiny_embedding_ckpt,
+                                                                       capsys):
+    """As ingest does: one line naming qdrant.url, exit 2 (it was a ResponseHandlingException, exit 3)."""
+    url = f"http://127.0.0.1:{free_port()}"
+    data = config_dict(source, tiny_embedding_ckpt, tmp_path)
+    data["qdrant"] = {"url": url, "collection": "media", "timeout_s": 5}
+    path = write_yaml(data, tmp_path / "cfg.yaml")
+    (tmp_path / "q.jsonl").write_text('{"id": "a", "text": "x"}\n')
+    (tmp_path / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\na\tp\t1\n")
+    for argv in (["query", path, "--text", "x", "--no-rerank"],
+                 ["query-batch", path, "--queries", str(tmp_path / "q.jsonl"), "--out", str(tmp_path / "r.jsonl"),
+                  "--no-rerank"],
+                 ["eval", path, "--queries", str(tmp_path / "q.jsonl"), "--qrels", str(tmp_path / "qrels.tsv"),
+                  "--out", str(tmp_path / "eval")]):
+        assert qvl(argv) == EXIT_CONFIG, argv[0]
+        one_clear_error(capsys.readouterr().err, f"qdrant.url {url} is unreachable")
+    assert not (tmp_path / "r.jsonl").exists() and not (tmp_path / "eval").exists()
+
+
 def test_unreachable_s3_endpoint_fails_in_preflight_naming_the_source(tmp_path, tiny_embedding_ckpt, capsys):
     endpoint = f"http://127.0.0.1:{free_port()}"
     # Two attempts instead of botocore's five keep the test short; the outcome is the same.
