@@ -20,7 +20,7 @@ from operators.media.listing import is_local_uri, local_path, open_uri
 from operators.media.manifest import LONE_SURROGATE, is_unicode_text
 
 from .metrics import normalise_source_uri
-from .query_inputs import QUERY_FIELDS, QueryInputError
+from .query_inputs import QUERY_FIELDS, QueryInputError, build_filter
 
 _NUMBER_FIELDS = ("video_start", "video_end", "fps", "max_frames")
 
@@ -137,6 +137,10 @@ def parse_query_row(raw: Any, where: str, base_uri: str) -> QueryRow:
         raise QueryInputError(f"{where}: 'filters' must be an object")
     if filters is not None:
         filters = {k: v for k, v in filters.items() if not _absent(v)}  # Parquet structs fill gaps with nulls
+        try:
+            build_filter(filters)  # a bad filter names its row, before any work
+        except QueryInputError as exc:
+            raise QueryInputError(f"{where}: {exc}") from None
     # "" is kept: an empty instruction is given (as with `qvl query --instruction ""`), None is the default.
     return QueryRow(str(qid), query, None if _absent(instruction) else instruction,
                     dict(filters) if filters else None)

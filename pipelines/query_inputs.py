@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import numbers
 import os
+import re
 from typing import IO, Any, Callable, Mapping
 
 from qdrant_client import models
@@ -33,7 +34,14 @@ def normalise_prefix(prefix: str) -> str:
     return prefix if prefix.endswith("/") else prefix + "/"
 
 
+# Qdrant's payload key paths: names (or "quoted names") joined by dots, each optionally an array ([] or [n]).
+_KEY_PATH = re.compile(r'^(?:[\w-]+|"[^"]+")(?:\[\d*\])?(?:\.(?:[\w-]+|"[^"]+")(?:\[\d*\])?)*$')
+
+
 def _condition(key: str, value: Any) -> models.FieldCondition:
+    if not _KEY_PATH.match(key):  # the store's own answer is "Invalid path", naming nothing
+        raise QueryInputError(f"filter key {key!r} is not a payload key (letters, digits, '_' and '-', dotted "
+                              "for a nested field, [] for an array)")
     values = list(value) if isinstance(value, (list, tuple, set)) else [value]
     if not values:
         raise QueryInputError(f"filter {key!r} has no value")
@@ -69,6 +77,10 @@ def build_filter(filters: Mapping[str, Any] | models.Filter | None) -> models.Fi
         elif key == "source_prefix":
             prefixes = value if isinstance(value, (list, tuple)) else [value]
             must.append(_condition("source_prefixes", [normalise_prefix(p) for p in prefixes]))
+        elif key == "source_uri":  # stored absolute for local files, as source_prefix is matched
+            uris = value if isinstance(value, (list, tuple)) else [value]
+            must.append(_condition("source_uri", [local_path(u) if isinstance(u, str) and is_local_uri(u) else u
+                                                  for u in uris]))
         else:
             must.append(_condition(str(key), value))
     return models.Filter(must=must) if must else None

@@ -419,6 +419,14 @@ def test_filter_helpers():
         {"modality": ["image", "mixed"], "page": 2, "record_id": "7", "x": "a=b"}
     with pytest.raises(ValueError):
         parse_filter_args(["novalue"])
+    # Keys Qdrant would refuse with a bare "Invalid path" are named here; nested and array paths pass.
+    with pytest.raises(QueryInputError, match="filter key 'bad key' is not a payload key"):
+        build_filter({"bad key": 1})
+    assert [c.key for c in build_filter({"meta.lang": "en", "tags[]": "a", "a.b[0].c": 1, '"odd key"': 1}).must] == \
+        ["meta.lang", "tags[]", "a.b[0].c", '"odd key"']
+    # A local source_uri is stored absolute: a relative one is matched as such, as source_prefix is.
+    assert build_filter({"source_uri": ["rel/a.pdf", "s3://b/k.pdf"]}).must[0].match.any == \
+        [os.path.abspath("rel/a.pdf"), "s3://b/k.pdf"]
 
 
 # -- skipped candidates ----------------------------------------------------------------------

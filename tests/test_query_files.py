@@ -85,6 +85,9 @@ def test_queries_file_on_s3_resolves_relative_media_there(moto_s3):
      r"q\.jsonl line 2 \(id 2\): unknown field 'imgae' \(did you mean 'image'\?\); a query row takes id, text"),
     ('{"id": 1, "text": "a", "filter": {"modality": "video"}, "score": 3}\n',
      r"line 1 \(id 1\): unknown fields 'filter' \(did you mean 'filters'\?\), 'score'; a query row takes"),
+    ('{"id": 1, "text": "a"}\n{"id": "b", "text": "x", "filters": {"modality": "foo"}}\n',
+     r"q\.jsonl line 2 \(id b\): unknown modality 'foo'"),
+    ('{"id": 1, "text": "x", "filters": {"bad key": 1}}\n', r"line 1 \(id 1\): filter key 'bad key' is not a payload key"),
 ])
 def test_bad_query_values_name_file_line_and_id(tmp_path, body, message):
     (tmp_path / "q.jsonl").write_text(body)
