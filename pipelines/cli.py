@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune", action="store_true", help="delete points of objects that vanished from the source")
     p.add_argument("--plan", action="store_true",
                    help="show what the run would embed, skip and prune, then stop: nothing is embedded or written")
-    p.add_argument("--plan-limit", type=_positive, default=10, metavar="N", help="with --plan: URIs shown per kind")
+    p.add_argument("--plan-limit", type=_positive, default=10, metavar="N", help="with --plan: URIs shown per kind (default 10)")
     p.set_defaults(func=_cmd_ingest)
 
     p = sub.add_parser("tiny-checkpoint", help="write a random-weight Qwen3-VL checkpoint (tests, benchmarks)")

@@ -41,7 +41,7 @@ def _file_format(path: str, what: str = "") -> str:
         return "parquet"
     if lower.endswith((".jsonl", ".json", ".ndjson")):
         return "jsonl"
-    raise QueryInputError(f"{what}{path}: unknown file type (use .jsonl or .parquet)")
+    raise QueryInputError(f"{what}{path}: unknown file type (use .jsonl, .ndjson or .json for JSON lines; .parquet or .pq)")
 
 
 def check_writable(path: str, what: str, *, folder: bool = False) -> None:

@@ -36,7 +36,7 @@ def test_query_and_result_files_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("name, body, message", [
-    ("q.csv", "id,text\n1,a\n", r"q\.csv: unknown file type \(use \.jsonl or \.parquet\)"),
+    ("q.csv", "id,text\n1,a\n", r"q\.csv: unknown file type \(use \.jsonl, \.ndjson or \.json for JSON lines; \.parquet or \.pq\)"),
     ("q.jsonl", '{"id": 1, "text": "a"}\n{"id": 2, "text": \n', r"q\.jsonl line 2: invalid JSON"),
     ("q.jsonl", '{"text": "a"}\n', r"q\.jsonl line 1: missing 'id'"),
     ("q.jsonl", '[1, 2]\n', r"q\.jsonl line 1: a query row must be an object, got list"),
