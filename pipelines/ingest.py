@@ -418,7 +418,7 @@ def partly_embedded(summary: dict[str, Any], todo: list[Any], report: RunReport)
     for dead in summary.get("dead", []):
         if dead.get("error_stage") == "embed" and dead.get("position"):
             failed[dead["object_uri"]] = failed.get(dead["object_uri"], 0) + 1
-            if any(m in (dead.get("error_message") or "") for m in _FETCH_FAILURES):
+            if (dead.get("error_message") or "").startswith(_FETCH_FAILURES):
                 retry.add(dead["object_uri"])  # the file could not be fetched: may well work next time
     fingerprints = {o.uri: o.fingerprint for o in todo}
     units = {o["object_uri"]: int(o["n_units"]) for o in summary.get("objects", [])}
@@ -426,9 +426,10 @@ def partly_embedded(summary: dict[str, Any], todo: list[Any], report: RunReport)
             if report.objects.get(uri) == "ingested" and uri in fingerprints and uri in units and uri not in retry}
 
 
-# Messages of operators/qwen3vl/media_io.py for a medium that could not be fetched (not decoded):
-# an object whose unit failed so stays incomplete, and the next run tries it again.
-_FETCH_FAILURES = ("not found", "cannot read ")
+# How operators/qwen3vl/media_io.py's messages for a medium that could not be fetched (not decoded)
+# begin: an object whose unit failed so stays incomplete, and the next run tries it again. Only the
+# beginning: the rest names the file, whose path may hold these words too ("page not found/").
+_FETCH_FAILURES = ("object not found: ", "cannot read ", "image file not found: ", "video file not found: ")
 
 
 def _account(report: RunReport, summary: dict[str, Any]) -> None:

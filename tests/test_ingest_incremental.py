@@ -192,7 +192,7 @@ def test_only_units_that_fail_for_good_are_settled():
     report = RunReport("run", "media", "/src", "model")
     report.objects = {"/src/a.jsonl": "ingested", "/src/b.jsonl": "ingested"}
     todo = [SourceObject(uri=u, size=1, fingerprint=f"fp-{u[-7]}") for u in report.objects]
-    dead = [("/src/a.jsonl", "video /v/cut.mp4 cannot be read: DECORDError: av_read_frame failed"),
+    dead = [("/src/a.jsonl", "video /v/page not found/cut.mp4 cannot be read: DECORDError: av_read_frame failed"),
             ("/src/b.jsonl", "cannot read s3://b/clip.mp4: EndpointConnectionError: could not connect")]
     summary = {"dead": [{"object_uri": u, "position": "record=v", "error_stage": "embed", "error_message": m}
                         for u, m in dead],
