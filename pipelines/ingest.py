@@ -49,7 +49,7 @@ from sinks.qdrant_writer import QdrantWriter
 from .config import Config
 from .config_secrets import redact
 from .interrupts import Interrupted, SignalGate, stop_on_signals
-from .plan import plan_objects, settings_digest, source_root, with_settings
+from .plan import Plan, plan_objects, settings_digest, source_root, with_settings
 from .preflight import PreflightError, check_ray_address, first_line, collection_spec, ensure_folder, model_dimension
 from .report import RunReport
 
@@ -261,22 +261,36 @@ def _ingest(cfg: Config, report: RunReport, listing: tuple[list[SourceObject], l
             _account_stopped_run(report, plan.todo, store, exc)
             return exc
         _account(report, summary)
-        settled = partly_embedded(summary, plan.todo, report)
-        if settled:
-            store.call("settle_object_units", settled)
-        # Units of changed objects that the new version no longer has.
-        replaced = {u: fp for u, fp in plan.changed.items() if report.objects.get(u) == "ingested"}
-        if replaced:
-            store.call("delete_stale", replaced)
-        gone = [u for u in plan.changed if report.objects.get(u) in ("failed", "skipped")]
-        if gone:  # the object changed into something unreadable or unsupported: its old vectors are wrong now
-            store.call("delete_by_uri", gone)
-        report.deleted_stale_objects = len(replaced)
-        report.removed_failed_objects = len(gone)
-    if prune and plan.vanished:
-        store.call("delete_by_uri", plan.vanished)
-        report.pruned_objects = len(plan.vanished)
+    # The bookkeeping after the writes. If the store fails here, the report is still written: each
+    # step left undone leaves its objects incomplete or changed, so the next run does it again.
+    try:
+        if plan.todo:
+            _settle_and_replace(report, summary, plan, store)
+        if prune and plan.vanished:
+            store.call("delete_by_uri", plan.vanished)
+            report.pruned_objects = len(plan.vanished)
+    except Exception as exc:
+        report.error = (f"{type(root_cause(exc)).__name__}: {_error_text(exc)} (in the bookkeeping after the "
+                        "writes: settling unit counts, deleting replaced or pruned points)")
+        return exc
     return None
+
+
+def _settle_and_replace(report: RunReport, summary: dict[str, Any], plan: Plan, store: Store) -> None:
+    """Settle partly embedded objects, delete the units changed objects no longer have, and the
+    points of changed objects that now fail or are skipped."""
+    settled = partly_embedded(summary, plan.todo, report)
+    if settled:
+        store.call("settle_object_units", settled)
+    # Units of changed objects that the new version no longer has.
+    replaced = {u: fp for u, fp in plan.changed.items() if report.objects.get(u) == "ingested"}
+    if replaced:
+        store.call("delete_stale", replaced)
+    report.deleted_stale_objects = len(replaced)
+    gone = [u for u in plan.changed if report.objects.get(u) in ("failed", "skipped")]
+    if gone:  # the object changed into something unreadable or unsupported: its old vectors are wrong now
+        store.call("delete_by_uri", gone)
+    report.removed_failed_objects = len(gone)
 
 
 def _model_load_failed(exc: BaseException) -> bool:

@@ -43,7 +43,7 @@ class PointRecord(NamedTuple):
 
 
 class QdrantWriteError(RuntimeError):
-    """A write kept failing with transient errors after every retry."""
+    """A store request failed: with an error that is not transient, or with transient ones after every retry."""
 
     def __init__(self, message: str, points_written: int, attempts: int) -> None:
         super().__init__(message)
@@ -170,11 +170,15 @@ class QdrantWriter:
                 return fn()
             except Exception as exc:
                 if not is_transient(exc):
-                    exc.add_note(
-                        f"{what} on collection {self.collection!r}: non-transient error, not retried; "
-                        f"{written_before} points were written before it"
-                    )
-                    raise
+                    # As our own error: the client's (UnexpectedResponse...) cannot be rebuilt on the
+                    # other side of a Ray call, where it arrived as an UnserializableException.
+                    raise QdrantWriteError(
+                        f"{what} on collection {self.collection!r} failed ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}): not a transient error, not retried; "
+                        f"{written_before} points were written before it",
+                        points_written=written_before,
+                        attempts=attempt,
+                    ) from exc
                 if attempt == self.max_attempts:
                     raise QdrantWriteError(
                         f"{what} on collection {self.collection!r} failed after {attempt} attempts "

@@ -114,10 +114,22 @@ class FlakyQdrantClient:
     ``QdrantSettings.client_wrapper=functools.partial(FlakyQdrantClient, fail_upserts=n)``.
     """
 
-    def __init__(self, client: Any, settings: Any = None, *, fail_upserts: int | None = 3) -> None:
+    def __init__(self, client: Any, settings: Any = None, *, fail_upserts: int | None = 3,
+                 refuse_deletes: bool = False) -> None:
         self._client = client
         self._left = fail_upserts
+        self._refuse_deletes = refuse_deletes
         self.failures = 0
+
+    def delete(self, *args: Any, **kwargs: Any) -> Any:
+        """With refuse_deletes, every delete fails for good (HTTP 400: not retried)."""
+        if self._refuse_deletes:
+            import httpx
+            from qdrant_client.http.exceptions import UnexpectedResponse
+
+            raise UnexpectedResponse(status_code=400, reason_phrase="Bad Request",
+                                     content=b"injected: delete refused", headers=httpx.Headers())
+        return self._client.delete(*args, **kwargs)
 
     def upsert(self, *args: Any, **kwargs: Any) -> Any:
         if self._left is None or self._left > 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 
 import httpx
 import numpy as np
@@ -209,9 +210,11 @@ def test_non_transient_error_is_not_retried(client):
     writer = QdrantWriter(client, "docs", sleep=sleeps.append)
     flaky = FlakyUpsert(client, lambda k: True, _response(400))
     client.upsert = flaky
-    with pytest.raises(UnexpectedResponse):
+    with pytest.raises(QdrantWriteError, match="upsert on collection 'docs' failed .*not a transient error") as err:
         writer.upsert_points(make_points(5))
     assert flaky.calls == 1 and sleeps == [] and writer.count() == 0
+    assert isinstance(err.value.__cause__, UnexpectedResponse) and err.value.attempts == 1
+    assert pickle.loads(pickle.dumps(err.value)).args == err.value.args  # crosses a Ray call as itself
 
 
 def test_is_transient_classification():

@@ -171,6 +171,33 @@ def test_persistent_qdrant_write_failure_stops_the_run_and_reports_what_was_not_
     assert elapsed < 120, f"stopping took {elapsed:.0f}s"
 
 
+def test_a_store_failing_after_the_writes_still_writes_the_report_and_the_next_run_finishes(
+        tmp_path, tiny_embedding_ckpt, ray_local, client_wrapper, capsys):
+    """The deletes after the writes (replaced units here) failing: one error line, exit 3, the report
+    and its dead letters written; the next run deletes what this one could not."""
+    src = tmp_path / "src"
+    src.mkdir()
+    manifest = src / "m.jsonl"
+    manifest.write_text('{"id": "a", "text": "record a"}\n{"id": "b", "text": "record b"}\n')
+    path = write_yaml(config_dict(src, tiny_embedding_ckpt, tmp_path), tmp_path / "cfg.yaml")
+    assert qvl(["ingest", path]) == EXIT_OK
+    capsys.readouterr()
+    # Record b goes (its point must be deleted as stale) and c has a missing image (a dead letter).
+    manifest.write_text('{"id": "a", "text": "record a"}\n{"id": "c", "image": "missing.png"}\n')
+    client_wrapper(functools.partial(FlakyQdrantClient, fail_upserts=0, refuse_deletes=True))
+    assert qvl(["ingest", path]) == EXIT_INFRA
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "in the bookkeeping after the writes" in errors[0], err
+    assert "QdrantWriteError: delete on collection 'media' failed (UnexpectedResponse" in errors[0], errors[0]
+    saved, dead = latest_run(tmp_path / "runs")
+    assert "in the bookkeeping after the writes" in saved["error"] and saved["deleted_stale_objects"] == 0
+    assert [(d["position"], d["stage"]) for d in dead] == [("record=c", "expand")]
+    client_wrapper(None)
+    assert qvl(["ingest", path]) == EXIT_OK
+    assert sorted(p.payload["position"] for p in all_points(tmp_path / "qdrant")) == ["record=a"]
+
+
 # --------------------------------------------------------------------------- (c) S3 failing
 
 
