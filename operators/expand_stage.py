@@ -96,8 +96,12 @@ def expand_rows(row: dict[str, Any], *, settings: ExpandSettings, storage_option
         tokenizer = None
     with reading(guard, obj.uri):
         units, dead, status = expand_object(obj, settings, storage_options, tokenizer)
+    # A unit that failed here (a bad manifest record) counts until the run ends and settles the
+    # count (pipelines/ingest.py: partly_embedded): a run stopped before then leaves the object
+    # incomplete, so the next one expands it again and its dead letters are reported.
+    unit_letters = sum(1 for d in dead if d.position is not None)
     try:
-        rows = [unit_row(u, payload_for(u, model_id, dim, stamp, len(units))) for u in units]
+        rows = [unit_row(u, payload_for(u, model_id, dim, stamp, len(units) + unit_letters)) for u in units]
     except Exception as exc:  # a unit that cannot become a point fails its object, not the job
         units, rows, status = [], [], "failed"
         dead.append(DeadLetter(uri=obj.uri, stage="expand", error_type=type(exc).__name__,

@@ -349,7 +349,9 @@ def _account_stopped_run(report: RunReport, todo: list[Any], store: Store, exc: 
             report.objects[obj.uri] = "ingested"
             continue
         report.objects[obj.uri] = "failed"
-        what = "not written" if stored is not None else "maybe not written (the store could not be checked)"
+        what = ("maybe not written (the store could not be checked)" if stored is None else
+                "not written" if held is None or not held.points_of(obj.fingerprint) else
+                "not complete (its unit count is settled, and its failed units reported, when a run ends)")
         report.dead_letters.append({"uri": obj.uri, "position": None, "stage": "write",
                                     "error_type": type(cause).__name__,
                                     "message": f"{what}: the run stopped on {report.error}; re-run to finish"})
@@ -426,17 +428,23 @@ def _run_stages(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store
 
 
 def partly_embedded(summary: dict[str, Any], todo: list[Any], report: RunReport) -> dict[str, tuple[str, int]]:
-    """(fingerprint, units embedded) of each ingested object some of whose units failed to embed."""
+    """(fingerprint, units stored) of each ingested object some of whose units failed for good, at
+    expansion (a bad manifest record) or embedding (a segment the decoder rejects)."""
     failed: dict[str, int] = {}
     retry: set[str] = set()
+    lettered: set[str] = set()
     for dead in summary.get("dead", []):
-        if dead.get("error_stage") == "embed" and dead.get("position"):
+        if not dead.get("position") or dead.get("error_stage") not in ("expand", "embed"):
+            continue
+        # An expansion letter: its unit counted in object_units (expand_stage.py), not in n_units.
+        lettered.add(dead["object_uri"])
+        if dead.get("error_stage") == "embed":
             failed[dead["object_uri"]] = failed.get(dead["object_uri"], 0) + 1
             if (dead.get("error_message") or "").startswith(_FETCH_FAILURES):
                 retry.add(dead["object_uri"])  # the file could not be fetched: may well work next time
     fingerprints = {o.uri: o.fingerprint for o in todo}
     units = {o["object_uri"]: int(o["n_units"]) for o in summary.get("objects", [])}
-    return {uri: (fingerprints[uri], units[uri] - n) for uri, n in failed.items()
+    return {uri: (fingerprints[uri], units[uri] - failed.get(uri, 0)) for uri in sorted(lettered)
             if report.objects.get(uri) == "ingested" and uri in fingerprints and uri in units and uri not in retry}
 
 

@@ -198,6 +198,43 @@ def test_only_units_that_fail_for_good_are_settled():
                         for u, m in dead],
                "objects": [{"object_uri": u, "n_units": 3} for u in report.objects]}
     assert partly_embedded(summary, todo, report) == {"/src/a.jsonl": ("fp-a", 2)}
+    # A bad record at expansion counts in object_units until the run settles it to the units stored.
+    summary["dead"].append({"object_uri": "/src/a.jsonl", "position": "record=x", "error_stage": "expand",
+                            "error_message": "line 4: record has none of text, image, video"})
+    summary["dead"][1]["error_stage"] = "expand"  # b's letter is now an expansion one (not a fetch)
+    assert partly_embedded(summary, todo, report) == {"/src/a.jsonl": ("fp-a", 2), "/src/b.jsonl": ("fp-b", 3)}
+
+
+@pytest.mark.slow
+def test_a_run_stopped_after_its_writes_reports_the_expansion_letters_on_the_next_run(
+        tmp_path, tiny_embedding_ckpt, ray_local, monkeypatch):
+    """The letters of a stopped run die with its sink's summary: its objects stay incomplete until a
+    run ends, so the next one expands them again and reports the bad record."""
+    import pipelines.ingest as ingest
+
+    src = tmp_path / "src"
+    src.mkdir()
+    manifest = src / "m.jsonl"
+    manifest.write_text('{"id": "a", "text": "record a"}\n{"id": "b", "image": "missing.png"}\n')
+    cfg = parse_config(config_dict(src, tiny_embedding_ckpt, tmp_path))
+    real = ingest._run_dataset
+
+    def stopped(*args, **kwargs):
+        real(*args, **kwargs)
+        raise RuntimeError("the store went away after the writes")
+
+    monkeypatch.setattr(ingest, "_run_dataset", stopped)
+    with pytest.raises(ingest.IngestError, match="the store went away"):
+        run_ingest(cfg, echo=lambda _: None)
+    _, dead = latest_run(tmp_path / "runs")
+    assert [(d["stage"], d["message"].split(":")[0]) for d in dead] == [("write", "not complete (its unit count "
+                                                                           "is settled, and its failed units reported, when a run ends)")]
+    monkeypatch.setattr(ingest, "_run_dataset", real)
+    again = run_ingest(cfg, echo=lambda _: None)
+    assert again.objects == {str(manifest): "ingested"}
+    assert [(d["position"], d["stage"]) for d in again.dead_letters] == [("record=b", "expand")]
+    assert [p.payload["object_units"] for p in all_points(tmp_path / "qdrant")] == [1]
+    assert run_ingest(cfg, echo=lambda _: None).objects == {str(manifest): "unchanged"}
 
 
 def test_reported_errors_are_one_line_and_a_model_load_failure_is_recognised():
