@@ -39,6 +39,7 @@ from operators.embed_stage import EmbedStage
 from operators.expand_stage import expand_rows, object_to_row
 from operators.media.expand import ExpandSettings
 from operators.media.listing import list_objects
+from operators.qwen3vl.media_io import is_fetch_failure
 from operators.units import DeadLetter, SourceObject
 from sinks.ingest_sink import IngestDatasink
 from sinks.qdrant_client_factory import QdrantSettings, make_client
@@ -440,18 +441,12 @@ def partly_embedded(summary: dict[str, Any], todo: list[Any], report: RunReport)
         lettered.add(dead["object_uri"])
         if dead.get("error_stage") == "embed":
             failed[dead["object_uri"]] = failed.get(dead["object_uri"], 0) + 1
-            if (dead.get("error_message") or "").startswith(_FETCH_FAILURES):
+            if is_fetch_failure(dead.get("error_message") or ""):
                 retry.add(dead["object_uri"])  # the file could not be fetched: may well work next time
     fingerprints = {o.uri: o.fingerprint for o in todo}
     units = {o["object_uri"]: int(o["n_units"]) for o in summary.get("objects", [])}
     return {uri: (fingerprints[uri], units[uri] - failed.get(uri, 0)) for uri in sorted(lettered)
             if report.objects.get(uri) == "ingested" and uri in fingerprints and uri in units and uri not in retry}
-
-
-# How operators/qwen3vl/media_io.py's messages for a medium that could not be fetched (not decoded)
-# begin: an object whose unit failed so stays incomplete, and the next run tries it again. Only the
-# beginning: the rest names the file, whose path may hold these words too ("page not found/").
-_FETCH_FAILURES = ("object not found: ", "cannot read ", "image file not found: ", "video file not found: ")
 
 
 def _account(report: RunReport, summary: dict[str, Any]) -> None:

@@ -38,11 +38,16 @@ def normalise_prefix(prefix: str) -> str:
 _KEY_PATH = re.compile(r'^(?:[\w-]+|"[^"]+")(?:\[\d*\])?(?:\.(?:[\w-]+|"[^"]+")(?:\[\d*\])?)*$')
 
 
+def _listed(value: Any) -> list[Any]:
+    """A filter value as the list of values it matches any of."""
+    return list(value) if isinstance(value, (list, tuple, set)) else [value]
+
+
 def _condition(key: str, value: Any) -> models.FieldCondition:
     if not _KEY_PATH.match(key):  # the store's own answer is "Invalid path", naming nothing
         raise QueryInputError(f"filter key {key!r} is not a payload key (letters, digits, '_' and '-', dotted "
                               "for a nested field, [] for an array)")
-    values = list(value) if isinstance(value, (list, tuple, set)) else [value]
+    values = _listed(value)
     if not values:
         raise QueryInputError(f"filter {key!r} has no value")
     if all(isinstance(v, str) for v in values) or all(isinstance(v, int) and not isinstance(v, bool) for v in values):
@@ -69,18 +74,15 @@ def build_filter(filters: Mapping[str, Any] | models.Filter | None) -> models.Fi
         if value is None:
             continue
         if key == "modality":
-            wanted = value if isinstance(value, (list, tuple)) else [value]
-            bad = [m for m in wanted if m not in MODALITIES]
+            bad = [m for m in _listed(value) if m not in MODALITIES]
             if bad:
                 raise QueryInputError(f"unknown modality {bad[0]!r} (one of {', '.join(MODALITIES)})")
             must.append(_condition("modality", value))
         elif key == "source_prefix":
-            prefixes = value if isinstance(value, (list, tuple)) else [value]
-            must.append(_condition("source_prefixes", [normalise_prefix(p) for p in prefixes]))
+            must.append(_condition("source_prefixes", [normalise_prefix(p) for p in _listed(value)]))
         elif key == "source_uri":  # stored absolute for local files, as source_prefix is matched
-            uris = value if isinstance(value, (list, tuple)) else [value]
             must.append(_condition("source_uri", [local_path(u) if isinstance(u, str) and is_local_uri(u) else u
-                                                  for u in uris]))
+                                                  for u in _listed(value)]))
         else:
             must.append(_condition(str(key), value))
     return models.Filter(must=must) if must else None

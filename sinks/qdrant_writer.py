@@ -162,6 +162,13 @@ class QdrantWriter:
         ceiling = min(self.backoff_cap_s, self.backoff_base_s * (2 ** (attempt - 1)))
         return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
 
+    def _gave_up(self, what: str, exc: Exception, attempt: int, written_before: int, how: str) -> QdrantWriteError:
+        """The error for a request given up on; `how` says why, with {} where the cause goes."""
+        cause = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return QdrantWriteError(f"{what} on collection {self.collection!r} {how.format(cause)}; "
+                                f"{written_before} points were written before it",
+                                points_written=written_before, attempts=attempt)
+
     def _with_retry(self, what: str, fn: Callable[[], T], written_before: int = 0) -> T:
         from qdrant_client.common.client_exceptions import ResourceExhaustedResponse
 
@@ -169,24 +176,14 @@ class QdrantWriter:
             try:
                 return fn()
             except Exception as exc:
+                # Our own error, not the client's: an UnexpectedResponse cannot be rebuilt on the other
+                # side of a Ray call, where it arrived as an UnserializableException.
                 if not is_transient(exc):
-                    # As our own error: the client's (UnexpectedResponse...) cannot be rebuilt on the
-                    # other side of a Ray call, where it arrived as an UnserializableException.
-                    raise QdrantWriteError(
-                        f"{what} on collection {self.collection!r} failed ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}): not a transient error, not retried; "
-                        f"{written_before} points were written before it",
-                        points_written=written_before,
-                        attempts=attempt,
-                    ) from exc
+                    raise self._gave_up(what, exc, attempt, written_before,
+                                        "failed ({}): not a transient error, not retried") from exc
                 if attempt == self.max_attempts:
-                    raise QdrantWriteError(
-                        f"{what} on collection {self.collection!r} failed after {attempt} attempts "
-                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                        f"{written_before} points were written before it",
-                        points_written=written_before,
-                        attempts=attempt,
-                    ) from exc
+                    raise self._gave_up(what, exc, attempt, written_before,
+                                        f"failed after {attempt} attempts ({{}})") from exc
                 delay = self.backoff_s(attempt)
                 if isinstance(exc, ResourceExhaustedResponse):
                     delay = min(self.backoff_cap_s, max(delay, float(exc.retry_after_s)))

@@ -27,6 +27,18 @@ class MediaError(ValueError):
     """An input's image or video could not be read."""
 
 
+# How this module's messages for a medium that could not be fetched (as opposed to decoded) begin.
+_FETCH_FAILURES = ("object not found: ", "cannot read ", "image file not found: ", "video file not found: ")
+
+
+def is_fetch_failure(message: str) -> bool:
+    """Whether an item's error says its file could not be fetched (gone, unreachable): it may work next time.
+
+    Only the beginning counts: the rest names the file, whose path may hold these words too.
+    """
+    return message.startswith(_FETCH_FAILURES)
+
+
 def _is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith(_PASSTHROUGH_PREFIXES)
 
