@@ -47,6 +47,7 @@ from sinks.qdrant_schema import CollectionSpec, ensure_collection
 from sinks.qdrant_sink import start_owner, stop_owner
 from sinks.qdrant_writer import QdrantWriter
 
+from .actor_fit import ActorPool, check_pools_fit
 from .config import Config
 from .config_secrets import redact
 from .interrupts import Interrupted, SignalGate, stop_on_signals
@@ -157,6 +158,15 @@ def num_gpus_per_actor(cfg: Config) -> float:
     return cfg.compute.effective_num_gpus(ray.cluster_resources().get("GPU", 0))
 
 
+# Each expansion task holds a CPU: the embedding pool must leave one free, or nothing reaches it.
+EXPAND_TASK_CPUS = 1
+
+
+def embed_pool(cfg: Config) -> ActorPool:
+    """The ingestion's embedding actor pool, as Ray will be asked for it."""
+    return ActorPool("embedding", cfg.compute.embed_actors, cfg.compute.cpus_per_actor, num_gpus_per_actor(cfg))
+
+
 def embedder_kwargs(cfg: Config, storage_options: dict[str, Any]) -> dict[str, Any]:
     """Qwen3VLEmbedder keyword arguments from the embedder section."""
     e = cfg.embedder
@@ -197,6 +207,7 @@ def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], Non
     store = Store(cfg)  # a server is pinged here, before Ray starts
     try:
         ensure_ray(cfg)
+        check_pools_fit(cfg, [embed_pool(cfg)], EXPAND_TASK_CPUS, "the expansion tasks", echo)
     except BaseException:
         store.close()
         raise
@@ -406,7 +417,7 @@ def _run_stages(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store
         settings=expand_settings(cfg), storage_options=storage_options, model=cfg.embedder.model,
         model_id=cfg.embedder.model, dim=spec.full_dim, ingested_at=datetime.now(timezone.utc).isoformat(),
         crash_journal=journal, max_expand_s=cfg.limits.max_expand_s),
-        num_cpus=1, **({"concurrency": cfg.compute.prepare_concurrency} if cfg.compute.prepare_concurrency else {}))
+        num_cpus=EXPAND_TASK_CPUS, **({"concurrency": cfg.compute.prepare_concurrency} if cfg.compute.prepare_concurrency else {}))
     gpus = num_gpus_per_actor(cfg)
     # A crashed or killed embedding actor is restarted and its in-flight batch retried (upserts are
     # idempotent: a retried batch never duplicates).

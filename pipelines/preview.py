@@ -19,9 +19,10 @@ from operators.units import DeadLetter
 from sinks.qdrant_schema import CollectionMismatchError, storage_differences, validate_collection
 from sinks.qdrant_writer import QdrantWriter
 
+from .actor_fit import ActorPool, check_pools_fit, local_node
 from .config import Config
 from .config_secrets import redact
-from .ingest import check_cluster, list_source, server_client
+from .ingest import EXPAND_TASK_CPUS, check_cluster, list_source, server_client
 from .plan import Plan, plan_objects, source_root
 from .preflight import (PreflightError, check_not_a_file, collection_spec, first_line, model_dimension,
                         open_embedded_store)
@@ -92,6 +93,19 @@ def _stored_fingerprints(cfg: Config, spec: Any) -> tuple[dict[str, str], bool, 
         client.close()
 
 
+def check_local_pool(cfg: Config) -> None:
+    """The run's actor-pool check, against the local Ray the run would start on this machine.
+
+    A cluster to join is only probed (check_cluster): the plan does not connect to it.
+    """
+    if cfg.compute.ray_address not in (None, "local") or os.environ.get("RAY_ADDRESS"):
+        return
+    node = local_node()
+    pool = ActorPool("embedding", cfg.compute.embed_actors, cfg.compute.cpus_per_actor,
+                     cfg.compute.effective_num_gpus(node["GPU"]))
+    check_pools_fit(cfg, [pool], EXPAND_TASK_CPUS, "the expansion tasks", nodes=[node], growable=False)
+
+
 def preview_ingest(cfg: Config, prune: bool | None = None) -> PlanPreview:
     """What `qvl ingest` would do with cfg now, without embedding, creating or writing anything."""
     prune = cfg.prune if prune is None else prune
@@ -102,6 +116,7 @@ def preview_ingest(cfg: Config, prune: bool | None = None) -> PlanPreview:
     if cfg.qdrant.embedded:
         check_not_a_file("qdrant.path", cfg.qdrant.path)
     check_cluster(cfg)
+    check_local_pool(cfg)
     try:
         stored, exists, notes = _stored_fingerprints(cfg, spec)
     except PreflightError:

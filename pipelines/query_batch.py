@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 from dataclasses import asdict
 from typing import Any, Callable, Mapping, Sequence
 
@@ -20,6 +21,7 @@ import numpy as np
 from operators.crash_journal import TaskGuard, batch_key, reading, start_journal, stop_journal
 from sinks.qdrant_client_factory import make_client
 
+from .actor_fit import ActorPool, check_pools_fit
 from .config import Config
 from .ingest import expand_settings, map_on_actor_pool, qdrant_settings
 from .interrupts import stop_on_signals
@@ -197,15 +199,19 @@ def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | No
         return []
 
     ensure_ray(cfg)
+    embed_actors = cfg.compute.embed_actors
+    rerank_actors = int(rerank_actors or cfg.compute.embed_actors)
+    gpus = _gpus_per_actor(cfg, embed_actors + (rerank_actors if rerank else 0))
+    pools = [ActorPool("embedding", embed_actors, cfg.compute.cpus_per_actor, gpus)]
+    if rerank:
+        pools.append(ActorPool("reranking", rerank_actors, cfg.compute.cpus_per_actor, gpus))
+    check_pools_fit(cfg, pools, 0, "", lambda line: print(line, file=sys.stderr))
     # After ray.init, whose SIGTERM handler (an abort in Ray's core worker) this replaces: a stop
     # signal ends the job with one line, its actors and the store's owner stopped.
     with stop_on_signals() as gate, gate.interruptible():
         owner = start_owner(settings, cfg.qdrant.collection) if settings.embedded else None
         journal = None
         try:
-            embed_actors = cfg.compute.embed_actors
-            rerank_actors = int(rerank_actors or cfg.compute.embed_actors)
-            gpus = _gpus_per_actor(cfg, embed_actors + (rerank_actors if rerank else 0))
             # The instruction travels JSON-encoded: "" (given, empty) and None (the default) stay apart.
             items = [{"idx": i, "id": r.id, "query": _encode(r.query), "instruction": _encode(r.instruction),
                       "filters": _encode(r.filters)} for i, r in enumerate(queries)]
