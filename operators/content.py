@@ -32,9 +32,9 @@ from typing import Any, Callable, Mapping
 
 from operators.media.expand import ExpandSettings, _options_for
 from operators.media.images import image_unit_bytes
-from operators.media.listing import (forget_cached_listing, fs_for, is_local_uri, local_path, object_fingerprint,
-                                    read_with_fingerprint)
+from operators.media.listing import forget_cached_listing, fs_for, is_local_uri, local_path, object_fingerprint
 from operators.media.pdf import PDFIUM_LOCK, _check_pages, _open_document, _render_page
+from operators.media.reading import SourceChangedError, read_with_fingerprint
 from operators.media.text_chunks import decode_text
 from operators.once_cache import OnceCache
 from operators.units import source_fingerprint
@@ -67,6 +67,7 @@ class SourceCache:
 
     def __init__(self) -> None:
         self._outcomes: OnceCache[tuple[Any, Exception | None]] = OnceCache()
+        self._read_fingerprints: dict[str, str] = {}  # uri -> fingerprint of its successful read
 
     def _once(self, key: tuple[str, str], fetch: Callable[[], Any]) -> Any:
         def outcome() -> tuple[Any, Exception | None]:
@@ -80,15 +81,22 @@ class SourceCache:
             raise error
         return value
 
-    def read(self, uri: str, storage_options: dict[str, Any] | None) -> tuple[bytes, str]:
-        """The whole object at uri and the fingerprint of what was read (raises what reading raises)."""
-        return self._once(("read", uri), lambda: read_with_fingerprint(uri, storage_options))
+    def read(self, uri: str, storage_options: dict[str, Any] | None, max_bytes: int | None = None,
+             expect: str | None = None) -> tuple[bytes, str]:
+        """The whole object at uri and the fingerprint of what was read (raises what
+        read_with_fingerprint raises for max_bytes and expect)."""
+        def fetch() -> tuple[bytes, str]:
+            data, now = read_with_fingerprint(uri, storage_options, max_bytes=max_bytes, expect=expect)
+            self._read_fingerprints[uri] = now
+            return data, now
+
+        return self._once(("read", uri, max_bytes, expect), fetch)
 
     def fingerprint(self, uri: str, storage_options: dict[str, Any] | None) -> str:
         """The object's current fingerprint: that of its read, if it was read in this query."""
-        read = self._outcomes.peek(("read", uri))
-        if read is not None and read[1] is None:
-            return read[0][1]
+        read = self._read_fingerprints.get(uri)
+        if read is not None:
+            return read
         return self._once(("fingerprint", uri), lambda: object_fingerprint(uri, storage_options))
 
 
@@ -96,13 +104,35 @@ def _unavailable(uri: str, exc: Exception) -> CandidateUnavailable:
     """The CandidateUnavailable for a failed read or check of a source object."""
     if isinstance(exc, FileNotFoundError):
         return CandidateUnavailable(f"source object not found: {uri}")
+    if isinstance(exc, SourceChangedError):
+        return _changed_since_ingestion(uri, exc.expected, exc.now)
     return CandidateUnavailable(f"cannot read source {uri}: {type(exc).__name__}: {exc}")
 
 
-def _read(uri: str, storage_options: dict[str, Any] | None, cache: SourceCache | None) -> tuple[bytes, str]:
-    """Object bytes and their fingerprint, mapping every read failure to CandidateUnavailable."""
+def _changed_since_ingestion(uri: str, then: str, now: str) -> CandidateUnavailable:
+    return CandidateUnavailable(f"source changed since it was ingested: {uri} (fingerprint then {then}, "
+                                f"now {now}); run the ingestion again to refresh its points")
+
+
+def _ingested_version(payload: Mapping[str, Any] | None) -> str | None:
+    """The source fingerprint a point was ingested from (None: any version will do)."""
+    stored = (payload or {}).get("fingerprint")
+    return source_fingerprint(stored) if isinstance(stored, str) and stored else None
+
+
+def _read(uri: str, storage_options: dict[str, Any] | None, cache: SourceCache | None, settings: ExpandSettings,
+          payload: Mapping[str, Any] | None = None) -> tuple[bytes, str]:
+    """Object bytes and their fingerprint, mapping every read failure to CandidateUnavailable.
+
+    An object over ``max_object_bytes`` is refused unread, as at ingestion; with payload (the
+    point's own source), so is another version than the one ingested, where the store says so
+    before the read.
+    """
+    max_bytes, expect = settings.max_object_bytes, _ingested_version(payload)
     try:
-        return cache.read(uri, storage_options) if cache is not None else read_with_fingerprint(uri, storage_options)
+        if cache is not None:
+            return cache.read(uri, storage_options, max_bytes, expect)
+        return read_with_fingerprint(uri, storage_options, max_bytes=max_bytes, expect=expect)
     except Exception as exc:
         raise _unavailable(uri, exc) from exc
 
@@ -120,10 +150,8 @@ def _changed(payload: Mapping[str, Any], now: str) -> str | None:
 
     Points without a fingerprint (written by other tools) are taken as current.
     """
-    stored = payload.get("fingerprint")
-    if not isinstance(stored, str) or not stored or source_fingerprint(stored) == now:
-        return None
-    return source_fingerprint(stored)
+    then = _ingested_version(payload)
+    return then if then is not None and then != now else None
 
 
 def _require_unchanged(payload: Mapping[str, Any], uri: str, now: str) -> None:
@@ -133,8 +161,7 @@ def _require_unchanged(payload: Mapping[str, Any], uri: str, now: str) -> None:
     """
     then = _changed(payload, now)
     if then is not None:
-        raise CandidateUnavailable(f"source changed since it was ingested: {uri} (fingerprint then {then}, "
-                                   f"now {now}); run the ingestion again to refresh its points")
+        raise _changed_since_ingestion(uri, then, now)
 
 
 def _require_exists(uri: str, storage_options: dict[str, Any] | None) -> None:
@@ -172,7 +199,7 @@ def render_pdf_page(data: bytes, page: int, settings: ExpandSettings) -> bytes:
 def _image(uri: str, storage_options: dict[str, Any] | None, settings: ExpandSettings,
            cache: SourceCache | None, payload: Mapping[str, Any] | None = None) -> bytes:
     """An image unit's bytes from uri; with payload (uri is the point's own source), only the ingested version."""
-    data, now = _read(uri, storage_options, cache)
+    data, now = _read(uri, storage_options, cache, settings, payload)
     if payload is not None:
         _require_unchanged(payload, uri, now)
     if not data:
@@ -191,7 +218,7 @@ def _position_value(position: str, key: str) -> str:
 
 
 def _record_text(payload: Mapping[str, Any], uri: str, position: str, storage_options: dict[str, Any] | None,
-                 cache: SourceCache | None) -> str:
+                 cache: SourceCache | None, settings: ExpandSettings) -> str:
     """A record's text: the payload's, or, where that is an excerpt, the whole text from the manifest."""
     from operators.media.manifest import ManifestRecord, parse_manifest
 
@@ -200,7 +227,7 @@ def _record_text(payload: Mapping[str, Any], uri: str, position: str, storage_op
         return text
     key = position[len("record="):]
     try:
-        data, now = _read(uri, storage_options, cache)
+        data, now = _read(uri, storage_options, cache, settings, payload)
         if _changed(payload, now) is not None:
             return text  # a changed manifest's records may not be what was embedded
         for rec in parse_manifest(data, uri):
@@ -233,7 +260,7 @@ def candidate_input(payload: Mapping[str, Any], *, storage_options: dict[str, An
             _require_unchanged(payload, uri, _current_fingerprint(uri, storage_options, cache))
         item: dict[str, Any] = {}
         if payload.get("text"):
-            item["text"] = _record_text(payload, uri, position, storage_options, cache)
+            item["text"] = _record_text(payload, uri, position, storage_options, cache, cfg)
         if payload.get("image_uri"):
             ref = payload["image_uri"]
             item["image"] = _image(ref, _options_for(ref, uri, storage_options), cfg, cache)
@@ -251,7 +278,7 @@ def candidate_input(payload: Mapping[str, Any], *, storage_options: dict[str, An
             raise CandidateUnavailable("text point has no text in its payload")
         if payload.get("text_truncated") and payload.get("char_start") is not None:
             try:  # the payload holds an excerpt: re-cut the whole chunk from the source
-                data, now = _read(uri, storage_options, cache)
+                data, now = _read(uri, storage_options, cache, cfg, payload)
                 chunk = decode_text(data)[int(payload["char_start"]):int(payload["char_end"])]
                 if _changed(payload, now) is None and chunk.startswith(text):
                     return {"text": chunk}
@@ -262,7 +289,7 @@ def candidate_input(payload: Mapping[str, Any], *, storage_options: dict[str, An
         return {"image": _image(uri, storage_options, cfg, cache, payload)}
     if modality == "pdf_page":
         page = int(payload.get("page") or _position_value(position, "page"))
-        data, now = _read(uri, storage_options, cache)
+        data, now = _read(uri, storage_options, cache, cfg, payload)
         _require_unchanged(payload, uri, now)
         try:
             return {"image": render_pdf_page(data, page, cfg)}

@@ -309,7 +309,8 @@ def plot_eval(report: Mapping[str, Any], path: str | Path) -> None:
 
 
 def _cmd_eval(cfg: Any, args: argparse.Namespace) -> int:
-    from operators.media.listing import is_local_uri, local_path, open_uri
+    from operators.media.listing import is_local_uri, local_path
+    from operators.media.reading import open_uri
 
     from .metrics import parse_qrels
     from .query_files import check_writable, decode_text, read_queries

@@ -16,7 +16,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from operators.media.listing import is_local_uri, local_path, open_uri
+from operators.media.listing import is_local_uri, local_path
+from operators.media.reading import open_uri
 from operators.media.manifest import LONE_SURROGATE, is_unicode_text
 
 from .metrics import normalise_source_uri

@@ -168,11 +168,14 @@ def model_ready_images(content: Mapping[str, Any], storage_options: Mapping[str,
 
 def _image_opener(image: Any, storage_options: Mapping[str, Any] | None) -> Callable[[], IO[bytes]] | None:
     """How to open a query image's bytes here; None for a URL qwen-vl-utils reads itself, or a PIL image."""
-    from operators.media.listing import fs_for
+    from operators.media.listing import fs_for, is_local_uri, local_path
+    from operators.media.reading import open_local_file
 
     if isinstance(image, (bytes, bytearray)):
         return lambda: io.BytesIO(bytes(image))
     if isinstance(image, str) and not image.startswith(("http://", "https://", "data:")):
+        if is_local_uri(image):  # a FIFO is refused, not waited on
+            return lambda: open_local_file(local_path(image))
         fs, path = fs_for(image, dict(storage_options or {}))  # fsspec options normalised as the reader's
         return lambda: fs.open(path, "rb")
     return None

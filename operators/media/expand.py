@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -37,6 +36,7 @@ from operators.media.images import PILLOW_DECODE_LIMIT, inspect_image
 from operators.media.listing import fs_for, is_local_uri, local_path
 from operators.media.manifest import ManifestRecord, RecordError, parse_manifest
 from operators.media.pdf import render_pdf
+from operators.media.reading import ObjectTooLargeError, open_local_file
 from operators.media.text_chunks import chunk_spans, decode_text
 from operators.media.video import probe_video, video_segments
 from operators.units import DeadLetter, SourceObject, Unit
@@ -44,16 +44,8 @@ from operators.units import DeadLetter, SourceObject, Unit
 OK, SKIPPED, FAILED = "ok", "skipped_unsupported", "failed"
 
 
-class ObjectTooLargeError(ValueError):
-    """An object (or a file a manifest points at) is over max_object_bytes."""
-
-
 class EmptyFileError(ValueError):
     """A zero-byte object."""
-
-
-class NotARegularFileError(ValueError):
-    """A local path that is a folder, FIFO, socket or device, not a file (never opened for reading)."""
 
 
 @dataclass(frozen=True)
@@ -94,26 +86,11 @@ def _options_for(uri: str, base_uri: str, storage_options: dict[str, Any] | None
     return storage_options if scheme == base else None
 
 
-def _open_local(path: str) -> IO[bytes]:
-    """Open a local regular file for reading; a FIFO, folder or device is refused without blocking on it."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = "folder" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "special file"
-            raise NotARegularFileError(f"not a regular file ({kind}): {path}")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
 @contextlib.contextmanager
 def _open(uri: str, storage_options: dict[str, Any] | None) -> Iterator[IO[bytes]]:
-    """Open an object for binary reading (local files: regular files only, see _open_local)."""
+    """Open an object for binary reading (local files: regular files only, see open_local_file)."""
     if is_local_uri(uri):
-        with _open_local(local_path(uri)) as fh:
+        with open_local_file(local_path(uri)) as fh:
             yield fh
     else:
         fs, path = fs_for(uri, storage_options)

@@ -79,16 +79,6 @@ def fs_for(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[Abs
     return fsspec.filesystem(protocol, **{**cls._get_kwargs_from_urls(uri), **opts}), cls._strip_protocol(uri)
 
 
-def open_uri(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
-    """Read a whole object (local path or any fsspec URL) into memory."""
-    if is_local_uri(uri):
-        with open(local_path(uri), "rb") as fh:
-            return fh.read()
-    fs, path = fs_for(uri, storage_options)
-    with fs.open(path, "rb") as fh:
-        return fh.read()
-
-
 def glob_match(rel_path: str, pattern: str) -> bool:
     """Whether a root-relative POSIX path matches one glob pattern (rules in the module doc)."""
     if fnmatchcase(rel_path, pattern):
@@ -274,28 +264,6 @@ def object_fingerprint(uri: str, storage_options: dict[str, Any] | None = None) 
     fs, path = fs_for(uri, storage_options)
     forget_cached_listing(fs, path)
     return info_fingerprint(fs.info(path)) or _sha256_fingerprint(fs, path)
-
-
-def read_with_fingerprint(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[bytes, str]:
-    """A whole object and the fingerprint of exactly the version that was read."""
-    if is_local_uri(uri):
-        with open(local_path(uri), "rb") as fh:
-            before = os.fstat(fh.fileno())
-            data = fh.read()
-            after = os.fstat(fh.fileno())
-        if local_fingerprint(after) != local_fingerprint(before):  # written while we read it
-            raise OSError(f"{uri} changed while it was being read")
-        return data, local_fingerprint(before)
-    fs, path = fs_for(uri, storage_options)
-    forget_cached_listing(fs, path)
-    with fs.open(path, "rb") as fh:
-        # A buffered file (s3fs, gcsfs, ...) holds the info it read on opening; s3fs reads
-        # with If-Match on its ETag, so the bytes are that version's.
-        details = getattr(fh, "details", None)
-        data = fh.read()
-    if not isinstance(details, dict):
-        details = fs.info(path)
-    return data, info_fingerprint(details) or f"sha256:{hashlib.sha256(data).hexdigest()}"
 
 
 def _remote_uri(uri: str, fs: AbstractFileSystem, name: str) -> str:

@@ -43,6 +43,14 @@ def _is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith(_PASSTHROUGH_PREFIXES)
 
 
+def _require_local_file(path: str, what: str, name: str | None = None) -> None:
+    """Raise MediaError unless path is a regular file: a FIFO would hang the reader until a writer comes."""
+    if not os.path.exists(path):
+        raise MediaError(f"{what} file not found: {name or path}")
+    if not os.path.isfile(path):
+        raise MediaError(f"not a regular file: {name or path}")
+
+
 def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
     """Read a whole object from any fsspec URL."""
     try:
@@ -89,13 +97,12 @@ def resolve_image(source: Any, storage_options: dict[str, Any] | None = None) ->
         return open_image_bytes(bytes(source))
     if isinstance(source, str):
         if source.startswith(_PASSTHROUGH_PREFIXES):
-            if source.startswith("file://") and not os.path.exists(source[7:]):
-                raise MediaError(f"image file not found: {source}")
+            if source.startswith("file://"):
+                _require_local_file(source[7:], "image", source)
             return source
         if _is_remote(source):
             return open_image_bytes(read_bytes(source, storage_options), source)
-        if not os.path.exists(source):
-            raise MediaError(f"image file not found: {source}")
+        _require_local_file(source, "image")
         return "file://" + source
     raise MediaError(f"unsupported image type {type(source).__name__}")
 
@@ -123,8 +130,7 @@ class VideoFiles:
         if uri.startswith("file://"):
             uri = uri[7:]
         if not _is_remote(uri):
-            if not os.path.exists(uri):
-                raise MediaError(f"video file not found: {uri}")
+            _require_local_file(uri, "video")
             return uri
         return self._copies.get(uri, lambda: self._download(uri), hold=True)
 

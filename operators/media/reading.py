@@ -1,0 +1,103 @@
+"""Read one whole object (a local path or any fsspec URL) without being hung or flooded by it.
+
+A local path is opened without blocking and must be a regular file: opening a FIFO for reading
+waits for a writer forever. A caller may cap the size (refused before a byte is read) and name
+the version it expects (a changed object is refused before it is read, not after downloading it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from typing import IO, Any
+
+from operators.media.listing import (forget_cached_listing, fs_for, info_fingerprint, is_local_uri, local_fingerprint,
+                                     local_path)
+
+__all__ = ["NotARegularFileError", "ObjectTooLargeError", "SourceChangedError", "open_local_file", "open_uri",
+           "read_with_fingerprint"]
+
+
+class ObjectTooLargeError(ValueError):
+    """An object (or a file a manifest points at) is over max_object_bytes."""
+
+
+class NotARegularFileError(ValueError):
+    """A local path that is a folder, FIFO, socket or device, not a file (never opened for reading)."""
+
+
+class SourceChangedError(RuntimeError):
+    """The object is no longer the version the caller expected (found before reading it)."""
+
+    def __init__(self, uri: str, expected: str, now: str) -> None:
+        super().__init__(f"{uri} is no longer version {expected} (now {now})")
+        self.uri, self.expected, self.now = uri, expected, now
+
+    def __reduce__(self):  # picklable with its fields, so it crosses Ray and thread boundaries as itself
+        return (SourceChangedError, (self.uri, self.expected, self.now))
+
+
+def open_local_file(path: str) -> IO[bytes]:
+    """Open a local regular file for reading; a FIFO, folder or device is refused without blocking on it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "folder" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "special file"
+            raise NotARegularFileError(f"not a regular file ({kind}): {path}")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_uri(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    """Read a whole object (local path or any fsspec URL) into memory."""
+    if is_local_uri(uri):
+        with open_local_file(local_path(uri)) as fh:
+            return fh.read()
+    fs, path = fs_for(uri, storage_options)
+    with fs.open(path, "rb") as fh:
+        return fh.read()
+
+
+def _refuse(uri: str, fingerprint: str | None, size: Any, max_bytes: int | None, expect: str | None) -> None:
+    """Raise before reading when the object is over max_bytes or not the expected version."""
+    if expect is not None and fingerprint is not None and fingerprint != expect:
+        raise SourceChangedError(uri, expect, fingerprint)
+    if max_bytes is not None and isinstance(size, int) and size > max_bytes:
+        raise ObjectTooLargeError(f"{uri} is {size} bytes, over max_object_bytes={max_bytes}")
+
+
+def read_with_fingerprint(uri: str, storage_options: dict[str, Any] | None = None, *, max_bytes: int | None = None,
+                          expect: str | None = None) -> tuple[bytes, str]:
+    """A whole object and the fingerprint of exactly the version that was read.
+
+    max_bytes: a larger object raises ObjectTooLargeError unread. expect: the fingerprint of the
+    version wanted; another version raises SourceChangedError unread (a store that gives no
+    fingerprint before reading is read, and the caller compares what this returns).
+    """
+    if is_local_uri(uri):
+        with open_local_file(local_path(uri)) as fh:
+            before = os.fstat(fh.fileno())
+            _refuse(uri, local_fingerprint(before), before.st_size, max_bytes, expect)
+            data = fh.read()
+            after = os.fstat(fh.fileno())
+        if local_fingerprint(after) != local_fingerprint(before):  # written while we read it
+            raise OSError(f"{uri} changed while it was being read")
+        return data, local_fingerprint(before)
+    fs, path = fs_for(uri, storage_options)
+    forget_cached_listing(fs, path)
+    with fs.open(path, "rb") as fh:
+        # A buffered file (s3fs, gcsfs, ...) holds the info it read on opening; s3fs reads
+        # with If-Match on its ETag, so the bytes are that version's.
+        details = getattr(fh, "details", None)
+        if not isinstance(details, dict):
+            details = fs.info(path)
+        _refuse(uri, info_fingerprint(details), details.get("size"), max_bytes, expect)
+        data = fh.read(max_bytes + 1) if max_bytes is not None else fh.read()
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ObjectTooLargeError(f"{uri} is over max_object_bytes={max_bytes}")
+    return data, info_fingerprint(details) or f"sha256:{hashlib.sha256(data).hexdigest()}"
