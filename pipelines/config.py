@@ -125,8 +125,19 @@ def _empty_to_none(value: Any) -> Any:
 
 
 def _expand_user(value: str | None) -> str | None:
-    """A leading ``~`` / ``~user`` of a local folder path expanded, so every consumer sees one path."""
-    return os.path.expanduser(value) if isinstance(value, str) else value
+    """A local folder path made absolute (``~`` expanded), so every consumer sees one path.
+
+    Absolute now, in the driver: Ray workers on a joined cluster run in another folder, where a
+    relative path would name another store.
+    """
+    return os.path.abspath(os.path.expanduser(value)) if isinstance(value, str) else value
+
+
+def _local_model(value: str | None) -> str | None:
+    """A model that is a local folder made absolute (for the workers, as _expand_user); a hub id unchanged."""
+    if isinstance(value, str) and os.path.isdir(os.path.expanduser(value)):
+        return os.path.abspath(os.path.expanduser(value))
+    return value
 
 
 PathStr = Annotated[str, BeforeValidator(_fspath), Field(min_length=1)]
@@ -259,7 +270,7 @@ class LimitsConfig(_Section):
 class EmbedderConfig(_Section):
     """Qwen3-VL-Embedding model and its input budget."""
 
-    model: NonEmptyStr
+    model: Annotated[NonEmptyStr, AfterValidator(_local_model)]
     """Hub id or local checkpoint path. Required."""
     mrl_dims: MrlDims = []
     """Matryoshka dimensions stored as extra named vectors (each >= 1, unique; sorted
@@ -407,7 +418,7 @@ class QdrantConfig(_Section):
 class RerankerConfig(_Section):
     """Qwen3-VL-Reranker for the last query step."""
 
-    model: OptPathStr = None
+    model: Annotated[OptPathStr, AfterValidator(_local_model)] = None
     """Hub id or path; None (or blank) = no reranking available."""
     instruction: str | None = None
     """Reranker instruction; None = the model's default."""
@@ -431,7 +442,7 @@ class QueryConfig(_Section):
 class OutputConfig(_Section):
     """Run outputs."""
 
-    dir: LocalDirStr = "runs"
+    dir: LocalDirStr = Field("runs", validate_default=True)  # made absolute like a given one
     """Folder for run outputs (dead letters, report). A leading ``~`` is expanded."""
     dead_letter_file: NonEmptyStr = "dead_letters.jsonl"
     """File name (no folder part) of the dead letters, inside each run's folder."""

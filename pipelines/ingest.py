@@ -44,7 +44,7 @@ from operators.units import DeadLetter, SourceObject
 from sinks.ingest_sink import IngestDatasink
 from sinks.qdrant_client_factory import QdrantSettings, make_client
 from sinks.qdrant_schema import CollectionSpec, ensure_collection
-from sinks.qdrant_sink import start_owner, stop_owner
+from sinks.qdrant_sink import StoreOpenError, start_owner, stop_owner
 from sinks.qdrant_writer import QdrantWriter
 
 from .actor_fit import ActorPool, check_pools_fit
@@ -52,7 +52,8 @@ from .config import Config
 from .config_secrets import redact
 from .interrupts import Interrupted, SignalGate, stop_on_signals
 from .plan import Plan, plan_objects, settings_digest, source_root, with_settings
-from .preflight import PreflightError, check_ray_address, first_line, collection_spec, ensure_folder, model_dimension
+from .preflight import (PreflightError, check_ray_address, collection_spec, embedded_store_error, ensure_folder,
+                        first_line, model_dimension)
 from .report import RunReport
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,11 @@ def ensure_ray(cfg: Config) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     check_cluster(cfg)
-    ray.init(address=cfg.compute.ray_address, include_dashboard=False, log_to_driver=True)
+    try:
+        ray.init(address=cfg.compute.ray_address, include_dashboard=False, log_to_driver=True)
+    except ConnectionError as exc:  # the cluster went away since the check, or could not be found
+        key = "compute.ray_address" if cfg.compute.ray_address else "the RAY_ADDRESS environment variable"
+        raise PreflightError(f"{key}: cannot connect to the Ray cluster: {first_line(exc)}") from None
 
 
 def server_client(cfg: Config) -> Any:
@@ -122,7 +127,10 @@ class Store:
         writer_kwargs = {"max_points_per_request": cfg.qdrant.upsert_batch}
         self.writer_kwargs = writer_kwargs
         if self.settings.embedded:  # its folder was made by run_ingest's preflight (ensure_folder)
-            self.owner = start_owner(self.settings, self.collection, writer_kwargs)
+            try:
+                self.owner = start_owner(self.settings, self.collection, writer_kwargs)
+            except StoreOpenError as exc:
+                raise PreflightError(embedded_store_error(self.settings.path, exc)) from None
             self.writer = None
         else:
             self.owner = None
@@ -200,7 +208,7 @@ def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], Non
     spec = collection_spec(cfg, model_dimension(cfg.embedder.model))
     # The source before the store: an unreachable source must not leave a new collection behind.
     objects, list_dead = list_source(cfg)
-    ensure_folder("output.dir", cfg.output.dir)  # now, not after every object is written
+    ensure_folder("output.dir", cfg.output.dir, probe=True)  # now, not after every object is written
     if cfg.qdrant.embedded:
         ensure_folder("qdrant.path", cfg.qdrant.path)
         ensure_ray(cfg)  # the embedded store's owner is an actor
@@ -221,9 +229,16 @@ def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], Non
             store.close()
             report.wall_seconds = time.perf_counter() - started
         run_dir = Path(cfg.output.dir) / run_id
-        report.write(run_dir, cfg.output.report_file, cfg.output.dead_letter_file, secrets)
-        echo(redact(report.summary(), secrets))
-        echo(f"report: {run_dir / cfg.output.report_file}")
+        echo(redact(report.summary(), secrets))  # first: the console has it even if the folder fails
+        try:
+            report.write(run_dir, cfg.output.report_file, cfg.output.dead_letter_file, secrets)
+        except OSError as exc:  # the folder filled up or turned read-only during the run
+            echo(f"error: the report could not be written to {run_dir}: {exc.strerror or exc}")
+            if failure is None:
+                raise IngestError(f"output.dir {cfg.output.dir!r}: the run's report could not be written "
+                                  f"({exc.strerror or exc}); the points are in the store") from None
+        else:
+            echo(f"report: {run_dir / cfg.output.report_file}")
         if failure is not None:
             not_written = sum(1 for d in report.dead_letters if d.get("stage") == "write")
             # A model the workers cannot load fails the same way on every re-run: say what to fix.
@@ -282,7 +297,7 @@ def _ingest(cfg: Config, report: RunReport, listing: tuple[list[SourceObject], l
             store.call("delete_by_uri", plan.vanished)
             report.pruned_objects = len(plan.vanished)
     except Exception as exc:
-        report.error = (f"{type(root_cause(exc)).__name__}: {_error_text(exc)} (in the bookkeeping after the "
+        report.error = (f"{cause_name(exc)}: {_error_text(exc)} (in the bookkeeping after the "
                         "writes: settling unit counts, deleting replaced or pruned points)")
         return exc
     return None
@@ -312,40 +327,86 @@ def _model_load_failed(exc: BaseException) -> bool:
 
 
 _EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception)\b[^:\s]*: ")
+_CHAINED = ("The above exception was the direct cause", "During handling of the above exception")
+# Ray Data appends retry advice to a failed UDF's wrapper: it says nothing about what failed.
+_ADVICE = re.compile(r"^(Failed to apply UDF transform after \d+/\d+ attempts|To change retry attempts, backoff)")
 
 
 def _error_text(exc: BaseException, limit: int = 500) -> str:
-    """The message of the root cause; for a Ray error carrying a remote traceback, the remote
-    exception's own message (its last "SomeError: ..." line and the lines that continue it)."""
-    cause = root_cause(exc)
+    """The message of the real cause (see real_cause), cut to `limit` characters."""
+    text = real_cause(exc)[1]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def cause_name(exc: BaseException) -> str:
+    """The type name of the real cause (see real_cause)."""
+    return real_cause(exc)[0]
+
+
+def real_cause(exc: BaseException) -> tuple[str, str]:
+    """(type name, message) of what started it all: the root cause; behind Ray Data's UserCodeException,
+    the remote exception it wraps; for a Ray error carrying a remote traceback, the remote exception's
+    own message (its last "SomeError: ..." line, other than Ray Data's wrapper, and the lines that continue it)."""
+    chain = _cause_chain(exc)
+    cause = chain[-1]
+    if isinstance(cause, ray.exceptions.UserCodeException):  # its own cause stayed in the worker: read the traceback
+        for link in reversed(chain):
+            found = _remote_exception(str(link))
+            if found is not None:
+                name, message = found
+                return name.rsplit(".", 1)[-1], message
     text = str(cause).strip()
     if isinstance(cause, ray.exceptions.RayError) and "\n" in text:
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        starts = [i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line)]
-        text = " ".join(lines[starts[-1]:]) if starts else lines[-1]
+        found = _remote_exception(text)
+        lines = _message_lines(text)
+        text = ": ".join(found) if found is not None else lines[-1] if lines else ""
     elif "\n" in text:  # e.g. an HTTP error with the response body after its first line
         text = text.splitlines()[0].strip()
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return type(cause).__name__, text
+
+
+def _message_lines(text: str) -> list[str]:
+    """The non-blank lines of an error's text, less Ray Data's retry advice."""
+    lines = (line.strip() for line in text.splitlines())
+    return [line for line in lines if line and not _ADVICE.match(line)]
+
+
+def _remote_exception(text: str) -> tuple[str, str] | None:
+    """(type as written, message) of the last exception in a traceback's text that is not Ray Data's
+    UserCodeException wrapper; None when there is none."""
+    lines = _message_lines(text)
+    starts = [i for i, line in enumerate(lines)
+              if _EXCEPTION_LINE.match(line) and "UserCodeException" not in line.split(":", 1)[0]]
+    if not starts:
+        return None
+    end = next((j for j in range(starts[-1] + 1, len(lines))  # the message ends where a chained exception begins
+                if lines[j].startswith(_CHAINED) or _EXCEPTION_LINE.match(lines[j])), len(lines))
+    name, _, message = " ".join(lines[starts[-1]:end]).partition(": ")
+    return name, message
 
 
 def root_cause(exc: BaseException) -> BaseException:
     """The exception that started it all, through Ray's task-error wrappers and `raise ... from` chains."""
-    seen: set[int] = set()
-    while id(exc) not in seen:
-        seen.add(id(exc))
+    return _cause_chain(exc)[-1]
+
+
+def _cause_chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and its causes, outermost first, through Ray's task-error wrappers and `raise ... from` chains."""
+    chain = [exc]
+    while True:
         nxt = getattr(exc, "cause", None) if isinstance(exc, ray.exceptions.RayTaskError) else None
         nxt = nxt if isinstance(nxt, BaseException) else exc.__cause__
-        if nxt is None or isinstance(nxt, SystemException):  # Ray Data's empty marker for non-user errors
-            break
+        if nxt is None or isinstance(nxt, SystemException) or any(nxt is c for c in chain):
+            return chain  # SystemException: Ray Data's empty marker for non-user errors
+        chain.append(nxt)
         exc = nxt
-    return exc
 
 
 def _account_stopped_run(report: RunReport, todo: list[Any], store: Store, exc: BaseException) -> None:
     """After a mid-run failure: objects fully in the store are ingested, every other one is "not written";
     the points written are those of the run's objects, in their new version, found in the store."""
-    cause = root_cause(exc)
-    report.error = f"{type(cause).__name__}: {_error_text(exc)}"
+    cause = cause_name(exc)
+    report.error = f"{cause}: {_error_text(exc)}"
     try:
         stored = store.call("stored_objects", [o.uri for o in todo])
     except Exception as read_exc:  # the store may be down altogether
@@ -365,7 +426,7 @@ def _account_stopped_run(report: RunReport, todo: list[Any], store: Store, exc: 
                 "not written" if held is None or not held.points_of(obj.fingerprint) else
                 "not complete (its unit count is settled, and its failed units reported, when a run ends)")
         report.dead_letters.append({"uri": obj.uri, "position": None, "stage": "write",
-                                    "error_type": type(cause).__name__,
+                                    "error_type": cause,
                                     "message": f"{what}: the run stopped on {report.error}; re-run to finish"})
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -32,7 +33,9 @@ def check_ray_address(address: str | None, timeout_s: float = 10.0, key: str = "
     one TCP connect answers in seconds. None (a local Ray) and "auto" are not probed. key: where
     the address comes from, for the message.
     """
-    if address is None or address in ("auto", "local") or ("://" in address and not address.startswith("ray://")):
+    if address == "auto":
+        address = _running_cluster(key)
+    if address is None or address == "local" or ("://" in address and not address.startswith("ray://")):
         return  # other schemes are Ray's to interpret
     client = address.startswith("ray://")
     hostport = address[len("ray://"):] if client else address
@@ -47,6 +50,29 @@ def check_ray_address(address: str | None, timeout_s: float = 10.0, key: str = "
     except OSError as exc:
         raise PreflightError(f"{key} {address!r}: cannot connect to {host}:{port_number} "
                              f"({type(exc).__name__}: {exc}); is the Ray cluster up and reachable?") from None
+
+
+def _running_cluster(key: str) -> str | None:
+    """The address "auto" stands for (host:port), or PreflightError when no Ray cluster runs on this machine.
+
+    ray.init("auto") would fail the same way, but only after the store and folders were opened.
+    None: Ray's discovery could not be asked (a private API); ray.init will say.
+    """
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+    except ImportError:
+        return None
+    try:
+        found = canonicalize_bootstrap_address("auto")
+    except ConnectionError:  # Ray's way of saying it found none
+        found = None
+    except Exception as exc:  # a malformed RAY_ADDRESS or cluster file: ray.init says the same
+        raise PreflightError(f"{key} 'auto': {type(exc).__name__}: {exc}") from None
+    if found is None:
+        raise PreflightError(f"{key} 'auto': no running Ray cluster found on this machine; start one "
+                             "(`ray start --head`), give its address, or leave compute.ray_address empty "
+                             "for a local Ray")
+    return found
 
 
 def model_dimension(model: str) -> int:
@@ -126,13 +152,38 @@ def check_not_a_file(key: str, path: str) -> None:
         raise PreflightError(f"{key} {path!r} is a file, not a folder")
 
 
-def ensure_folder(key: str, path: str) -> None:
-    """Create the folder a config key names, or raise PreflightError naming the key."""
+def ensure_folder(key: str, path: str, probe: bool = False) -> None:
+    """Create the folder a config key names, or raise PreflightError naming the key.
+
+    probe: also write and remove a small file there, so that a read-only or full folder is found
+    now rather than after the whole run (a report that cannot be written loses its dead letters).
+    """
     check_not_a_file(key, path)
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PreflightError(f"{key} {path!r} cannot be created: {exc.strerror or exc}") from None
+    if probe:
+        try:
+            with tempfile.TemporaryFile(dir=path, prefix=".qvl-probe-") as fh:
+                fh.write(b"\0" * _PROBE_BYTES)
+                fh.flush()
+        except OSError as exc:
+            raise PreflightError(f"{key} {path!r} cannot be written: {exc.strerror or exc}") from None
+
+
+_PROBE_BYTES = 65536  # about what a run's report takes: a full disk fails here
+
+
+def check_writable(key: str, path: str) -> None:
+    """Raise PreflightError naming the key when this process could not create or write the folder path
+    (its nearest existing folder is not writable); nothing is created."""
+    check_not_a_file(key, path)
+    existing = Path(os.path.abspath(path))
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        raise PreflightError(f"{key} {path!r} cannot be written: {existing} is not writable")
 
 
 def embedded_store_error(path: str, exc: BaseException) -> str:
@@ -140,7 +191,9 @@ def embedded_store_error(path: str, exc: BaseException) -> str:
     # The usual cause is another process holding it (a running ingestion).
     hint = (" (an embedded store admits one process at a time: wait for the other one, e.g. a running "
             "ingestion, or use a Qdrant server)" if "already accessed" in str(exc) else "")
-    return f"qdrant.path {path!r} cannot be opened: {type(exc).__name__}: {first_line(exc)}{hint}"
+    kind = getattr(exc, "cause_type", None) or type(exc).__name__  # the owner's StoreOpenError names its cause
+    text = getattr(exc, "message", None) or str(exc)
+    return f"qdrant.path {path!r} cannot be opened: {kind}: {first_line(text)}{hint}"
 
 
 def open_embedded_store(path: str) -> Any:
@@ -153,7 +206,7 @@ def open_embedded_store(path: str) -> Any:
         raise PreflightError(embedded_store_error(path, exc)) from None
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message."""
+def first_line(exc: BaseException | str) -> str:
+    """The first line of an exception's message (or of a text)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else ""

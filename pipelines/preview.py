@@ -24,7 +24,7 @@ from .config import Config
 from .config_secrets import redact
 from .ingest import EXPAND_TASK_CPUS, check_cluster, list_source, server_client
 from .plan import Plan, plan_objects, source_root
-from .preflight import (PreflightError, check_not_a_file, collection_spec, first_line, model_dimension,
+from .preflight import (PreflightError, check_not_a_file, check_writable, collection_spec, first_line, model_dimension,
                         open_embedded_store)
 
 
@@ -112,7 +112,7 @@ def preview_ingest(cfg: Config, prune: bool | None = None) -> PlanPreview:
     spec = collection_spec(cfg, model_dimension(cfg.embedder.model))
     objects, unlisted = list_source(cfg)
     # The run's other checks, in its order, none of which creates or starts anything here.
-    check_not_a_file("output.dir", cfg.output.dir)
+    check_writable("output.dir", cfg.output.dir)
     if cfg.qdrant.embedded:
         check_not_a_file("qdrant.path", cfg.qdrant.path)
     check_cluster(cfg)

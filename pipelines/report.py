@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -10,6 +11,17 @@ from typing import Any, Iterable
 from .config_secrets import redact_obj
 
 OBJECT_STATUSES = ("ingested", "unchanged", "failed", "skipped")
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Write a file whole or not at all: a full disk must not leave a truncated report that tools then misread."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @dataclass
@@ -61,11 +73,11 @@ class RunReport:
         """Write report.json and the dead-letter JSONL (secrets scrubbed) into run_dir."""
         secrets = list(secrets)
         run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / dead_letter_file, "w", encoding="utf-8") as fh:
-            for record in self.dead_letters:
-                fh.write(json.dumps(redact_obj(record, secrets), ensure_ascii=False) + "\n")
+        letters = "".join(json.dumps(redact_obj(record, secrets), ensure_ascii=False) + "\n"
+                          for record in self.dead_letters)
+        _write_whole(run_dir / dead_letter_file, letters)
         path = run_dir / report_file
-        path.write_text(json.dumps(redact_obj(self.as_dict(), secrets), indent=2, ensure_ascii=False, default=str))
+        _write_whole(path, json.dumps(redact_obj(self.as_dict(), secrets), indent=2, ensure_ascii=False, default=str))
         return path
 
     def summary(self) -> str:

@@ -147,14 +147,36 @@ def row_to_point(row: Mapping[str, Any], spec: CollectionSpec | None = None) -> 
 # -- embedded-mode owner -----------------------------------------------------------
 
 
+class StoreOpenError(RuntimeError):
+    """The embedded store could not be opened by its owner (another process holds it, a read-only folder...)."""
+
+    def __init__(self, cause_type: str, message: str) -> None:
+        super().__init__(f"{cause_type}: {message}")
+        self.cause_type, self.message = cause_type, message
+
+    def __reduce__(self):  # crosses the actor boundary as itself
+        return (StoreOpenError, (self.cause_type, self.message))
+
+
 @ray.remote(num_cpus=0)
 class QdrantOwner:
     """The one process that opens an embedded (local-mode) store; write tasks send it their points."""
 
     def __init__(self, settings: QdrantSettings, collection: str, writer_kwargs: dict[str, Any] | None = None):
-        self.client = make_client(settings)
-        tune_embedded_storage(self.client)
-        self.writer = QdrantWriter(self.client, collection, **(writer_kwargs or {}))
+        # A store that cannot be opened is reported by open_error(), not by dying here: an actor
+        # whose constructor raises costs the driver a Ray traceback and hides the cause.
+        self.client = self.writer = None
+        self._open_error: StoreOpenError | None = None
+        try:
+            self.client = make_client(settings)
+            tune_embedded_storage(self.client)
+            self.writer = QdrantWriter(self.client, collection, **(writer_kwargs or {}))
+        except Exception as exc:
+            self._open_error = StoreOpenError(type(exc).__name__, str(exc))
+
+    def open_error(self) -> "StoreOpenError | None":
+        """Why the store could not be opened; None when it is open."""
+        return self._open_error
 
     def upsert(self, rows: Sequence[PointRecord]) -> dict[str, int]:
         """Upsert PointRecords; return this call's stats (points, requests, retries)."""
@@ -199,7 +221,8 @@ class QdrantOwner:
 
     def close(self) -> None:
         """Close the client (releases the folder lock)."""
-        self.client.close()
+        if self.client is not None:
+            self.client.close()
 
 
 def start_owner(
@@ -211,9 +234,14 @@ def start_owner(
     if not settings.embedded:
         raise ValueError("an owner actor is only needed for embedded mode (qdrant.path)")
     node = ray.get_runtime_context().get_node_id()
-    return QdrantOwner.options(
+    owner = QdrantOwner.options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False)
     ).remote(settings, collection, writer_kwargs)
+    error = ray.get(owner.open_error.remote())
+    if error is not None:
+        ray.kill(owner)
+        raise error
+    return owner
 
 
 def stop_owner(owner: "ActorHandle") -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import textwrap
 from pathlib import Path
@@ -62,7 +63,7 @@ def with_section(section: str, **values) -> dict:
 def test_local_config_loads():
     cfg = load_config(CONFIGS / "local.yaml")
     assert cfg.source.uri == "sample_data/"
-    assert cfg.qdrant.path == "qdrant_data" and cfg.qdrant.url is None and cfg.qdrant.embedded
+    assert cfg.qdrant.path == os.path.abspath("qdrant_data") and cfg.qdrant.url is None and cfg.qdrant.embedded
     assert cfg.qdrant.collection == "media"
     assert cfg.embedder.model == "Qwen/Qwen3-VL-Embedding-2B"
     assert cfg.embedder.mrl_dims == [256, 64]
@@ -181,7 +182,7 @@ def test_defaults():
     two = c.model_copy(update={"embed_actors": 2, "inflight_mib_per_actor": 100})
     assert two.inflight_bytes(0.0) == two.inflight_bytes(1.0) == 200 * 2**20
     q = cfg.qdrant
-    assert (q.url, q.path, q.api_key_env, q.collection) == (None, "qdrant_data", "QDRANT_API_KEY", "media")
+    assert (q.url, q.path, q.api_key_env, q.collection) == (None, os.path.abspath("qdrant_data"), "QDRANT_API_KEY", "media")
     assert (q.full_datatype, q.on_disk, q.quantization, q.upsert_batch, q.timeout_s) == (
         "float32",
         False,
@@ -195,7 +196,7 @@ def test_defaults():
     assert qu.instruction == DEFAULT_QUERY_INSTRUCTION == "Retrieve images or text relevant to the user's query."
     assert (qu.top_k, qu.top_n, qu.prefetch_multiplier) == (100, 10, 4)
     o = cfg.output
-    assert (o.dir, o.dead_letter_file, o.report_file) == ("runs", "dead_letters.jsonl", "report.json")
+    assert (o.dir, o.dead_letter_file, o.report_file) == (os.path.abspath("runs"), "dead_letters.jsonl", "report.json")
     assert cfg.prune is False
 
 
@@ -647,7 +648,19 @@ def test_tilde_expanded_in_local_folders(monkeypatch, tmp_path):
     # Also from a file and from Python; source.uri is left to the listing (it may be a URL).
     cfg = parse_config(with_section("output", dir="~"), ["source.uri=~/media"])
     assert cfg.output.dir == str(tmp_path) and cfg.source.uri == "~/media"
-    assert parse_config(MINIMAL, ["qdrant.path=x/~"]).qdrant.path == "x/~"
+    assert parse_config(MINIMAL, ["qdrant.path=x/~"]).qdrant.path == os.path.abspath("x/~")
+
+
+def test_local_paths_are_made_absolute_in_the_driver(monkeypatch, tmp_path):
+    """Ray workers on a joined cluster run in another folder: a relative path must not reach them."""
+    (tmp_path / "ckpt").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_config(MINIMAL, ["qdrant.path=store", "output.dir=./runs", "embedder.model=ckpt",
+                                 "reranker.model=ckpt"])
+    assert cfg.qdrant.path == str(tmp_path / "store") and cfg.output.dir == str(tmp_path / "runs")
+    assert cfg.embedder.model == cfg.reranker.model == str(tmp_path / "ckpt")
+    hub = parse_config(MINIMAL, ["embedder.model=Qwen/Qwen3-VL-Embedding-2B", "reranker.model=Qwen/Qwen3-VL-Reranker-2B"])
+    assert (hub.embedder.model, hub.reranker.model) == ("Qwen/Qwen3-VL-Embedding-2B", "Qwen/Qwen3-VL-Reranker-2B")
 
 
 @pytest.mark.parametrize("key", ["report_file", "dead_letter_file"])

@@ -1,0 +1,67 @@
+"""An ingestion that cannot finish its job stops before any work, naming the config key to fix."""
+
+import json
+
+import pytest
+import yaml
+from qdrant_client import QdrantClient
+
+from pipelines.cli import main as qvl
+from pipelines.config import parse_config
+from pipelines.ingest import run_ingest
+from pipelines.preflight import PreflightError
+from pipelines.report import RunReport
+
+
+def _job(tmp_path, ckpt, **sections):
+    """A one-file job: its YAML file's path, and the parsed config."""
+    (tmp_path / "src").mkdir(exist_ok=True)
+    (tmp_path / "src" / "a.txt").write_text("a short note")
+    data = {"source": {"uri": str(tmp_path / "src")}, "embedder": {"model": str(ckpt)},
+            "qdrant": {"path": str(tmp_path / "qdrant"), "collection": "pre"},
+            "output": {"dir": str(tmp_path / "runs")}}
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path), parse_config(data)
+
+
+def test_an_output_dir_that_cannot_be_written_stops_the_run_before_any_work(tmp_path, tiny_embedding_ckpt,
+                                                                             ray_local):
+    # /proc/self exists and is a folder, but nothing can be created in it, not even by root.
+    path, cfg = _job(tmp_path, tiny_embedding_ckpt, output={"dir": "/proc/self"})
+    with pytest.raises(PreflightError, match=r"output.dir '/proc/self' cannot be written"):
+        run_ingest(cfg)
+    assert not (tmp_path / "qdrant").exists() or not any((tmp_path / "qdrant").iterdir())
+    assert qvl(["ingest", path, "--plan"]) == 2
+    assert qvl(["ingest", path]) == 2
+
+
+def test_a_store_held_by_another_process_is_named_by_its_key(tmp_path, tiny_embedding_ckpt, ray_local, capsys):
+    path, cfg = _job(tmp_path, tiny_embedding_ckpt)
+    holder = QdrantClient(path=cfg.qdrant.path)  # e.g. a running ingestion
+    try:
+        with pytest.raises(PreflightError, match=r"qdrant.path .* cannot be opened: .*one process at a time"):
+            run_ingest(cfg)
+        capsys.readouterr()
+        assert qvl(["ingest", path]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"error: qdrant.path '{cfg.qdrant.path}' cannot be opened")
+    finally:
+        holder.close()
+    assert run_ingest(cfg).points_written == 1  # once released, the same job runs
+
+
+def test_a_report_is_written_whole_or_not_at_all(tmp_path):
+    report = RunReport("r1", "c", "/src", "m")
+    report.dead_letters.append({"uri": "/src/a", "stage": "expand"})
+    run_dir = tmp_path / "r1"
+    (run_dir / "report.json").mkdir(parents=True)  # the report's name taken: the write fails
+    with pytest.raises(OSError):
+        report.write(run_dir, "report.json", "dead_letters.jsonl", [])
+    assert sorted(p.name for p in run_dir.iterdir()) == ["dead_letters.jsonl", "report.json"]
+    assert json.loads((run_dir / "dead_letters.jsonl").read_text())["uri"] == "/src/a"
+    (run_dir / "report.json").rmdir()
+    report.write(run_dir, "report.json", "dead_letters.jsonl", [])
+    assert json.loads((run_dir / "report.json").read_text())["run_id"] == "r1"
