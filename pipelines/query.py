@@ -147,9 +147,20 @@ class QueryResult:
                 "seconds": self.seconds}
 
 
+# Scores equal to this many decimals are a tie: a query embedded in a batch (query-batch) and alone
+# (query) differ in the last bits, which must not reorder equal hits between the two.
+TIE_DECIMALS = 5
+
+
+def _tie_order(c: Candidate) -> tuple[float, str]:
+    """The order among equal scores: higher vector score (to TIE_DECIMALS), then point id."""
+    return -round(float(c.score), TIE_DECIMALS), str(c.point_id)
+
+
 def vector_order(candidates: Sequence[Candidate], top_n: int) -> list[Hit]:
-    """Hits in Qdrant's order (no reranking)."""
-    return [_hit(i + 1, c, None) for i, c in enumerate(candidates[:top_n])]
+    """Hits in vector-score order (no reranking); ties as _tie_order."""
+    ranked = sorted(candidates, key=_tie_order)
+    return [_hit(i + 1, c, None) for i, c in enumerate(ranked[:top_n])]
 
 
 def load_candidates(candidates: Sequence[Candidate], *, storage_options: dict[str, Any] | None,
@@ -176,24 +187,24 @@ def rerank_candidates(reranker: Any, query: Mapping[str, Any], candidates: Seque
                       workers: int = 8) -> tuple[list[Hit], list[Skipped]]:
     """Rebuild, score with the reranker, sort by score, keep top_n.
 
-    Ties keep the vector order. Candidates whose content cannot be rebuilt, or that the
+    Ties (equal to TIE_DECIMALS) are ordered as _tie_order. Candidates whose content cannot be rebuilt, or that the
     reranker cannot read, are returned as Skipped with the reason.
     """
     docs = load_candidates(candidates, storage_options=storage_options, settings=settings, workers=workers)
     skipped = [_skipped(c, d) for c, d in zip(candidates, docs) if isinstance(d, str)]
     ready = [(i, c, d) for i, (c, d) in enumerate(zip(candidates, docs)) if not isinstance(d, str)]
-    scored: list[tuple[float, int, Candidate]] = []
+    scored: list[tuple[float, Candidate]] = []
     # One call for the whole top-k: the reranker batches the pairs itself and computes the
     # query's shared prefix (and, for an image query, its vision tower) once, not once per batch.
     results = (reranker.score(model_ready_images(query, storage_options), [d for _, _, d in ready], instruction)
                if ready else [])
-    for (i, c, _), r in zip(ready, results):
+    for (_, c, _), r in zip(ready, results):
         if r.ok:
-            scored.append((float(r.score), i, c))
+            scored.append((float(r.score), c))
         else:
             skipped.append(_skipped(c, f"reranker cannot read the candidate: {r.error}"))
-    scored.sort(key=lambda t: (-t[0], t[1]))
-    hits = [_hit(rank + 1, c, s) for rank, (s, _, c) in enumerate(scored[:top_n])]
+    scored.sort(key=lambda t: (-round(t[0], TIE_DECIMALS), *_tie_order(t[1])))
+    hits = [_hit(rank + 1, c, s) for rank, (s, c) in enumerate(scored[:top_n])]
     return hits, skipped
 
 

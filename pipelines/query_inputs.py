@@ -43,20 +43,29 @@ def _listed(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple, set)) else [value]
 
 
-def _condition(key: str, value: Any) -> models.FieldCondition:
+def _number_range(key: str, number: float) -> models.FieldCondition:
+    """key equal to a number, whether the payload holds it as an integer or a float (2 matches 2.0)."""
+    return models.FieldCondition(key=key, range=models.Range(gte=number, lte=number))
+
+
+def _condition(key: str, value: Any) -> models.FieldCondition | models.Filter:
     if not _KEY_PATH.match(key):  # the store's own answer is "Invalid path", naming nothing
         raise QueryInputError(f"filter key {key!r} is not a payload key (letters, digits, '_' and '-', dotted "
                               "for a nested field, [] for an array)")
     values = _listed(value)
     if not values:
         raise QueryInputError(f"filter {key!r} has no value")
-    if all(isinstance(v, str) for v in values) or all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+    if all(isinstance(v, str) for v in values):
         match = models.MatchValue(value=values[0]) if len(values) == 1 else models.MatchAny(any=values)
         return models.FieldCondition(key=key, match=match)
     if len(values) == 1 and isinstance(values[0], bool):
         return models.FieldCondition(key=key, match=models.MatchValue(value=values[0]))
-    if len(values) == 1 and isinstance(values[0], float):
-        return models.FieldCondition(key=key, range=models.Range(gte=values[0], lte=values[0]))
+    # Numbers by value, not by type: an exact integer match never matches a float payload
+    # (start_s=2 would miss 2.0), so each number is a closed range.
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        if len(values) == 1:
+            return _number_range(key, values[0])
+        return models.Filter(should=[_number_range(key, v) for v in values])
     raise QueryInputError(f"filter {key!r}: unsupported value {value!r} (use strings, integers, a bool or a number)")
 
 

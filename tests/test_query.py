@@ -412,7 +412,7 @@ def test_filter_helpers():
     assert flt == models.Filter(must=[
         models.FieldCondition(key="modality", match=models.MatchValue(value="image")),
         models.FieldCondition(key="source_prefixes", match=models.MatchValue(value="s3://b/d/")),
-        models.FieldCondition(key="page", match=models.MatchValue(value=2)),
+        models.FieldCondition(key="page", range=models.Range(gte=2, lte=2)),
         models.FieldCondition(key="lang", match=models.MatchAny(any=["en", "fr"]))])
     assert build_filter({}) is None and build_filter(None) is None
     assert parse_filter_args(["modality=image", "modality=mixed", "page=2", 'record_id="7"', "x=a=b"]) == \
@@ -427,6 +427,42 @@ def test_filter_helpers():
     # A local source_uri is stored absolute: a relative one is matched as such, as source_prefix is.
     assert build_filter({"source_uri": ["rel/a.pdf", "s3://b/k.pdf"]}).must[0].match.any == \
         [os.path.abspath("rel/a.pdf"), "s3://b/k.pdf"]
+
+
+def test_equal_scores_rank_the_same_whatever_the_last_bits(reranker):
+    """A query embedded in a batch and alone differs in the last bits: equal hits must not swap (query vs query-batch)."""
+    from pipelines.query import Candidate, rerank_candidates, vector_order
+
+    payload = {"source_uri": "/none/t.txt", "modality": "text", "position": "chunk=0", "text": "the same caption"}
+    one = [Candidate("b", 0.5 + 1e-9, dict(payload)), Candidate("a", 0.5, dict(payload)),
+           Candidate("c", 0.49, dict(payload))]
+    other = [Candidate("a", 0.5 + 1e-9, dict(payload)), Candidate("b", 0.5, dict(payload)),
+             Candidate("c", 0.49, dict(payload))]
+    for candidates in (one, other):
+        assert [h.point_id for h in vector_order(candidates, 3)] == ["a", "b", "c"]
+        hits, skipped = rerank_candidates(reranker, {"text": "caption"}, candidates, top_n=3, instruction=None,
+                                          storage_options=None, settings=None)
+        assert not skipped and len({h.rerank_score for h in hits}) == 1
+        assert [h.point_id for h in hits] == ["a", "b", "c"]  # equal rerank scores: vector score, then id
+
+
+def test_a_number_filter_matches_by_value_whatever_the_payload_type(tmp_path):
+    """start_s=2 must find 2.0 (a video segment's float), page=2 the integer 2, in a real embedded store."""
+    client = QdrantClient(path=str(tmp_path / "q"))
+    try:
+        client.create_collection("n", vectors_config=models.VectorParams(size=2, distance=models.Distance.COSINE))
+        client.upsert("n", [models.PointStruct(id=i, vector=[1.0, float(i)], payload=p) for i, p in enumerate(
+            [{"start_s": 2.0}, {"start_s": 4.0}, {"page": 2}, {"page": 3}, {"flag": True}])])
+
+        def ids(filters):
+            return sorted(p.id for p in client.scroll("n", scroll_filter=build_filter(filters), limit=10)[0])
+
+        assert ids({"start_s": 2}) == [0] and ids({"start_s": 2.0}) == [0] and ids({"start_s": [2, 4]}) == [0, 1]
+        assert ids({"page": 2}) == [2] and ids({"page": [2, 3.0]}) == [2, 3] and ids({"flag": True}) == [4]
+        with pytest.raises(QueryInputError, match="unsupported value"):
+            build_filter({"page": [2, "x"]})
+    finally:
+        client.close()
 
 
 # -- skipped candidates ----------------------------------------------------------------------
