@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import time
 import uuid
 import warnings
@@ -50,7 +51,7 @@ from sinks.qdrant_writer import QdrantWriter
 from .actor_fit import ActorPool, check_pools_fit
 from .config import Config
 from .config_secrets import redact
-from .interrupts import Interrupted, SignalGate, stop_on_signals
+from .interrupts import Interrupted, SignalGate, defer_signals, stop_on_signals
 from .plan import Plan, plan_objects, settings_digest, source_root, with_settings
 from .preflight import (PreflightError, check_ray_address, collection_spec, embedded_store_error, ensure_folder,
                         first_line, model_dimension)
@@ -89,6 +90,15 @@ def ensure_ray(cfg: Config) -> None:
     except ConnectionError as exc:  # the cluster went away since the check, or could not be found
         key = "compute.ray_address" if cfg.compute.ray_address else "the RAY_ADDRESS environment variable"
         raise PreflightError(f"{key}: cannot connect to the Ray cluster: {first_line(exc)}") from None
+    except SystemExit as exc:  # Ray's handler of a SIGTERM during its start: sys.exit(signum)
+        if exc.code != signal.SIGTERM:
+            raise
+        ray.shutdown()  # the processes it had started, which would outlive this one
+        raise Interrupted(signal.SIGTERM, "interrupted by SIGTERM while Ray was starting; nothing was "
+                          "written") from None
+    # Until the job's own handlers (stop_on_signals), a stop signal waits for them: the job then
+    # stops at its first safe point (exit 143, one line), not with Ray's sys.exit(15) and no word.
+    defer_signals()
 
 
 def server_client(cfg: Config) -> Any:

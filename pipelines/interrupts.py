@@ -84,6 +84,32 @@ class SignalGate:
             raise Interrupted(self.pending, message)
 
 
+_early: list[int] = []  # stop signals that came after defer_signals(), before the run's gate
+_deferring: list[bool] = []  # non-empty from defer_signals() to the next stop_on_signals()
+
+
+def _remember(signum: int, frame: Any) -> None:
+    """A stop signal before the run's gate: kept for the gate (raising here could leave a lock held)."""
+    for sig in SIGNALS:  # the next one, of either kind, stops the process at once
+        signal.signal(sig, signal.SIG_DFL)
+    _early.append(int(signum))
+
+
+def defer_signals() -> None:
+    """Until stop_on_signals(), a stop signal is remembered and acted on by its gate at the first safe point.
+
+    For the start of a job, after ray.init: Ray's handler would exit 15 with no word, wherever the
+    main thread is. Outside the main thread nothing is installed.
+    """
+    if threading.current_thread() is threading.main_thread():
+        _deferring.append(True)
+        for sig in SIGNALS:
+            signal.signal(sig, _remember)
+
+
+_DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+
+
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[SignalGate]:
     """Within the block SIGINT and SIGTERM are the gate's (see SignalGate); the old handlers are restored after.
@@ -94,9 +120,16 @@ def stop_on_signals() -> Iterator[SignalGate]:
     if threading.current_thread() is not threading.main_thread():
         yield gate
         return
-    previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    # After a deferral the handlers to come back to are the defaults (the deferral ends with the job).
+    previous = dict(_DEFAULTS) if _deferring else {sig: signal.getsignal(sig) for sig in SIGNALS}
+    _deferring.clear()
     for sig in SIGNALS:
         signal.signal(sig, gate.handle)
+    if _early:  # came since defer_signals(): the gate acts on it at its first safe point
+        gate.pending = _early[-1]
+        _early.clear()
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
     try:
         yield gate
     finally:

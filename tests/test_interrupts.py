@@ -73,3 +73,56 @@ def test_interrupted_keeps_its_signal_and_message_across_pickling() -> None:
     stop = Interrupted(signal.SIGTERM).with_message("interrupted by SIGTERM: 3 objects were written completely")
     back = pickle.loads(pickle.dumps(stop))
     assert (back.signum, str(back), back.exit_code) == (signal.SIGTERM, str(stop), 143)
+
+
+def test_a_signal_before_the_gate_waits_for_it() -> None:
+    """After ray.init and before the run's gate, a stop signal is kept (raising there could leave a lock held)."""
+    from pipelines.interrupts import defer_signals
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        defer_signals()
+        _send(signal.SIGTERM)  # nothing raised here
+        with stop_on_signals() as gate:
+            with pytest.raises(Interrupted) as info:
+                with gate.interruptible():
+                    pass
+        assert info.value.signum == signal.SIGTERM
+        # the deferral ends with the job: defaults are back, not the deferral
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def test_sigterm_while_the_job_starts_ray_is_one_line_and_exit_143(tmp_path, tiny_embedding_ckpt) -> None:
+    """Between ray.init and the run's own handlers, Ray's handler used to exit 15 with no word."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("a note")
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"source": {"uri": str(tmp_path / "src")}, "embedder": {"model": str(tiny_embedding_ckpt)},
+                                   "qdrant": {"path": str(tmp_path / "q"), "collection": "sig"},
+                                   "output": {"dir": str(tmp_path / "runs")}}))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "ingest", str(job)], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, env=env, start_new_session=True)
+    seen = []
+    try:
+        for line in proc.stderr:  # ray.init's last words: its handler is still the one in place
+            seen.append(line)
+            if "Started a local Ray instance" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = "".join(seen) + rest
+    assert proc.returncode == 143, err
+    assert "error: interrupted by SIGTERM" in err and "Traceback" not in err
