@@ -17,6 +17,7 @@ from PIL import Image
 from qwen_vl_utils import process_vision_info
 
 from ..once_cache import OnceCache
+from . import plain_text
 from .media_io import MediaError, VideoFiles, resolve_image, resolve_video
 
 IMAGE_PATCH_SIZE = 16
@@ -157,13 +158,31 @@ def run_processor(processor: Any, prompt: str, conversation: list[dict[str, Any]
     videos = metadata = None
     if video_inputs is not None:
         videos, metadata = (list(x) for x in zip(*video_inputs))
-    out = processor(text=[prompt], images=images, videos=videos, video_metadata=metadata,
+    processor_prompt, plain = plain_text_prompt(processor, prompt, conversation)
+    out = processor(text=[processor_prompt], images=images, videos=videos, video_metadata=metadata,
                     do_resize=False, return_tensors="pt", **text_kwargs, **video_kwargs)
     ids = out["input_ids"][0].tolist()
     vision = {k: out[k] for k in VISION_KEYS if k in out}
     # transformers >= 5.3 returns per-token multimodal types; keep them aligned with the ids.
     extra = {k: out[k][0].tolist() for k in ("mm_token_type_ids",) if k in out}
+    if plain is not None:
+        ids, extra = plain_text.restore(processor, plain, ids, extra, text_kwargs)
     return ids, vision, extra
+
+
+def plain_text_prompt(processor: Any, prompt: str,
+                      conversation: list[dict[str, Any]]) -> tuple[str, plain_text.Skeleton | None]:
+    """The prompt for the processor, and the skeleton to restore its ids from (None: the caller's prompt as is)."""
+    plain = plain_text.skeleton(processor, conversation)
+    if plain is None:
+        return prompt, None
+    skeleton_prompt = render_prompt(processor, plain.conversation)
+    # The texts must come back exactly where the template put them (a template that looked
+    # inside a text would render the skeleton differently).
+    if plain.unescape(skeleton_prompt) != prompt:
+        raise ValueError("the chat template renders this input's texts differently when they are replaced; "
+                         "cannot keep their special-token strings as plain text")
+    return skeleton_prompt, plain
 
 
 class VisionCache(OnceCache[tuple[torch.Tensor, torch.Tensor]]):
@@ -219,14 +238,17 @@ def run_processor_cached(processor: Any, prompt: str, conversation: list[dict[st
         hit = cached_image(processor, entry, storage_options, cache, key, dtype)
         pixels.append(hit[0])
         grids.append(hit[1])
-    text = prompt
+    text, plain = plain_text_prompt(processor, prompt, conversation)
     merge = processor.image_processor.merge_size ** 2
     for grid in grids:  # as the processor expands them: in order, one placeholder at a time
         text = text.replace(processor.image_token, "<|placeholder|>" * int(grid.prod() // merge), 1)
     text = text.replace("<|placeholder|>", processor.image_token)
     out = processor.tokenizer([text], return_tensors="pt", return_token_type_ids=False, **text_kwargs)
     vision = {"pixel_values": joined(pixels), "image_grid_thw": joined(grids)} if pixels else {}
-    return out["input_ids"][0].tolist(), vision, {}
+    ids = out["input_ids"][0].tolist()
+    if plain is not None:
+        ids, _ = plain_text.restore(processor, plain, ids, {}, text_kwargs)
+    return ids, vision, {}
 
 
 def joined(parts: Sequence[torch.Tensor]) -> torch.Tensor:
