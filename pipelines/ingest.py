@@ -154,6 +154,22 @@ class Store:
             return ensure_collection(self.writer.client, *args)
         return getattr(self.writer, method)(*args)
 
+    def call_reopening(self, method: str, *args: Any) -> Any:
+        """As call; in embedded mode, once more through a fresh owner if the owner died (an OOM kill, say):
+        the folder's lock died with it, and what it wrote is on disk."""
+        try:
+            return self.call(method, *args)
+        except ray.exceptions.RayActorError:
+            if self.owner is None:
+                raise
+            try:
+                ray.kill(self.owner)
+            except Exception:  # gone already
+                pass
+            self.owner = None
+            self.owner = start_owner(self.settings, self.collection, self.writer_kwargs)
+            return self.call(method, *args)
+
     def sink(self, spec: CollectionSpec) -> IngestDatasink:
         """The datasink writing into this store."""
         return IngestDatasink(self.settings, self.collection, self.owner, spec=spec, writer_kwargs=self.writer_kwargs)
@@ -418,7 +434,7 @@ def _account_stopped_run(report: RunReport, todo: list[Any], store: Store, exc: 
     cause = cause_name(exc)
     report.error = f"{cause}: {_error_text(exc)}"
     try:
-        stored = store.call("stored_objects", [o.uri for o in todo])
+        stored = store.call_reopening("stored_objects", [o.uri for o in todo])
     except Exception as read_exc:  # the store may be down altogether
         stored = None
         report.error += f" (the store could not be read afterwards: {type(read_exc).__name__})"

@@ -1,4 +1,4 @@
-"""An ingestion that cannot finish its job stops before any work, naming the config key to fix."""
+"""Operational failures of an ingestion: what cannot work stops before any work naming its key; a dead store owner is survived."""
 
 import json
 
@@ -65,3 +65,21 @@ def test_a_report_is_written_whole_or_not_at_all(tmp_path):
     (run_dir / "report.json").rmdir()
     report.write(run_dir, "report.json", "dead_letters.jsonl", [])
     assert json.loads((run_dir / "report.json").read_text())["run_id"] == "r1"
+
+
+def test_a_run_whose_store_owner_died_still_counts_what_it_wrote(tmp_path, tiny_embedding_ckpt, ray_local):
+    """The owner of an embedded store killed mid-run (an OOM kill): the report reads the store through a new one."""
+    from pipelines.ingest import Store, _account_stopped_run, list_source
+
+    _, cfg = _job(tmp_path, tiny_embedding_ckpt)
+    assert run_ingest(cfg).points_written == 1
+    objects, _ = list_source(cfg)
+    store = Store(cfg)
+    try:
+        ray_local.kill(store.owner, no_restart=True)
+        report = RunReport("stopped", "pre", cfg.source.uri, cfg.embedder.model)
+        _account_stopped_run(report, objects, store, RuntimeError("the owner died"))
+    finally:
+        store.close()
+    assert report.objects == {objects[0].uri: "ingested"} and report.points_written == 1
+    assert "could not be read" not in report.error and not report.dead_letters
