@@ -22,12 +22,17 @@ guard with a time limit arms this process's watchdog around each item (an attrib
 when an item runs past its limit, the watchdog tells the journal which item it was and kills the
 process. The retry skips that item at once. (A hang that holds the GIL starves the watchdog too;
 the decoders' C calls through ctypes and Pillow release it.)
+
+The journal is advisory: it is restarted when its process dies (with its records lost, so a bad item
+costs a few more retries), and a task attempt that cannot reach it logs a warning once and goes on
+unguarded, as if there were no journal.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import signal
 import threading
@@ -38,9 +43,13 @@ from typing import Any
 
 import ray
 
+_log = logging.getLogger(__name__)
+
 CRASH_ERROR_TYPE = "WorkerCrashed"
 TIMEOUT_ERROR_TYPE = "WorkerTimedOut"
 _CRASHED = "crashed"  # the journal's reason for an item that killed a worker; "timeout:<s>" for a hang
+# A journal call is one dict update: an answer this late means the journal is lost (or still restarting).
+JOURNAL_TIMEOUT_S = 30.0
 
 
 def crash_message(doing: str) -> str:
@@ -109,7 +118,9 @@ class CrashJournal:
 def start_journal() -> ray.actor.ActorHandle:
     """A CrashJournal actor for one run (it dies with the driver)."""
     # No CPU reserved: it does a dict update per call, and must not wait behind the work it watches.
-    return ray.remote(num_cpus=0, max_restarts=0)(CrashJournal).remote()
+    # Restarted when its process dies (a kill, an OOM kill, its node lost): its records are only advice,
+    # and calls caught by the death are retried on the new process rather than failing their task.
+    return ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(CrashJournal).remote()
 
 
 def stop_journal(journal: ray.actor.ActorHandle) -> None:
@@ -147,29 +158,62 @@ class _Watchdog:
                 continue
             journal, task, item, _, limit = slot
             try:  # the retry must learn which item it was before this process is gone
-                ray.get(journal.timed_out.remote(task, item, limit), timeout=30)
+                ray.get(journal.timed_out.remote(task, item, limit), timeout=JOURNAL_TIMEOUT_S)
+            except Exception as exc:  # a lost journal: the hung process is stopped all the same
+                _warn_lost(exc)
             finally:
                 os.kill(os.getpid(), signal.SIGKILL)  # a hung C call cannot be interrupted any other way
 
 
 WATCHDOG = _Watchdog()
 WHOLE_BATCH = "<the whole batch>"  # the item a first attempt at a batch is watched as
+_WARNED = False  # one warning per process about a lost journal: every later call would repeat it
+
+
+def _warn_lost(exc: BaseException) -> None:
+    """Log, once per process, that the journal could not be reached and work goes on unguarded."""
+    global _WARNED
+    if not _WARNED:
+        _WARNED = True
+        _log.warning("the crash journal could not be reached (%s: %s); going on without it: an item that "
+                     "crashes or hangs its worker is not skipped on the retry", type(exc).__name__, exc)
+
+
+def _call(method: Any, *args: Any) -> Any:
+    """ray.get of one journal call, within JOURNAL_TIMEOUT_S; raises what Ray raises."""
+    return ray.get(method.remote(*args), timeout=JOURNAL_TIMEOUT_S)
+
+
+def _send(method: Any, *args: Any) -> None:
+    """One journal call without waiting for it (nothing to do when the journal is gone)."""
+    with contextlib.suppress(Exception):
+        method.remote(*args)
 
 
 class TaskGuard:
     """One task attempt's view of the journal: which items to skip, and which item it reads now.
 
     limit_s: how long one item (or a first attempt's whole batch) may take before the watchdog
-    stops the process; `setting` names it in dead letters.
+    stops the process; `setting` names it in dead letters. When the journal cannot be reached, the
+    guard is unguarded (journal None): a first attempt that skips nothing, names nothing, watches nothing.
     """
 
     def __init__(self, journal: ray.actor.ActorHandle, task: str, limit_s: float | None = None,
                  setting: str | None = None) -> None:
-        self.journal = journal
+        self.journal: ray.actor.ActorHandle | None = journal
         self.task = task
         self.limit_s = limit_s
         self.setting = setting
-        self.attempt, self.skipped = ray.get(journal.begin.remote(task))
+        self.attempt, self.skipped = 0, {}  # unguarded until the journal answers: skip nothing, name nothing
+        try:
+            self.attempt, self.skipped = _call(journal.begin, task)
+        except Exception as exc:  # the journal is advice: its loss must not fail the task
+            self._lose(exc)
+
+    def _lose(self, exc: BaseException) -> None:
+        """Go on without the journal for the rest of this attempt."""
+        _warn_lost(exc)
+        self.journal = None
 
     @property
     def careful(self) -> bool:
@@ -188,20 +232,25 @@ class TaskGuard:
     def reading(self, item: str) -> Iterator[None]:
         """Around the reading of one item: named to the journal first when this attempt is careful,
         and watched when the guard has a time limit."""
-        if self.careful:
-            ray.get(self.journal.enter.remote(self.task, item))  # recorded before the read that may kill us
-        if self.limit_s is not None:
-            WATCHDOG.arm(self.journal, self.task, item, self.limit_s)
+        if self.careful and self.journal is not None:
+            try:
+                _call(self.journal.enter, self.task, item)  # recorded before the read that may kill us
+            except Exception as exc:
+                self._lose(exc)
+        journal = self.journal  # the watchdog reports to it; without one, a hang is only a hang
+        if self.limit_s is not None and journal is not None:
+            WATCHDOG.arm(journal, self.task, item, self.limit_s)
         try:
             yield
         finally:  # an exception is not a crash: only a death leaves the item named
             WATCHDOG.disarm()
-            if self.careful:
-                self.journal.leave.remote(self.task, item)  # no wait: calls from one caller arrive in order
+            if self.careful and journal is not None:
+                _send(journal.leave, self.task, item)  # no wait: calls from one caller arrive in order
 
     def end(self) -> None:
         """The attempt finished (no wait)."""
-        self.journal.end.remote(self.task)
+        if self.journal is not None:
+            _send(self.journal.end, self.task)
 
 
 def reading(guard: TaskGuard | None, item: str) -> contextlib.AbstractContextManager[None]:
