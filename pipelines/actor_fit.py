@@ -45,8 +45,6 @@ def pools_fit(nodes: Sequence[NodeResources], pools: Sequence[ActorPool], spare_
     The pools' actors must be alike (all of one job's pools ask for the same per-actor resources).
     """
     wanted = sum(p.actors for p in pools)
-    if not pools or wanted == 0:
-        return any(n.get("CPU", 0.0) + _EPS >= spare_cpus for n in nodes) if spare_cpus > 0 else True
     cpus, gpus = pools[0].cpus, pools[0].gpus
     held = [actors_on(n, cpus, gpus) for n in nodes]
     if spare_cpus <= 0:
@@ -117,10 +115,16 @@ def alive_nodes() -> list[dict[str, float]]:
     return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
 
 
+def joins_cluster(cfg: Config) -> bool:
+    """Whether ray.init will join a cluster by address (compute.ray_address, else RAY_ADDRESS) rather than
+    start a local Ray on this machine."""
+    if cfg.compute.ray_address == "local":
+        return False
+    return bool(cfg.compute.ray_address or os.environ.get("RAY_ADDRESS"))
+
+
 def can_autoscale() -> bool:
-    """Whether the connected cluster may add nodes: it joined by address, or an autoscaler runs it."""
-    if os.environ.get("RAY_ADDRESS"):
-        return True
+    """Whether the connected cluster publishes an autoscaler's node types (it may add nodes)."""
     try:
         from ray._private.state import state
 
@@ -139,7 +143,7 @@ def check_pools_fit(cfg: Config, pools: Sequence[ActorPool], spare_cpus: float, 
     if reason is None:
         return
     if growable is None:
-        growable = cfg.compute.ray_address not in (None, "local") or can_autoscale()
+        growable = joins_cluster(cfg) or can_autoscale()
     if not growable:
         raise PreflightError(reason)
     echo(f"warning: {reason}; the job waits until the cluster's autoscaler adds such nodes")

@@ -135,9 +135,7 @@ def _expand_user(value: str | None) -> str | None:
 
 def _local_model(value: str | None) -> str | None:
     """A model that is a local folder made absolute (for the workers, as _expand_user); a hub id unchanged."""
-    if isinstance(value, str) and os.path.isdir(os.path.expanduser(value)):
-        return os.path.abspath(os.path.expanduser(value))
-    return value
+    return _expand_user(value) if isinstance(value, str) and os.path.isdir(os.path.expanduser(value)) else value
 
 
 PathStr = Annotated[str, BeforeValidator(_fspath), Field(min_length=1)]

@@ -128,6 +128,14 @@ def list_source(cfg: Config) -> tuple[list[SourceObject], list[DeadLetter]]:
     return with_settings(objects, settings_digest(cfg)), dead
 
 
+def open_owner(settings: QdrantSettings, collection: str, writer_kwargs: dict[str, Any] | None = None) -> Any:
+    """The embedded store's owner actor, or PreflightError naming qdrant.path when it cannot open the store."""
+    try:
+        return start_owner(settings, collection, writer_kwargs)
+    except StoreOpenError as exc:
+        raise PreflightError(embedded_store_error(settings.path, exc)) from None
+
+
 class Store:
     """The job's handle on Qdrant: an owner actor in embedded mode, a client in server mode."""
 
@@ -137,10 +145,7 @@ class Store:
         writer_kwargs = {"max_points_per_request": cfg.qdrant.upsert_batch}
         self.writer_kwargs = writer_kwargs
         if self.settings.embedded:  # its folder was made by run_ingest's preflight (ensure_folder)
-            try:
-                self.owner = start_owner(self.settings, self.collection, writer_kwargs)
-            except StoreOpenError as exc:
-                raise PreflightError(embedded_store_error(self.settings.path, exc)) from None
+            self.owner = open_owner(self.settings, self.collection, writer_kwargs)
             self.writer = None
         else:
             self.owner = None
@@ -166,8 +171,8 @@ class Store:
                 ray.kill(self.owner)
             except Exception:  # gone already
                 pass
-            self.owner = None
-            self.owner = start_owner(self.settings, self.collection, self.writer_kwargs)
+            self.owner = None  # close() must not stop a dead owner if the new one cannot open the store
+            self.owner = open_owner(self.settings, self.collection, self.writer_kwargs)
             return self.call(method, *args)
 
     def sink(self, spec: CollectionSpec) -> IngestDatasink:
@@ -505,21 +510,21 @@ def _run_stages(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store
         model_id=cfg.embedder.model, dim=spec.full_dim, ingested_at=datetime.now(timezone.utc).isoformat(),
         crash_journal=journal, max_expand_s=cfg.limits.max_expand_s),
         num_cpus=EXPAND_TASK_CPUS, **({"concurrency": cfg.compute.prepare_concurrency} if cfg.compute.prepare_concurrency else {}))
-    gpus = num_gpus_per_actor(cfg)
+    pool = embed_pool(cfg)  # as checked before the run (check_pools_fit)
     # A crashed or killed embedding actor is restarted and its in-flight batch retried (upserts are
     # idempotent: a retried batch never duplicates).
     ds = map_on_actor_pool(
-        ds, EmbedStage, actors=cfg.compute.embed_actors,
+        ds, EmbedStage, actors=pool.actors,
         fn_constructor_kwargs=dict(model=cfg.embedder.model, mrl_dims=list(cfg.embedder.mrl_dims),
                                    embedder_kwargs=embedder_kwargs(cfg, storage_options),
                                    crash_journal=journal, max_batch_s=cfg.limits.max_embed_batch_s),
-        batch_size=cfg.compute.batch_size, batch_format="numpy", num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor)
+        batch_size=cfg.compute.batch_size, batch_format="numpy", num_gpus=pool.gpus, num_cpus=pool.cpus)
     # Streaming with a fixed memory bound: Ray Data's default lets a dataset buffer up to half the
     # object store (GBs on a big node), so a fast expand stage would run that far ahead of the
     # embedder and memory would grow with the corpus up to there. A few embedding batches in
     # flight per actor keep it fed; more only costs memory.
     options = ds.context.execution_options
-    limit = min(options.resource_limits.object_store_memory, cfg.compute.inflight_bytes(gpus))
+    limit = min(options.resource_limits.object_store_memory, cfg.compute.inflight_bytes(pool.gpus))
     options.resource_limits = options.resource_limits.copy(object_store_memory=limit)
     sink = store.sink(spec)
     ds.write_datasink(sink)

@@ -84,15 +84,21 @@ class SignalGate:
             raise Interrupted(self.pending, message)
 
 
-_early: list[int] = []  # stop signals that came after defer_signals(), before the run's gate
-_deferring: list[bool] = []  # non-empty from defer_signals() to the next stop_on_signals()
+class _Deferral:
+    """From defer_signals() to the next stop_on_signals(): active, and the stop signal that came meanwhile."""
+
+    active = False
+    signum: int | None = None
+
+
+_DEFERRAL = _Deferral()
 
 
 def _remember(signum: int, frame: Any) -> None:
     """A stop signal before the run's gate: kept for the gate (raising here could leave a lock held)."""
     for sig in SIGNALS:  # the next one, of either kind, stops the process at once
         signal.signal(sig, signal.SIG_DFL)
-    _early.append(int(signum))
+    _DEFERRAL.signum = int(signum)
 
 
 def defer_signals() -> None:
@@ -102,7 +108,7 @@ def defer_signals() -> None:
     main thread is. Outside the main thread nothing is installed.
     """
     if threading.current_thread() is threading.main_thread():
-        _deferring.append(True)
+        _DEFERRAL.active = True
         for sig in SIGNALS:
             signal.signal(sig, _remember)
 
@@ -121,13 +127,12 @@ def stop_on_signals() -> Iterator[SignalGate]:
         yield gate
         return
     # After a deferral the handlers to come back to are the defaults (the deferral ends with the job).
-    previous = dict(_DEFAULTS) if _deferring else {sig: signal.getsignal(sig) for sig in SIGNALS}
-    _deferring.clear()
+    previous = dict(_DEFAULTS) if _DEFERRAL.active else {sig: signal.getsignal(sig) for sig in SIGNALS}
+    early, _DEFERRAL.active, _DEFERRAL.signum = _DEFERRAL.signum, False, None
     for sig in SIGNALS:
         signal.signal(sig, gate.handle)
-    if _early:  # came since defer_signals(): the gate acts on it at its first safe point
-        gate.pending = _early[-1]
-        _early.clear()
+    if early is not None:  # came since defer_signals(): the gate acts on it at its first safe point
+        gate.pending = early
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
     try:

@@ -14,6 +14,7 @@ from typing import Any, Iterable
 from transformers import AutoConfig
 
 from sinks.qdrant_schema import CollectionSpec
+from sinks.qdrant_sink import StoreOpenError
 
 from .config import Config
 
@@ -30,8 +31,9 @@ def check_ray_address(address: str | None, timeout_s: float = 10.0, key: str = "
     """Raise PreflightError unless a Ray address (host:port or ray://host:port) accepts a connection.
 
     ray.init() retries an unreachable cluster for many minutes, ignoring SIGTERM meanwhile;
-    one TCP connect answers in seconds. None (a local Ray) and "auto" are not probed. key: where
-    the address comes from, for the message.
+    one TCP connect answers in seconds. None (a local Ray) is not probed; "auto" is the cluster
+    running on this machine (PreflightError when there is none). key: where the address comes
+    from, for the message.
     """
     if address == "auto":
         address = _running_cluster(key)
@@ -152,6 +154,9 @@ def check_not_a_file(key: str, path: str) -> None:
         raise PreflightError(f"{key} {path!r} is a file, not a folder")
 
 
+_PROBE_BYTES = 65536  # about what a run's report takes: a full disk fails here
+
+
 def ensure_folder(key: str, path: str, probe: bool = False) -> None:
     """Create the folder a config key names, or raise PreflightError naming the key.
 
@@ -172,9 +177,6 @@ def ensure_folder(key: str, path: str, probe: bool = False) -> None:
             raise PreflightError(f"{key} {path!r} cannot be written: {exc.strerror or exc}") from None
 
 
-_PROBE_BYTES = 65536  # about what a run's report takes: a full disk fails here
-
-
 def check_writable(key: str, path: str) -> None:
     """Raise PreflightError naming the key when this process could not create or write the folder path
     (its nearest existing folder is not writable); nothing is created."""
@@ -191,8 +193,8 @@ def embedded_store_error(path: str, exc: BaseException) -> str:
     # The usual cause is another process holding it (a running ingestion).
     hint = (" (an embedded store admits one process at a time: wait for the other one, e.g. a running "
             "ingestion, or use a Qdrant server)" if "already accessed" in str(exc) else "")
-    kind = getattr(exc, "cause_type", None) or type(exc).__name__  # the owner's StoreOpenError names its cause
-    text = getattr(exc, "message", None) or str(exc)
+    # The owner actor's StoreOpenError carries its cause's type and message.
+    kind, text = (exc.cause_type, exc.message) if isinstance(exc, StoreOpenError) else (type(exc).__name__, str(exc))
     return f"qdrant.path {path!r} cannot be opened: {kind}: {first_line(text)}{hint}"
 
 

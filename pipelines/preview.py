@@ -19,7 +19,7 @@ from operators.units import DeadLetter
 from sinks.qdrant_schema import CollectionMismatchError, storage_differences, validate_collection
 from sinks.qdrant_writer import QdrantWriter
 
-from .actor_fit import ActorPool, check_pools_fit, local_node
+from .actor_fit import ActorPool, check_pools_fit, joins_cluster, local_node
 from .config import Config
 from .config_secrets import redact
 from .ingest import EXPAND_TASK_CPUS, check_cluster, list_source, server_client
@@ -98,7 +98,7 @@ def check_local_pool(cfg: Config) -> None:
 
     A cluster to join is only probed (check_cluster): the plan does not connect to it.
     """
-    if cfg.compute.ray_address not in (None, "local") or os.environ.get("RAY_ADDRESS"):
+    if joins_cluster(cfg):
         return
     node = local_node()
     pool = ActorPool("embedding", cfg.compute.embed_actors, cfg.compute.cpus_per_actor,

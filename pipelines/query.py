@@ -192,13 +192,13 @@ def rerank_candidates(reranker: Any, query: Mapping[str, Any], candidates: Seque
     """
     docs = load_candidates(candidates, storage_options=storage_options, settings=settings, workers=workers)
     skipped = [_skipped(c, d) for c, d in zip(candidates, docs) if isinstance(d, str)]
-    ready = [(i, c, d) for i, (c, d) in enumerate(zip(candidates, docs)) if not isinstance(d, str)]
+    ready = [(c, d) for c, d in zip(candidates, docs) if not isinstance(d, str)]
     scored: list[tuple[float, Candidate]] = []
     # One call for the whole top-k: the reranker batches the pairs itself and computes the
     # query's shared prefix (and, for an image query, its vision tower) once, not once per batch.
-    results = (reranker.score(model_ready_images(query, storage_options), [d for _, _, d in ready], instruction)
+    results = (reranker.score(model_ready_images(query, storage_options), [d for _, d in ready], instruction)
                if ready else [])
-    for (_, c, _), r in zip(ready, results):
+    for (c, _), r in zip(ready, results):
         if r.ok:
             scored.append((float(r.score), c))
         else:

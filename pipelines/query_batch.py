@@ -25,7 +25,7 @@ from .actor_fit import ActorPool, check_pools_fit
 from .config import Config
 from .ingest import expand_settings, map_on_actor_pool, qdrant_settings
 from .interrupts import stop_on_signals
-from .preflight import PreflightError, embedded_store_error, model_dimension
+from .preflight import model_dimension
 from .query import (Candidate, Hit, Skipped, check_reranker_checkpoint, embed_queries, load_embedder, load_reranker,
                     rerank_candidates, vector_order)
 from .query_files import QueryRow
@@ -175,9 +175,9 @@ def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | No
     """
     import ray
 
-    from sinks.qdrant_sink import StoreOpenError, start_owner, stop_owner
+    from sinks.qdrant_sink import stop_owner
 
-    from .ingest import ensure_ray
+    from .ingest import ensure_ray, open_owner
 
     top_k = result_count("top_k", top_k, cfg.query.top_k)
     top_n = min(result_count("top_n", top_n, cfg.query.top_n), top_k)
@@ -209,10 +209,8 @@ def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | No
     # After ray.init, whose SIGTERM handler (an abort in Ray's core worker) this replaces: a stop
     # signal ends the job with one line, its actors and the store's owner stopped.
     with stop_on_signals() as gate, gate.interruptible():
-        try:
-            owner = start_owner(settings, cfg.qdrant.collection) if settings.embedded else None
-        except StoreOpenError as exc:  # taken by another process since the layout was read
-            raise PreflightError(embedded_store_error(settings.path, exc)) from None
+        # (the store may have been taken by another process since the layout was read)
+        owner = open_owner(settings, cfg.qdrant.collection) if settings.embedded else None
         journal = None
         try:
             # The instruction travels JSON-encoded: "" (given, empty) and None (the default) stay apart.
