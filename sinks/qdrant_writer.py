@@ -32,6 +32,7 @@ _POINT_OVERHEAD = 128
 _TRANSIENT_HTTP = frozenset({408, 429})
 _SCROLL_PAGE = 1024
 _URI_CHUNK = 256
+_ID_CHUNK = 1024  # point ids per delete or set_payload request (about 40 KB of UUIDs)
 
 
 class PointRecord(NamedTuple):
@@ -228,16 +229,16 @@ class QdrantWriter:
             )
 
     def delete_stale(self, current: Mapping[str, str]) -> None:
-        """Delete the points of each URI whose fingerprint is not its current one (replaced units)."""
-        for uri, fingerprint in current.items():
-            selector = models.FilterSelector(filter=models.Filter(
-                must=[models.FieldCondition(key="source_uri", match=models.MatchValue(value=uri))],
-                must_not=[models.FieldCondition(key="fingerprint", match=models.MatchValue(value=fingerprint))],
-            ))
-            self._with_retry(
-                "delete",
-                lambda: self.client.delete(self.collection, points_selector=selector, wait=True),
-            )
+        """Delete the points of each URI whose fingerprint is not its current one (replaced units).
+
+        One filtered scroll per chunk of URIs finds them, and they are deleted by id. A delete
+        request per URI cost a pass over the whole collection each in embedded mode (0.18 s per
+        URI at 20,000 points: an hour after a settings change re-embedded 20,000 objects).
+        """
+        uris = list(current)
+        for i in range(0, len(uris), _URI_CHUNK):
+            stale = [pid for pid, uri, fp in self._points_of(uris[i : i + _URI_CHUNK]) if fp != current[uri]]
+            self._delete_ids(stale)
 
     def settle_object_units(self, settled: Mapping[str, tuple[str, int]]) -> None:
         """Set object_units on the points of each (URI, fingerprint) to the units it really has.
@@ -245,17 +246,39 @@ class QdrantWriter:
         An object whose units partly failed to embed has fewer points than the count its points
         were written with, so it would read as INCOMPLETE and be re-embedded by every run;
         after this it reads as complete, as an object whose bad records failed at expansion does.
+        The points are found a chunk of URIs at a time and set by id, one request per unit count
+        (not one filtered request per object: see delete_stale).
         """
-        for uri, (fingerprint, units) in settled.items():
-            selector = models.Filter(must=[
-                models.FieldCondition(key="source_uri", match=models.MatchValue(value=uri)),
-                models.FieldCondition(key="fingerprint", match=models.MatchValue(value=fingerprint)),
-            ])
+        uris = list(settled)
+        for i in range(0, len(uris), _URI_CHUNK):
+            by_units: dict[int, list[Any]] = {}
+            for pid, uri, fp in self._points_of(uris[i : i + _URI_CHUNK]):
+                fingerprint, units = settled[uri]
+                if fp == fingerprint:
+                    by_units.setdefault(int(units), []).append(pid)
+            for units, ids in by_units.items():
+                for j in range(0, len(ids), _ID_CHUNK):
+                    batch = ids[j : j + _ID_CHUNK]
+                    self._with_retry(
+                        "set_payload",
+                        lambda: self.client.set_payload(self.collection, payload={"object_units": units},
+                                                        points=batch, wait=True),
+                    )
+
+    def _delete_ids(self, ids: list[Any]) -> None:
+        """Delete points by id, in requests of at most _ID_CHUNK ids."""
+        for j in range(0, len(ids), _ID_CHUNK):
+            selector = models.PointIdsList(points=ids[j : j + _ID_CHUNK])
             self._with_retry(
-                "set_payload",
-                lambda: self.client.set_payload(self.collection, payload={"object_units": units}, points=selector,
-                                                wait=True),
+                "delete",
+                lambda: self.client.delete(self.collection, points_selector=selector, wait=True),
             )
+
+    def _points_of(self, uris: list[str]) -> list[tuple[Any, str, Any]]:
+        """(point id, source_uri, fingerprint) of every point of `uris`, all read before any is changed
+        (changing points mid-scroll could move the scroll's offset past some)."""
+        records = self._scroll(_uri_filter(list(uris)), ["source_uri", "fingerprint"])
+        return [(r.id, str(r.payload.get("source_uri")), r.payload.get("fingerprint")) for r in records if r.payload]
 
     # -- reads ---------------------------------------------------------------
 
@@ -287,6 +310,17 @@ class QdrantWriter:
 
     def _scroll_into(self, out: dict[str, "StoredObject"], scroll_filter: models.Filter | None,
                      fields: list[str]) -> None:
+        for r in self._scroll(scroll_filter, fields):
+            payload = r.payload or {}
+            uri, fp = payload.get("source_uri"), payload.get("fingerprint")
+            if uri is None or fp is None:
+                continue
+            held = out.setdefault(str(uri), StoredObject({}, payload.get("object_units")))
+            key = (str(fp), str(payload.get("modality") or ""))
+            held.points[key] = held.points.get(key, 0) + 1
+
+    def _scroll(self, scroll_filter: models.Filter | None, fields: list[str]) -> Iterator[Any]:
+        """Every point matching scroll_filter (all: None), with only the payload `fields`, page by page."""
         offset = None
         while True:
             records, offset = self._with_retry(
@@ -300,14 +334,7 @@ class QdrantWriter:
                     with_vectors=False,
                 ),
             )
-            for r in records:
-                payload = r.payload or {}
-                uri, fp = payload.get("source_uri"), payload.get("fingerprint")
-                if uri is None or fp is None:
-                    continue
-                held = out.setdefault(str(uri), StoredObject({}, payload.get("object_units")))
-                key = (str(fp), str(payload.get("modality") or ""))
-                held.points[key] = held.points.get(key, 0) + 1
+            yield from records
             if offset is None:
                 break
 
