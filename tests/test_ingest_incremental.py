@@ -113,6 +113,23 @@ def test_vanished_means_gone_not_filtered_out_or_unreadable():
 
 
 
+def test_a_plan_with_many_unlisted_entries_takes_no_time_per_pair():
+    """Stored objects are checked against the unlisted entries by looking up their own folders, not by
+    a scan of every entry per object: 40,000 stored and 10,000 unlisted took 17 s, now well under one."""
+    import time
+
+    root, fp = "s3://bucket/src/", "etag:1"
+    listed = [SourceObject(uri=f"{root}kept/{i}.txt", size=1, fingerprint=fp) for i in range(20_000)]
+    stored = {o.uri: fp for o in listed} | {f"{root}gone/{i}.txt": fp for i in range(10_000)}
+    stored |= {f"{root}bad/{i}.txt": fp for i in range(5_000)} | {f"{root}locked/d{i}/x.txt": fp for i in range(5_000)}
+    unlisted = [f"{root}bad/{i}.txt" for i in range(5_000)] + [f"{root}locked/d{i}/" for i in range(5_000)]
+    unlisted.append(f"{root}gone/1")  # a prefix of gone/1x.txt's name, not its folder
+    start = time.perf_counter()
+    plan = plan_objects(listed, stored, root, unlisted=unlisted)
+    assert time.perf_counter() - start < 3.0
+    assert plan.vanished == sorted(f"{root}gone/{i}.txt" for i in range(10_000))
+
+
 @pytest.mark.slow
 def test_changing_how_units_are_embedded_re_embeds_every_object(tmp_path, tiny_embedding_ckpt, ray_local):
     src = tmp_path / "src"
