@@ -9,7 +9,7 @@ import os
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 from transformers import AutoConfig
 
@@ -78,14 +78,49 @@ def _running_cluster(key: str) -> str | None:
 
 
 def model_dimension(model: str) -> int:
-    """The embedding dimension (text hidden size) of a checkpoint, from its config alone."""
+    """The embedding dimension (text hidden size) of an Embedding checkpoint, from its config; PreflightError
+    when it does not load, lacks its weights or is a Reranker checkpoint."""
     try:
         config = AutoConfig.from_pretrained(model)
     except Exception as exc:
         raise PreflightError(f"embedder.model {model!r} cannot be loaded: {type(exc).__name__}: {exc}") from exc
     text_config = getattr(config, "text_config", config)
     check_local_weights(model)
+    check_checkpoint_kind("embedder.model", model, "embedding")
     return int(text_config.hidden_size)
+
+
+def appends_end_token(tokenizer: Any) -> bool:
+    """Whether a tokenizer appends a token of its own (an Embedding checkpoint's <|endoftext|>) to a text."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", truncation=False)["input_ids"]
+    return len(full) > len(plain)
+
+
+def check_checkpoint_kind(key: str, model: str, kind: Literal["embedding", "reranker"],
+                          tokenizer: Any = None) -> None:
+    """Raise PreflightError naming the key when the checkpoint is the other kind than `kind`.
+
+    An Embedding and a Reranker checkpoint share the architecture and config, and each loads
+    as the other without a complaint, giving vectors or scores that mean nothing. Their tokenizers
+    tell them apart: an Embedding checkpoint's appends <|endoftext|> (the token it pools), a
+    Reranker's appends nothing (../shared/docs/model-contract.md).
+    """
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model)
+        except Exception as exc:
+            raise PreflightError(f"{key} {model!r} cannot be loaded: its tokenizer: {type(exc).__name__}: "
+                                 f"{first_line(exc)}") from None
+    is_embedding = appends_end_token(tokenizer)
+    if kind == "embedding" and not is_embedding:
+        raise PreflightError(f"{key} {model!r} is not a Qwen3-VL-Embedding checkpoint (a Reranker one?): its "
+                             "tokenizer appends no <|endoftext|> token to pool; give an Embedding checkpoint")
+    if kind == "reranker" and is_embedding:
+        raise PreflightError(f"{key} {model!r} is a Qwen3-VL-Embedding checkpoint, not a Reranker: its tokenizer "
+                             "appends the <|endoftext|> an embedder pools; give a Reranker checkpoint")
 
 
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")

@@ -37,7 +37,7 @@ from operators.media.expand import ExpandSettings
 
 from .config import Config
 from .ingest import embedder_kwargs, expand_settings
-from .preflight import model_dimension
+from .preflight import PreflightError, check_checkpoint_kind, model_dimension
 from .query_inputs import (QueryInputError, build_filter, model_ready_images, oversized_image, query_content,
                            resolve_instruction, result_count)
 from .query_store import (QueryPreflightError, check_dimension, collection_layout, open_client, query_vectors,
@@ -228,7 +228,8 @@ def reranker_kwargs(cfg: Config, storage_options: dict[str, Any]) -> dict[str, A
 
 def check_reranker_checkpoint(model: str | None) -> None:
     """Cheap preflight of a reranker checkpoint: its config and processor load, it is a Qwen3-VL
-    model and its tokenizer has plain yes/no tokens (without loading the weights)."""
+    model, its tokenizer has plain yes/no tokens and it is no Embedding checkpoint (without loading
+    the weights)."""
     if not model:
         raise QueryPreflightError("reranker.model is not set: set it in the config, or query with --no-rerank")
     from transformers import AutoConfig, AutoTokenizer
@@ -244,6 +245,10 @@ def check_reranker_checkpoint(model: str | None) -> None:
     vocab = tokenizer.get_vocab()
     if "yes" not in vocab or "no" not in vocab:
         raise QueryPreflightError(f"reranker.model {model!r}: its tokenizer has no plain 'yes'/'no' tokens")
+    try:
+        check_checkpoint_kind("reranker.model", model, "reranker", tokenizer)
+    except PreflightError as exc:
+        raise QueryPreflightError(str(exc)) from None
 
 
 def load_reranker(cfg: Config, storage_options: dict[str, Any] | None = None) -> Any:

@@ -534,6 +534,28 @@ def test_preflight_errors(world, embedder, tmp_path, tiny_embedding_ckpt):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+def test_checkpoints_of_the_wrong_kind_fail_in_preflight(world, tiny_embedding_ckpt, tiny_reranker_ckpt, tmp_path,
+                                                         capsys):
+    # Both kinds load as the other without a complaint, so this used to rank with meaningless scores.
+    queries = tmp_path / "q.jsonl"
+    queries.write_text('{"id": "1", "text": "x"}\n')
+    batch = ["query-batch", world["yaml"], "--queries", str(queries), "--out", str(tmp_path / "o.jsonl")]
+    for args, message in [
+        ([*batch, "--set", f"reranker.model={tiny_embedding_ckpt}"],
+         f"reranker.model '{tiny_embedding_ckpt}' is a Qwen3-VL-Embedding checkpoint, not a Reranker"),
+        (["query", world["yaml"], "--text", "x", "--set", f"reranker.model={tiny_embedding_ckpt}"],
+         f"reranker.model '{tiny_embedding_ckpt}' is a Qwen3-VL-Embedding checkpoint, not a Reranker"),
+        (["query", world["yaml"], "--text", "x", "--no-rerank", "--set", f"embedder.model={tiny_reranker_ckpt}"],
+         f"embedder.model '{tiny_reranker_ckpt}' is not a Qwen3-VL-Embedding checkpoint"),
+    ]:
+        assert qvl(args) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(f"error: {message}"), err
+        assert "Traceback" not in err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 # -- CLI: query, query-batch -------------------------------------------------------------------
 
 

@@ -163,6 +163,20 @@ def test_mrl_dimension_equal_to_the_models_is_named_in_preflight(tmp_path, sourc
     assert_nothing_written(tmp_path)
 
 
+@pytest.mark.parametrize("plan", [False, True], ids=["run", "plan"])
+def test_a_reranker_checkpoint_as_the_embedder_fails_in_preflight(plan, tmp_path, source, tiny_reranker_ckpt,
+                                                                   capsys):
+    # Same architecture and config: it used to load, and the run wrote vectors pooled from the wrong token.
+    data = config_dict(source, tiny_reranker_ckpt, tmp_path)
+    path = write_yaml(data, tmp_path / "cfg.yaml")
+    code = qvl(["ingest", path, *(["--plan"] if plan else [])])
+    err = capsys.readouterr().err
+    assert code == EXIT_CONFIG
+    one_clear_error(err, f"embedder.model '{tiny_reranker_ckpt}' is not a Qwen3-VL-Embedding checkpoint")
+    assert not (tmp_path / "qdrant").exists()
+    assert_nothing_written(tmp_path)
+
+
 @pytest.mark.parametrize("broken", ["no-weights", "missing-shard", "truncated"])
 def test_checkpoint_without_its_weights_fails_in_preflight(broken, tmp_path, source, tiny_embedding_ckpt, capsys):
     import json
