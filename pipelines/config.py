@@ -633,8 +633,11 @@ def _describe(err: Mapping[str, Any]) -> str:
 
 
 def _format_validation_error(exc: ValidationError) -> str:
+    """Every error once, unknown keys first: a misspelt key is usually why another key seems missing
+    (`qdrnt:` leaves qdrant.path unset), so the cause leads, not its consequence."""
     seen: list[str] = []
-    for err in exc.errors(include_url=False):
+    errors = exc.errors(include_url=False)
+    for err in sorted(errors, key=lambda e: e.get("type") != "extra_forbidden"):  # stable: order kept otherwise
         text = _describe(err)
         if text not in seen:
             seen.append(text)

@@ -245,6 +245,16 @@ def test_unknown_key_in_file_names_file_and_key(tmp_path):
     assert msg.count("\n") == 0  # one message
 
 
+@pytest.mark.parametrize("section", ["qdrant", "source"])
+def test_a_misspelt_section_is_named_before_the_section_it_leaves_missing(section):
+    # The typo is the cause; "qdrant: required section missing" alone used to lead the message.
+    data = {k: v for k, v in MINIMAL.items() if k != section}
+    data[section[:-1]] = MINIMAL[section]
+    msg = error_of(data)
+    assert msg.startswith(f"config <dict>: unknown top-level key '{section[:-1]}' (did you mean '{section}'?); "), msg
+    assert f"{section}: required section missing" in msg
+
+
 def test_api_key_in_config_rejected_without_echoing_it():
     msg = error_of(with_section("qdrant", api_key="PLANTED-QDRANT-KEY"))
     assert "qdrant: unknown key 'api_key'" in msg and "api_key_env" in msg
