@@ -80,14 +80,36 @@ def _running_cluster(key: str) -> str | None:
 def model_dimension(model: str) -> int:
     """The embedding dimension (text hidden size) of an Embedding checkpoint, from its config; PreflightError
     when it does not load, lacks its weights or is a Reranker checkpoint."""
+    check_local_checkpoint_exists("embedder.model", model)
     try:
         config = AutoConfig.from_pretrained(model)
     except Exception as exc:
-        raise PreflightError(f"embedder.model {model!r} cannot be loaded: {type(exc).__name__}: {exc}") from exc
+        raise PreflightError(f"embedder.model {model!r} cannot be loaded: {type(exc).__name__}: "
+                             f"{one_line(exc)}") from exc
     text_config = getattr(config, "text_config", config)
     check_local_weights(model)
     check_checkpoint_kind("embedder.model", model, "embedding")
     return int(text_config.hidden_size)
+
+
+def looks_like_a_path(model: str) -> bool:
+    """Whether a model name can only be a local path: a hub id is exactly `org/name`."""
+    return model.startswith(("/", "./", "../", "~")) or model.count("/") > 1 or (os.sep != "/" and os.sep in model)
+
+
+def check_local_checkpoint_exists(key: str, model: str) -> None:
+    """Raise PreflightError naming the key when a model that can only be a local path names no folder.
+
+    transformers would try it as a hub id, and answer with a paragraph about huggingface.co.
+    """
+    if looks_like_a_path(model) and not os.path.isdir(os.path.expanduser(model)):
+        what = "is not a folder" if os.path.exists(os.path.expanduser(model)) else "does not exist"
+        raise PreflightError(f"{key} {model!r} cannot be loaded: no such checkpoint folder (the path {what})")
+
+
+def one_line(exc: BaseException | str) -> str:
+    """An exception's message on one line (transformers' messages run over several)."""
+    return " ".join(str(exc).split())
 
 
 def appends_end_token(tokenizer: Any) -> bool:

@@ -37,7 +37,8 @@ from operators.media.expand import ExpandSettings
 
 from .config import Config
 from .ingest import embedder_kwargs, expand_settings
-from .preflight import PreflightError, check_checkpoint_kind, model_dimension
+from .preflight import (PreflightError, check_checkpoint_kind, check_local_checkpoint_exists, model_dimension,
+                        one_line)
 from .query_inputs import (QueryInputError, build_filter, model_ready_images, oversized_image, query_content,
                            resolve_instruction, result_count)
 from .query_store import (QueryPreflightError, check_dimension, collection_layout, open_client, query_vectors,
@@ -235,10 +236,15 @@ def check_reranker_checkpoint(model: str | None) -> None:
     from transformers import AutoConfig, AutoTokenizer
 
     try:
+        check_local_checkpoint_exists("reranker.model", model)
+    except PreflightError as exc:
+        raise QueryPreflightError(str(exc)) from None
+    try:
         config = AutoConfig.from_pretrained(model)
         tokenizer = AutoTokenizer.from_pretrained(model)
     except Exception as exc:
-        raise QueryPreflightError(f"reranker.model {model!r} cannot be loaded: {type(exc).__name__}: {exc}") from None
+        raise QueryPreflightError(f"reranker.model {model!r} cannot be loaded: {type(exc).__name__}: "
+                                  f"{one_line(exc)}") from None
     if getattr(config, "model_type", None) not in ("qwen3_vl", "qwen3_vl_moe"):
         raise QueryPreflightError(
             f"reranker.model {model!r} is a {getattr(config, 'model_type', '?')!r} model, not a Qwen3-VL reranker")

@@ -506,7 +506,8 @@ def test_preflight_errors(world, embedder, tmp_path, tiny_embedding_ckpt):
         QueryEngine(mismatch, with_reranker=False)
 
     bad = parse_config({**data, "reranker": {**data["reranker"], "model": str(tmp_path / "no-such-reranker")}})
-    with pytest.raises(QueryPreflightError, match=r"reranker.model .*no-such-reranker.* cannot be loaded"):
+    with pytest.raises(QueryPreflightError,
+                       match=r"reranker.model .*no-such-reranker.* cannot be loaded: no such checkpoint folder"):
         QueryEngine(bad, embedder=embedder)
     with open_engine(world, embedder) as engine:  # every failed engine closed its client
         with pytest.raises(QueryPreflightError, match="no reranker"):

@@ -5,6 +5,8 @@ means: no run folder, and no collection (the embedded store's folder is not even
 the failure is found before the store is opened).
 """
 
+import os
+
 import pytest
 
 from pipelines.cli import EXIT_CONFIG, main as qvl
@@ -140,6 +142,34 @@ def test_unloadable_model_fails_in_preflight(kind, tmp_path, source, capsys):
     one_clear_error(err, f"embedder.model '{model}' cannot be loaded")
     assert not (tmp_path / "qdrant").exists()
     assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("model", ["{tmp}/no-such-model", "./no-such-model", "{tmp}/a_file"])
+def test_a_local_checkpoint_path_that_names_no_folder_says_so(model, tmp_path, source, capsys, monkeypatch):
+    # Used to be transformers' paragraph about huggingface.co: a path is never a hub id (`org/name`).
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("not a checkpoint")
+    model = model.format(tmp=tmp_path)
+    code, out, err = run_cli(tmp_path, config_dict(source, model, tmp_path), capsys)
+    assert code == EXIT_CONFIG
+    what = "is not a folder" if model.endswith("a_file") else "does not exist"
+    one_clear_error(err, f"embedder.model '{model}' cannot be loaded: no such checkpoint folder (the path {what})")
+    assert "huggingface.co" not in err
+    assert_nothing_written(tmp_path)
+
+
+def test_a_hub_model_that_cannot_be_fetched_is_one_line(tmp_path, source):
+    import subprocess
+    import sys
+
+    # HF_HUB_OFFLINE is read when huggingface_hub is imported: a process of its own.
+    job = write_yaml(config_dict(source, "qvl-test-org/no-such-model", tmp_path), tmp_path / "cfg.yaml")
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "ingest", job, "--plan"], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == EXIT_CONFIG, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: embedder.model 'qvl-test-org/no-such-model' cannot be loaded: "), proc.stderr  # was 2 lines
 
 
 def test_mrl_dimension_larger_than_the_model_fails_in_preflight(tmp_path, source, tiny_embedding_ckpt, capsys):
