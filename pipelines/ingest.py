@@ -510,6 +510,10 @@ def _run_stages(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store
         model_id=cfg.embedder.model, dim=spec.full_dim, ingested_at=datetime.now(timezone.utc).isoformat(),
         crash_journal=journal, max_expand_s=cfg.limits.max_expand_s),
         num_cpus=EXPAND_TASK_CPUS, **({"concurrency": cfg.compute.prepare_concurrency} if cfg.compute.prepare_concurrency else {}))
+    # One object can expand into a block of 50,000 rows (a manifest's records, a huge text's chunks),
+    # which one actor call would take whole: the other actors idle, nothing is written until all
+    # of it is embedded, and a retry redoes all of it. Blocks of one embedding call's rows stream.
+    ds = ds.repartition(target_num_rows_per_block=cfg.compute.batch_size)
     pool = embed_pool(cfg)  # as checked before the run (check_pools_fit)
     # A crashed or killed embedding actor is restarted and its in-flight batch retried (upserts are
     # idempotent: a retried batch never duplicates).

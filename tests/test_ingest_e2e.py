@@ -186,3 +186,18 @@ def test_collection_of_another_dimension_fails_before_any_work(tiny_embedding_ck
     assert client.count("media").count == 0
     client.close()
     assert qvl(["ingest", _write_yaml(cfg, tmp_path)]) == 2
+
+
+def test_a_manifest_of_many_records_reaches_the_store_in_batches(tiny_embedding_ckpt, tmp_path, ray_local):
+    """A manifest expands in one task into one block of all its records. One embedding call took that
+    block whole (a 50,000-record manifest: one actor busy, the others idle, nothing written for minutes,
+    then everything in one write); now blocks of compute.batch_size rows stream to the actors and the
+    store."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "records.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "text": f"record {i} on lanterns"}) + "\n"
+                                               for i in range(240)))
+    report = run_ingest(make_cfg(src, tiny_embedding_ckpt, tmp_path, compute={"batch_size": 16}))
+    assert report.counts()["ingested"] == 1 and report.points_written == 240
+    assert report.write_stats["tasks"] >= 240 // 16 // 2, report.write_stats  # it was 1
+    assert len(all_points(tmp_path / "qdrant")) == 240
