@@ -24,6 +24,7 @@ from .config_secrets import redact
 from .interrupts import Interrupted
 
 EXIT_OK, EXIT_NOTHING_INGESTED, EXIT_CONFIG, EXIT_INFRA = 0, 1, 2, 3
+PLAN_LIMIT = 10  # `qvl ingest --plan`: URIs shown per kind unless --plan-limit says otherwise
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -47,6 +48,10 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     from .ingest import run_ingest
     from .preflight import PreflightError
 
+    if args.plan_limit is not None and not args.plan:
+        # Without --plan this would run the whole ingestion that the user meant to preview.
+        print("error: --plan-limit needs --plan (without it, qvl ingest runs the ingestion)", file=sys.stderr)
+        return EXIT_CONFIG
     cfg = load_config(args.config, args.overrides)
     secrets = cfg.secret_values()
     _redact_logs(secrets)
@@ -79,7 +84,7 @@ def _plan_ingest(cfg: Any, args: argparse.Namespace, secrets: list[str]) -> int:
     except PreflightError as exc:
         print(f"error: {redact(str(exc), secrets)}", file=sys.stderr)
         return EXIT_CONFIG
-    for line in preview.lines(limit=args.plan_limit):
+    for line in preview.lines(limit=args.plan_limit or PLAN_LIMIT):
         print(redact(line, secrets))
     return EXIT_OK
 
@@ -207,19 +212,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune", action="store_true", help="delete points of objects that vanished from the source")
     p.add_argument("--plan", action="store_true",
                    help="show what the run would embed, skip and prune, then stop: nothing is embedded or written")
-    p.add_argument("--plan-limit", type=_positive, default=10, metavar="N", help="with --plan: URIs shown per kind (default 10)")
+    p.add_argument("--plan-limit", type=_positive, default=None, metavar="N",
+                   help="with --plan: URIs shown per kind (default 10)")
     p.set_defaults(func=_cmd_ingest)
 
     p = sub.add_parser("tiny-checkpoint", help="write a random-weight Qwen3-VL checkpoint (tests, benchmarks)")
-    p.add_argument("out_dir")
-    p.add_argument("--kind", choices=["embedding", "reranker"], required=True)
-    p.add_argument("--size", choices=["tiny", "small", "2b", "8b"], default="tiny")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("out_dir", help="folder to write the checkpoint to (created; an empty one is fine)")
+    p.add_argument("--kind", choices=["embedding", "reranker"], required=True,
+                   help="embedding: for embedder.model; reranker: for reranker.model")
+    p.add_argument("--size", choices=["tiny", "small", "2b", "8b"], default="tiny",
+                   help="tiny: tests, dry runs; small: CPU benchmarks; 2b/8b: the real architectures (default tiny)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
     p.add_argument("--force", action="store_true", help="overwrite files of an existing checkpoint in OUT_DIR")
     p.set_defaults(func=_cmd_tiny_checkpoint)
 
     p = sub.add_parser("sample-data", help="write a small mixed-media sample folder")
-    p.add_argument("out_dir", nargs="?", default="sample_data")
+    p.add_argument("out_dir", nargs="?", default="sample_data",
+                   help="folder to write the files to (created; an empty one is fine; default sample_data)")
     p.add_argument("--force", action="store_true", help="overwrite existing files of the same names in OUT_DIR")
     p.set_defaults(func=_cmd_sample_data)
 

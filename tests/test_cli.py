@@ -176,3 +176,20 @@ def test_verbose_before_or_after_the_subcommand(argv, verbose):
 def test_verbose_after_the_subcommand_runs_the_command(tmp_path, capsys):
     assert qvl(["ingest", str(tmp_path / "missing.yaml"), "-v"]) == EXIT_CONFIG
     one_error(capsys.readouterr().err, "missing.yaml: file not found")
+
+
+# --------------------------------------------------------------------- ingest flags
+
+
+def test_plan_limit_without_plan_is_an_error_not_a_run(tmp_path, capsys):
+    """`--plan-limit` alone used to be ignored: the preview the user asked for became a real ingestion."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "note.txt").write_text("a note")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"source: {{uri: {tmp_path / 'src'}}}\nembedder: {{model: {tmp_path / 'no-model'}}}\n"
+                   f"qdrant: {{path: {tmp_path / 'qdrant'}, collection: media}}\n"
+                   f"output: {{dir: {tmp_path / 'runs'}}}\n")
+    assert qvl(["ingest", str(cfg), "--plan-limit", "3"]) == EXIT_CONFIG
+    one_error(capsys.readouterr().err, "--plan-limit needs --plan")
+    assert not (tmp_path / "qdrant").exists() and not (tmp_path / "runs").exists()
+    assert "default 10" in build_parser()._subparsers._group_actions[0].choices["ingest"].format_help()
