@@ -38,7 +38,7 @@ from ray.data.exceptions import SystemException
 from operators.crash_journal import start_journal, stop_journal
 from operators.embed_stage import EmbedStage
 from operators.expand_stage import expand_rows, object_to_row
-from operators.media.expand import ExpandSettings
+from operators.media.expand import ExpandSettings, most_units
 from operators.media.listing import list_objects
 from operators.qwen3vl.media_io import is_fetch_failure
 from operators.units import DeadLetter, SourceObject
@@ -492,6 +492,16 @@ def map_on_actor_pool(ds: Any, fn: type, *, actors: int, **kwargs: Any) -> Any:
                               max_task_retries=BATCH_RETRIES, **kwargs)
 
 
+def may_outgrow_a_batch(todo: list[Any], cfg: Config) -> bool:
+    """Whether some object to ingest may expand into more rows than one embedding call takes."""
+    settings = expand_settings(cfg)
+    for obj in todo:
+        bound = most_units(obj.uri, obj.size, settings)
+        if bound is None or bound >= cfg.compute.batch_size:  # its status row rides along
+            return True
+    return False
+
+
 def _run_dataset(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store) -> dict[str, Any]:
     """Build and run the Ray Data pipeline over the objects to ingest; returns the sink's summary."""
     journal = start_journal()  # a file that crashes a decoder's process fails alone (crash_journal.py)
@@ -510,10 +520,13 @@ def _run_stages(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store
         model_id=cfg.embedder.model, dim=spec.full_dim, ingested_at=datetime.now(timezone.utc).isoformat(),
         crash_journal=journal, max_expand_s=cfg.limits.max_expand_s),
         num_cpus=EXPAND_TASK_CPUS, **({"concurrency": cfg.compute.prepare_concurrency} if cfg.compute.prepare_concurrency else {}))
-    # One object can expand into a block of 50,000 rows (a manifest's records, a huge text's chunks),
-    # which one actor call would take whole: the other actors idle, nothing is written until all
-    # of it is embedded, and a retry redoes all of it. Blocks of one embedding call's rows stream.
-    ds = ds.repartition(target_num_rows_per_block=cfg.compute.batch_size)
+    if may_outgrow_a_batch(todo, cfg):
+        # One object can expand into a block of 50,000 rows (a manifest's records, a huge text's
+        # chunks), which one actor call would take whole: the other actors idle, nothing is written
+        # until all of it is embedded, and a retry redoes all of it. Blocks of one embedding call's
+        # rows stream. Only then: the re-cut is a stage of its own (Ray Data fuses it only after a
+        # map_batches), whose tasks cost a 2-core CPU ingestion about 2 CPU-s (bench/RESULTS.md).
+        ds = ds.repartition(target_num_rows_per_block=cfg.compute.batch_size)
     pool = embed_pool(cfg)  # as checked before the run (check_pools_fit)
     # A crashed or killed embedding actor is restarted and its in-flight batch retried (upserts are
     # idempotent: a retried batch never duplicates).

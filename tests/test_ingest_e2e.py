@@ -11,10 +11,11 @@ from transformers import AutoTokenizer
 
 from operators.media.expand import ExpandSettings, expand_object
 from operators.media.listing import list_objects
+from operators.units import SourceObject
 from operators.qwen3vl import Qwen3VLEmbedder, reduce_dim
 from pipelines.cli import main as qvl
 from pipelines.config import parse_config
-from pipelines.ingest import run_ingest
+from pipelines.ingest import may_outgrow_a_batch, run_ingest
 from pipelines.preflight import PreflightError
 from tests.media_corpus import make_corpus
 
@@ -186,6 +187,18 @@ def test_collection_of_another_dimension_fails_before_any_work(tiny_embedding_ck
     assert client.count("media").count == 0
     client.close()
     assert qvl(["ingest", _write_yaml(cfg, tmp_path)]) == 2
+
+
+def test_only_an_object_that_may_outgrow_a_batch_gets_the_re_cut(tmp_path):
+    """The re-cut into batch-sized blocks is a Ray Data stage of its own, so a folder whose objects
+    each fit one embedding call (images, texts, PDFs and videos under their caps) goes without it."""
+    cfg = make_cfg(tmp_path, "/m", tmp_path, compute={"batch_size": 512}, expand={"video_segment_s": 30.0})
+    small = [SourceObject(f"/d/{i}.{ext}", 4000, "f") for i, ext in enumerate(("txt", "png", "pdf", "mp4"))]
+    assert not may_outgrow_a_batch(small, cfg)
+    assert may_outgrow_a_batch(small + [SourceObject("/d/records.jsonl", 100, "f")], cfg)
+    assert may_outgrow_a_batch(small + [SourceObject("/d/book.txt", 50_000 * 512, "f")], cfg)
+    assert may_outgrow_a_batch(small, make_cfg(tmp_path, "/m", tmp_path, compute={"batch_size": 64},
+                                               expand={"video_segment_s": 30.0}))  # a PDF's 200 pages
 
 
 def test_a_manifest_of_many_records_reaches_the_store_in_batches(tiny_embedding_ckpt, tmp_path, ray_local):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from operators.media.expand import ExpandSettings, expand_object
+from operators.media.expand import ExpandSettings, expand_object, most_units
 from operators.media.listing import list_objects
 from operators.units import SourceObject, Unit
 from tests.media_corpus import CorpusSpec, make_corpus, make_test_tokenizer, write_video
@@ -56,6 +56,31 @@ def test_local_corpus_exact_counts(corpus: CorpusSpec, tok) -> None:
     }
     assert results["bad/empty.txt"][1][0].message == "empty file"
     assert all(d.stage == "expand" and d.uri == corpus.uri(rel) for rel, r in results.items() for d in r[1])
+
+
+def test_most_units_bounds_every_object_of_the_corpus(corpus: CorpusSpec, tok, tmp_path: Path) -> None:
+    """most_units is a bound by name and size: no object of the generated corpus expands past it, a
+    text of one-byte tokens included, and a manifest (any number of records) has none."""
+    dense = tmp_path / "dense.txt"
+    dense.write_text("." * 5000)  # 5,000 one-character tokens: the densest text there is
+    objects, _ = list_objects(str(corpus.root))
+    objects += list_objects(str(dense))[0]
+    bounded = 0
+    for obj in objects:
+        units, _, _ = expand_object(obj, CFG, None, tok)
+        bound = most_units(obj.uri, obj.size, CFG)
+        if obj.uri.endswith((".jsonl", ".parquet", ".csv")):
+            assert bound is None, obj.uri
+        if bound is not None:
+            bounded += 1
+            assert len(units) <= bound, (obj.uri, len(units), bound)
+    assert bounded >= len(objects) - 3
+    units, _, _ = expand_object(list_objects(str(dense))[0][0], CFG, None, tok)
+    assert len(units) > 80 and most_units(str(dense), 5000, CFG) == 5000 // (64 - 8) + 2
+    assert most_units("s3://b/photo.JPG", 10**9, CFG) == 1
+    assert most_units("s3://b/scan.pdf", 10**9, CFG) == CFG.max_pdf_pages
+    assert most_units("s3://b/clip.mp4", 10**9, CFG) == 3600  # 3,600 s of 1 s segments
+    assert most_units("s3://b/no-extension", 10, CFG) is None  # its magic bytes decide what it is
 
 
 def test_tokenizer_free_fallback_counts(tmp_path: Path) -> None:

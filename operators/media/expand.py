@@ -26,6 +26,7 @@ noticed until the manifest itself changes.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -72,6 +73,26 @@ class ExpandSettings:
         if self.max_image_pixels > PILLOW_DECODE_LIMIT:
             raise ValueError(f"max_image_pixels must be <= {PILLOW_DECODE_LIMIT} (Pillow decodes nothing larger), "
                              f"got {self.max_image_pixels}")
+
+
+def most_units(uri: str, size: int, cfg: ExpandSettings) -> int | None:
+    """The most units an object can expand into, judged by its name and size; None when they tell nothing.
+
+    A manifest has as many units as records, and an object without a known extension may turn
+    out to be anything (its magic bytes decide): no bound. The bound trusts the name: a .txt file
+    that holds Parquet still parses as a manifest, which costs that run's parallelism, nothing else.
+    """
+    kind = from_extension(uri).kind
+    if kind == "image":
+        return 1
+    if kind == "text":
+        # Every token is at least one byte and windows start every chunk - overlap tokens.
+        return size // (cfg.chunk_tokens - cfg.overlap_tokens) + 2
+    if kind == "pdf":
+        return cfg.max_pdf_pages
+    if kind == "video":
+        return math.ceil(cfg.max_video_duration_s / cfg.video_segment_s)
+    return None
 
 
 def _dead(uri: str, exc: BaseException, position: str | None = None, prefix: str = "") -> DeadLetter:
