@@ -27,7 +27,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from qdrant_client import QdrantClient, models
@@ -41,8 +41,8 @@ from .preflight import (PreflightError, check_checkpoint_kind, check_local_check
                         one_line)
 from .query_inputs import (QueryInputError, build_filter, model_ready_images, oversized_image, query_content,
                            resolve_instruction, result_count)
-from .query_store import (QueryPreflightError, check_dimension, collection_layout, open_client, query_vectors,
-                          search_request, store_location)
+from .query_store import (QueryPreflightError, check_dimension, collection_layout, model_warning, open_client,
+                          query_vectors, search_request, store_location, warn_on_stderr)
 
 logger = logging.getLogger(__name__)
 
@@ -290,11 +290,12 @@ class QueryEngine:
     has a "full" vector of the embedder's dimension, and the configured reranker loads
     (unless ``with_reranker=False``). Pass already-loaded ``embedder``/``reranker`` to share them,
     and a ``client`` to reuse an open connection (the caller then closes it; an
-    embedded store can only be opened by one client at a time).
+    embedded store can only be opened by one client at a time). ``warn`` gets the warnings
+    (a collection ingested with another embedder); by default they go to stderr.
     """
 
     def __init__(self, cfg: Config, embedder: Any = None, reranker: Any = None, client: QdrantClient | None = None,
-                 *, with_reranker: bool = True) -> None:
+                 *, with_reranker: bool = True, warn: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
         self.storage_options = dict(cfg.source.storage_options)
         self.settings = expand_settings(cfg)
@@ -308,7 +309,11 @@ class QueryEngine:
                 self.client = open_client(cfg)
             self.layout = collection_layout(self.client, cfg.qdrant.collection, store_location(cfg))
             dim = int(embedder.hidden_size) if embedder is not None else model_dimension(cfg.embedder.model)
-            check_dimension(self.layout, cfg.embedder.model if embedder is None else embedder.model_name_or_path, dim)
+            model = cfg.embedder.model if embedder is None else embedder.model_name_or_path
+            check_dimension(self.layout, model, dim)
+            warning = model_warning(self.client, self.layout, model)
+            if warning:
+                (warn or warn_on_stderr)(warning)
             want_reranker = reranker is None and with_reranker and cfg.reranker.model
             if want_reranker:
                 check_reranker_checkpoint(cfg.reranker.model)  # before the (slow) embedder load

@@ -30,8 +30,8 @@ from .query import (Candidate, Hit, Skipped, check_reranker_checkpoint, embed_qu
                     rerank_candidates, vector_order)
 from .query_files import QueryRow
 from .query_inputs import QueryInputError, build_filter, query_content, resolve_instruction, result_count
-from .query_store import (CollectionLayout, check_dimension, collection_layout, open_client, query_vectors,
-                          search_request, store_location)
+from .query_store import (CollectionLayout, check_dimension, collection_layout, model_warning, open_client,
+                          query_vectors, search_request, store_location, warn_on_stderr)
 
 # Queries travel through Ray Data as JSON strings (bytes as {"$b64": ...}): nested, optional
 # fields survive Arrow without schema unification surprises.
@@ -166,12 +166,13 @@ def _unreranked(row: Mapping[str, Any], top_n: int) -> dict[str, Any]:
 
 def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | None = None, top_n: int | None = None,
                     rerank: bool = True, funnel: bool | None = None, rerank_actors: int | None = None,
-                    batch_size: int | None = None) -> list[dict[str, Any]]:
+                    batch_size: int | None = None, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Run many queries as a Ray Data job; one result per query, in input order:
     ``{"id", "hits": [Hit dicts], "skipped": [Skipped dicts], "error": str | None}``.
 
     Preflight (before any actor starts): the collection, the embedder dimension and the
     reranker checkpoint. In embedded mode the store is opened by one QdrantOwner actor.
+    ``warn`` gets the warnings (a collection ingested with another embedder; default: stderr).
     """
     import ray
 
@@ -190,9 +191,12 @@ def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | No
     client = open_client(cfg)
     try:
         layout = collection_layout(client, cfg.qdrant.collection, store_location(cfg))
+        check_dimension(layout, cfg.embedder.model, model_dimension(cfg.embedder.model))
+        warning = model_warning(client, layout, cfg.embedder.model)
     finally:
         client.close()  # releases an embedded folder for the owner actor
-    check_dimension(layout, cfg.embedder.model, model_dimension(cfg.embedder.model))
+    if warning:
+        (warn or warn_on_stderr)(warning)
     if rerank:
         check_reranker_checkpoint(cfg.reranker.model)
     if not queries:

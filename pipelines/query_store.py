@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -72,6 +73,32 @@ def check_dimension(layout: CollectionLayout, model: str, dim: int) -> None:
         raise QueryPreflightError(
             f"query embedder {model!r} produces {dim}-dimensional vectors but collection {layout.name!r} holds "
             f"{layout.full_dim}-dimensional {FULL_VECTOR!r} vectors: query with the embedder that ingested it")
+
+
+def stored_model(client: QdrantClient, name: str) -> str | None:
+    """The embedder (model_id) one stored point was ingested with; None for an empty collection."""
+    records, _ = client.scroll(name, limit=1, with_payload=["model_id"], with_vectors=False)
+    model = (records[0].payload or {}).get("model_id") if records else None
+    return str(model) if model else None
+
+
+def model_warning(client: QdrantClient, layout: CollectionLayout, model: str) -> str | None:
+    """What to tell the user when the collection was ingested with another embedder than the query's.
+
+    A warning, not an error: the dimensions match (check_dimension), and the same weights may go by
+    two names (a hub id and a local snapshot of it). Every point of an ingested collection has the
+    same model_id: a change of embedder re-embeds every object (pipelines/plan.py: settings_digest).
+    """
+    stored = stored_model(client, layout.name)
+    if stored is None or stored == model:
+        return None
+    return (f"collection {layout.name!r} was ingested with embedder {stored!r} and this query embeds with "
+            f"{model!r}: unless they are the same weights, the hits mean nothing")
+
+
+def warn_on_stderr(message: str) -> None:
+    """Print a warning line for the user of a command."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def open_client(cfg: Config) -> QdrantClient:

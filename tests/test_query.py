@@ -557,6 +557,37 @@ def test_checkpoints_of_the_wrong_kind_fail_in_preflight(world, tiny_embedding_c
     assert not (tmp_path / "o.jsonl").exists()
 
 
+def test_a_collection_ingested_with_another_embedder_is_a_warning(world, tiny_embedding_ckpt, tmp_path, capsys):
+    """Same dimension, another model name: the hits would mean nothing unless the weights are the same, so
+    query and query-batch say so on stderr and still answer (a hub id and a local copy name the same weights)."""
+    import shutil
+
+    from pipelines.query_batch import run_query_batch
+    from pipelines.query_files import QueryRow
+
+    copy = tmp_path / "other-embedder"
+    shutil.copytree(tiny_embedding_ckpt, copy)
+    data = world["cfg"].model_dump()
+    other = parse_config({**data, "embedder": {**data["embedder"], "model": str(copy)}})
+    warned: list[str] = []
+    with QueryEngine(other, with_reranker=False, warn=warned.append) as engine:
+        assert engine.search({"text": "a red square"}, rerank=False).hits
+    assert warned == [f"collection 'media' was ingested with embedder '{tiny_embedding_ckpt}' and this query "
+                      f"embeds with '{copy}': unless they are the same weights, the hits mean nothing"]
+    with QueryEngine(world["cfg"], with_reranker=False, warn=warned.append):
+        pass
+    assert len(warned) == 1  # the embedder that ingested it: nothing to say
+
+    results = run_query_batch(other, [QueryRow(id="q1", query={"text": "a red square"})], rerank=False,
+                              warn=warned.append)
+    assert results[0]["hits"] and warned[1] == warned[0]
+
+    capsys.readouterr()
+    assert qvl(["query", world["yaml"], "--text", "x", "--no-rerank", "--set", f"embedder.model={copy}"]) == 0
+    out = capsys.readouterr()
+    assert f"warning: {warned[0]}" in out.err.splitlines() and "warning" not in out.out
+
+
 # -- CLI: query, query-batch -------------------------------------------------------------------
 
 
