@@ -158,10 +158,29 @@ class RerankStage:
 
 
 def _unreranked(row: Mapping[str, Any], top_n: int) -> dict[str, Any]:
+    """One query's result without reranking: its best top_n candidates in vector order."""
     if row["error"]:
         return {"hits": [], "skipped": [], "error": row["error"]}
     candidates = [Candidate(**c) for c in _decode(row["candidates"])]
     return {"hits": [h.to_dict() for h in vector_order(candidates, top_n)], "skipped": [], "error": None}
+
+
+def _vector_results(batch: dict[str, np.ndarray], top_n: int) -> dict[str, Any]:
+    """A batch of searched queries cut to their top_n hits: the ``result`` column RerankStage gives."""
+    results = [_encode(_unreranked({"error": batch["error"][i], "candidates": batch["candidates"][i]}, top_n))
+               for i in range(len(batch["id"]))]
+    return {"idx": batch["idx"], "id": batch["id"], "result": results}
+
+
+def vector_results(ds: Any, top_n: int) -> Any:
+    """The searched queries' results without reranking, cut to top_n in Ray Data tasks.
+
+    Cut before the driver collects them: each row otherwise carries its query and all top_k
+    candidates with their payloads (up to 8,000 characters of text each), top_k / top_n times
+    what the results file keeps, all held by the driver at once.
+    """
+    # A sliver of a CPU: the embedding actors may hold every CPU, and this is a cheap cut.
+    return ds.map_batches(_vector_results, fn_kwargs=dict(top_n=top_n), batch_format="numpy", num_cpus=0.1)
 
 
 def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | None = None, top_n: int | None = None,
@@ -231,9 +250,9 @@ def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | No
                                        fn_constructor_kwargs=dict(crash_journal=journal),
                                        batch_size=max(1, min(size, 4)), batch_format="numpy", num_gpus=gpus,
                                        num_cpus=cfg.compute.cpus_per_actor)
-                rows = {int(r["idx"]): _decode(r["result"]) for r in ds.take_all()}
             else:
-                rows = {int(r["idx"]): _unreranked(r, top_n) for r in ds.take_all()}
+                ds = vector_results(ds, top_n)
+            rows = {int(r["idx"]): _decode(r["result"]) for r in ds.take_all()}
         finally:
             if owner is not None:
                 stop_owner(owner)

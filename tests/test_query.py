@@ -643,6 +643,34 @@ def test_query_batch_equals_single_queries(world, embedder, reranker, tmp_path, 
     assert any(abs(by_id[h["point_id"]] - h["vector_score"]) > 1e-4 for h in batch[3]["hits"] if h["point_id"] in by_id)
 
 
+def test_query_batch_without_reranking_hands_the_driver_top_n_results_only(world, embedder):
+    """--no-rerank: the top_k candidates are cut to top_n before the driver collects them (at 1,500
+    queries, top_k 100, the driver otherwise holds every candidate's payload at once)."""
+    from dataclasses import asdict
+
+    import ray
+
+    from pipelines.query_batch import _encode, run_query_batch, vector_results
+    from pipelines.query_files import QueryRow
+
+    with open_engine(world, embedder) as engine:
+        want = engine.search({"text": "violin strings"}, top_k=6, top_n=2, rerank=False)
+        found = engine.retrieve(engine.embed({"text": "violin strings"}), top_k=6)
+    candidates = _encode([asdict(c) for c in found])
+    items = [{"idx": 0, "id": "a", "query": "{}", "candidates": candidates, "error": ""},
+             {"idx": 1, "id": "b", "query": "{}", "candidates": "", "error": "no such image"}]
+    ds = vector_results(ray.data.from_items(items), 2)
+    assert ds.schema().names == ["idx", "id", "result"]  # no query, no candidates
+    rows = {r["id"]: json.loads(r["result"]) for r in ds.take_all()}
+    assert [h["point_id"] for h in rows["a"]["hits"]] == [h.point_id for h in want.hits]
+    assert rows["b"] == {"hits": [], "skipped": [], "error": "no such image"}
+    results = run_query_batch(world["cfg"], [QueryRow(id="a", query={"text": "violin strings"}),
+                                             QueryRow(id="d", query={"image": "missing.png"})],
+                              top_k=6, top_n=2, rerank=False)
+    assert [h["point_id"] for h in results[0]["hits"]] == [h.point_id for h in want.hits]
+    assert results[0]["error"] is None and "missing.png" in results[1]["error"]
+
+
 def test_query_images_over_the_pixel_limit_are_refused_before_decoding(world, embedder, tmp_path):
     from pipelines.query import embed_queries
 
