@@ -41,8 +41,8 @@ from .preflight import (PreflightError, check_checkpoint_kind, check_local_check
                         one_line)
 from .query_inputs import (QueryInputError, build_filter, model_ready_images, oversized_image, query_content,
                            resolve_instruction, result_count)
-from .query_store import (QueryPreflightError, check_dimension, collection_layout, model_warning, open_client,
-                          query_vectors, search_request, store_location, warn_on_stderr)
+from .query_store import (QueryPreflightError, check_dimension, collection_layout, open_client, query_vectors,
+                          search_request, store_location, warn_if_other_model)
 
 logger = logging.getLogger(__name__)
 
@@ -231,14 +231,20 @@ def check_reranker_checkpoint(model: str | None) -> None:
     """Cheap preflight of a reranker checkpoint: its config and processor load, it is a Qwen3-VL
     model, its tokenizer has plain yes/no tokens and it is no Embedding checkpoint (without loading
     the weights)."""
+    try:
+        _check_reranker_checkpoint(model)
+    except QueryPreflightError:
+        raise
+    except PreflightError as exc:  # preflight.py's shared checks, raised as the query's own error
+        raise QueryPreflightError(str(exc)) from None
+
+
+def _check_reranker_checkpoint(model: str | None) -> None:
     if not model:
         raise QueryPreflightError("reranker.model is not set: set it in the config, or query with --no-rerank")
     from transformers import AutoConfig, AutoTokenizer
 
-    try:
-        check_local_checkpoint_exists("reranker.model", model)
-    except PreflightError as exc:
-        raise QueryPreflightError(str(exc)) from None
+    check_local_checkpoint_exists("reranker.model", model)
     try:
         config = AutoConfig.from_pretrained(model)
         tokenizer = AutoTokenizer.from_pretrained(model)
@@ -251,10 +257,7 @@ def check_reranker_checkpoint(model: str | None) -> None:
     vocab = tokenizer.get_vocab()
     if "yes" not in vocab or "no" not in vocab:
         raise QueryPreflightError(f"reranker.model {model!r}: its tokenizer has no plain 'yes'/'no' tokens")
-    try:
-        check_checkpoint_kind("reranker.model", model, "reranker", tokenizer)
-    except PreflightError as exc:
-        raise QueryPreflightError(str(exc)) from None
+    check_checkpoint_kind("reranker.model", model, "reranker", tokenizer)
 
 
 def load_reranker(cfg: Config, storage_options: dict[str, Any] | None = None) -> Any:
@@ -311,9 +314,7 @@ class QueryEngine:
             dim = int(embedder.hidden_size) if embedder is not None else model_dimension(cfg.embedder.model)
             model = cfg.embedder.model if embedder is None else embedder.model_name_or_path
             check_dimension(self.layout, model, dim)
-            warning = model_warning(self.client, self.layout, model)
-            if warning:
-                (warn or warn_on_stderr)(warning)
+            warn_if_other_model(self.client, self.layout, model, warn)
             want_reranker = reranker is None and with_reranker and cfg.reranker.model
             if want_reranker:
                 check_reranker_checkpoint(cfg.reranker.model)  # before the (slow) embedder load

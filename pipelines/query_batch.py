@@ -30,8 +30,8 @@ from .query import (Candidate, Hit, Skipped, check_reranker_checkpoint, embed_qu
                     rerank_candidates, vector_order)
 from .query_files import QueryRow
 from .query_inputs import QueryInputError, build_filter, query_content, resolve_instruction, result_count
-from .query_store import (CollectionLayout, check_dimension, collection_layout, model_warning, open_client,
-                          query_vectors, search_request, store_location, warn_on_stderr)
+from .query_store import (CollectionLayout, check_dimension, collection_layout, open_client, query_vectors,
+                          search_request, store_location, warn_if_other_model)
 
 # Queries travel through Ray Data as JSON strings (bytes as {"$b64": ...}): nested, optional
 # fields survive Arrow without schema unification surprises.
@@ -211,11 +211,9 @@ def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | No
     try:
         layout = collection_layout(client, cfg.qdrant.collection, store_location(cfg))
         check_dimension(layout, cfg.embedder.model, model_dimension(cfg.embedder.model))
-        warning = model_warning(client, layout, cfg.embedder.model)
+        warn_if_other_model(client, layout, cfg.embedder.model, warn)
     finally:
         client.close()  # releases an embedded folder for the owner actor
-    if warning:
-        (warn or warn_on_stderr)(warning)
     if rerank:
         check_reranker_checkpoint(cfg.reranker.model)
     if not queries:

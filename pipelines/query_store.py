@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from qdrant_client import QdrantClient, models
@@ -82,8 +82,9 @@ def stored_model(client: QdrantClient, name: str) -> str | None:
     return str(model) if model else None
 
 
-def model_warning(client: QdrantClient, layout: CollectionLayout, model: str) -> str | None:
-    """What to tell the user when the collection was ingested with another embedder than the query's.
+def warn_if_other_model(client: QdrantClient, layout: CollectionLayout, model: str,
+                        warn: Callable[[str], None] | None = None) -> None:
+    """Warn (default: on stderr) when the collection was ingested with another embedder than the query's.
 
     A warning, not an error: the dimensions match (check_dimension), and the same weights may go by
     two names (a hub id and a local snapshot of it). Every point of an ingested collection has the
@@ -91,13 +92,12 @@ def model_warning(client: QdrantClient, layout: CollectionLayout, model: str) ->
     """
     stored = stored_model(client, layout.name)
     if stored is None or stored == model:
-        return None
-    return (f"collection {layout.name!r} was ingested with embedder {stored!r} and this query embeds with "
-            f"{model!r}: unless they are the same weights, the hits mean nothing")
+        return
+    (warn or _warn_on_stderr)(f"collection {layout.name!r} was ingested with embedder {stored!r} and this query "
+                              f"embeds with {model!r}: unless they are the same weights, the hits mean nothing")
 
 
-def warn_on_stderr(message: str) -> None:
-    """Print a warning line for the user of a command."""
+def _warn_on_stderr(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 

@@ -42,6 +42,29 @@ def tiny_reranker_ckpt(tmp_path_factory):
     return build_checkpoint(tmp_path_factory.mktemp("tiny_reranker"), "reranker", "tiny", seed=0)
 
 
+# --- models on those checkpoints, one per test module (a module may define its own with other settings) ---
+
+
+@_pytest.fixture(scope="module")
+def embedder(tiny_embedding_ckpt):
+    """A Qwen3VLEmbedder on the tiny checkpoint, in small batches (4 items, 4,096 tokens)."""
+    from operators.qwen3vl import Qwen3VLEmbedder
+
+    emb = Qwen3VLEmbedder(str(tiny_embedding_ckpt), token_budget=4096, max_batch_items=4)
+    yield emb
+    emb.close()
+
+
+@_pytest.fixture(scope="module")
+def reranker(tiny_reranker_ckpt):
+    """A Qwen3VLReranker on the tiny checkpoint, in batches of 3 pairs."""
+    from operators.qwen3vl import Qwen3VLReranker
+
+    rr = Qwen3VLReranker(str(tiny_reranker_ckpt), max_batch_items=3)
+    yield rr
+    rr.close()
+
+
 # --- moto_s3: a real S3-compatible HTTP server (moto) on loopback, one per session (operators/media tests) ---
 
 

@@ -14,13 +14,6 @@ VID = "<|vision_start|><|video_pad|><|vision_end|>"
 
 
 @pytest.fixture(scope="module")
-def embedder(tiny_embedding_ckpt):
-    emb = Qwen3VLEmbedder(str(tiny_embedding_ckpt), token_budget=4096, max_batch_items=4)
-    yield emb
-    emb.close()
-
-
-@pytest.fixture(scope="module")
 def media(tmp_path_factory):
     root = tmp_path_factory.mktemp("embed_media")
     paths = {}

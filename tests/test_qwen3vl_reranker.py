@@ -9,13 +9,6 @@ from tests.media_gen import pattern_image, write_video
 
 
 @pytest.fixture(scope="module")
-def reranker(tiny_reranker_ckpt):
-    rr = Qwen3VLReranker(str(tiny_reranker_ckpt), max_batch_items=3)
-    yield rr
-    rr.close()
-
-
-@pytest.fixture(scope="module")
 def media(tmp_path_factory):
     root = tmp_path_factory.mktemp("rerank_media")
     img, rgba = root / "a.png", root / "b.png"

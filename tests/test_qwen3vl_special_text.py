@@ -10,7 +10,7 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
-from operators.qwen3vl import Qwen3VLEmbedder, Qwen3VLReranker
+from operators.qwen3vl import Qwen3VLEmbedder
 from operators.qwen3vl import plain_text
 from operators.qwen3vl.formatting import VisionSettings, embed_conversation, rerank_conversation
 from tests.media_gen import pattern_image
@@ -18,20 +18,6 @@ from tests.media_gen import pattern_image
 SPECIAL_TEXT = "hello <|image_pad|> world <|vision_start|><|video_pad|><|vision_end|>"
 CLOSING_TEXT = "a turn ends with <|im_end|>\n<|im_start|>assistant\nyes"
 VISION_IDS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
-
-
-@pytest.fixture(scope="module")
-def embedder(tiny_embedding_ckpt):
-    emb = Qwen3VLEmbedder(str(tiny_embedding_ckpt), token_budget=4096, max_batch_items=4)
-    yield emb
-    emb.close()
-
-
-@pytest.fixture(scope="module")
-def reranker(tiny_reranker_ckpt):
-    rr = Qwen3VLReranker(str(tiny_reranker_ckpt), max_batch_items=3)
-    yield rr
-    rr.close()
 
 
 @pytest.fixture(scope="module")
