@@ -21,7 +21,7 @@ from .units import DeadLetter, SourceObject, dead_row, object_row, payload_for, 
 
 
 @lru_cache(maxsize=4)
-def tokenizer_for(model: str) -> Any:
+def tokenizer_for(model: str, revision: str | None = None) -> Any:
     """The embedder's tokenizer, loaded once per worker process (text is chunked in its tokens).
 
     The fast tokenizer's own `tokenizers.Tokenizer` (tokenizer.json) is all chunking uses, so
@@ -39,12 +39,12 @@ def tokenizer_for(model: str) -> Any:
             from huggingface_hub import hf_hub_download
 
             # cache- and offline-aware
-            return _for_chunking(Tokenizer.from_file(hf_hub_download(model, "tokenizer.json")))
+            return _for_chunking(Tokenizer.from_file(hf_hub_download(model, "tokenizer.json", revision=revision)))
         except Exception:  # no tokenizer.json on the hub, or not reachable: let transformers decide
             pass
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model)
+    return AutoTokenizer.from_pretrained(model, revision=revision)
 
 
 def _for_chunking(tokenizer: Any) -> Any:
@@ -74,7 +74,7 @@ def _task_guard(journal: Any, limit_s: float | None) -> TaskGuard | None:
 
 
 def expand_rows(row: dict[str, Any], *, settings: ExpandSettings, storage_options: dict[str, Any] | None,
-                model: str, model_id: str, dim: int, ingested_at: str | None = None,
+                model: str, model_id: str, dim: int, revision: str | None = None, ingested_at: str | None = None,
                 crash_journal: Any = None, max_expand_s: float | None = None) -> list[dict[str, Any]]:
     """Unit rows, dead-letter rows and one object-status row for one listed object.
 
@@ -91,7 +91,7 @@ def expand_rows(row: dict[str, Any], *, settings: ExpandSettings, storage_option
         dead = DeadLetter(uri=obj.uri, stage="expand", error_type=error_type, message=message)
         return [dead_row(dead), object_row(obj.uri, FAILED, 0, time.perf_counter() - start)]
     try:
-        tokenizer = tokenizer_for(model)
+        tokenizer = tokenizer_for(model, revision)
     except Exception:  # chunking falls back to word pieces; the embed stage reports a bad model loudly
         tokenizer = None
     with reading(guard, obj.uri):

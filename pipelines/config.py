@@ -138,6 +138,15 @@ def _local_model(value: str | None) -> str | None:
     return _expand_user(value) if isinstance(value, str) and os.path.isdir(os.path.expanduser(value)) else value
 
 
+def _check_revision(model: str | None, revision: str | None) -> None:
+    """Refuse a revision for a local checkpoint: transformers would ignore it, and the pin with it."""
+    if revision is not None and model is not None and os.path.isdir(model):
+        raise ValueError(f"revision: applies to a hub id, but model is the local folder {model!r} "
+                         f"(got {_show(revision)}); check out that revision there, or drop the key")
+    if revision is not None and any(c.isspace() for c in revision):
+        raise ValueError(f"revision: a branch, tag or commit has no spaces (got {_show(revision)})")
+
+
 PathStr = Annotated[str, BeforeValidator(_fspath), Field(min_length=1)]
 OptPathStr = Annotated[str | None, BeforeValidator(_empty_to_none)]
 # Local folders the jobs create or open themselves (source.uri is expanded by the listing, which
@@ -270,6 +279,9 @@ class EmbedderConfig(_Section):
 
     model: Annotated[NonEmptyStr, AfterValidator(_local_model)]
     """Hub id or local checkpoint path. Required."""
+    revision: OptPathStr = None
+    """Hub branch, tag or commit of ``model`` (None = the default branch); pins the weights and the
+    processor alike. Part of the settings digest and of each point's ``model_id``. Hub ids only."""
     mrl_dims: MrlDims = []
     """Matryoshka dimensions stored as extra named vectors (each >= 1, unique; sorted
     descending on load; each must also be <= the model's full dimension, checked when
@@ -304,6 +316,11 @@ class EmbedderConfig(_Section):
             names = ", ".join(repr(n) for n in ATTN_IMPLEMENTATIONS)
             raise ValueError(f"must be null or one of {names} (got {_show(v)})")
         return v
+
+    @model_validator(mode="after")
+    def _revision_for_hub(self) -> "EmbedderConfig":
+        _check_revision(self.model, self.revision)
+        return self
 
     @model_validator(mode="after")
     def _pixel_order(self) -> "EmbedderConfig":
@@ -418,11 +435,20 @@ class RerankerConfig(_Section):
 
     model: Annotated[OptPathStr, AfterValidator(_local_model)] = None
     """Hub id or path; None (or blank) = no reranking available."""
+    revision: OptPathStr = None
+    """Hub branch, tag or commit of ``model`` (None = the default branch). Hub ids only."""
     instruction: str | None = None
     """Reranker instruction; None = the model's default."""
     max_length: int = Field(10240, ge=1)
     batch_pairs: int | None = Field(None, ge=1)
     """(query, document) pairs per forward batch; None = the reranker's default (16 on CPU, 64 on GPU)."""
+
+    @model_validator(mode="after")
+    def _revision_for_hub(self) -> "RerankerConfig":
+        if self.revision is not None and self.model is None:
+            raise ValueError(f"revision: set without a model (got {_show(self.revision)})")
+        _check_revision(self.model, self.revision)
+        return self
 
 
 class QueryConfig(_Section):

@@ -40,6 +40,7 @@ from operators.embed_stage import EmbedStage
 from operators.expand_stage import expand_rows, object_to_row
 from operators.media.expand import ExpandSettings, most_units
 from operators.media.listing import list_objects
+from operators.qwen3vl.loading import checkpoint_id
 from operators.qwen3vl.media_io import is_fetch_failure
 from operators.units import DeadLetter, SourceObject
 from sinks.ingest_sink import IngestDatasink
@@ -214,7 +215,8 @@ def embedder_kwargs(cfg: Config, storage_options: dict[str, Any]) -> dict[str, A
                                   fps=cfg.expand.video_fps, max_frames=cfg.expand.video_max_frames,
                                   token_budget=e.token_budget, max_batch_items=e.max_batch_items,
                                   prepare_processes=e.prepare_processes,
-                                  attn_implementation=e.attn_implementation, storage_options=storage_options)
+                                  attn_implementation=e.attn_implementation, storage_options=storage_options,
+                                  revision=e.revision)
     if e.instruction:
         kwargs["default_instruction"] = e.instruction
     return kwargs
@@ -236,7 +238,7 @@ def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], Non
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     prune = cfg.prune if prune is None else prune
     secrets = cfg.secret_values()
-    spec = collection_spec(cfg, model_dimension(cfg.embedder.model))
+    spec = collection_spec(cfg, model_dimension(cfg.embedder.model, cfg.embedder.revision))
     # The source before the store: an unreachable source must not leave a new collection behind.
     objects, list_dead = list_source(cfg)
     ensure_folder("output.dir", cfg.output.dir, probe=True)  # now, not after every object is written
@@ -250,8 +252,8 @@ def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], Non
     except BaseException:
         store.close()
         raise
-    report = RunReport(run_id, cfg.qdrant.collection, cfg.source.uri, cfg.embedder.model,
-                       config=cfg.redacted_dict())
+    report = RunReport(run_id, cfg.qdrant.collection, cfg.source.uri,
+                       checkpoint_id(cfg.embedder.model, cfg.embedder.revision), config=cfg.redacted_dict())
     # After ray.init: its SIGTERM handler (an abort in Ray's core worker) is replaced for the run.
     with stop_on_signals() as gate:
         try:
@@ -517,7 +519,8 @@ def _run_stages(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store
     ds = ray.data.from_items([object_to_row(o) for o in todo], override_num_blocks=input_blocks(len(todo)))
     ds = ds.flat_map(expand_rows, fn_kwargs=dict(
         settings=expand_settings(cfg), storage_options=storage_options, model=cfg.embedder.model,
-        model_id=cfg.embedder.model, dim=spec.full_dim, ingested_at=datetime.now(timezone.utc).isoformat(),
+        revision=cfg.embedder.revision, model_id=checkpoint_id(cfg.embedder.model, cfg.embedder.revision),
+        dim=spec.full_dim, ingested_at=datetime.now(timezone.utc).isoformat(),
         crash_journal=journal, max_expand_s=cfg.limits.max_expand_s),
         num_cpus=EXPAND_TASK_CPUS, **({"concurrency": cfg.compute.prepare_concurrency} if cfg.compute.prepare_concurrency else {}))
     if may_outgrow_a_batch(todo, cfg):

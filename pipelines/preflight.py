@@ -13,6 +13,7 @@ from typing import Any, Iterable, Literal
 
 from transformers import AutoConfig
 
+from operators.qwen3vl.loading import checkpoint_id
 from sinks.qdrant_schema import CollectionSpec
 from sinks.qdrant_sink import StoreOpenError
 
@@ -77,18 +78,18 @@ def _running_cluster(key: str) -> str | None:
     return found
 
 
-def model_dimension(model: str) -> int:
+def model_dimension(model: str, revision: str | None = None) -> int:
     """The embedding dimension (text hidden size) of an Embedding checkpoint, from its config; PreflightError
     when it does not load, lacks its weights or is a Reranker checkpoint."""
     check_local_checkpoint_exists("embedder.model", model)
     try:
-        config = AutoConfig.from_pretrained(model)
+        config = AutoConfig.from_pretrained(model, revision=revision)
     except Exception as exc:
-        raise PreflightError(f"embedder.model {model!r} cannot be loaded: {type(exc).__name__}: "
-                             f"{one_line(exc)}") from exc
+        raise PreflightError(f"embedder.model {checkpoint_id(model, revision)!r} cannot be loaded: "
+                             f"{type(exc).__name__}: {one_line(exc)}") from exc
     text_config = getattr(config, "text_config", config)
     check_local_weights(model)
-    check_checkpoint_kind("embedder.model", model, "embedding")
+    check_checkpoint_kind("embedder.model", model, "embedding", revision=revision)
     return int(text_config.hidden_size)
 
 
@@ -120,7 +121,7 @@ def appends_end_token(tokenizer: Any) -> bool:
 
 
 def check_checkpoint_kind(key: str, model: str, kind: Literal["embedding", "reranker"],
-                          tokenizer: Any = None) -> None:
+                          tokenizer: Any = None, revision: str | None = None) -> None:
     """Raise PreflightError naming the key when the checkpoint is the other kind than `kind`.
 
     An Embedding and a Reranker checkpoint share the architecture and config, and each loads
@@ -128,20 +129,21 @@ def check_checkpoint_kind(key: str, model: str, kind: Literal["embedding", "rera
     tell them apart: an Embedding checkpoint's appends <|endoftext|> (the token it pools), a
     Reranker's appends nothing (../shared/docs/model-contract.md).
     """
+    name = checkpoint_id(model, revision)
     if tokenizer is None:
         from transformers import AutoTokenizer
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(model)
+            tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
         except Exception as exc:
-            raise PreflightError(f"{key} {model!r} cannot be loaded: its tokenizer: {type(exc).__name__}: "
+            raise PreflightError(f"{key} {name!r} cannot be loaded: its tokenizer: {type(exc).__name__}: "
                                  f"{first_line(exc)}") from None
     is_embedding = appends_end_token(tokenizer)
     if kind == "embedding" and not is_embedding:
-        raise PreflightError(f"{key} {model!r} is not a Qwen3-VL-Embedding checkpoint (a Reranker one?): its "
+        raise PreflightError(f"{key} {name!r} is not a Qwen3-VL-Embedding checkpoint (a Reranker one?): its "
                              "tokenizer appends no <|endoftext|> token to pool; give an Embedding checkpoint")
     if kind == "reranker" and is_embedding:
-        raise PreflightError(f"{key} {model!r} is a Qwen3-VL-Embedding checkpoint, not a Reranker: its tokenizer "
+        raise PreflightError(f"{key} {name!r} is a Qwen3-VL-Embedding checkpoint, not a Reranker: its tokenizer "
                              "appends the <|endoftext|> an embedder pools; give a Reranker checkpoint")
 
 

@@ -109,7 +109,7 @@ def check_local_pool(cfg: Config) -> None:
 def preview_ingest(cfg: Config, prune: bool | None = None) -> PlanPreview:
     """What `qvl ingest` would do with cfg now, without embedding, creating or writing anything."""
     prune = cfg.prune if prune is None else prune
-    spec = collection_spec(cfg, model_dimension(cfg.embedder.model))
+    spec = collection_spec(cfg, model_dimension(cfg.embedder.model, cfg.embedder.revision))
     objects, unlisted = list_source(cfg)
     # The run's other checks, in its order, none of which creates or starts anything here.
     check_writable("output.dir", cfg.output.dir)

@@ -34,6 +34,7 @@ from qdrant_client import QdrantClient, models
 
 from operators.content import CandidateUnavailable, SourceCache, candidate_input
 from operators.media.expand import ExpandSettings
+from operators.qwen3vl.loading import checkpoint_id
 
 from .config import Config
 from .ingest import embedder_kwargs, expand_settings
@@ -221,55 +222,57 @@ def reranker_kwargs(cfg: Config, storage_options: dict[str, Any]) -> dict[str, A
                                   fps=cfg.expand.video_fps, max_frames=cfg.expand.video_max_frames,
                                   max_batch_items=r.batch_pairs, prepare_processes=e.prepare_processes,
                                   attn_implementation=e.attn_implementation,
-                                  storage_options=storage_options)
+                                  storage_options=storage_options, revision=r.revision)
     if r.instruction:
         kwargs["default_instruction"] = r.instruction
     return kwargs
 
 
-def check_reranker_checkpoint(model: str | None) -> None:
+def check_reranker_checkpoint(model: str | None, revision: str | None = None) -> None:
     """Cheap preflight of a reranker checkpoint: its config and processor load, it is a Qwen3-VL
     model, its tokenizer has plain yes/no tokens and it is no Embedding checkpoint (without loading
     the weights)."""
     try:
-        _check_reranker_checkpoint(model)
+        _check_reranker_checkpoint(model, revision)
     except QueryPreflightError:
         raise
     except PreflightError as exc:  # preflight.py's shared checks, raised as the query's own error
         raise QueryPreflightError(str(exc)) from None
 
 
-def _check_reranker_checkpoint(model: str | None) -> None:
+def _check_reranker_checkpoint(model: str | None, revision: str | None) -> None:
     if not model:
         raise QueryPreflightError("reranker.model is not set: set it in the config, or query with --no-rerank")
     from transformers import AutoConfig, AutoTokenizer
 
     check_local_checkpoint_exists("reranker.model", model)
+    name = checkpoint_id(model, revision)
     try:
-        config = AutoConfig.from_pretrained(model)
-        tokenizer = AutoTokenizer.from_pretrained(model)
+        config = AutoConfig.from_pretrained(model, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
     except Exception as exc:
-        raise QueryPreflightError(f"reranker.model {model!r} cannot be loaded: {type(exc).__name__}: "
+        raise QueryPreflightError(f"reranker.model {name!r} cannot be loaded: {type(exc).__name__}: "
                                   f"{one_line(exc)}") from None
     if getattr(config, "model_type", None) not in ("qwen3_vl", "qwen3_vl_moe"):
         raise QueryPreflightError(
-            f"reranker.model {model!r} is a {getattr(config, 'model_type', '?')!r} model, not a Qwen3-VL reranker")
+            f"reranker.model {name!r} is a {getattr(config, 'model_type', '?')!r} model, not a Qwen3-VL reranker")
     vocab = tokenizer.get_vocab()
     if "yes" not in vocab or "no" not in vocab:
-        raise QueryPreflightError(f"reranker.model {model!r}: its tokenizer has no plain 'yes'/'no' tokens")
-    check_checkpoint_kind("reranker.model", model, "reranker", tokenizer)
+        raise QueryPreflightError(f"reranker.model {name!r}: its tokenizer has no plain 'yes'/'no' tokens")
+    check_checkpoint_kind("reranker.model", model, "reranker", tokenizer, revision)
 
 
 def load_reranker(cfg: Config, storage_options: dict[str, Any] | None = None) -> Any:
     """The configured Qwen3VLReranker, or QueryPreflightError naming the checkpoint and the reason."""
     from operators.qwen3vl import Qwen3VLReranker
 
-    check_reranker_checkpoint(cfg.reranker.model)
+    check_reranker_checkpoint(cfg.reranker.model, cfg.reranker.revision)
     try:
         return Qwen3VLReranker(cfg.reranker.model, **reranker_kwargs(cfg, storage_options or {}))
     except Exception as exc:
         raise QueryPreflightError(
-            f"reranker.model {cfg.reranker.model!r} cannot be loaded: {type(exc).__name__}: {exc}") from None
+            f"reranker.model {checkpoint_id(cfg.reranker.model, cfg.reranker.revision)!r} cannot be loaded: "
+            f"{type(exc).__name__}: {exc}") from None
 
 
 def load_embedder(cfg: Config, storage_options: dict[str, Any] | None = None) -> Any:
@@ -280,7 +283,8 @@ def load_embedder(cfg: Config, storage_options: dict[str, Any] | None = None) ->
         return Qwen3VLEmbedder(cfg.embedder.model, **embedder_kwargs(cfg, storage_options or {}))
     except Exception as exc:
         raise QueryPreflightError(
-            f"embedder.model {cfg.embedder.model!r} cannot be loaded: {type(exc).__name__}: {exc}") from None
+            f"embedder.model {checkpoint_id(cfg.embedder.model, cfg.embedder.revision)!r} cannot be loaded: "
+            f"{type(exc).__name__}: {exc}") from None
 
 
 # -- the engine ---------------------------------------------------------------------------
@@ -311,13 +315,15 @@ class QueryEngine:
             if self.client is None:
                 self.client = open_client(cfg)
             self.layout = collection_layout(self.client, cfg.qdrant.collection, store_location(cfg))
-            dim = int(embedder.hidden_size) if embedder is not None else model_dimension(cfg.embedder.model)
-            model = cfg.embedder.model if embedder is None else embedder.model_name_or_path
+            e = cfg.embedder
+            dim = int(embedder.hidden_size) if embedder is not None else model_dimension(e.model, e.revision)
+            model = (checkpoint_id(e.model, e.revision) if embedder is None
+                     else checkpoint_id(embedder.model_name_or_path, getattr(embedder, "revision", None)))
             check_dimension(self.layout, model, dim)
             warn_if_other_model(self.client, self.layout, model, warn)
             want_reranker = reranker is None and with_reranker and cfg.reranker.model
             if want_reranker:
-                check_reranker_checkpoint(cfg.reranker.model)  # before the (slow) embedder load
+                check_reranker_checkpoint(cfg.reranker.model, cfg.reranker.revision)  # before the (slow) embedder load
             if self.embedder is None:
                 self.embedder = load_embedder(cfg, self.storage_options)
                 self._own_models.append(self.embedder)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from operators.crash_journal import TaskGuard, batch_key, reading, start_journal, stop_journal
+from operators.qwen3vl.loading import checkpoint_id
 from sinks.qdrant_client_factory import make_client
 
 from .actor_fit import ActorPool, check_pools_fit
@@ -210,12 +211,14 @@ def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | No
     client = open_client(cfg)
     try:
         layout = collection_layout(client, cfg.qdrant.collection, store_location(cfg))
-        check_dimension(layout, cfg.embedder.model, model_dimension(cfg.embedder.model))
-        warn_if_other_model(client, layout, cfg.embedder.model, warn)
+        e = cfg.embedder
+        model = checkpoint_id(e.model, e.revision)
+        check_dimension(layout, model, model_dimension(e.model, e.revision))
+        warn_if_other_model(client, layout, model, warn)
     finally:
         client.close()  # releases an embedded folder for the owner actor
     if rerank:
-        check_reranker_checkpoint(cfg.reranker.model)
+        check_reranker_checkpoint(cfg.reranker.model, cfg.reranker.revision)
     if not queries:
         return []
 

@@ -290,6 +290,9 @@ def test_api_key_in_config_rejected_without_echoing_it():
         ("qdrant", {"timeout_s": 0}, "qdrant.timeout_s: must be > 0"),
         ("query", {"top_k": 0}, "query.top_k: must be >= 1"),
         ("reranker", {"batch_pairs": "8"}, "reranker.batch_pairs: expected an integer"),
+        ("embedder", {"revision": "v 2"}, "embedder.revision: a branch, tag or commit has no spaces"),
+        ("embedder", {"revision": 2}, "embedder.revision: expected a string"),
+        ("reranker", {"model": None, "revision": "main"}, "reranker.revision: set without a model"),
         ("source", {"include": "*.jpg"}, "source.include: expected a list"),
         ("source", {"uri": 3}, "source.uri: expected a string"),
         ("source", {"storage_options": "PLANTED"}, "source.storage_options: expected a mapping"),
@@ -710,3 +713,20 @@ def test_attn_implementation_names_known_to_transformers():
     from pipelines.config import ATTN_IMPLEMENTATIONS
 
     assert set(ATTN_IMPLEMENTATIONS) <= {"eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()}
+
+
+def test_a_revision_pins_hub_ids_only_and_joins_the_settings_digest(tmp_path):
+    from pipelines.plan import settings_digest
+
+    hub = with_section("embedder", model="Qwen/Qwen3-VL-Embedding-2B")
+    assert parse_config(hub).embedder.revision is None
+    assert parse_config(with_section("embedder", model="org/m", revision="  ")).embedder.revision is None
+    # An unpinned collection keeps the digest it was ingested with before revisions existed.
+    assert settings_digest(load_config(CONFIGS / "local.yaml")) == "5d41590ed2ab"
+    digests = {settings_digest(parse_config(with_section("embedder", model="org/m", revision=r)))
+               for r in (None, "v2", "0123456789abcdef0123456789abcdef01234567")}
+    assert len(digests) == 3
+    # transformers ignores a revision for a local folder: a pin that pins nothing is refused.
+    for section in ("embedder", "reranker"):
+        msg = error_of(with_section(section, model=str(tmp_path), revision="v2"))
+        assert f"{section}.revision: applies to a hub id, but model is the local folder" in msg, msg

@@ -77,8 +77,8 @@ class Qwen3VLEmbedder(Qwen3VLRunner):
                  default_instruction: str = DEFAULT_EMBED_INSTRUCTION, token_budget: int = 16384,
                  max_batch_items: int = 64, prepare_workers: int | None = None,
                  prepare_processes: int | None = None, storage_options: dict[str, Any] | None = None,
-                 **model_kwargs: Any) -> None:
-        super().__init__(Qwen3VLForEmbedding, model_name_or_path, dtype=dtype, device=device,
+                 revision: str | None = None, **model_kwargs: Any) -> None:
+        super().__init__(Qwen3VLForEmbedding, model_name_or_path, dtype=dtype, device=device, revision=revision,
                          attn_implementation=attn_implementation, padding_side="right", max_length=max_length,
                          vision=VisionSettings(min_pixels, max_pixels, total_pixels, fps, max_frames),
                          default_instruction=default_instruction, token_budget=token_budget,

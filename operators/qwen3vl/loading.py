@@ -52,21 +52,27 @@ class Qwen3VLForEmbedding(Qwen3VLPreTrainedModel):
         return self.model(**inputs)
 
 
-def load_processor(model_name_or_path: str, padding_side: str) -> Any:
+def checkpoint_id(model_name_or_path: str, revision: str | None = None) -> str:
+    """The checkpoint as payloads and messages name it: the hub id or path, with ``@revision`` when pinned."""
+    return f"{model_name_or_path}@{revision}" if revision else model_name_or_path
+
+
+def load_processor(model_name_or_path: str, padding_side: str, revision: str | None = None) -> Any:
     """The checkpoint's processor (tokenizer, image and video processors, chat template)."""
     try:
-        return AutoProcessor.from_pretrained(model_name_or_path, padding_side=padding_side)
+        return AutoProcessor.from_pretrained(model_name_or_path, padding_side=padding_side, revision=revision)
     except Exception as exc:
-        raise ModelLoadError(f"cannot load processor from {model_name_or_path!r}: {exc}") from exc
+        name = checkpoint_id(model_name_or_path, revision)
+        raise ModelLoadError(f"cannot load processor from {name!r}: {exc}") from exc
 
 
 def load_model(cls: Any, model_name_or_path: str, device: torch.device, dtype: torch.dtype,
-               attn_implementation: str | None, **kwargs: Any) -> Any:
+               attn_implementation: str | None, revision: str | None = None, **kwargs: Any) -> Any:
     """from_pretrained the model class onto the device in eval mode."""
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = cls.from_pretrained(model_name_or_path, dtype=dtype, **kwargs)
+        model = cls.from_pretrained(model_name_or_path, dtype=dtype, revision=revision, **kwargs)
     except Exception as exc:
-        raise ModelLoadError(f"cannot load model from {model_name_or_path!r}: {exc}") from exc
+        raise ModelLoadError(f"cannot load model from {checkpoint_id(model_name_or_path, revision)!r}: {exc}") from exc
     return model.to(device).eval()

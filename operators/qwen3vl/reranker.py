@@ -139,11 +139,12 @@ class Qwen3VLReranker(Qwen3VLRunner):
                  default_instruction: str = DEFAULT_RERANK_INSTRUCTION, token_budget: int = 32768,
                  max_batch_items: int | None = None, prepare_workers: int | None = None,
                  prepare_processes: int | None = None, storage_options: dict[str, Any] | None = None,
-                 prefix_cache: bool = True, **model_kwargs: Any) -> None:
+                 prefix_cache: bool = True, revision: str | None = None, **model_kwargs: Any) -> None:
         # Pairs per forward batch. On a CPU, batches of ~16 run faster than 32 (smaller activations stay
         # in cache; bench/RESULTS.md); a GPU wants larger ones.
         on_gpu = resolve_device(device).type == "cuda"
         super().__init__(Qwen3VLForConditionalGeneration, model_name_or_path, dtype=dtype, device=device,
+                         revision=revision,
                          attn_implementation=attn_implementation, padding_side="left", max_length=max_length,
                          vision=VisionSettings(min_pixels, max_pixels, total_pixels, fps, max_frames),
                          default_instruction=default_instruction, token_budget=token_budget,

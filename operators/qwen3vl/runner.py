@@ -75,13 +75,15 @@ class Qwen3VLRunner:
                  device: str | torch.device | None, attn_implementation: str | None, padding_side: str,
                  max_length: int, vision: VisionSettings, default_instruction: str, token_budget: int,
                  max_batch_items: int, prepare_workers: int | None, storage_options: dict[str, Any] | None,
-                 thread_name: str, prepare_processes: int | None = None, **model_kwargs: Any) -> None:
+                 thread_name: str, prepare_processes: int | None = None, revision: str | None = None,
+                 **model_kwargs: Any) -> None:
         torch_dtype = model_kwargs.pop("torch_dtype", None)
         if torch_dtype is not None:  # transformers' older name: honoured, not silently overridden by dtype
             if dtype not in (None, "auto"):
                 raise ValueError("give dtype or torch_dtype, not both")
             dtype = torch_dtype
         self.model_name_or_path = model_name_or_path
+        self.revision = revision  # hub branch, tag or commit; the processor and the weights both follow it
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         if self.device.type == "cpu":
@@ -95,10 +97,10 @@ class Qwen3VLRunner:
         # an H200: +5-12% on large images, -3-10% on small ones (bench/RESULTS.md, GPU run 2).
         self.pin_memory = False
         self.storage_options = storage_options or {}
-        self.processor = load_processor(model_name_or_path, padding_side=padding_side)
+        self.processor = load_processor(model_name_or_path, padding_side=padding_side, revision=revision)
         self._settle_tokenizer()
         self.model = load_model(model_cls, model_name_or_path, self.device, self.dtype, attn_implementation,
-                                **model_kwargs)
+                                revision=revision, **model_kwargs)
         install_fast_vision(self.model)
         install_fast_text(self.model)
         self.read_positions_only = install_read_positions(self.model)
@@ -116,7 +118,7 @@ class Qwen3VLRunner:
 
     # -- preparation, in threads or worker processes ---------------------------------------
     # What prepare() reads; a preparation worker gets exactly this (plus the model config).
-    _PREPARE_STATE = ("model_name_or_path", "dtype", "max_length", "vision", "default_instruction",
+    _PREPARE_STATE = ("model_name_or_path", "revision", "dtype", "max_length", "vision", "default_instruction",
                       "storage_options", "padding_side")
 
     @classmethod
@@ -125,7 +127,8 @@ class Qwen3VLRunner:
         self = cls.__new__(cls)
         for name in cls._PREPARE_STATE:
             setattr(self, name, state[name])
-        self.processor = load_processor(self.model_name_or_path, padding_side=self.padding_side)
+        self.processor = load_processor(self.model_name_or_path, padding_side=self.padding_side,
+                                        revision=self.revision)
         self._settle_tokenizer()
         self.model = _RopeOnly(state["config"])
         self._video_files = VideoFiles(self.storage_options)
