@@ -43,7 +43,7 @@ from .preflight import (PreflightError, check_checkpoint_kind, check_local_check
 from .query_inputs import (QueryInputError, build_filter, model_ready_images, oversized_image, query_content,
                            resolve_instruction, result_count)
 from .query_store import (QueryPreflightError, check_dimension, collection_layout, open_client, query_vectors,
-                          search_request, store_location, warn_if_other_model)
+                          search_request, store_location, warn_if_other_model, warn_unheld_filter_keys)
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +298,8 @@ class QueryEngine:
     (unless ``with_reranker=False``). Pass already-loaded ``embedder``/``reranker`` to share them,
     and a ``client`` to reuse an open connection (the caller then closes it; an
     embedded store can only be opened by one client at a time). ``warn`` gets the warnings
-    (a collection ingested with another embedder); by default they go to stderr.
+    (a collection ingested with another embedder; a filter key that no point holds, once per key
+    for the engine's life, when a filtered search finds nothing); by default they go to stderr.
     """
 
     def __init__(self, cfg: Config, embedder: Any = None, reranker: Any = None, client: QdrantClient | None = None,
@@ -311,6 +312,8 @@ class QueryEngine:
         self.client = client
         self.embedder = embedder
         self.reranker = reranker
+        self.warn = warn
+        self._checked_filter_keys: set[str] = set()  # payload paths checked by warn_unheld_filter_keys
         try:
             if self.client is None:
                 self.client = open_client(cfg)
@@ -353,11 +356,18 @@ class QueryEngine:
     def retrieve(self, vectors: Mapping[str, list[float]], *, top_k: int | None = None,
                  filters: Mapping[str, Any] | models.Filter | None = None,
                  funnel: bool | None = None) -> list[Candidate]:
-        """Qdrant candidates for the query vectors (funnel None: the MRL funnel when available)."""
+        """Qdrant candidates for the query vectors (funnel None: the MRL funnel when available).
+
+        A filtered search that finds nothing warns about each filter key no point holds (a typo, or
+        ``lang`` for ``metadata.lang``); a search with candidates costs no extra request.
+        """
         request = search_request(vectors, self.layout, top_k=top_k or self.cfg.query.top_k,
                                  prefetch_multiplier=self.cfg.query.prefetch_multiplier,
                                  query_filter=build_filter(filters), funnel=funnel)
-        return [Candidate.from_point(p) for p in self.client.query_points(**request).points]
+        candidates = [Candidate.from_point(p) for p in self.client.query_points(**request).points]
+        if not candidates and filters:
+            warn_unheld_filter_keys(self.client, self.layout.name, filters, self.warn, self._checked_filter_keys)
+        return candidates
 
     def rerank(self, query: Mapping[str, Any], candidates: Sequence[Candidate], *, top_n: int | None = None,
                instruction: str | None = None) -> tuple[list[Hit], list[Skipped]]:
@@ -380,12 +390,13 @@ class QueryEngine:
         if rerank and self.reranker is None:
             raise QueryPreflightError("no reranker loaded: set reranker.model, or search with rerank=False "
                                       "(--no-rerank)")
-        query_filter = build_filter(filters)  # a bad filter fails before any work
+        build_filter(filters)  # a bad filter fails before any work
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
         vectors = self.embed(query, instruction)
         t1 = time.perf_counter()
-        candidates = self.retrieve(vectors, top_k=top_k, filters=query_filter, funnel=funnel)
+        # The filters as given, not built: retrieve names their keys when nothing matches.
+        candidates = self.retrieve(vectors, top_k=top_k, filters=filters, funnel=funnel)
         t2 = time.perf_counter()
         seconds.update(embed=t1 - t0, search=t2 - t1)
         used_funnel = (funnel is None or funnel) and self.layout.smallest is not None

@@ -11,6 +11,7 @@ goes through it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import sys
 from dataclasses import asdict
@@ -30,9 +31,10 @@ from .preflight import model_dimension
 from .query import (Candidate, Hit, Skipped, check_reranker_checkpoint, embed_queries, load_embedder, load_reranker,
                     rerank_candidates, vector_order)
 from .query_files import QueryRow
-from .query_inputs import QueryInputError, build_filter, query_content, resolve_instruction, result_count
+from .query_inputs import (QueryInputError, build_filter, filter_fields, query_content, resolve_instruction,
+                           result_count)
 from .query_store import (CollectionLayout, check_dimension, collection_layout, open_client, query_vectors,
-                          search_request, store_location, warn_if_other_model)
+                          search_request, store_location, warn_if_other_model, warn_unheld_filter_keys)
 
 # Queries travel through Ray Data as JSON strings (bytes as {"$b64": ...}): nested, optional
 # fields survive Arrow without schema unification surprises.
@@ -192,7 +194,8 @@ def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | No
 
     Preflight (before any actor starts): the collection, the embedder dimension and the
     reranker checkpoint. In embedded mode the store is opened by one QdrantOwner actor.
-    ``warn`` gets the warnings (a collection ingested with another embedder; default: stderr).
+    ``warn`` gets the warnings (a collection ingested with another embedder; a filter key that no
+    point holds, once per key, when filtered queries found nothing; default: stderr).
     """
     import ray
 
@@ -259,7 +262,38 @@ def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | No
                 stop_owner(owner)
             if journal is not None:
                 stop_journal(journal)
-    return [{"id": q.id, **rows[i]} for i, q in enumerate(queries)]
+    results = [{"id": q.id, **rows[i]} for i, q in enumerate(queries)]
+    warn_unheld_batch_filter_keys(cfg, layout.name, queries, results, warn)
+    return results
+
+
+def _found_nothing(result: Mapping[str, Any]) -> bool:
+    """A query that ran and got no candidate at all (none reranked, none skipped)."""
+    return not result.get("error") and not result.get("hits") and not result.get("skipped")
+
+
+def warn_unheld_batch_filter_keys(cfg: Config, collection: str, queries: Sequence[QueryRow],
+                                  results: Sequence[Mapping[str, Any]], warn: Callable[[str], None] | None) -> None:
+    """After the job: warn once per filter key that no point holds, among the filtered queries that found nothing.
+
+    On the driver, after the owner actor has released an embedded store: a client is opened only
+    when some filtered query found nothing. Never raises (a failed check only loses the warning).
+    """
+    empty = [q.filters for q, r in zip(queries, results) if filter_fields(q.filters) and _found_nothing(r)]
+    if not empty:
+        return
+    client = None
+    try:
+        client = open_client(cfg)
+        checked: set[str] = set()  # one run: each key checked and warned about once, not once per query
+        for filters in empty:
+            warn_unheld_filter_keys(client, collection, filters, warn, checked)
+    except Exception:
+        pass  # the store cannot be opened again (taken meanwhile): the results stand, without the warning
+    finally:
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
 
 
 def _gpus_per_actor(cfg: Config, actors: int) -> float:

@@ -69,6 +69,17 @@ def _condition(key: str, value: Any) -> models.FieldCondition | models.Filter:
     raise QueryInputError(f"filter {key!r}: unsupported value {value!r} (use strings, integers, a bool or a number)")
 
 
+# Filter keys that build_filter matches on another payload field than the key itself.
+_FIELD_OF_KEY = {"source_prefix": "source_prefixes"}
+
+
+def filter_fields(filters: Mapping[str, Any] | models.Filter | None) -> dict[str, str]:
+    """Each key of a filters mapping and the payload key path build_filter matches it on ({} for a Filter)."""
+    if not isinstance(filters, Mapping):  # a ready models.Filter is the caller's own: its keys are not ours to name
+        return {}
+    return {str(k): _FIELD_OF_KEY.get(str(k), str(k)) for k, v in filters.items() if v is not None}
+
+
 def build_filter(filters: Mapping[str, Any] | models.Filter | None) -> models.Filter | None:
     """Payload filter: ``modality``, ``source_prefix`` (a folder or URL prefix), any other payload key.
 
@@ -88,7 +99,7 @@ def build_filter(filters: Mapping[str, Any] | models.Filter | None) -> models.Fi
                 raise QueryInputError(f"unknown modality {bad[0]!r} (one of {', '.join(MODALITIES)})")
             must.append(_condition("modality", value))
         elif key == "source_prefix":
-            must.append(_condition("source_prefixes", [normalise_prefix(p) for p in _listed(value)]))
+            must.append(_condition(_FIELD_OF_KEY[key], [normalise_prefix(p) for p in _listed(value)]))
         elif key == "source_uri":  # stored absolute for local files, as source_prefix is matched
             must.append(_condition("source_uri", [local_path(u) if isinstance(u, str) and is_local_uri(u) else u
                                                   for u in _listed(value)]))

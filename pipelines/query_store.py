@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -18,6 +19,9 @@ from sinks.qdrant_schema import FULL_VECTOR, vector_name
 from .config import Config
 from .ingest import qdrant_settings, server_client
 from .preflight import PreflightError, embedded_store_error
+from .query_inputs import filter_fields
+
+logger = logging.getLogger(__name__)
 
 _MRL_PREFIX = "mrl_"
 
@@ -99,6 +103,56 @@ def warn_if_other_model(client: QdrantClient, layout: CollectionLayout, model: s
 
 def _warn_on_stderr(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
+
+
+# -- filter keys no point holds -------------------------------------------------------------
+
+
+def payload_key_held(client: QdrantClient, collection: str, key: str) -> bool:
+    """Whether any point of the collection has a value at payload key path ``key`` (nested, array paths too).
+
+    Qdrant's is_empty is true for a missing key, null and [], so a key held only as those counts as
+    not held (no filter value can match it either). One scroll of limit 1: it stops at the first point.
+    """
+    held = models.Filter(must_not=[models.IsEmptyCondition(is_empty=models.PayloadField(key=key))])
+    records, _ = client.scroll(collection, scroll_filter=held, limit=1, with_payload=False, with_vectors=False)
+    return bool(records)
+
+
+def stored_payload_keys(client: QdrantClient, collection: str) -> list[str]:
+    """The top-level payload keys of one stored point, sorted; [] for an empty collection."""
+    records, _ = client.scroll(collection, limit=1, with_payload=True, with_vectors=False)
+    return sorted(records[0].payload or {}) if records else []
+
+
+def warn_unheld_filter_keys(client: QdrantClient, collection: str, filters: Mapping[str, Any] | models.Filter | None,
+                            warn: Callable[[str], None] | None = None, checked: set[str] | None = None) -> None:
+    """Warn (default: on stderr) about each filter key that no point of the collection holds.
+
+    For a filtered search that found nothing: a misspelt or misplaced key (``lang`` for the stored
+    ``metadata.lang``) otherwise just gives no hits. Keys are checked by the payload path build_filter
+    matches (``source_prefix`` is ``source_prefixes``). ``checked`` holds the paths already checked:
+    each is checked, and warned about, once per set (one run). Never raises: a failed check (a server
+    that refuses the request) must not fail the query it only annotates, so it is skipped.
+    """
+    try:
+        unheld = []
+        for key, path in filter_fields(filters).items():
+            if checked is not None:
+                if path in checked:
+                    continue
+                checked.add(path)  # before the request: a check that fails is not retried on every query
+            if not payload_key_held(client, collection, path):
+                unheld.append((key, path))
+        stored = stored_payload_keys(client, collection) if unheld else []
+        if not stored:  # no point at all: an empty collection, not a wrong key
+            return
+        for key, path in unheld:
+            named = f"{key!r}" if key == path else f"{key!r} (payload key {path!r})"
+            (warn or _warn_on_stderr)(f"filter key {named} is on no point of collection {collection!r}; "
+                                      f"payload keys of a stored point: {', '.join(stored)}")
+    except Exception as exc:
+        logger.debug("filter key check skipped: %s: %s", type(exc).__name__, exc)
 
 
 def open_client(cfg: Config) -> QdrantClient:

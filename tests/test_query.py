@@ -465,6 +465,116 @@ def test_a_number_filter_matches_by_value_whatever_the_payload_type(tmp_path):
         client.close()
 
 
+def test_filter_keys_no_point_holds_are_checked_by_their_payload_path(tmp_path):
+    """A key is held when some point has a value there (is_empty: missing, null and [] are not); nested and
+    array keys by their real path, modality and source_prefix by the fields build_filter matches."""
+    from pipelines.query_store import payload_key_held, warn_unheld_filter_keys
+
+    client = QdrantClient(path=str(tmp_path / "q"))
+    try:
+        client.create_collection("c", vectors_config=models.VectorParams(size=2, distance=models.Distance.COSINE))
+        client.create_collection("empty", vectors_config=models.VectorParams(size=2,
+                                                                             distance=models.Distance.COSINE))
+        client.upsert("c", [models.PointStruct(id=i, vector=[1.0, float(i)], payload=p) for i, p in enumerate([
+            {"modality": "text", "source_prefixes": ["/d/"], "metadata": {"lang": "en"}, "tags": ["a"], "gone": None},
+            {"modality": "image", "source_prefixes": ["/d/"], "metadata": {"lang": None}, "tags": [], "gone": []}])])
+        assert [payload_key_held(client, "c", k) for k in ("metadata.lang", "tags[]", "tags", "metadata")] == \
+            [True] * 4
+        assert [payload_key_held(client, "c", k) for k in ("lang", "gone", "metadata.missing")] == [False] * 3
+        warned: list[str] = []
+        checked: set[str] = set()
+        for filters in ({"metadata.lang": "fr"}, {"tags[]": "zz"}, {"modality": "video", "source_prefix": "/x"},
+                        models.Filter(must=[models.FieldCondition(key="nope", match=models.MatchValue(value=1))])):
+            warn_unheld_filter_keys(client, "c", filters, warned.append, checked)
+        assert warned == [] and checked == {"metadata.lang", "tags[]", "modality", "source_prefixes"}
+        warn_unheld_filter_keys(client, "c", {"lang": "en", "modality": "text", "gone": 1}, warned.append, checked)
+        stored = "payload keys of a stored point: gone, metadata, modality, source_prefixes, tags"
+        assert warned == [f"filter key 'lang' is on no point of collection 'c'; {stored}",
+                          f"filter key 'gone' is on no point of collection 'c'; {stored}"]
+        warn_unheld_filter_keys(client, "c", {"lang": "de"}, warned.append, checked)
+        assert len(warned) == 2  # once per key per run
+        warn_unheld_filter_keys(client, "c", {"lang": "de"}, warned.append)
+        assert len(warned) == 3  # without a run's set: every call checks
+        warn_unheld_filter_keys(client, "empty", {"lang": "en"}, warned.append)  # nothing stored: no key to blame
+        warn_unheld_filter_keys(client, "no-such-collection", {"lang": "en"}, warned.append)  # refused: skipped
+        assert len(warned) == 3
+    finally:
+        client.close()
+
+
+class CountingClient(QdrantClient):
+    """A real embedded client that counts its scroll requests (the filter key check's requests)."""
+
+    scrolls = 0
+
+    def scroll(self, *args, **kwargs):
+        self.scrolls += 1
+        return super().scroll(*args, **kwargs)
+
+
+def test_a_filter_key_no_point_holds_is_a_warning_when_nothing_is_found(world, embedder, capsys):
+    """`--filter lang=en` where the payload has no lang: no hits, and a warning naming the key, for query and eval;
+    a present key with another value, and the keys build_filter translates, say nothing; hits cost no request."""
+    from pipelines.query_cli import run_eval
+    from pipelines.query_files import QueryRow
+
+    src = world["src"]
+    warned: list[str] = []
+    client = CountingClient(path=world["cfg"].qdrant.path)
+    try:
+        engine = QueryEngine(world["cfg"], embedder=embedder, client=client, with_reranker=False, warn=warned.append)
+        query = {"text": "apples"}
+        before = client.scrolls
+        assert len(engine.search(query, rerank=False, filters={"modality": "image", "page": None}).hits) == 3
+        assert client.scrolls == before  # hits: no check
+        assert not engine.search(query, rerank=False, filters={"record_id": "nope"}).hits
+        assert not engine.search(query, rerank=False,
+                                 filters={"modality": "video", "source_prefix": str(src / "texts")}).hits
+        assert warned == []
+        assert not engine.search(query, rerank=False, filters={"lang": "en", "modality": "text"}).hits
+        stored = sorted(client.scroll("media", limit=1, with_payload=True)[0][0].payload)
+        assert "lang" not in stored and "modality" in stored
+        assert warned == [f"filter key 'lang' is on no point of collection 'media'; payload keys of a stored "
+                          f"point: {', '.join(stored)}"]
+        before = client.scrolls
+        assert not engine.search(query, rerank=False, filters={"lang": "fr"}).hits
+        assert len(warned) == 1 and client.scrolls == before  # each key checked once per engine
+        # eval ranks each query twice (vector, funnel) through the same retrieve: one warning
+        qrels = {"q1": {next(iter(world["units"])): 1}, "q2": {next(iter(world["units"])): 1}}
+        report = run_eval(world["cfg"], [QueryRow("q1", {"text": "x"}, filters={"langue": "en"}),
+                                         QueryRow("q2", {"text": "y"}, filters={"langue": "fr"})],
+                          qrels, top_k=10, engine=engine, echo=lambda _: None)
+        assert report["queries"] == 2
+        assert [w.split(";")[0] for w in warned[1:]] == ["filter key 'langue' is on no point of collection 'media'"]
+        engine.close()
+    finally:
+        client.close()
+    capsys.readouterr()
+    assert qvl(["query", world["yaml"], "--text", "x", "--no-rerank", "--filter", "modalty=image"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: filter key 'modalty' is on no point of collection 'media'; payload keys of a stored point: " \
+        in err
+
+
+def test_query_batch_warns_once_per_filter_key_no_point_holds(world):
+    """Per query that finds nothing, but once per distinct key for the whole run."""
+    from pipelines.query_batch import run_query_batch
+    from pipelines.query_files import QueryRow
+
+    warned: list[str] = []
+    rows = [QueryRow("a", {"text": "x"}, filters={"lang": "en"}), QueryRow("b", {"text": "y"}, filters={"lang": "fr"}),
+            QueryRow("c", {"text": "z"}, filters={"modalty": "image"}),
+            QueryRow("d", {"text": "w"}, filters={"record_id": "nope", "source_prefix": "/nowhere"}),
+            QueryRow("e", {"text": "v"}, filters={"modality": "image"})]
+    results = run_query_batch(world["cfg"], rows, top_k=5, top_n=3, rerank=False, warn=warned.append)
+    assert [bool(r["hits"]) for r in results] == [False, False, False, False, True]
+    assert all(r["error"] is None for r in results)
+    assert [w.split(";")[0] for w in warned] == ["filter key 'lang' is on no point of collection 'media'",
+                                                 "filter key 'modalty' is on no point of collection 'media'"]
+    listed = warned[0].split("payload keys of a stored point: ")[1].split(", ")
+    assert listed == sorted(listed) and "modality" in listed
+
+
 # -- skipped candidates ----------------------------------------------------------------------
 
 
