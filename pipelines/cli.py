@@ -253,12 +253,23 @@ def _add_verbose(p: argparse.ArgumentParser, default: object = False) -> None:
 _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
+def configure_logging(verbose: bool) -> None:
+    """Log records to stderr, one line each, at WARNING (DEBUG with -v)."""
+    import huggingface_hub.utils.logging  # noqa: F401  (its import installs the handler removed below)
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    # huggingface_hub writes through a handler of its own and also passes its records on to the
+    # root's: every hub warning (each retry of an unreachable hub) printed twice, and its own copy
+    # escaped the secret scrubbing that _redact_logs adds to the root's handlers.
+    logging.getLogger("huggingface_hub").handlers.clear()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `qvl` console script."""
     _load_extra_commands()
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     try:
         return int(args.func(args))
     except ConfigError as exc:

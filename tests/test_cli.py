@@ -193,3 +193,17 @@ def test_plan_limit_without_plan_is_an_error_not_a_run(tmp_path, capsys):
     one_error(capsys.readouterr().err, "--plan-limit needs --plan")
     assert not (tmp_path / "qdrant").exists() and not (tmp_path / "runs").exists()
     assert "default 10" in build_parser()._subparsers._group_actions[0].choices["ingest"].format_help()
+
+
+def test_a_hub_warning_is_printed_once():
+    """huggingface_hub's own handler and the CLI's both wrote each hub warning (every retry of an
+    unreachable hub, twice); the CLI's handler alone writes it now."""
+    import subprocess
+
+    code = ("import logging; from pipelines.cli import configure_logging; configure_logging(False); "
+            "from transformers import AutoConfig; "  # what imports the hub's logging in a real run
+            "logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    err = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stderr
+    assert err.count("Retrying in 1s") == 1, err
+    assert "WARNING huggingface_hub.utils._http: Retrying in 1s [Retry 1/5]." in err
