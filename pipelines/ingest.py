@@ -55,7 +55,7 @@ from .config_secrets import redact
 from .interrupts import Interrupted, SignalGate, defer_signals, stop_on_signals
 from .plan import Plan, plan_objects, settings_digest, source_root, with_settings
 from .preflight import (PreflightError, check_ray_address, collection_spec, embedded_store_error, ensure_folder,
-                        first_line, model_dimension)
+                        embedding_checkpoint, first_line)
 from .report import RunReport
 
 logger = logging.getLogger(__name__)
@@ -238,7 +238,8 @@ def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], Non
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     prune = cfg.prune if prune is None else prune
     secrets = cfg.secret_values()
-    spec = collection_spec(cfg, model_dimension(cfg.embedder.model, cfg.embedder.revision))
+    dim, commit = embedding_checkpoint(cfg.embedder.model, cfg.embedder.revision)
+    spec = collection_spec(cfg, dim)
     # The source before the store: an unreachable source must not leave a new collection behind.
     objects, list_dead = list_source(cfg)
     ensure_folder("output.dir", cfg.output.dir, probe=True)  # now, not after every object is written
@@ -253,7 +254,8 @@ def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], Non
         store.close()
         raise
     report = RunReport(run_id, cfg.qdrant.collection, cfg.source.uri,
-                       checkpoint_id(cfg.embedder.model, cfg.embedder.revision), config=cfg.redacted_dict())
+                       checkpoint_id(cfg.embedder.model, cfg.embedder.revision), commit,
+                       config=cfg.redacted_dict())
     # After ray.init: its SIGTERM handler (an abort in Ray's core worker) is replaced for the run.
     with stop_on_signals() as gate:
         try:
@@ -316,7 +318,7 @@ def _ingest(cfg: Config, report: RunReport, listing: tuple[list[SourceObject], l
     if plan.todo:
         try:
             with gate.interruptible():  # only here: the bookkeeping below must not stop half-way
-                summary = _run_dataset(cfg, plan.todo, spec, store)
+                summary = _run_dataset(cfg, plan.todo, spec, store, report.model_commit)
         except (Exception, Interrupted) as exc:  # the store or the cluster failed, or a stop signal: say what got written
             _account_stopped_run(report, plan.todo, store, exc)
             return exc
@@ -504,22 +506,28 @@ def may_outgrow_a_batch(todo: list[Any], cfg: Config) -> bool:
     return False
 
 
-def _run_dataset(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store) -> dict[str, Any]:
-    """Build and run the Ray Data pipeline over the objects to ingest; returns the sink's summary."""
+def _run_dataset(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store,
+                 commit: str | None = None) -> dict[str, Any]:
+    """Build and run the Ray Data pipeline over the objects to ingest; returns the sink's summary.
+
+    commit: the hub commit the driver resolved embedder.revision to. Every worker loads that commit,
+    not the branch or tag: one moved on the hub during the run would otherwise mix two models.
+    """
     journal = start_journal()  # a file that crashes a decoder's process fails alone (crash_journal.py)
     try:
-        return _run_stages(cfg, todo, spec, store, journal)
+        return _run_stages(cfg, todo, spec, store, journal, commit or cfg.embedder.revision)
     finally:
         stop_journal(journal)
 
 
-def _run_stages(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store, journal: Any) -> dict[str, Any]:
+def _run_stages(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store, journal: Any,
+                revision: str | None) -> dict[str, Any]:
     """The expansion and embedding stages into the store's sink, with the crash journal given to both."""
     storage_options = dict(cfg.source.storage_options)
     ds = ray.data.from_items([object_to_row(o) for o in todo], override_num_blocks=input_blocks(len(todo)))
     ds = ds.flat_map(expand_rows, fn_kwargs=dict(
         settings=expand_settings(cfg), storage_options=storage_options, model=cfg.embedder.model,
-        revision=cfg.embedder.revision, model_id=checkpoint_id(cfg.embedder.model, cfg.embedder.revision),
+        revision=revision, model_id=checkpoint_id(cfg.embedder.model, cfg.embedder.revision),
         dim=spec.full_dim, ingested_at=datetime.now(timezone.utc).isoformat(),
         crash_journal=journal, max_expand_s=cfg.limits.max_expand_s),
         num_cpus=EXPAND_TASK_CPUS, **({"concurrency": cfg.compute.prepare_concurrency} if cfg.compute.prepare_concurrency else {}))
@@ -536,7 +544,7 @@ def _run_stages(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store
     ds = map_on_actor_pool(
         ds, EmbedStage, actors=pool.actors,
         fn_constructor_kwargs=dict(model=cfg.embedder.model, mrl_dims=list(cfg.embedder.mrl_dims),
-                                   embedder_kwargs=embedder_kwargs(cfg, storage_options),
+                                   embedder_kwargs={**embedder_kwargs(cfg, storage_options), "revision": revision},
                                    crash_journal=journal, max_batch_s=cfg.limits.max_embed_batch_s),
         batch_size=cfg.compute.batch_size, batch_format="numpy", num_gpus=pool.gpus, num_cpus=pool.cpus)
     # Streaming with a fixed memory bound: Ray Data's default lets a dataset buffer up to half the

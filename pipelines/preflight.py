@@ -81,6 +81,12 @@ def _running_cluster(key: str) -> str | None:
 def model_dimension(model: str, revision: str | None = None) -> int:
     """The embedding dimension (text hidden size) of an Embedding checkpoint, from its config; PreflightError
     when it does not load, lacks its weights or is a Reranker checkpoint."""
+    return embedding_checkpoint(model, revision)[0]
+
+
+def embedding_checkpoint(model: str, revision: str | None = None) -> tuple[int, str | None]:
+    """(dimension, hub commit) of an Embedding checkpoint, checked as model_dimension does; the commit
+    that `revision` (None: the default branch) resolves to now, None for a local folder."""
     check_local_checkpoint_exists("embedder.model", model)
     try:
         config = AutoConfig.from_pretrained(model, revision=revision)
@@ -90,7 +96,9 @@ def model_dimension(model: str, revision: str | None = None) -> int:
     text_config = getattr(config, "text_config", config)
     check_local_weights(model)
     check_checkpoint_kind("embedder.model", model, "embedding", revision=revision)
-    return int(text_config.hidden_size)
+    # transformers reads the commit off the cached snapshot's path (snapshots/<commit>/config.json).
+    commit = None if os.path.isdir(model) else getattr(config, "_commit_hash", None)
+    return int(text_config.hidden_size), commit
 
 
 def looks_like_a_path(model: str) -> bool:

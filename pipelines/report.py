@@ -32,6 +32,7 @@ class RunReport:
     collection: str
     source: str
     model: str
+    model_commit: str | None = None  # the hub commit every worker loaded (None: a local folder)
     objects: dict[str, str] = field(default_factory=dict)  # uri -> ingested | unchanged | failed | skipped
     points_written: int = 0
     points_per_modality: dict[str, int] = field(default_factory=dict)

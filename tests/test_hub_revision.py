@@ -118,16 +118,17 @@ from pathlib import Path
 src, repo, tmp = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 out = {}
 
-def job(revision):
+def job(revision, collection="media"):
     data = config_dict(src, repo, tmp)
     data["embedder"]["revision"] = revision
+    data["qdrant"]["collection"] = collection
     return parse_config(data)
 
 def stored():
     return sorted({p.payload["model_id"] for p in all_points(tmp / "qdrant")})
 
-first = run_ingest(job("v2"), echo=lambda line: None).counts()
-out["first"], out["first_models"] = first["ingested"], stored()
+report = run_ingest(job("v2"), echo=lambda line: None)
+out["first"], out["first_models"], out["commit"] = report.counts()["ingested"], stored(), report.model_commit
 out["again_unchanged"] = run_ingest(job("v2"), echo=lambda line: None).counts()["unchanged"]
 for revision in ("v2", None):
     warnings = []
@@ -140,6 +141,30 @@ for revision in ("v2", None):
     out[f"hits_{revision}"] = len(hits.hits)
 unpinned = run_ingest(job(None), echo=lambda line: None).counts()
 out["unpinned_ingested"], out["unpinned_models"] = unpinned["ingested"], stored()
+
+# The branch moves on the hub once the driver has resolved it: the workers still load that commit.
+import numpy as np
+import pipelines.ingest as ingest
+from operators.qwen3vl import Qwen3VLEmbedder
+ref = Path(sys.argv[4]) / "refs" / "v2"
+pinned, resolve = ref.read_text(), ingest.embedding_checkpoint
+
+def resolve_then_move(model, revision):
+    resolved = resolve(model, revision)
+    ref.write_text(sys.argv[5])  # v2 now names main's commit
+    return resolved
+
+ingest.embedding_checkpoint = resolve_then_move
+try:
+    out["moved_commit"] = run_ingest(job("v2", "moved"), echo=lambda line: None).model_commit
+finally:
+    ref.write_text(pinned)
+points = {Path(p.payload["source_uri"]).name: np.asarray(p.vector["full"])
+          for p in all_points(tmp / "qdrant", "moved", vectors=True)}
+for name in ("v2", "main"):
+    with Qwen3VLEmbedder(sys.argv[6 if name == "v2" else 7]) as emb:
+        want = emb.embed([{"text": (Path(src) / "a.txt").read_text()}])[0].vector
+    out[f"moved_vs_{name}"] = float(np.abs(points["a.txt"] - want).max())
 print(json.dumps(out))
 """
 
@@ -150,11 +175,17 @@ def test_a_pinned_revision_is_ingested_recorded_and_checked_by_queries(hub, tmp_
     src.mkdir()
     (src / "a.txt").write_text("A short note about lanterns.")
     (src / "b.txt").write_text("Rivers, boats and a harbour at night.")
-    out = run_python(JOB, hub["cache"], str(src), REPO_ID, str(tmp_path))
+    repo_dir = hub["cache"] / f"models--{REPO_ID.replace('/', '--')}"
+    out = run_python(JOB, hub["cache"], str(src), REPO_ID, str(tmp_path), str(repo_dir), hub["commits"]["main"],
+                     hub["paths"]["v2"], hub["paths"]["main"])
     assert out["first"] == 2 and out["first_models"] == [f"{REPO_ID}@v2"]
+    assert out["commit"] == hub["commits"]["v2"]  # what every worker loaded, for the record
     assert out["again_unchanged"] == 2
     assert out["warnings_v2"] == [] and out["hits_v2"] == 2
     # The same name at its default branch is other weights: the query says so.
     assert len(out["warnings_None"]) == 1 and f"'{REPO_ID}@v2'" in out["warnings_None"][0], out["warnings_None"]
     # Dropping the pin changes the settings digest: every object is embedded again, by `main`.
     assert out["unpinned_ingested"] == 2 and out["unpinned_models"] == [REPO_ID]
+    # v2 moved to main's commit between the driver's resolution and the workers' loads.
+    assert out["moved_commit"] == hub["commits"]["v2"]
+    assert out["moved_vs_v2"] < 1e-5 < 1e-3 < out["moved_vs_main"], out
