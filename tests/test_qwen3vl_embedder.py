@@ -1,5 +1,6 @@
 """Qwen3VLEmbedder on a tiny random checkpoint: prompts, pooling, batching, MRL, truncation, errors."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,7 @@ def cos(a, b):
     ({"text": "hello", "instruction": "Find a match "}, SYSTEM.format("Find a match.") + "hello" + ASSISTANT),
     ({"text": "hello", "instruction": "Find a match?"}, SYSTEM.format("Find a match?") + "hello" + ASSISTANT),
     ({}, SYSTEM.format("Represent the user's input.") + "NULL" + ASSISTANT),
+    ({"text": ""}, SYSTEM.format("Represent the user's input.") + ASSISTANT),  # as the reference: not NULL
     ({"image": "IMG", "text": "cap"}, SYSTEM.format("Represent the user's input.") + IMG + "cap" + ASSISTANT),
     ({"image": ["IMG", "IMG"]}, SYSTEM.format("Represent the user's input.") + IMG + IMG + ASSISTANT),
     ({"text": "t", "image": "IMG", "video": "VID", "instruction": "Q"},
@@ -339,3 +341,14 @@ def test_one_unloaded_pil_image_in_many_inputs(embedder, media):
         assert all(r.ok for r in results), [r.error for r in results]
         for r in results:
             assert torch.allclose(torch.from_numpy(r.vector), want, atol=1e-5)
+
+
+def test_zero_fps_or_max_frames_means_the_default_as_in_the_reference(embedder, media):
+    """The reference reads a video with `fps or self.fps` and `max_frames or self.max_frames`."""
+    video = str(media["video"])
+    results = embedder.embed([{"video": video}, {"video": video, "fps": 0}, {"video": video, "max_frames": 0},
+                              {"video": video, "fps": 4.0}])
+    assert all(r.ok for r in results), [r.error for r in results]
+    default = results[0].vector
+    assert np.abs(results[1].vector - default).max() == 0 and np.abs(results[2].vector - default).max() == 0
+    assert np.abs(results[3].vector - default).max() > 1e-4  # fps itself does count

@@ -39,10 +39,18 @@ def test_video_file_carries_fps_max_frames_and_total_pixels():
 
 
 def test_empty_input_is_null_with_default_instruction():
-    for item in ({}, {"text": ""}, {"text": None, "image": None}):
+    for item in ({}, {"text": None, "image": None}, {"text": [], "image": []}):
         conv = embed_conversation(item, VS)
         assert conv[0]["content"][0]["text"] == DEFAULT_EMBED_INSTRUCTION
         assert conv[1]["content"] == [{"type": "text", "text": "NULL"}]
+
+
+def test_an_empty_string_is_a_text_not_a_missing_one():
+    """As the reference (texts = [""] is not empty): an empty user message, not "NULL"."""
+    assert embed_conversation({"text": ""}, VS)[1]["content"] == [{"type": "text", "text": ""}]
+    assert embed_conversation({"text": ["", ""]}, VS)[1]["content"] == [{"type": "text", "text": ""}] * 2
+    conv = rerank_conversation({"text": ""}, {"text": "d"}, "i", VS)
+    assert [c.get("text") for c in conv[1]["content"]] == ["<Instruct>: i", "<Query>:", "", "\n<Document>:", "d"]
 
 
 def test_frame_lists_are_subsampled_like_the_reference():
@@ -76,7 +84,9 @@ def test_rerank_conversation_literals_and_verbatim_instruction():
     ({"text": "a", "instruction": ["x"]}, TypeError, "instruction must be a string"),
     ({"video": "v.mp4", "video_start": "1"}, TypeError, "video_start must be a number"),
     ({"video": "v.mp4", "fps": True}, TypeError, "fps must be a number"),
-    ({"video": "v.mp4", "fps": 0}, ValueError, "fps must be > 0"),
+    ({"video": "v.mp4", "fps": -1}, ValueError, r"fps must be > 0 \(or 0 for the default\)"),
+    ({"video": "v.mp4", "fps": float("nan")}, ValueError, "fps must be > 0"),
+    ({"video": "v.mp4", "max_frames": -3}, ValueError, "max_frames must be an integer >= 2"),
     ({"video": "v.mp4", "max_frames": 2.5}, ValueError, "max_frames must be an integer >= 2"),
     ({"video": "v.mp4", "max_frames": 1}, ValueError, r"max_frames must be an integer >= 2 \(the video reader"),
 ])
@@ -86,7 +96,8 @@ def test_malformed_inputs_are_named(item, error, match):
 
 
 def test_well_formed_inputs_pass_the_checks():
-    for item in ({}, {"text": []}, {"text": ["a", "b"]}, {"text": np.str_("a")},
+    for item in ({}, {"text": []}, {"text": ["a", "b"]}, {"text": np.str_("a")}, {"video": "v.mp4", "fps": 0},
+                 {"video": "v.mp4", "max_frames": 0},
                  {"video": "v.mp4", "fps": np.float32(2), "max_frames": np.int64(8), "video_start": 0, "video_end": 1.5},
                  {"text": "a", "instruction": None}):
         check_input(item)
@@ -100,3 +111,5 @@ def test_vision_settings_refuse_a_frame_count_no_video_could_be_read_with():
         VisionSettings(max_frames=1)
     with pytest.raises(ValueError, match="fps must be > 0"):
         VisionSettings(fps=0)
+    with pytest.raises(ValueError, match="max_frames an integer >= 2 for the defaults"):
+        VisionSettings(max_frames=0)

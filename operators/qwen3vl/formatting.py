@@ -47,8 +47,11 @@ class VisionSettings:
     max_frames: int = 64
 
     def __post_init__(self) -> None:
-        """Reject a frame setting no video could be read with."""
+        """Reject a frame setting no video could be read with (these are the defaults: 0 is not one)."""
         check_input({"fps": self.fps, "max_frames": self.max_frames})
+        if self.fps == 0 or self.max_frames == 0:
+            raise ValueError(f"fps must be > 0 and max_frames an integer >= {MIN_VIDEO_FRAMES} for the defaults, "
+                             f"got fps={self.fps!r}, max_frames={self.max_frames!r}")
 
 
 def check_instruction(instruction: Any) -> None:
@@ -76,13 +79,14 @@ def check_input(item: Mapping[str, Any]) -> None:
         value = item.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
             raise TypeError(f"{key} must be a number, got {type(value).__name__}")
-    if item.get("fps") is not None and not item["fps"] > 0:
-        raise ValueError(f"fps must be > 0, got {item['fps']}")
+    # 0, like None, means the default: the reference takes `fps or self.fps` (and so for max_frames).
+    if item.get("fps") is not None and not (item["fps"] > 0 or item["fps"] == 0):
+        raise ValueError(f"fps must be > 0 (or 0 for the default), got {item['fps']}")
     max_frames = item.get("max_frames")
     if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, numbers.Integral)
-                                   or max_frames < MIN_VIDEO_FRAMES):
+                                   or (max_frames < MIN_VIDEO_FRAMES and max_frames != 0)):
         raise ValueError(f"max_frames must be an integer >= {MIN_VIDEO_FRAMES} (the video reader samples at least "
-                         f"{MIN_VIDEO_FRAMES} frames), got {max_frames!r}")
+                         f"{MIN_VIDEO_FRAMES} frames), or 0 for the default, got {max_frames!r}")
 
 
 def _describe(value: Any) -> str:
@@ -150,12 +154,13 @@ def sample_frames(frames: list, max_frames: int) -> list:
 
 def media_content(item: dict[str, Any], vs: VisionSettings, fps: float | None = None,
                   max_frames: int | None = None) -> list[dict[str, Any]]:
-    """Content items for one input: videos first, then images, then texts; `NULL` when empty."""
+    """Content items for one input: videos first, then images, then texts; `NULL` when it has none."""
     check_input(item)
-    texts = [t for t in _as_list(item.get("text"))]
+    texts = _as_list(item.get("text"))
     images = _as_list(item.get("image"))
     videos = split_videos(item.get("video"))
-    if not any(texts) and not images and not videos:
+    # As the reference: an empty string is a text (an empty user message), not a missing one.
+    if not texts and not images and not videos:
         return [{"type": "text", "text": EMPTY_TEXT}]
 
     content: list[dict[str, Any]] = []
@@ -177,8 +182,7 @@ def media_content(item: dict[str, Any], vs: VisionSettings, fps: float | None = 
         content.append({"type": "image", "image": image,
                         "min_pixels": vs.min_pixels, "max_pixels": vs.max_pixels})
     for text in texts:
-        if text:
-            content.append({"type": "text", "text": text})
+        content.append({"type": "text", "text": text})
     return content
 
 
