@@ -54,8 +54,8 @@ from .config import Config
 from .config_secrets import redact
 from .interrupts import Interrupted, SignalGate, defer_signals, stop_on_signals
 from .plan import Plan, plan_objects, settings_digest, source_root, with_settings
-from .preflight import (PreflightError, check_ray_address, collection_spec, embedded_store_error, ensure_folder,
-                        embedding_checkpoint, first_line)
+from .preflight import (PreflightError, check_ray_address, check_workers_see_env, collection_spec,
+                        embedded_store_error, embedding_checkpoint, ensure_folder, first_line)
 from .report import RunReport
 
 logger = logging.getLogger(__name__)
@@ -77,6 +77,13 @@ def check_cluster(cfg: Config) -> None:
         check_ray_address(cfg.compute.ray_address)
     elif os.environ.get("RAY_ADDRESS"):  # ray.init(address=None) joins it
         check_ray_address(os.environ["RAY_ADDRESS"], key="the RAY_ADDRESS environment variable")
+
+
+def check_workers_hold_api_key(cfg: Config) -> None:
+    """PreflightError when this process holds the Qdrant server's API key and some Ray node's workers,
+    which connect to the server themselves, do not."""
+    if cfg.qdrant.url and cfg.qdrant.api_key():
+        check_workers_see_env(cfg.qdrant.api_key_env, "qdrant.api_key_env")
 
 
 def ensure_ray(cfg: Config) -> None:
@@ -113,8 +120,11 @@ def server_client(cfg: Config) -> Any:
         client.get_collections()  # cheap reachability and authentication check
     except Exception as exc:
         client.close()
+        # A job started by `ray job submit` runs on the head node, with its environment, not the shell's.
+        unset = (f" ({cfg.qdrant.api_key_env} is not set in this process's environment: no API key was sent)"
+                 if cfg.qdrant.api_key_env and not cfg.qdrant.api_key() else "")
         raise PreflightError(redact(f"qdrant.url {settings.url} is unreachable or refused the "
-                                    f"request: {type(exc).__name__}: {first_line(exc)}", secrets)) from None
+                                    f"request: {type(exc).__name__}: {first_line(exc)}{unset}", secrets)) from None
     return client
 
 
@@ -249,6 +259,7 @@ def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], Non
     store = Store(cfg)  # a server is pinged here, before Ray starts
     try:
         ensure_ray(cfg)
+        check_workers_hold_api_key(cfg)
         check_pools_fit(cfg, [embed_pool(cfg)], EXPAND_TASK_CPUS, "the expansion tasks", echo)
     except BaseException:
         store.close()

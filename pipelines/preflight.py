@@ -55,6 +55,50 @@ def check_ray_address(address: str | None, timeout_s: float = 10.0, key: str = "
                              f"({type(exc).__name__}: {exc}); is the Ray cluster up and reachable?") from None
 
 
+def nodes_without_env(name: str, timeout_s: float = 60.0) -> list[str]:
+    """The alive Ray nodes (by address) whose workers, in this job's runtime environment, do not see
+    the environment variable `name`; nodes that do not answer within timeout_s are left out."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    def has_env(var: str) -> bool:
+        import os  # a nested function travels by value: a worker imports nothing of this project for it
+
+        return bool(os.environ.get(var))
+
+    probe = ray.remote(num_cpus=0, max_retries=0)(has_env)  # no CPU: runs on a node with none free too
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(name)
+            for n in nodes]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    answered = set(ready)
+    missing = []
+    for node, ref in zip(nodes, refs):
+        if ref in answered:
+            try:
+                if not ray.get(ref):
+                    missing.append(f"{node.get('NodeManagerAddress', '?')} (node {node['NodeID'][:8]})")
+            except Exception:  # a node that went away meanwhile: nothing to say about it
+                pass
+    return sorted(missing)
+
+
+def check_workers_see_env(name: str, key: str) -> None:
+    """PreflightError naming the Ray nodes whose workers lack `name`, which this process holds.
+
+    The workers read it themselves (a secret travels in no task argument), and nothing carries this
+    process's environment to the nodes of a cluster it joins: not `ray job submit`, whose entrypoint
+    runs on the head node, nor a driver outside the cluster. Without the check, every write would
+    fail on those nodes, unauthenticated, after the run had embedded its batches.
+    """
+    missing = nodes_without_env(name)
+    if missing:
+        raise PreflightError(
+            f"{key}: {name} is set here but not for the Ray workers on {', '.join(missing)}: the workers "
+            f"read it themselves. Set it in those nodes' environment (the cluster's node or pod spec), or "
+            f"for the job: ray job submit --runtime-env-json '{{\"env_vars\": {{\"{name}\": \"...\"}}}}'")
+
+
 def _running_cluster(key: str) -> str | None:
     """The address "auto" stands for (host:port), or PreflightError when no Ray cluster runs on this machine.
 

@@ -201,7 +201,7 @@ def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | No
 
     from sinks.qdrant_sink import stop_owner
 
-    from .ingest import ensure_ray, open_owner
+    from .ingest import check_workers_hold_api_key, ensure_ray, open_owner
 
     top_k = result_count("top_k", top_k, cfg.query.top_k)
     top_n = min(result_count("top_n", top_n, cfg.query.top_n), top_k)
@@ -226,6 +226,7 @@ def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | No
         return []
 
     ensure_ray(cfg)
+    check_workers_hold_api_key(cfg)
     embed_actors = cfg.compute.embed_actors
     rerank_actors = int(rerank_actors or cfg.compute.embed_actors)
     gpus = _gpus_per_actor(cfg, embed_actors + (rerank_actors if rerank else 0))

@@ -1,0 +1,85 @@
+"""The Qdrant API key must reach every process that talks to the server: a cluster whose second node's
+workers lack it is refused before any work, naming that node (a real two-node Ray cluster on this
+machine), and a driver without it says so when the server refuses it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+SCRIPT = r"""
+import json, os, sys
+from ray.cluster_utils import Cluster
+
+# The head's raylet (and so its workers) gets the key; the second node is started without it.
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "env_vars": {"QVL_TEST_QDRANT_KEY": "k"}})
+second = cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+os.environ["QVL_TEST_QDRANT_KEY"] = "k"  # the driver holds it
+import ray
+ray.init(address=cluster.address)
+from pipelines.config import parse_config
+from pipelines.ingest import check_workers_hold_api_key
+from pipelines.preflight import PreflightError, nodes_without_env
+out = {"nodes": len([n for n in ray.nodes() if n["Alive"]]), "second": second.node_id[:8],
+       "missing": nodes_without_env("QVL_TEST_QDRANT_KEY"), "present": nodes_without_env("PATH")}
+cfg = parse_config({"source": {"uri": sys.argv[1]}, "embedder": {"model": "org/m"},
+                    "qdrant": {"url": "http://127.0.0.1:1", "path": None, "collection": "c",
+                               "api_key_env": "QVL_TEST_QDRANT_KEY"}})
+try:
+    check_workers_hold_api_key(cfg)
+    out["error"] = None
+except PreflightError as exc:
+    out["error"] = str(exc)
+del os.environ["QVL_TEST_QDRANT_KEY"]  # no key here: nothing to carry, nothing to check
+check_workers_hold_api_key(cfg)
+ray.shutdown()
+cluster.shutdown()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_a_node_whose_workers_lack_the_api_key_is_refused_by_name(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "QVL_TEST_QDRANT_KEY")}
+    env.update(PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
+               RAY_TMPDIR=str(Path("/tmp")))
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["nodes"] == 2 and out["present"] == []
+    assert len(out["missing"]) == 1 and f"(node {out['second']})" in out["missing"][0], out
+    assert out["error"].startswith("qdrant.api_key_env: QVL_TEST_QDRANT_KEY is set here but not for the Ray "
+                                   f"workers on {out['missing'][0]}"), out["error"]
+    assert "--runtime-env-json" in out["error"]
+
+
+def test_a_refused_server_says_when_no_api_key_was_sent(tmp_path, monkeypatch):
+    """`export QDRANT_API_KEY=...; ray job submit ...` leaves the job (on the head node) without it:
+    the refusal then says the variable is unset here, not just that the server refused."""
+    from pipelines.config import parse_config
+    from pipelines.ingest import server_client
+    from pipelines.preflight import PreflightError
+    from tests.resilience_helpers import EchoingQdrant
+
+    monkeypatch.delenv("QVL_TEST_UNSET_KEY", raising=False)
+    server = EchoingQdrant()
+    try:
+        cfg = parse_config({"source": {"uri": str(tmp_path)}, "embedder": {"model": "org/m"},
+                            "qdrant": {"url": server.url, "path": None, "collection": "c",
+                                       "api_key_env": "QVL_TEST_UNSET_KEY"}})
+        with pytest.raises(PreflightError, match=r"refused the request: .*\(QVL_TEST_UNSET_KEY is not set in this "
+                                                 r"process's environment: no API key was sent\)"):
+            server_client(cfg)
+        monkeypatch.setenv("QVL_TEST_UNSET_KEY", "k")
+        with pytest.raises(PreflightError) as refused:
+            server_client(cfg)
+        assert "is not set" not in str(refused.value)
+    finally:
+        server.close()
