@@ -253,3 +253,21 @@ def test_s3_endpoint_from_client_kwargs(moto_s3) -> None:
     client.put_object(Bucket="kw-bucket", Key="k.txt", Body=b"k")
     opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": moto_s3["endpoint_url"]}}
     assert [o.uri for o in list_objects("s3://kw-bucket", storage_options=opts)[0]] == ["s3://kw-bucket/k.txt"]
+
+
+def test_a_zero_byte_key_named_like_the_folder_is_its_marker_not_the_source(moto_s3) -> None:
+    """A key "pfx" beside "pfx/a.txt" (an s3fs-fuse or console folder marker) once made s3://b/pfx/ list
+    as that one empty object, and --prune then deleted the points of every object in the folder."""
+    client, opts = moto_s3["client"], moto_s3["storage_options"]
+    client.create_bucket(Bucket="marker")
+    for key, body in {"pfx/a.txt": b"alpha", "pfx/sub/b.txt": b"bravo", "pfx": b"", "solo": b"", "full": b"x",
+                      "full/c.txt": b"charlie"}.items():
+        client.put_object(Bucket="marker", Key=key, Body=body)
+    want = ["s3://marker/pfx/a.txt", "s3://marker/pfx/sub/b.txt"]
+    for uri in ("s3://marker/pfx/", "s3://marker/pfx"):
+        objects, dead = list_objects(uri, storage_options=opts)
+        assert dead == [] and [o.uri for o in objects] == want, uri
+    # A key with nothing under it is still one object, empty or not; a non-empty one stays one object.
+    assert [o.uri for o in list_objects("s3://marker/solo", storage_options=opts)[0]] == ["s3://marker/solo"]
+    assert [o.uri for o in list_objects("s3://marker/full", storage_options=opts)[0]] == ["s3://marker/full"]
+    assert [o.uri for o in list_objects("s3://marker/full/", storage_options=opts)[0]] == ["s3://marker/full/c.txt"]

@@ -280,11 +280,12 @@ def _list_remote(
     fs, root = fs_for(uri, storage_options)
     root = root.rstrip("/") or root
     forget_cached_listing(fs, root)
-    if fs.isfile(root):
+    if _is_single_object(fs, root, asked_for_folder=uri.endswith("/")):
         entries = {root: fs.info(root)}
         base = posixpath.dirname(root)
     else:
         entries = fs.find(root, detail=True, withdirs=False)
+        entries.pop(root, None)  # the folder's own zero-byte marker key, if the store lists it
         base = root
         if not entries and not fs.exists(root):
             top = root.strip("/").split("/")[0]
@@ -308,6 +309,22 @@ def _list_remote(
             continue
         objects.append(SourceObject(uri=full, size=int(info.get("size") or 0), fingerprint=fingerprint, mtime=info_mtime(info)))
     return objects, dead
+
+
+def _is_single_object(fs: Any, root: str, asked_for_folder: bool) -> bool:
+    """Whether a remote source names one object rather than a folder.
+
+    An object store can hold a key "pfx" beside keys "pfx/...": some tools (s3fs-fuse, consoles)
+    write such a zero-byte key as a folder marker. Taken for the source, it would hide the whole
+    folder, and --prune would then delete every point under it. So a URI ending in "/" is always a
+    folder, and a zero-byte key with keys under it is that folder's marker.
+    """
+    if asked_for_folder or not fs.isfile(root):
+        return False
+    if fs.info(root).get("size"):
+        return True
+    # s3fs's find lists the key itself too (it strips the trailing "/"): only other keys are children.
+    return not any(key != root for key in fs.find(root + "/", maxdepth=1, withdirs=False))
 
 
 def list_objects(
