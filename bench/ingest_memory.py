@@ -128,7 +128,7 @@ def run_once(units: int, ckpt: str, tmp: Path, overrides: dict[str, Any]) -> dic
 
     src = make_corpus(tmp / f"corpus_{units}", units)
     cfg = ingest_config(src, ckpt, tmp / f"work_{units}", {"embedder": {"max_pixels": 65536}, **overrides})
-    ray.init(num_cpus=C.os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=C.os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         with Sampler() as s:
             t, report = C.timed(lambda: run_ingest(cfg, echo=lambda _: None))

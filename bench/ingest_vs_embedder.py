@@ -102,7 +102,7 @@ def main() -> None:
 
     ckpt = args.checkpoint or C.checkpoint("embedding", args.size)
     print("#", C.machine())
-    ray.init(num_cpus=C.os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=C.os.cpu_count(), include_dashboard=False, log_to_driver=False)
     overrides = parse_overrides(args.overrides)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)

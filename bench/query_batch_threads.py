@@ -39,7 +39,7 @@ def child(root: Path, queries: int) -> None:
     from pipelines.query_batch import run_query_batch
     from pipelines.query_files import QueryRow
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     cfg = parse_config(config(root))
     if not (root / "qdrant").exists():
         rng = random.Random(0)

@@ -93,8 +93,13 @@ def ensure_ray(cfg: Config) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     check_cluster(cfg)
+    address = cfg.compute.ray_address
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        # ray.init(address=None) joins a cluster that `ray start` left running on this machine (someone
+        # else's, with other resources, or one that goes away mid-run); the config promises a local Ray.
+        address = "local"
     try:
-        ray.init(address=cfg.compute.ray_address, include_dashboard=False, log_to_driver=True)
+        ray.init(address=address, include_dashboard=False, log_to_driver=True)
     except ConnectionError as exc:  # the cluster went away since the check, or could not be found
         key = "compute.ray_address" if cfg.compute.ray_address else "the RAY_ADDRESS environment variable"
         raise PreflightError(f"{key}: cannot connect to the Ray cluster: {first_line(exc)}") from None

@@ -20,6 +20,13 @@ from ray.cluster_utils import Cluster
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "env_vars": {"QVL_TEST_QDRANT_KEY": "k"}})
 second = cluster.add_node(num_cpus=1)
 cluster.wait_for_nodes()
+# compute.ray_address null means a local Ray of the job's own, even with a cluster running here.
+JOIN = ("import ray, sys; from pipelines.config import parse_config; from pipelines.ingest import ensure_ray; "
+        "ensure_ray(parse_config({'source': {'uri': sys.argv[1]}, 'embedder': {'model': 'org/m'}, "
+        "'qdrant': {'path': sys.argv[1], 'collection': 'c'}})); print(ray.get_runtime_context().gcs_address)")
+import subprocess
+probe = subprocess.run([sys.executable, "-c", JOIN, sys.argv[1]], capture_output=True, text=True, timeout=180)
+out_local = (probe.stdout.strip().splitlines() or [probe.stderr[-2000:]])[-1]
 os.environ["QVL_TEST_QDRANT_KEY"] = "k"  # the driver holds it
 import ray
 ray.init(address=cluster.address)
@@ -27,6 +34,7 @@ from pipelines.config import parse_config
 from pipelines.ingest import check_workers_hold_api_key
 from pipelines.preflight import PreflightError, nodes_without_env
 out = {"nodes": len([n for n in ray.nodes() if n["Alive"]]), "second": second.node_id[:8],
+       "local_gcs": out_local, "cluster_gcs": cluster.address,
        "missing": nodes_without_env("QVL_TEST_QDRANT_KEY"), "present": nodes_without_env("PATH")}
 cfg = parse_config({"source": {"uri": sys.argv[1]}, "embedder": {"model": "org/m"},
                     "qdrant": {"url": "http://127.0.0.1:1", "path": None, "collection": "c",
@@ -45,7 +53,7 @@ print(json.dumps(out))
 
 
 @pytest.mark.slow
-def test_a_node_whose_workers_lack_the_api_key_is_refused_by_name(tmp_path):
+def test_a_node_whose_workers_lack_the_api_key_is_refused_by_name_and_a_null_address_starts_its_own_ray(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "QVL_TEST_QDRANT_KEY")}
     env.update(PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
                RAY_TMPDIR=str(Path("/tmp")))
@@ -54,6 +62,7 @@ def test_a_node_whose_workers_lack_the_api_key_is_refused_by_name(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["nodes"] == 2 and out["present"] == []
+    assert ":" in out["local_gcs"] and out["local_gcs"] != out["cluster_gcs"], out  # started its own Ray
     assert len(out["missing"]) == 1 and f"(node {out['second']})" in out["missing"][0], out
     assert out["error"].startswith("qdrant.api_key_env: QVL_TEST_QDRANT_KEY is set here but not for the Ray "
                                    f"workers on {out['missing'][0]}"), out["error"]
