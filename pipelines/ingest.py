@@ -38,7 +38,7 @@ from ray.data.exceptions import SystemException
 from operators.crash_journal import start_journal, stop_journal
 from operators.embed_stage import EmbedStage
 from operators.expand_stage import expand_rows, object_to_row
-from operators.media.expand import ExpandSettings, most_units
+from operators.media.expand import UNREACHABLE, ExpandSettings, most_units
 from operators.media.listing import list_objects
 from operators.qwen3vl.loading import checkpoint_id
 from operators.qwen3vl.media_io import is_fetch_failure
@@ -577,7 +577,9 @@ def _run_stages(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store
 
 def partly_embedded(summary: dict[str, Any], todo: list[Any], report: RunReport) -> dict[str, tuple[str, int]]:
     """(fingerprint, units stored) of each ingested object some of whose units failed for good, at
-    expansion (a bad manifest record) or embedding (a segment the decoder rejects)."""
+    expansion (a bad manifest record) or embedding (a segment the decoder rejects). Objects with a
+    unit that may work next time (a file not fetched, a record's store not reached) are left out:
+    they stay incomplete, so the next run embeds them again."""
     failed: dict[str, int] = {}
     retry: set[str] = set()
     lettered: set[str] = set()
@@ -590,6 +592,8 @@ def partly_embedded(summary: dict[str, Any], todo: list[Any], report: RunReport)
             failed[dead["object_uri"]] = failed.get(dead["object_uri"], 0) + 1
             if is_fetch_failure(dead.get("error_message") or ""):
                 retry.add(dead["object_uri"])  # the file could not be fetched: may well work next time
+        elif dead.get("error_type") == UNREACHABLE:
+            retry.add(dead["object_uri"])  # a record's media store was down: the next run reads it again
     fingerprints = {o.uri: o.fingerprint for o in todo}
     units = {o["object_uri"]: int(o["n_units"]) for o in summary.get("objects", [])}
     return {uri: (fingerprints[uri], units[uri] - failed.get(uri, 0)) for uri in sorted(lettered)

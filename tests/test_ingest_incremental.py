@@ -293,3 +293,80 @@ def test_an_unreachable_ray_address_fails_in_seconds_naming_the_key():
         check_ray_address(f"127.0.0.1:{port}", key="the RAY_ADDRESS environment variable")
     for not_probed in (None, "auto", "http://127.0.0.1:1"):
         check_ray_address(not_probed)
+
+
+def test_a_store_that_cannot_be_reached_is_told_from_a_missing_object():
+    """Real failures: a refused HTTP connection (which fsspec raises as FileNotFoundError) and a refused
+    S3 endpoint are unreachable; a missing local file and an HTTP 404 are not."""
+    import http.server
+    import socket
+    import threading
+
+    from operators.media.expand import _open
+    from operators.media.reading import is_unreachable
+
+    def error_of(uri, opts=None):
+        try:
+            with _open(uri, opts) as fh:
+                fh.read()
+        except Exception as exc:
+            return exc
+        raise AssertionError(f"{uri} was read")
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        s3 = {"endpoint_url": f"http://127.0.0.1:{closed}", "key": "k", "secret": "s",
+              "config_kwargs": {"retries": {"max_attempts": 1}}}
+        assert is_unreachable(error_of(f"http://127.0.0.1:{closed}/pic.png"))
+        assert is_unreachable(error_of("s3://bucket/pic.png", s3))
+        assert not is_unreachable(error_of(f"http://127.0.0.1:{server.server_address[1]}/no-such-file.png"))
+        assert not is_unreachable(error_of("/no/such/file.png"))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.slow
+def test_a_record_whose_media_store_was_down_is_embedded_once_it_is_back(tmp_path, tiny_embedding_ckpt, ray_local):
+    """A record's image on a server that refused connections used to be final: the next run found the
+    manifest unchanged and the record was never embedded. Now the manifest stays incomplete."""
+    import functools
+    import http.server
+    import socket
+    import threading
+
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "pic.png").write_bytes(image_bytes(pattern_image(3, (40, 32))))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = tmp_path / "src"
+    src.mkdir()
+    manifest = src / "records.jsonl"
+    manifest.write_text(json.dumps({"id": "t", "text": "A record about lanterns."}) + "\n"
+                        + json.dumps({"id": "r", "image": f"http://127.0.0.1:{port}/pic.png"}) + "\n")
+    cfg = parse_config(config_dict(src, tiny_embedding_ckpt, tmp_path))
+
+    first = run_ingest(cfg)  # nothing listens on the port yet
+    _, dead = latest_run(tmp_path / "runs")
+    assert first.objects == {str(manifest): "ingested"}
+    assert [(d["position"], d["error_type"]) for d in dead] == [("record=r", "Unreachable")], dead
+    assert f"line 2: cannot reach http://127.0.0.1:{port}/pic.png: " in dead[0]["message"]
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(media))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        second = run_ingest(cfg)
+        assert second.objects == {str(manifest): "ingested"}, second.objects
+        positions = sorted(p.payload["position"] for p in all_points(tmp_path / "qdrant"))
+        assert positions == ["record=r", "record=t"]
+        assert run_ingest(cfg).objects == {str(manifest): "unchanged"}
+    finally:
+        server.shutdown()
+        server.server_close()

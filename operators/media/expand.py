@@ -37,7 +37,7 @@ from operators.media.images import PILLOW_DECODE_LIMIT, inspect_image
 from operators.media.listing import fs_for, is_local_uri, local_path
 from operators.media.manifest import ManifestRecord, RecordError, parse_manifest
 from operators.media.pdf import render_pdf
-from operators.media.reading import ObjectTooLargeError, open_local_file
+from operators.media.reading import ObjectTooLargeError, is_unreachable, open_local_file
 from operators.media.text_chunks import chunk_spans, decode_text
 from operators.media.video import probe_video, video_segments
 from operators.units import DeadLetter, SourceObject, Unit
@@ -93,6 +93,10 @@ def most_units(uri: str, size: int, cfg: ExpandSettings) -> int | None:
     if kind == "video":
         return math.ceil(cfg.max_video_duration_s / cfg.video_segment_s)
     return None
+
+
+# error_type of a manifest record whose media could not be reached (pipelines/ingest.py retries it).
+UNREACHABLE = "Unreachable"
 
 
 def _dead(uri: str, exc: BaseException, position: str | None = None, prefix: str = "") -> DeadLetter:
@@ -245,7 +249,12 @@ def _manifest_units(
         try:
             units.append(_record_unit(obj, rec, cfg, storage_options))
         except Exception as exc:  # one bad record never fails the manifest
-            dead.append(_dead(obj.uri, exc, f"record={rec.key}", f"line {rec.line}: "))
+            if is_unreachable(exc):  # not the record's fault: its object stays incomplete, retried next run
+                ref = rec.video if rec.video is not None else rec.image
+                dead.append(DeadLetter(obj.uri, "expand", UNREACHABLE, f"line {rec.line}: cannot reach {ref}: "
+                                       f"{type(exc).__name__}: {exc}", f"record={rec.key}"))
+            else:
+                dead.append(_dead(obj.uri, exc, f"record={rec.key}", f"line {rec.line}: "))
     return units, dead
 
 

@@ -38,6 +38,32 @@ class SourceChangedError(RuntimeError):
         return (SourceChangedError, (self.uri, self.expected, self.now))
 
 
+# Exception classes of fsspec back ends (aiohttp, botocore) that say the store could not be
+# reached, where they do not chain a builtin ConnectionError or TimeoutError.
+_UNREACHABLE_NAMES = frozenset({"ClientConnectionError", "ClientConnectorError", "ServerDisconnectedError",
+                                "ServerTimeoutError", "EndpointConnectionError", "ConnectTimeoutError",
+                                "ReadTimeoutError", "ConnectionClosedError"})
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether an error reading an object says its store could not be reached (refused, timed out,
+    5xx, throttled), as opposed to the object being gone or bad: worth trying again later.
+
+    fsspec often wraps these (its HTTP back end raises FileNotFoundError for a refused connection),
+    so the whole chain of causes counts.
+    """
+    seen: set[int] = set()
+    node: BaseException | None = exc
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        status = getattr(node, "status", None)
+        if isinstance(node, (ConnectionError, TimeoutError)) or type(node).__name__ in _UNREACHABLE_NAMES or (
+                isinstance(status, int) and (status >= 500 or status == 429)):
+            return True
+        node = node.__cause__ or node.__context__
+    return False
+
+
 def open_local_file(path: str) -> IO[bytes]:
     """Open a local regular file for reading; a FIFO, folder or device is refused without blocking on it."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
