@@ -4,6 +4,11 @@ Kinds: ``text``, ``image``, ``pdf``, ``video``, ``manifest``, ``unsupported``.
 
 - Magic bytes win over the name: a PNG named ``.jpg`` is ``image/png``; a PDF
   named ``.bin`` is a PDF.
+- Except for prose: under a text extension, a signature made only of printable
+  ASCII (``%PDF-``, ``PAR1``, ``GIF87a``/``GIF89a``, ``RIFF....WEBP``) does not
+  win when the sampled head is clean text (valid UTF-8, no NUL byte):
+  ``PAR1 of the novel`` in ``par1.txt`` is text. Binary signatures (PNG, JPEG,
+  TIFF, BMP, MP4/MOV boxes, EBML) still win, so a PNG named ``.txt`` is an image.
 - Without recognised magic the extension decides. An image/PDF/video/parquet
   extension on bytes without the matching magic still gets that kind, so the
   object then FAILS validation (random bytes named ``.png`` is a broken image,
@@ -17,6 +22,7 @@ Kinds: ``text``, ``image``, ``pdf``, ``video``, ``manifest``, ``unsupported``.
 
 from __future__ import annotations
 
+import codecs
 import posixpath
 from dataclasses import dataclass
 
@@ -89,6 +95,24 @@ def _sniff_image(head: bytes) -> Detection | None:
     return None
 
 
+# How many leading bytes each kind's signature checks (what sniff() compared), keyed by MIME.
+# A signature whose checked bytes are all printable ASCII can also begin ordinary prose.
+_SIGNATURE_SPAN = {
+    "application/pdf": 5,  # %PDF-
+    MANIFEST_EXTENSIONS[".parquet"]: 4,  # PAR1
+    "image/jpeg": 3,
+    "image/png": 8,
+    "image/gif": 6,  # GIF87a / GIF89a
+    "image/webp": 12,  # RIFF, a little-endian size, WEBP: printable when the size bytes happen to be
+    "image/tiff": 4,
+    "image/bmp": 18,  # BM ... and the DIB header size, whose high bytes are NUL
+    "video/mp4": 12,  # box size (NUL high bytes), ftyp, brand
+    "video/quicktime": 8,  # box size (NUL first byte), box type
+    "video/webm": 4,  # EBML: 0x1a is a control byte
+    "video/x-matroska": 4,
+}
+
+
 def sniff(head: bytes) -> Detection | None:
     """Kind from magic bytes alone, or None when nothing is recognised."""
     if head.startswith(b"%PDF-"):  # junk before the header: the .pdf extension still routes it
@@ -96,6 +120,26 @@ def sniff(head: bytes) -> Detection | None:
     if head.startswith(b"PAR1"):
         return Detection("manifest", MANIFEST_EXTENSIONS[".parquet"])
     return _sniff_image(head) or _sniff_video(head)
+
+
+def printable_signature(found: Detection, head: bytes) -> bool:
+    """True when the signature sniff() matched in head is printable ASCII (it could start prose)."""
+    span = head[: _SIGNATURE_SPAN.get(found.mime, len(head))]
+    return bool(span) and all(0x20 <= b < 0x7F for b in span)
+
+
+def is_clean_text(head: bytes) -> bool:
+    """True when the sampled head (first HEAD_BYTES) is valid UTF-8 without a NUL byte."""
+    sample = head[:HEAD_BYTES]
+    if b"\x00" in sample:
+        return False
+    try:
+        # Not final: a multi-byte character cut off by the sample's end continues past it. Were
+        # it really cut off at the end of the file, text decoding fails it later, as it should.
+        codecs.getincrementaldecoder("utf-8")().decode(sample, final=False)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def from_extension(uri: str) -> Detection:
@@ -108,9 +152,17 @@ def from_extension(uri: str) -> Detection:
 
 
 def detect(uri: str, head: bytes) -> Detection:
-    """Kind and MIME of an object from its first bytes (magic first) and its name (second)."""
+    """Kind and MIME of an object from its first bytes (magic first, bar printable magic in clean text) and its name."""
     found = sniff(head)
-    if found is not None:
-        # A parquet file is only ever a manifest; named .jsonl it still parses as parquet.
-        return found
-    return from_extension(uri)
+    if found is None:
+        return from_extension(uri)
+    if extension(uri) in TEXT_EXTENSIONS and printable_signature(found, head) and is_clean_text(head):
+        # Prose can start with "PAR1 of the novel" or "%PDF-1.7 is the header...": printable
+        # magic is weak evidence against a text name. Only the first HEAD_BYTES are read before
+        # routing, so the head decides. Real PDF/Parquet/GIF files nearly always have binary
+        # bytes there (the PDF binary-marker comment, Parquet's Thrift page header, GIF's
+        # little-endian screen size and palette); a text file whose bytes past the head are not
+        # UTF-8 then fails text decoding, as any bad .txt does.
+        return from_extension(uri)
+    # A parquet file is only ever a manifest; named .jsonl it still parses as parquet.
+    return found
