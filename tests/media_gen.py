@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -44,3 +45,14 @@ def write_video(path: Path, seconds: float = 2.0, fps: int = 8, size: tuple[int,
         container.mux(packet)
     container.close()
     return path
+
+
+def string_array_from_bytes(values: list[bytes]) -> Any:
+    """A string-typed Arrow array holding the raw bytes unchecked, as a writer that skips UTF-8
+    validation stores them: Parquet keeps them, and reading them back into Python fails."""
+    import pyarrow as pa
+
+    offsets = [0]
+    for value in values:
+        offsets.append(offsets[-1] + len(value))
+    return pa.Array.from_buffers(pa.string(), len(values), [None, pa.array(offsets, pa.int32()).buffers()[1], pa.py_buffer(b"".join(values))])

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from operators.media.manifest import ManifestError, ManifestRecord, RecordError, parse_manifest, resolve_uri
+from operators.media.manifest import PARQUET_BATCH_ROWS, ManifestError, ManifestRecord, RecordError, parse_manifest, resolve_uri
+from tests.media_gen import string_array_from_bytes
 
 
 @pytest.mark.parametrize(
@@ -144,3 +145,81 @@ def test_whole_manifest_errors() -> None:
         parse_manifest(b"PAR1 not really", "/m.parquet")
     with pytest.raises(ManifestError, match="no records"):
         parse_manifest(b"\n\n", "/m.jsonl")
+
+
+def _write_parquet(path, columns: dict, **kwargs) -> bytes:
+    """Write a real Parquet file and return its bytes, as the expand stage reads them."""
+    pq.write_table(pa.table(columns), path, **kwargs)
+    return path.read_bytes()
+
+
+def test_parquet_invalid_utf8_cell_fails_only_its_row(tmp_path) -> None:
+    """Row 2's metadata string is not UTF-8: row 2 is an InvalidUTF8 error naming the column, rows 1 and 3 land."""
+    note = string_array_from_bytes([b"hello", b"\xff\xfe", b"world"])
+    data = _write_parquet(tmp_path / "m.parquet", {"id": ["a", "b", "c"], "text": ["good a", "good b", "good c"], "note": note})
+    out = parse_manifest(data, str(tmp_path / "m.parquet"))
+    assert [type(r).__name__ for r in out] == ["ManifestRecord", "RecordError", "ManifestRecord"]
+    assert [(r.line, r.key, r.metadata) for r in (out[0], out[2])] == [(1, "a", {"note": "hello"}), (3, "c", {"note": "world"})]
+    assert (out[1].line, out[1].error_type, out[1].id) == (2, "InvalidUTF8", "b")
+    assert out[1].message == "column 'note': invalid UTF-8 at byte 0 of the value"
+
+
+def test_parquet_out_of_range_timestamp_fails_only_its_row(tmp_path) -> None:
+    """A timestamp past year 9999 cannot be a Python datetime: its row fails with the column and why."""
+    when = pa.array([0, 10**15, 86400], pa.timestamp("s"))
+    data = _write_parquet(tmp_path / "m.parquet", {"id": ["a", "b", "c"], "text": ["t a", "t b", "t c"], "when": when})
+    out = parse_manifest(data, "/m.parquet")
+    assert [r.key for r in out if isinstance(r, ManifestRecord)] == ["a", "c"]
+    assert out[2].metadata == {"when": "1970-01-02T00:00:00"}
+    assert (out[1].line, out[1].error_type, out[1].id) == (2, "InvalidValue", "b")
+    assert out[1].message.startswith("column 'when' (timestamp[") and "outside Python's date/time range" in out[1].message
+
+
+def test_parquet_row_with_several_bad_cells_names_each_column(tmp_path) -> None:
+    """Every bad cell of a row is named; an unreadable id leaves the error id-less (its row still names it)."""
+    data = _write_parquet(tmp_path / "m.parquet", {
+        "id": string_array_from_bytes([b"a", b"\xc3("]),
+        "text": ["ok", "also ok"],
+        "note": string_array_from_bytes([b"fine", b"bad \x80"]),
+        "when": pa.array([0, -(10**15)], pa.timestamp("s")),
+    })
+    out = parse_manifest(data, "/m.parquet")
+    assert isinstance(out[0], ManifestRecord) and out[0].metadata["note"] == "fine"
+    bad = out[1]
+    assert (bad.line, bad.error_type, bad.id) == (2, "InvalidUTF8", None)
+    assert [part.split(":")[0] for part in bad.message.split("; ")] == ["column 'id'", "column 'note'", "column 'when' (timestamp[ms])"]
+    assert "invalid UTF-8 at byte 4 of the value" in bad.message
+
+
+def test_parquet_bad_rows_across_batches_and_row_groups_keep_their_numbers(tmp_path) -> None:
+    """Conversion goes batch by batch: bad rows deep in later row groups fail alone, under their own row numbers."""
+    n = 3 * PARQUET_BATCH_ROWS + 17
+    bad_rows = {2, PARQUET_BATCH_ROWS + 1, 2 * PARQUET_BATCH_ROWS + 500, n}  # 1-based
+    notes = [b"\xff" if i in bad_rows else f"note {i}".encode() for i in range(1, n + 1)]
+    data = _write_parquet(tmp_path / "m.parquet", {"id": [f"r{i}" for i in range(1, n + 1)], "text": ["x"] * n,
+                                                   "note": string_array_from_bytes(notes)}, row_group_size=5000)
+    assert pq.ParquetFile(tmp_path / "m.parquet").num_row_groups > 1
+    out = parse_manifest(data, "/m.parquet")
+    assert [r.line for r in out] == list(range(1, n + 1))
+    errors = [r for r in out if isinstance(r, RecordError)]
+    assert [(r.line, r.id, r.error_type) for r in errors] == [(i, f"r{i}", "InvalidUTF8") for i in sorted(bad_rows)]
+    good = [r for r in out if isinstance(r, ManifestRecord)]
+    assert len(good) == n - len(bad_rows) and all(r.metadata == {"note": f"note {r.line}"} for r in good)
+
+
+def test_parquet_bad_row_is_a_dead_letter_naming_row_and_column(tmp_path) -> None:
+    """Through expand_object: the good rows become units, the bad row one dead letter (as a bad JSONL line is)."""
+    from operators.media.expand import ExpandSettings, expand_object
+    from operators.media.listing import list_objects
+
+    _write_parquet(tmp_path / "badutf8_meta.parquet", {"id": ["a", "b", "c"], "text": ["good a", "good b", "good c"],
+                                                       "note": string_array_from_bytes([b"hello", b"\xff\xfe", b"world"])})
+    _write_parquet(tmp_path / "bigts.parquet", {"id": ["a", "b", "c"], "text": ["t a", "t b", "t c"],
+                                                "when": pa.array([0, 10**15, 86400], pa.timestamp("s"))})
+    objects, _ = list_objects(str(tmp_path))
+    results = {obj.uri.rsplit("/", 1)[-1]: expand_object(obj, ExpandSettings()) for obj in objects}
+    for name, column, error_type in (("badutf8_meta.parquet", "note", "InvalidUTF8"), ("bigts.parquet", "when", "InvalidValue")):
+        units, dead, status = results[name]
+        assert status == "ok" and [u.position for u in units] == ["record=a", "record=c"], name
+        assert [(d.error_type, d.position) for d in dead] == [(error_type, "record=b")], name
+        assert dead[0].message.startswith(f"line 2: column '{column}'"), dead[0].message

@@ -6,8 +6,9 @@ path relative to the manifest's folder), an optional ``id`` (string or integer),
 and anything else, which becomes ``metadata`` (made JSON-safe).
 
 Each record yields a ``ManifestRecord`` or, when it is unusable (bad JSON, not an
-object, none of text/image/video, a non-string field, empty text, duplicate id),
-a ``RecordError``; one bad record never hides the good ones. ``line`` is 1-based:
+object, none of text/image/video, a non-string field, empty text, duplicate id, a
+Parquet cell Python cannot hold such as invalid UTF-8 or a timestamp past year
+9999), a ``RecordError``; one bad record never hides the good ones. ``line`` is 1-based:
 the line number in a JSONL file, the row number in a Parquet file.
 """
 
@@ -214,15 +215,83 @@ def _jsonl_rows(data: bytes) -> list[tuple[int, Any] | RecordError]:
     return rows
 
 
+# Rows converted to Python per Arrow batch: the Arrow side of a manifest is held one batch at a
+# time (never the whole table next to its Python rows), and a batch that fails to convert is
+# redone cell by cell, which costs one batch, not the file.
+PARQUET_BATCH_ROWS = 4096
+
+
+def _cell_error(column: str, arrow_type: Any, exc: Exception) -> tuple[str, str]:
+    """Error type and message for one Parquet cell that Python cannot hold."""
+    import pyarrow as pa
+
+    if isinstance(exc, UnicodeDecodeError):
+        return "InvalidUTF8", f"column {column!r}: invalid UTF-8 at byte {exc.start} of the value"
+    if pa.types.is_temporal(arrow_type) and isinstance(exc, (OverflowError, ValueError)):
+        # pyarrow's own message ("Python int too large to convert to C int") names no date.
+        return "InvalidValue", (f"column {column!r} ({arrow_type}): the value is outside Python's "
+                                f"date/time range (years 1 to 9999): {type(exc).__name__}: {exc}")
+    return "InvalidValue", f"column {column!r} ({arrow_type}): unreadable value: {type(exc).__name__}: {exc}"
+
+
+def _salvage_batch(batch: Any, first_line: int) -> list[tuple[int, Any] | RecordError]:
+    """Rows of a batch whose conversion failed: column by column, then cell by cell in a column
+    that fails, so each bad row is its own RecordError naming its row (line) and column(s)."""
+    names = batch.schema.names
+    columns: list[list[Any]] = []
+    bad: dict[int, list[tuple[str, str, str]]] = {}  # row offset -> (column, error type, message) per bad cell
+    for name, column in zip(names, batch.columns):
+        try:
+            # Whole columns first: a cell-by-cell pass over every column of a 4096-row batch
+            # for one bad cell would cost thousands of conversions per column.
+            columns.append(column.to_pylist())
+            continue
+        except Exception:
+            pass  # which cells, and why: found one by one below
+        values: list[Any] = []
+        for i in range(batch.num_rows):
+            try:
+                values.append(column[i].as_py())
+            except Exception as exc:  # any unconvertible cell fails its row only
+                values.append(None)
+                bad.setdefault(i, []).append((name, *_cell_error(name, column.type, exc)))
+        columns.append(values)
+    rows: list[tuple[int, Any] | RecordError] = []
+    for i in range(batch.num_rows):
+        raw = {name: values[i] for name, values in zip(names, columns)}
+        line = first_line + i
+        if i not in bad:
+            rows.append((line, raw))
+            continue
+        cells = bad[i]
+        # The id, when readable, names the record in its dead letter's position.
+        rid = None if any(name == "id" for name, _, _ in cells) else _integral(raw.get("id"))
+        message = "; ".join(msg for _, _, msg in cells)
+        rows.append(RecordError(line, cells[0][1], message, str(rid) if _usable_id(rid) else None))
+    return rows
+
+
 def _parquet_rows(data: bytes) -> list[tuple[int, Any] | RecordError]:
-    """Parquet rows as dicts, numbered from 1."""
+    """Parquet rows as dicts, numbered from 1; a row with a cell Python cannot hold is a RecordError."""
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(io.BytesIO(data))
+        batches = pq.ParquetFile(io.BytesIO(data)).iter_batches(batch_size=PARQUET_BATCH_ROWS)
     except Exception as exc:
         raise ManifestError(f"cannot read Parquet manifest: {type(exc).__name__}: {exc}") from exc
-    return list(enumerate(table.to_pylist(), start=1))
+    rows: list[tuple[int, Any] | RecordError] = []
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as exc:  # a corrupt page: the file, not one value, is unreadable
+            raise ManifestError(f"cannot read Parquet manifest: {type(exc).__name__}: {exc}") from exc
+        if batch is None:
+            return rows
+        first_line = len(rows) + 1
+        try:
+            rows.extend(enumerate(batch.to_pylist(), start=first_line))
+        except Exception:  # a cell Python cannot hold (invalid UTF-8, a date past 9999...): find it
+            rows.extend(_salvage_batch(batch, first_line))
 
 
 def manifest_format(uri: str, data: bytes) -> str:
