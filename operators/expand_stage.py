@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any
 
-from .crash_journal import TaskGuard, current_task_id, reading
+from .crash_journal import WATCHDOG, TaskGuard, current_task_id, reading
 from .media.expand import FAILED, ExpandSettings, expand_object
 from .units import DeadLetter, SourceObject, dead_row, object_row, payload_for, unit_row
 
@@ -95,7 +95,9 @@ def expand_rows(row: dict[str, Any], *, settings: ExpandSettings, storage_option
     except Exception:  # chunking falls back to word pieces; the embed stage reports a bad model loudly
         tokenizer = None
     with reading(guard, obj.uri):
-        units, dead, status = expand_object(obj, settings, storage_options, tokenizer)
+        # max_expand_s then bounds each manifest record, not the sum of them (WATCHDOG.extend is a
+        # no-op when nothing is armed).
+        units, dead, status = expand_object(obj, settings, storage_options, tokenizer, progress=WATCHDOG.extend)
     # A unit that failed here (a bad manifest record) counts until the run ends and settles the
     # count (pipelines/ingest.py: partly_embedded): a run stopped before then leaves the object
     # incomplete, so the next one expands it again and its dead letters are reported.

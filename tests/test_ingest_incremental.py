@@ -370,3 +370,41 @@ def test_a_record_whose_media_store_was_down_is_embedded_once_it_is_back(tmp_pat
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.slow
+def test_max_expand_s_bounds_each_manifest_record_not_their_sum(tmp_path, tiny_embedding_ckpt, ray_local):
+    """Eight records whose images take about 0.8 s each to fetch, under a 3 s limit: the whole manifest
+    used to be one WorkerTimedOut letter, every run; the watchdog now times each record."""
+    import functools
+    import http.server
+    import threading
+    import time
+
+    class Slow(http.server.SimpleHTTPRequestHandler):
+        def send_head(self):
+            time.sleep(0.4)  # HEAD and GET alike: an honest, slow store
+            return super().send_head()
+
+        def log_message(self, *args):
+            pass
+
+    media = tmp_path / "media"
+    media.mkdir()
+    for i in range(8):
+        (media / f"p{i}.png").write_bytes(image_bytes(pattern_image(i, (24, 24))))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Slow, directory=str(media)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    src = tmp_path / "src"
+    src.mkdir()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    (src / "slow.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "image": f"{url}/p{i}.png"}) + "\n"
+                                            for i in range(8)))
+    try:  # 8 records x (HEAD + GET) x 0.4 s = 6.4 s of fetching in one expansion, over the 3 s limit
+        report = run_ingest(parse_config(config_dict(src, tiny_embedding_ckpt, tmp_path, limits={"max_expand_s": 3})))
+    finally:
+        server.shutdown()
+        server.server_close()
+    _, dead = latest_run(tmp_path / "runs")
+    assert report.objects == {str(src / "slow.jsonl"): "ingested"} and dead == [], dead
+    assert len(all_points(tmp_path / "qdrant")) == 8

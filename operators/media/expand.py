@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -236,12 +236,15 @@ def _record_unit(obj: SourceObject, rec: ManifestRecord, cfg: ExpandSettings, st
 
 
 def _manifest_units(
-    obj: SourceObject, data: bytes, cfg: ExpandSettings, storage_options: dict[str, Any] | None
+    obj: SourceObject, data: bytes, cfg: ExpandSettings, storage_options: dict[str, Any] | None,
+    progress: Callable[[], None] | None = None,
 ) -> tuple[list[Unit], list[DeadLetter]]:
     """Units for the good records of a manifest, dead letters for the bad ones."""
     units: list[Unit] = []
     dead: list[DeadLetter] = []
     for rec in parse_manifest(data, obj.uri):
+        if progress is not None:
+            progress()
         if isinstance(rec, RecordError):
             position = f"record={rec.id if rec.id is not None else rec.line}"
             dead.append(DeadLetter(obj.uri, "expand", rec.error_type, f"line {rec.line}: {rec.message}", position))
@@ -259,7 +262,8 @@ def _manifest_units(
 
 
 def _expand(
-    obj: SourceObject, cfg: ExpandSettings, storage_options: dict[str, Any] | None, tokenizer: Any
+    obj: SourceObject, cfg: ExpandSettings, storage_options: dict[str, Any] | None, tokenizer: Any,
+    progress: Callable[[], None] | None = None,
 ) -> tuple[list[Unit], list[DeadLetter], str]:
     """expand_object without the catch-all."""
     if obj.size > cfg.max_object_bytes:
@@ -284,7 +288,7 @@ def _expand(
         return _image_units(obj, data, cfg), [], OK
     if det.kind == "pdf":
         return _pdf_units(obj, data, cfg), [], OK
-    units, dead = _manifest_units(obj, data, cfg, storage_options)
+    units, dead = _manifest_units(obj, data, cfg, storage_options, progress)
     if not units:
         summary = DeadLetter(obj.uri, "expand", "EmptyManifest", f"manifest yielded no usable record ({len(dead)} bad records)")
         return [], [*dead, summary], FAILED
@@ -292,11 +296,16 @@ def _expand(
 
 
 def expand_object(
-    obj: SourceObject, cfg: ExpandSettings, storage_options: dict[str, Any] | None = None, tokenizer: Any = None
+    obj: SourceObject, cfg: ExpandSettings, storage_options: dict[str, Any] | None = None, tokenizer: Any = None,
+    progress: Callable[[], None] | None = None,
 ) -> tuple[list[Unit], list[DeadLetter], str]:
-    """Units, dead letters and status (ok / skipped_unsupported / failed) for one object; never raises."""
+    """Units, dead letters and status (ok / skipped_unsupported / failed) for one object; never raises.
+
+    progress: called after each manifest record (the expansion's watchdog then times each record,
+    not the whole manifest: 50,000 honest fetches must not add up to one "hung" object).
+    """
     try:
-        return _expand(obj, cfg, storage_options, tokenizer)
+        return _expand(obj, cfg, storage_options, tokenizer, progress)
     except FileNotFoundError as exc:  # listed, then gone: deleted (or renamed) after listing
         return [], [_dead(obj.uri, exc, prefix="object not found: it was listed but is gone now (deleted after listing?): ")], FAILED
     except Exception as exc:
