@@ -297,3 +297,18 @@ def test_a_page_text_layer_is_capped_in_the_payload():
     assert page_meta(2, "short") == {"page": 2, "page_text": "short"}
     meta = page_meta(1, "x" * (MAX_PAGE_TEXT + 5))
     assert len(meta["page_text"]) == MAX_PAGE_TEXT and meta["page_text_truncated"] is True
+
+
+def test_a_record_whose_reference_fails_is_named_by_its_uri(moto_s3) -> None:
+    """S3's "The specified bucket does not exist" names no object: the letter names the reference."""
+    client, opts = moto_s3["client"], moto_s3["storage_options"]
+    client.create_bucket(Bucket="refs")
+    body = "\n".join(json.dumps(r) for r in ({"id": "gone", "image": "/no-such-bucket-q/o.png"},
+                                             {"id": "t", "text": "a note"}))
+    client.put_object(Bucket="refs", Key="m/list.jsonl", Body=body.encode())
+    [obj], _ = list_objects("s3://refs/m/list.jsonl", storage_options=opts)
+    units, dead, _ = expand_object(obj, ExpandSettings(), opts)
+    assert [u.position for u in units] == ["record=t"]
+    assert [d.position for d in dead] == ["record=gone"]
+    assert dead[0].message.startswith("line 1: s3://no-such-bucket-q/o.png: "), dead[0].message
+    assert dead[0].error_type != "Unreachable"

@@ -26,10 +26,26 @@ from tests.media_gen import string_array_from_bytes
         ("s3://elsewhere/x.png", "/data/m/list.jsonl", "s3://elsewhere/x.png"),
         ("img/a.png", "memory:///root/list.jsonl", "memory:///root/img/a.png"),
         ("img/a.png", "file:///data/list.jsonl", "/data/img/a.png"),
+        # Object keys may hold "//" (a different key from "/"); ".." and "." resolve, nothing else merges.
+        ("a//double.png", "s3://bucket/m/list.jsonl", "s3://bucket/m/a//double.png"),
+        ("./a/../b.png", "s3://bucket/m//list.jsonl", "s3://bucket/m//b.png"),
+        ("../../other/o.png", "s3://bucket/m/list.jsonl", "s3://other/o.png"),
+        ("../x/./y.png", "memory:///root/sub/list.jsonl", "memory:///root/x/y.png"),
+        # A file URL is percent-encoded (Path.as_uri()).
+        ("file:///data/my%20pic%20%C3%A9.png", "s3://bucket/m/list.jsonl", "/data/my pic é.png"),
     ],
 )
 def test_resolve_uri(ref: str, manifest: str, expected: str) -> None:
     assert resolve_uri(ref, manifest) == expected
+
+
+def test_a_reference_climbing_above_the_store_root_fails_its_record_naming_it() -> None:
+    with pytest.raises(ValueError, match=r"reference '../../../o.png' climbs above the root of s3://b/m/l.jsonl"):
+        resolve_uri("../../../o.png", "s3://b/m/l.jsonl")
+    lines = [{"id": "up", "image": "../../../o.png"}, {"id": "ok", "text": "fine"}]
+    rows = list(parse_manifest("\n".join(json.dumps(r) for r in lines).encode(), "s3://b/m/l.jsonl"))
+    assert isinstance(rows[0], RecordError) and rows[0].error_type == "BadReference" and rows[0].id == "up"
+    assert "climbs above the root" in rows[0].message and isinstance(rows[1], ManifestRecord)
 
 
 def test_jsonl_good_and_bad_records() -> None:

@@ -252,12 +252,13 @@ def _manifest_units(
         try:
             units.append(_record_unit(obj, rec, cfg, storage_options))
         except Exception as exc:  # one bad record never fails the manifest
+            ref = rec.video if rec.video is not None else rec.image
             if is_unreachable(exc):  # not the record's fault: its object stays incomplete, retried next run
-                ref = rec.video if rec.video is not None else rec.image
                 dead.append(DeadLetter(obj.uri, "expand", UNREACHABLE, f"line {rec.line}: cannot reach {ref}: "
                                        f"{type(exc).__name__}: {exc}", f"record={rec.key}"))
-            else:
-                dead.append(_dead(obj.uri, exc, f"record={rec.key}", f"line {rec.line}: "))
+            else:  # named, unless the error does ("The specified bucket does not exist" does not)
+                named = "" if ref is None or ref in str(exc) else f"{ref}: "
+                dead.append(_dead(obj.uri, exc, f"record={rec.key}", f"line {rec.line}: {named}"))
     return units, dead
 
 

@@ -18,6 +18,7 @@ import io
 import json
 import math
 import posixpath
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,9 +73,16 @@ class ManifestError(ValueError):
     """The manifest as a whole cannot be read."""
 
 
+class BadReferenceError(ValueError):
+    """A record's reference that names no object (it climbs above the store's root)."""
+
+
 def resolve_uri(ref: str, manifest_uri: str) -> str:
     """Absolute URI of a record reference, relative ones taken from the manifest's folder."""
-    if ref.startswith(("file://", "local://")):
+    if ref.startswith("file://"):
+        # A file URL is percent-encoded (Path.as_uri() writes "my%20pic.png"); a plain path is not.
+        return local_path(urllib.parse.unquote(ref))
+    if ref.startswith("local://"):
         return local_path(ref)
     if "://" in ref:
         return ref
@@ -83,11 +91,26 @@ def resolve_uri(ref: str, manifest_uri: str) -> str:
         return posixpath.normpath(posixpath.join(base, ref))
     scheme, rest = manifest_uri.split("://", 1)
     rooted = rest.startswith("/")
-    if ref.startswith("/"):
-        path = posixpath.normpath(ref) if rooted else posixpath.normpath(ref).lstrip("/")
-    else:
-        path = posixpath.normpath(posixpath.join(posixpath.dirname(rest), ref))
-    return f"{scheme}://{path}"
+    base = "" if ref.startswith("/") else rest.rpartition("/")[0]  # not dirname: it merges "m//" into "m"
+    path = _resolve_dots(base, ref, ref, manifest_uri)
+    return f"{scheme}://{'/' + path if rooted else path}"
+
+
+def _resolve_dots(base: str, ref: str, shown: str, manifest_uri: str) -> str:
+    """base/ref with "." and ".." resolved, every other segment kept: an object key may hold "//"
+    (posixpath.normpath would merge it into another key) and ".." must not climb above the root."""
+    parts = base.lstrip("/").split("/") if base.strip("/") else []  # kept verbatim: "m//" is a folder too
+    tail = ref.lstrip("/").split("/")
+    for i, part in enumerate(tail):
+        if part == "." or (part == "" and i == 0):
+            continue
+        if part == "..":
+            if not parts:
+                raise BadReferenceError(f"reference {shown!r} climbs above the root of {manifest_uri}")
+            parts.pop()
+        else:
+            parts.append(part)
+    return "/".join(parts)
 
 
 def _json_safe(value: Any) -> Any:
@@ -169,7 +192,10 @@ def build_record(line: int, raw: Any, manifest_uri: str, seen_keys: set[str],
             return RecordError(line, "InvalidRecord", f"field {name!r} must be a string, got {type(value).__name__}", rid)
         if not value.strip():
             return RecordError(line, "InvalidRecord", f"field {name!r} is empty", rid)
-        content[name] = value if name == "text" else resolve_uri(value.strip(), manifest_uri)
+        try:
+            content[name] = value if name == "text" else resolve_uri(value.strip(), manifest_uri)
+        except BadReferenceError as exc:
+            return RecordError(line, "BadReference", f"field {name!r}: {exc}", rid)
     if not content:
         return RecordError(line, "InvalidRecord", "record has none of text, image, video", rid)
     metadata = {str(k): _json_safe(v) for k, v in raw.items() if k not in CONTENT_FIELDS and k != "id"}
