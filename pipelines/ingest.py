@@ -79,6 +79,10 @@ def check_cluster(cfg: Config) -> None:
         check_ray_address(os.environ["RAY_ADDRESS"], key="the RAY_ADDRESS environment variable")
 
 
+UNFINISHED = ("the run did not finish: its process ended before it wrote this report (the Ray cluster "
+              "was lost, or the process was killed); re-run the same job to finish (complete objects are skipped)")
+
+
 def check_workers_hold_api_key(cfg: Config) -> None:
     """PreflightError when this process holds the Qdrant server's API key and some Ray node's workers,
     which connect to the server themselves, do not."""
@@ -272,14 +276,26 @@ def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], Non
     report = RunReport(run_id, cfg.qdrant.collection, cfg.source.uri,
                        checkpoint_id(cfg.embedder.model, cfg.embedder.revision), commit,
                        config=cfg.redacted_dict())
+    run_dir = Path(cfg.output.dir) / run_id
+
+    def mark_started() -> None:
+        # Ray ends the driver's process itself when it loses the cluster (its GCS) for 60 s, and the
+        # kernel's OOM killer asks nobody either: no report would say the run never finished.
+        report.error = UNFINISHED
+        try:
+            report.write(run_dir, cfg.output.report_file, cfg.output.dead_letter_file, secrets)
+        except OSError:
+            pass  # the final write reports a folder that cannot be written
+        finally:
+            report.error = None
+
     # After ray.init: its SIGTERM handler (an abort in Ray's core worker) is replaced for the run.
     with stop_on_signals() as gate:
         try:
-            failure = _ingest(cfg, report, (objects, list_dead), spec, store, prune, gate, echo)
+            failure = _ingest(cfg, report, (objects, list_dead), spec, store, prune, gate, echo, mark_started)
         finally:
             store.close()
             report.wall_seconds = time.perf_counter() - started
-        run_dir = Path(cfg.output.dir) / run_id
         echo(redact(report.summary(), secrets))  # first: the console has it even if the folder fails
         try:
             report.write(run_dir, cfg.output.report_file, cfg.output.dead_letter_file, secrets)
@@ -308,8 +324,11 @@ def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], Non
 
 def _ingest(cfg: Config, report: RunReport, listing: tuple[list[SourceObject], list[DeadLetter]],
             spec: CollectionSpec, store: Store, prune: bool, gate: SignalGate,
-            echo: Callable[[str], None]) -> BaseException | None:
-    """Plan, run the stages, settle the store; fills the report; the failure that stopped the run, if any."""
+            echo: Callable[[str], None], started: Callable[[], None] = lambda: None) -> BaseException | None:
+    """Plan, run the stages, settle the store; fills the report; the failure that stopped the run, if any.
+
+    started: called once the plan is made, before anything is written.
+    """
     objects, list_dead = listing
     secrets = cfg.secret_values()
     try:
@@ -332,6 +351,7 @@ def _ingest(cfg: Config, report: RunReport, listing: tuple[list[SourceObject], l
         echo(f"warning: nothing under source.uri {cfg.source.uri!r} matched (check the prefix and "
              "source.include / source.exclude)")
     if plan.todo:
+        started()
         try:
             with gate.interruptible():  # only here: the bookkeeping below must not stop half-way
                 summary = _run_dataset(cfg, plan.todo, spec, store, report.model_commit)

@@ -83,3 +83,52 @@ def test_a_run_whose_store_owner_died_still_counts_what_it_wrote(tmp_path, tiny_
         store.close()
     assert report.objects == {objects[0].uri: "ingested"} and report.points_written == 1
     assert "could not be read" not in report.error and not report.dead_letters
+
+
+@pytest.mark.slow
+def test_a_run_whose_process_dies_leaves_a_report_saying_it_did_not_finish(tmp_path, tiny_embedding_ckpt, ray_local):
+    """Ray ends the driver's process itself when the cluster is lost (exit 1, no Python cleanup), as the
+    kernel does on an OOM kill: the run's report then says it did not finish. SIGKILL stands in for both."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from pipelines.ingest import UNFINISHED
+    from tests.resilience_helpers import config_dict, latest_run, reap_session, write_yaml
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(20):
+        (src / f"n{i}.txt").write_text(f"Note {i} about lanterns, rivers and boats. " * 20)
+    data = config_dict(src, tiny_embedding_ckpt, tmp_path)
+    path = write_yaml(data, tmp_path / "cfg.yaml")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+               RAY_TMPDIR=tempfile.mkdtemp(prefix="qvlray", dir="/tmp"))
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "ingest", path], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        line = ""
+        while not line.startswith("listed ") and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "the run ended before planning"
+        assert line.startswith("listed 20 objects: 20 to ingest"), line
+        time.sleep(1.0)  # the stages are starting: the provisional report is written before them
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        reap_session(proc.pid, grace_s=5)
+    report, dead = latest_run(tmp_path / "runs")
+    assert report["error"] == UNFINISHED and dead == []
+    assert report["collection"] == "media" and report["run_id"]
+    # Re-running finishes the job, and writes its own complete report.
+    again = run_ingest(parse_config(data), echo=lambda _: None)
+    assert again.error is None and again.counts()["ingested"] + again.counts()["unchanged"] == 20
+    assert latest_run(tmp_path / "runs")[0]["error"] is None
