@@ -2,7 +2,10 @@
 
 A record has any of ``text`` (inline string), ``image`` and ``video`` (URIs:
 absolute ``scheme://...``, an absolute path on the manifest's filesystem, or a
-path relative to the manifest's folder), an optional ``id`` (string or integer),
+path relative to the manifest's folder: the folder it is listed in, so a symlinked
+manifest resolves from the link's folder, as a relative link's target does not;
+``.`` and ``..`` are resolved, ``//`` in an object key is kept, and a ``file://``
+URL is percent-decoded), an optional ``id`` (string or integer),
 and anything else, which becomes ``metadata`` (made JSON-safe).
 
 Each record yields a ``ManifestRecord`` or, when it is unusable (bad JSON, not an
