@@ -187,7 +187,9 @@ def parse_qrels(text: str, where: str = "qrels", base: str | None = None,
     """
     qrels: dict[str, dict[str, float]] = {}
     first = True
-    for n, line in enumerate(text.splitlines(), start=1):
+    # "\n" only, as read_queries: splitlines() also breaks at U+2028, \x0c and others, which a
+    # corpus id (a file name) may hold.
+    for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         is_first, first = first, False
@@ -198,8 +200,8 @@ def parse_qrels(text: str, where: str = "qrels", base: str | None = None,
         try:
             grade = float(score)
         except ValueError:
-            if is_first:
-                continue  # the header line
+            if is_first and not any(ch.isdigit() for ch in score):
+                continue  # the header line ("score"); "1O" is a mistyped grade, not a header
             raise ValueError(f"{where} line {n}: score {score!r} is not a number") from None
         if not math.isfinite(grade):  # nan/inf would turn every mean into nan
             raise ValueError(f"{where} line {n}: score {score!r} is not a finite number")

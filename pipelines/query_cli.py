@@ -163,7 +163,7 @@ def run_eval(cfg: Any, queries: Sequence[Any], qrels: Mapping[str, Mapping[str, 
     judged query, top_k below every cutoff, a bad filter, or every query failed.
     """
     from .metrics import METRICS, cutoff, evaluate_run, relevant
-    from .query import QueryEngine
+    from .query import QueryEngine, vector_order
     from .query_inputs import QueryInputError, build_filter, result_count
 
     top_k = result_count("top_k", top_k, max(cfg.query.top_k, 100))
@@ -223,8 +223,9 @@ def run_eval(cfg: Any, queries: Sequence[Any], qrels: Mapping[str, Mapping[str, 
             except QueryInputError as exc:  # this query is unusable; the others are still scored
                 failed[q.id] = str(exc)
                 continue
-            runs["vector"][q.id] = [c.point_id for c in full]
-            runs["funnel"][q.id] = [c.point_id for c in funnel]
+            # In the order `qvl query --no-rerank` shows them: ties (equal to 5 decimals) by point id.
+            runs["vector"][q.id] = [h.point_id for h in vector_order(full, len(full))]
+            runs["funnel"][q.id] = [h.point_id for h in vector_order(funnel, len(funnel))]
             if engine.reranker is not None:
                 runs["funnel+rerank"][q.id] = [h.point_id for h in hits]
                 skipped += len(skip)

@@ -76,6 +76,21 @@ def test_parse_qrels_header_ids_and_errors():
         parse_qrels("query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td2\thigh\n")
 
 
+def test_a_mistyped_first_grade_is_an_error_not_a_header():
+    """Without a header, "1O" (letter O) on line 1 used to be skipped as the header: a judgement lost."""
+    with pytest.raises(ValueError, match=r"q\.tsv line 1: score '1O' is not a number"):
+        parse_qrels("q1\td1#image\t1O\nq2\td2#image\t1\n", "q.tsv")
+    assert list(parse_qrels("query-id\tcorpus-id\trelevance-score\nq1\td1#image\t1\n")) == ["q1"]
+
+
+def test_qrels_lines_break_at_newlines_only():
+    """A file name may hold U+2028 or a form feed, which str.splitlines() also breaks at."""
+    for odd in ("\u2028", "\x0c", "\x1e"):
+        qrels = parse_qrels(f"q1\t/data/a{odd}b.png#image\t1\r\nq2\t/data/c.png#image\t2\n")
+        assert qrels == {"q1": {point_id(f"/data/a{odd}b.png", "image"): 1.0},
+                         "q2": {point_id("/data/c.png", "image"): 2.0}}
+
+
 @pytest.mark.parametrize("score", ["nan", "inf", "-inf", "NaN"])
 def test_parse_qrels_rejects_non_finite_grades(score):
     with pytest.raises(ValueError, match=rf"qrels\.tsv line 3: score '{score}' is not a finite number"):

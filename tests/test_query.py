@@ -1014,3 +1014,32 @@ def test_a_long_manifest_record_is_rebuilt_whole_not_from_its_payload_excerpt(tm
     assert payload["text_truncated"] and len(payload["text"]) == MAX_PAYLOAD_TEXT
     manifest.write_text(json.dumps({"text": "the manifest changed"}) + "\n")  # unreadable record: the excerpt
     assert candidate_input(payload, settings=settings) == {"text": payload["text"]}
+
+
+def test_eval_ranks_tied_hits_as_query_shows_them(tmp_path, tiny_embedding_ckpt, tiny_reranker_ckpt, embedder):
+    """Six files of the same text tie exactly; `qvl query --no-rerank` orders ties by point id, and eval
+    used to score Qdrant's raw order instead, so its MRR/nDCG were not those of the ranking users see."""
+    from pipelines.query_cli import run_eval
+    from pipelines.query_files import QueryRow
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in "abcdef":
+        (src / f"{name}.txt").write_text("The same note about lanterns, word for word.")
+    data = _cfg_data(src, tmp_path / "qdrant", tiny_embedding_ckpt, tiny_reranker_ckpt, tmp_path / "runs")
+    cfg = parse_config(data)
+    run_ingest(cfg, echo=lambda _: None)
+    engine = QueryEngine(cfg, embedder=embedder, with_reranker=False)
+    try:
+        shown = [h.point_id for h in engine.search({"text": "lanterns"}, top_k=10, top_n=10, rerank=False,
+                                                   funnel=False).hits]
+        raw = [c.point_id for c in engine.retrieve(engine.embed({"text": "lanterns"}), top_k=10, funnel=False)]
+        assert shown == sorted(shown) and sorted(raw) == shown  # exact ties, shown by point id
+        assert raw != shown, "Qdrant happened to return the tie order: the check below would prove nothing"
+        last = shown[-1]  # judged relevant: rank 6 as shown, elsewhere in Qdrant's order
+        report = run_eval(cfg, [QueryRow("q", {"text": "lanterns"})], {"q": {last: 1.0}}, top_k=10, engine=engine,
+                          echo=lambda _: None)
+    finally:
+        engine.close()
+    for system in ("vector", "funnel"):
+        assert report["systems"][system]["metrics"]["mrr@10"] == pytest.approx(1 / 6), report["systems"][system]
