@@ -35,7 +35,7 @@ import tests.resilience_helpers as helpers
 from pipelines import ingest
 from pipelines.cli import EXIT_INFRA, EXIT_OK, main as qvl
 from pipelines.config import parse_config
-from pipelines.ingest import run_ingest
+from pipelines.ingest import UNFINISHED, run_ingest
 from operators.sample_media import make_pdf
 from tests.resilience_corpus import make_text_corpus, write_av
 from tests.resilience_helpers import (FlakyProxy, FlakyQdrantClient, all_points, config_dict, latest_run, point_keys,
@@ -360,7 +360,9 @@ def test_driver_killed_mid_run_then_rerun_completes_without_duplicates(tmp_path,
     finally:
         # Ray's agent processes notice the lost raylet only after a while: end them, by pid.
         stragglers = reap_session(proc.pid, grace_s=3)
-    assert not list((tmp_path / "runs").glob("*/report.json")), "a killed run wrote a report"
+    # The killed run's report is the one written once the plan was made: it says the run did not finish.
+    [killed] = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/report.json")]
+    assert killed["error"] == UNFINISHED and killed["points_written"] == 0
     after_kill = len(all_points(qdrant))
     complete = _complete_objects(qdrant)
     assert 0 < after_kill < len(expected)
