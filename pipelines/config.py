@@ -138,6 +138,12 @@ def _local_model(value: str | None) -> str | None:
     return _expand_user(value) if isinstance(value, str) and os.path.isdir(os.path.expanduser(value)) else value
 
 
+def _checkpoint(model: str, revision: str | None) -> str:
+    from operators.qwen3vl.loading import checkpoint_id  # the one spelling; loaded only when asked for
+
+    return checkpoint_id(model, revision)
+
+
 def _check_revision(model: str | None, revision: str | None) -> None:
     """Refuse a revision for a local checkpoint: transformers would ignore it, and the pin with it."""
     if revision is not None and model is not None and os.path.isdir(model):
@@ -323,6 +329,11 @@ class EmbedderConfig(_Section):
         _check_revision(self.model, self.revision)
         return self
 
+    @property
+    def checkpoint(self) -> str:
+        """The model as points and messages name it: ``org/name@revision`` when pinned."""
+        return _checkpoint(self.model, self.revision)
+
     @model_validator(mode="after")
     def _pixel_order(self) -> "EmbedderConfig":
         if self.max_pixels < self.min_pixels:
@@ -450,6 +461,11 @@ class RerankerConfig(_Section):
             raise ValueError(f"revision: set without a model (got {_show(self.revision)})")
         _check_revision(self.model, self.revision)
         return self
+
+    @property
+    def checkpoint(self) -> str | None:
+        """The model as messages name it: ``org/name@revision`` when pinned; None without a model."""
+        return None if self.model is None else _checkpoint(self.model, self.revision)
 
 
 class QueryConfig(_Section):

@@ -40,7 +40,6 @@ from operators.embed_stage import EmbedStage
 from operators.expand_stage import expand_rows, object_to_row
 from operators.media.expand import UNREACHABLE, ExpandSettings, most_units
 from operators.media.listing import list_objects
-from operators.qwen3vl.loading import checkpoint_id
 from operators.qwen3vl.media_io import is_fetch_failure
 from operators.units import DeadLetter, SourceObject
 from sinks.ingest_sink import IngestDatasink
@@ -274,7 +273,7 @@ def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], Non
         store.close()
         raise
     report = RunReport(run_id, cfg.qdrant.collection, cfg.source.uri,
-                       checkpoint_id(cfg.embedder.model, cfg.embedder.revision), commit,
+                       cfg.embedder.checkpoint, commit,
                        config=cfg.redacted_dict())
     run_dir = Path(cfg.output.dir) / run_id
 
@@ -563,7 +562,7 @@ def _run_stages(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store
     ds = ray.data.from_items([object_to_row(o) for o in todo], override_num_blocks=input_blocks(len(todo)))
     ds = ds.flat_map(expand_rows, fn_kwargs=dict(
         settings=expand_settings(cfg), storage_options=storage_options, model=cfg.embedder.model,
-        revision=revision, model_id=checkpoint_id(cfg.embedder.model, cfg.embedder.revision),
+        revision=revision, model_id=cfg.embedder.checkpoint,
         dim=spec.full_dim, ingested_at=datetime.now(timezone.utc).isoformat(),
         crash_journal=journal, max_expand_s=cfg.limits.max_expand_s),
         num_cpus=EXPAND_TASK_CPUS, **({"concurrency": cfg.compute.prepare_concurrency} if cfg.compute.prepare_concurrency else {}))

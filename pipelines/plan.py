@@ -14,7 +14,6 @@ from typing import Any, Iterable
 
 from operators.media.listing import in_selection, is_local_uri, local_path
 from operators.qwen3vl.formatting import DEFAULT_EMBED_INSTRUCTION
-from operators.qwen3vl.loading import checkpoint_id
 from operators.units import SETTINGS_SEPARATOR, SourceObject
 
 from .config import Config
@@ -92,8 +91,8 @@ def settings_digest(cfg: Config) -> str:
     (batching, attention kernel) or decide what fails (limits) are left out.
     """
     e, x = cfg.embedder, cfg.expand
-    # checkpoint_id: with no revision it is the model name alone, so unpinned collections keep their digest
-    relevant = {"model": checkpoint_id(e.model, e.revision), "dtype": e.dtype, "max_length": e.max_length,
+    # With no revision the checkpoint is the model name alone: unpinned collections keep their digest.
+    relevant = {"model": e.checkpoint, "dtype": e.dtype, "max_length": e.max_length,
                 "min_pixels": e.min_pixels, "max_pixels": e.max_pixels, "total_pixels": e.total_pixels,
                 # as embedder_kwargs passes it on: none (or "") and the default's own text are the same
                 "instruction": e.instruction or DEFAULT_EMBED_INSTRUCTION,

@@ -271,7 +271,7 @@ def load_reranker(cfg: Config, storage_options: dict[str, Any] | None = None) ->
         return Qwen3VLReranker(cfg.reranker.model, **reranker_kwargs(cfg, storage_options or {}))
     except Exception as exc:
         raise QueryPreflightError(
-            f"reranker.model {checkpoint_id(cfg.reranker.model, cfg.reranker.revision)!r} cannot be loaded: "
+            f"reranker.model {cfg.reranker.checkpoint!r} cannot be loaded: "
             f"{type(exc).__name__}: {exc}") from None
 
 
@@ -283,7 +283,7 @@ def load_embedder(cfg: Config, storage_options: dict[str, Any] | None = None) ->
         return Qwen3VLEmbedder(cfg.embedder.model, **embedder_kwargs(cfg, storage_options or {}))
     except Exception as exc:
         raise QueryPreflightError(
-            f"embedder.model {checkpoint_id(cfg.embedder.model, cfg.embedder.revision)!r} cannot be loaded: "
+            f"embedder.model {cfg.embedder.checkpoint!r} cannot be loaded: "
             f"{type(exc).__name__}: {exc}") from None
 
 
@@ -320,8 +320,7 @@ class QueryEngine:
             self.layout = collection_layout(self.client, cfg.qdrant.collection, store_location(cfg))
             e = cfg.embedder
             dim = int(embedder.hidden_size) if embedder is not None else model_dimension(e.model, e.revision)
-            model = (checkpoint_id(e.model, e.revision) if embedder is None
-                     else checkpoint_id(embedder.model_name_or_path, getattr(embedder, "revision", None)))
+            model = e.checkpoint if embedder is None else embedder.checkpoint
             check_dimension(self.layout, model, dim)
             warn_if_other_model(self.client, self.layout, model, warn)
             want_reranker = reranker is None and with_reranker and cfg.reranker.model

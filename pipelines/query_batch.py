@@ -20,7 +20,6 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from operators.crash_journal import TaskGuard, batch_key, reading, start_journal, stop_journal
-from operators.qwen3vl.loading import checkpoint_id
 from sinks.qdrant_client_factory import make_client
 
 from .actor_fit import ActorPool, check_pools_fit
@@ -215,7 +214,7 @@ def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | No
     try:
         layout = collection_layout(client, cfg.qdrant.collection, store_location(cfg))
         e = cfg.embedder
-        model = checkpoint_id(e.model, e.revision)
+        model = e.checkpoint
         check_dimension(layout, model, model_dimension(e.model, e.revision))
         warn_if_other_model(client, layout, model, warn)
     finally:

@@ -280,8 +280,9 @@ def _list_remote(
     fs, root = fs_for(uri, storage_options)
     root = root.rstrip("/") or root
     forget_cached_listing(fs, root)
-    if _is_single_object(fs, root, asked_for_folder=uri.endswith("/")):
-        entries = {root: fs.info(root)}
+    single = _single_object(fs, root, asked_for_folder=uri.endswith("/"))
+    if single is not None:
+        entries = {root: single}
         base = posixpath.dirname(root)
     else:
         entries = fs.find(root, detail=True, withdirs=False)
@@ -311,20 +312,27 @@ def _list_remote(
     return objects, dead
 
 
-def _is_single_object(fs: Any, root: str, asked_for_folder: bool) -> bool:
-    """Whether a remote source names one object rather than a folder.
+def _single_object(fs: Any, root: str, asked_for_folder: bool) -> dict[str, Any] | None:
+    """The info of the one object a remote source names, or None when it names a folder.
 
     An object store can hold a key "pfx" beside keys "pfx/...": some tools (s3fs-fuse, consoles)
     write such a zero-byte key as a folder marker. Taken for the source, it would hide the whole
     folder, and --prune would then delete every point under it. So a URI ending in "/" is always a
     folder, and a zero-byte key with keys under it is that folder's marker.
     """
-    if asked_for_folder or not fs.isfile(root):
-        return False
-    if fs.info(root).get("size"):
-        return True
+    if asked_for_folder:
+        return None
+    try:
+        info = fs.info(root)  # one request, where isfile() then info() made two
+    except Exception:  # as fsspec's isfile(): anything but an answer means "not one object"; find() decides
+        return None
+    if info.get("type", "file") != "file":
+        return None
+    if info.get("size"):
+        return info
     # s3fs's find lists the key itself too (it strips the trailing "/"): only other keys are children.
-    return not any(key != root for key in fs.find(root + "/", maxdepth=1, withdirs=False))
+    children = any(key != root for key in fs.find(root + "/", maxdepth=1, withdirs=False))
+    return None if children else info
 
 
 def list_objects(

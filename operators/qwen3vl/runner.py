@@ -13,7 +13,7 @@ from .fast_text import install_fast_text
 from .fast_vision import install_fast_vision
 from .formatting import VisionSettings
 from .heap import retain_freed_memory
-from .loading import load_model, load_processor, resolve_device, resolve_dtype
+from .loading import checkpoint_id, load_model, load_processor, resolve_device, resolve_dtype
 from .media_io import VideoFiles
 from .prepare_workers import PrepareProcesses, _RopeOnly
 from .preprocess import Prepared, cast_pixels, describe_error, rope_positions, to_device
@@ -115,6 +115,11 @@ class Qwen3VLRunner:
         self.prepare_processes = resolve_prepare_processes(prepare_processes, self.device)
         self._processes: PrepareProcesses | None = None  # started on first use
         self._processes_lock = threading.Lock()
+
+    @property
+    def checkpoint(self) -> str:
+        """The loaded checkpoint as points and messages name it: ``org/name@revision`` when pinned."""
+        return checkpoint_id(self.model_name_or_path, self.revision)
 
     # -- preparation, in threads or worker processes ---------------------------------------
     # What prepare() reads; a preparation worker gets exactly this (plus the model config).
