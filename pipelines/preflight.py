@@ -140,9 +140,13 @@ def embedding_checkpoint(model: str, revision: str | None = None) -> tuple[int, 
     text_config = getattr(config, "text_config", config)
     check_local_weights(model)
     check_checkpoint_kind("embedder.model", model, "embedding", revision=revision)
+    return int(text_config.hidden_size), hub_commit(model, config)
+
+
+def hub_commit(model: str, config: Any) -> str | None:
+    """The hub commit a loaded config came from; None for a local folder."""
     # transformers reads the commit off the cached snapshot's path (snapshots/<commit>/config.json).
-    commit = None if os.path.isdir(model) else getattr(config, "_commit_hash", None)
-    return int(text_config.hidden_size), commit
+    return None if os.path.isdir(model) else getattr(config, "_commit_hash", None)
 
 
 def looks_like_a_path(model: str) -> bool:

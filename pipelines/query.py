@@ -38,8 +38,8 @@ from operators.qwen3vl.loading import checkpoint_id
 
 from .config import Config
 from .ingest import embedder_kwargs, expand_settings
-from .preflight import (PreflightError, check_checkpoint_kind, check_local_checkpoint_exists, model_dimension,
-                        one_line)
+from .preflight import (PreflightError, check_checkpoint_kind, check_local_checkpoint_exists, hub_commit,
+                        model_dimension, one_line)
 from .query_inputs import (QueryInputError, build_filter, model_ready_images, oversized_image, query_content,
                            resolve_instruction, result_count)
 from .query_store import (QueryPreflightError, check_dimension, collection_layout, open_client, query_vectors,
@@ -228,19 +228,19 @@ def reranker_kwargs(cfg: Config, storage_options: dict[str, Any]) -> dict[str, A
     return kwargs
 
 
-def check_reranker_checkpoint(model: str | None, revision: str | None = None) -> None:
+def check_reranker_checkpoint(model: str | None, revision: str | None = None) -> str | None:
     """Cheap preflight of a reranker checkpoint: its config and processor load, it is a Qwen3-VL
     model, its tokenizer has plain yes/no tokens and it is no Embedding checkpoint (without loading
-    the weights)."""
+    the weights). Returns the hub commit `revision` resolves to now (None for a local folder)."""
     try:
-        _check_reranker_checkpoint(model, revision)
+        return _check_reranker_checkpoint(model, revision)
     except QueryPreflightError:
         raise
     except PreflightError as exc:  # preflight.py's shared checks, raised as the query's own error
         raise QueryPreflightError(str(exc)) from None
 
 
-def _check_reranker_checkpoint(model: str | None, revision: str | None) -> None:
+def _check_reranker_checkpoint(model: str | None, revision: str | None) -> str | None:
     if not model:
         raise QueryPreflightError("reranker.model is not set: set it in the config, or query with --no-rerank")
     from transformers import AutoConfig, AutoTokenizer
@@ -260,6 +260,7 @@ def _check_reranker_checkpoint(model: str | None, revision: str | None) -> None:
     if "yes" not in vocab or "no" not in vocab:
         raise QueryPreflightError(f"reranker.model {name!r}: its tokenizer has no plain 'yes'/'no' tokens")
     check_checkpoint_kind("reranker.model", model, "reranker", tokenizer, revision)
+    return hub_commit(model, config)
 
 
 def load_reranker(cfg: Config, storage_options: dict[str, Any] | None = None) -> Any:

@@ -26,7 +26,7 @@ from .actor_fit import ActorPool, check_pools_fit
 from .config import Config
 from .ingest import expand_settings, map_on_actor_pool, qdrant_settings
 from .interrupts import stop_on_signals
-from .preflight import model_dimension
+from .preflight import embedding_checkpoint
 from .query import (Candidate, Hit, Skipped, check_reranker_checkpoint, embed_queries, load_embedder, load_reranker,
                     rerank_candidates, vector_order)
 from .query_files import QueryRow
@@ -215,14 +215,17 @@ def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | No
         layout = collection_layout(client, cfg.qdrant.collection, store_location(cfg))
         e = cfg.embedder
         model = e.checkpoint
-        check_dimension(layout, model, model_dimension(e.model, e.revision))
+        dim, embedder_commit = embedding_checkpoint(e.model, e.revision)
+        check_dimension(layout, model, dim)
         warn_if_other_model(client, layout, model, warn)
     finally:
         client.close()  # releases an embedded folder for the owner actor
-    if rerank:
-        check_reranker_checkpoint(cfg.reranker.model, cfg.reranker.revision)
+    reranker_commit = check_reranker_checkpoint(cfg.reranker.model, cfg.reranker.revision) if rerank else None
     if not queries:
         return []
+    # Every actor loads the commits resolved here: a branch moved on the hub mid-job would otherwise
+    # give the queries of one run two models (as ingestion pins its workers).
+    actor_cfg = pinned_to(cfg, embedder_commit, reranker_commit)
 
     ensure_ray(cfg)
     check_workers_hold_api_key(cfg)
@@ -245,12 +248,13 @@ def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | No
                       "filters": _encode(r.filters)} for i, r in enumerate(queries)]
             size = int(batch_size or cfg.compute.batch_size)
             ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // max(size, 1) + 1, 64)))
-            ds = map_on_actor_pool(ds, EmbedSearchStage, actors=embed_actors, fn_constructor_args=(cfg, layout, owner),
+            ds = map_on_actor_pool(ds, EmbedSearchStage, actors=embed_actors,
+                                   fn_constructor_args=(actor_cfg, layout, owner),
                                    fn_constructor_kwargs=dict(top_k=top_k, funnel=funnel), batch_size=size,
                                    batch_format="numpy", num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor)
             if rerank:
                 journal = start_journal()  # a query whose candidate crashes or hangs a decoder fails alone
-                ds = map_on_actor_pool(ds, RerankStage, actors=rerank_actors, fn_constructor_args=(cfg, top_n),
+                ds = map_on_actor_pool(ds, RerankStage, actors=rerank_actors, fn_constructor_args=(actor_cfg, top_n),
                                        fn_constructor_kwargs=dict(crash_journal=journal),
                                        batch_size=max(1, min(size, 4)), batch_format="numpy", num_gpus=gpus,
                                        num_cpus=cfg.compute.cpus_per_actor)
@@ -265,6 +269,16 @@ def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | No
     results = [{"id": q.id, **rows[i]} for i, q in enumerate(queries)]
     warn_unheld_batch_filter_keys(cfg, layout.name, queries, results, warn)
     return results
+
+
+def pinned_to(cfg: Config, embedder_commit: str | None, reranker_commit: str | None) -> Config:
+    """The config with each model's revision replaced by the hub commit resolved for it (kept when None)."""
+    update: dict[str, Any] = {}
+    if embedder_commit:
+        update["embedder"] = cfg.embedder.model_copy(update={"revision": embedder_commit})
+    if reranker_commit:
+        update["reranker"] = cfg.reranker.model_copy(update={"revision": reranker_commit})
+    return cfg.model_copy(update=update) if update else cfg
 
 
 def _found_nothing(result: Mapping[str, Any]) -> bool:

@@ -165,6 +165,37 @@ for name in ("v2", "main"):
     with Qwen3VLEmbedder(sys.argv[6 if name == "v2" else 7]) as emb:
         want = emb.embed([{"text": (Path(src) / "a.txt").read_text()}])[0].vector
     out[f"moved_vs_{name}"] = float(np.abs(points["a.txt"] - want).max())
+
+# query-batch: its actors load the commits the driver resolved, though both branches move meanwhile.
+import pipelines.query_batch as qb
+from pipelines.query_files import QueryRow
+rr_ref = Path(sys.argv[4]) / "refs" / "rr"
+rr_pinned, start_pool = rr_ref.read_text(), qb.map_on_actor_pool
+
+def batch_job():
+    data = config_dict(src, repo, tmp, embedder={"revision": "v2"}, qdrant={"collection": "moved"},
+                       reranker={"model": repo, "revision": "rr"})
+    return parse_config(data)
+
+def scores():
+    try:
+        rows = qb.run_query_batch(batch_job(), [QueryRow("q", {"text": "lanterns"})], top_k=2, top_n=2)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"[:300]
+    return rows[0]["error"] or sorted((h["source_uri"], h["vector_score"], h["rerank_score"]) for h in rows[0]["hits"])
+
+def move_then_start(*args, **kwargs):  # after the driver's checks, before any actor loads a model
+    ref.write_text(sys.argv[5])  # v2 and rr now name main's commit (an embedder, no reranker)
+    rr_ref.write_text(sys.argv[5])
+    return start_pool(*args, **kwargs)
+
+out["batch_pinned"] = scores()
+qb.map_on_actor_pool = move_then_start
+try:
+    out["batch_moved"] = scores()
+finally:
+    ref.write_text(pinned)
+    rr_ref.write_text(rr_pinned)
 print(json.dumps(out))
 """
 
@@ -189,3 +220,6 @@ def test_a_pinned_revision_is_ingested_recorded_and_checked_by_queries(hub, tmp_
     # v2 moved to main's commit between the driver's resolution and the workers' loads.
     assert out["moved_commit"] == hub["commits"]["v2"]
     assert out["moved_vs_v2"] < 1e-5 < 1e-3 < out["moved_vs_main"], out
+    # So do query-batch's actors, for the embedder and the reranker: the same hits and scores.
+    assert len(out["batch_pinned"]) == 2 and all(h[2] is not None for h in out["batch_pinned"])
+    assert out["batch_moved"] == out["batch_pinned"]
