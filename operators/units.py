@@ -159,6 +159,11 @@ def uri_prefixes(uri: str) -> list[str]:
     return [base + "/".join(parts[:i]) + "/" for i in range(1, len(parts) + 1) if "/".join(parts[:i]) or not base]
 
 
+# Payload fields the job always writes as text (a filter's number for one matches its text).
+TEXT_PAYLOAD_FIELDS = frozenset({"source_uri", "fingerprint", "modality", "position", "mime", "model_id",
+                                 "ingested_at", "text", "page_text", "video_uri", "image_uri", "record_id"})
+
+
 def payload_for(unit: Unit, model_id: str, dim: int, ingested_at: str, object_units: int) -> dict[str, Any]:
     """The point payload: where the unit comes from, what it is, and how it was embedded."""
     payload: dict[str, Any] = {

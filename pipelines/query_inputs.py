@@ -12,7 +12,7 @@ from typing import IO, Any, Callable, Mapping
 from qdrant_client import models
 
 from operators.media.listing import is_local_uri, local_path
-from operators.units import MODALITIES
+from operators.units import MODALITIES, TEXT_PAYLOAD_FIELDS
 
 QUERY_FIELDS = ("text", "image", "video", "video_start", "video_end", "fps", "max_frames")
 
@@ -48,6 +48,10 @@ def _number_range(key: str, number: float) -> models.FieldCondition:
     return models.FieldCondition(key=key, range=models.Range(gte=number, lte=number))
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _condition(key: str, value: Any) -> models.FieldCondition | models.Filter:
     if not _KEY_PATH.match(key):  # the store's own answer is "Invalid path", naming nothing
         raise QueryInputError(f"filter key {key!r} is not a payload key (letters, digits, '_' and '-', dotted "
@@ -55,18 +59,28 @@ def _condition(key: str, value: Any) -> models.FieldCondition | models.Filter:
     values = _listed(value)
     if not values:
         raise QueryInputError(f"filter {key!r} has no value")
-    if all(isinstance(v, str) for v in values):
-        match = models.MatchValue(value=values[0]) if len(values) == 1 else models.MatchAny(any=values)
-        return models.FieldCondition(key=key, match=match)
-    if len(values) == 1 and isinstance(values[0], bool):
-        return models.FieldCondition(key=key, match=models.MatchValue(value=values[0]))
+    bad = [v for v in values if not isinstance(v, (str, bool)) and not _is_number(v)]
+    if bad:
+        raise QueryInputError(f"filter {key!r}: unsupported value {bad[0]!r} (use strings, integers, booleans "
+                              "or numbers, or a list of them)")
+    texts = [v for v in values if isinstance(v, str)]
+    conditions: list[models.FieldCondition | models.Filter] = []
+    if texts:
+        match = models.MatchValue(value=texts[0]) if len(texts) == 1 else models.MatchAny(any=texts)
+        conditions.append(models.FieldCondition(key=key, match=match))
+    conditions += [models.FieldCondition(key=key, match=models.MatchValue(value=v)) for v in values
+                   if isinstance(v, bool)]
     # Numbers by value, not by type: an exact integer match never matches a float payload
     # (start_s=2 would miss 2.0), so each number is a closed range.
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        if len(values) == 1:
-            return _number_range(key, values[0])
-        return models.Filter(should=[_number_range(key, v) for v in values])
-    raise QueryInputError(f"filter {key!r}: unsupported value {value!r} (use strings, integers, a bool or a number)")
+    conditions += [_number_range(key, v) for v in values if _is_number(v)]
+    return conditions[0] if len(conditions) == 1 else models.Filter(should=conditions)
+
+
+def _as_text(value: Any) -> Any:
+    """A number as the text the job stores for it (3 and 3.0 as "3"); anything else unchanged."""
+    if not _is_number(value):
+        return value
+    return str(int(value)) if float(value).is_integer() else str(value)
 
 
 # Filter keys that build_filter matches on another payload field than the key itself.
@@ -103,6 +117,8 @@ def build_filter(filters: Mapping[str, Any] | models.Filter | None) -> models.Fi
         elif key == "source_uri":  # stored absolute for local files, as source_prefix is matched
             must.append(_condition("source_uri", [local_path(u) if isinstance(u, str) and is_local_uri(u) else u
                                                   for u in _listed(value)]))
+        elif key in TEXT_PAYLOAD_FIELDS:  # a manifest's {"id": 3} is stored as record_id "3"
+            must.append(_condition(key, [_as_text(v) for v in _listed(value)]))
         else:
             must.append(_condition(str(key), value))
     return models.Filter(must=must) if must else None
