@@ -398,7 +398,7 @@ class QdrantConfig(_Section):
     full_datatype: Literal["float32", "float16"] = "float32"
     """Storage type of the full-dimension vector."""
     on_disk: bool = False
-    """Keep vectors on disk (memmap) instead of RAM."""
+    """Keep the full vectors on disk (memmap) instead of RAM; the small MRL vectors the search starts on stay in RAM."""
     quantization: Literal["none", "int8", "binary"] = "none"
     """Quantisation of the reduced (MRL) vectors."""
     upsert_batch: int = Field(128, ge=1, le=4096)

@@ -58,6 +58,15 @@ def read_layout(info: models.CollectionInfo, name: str) -> CollectionLayout:
             f"collection {name!r} has no {FULL_VECTOR!r} vector (it holds {held}): it was not written by `qvl ingest`")
     mrl = sorted(int(k[len(_MRL_PREFIX):]) for k in vectors
                  if k.startswith(_MRL_PREFIX) and k[len(_MRL_PREFIX):].isdigit())
+    for d in (None, *mrl):  # what the query's vectors are compared with, as `qvl ingest` creates them
+        params, field = vectors[vector_name(d)], vector_name(d)
+        if d is not None and params.size != d:
+            raise QueryPreflightError(f"collection {name!r} vector {field!r} holds {params.size}-dimensional vectors, "
+                                      f"not {d}: it was not written by `qvl ingest`")
+        distance = models.Distance(params.distance)
+        if distance != models.Distance.COSINE:
+            raise QueryPreflightError(f"collection {name!r} vector {field!r} uses {distance.value} distance, "
+                                      "not Cosine: it was not written by `qvl ingest`")
     quantized = info.config.quantization_config is not None or any(
         getattr(vectors[vector_name(d)], "quantization_config", None) is not None for d in mrl)
     return CollectionLayout(name, int(vectors[FULL_VECTOR].size), tuple(mrl), bool(quantized), info.points_count)

@@ -459,8 +459,28 @@ def test_a_number_filter_matches_by_value_whatever_the_payload_type(tmp_path):
 
         assert ids({"start_s": 2}) == [0] and ids({"start_s": 2.0}) == [0] and ids({"start_s": [2, 4]}) == [0, 1]
         assert ids({"page": 2}) == [2] and ids({"page": [2, 3.0]}) == [2, 3] and ids({"flag": True}) == [4]
-        with pytest.raises(QueryInputError, match="unsupported value"):
-            build_filter({"page": [2, "x"]})
+        with pytest.raises(QueryInputError, match=r"unsupported value \{'a': 1\}"):
+            build_filter({"page": [2, {"a": 1}]})
+    finally:
+        client.close()
+
+
+def test_a_record_id_filter_matches_the_id_as_the_manifest_wrote_it(tmp_path):
+    """A manifest's {"id": 3} is stored as record_id "3": --filter record_id=3 (parsed as a number) finds it,
+    alone or with other ids; a list of several kinds matches any of its values on any key."""
+    client = QdrantClient(path=str(tmp_path / "q"))
+    try:
+        client.create_collection("n", vectors_config=models.VectorParams(size=2, distance=models.Distance.COSINE))
+        client.upsert("n", [models.PointStruct(id=i, vector=[1.0, float(i)], payload=p) for i, p in enumerate(
+            [{"record_id": "3"}, {"record_id": "m1"}, {"record_id": "30"}, {"tag": "x"}, {"tag": 2}, {"tag": True}])])
+
+        def ids(filters):
+            return sorted(p.id for p in client.scroll("n", scroll_filter=build_filter(filters), limit=10)[0])
+
+        assert ids(parse_filter_args(["record_id=3"])) == [0] and ids({"record_id": 3.0}) == [0]
+        assert ids(parse_filter_args(["record_id=m1", "record_id=3"])) == [0, 1]
+        assert ids({"record_id": "3"}) == [0] and ids({"record_id": [30, "m1"]}) == [1, 2]
+        assert ids({"tag": ["x", 2]}) == [3, 4] and ids({"tag": [2.0, True]}) == [4, 5]
     finally:
         client.close()
 
@@ -643,6 +663,27 @@ def test_preflight_errors(world, embedder, tmp_path, tiny_embedding_ckpt):
     assert qvl([*batch, "--set", "qdrant.collection=nope"]) == 2
     assert qvl([*batch, "--set", f"reranker.model={tmp_path / 'no-such-reranker'}"]) == 2
     assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("vectors, message", [
+    ({"full": (64, "Cosine"), "mrl_16": (8, "Cosine")}, r"vector 'mrl_16' holds 8-dimensional vectors, not 16"),
+    ({"full": (64, "Dot"), "mrl_16": (16, "Cosine")}, r"vector 'full' uses Dot distance, not Cosine"),
+    ({"full": (64, "Cosine"), "mrl_16": (16, "Euclid")}, r"vector 'mrl_16' uses Euclid distance, not Cosine"),
+])
+def test_a_collection_whose_vectors_qvl_ingest_would_not_write_is_refused(tmp_path, vectors, message):
+    """The query compares its vectors with each named vector: a wrong size or distance is one clear
+    preflight error (not a numpy shape error, nor silently other scores)."""
+    from pipelines.query_store import collection_layout
+
+    client = QdrantClient(path=str(tmp_path / "q"))
+    try:
+        client.create_collection("c", vectors_config={
+            name: models.VectorParams(size=size, distance=models.Distance(distance))
+            for name, (size, distance) in vectors.items()})
+        with pytest.raises(QueryPreflightError, match=f"collection 'c' {message}: it was not written by"):
+            collection_layout(client, "c")
+    finally:
+        client.close()
 
 
 def test_checkpoints_of_the_wrong_kind_fail_in_preflight(world, tiny_embedding_ckpt, tiny_reranker_ckpt, tmp_path,
