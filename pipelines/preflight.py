@@ -264,9 +264,29 @@ def collection_spec(cfg: Config, full_dim: int) -> CollectionSpec:
 
 
 def check_not_a_file(key: str, path: str) -> None:
-    """Raise PreflightError naming the key when the folder it names exists as something else."""
+    """Raise PreflightError naming the key when the folder it names exists as something else, or
+    lies where Ray deletes it (job_copy_error)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise PreflightError(f"{key} {path!r} is a file, not a folder")
+    error = job_copy_error(path)
+    if error:
+        raise PreflightError(f"{key} {path!r} {error}")
+
+
+# Where Ray unpacks a job's working_dir (<session>/runtime_resources/working_dir_files/<package>/),
+# the folder `ray job submit --working-dir` runs the driver in.
+_RAY_WORKING_DIR_COPIES = ("runtime_resources", "working_dir_files")
+
+
+def job_copy_error(path: str) -> str | None:
+    """Why a path to write cannot be used when it lies in Ray's copy of a job's working_dir; else None."""
+    parts = Path(os.path.realpath(os.path.expanduser(path))).parts
+    if not any(parts[i:i + 2] == _RAY_WORKING_DIR_COPIES for i in range(len(parts) - 1)):
+        return None
+    # A relative path in a config lands there, and Ray deletes those copies: the report, the
+    # results or an embedded store written there would be lost after the job.
+    return ("lies in Ray's temporary copy of the job's working_dir, which Ray deletes (a relative path "
+            "resolves there under `ray job submit --working-dir`): give an absolute path outside it (~ allowed)")
 
 
 _PROBE_BYTES = 65536  # about what a run's report takes: a full disk fails here

@@ -51,6 +51,11 @@ def check_writable(path: str, what: str, *, folder: bool = False) -> None:
     if not is_local_uri(path):
         raise QueryInputError(f"{what}{path}: results are written to a local path")
     target = local_path(path)
+    from .preflight import job_copy_error  # (imports transformers: only when a path is checked)
+
+    error = job_copy_error(target)
+    if error:
+        raise QueryInputError(f"{what}{path}: {error}")
     if os.path.isdir(target) and not folder:
         raise QueryInputError(f"{what}{path}: is a folder (give a file name such as results.parquet)")
     if os.path.exists(target) and not os.path.isdir(target) and folder:

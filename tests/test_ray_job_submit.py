@@ -1,0 +1,92 @@
+"""The README's cluster command, `ray job submit --working-dir . -- qvl ingest <config>`, on a real Ray head
+with its job server on this machine: the job ingests and leaves its report where the config says, and a
+relative output path, which would land in Ray's temporary copy of the working dir, is refused up front."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.resilience_helpers import all_points, config_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+SCRIPT = r"""
+import json, os, socket, subprocess, sys
+from ray.cluster_utils import Cluster
+
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True,
+                                                         "dashboard_host": "127.0.0.1", "dashboard_port": port})
+out = {}
+try:
+    for name in sys.argv[2:]:
+        proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address",
+                               f"http://127.0.0.1:{port}", "--working-dir", ".", "--", "qvl", "ingest", name],
+                              cwd=sys.argv[1], capture_output=True, text=True, timeout=400)
+        out[name] = {"rc": proc.returncode, "log": proc.stdout[-6000:] + proc.stderr[-3000:]}
+finally:
+    cluster.shutdown()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_ray_job_submit_ingests_and_refuses_outputs_in_the_working_dir_copy(tmp_path, tiny_embedding_ckpt):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("A short note about lanterns.")
+    (src / "b.txt").write_text("Rivers, boats and a harbour at night.")
+    good = config_dict(src, tiny_embedding_ckpt, tmp_path)  # absolute store and output folders
+    relative = config_dict(src, tiny_embedding_ckpt, tmp_path, output={"dir": "runs"})
+    for name, data in (("good.yaml", good), ("relative.yaml", relative)):
+        (tmp_path / name).write_text(yaml.safe_dump(data))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # The job's entrypoint `qvl` is found on the head node's PATH, as in a cluster image with the project installed.
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="disabled",
+               RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(REPO), str(tmp_path / "relative.yaml"),
+                           str(tmp_path / "good.yaml")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    refused = out[str(tmp_path / "relative.yaml")]
+    assert refused["rc"] != 0, refused["log"]
+    assert "error: output.dir '" in refused["log"], refused["log"]
+    assert "lies in Ray's temporary copy of the job's working_dir" in refused["log"]
+    assert "working_dir_files" in refused["log"] and "/runs'" in refused["log"]
+    assert "listed" not in refused["log"]  # refused before any work
+
+    ran = out[str(tmp_path / "good.yaml")]
+    assert ran["rc"] == 0, ran["log"]
+    assert "ingested 2, unchanged 0, failed 0" in ran["log"], ran["log"]
+    reports = list((tmp_path / "runs").glob("*/report.json"))
+    assert len(reports) == 1 and json.loads(reports[0].read_text())["counts"]["ingested"] == 2
+    assert sorted(Path(p.payload["source_uri"]).name for p in all_points(tmp_path / "qdrant")) == ["a.txt", "b.txt"]
+
+
+def test_paths_in_a_working_dir_copy_are_refused_for_every_output(tmp_path, monkeypatch):
+    """The report folder, an embedded store, and query-batch / eval outputs: each names its key or option."""
+    from pipelines.preflight import PreflightError, check_writable, ensure_folder
+    from pipelines.query_files import check_results_path
+    from pipelines.query_inputs import QueryInputError
+
+    copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0f"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    for check in (ensure_folder, check_writable):
+        with pytest.raises(PreflightError, match=r"^qdrant.path '.*/_ray_pkg_0f/qdrant_data' lies in Ray's temporary"):
+            check("qdrant.path", os.path.abspath("qdrant_data"))
+    with pytest.raises(QueryInputError, match=r"^--out results.jsonl: lies in Ray's temporary copy"):
+        check_results_path("results.jsonl")
+    assert not (copy / "qdrant_data").exists()
+    elsewhere = tmp_path / "kept"
+    ensure_folder("output.dir", str(elsewhere), probe=True)  # an absolute path outside the copy is fine
+    check_results_path(str(elsewhere / "results.jsonl"))
