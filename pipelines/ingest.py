@@ -52,7 +52,7 @@ from .actor_fit import ActorPool, check_pools_fit
 from .config import Config
 from .config_secrets import redact
 from .interrupts import Interrupted, SignalGate, defer_signals, stop_on_signals
-from .plan import Plan, plan_objects, settings_digest, source_root, with_settings
+from .plan import Plan, plan_objects, settings_digest, source_root, unlisted_entries, with_settings
 from .preflight import (PreflightError, check_ray_address, check_workers_see_env, collection_spec,
                         embedded_store_error, embedding_checkpoint, ensure_folder, first_line)
 from .report import RunReport
@@ -341,7 +341,7 @@ def _ingest(cfg: Config, report: RunReport, listing: tuple[list[SourceObject], l
         report.dead_letters.append(d.to_row())
     stored = store.call("fingerprints_by_uri")
     plan = plan_objects(objects, stored, source_root(cfg.source.uri), cfg.source.include,
-                        cfg.source.exclude, [d.uri for d in list_dead])
+                        cfg.source.exclude, unlisted_entries(list_dead))
     for uri in plan.unchanged:
         report.objects[uri] = "unchanged"
     unlisted = f", {len(list_dead)} could not be listed" if list_dead else ""

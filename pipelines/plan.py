@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 from operators.media.listing import in_selection, is_local_uri, local_path
 from operators.qwen3vl.formatting import DEFAULT_EMBED_INSTRUCTION
-from operators.units import SETTINGS_SEPARATOR, SourceObject
+from operators.units import SETTINGS_SEPARATOR, DeadLetter, SourceObject
 
 from .config import Config
 
@@ -35,7 +35,7 @@ def plan_objects(objects: list[Any], stored: dict[str, str], source_root: str, i
 
     Vanished (what ``--prune`` deletes) means gone from the source: a stored object that the
     include/exclude patterns leave out, or that the listing could not read (it or its folder
-    is in ``unlisted``, the listing's dead letters), may well still exist and is kept, as
+    is in ``unlisted``: see unlisted_entries), may well still exist and is kept, as
     ``rsync --delete`` keeps excluded files.
     """
     todo, unchanged, changed = [], [], {}
@@ -59,6 +59,17 @@ def plan_objects(objects: list[Any], stored: dict[str, str], source_root: str, i
         return uri.startswith(source_root) and in_selection(uri[len(source_root):], include, exclude)
 
     return Plan(todo, unchanged, changed, sorted(u for u in stored if gone(u)))
+
+
+# Listing letters that say no file stands there now: a symlink whose target is gone, a FIFO, socket
+# or device where a file was, a file deleted while listing. Their stored points have vanished.
+_NOTHING_THERE = frozenset({"DanglingSymlink", "NotARegularFile", "FileNotFoundError"})
+
+
+def unlisted_entries(letters: Iterable[DeadLetter]) -> list[str]:
+    """The URIs of the listing's dead letters that may still hold a readable object (a file not
+    readable by this process, a folder that failed to list): the plan keeps their stored points."""
+    return [d.uri for d in letters if d.error_type not in _NOTHING_THERE]
 
 
 def _within(uri: str, entries: set[str]) -> bool:

@@ -23,7 +23,7 @@ from .actor_fit import ActorPool, check_pools_fit, joins_cluster, local_node
 from .config import Config
 from .config_secrets import redact
 from .ingest import EXPAND_TASK_CPUS, check_cluster, list_source, server_client
-from .plan import Plan, plan_objects, source_root
+from .plan import Plan, plan_objects, source_root, unlisted_entries
 from .preflight import (PreflightError, check_not_a_file, check_writable, collection_spec, first_line, model_dimension,
                         open_embedded_store)
 
@@ -125,6 +125,6 @@ def preview_ingest(cfg: Config, prune: bool | None = None) -> PlanPreview:
         raise PreflightError(redact(f"the store could not be read: {type(exc).__name__}: {first_line(exc)}",
                                     cfg.secret_values())) from None
     plan = plan_objects(objects, stored, source_root(cfg.source.uri), cfg.source.include, cfg.source.exclude,
-                        [d.uri for d in unlisted])
+                        unlisted_entries(unlisted))
     where = f"embedded store {cfg.qdrant.path}" if cfg.qdrant.embedded else f"{cfg.qdrant.url}"
     return PlanPreview(cfg.qdrant.collection, where, len(objects), plan, unlisted, prune, exists, notes)

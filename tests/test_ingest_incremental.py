@@ -1,7 +1,9 @@
 """Incremental runs and --prune at their edges: partly failed objects, `~` sources, filters, unlisted files."""
 
 import json
+import os
 import re
+import shutil
 
 import pytest
 
@@ -81,6 +83,32 @@ def test_prune_follows_a_home_relative_source(tmp_path, tiny_embedding_ckpt, ray
     report = run_ingest(cfg, prune=True)
     assert report.pruned_objects == 1
     assert set(_by_uri(all_points(tmp_path / "qdrant"))) == {str(src / "keep.txt")}
+
+
+@pytest.mark.slow
+def test_prune_removes_files_that_became_dangling_links_or_fifos(tmp_path, tiny_embedding_ckpt, ray_local):
+    """A link whose target was deleted, a FIFO where a file was, a folder replaced by a dangling link: no
+    file stands there any more, so --prune removes their points (a fresh ingestion would hold none)."""
+    src, targets = tmp_path / "src", tmp_path / "targets"
+    (src / "docs").mkdir(parents=True)
+    targets.mkdir()
+    for path in (targets / "t.txt", src / "a.txt", src / "b.txt", src / "docs" / "x.txt"):
+        path.write_text(f"A note called {path.name}, about lanterns.")
+    os.symlink(targets / "t.txt", src / "link.txt")
+    cfg = parse_config(config_dict(src, tiny_embedding_ckpt, tmp_path))
+    assert run_ingest(cfg).counts()["ingested"] == 4
+
+    (targets / "t.txt").unlink()
+    (src / "a.txt").unlink()
+    os.mkfifo(src / "a.txt")
+    shutil.rmtree(src / "docs")
+    os.symlink(tmp_path / "nowhere", src / "docs")
+    kept = run_ingest(cfg)  # without --prune: vanished objects keep their points, as any other
+    assert kept.pruned_objects == 0 and len(_by_uri(all_points(tmp_path / "qdrant"))) == 4
+    report = run_ingest(cfg, prune=True)
+    assert report.pruned_objects == 3
+    assert sorted(_by_uri(all_points(tmp_path / "qdrant"))) == [str(src / "b.txt")]
+    assert {report.objects[str(src / n)] for n in ("a.txt", "link.txt", "docs")} == {"failed"}  # still reported
 
 
 def test_source_root_resolves_local_uris_as_the_listing_does(monkeypatch, tmp_path):
