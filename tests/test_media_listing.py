@@ -10,7 +10,7 @@ import fsspec
 import pytest
 
 from operators.media import listing, reading
-from operators.media.listing import fs_for, glob_match, info_fingerprint, list_objects, object_fingerprint
+from operators.media.listing import fs_for, glob_match, info_fingerprint, list_objects, local_path, object_fingerprint
 from operators.media.reading import open_uri, read_with_fingerprint
 
 
@@ -36,6 +36,13 @@ def test_local_recursive_sorted_absolute(tmp_path: Path) -> None:
     st = os.stat(root / "sub/c.txt")
     c = objects[3]
     assert c.size == 3 and c.fingerprint == f"size:3:mtime_ns:{st.st_mtime_ns}" and c.mtime == pytest.approx(st.st_mtime)
+
+
+def test_file_urls_are_percent_decoded_and_plain_paths_never() -> None:
+    assert local_path("file:///data/my%20pic%20%C3%A9.png") == "/data/my pic é.png"
+    assert local_path("file://localhost/data/a%23b.txt") == "/data/a#b.txt"
+    assert local_path("/data/100%20.png") == "/data/100%20.png"
+    assert local_path("local:///data/100%20.png") == "/data/100%20.png"
 
 
 def test_file_url_and_relative_path_match_plain_path(tmp_path: Path, monkeypatch) -> None:

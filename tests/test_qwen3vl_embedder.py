@@ -94,6 +94,29 @@ def test_image_sources_give_identical_vectors(embedder, media):
     assert torch.allclose(vecs, vecs[0].expand_as(vecs), atol=1e-6)
 
 
+def test_file_urls_are_percent_decoded_as_rfc_8089_writes_them(embedder, media, tmp_path):
+    """Path.as_uri() writes "my%20photo%20%C3%A9.png": that URL, with or without the localhost host, names
+    the file; a plain path is never decoded (a file may be called "100%20.png")."""
+    import shutil
+
+    image, video = tmp_path / "my photo é.png", tmp_path / "my clip.mp4"
+    shutil.copy(media["rgba"], image)
+    shutil.copy(media["video"], video)
+    literal = tmp_path / "100%20.png"
+    shutil.copy(media["rgb"], literal)
+    results = embedder.embed([{"image": str(image)}, {"image": image.as_uri()},
+                              {"image": "file://localhost" + str(image).replace(" ", "%20")},
+                              {"video": str(video)}, {"video": video.as_uri()},
+                              {"video": [f.as_uri() for f in media["frames"]]},
+                              {"video": [str(f) for f in media["frames"]]},
+                              {"image": str(literal)}, {"image": str(media["rgb"])}], normalize=False)
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+    v = [np.asarray(r.vector) for r in results]
+    assert np.abs(v[1] - v[0]).max() < 1e-6 and np.abs(v[2] - v[0]).max() < 1e-6
+    assert np.abs(v[4] - v[3]).max() < 1e-6 and np.abs(v[5] - v[6]).max() < 1e-6
+    assert np.abs(v[7] - v[8]).max() < 1e-6
+
+
 def test_mrl_equals_truncate_and_renormalise(embedder):
     inputs = [{"text": "one"}, {"text": "two two"}]
     raw = embedder.process(inputs, normalize=False)

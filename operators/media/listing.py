@@ -27,6 +27,7 @@ import inspect
 import os
 import posixpath
 import stat
+import urllib.parse
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -45,11 +46,20 @@ def is_local_uri(uri: str) -> bool:
 
 def local_path(uri: str) -> str:
     """The absolute local path of a plain path or ``file://`` URL."""
-    for prefix in _LOCAL_PREFIXES:
-        if uri.startswith(prefix):
-            uri = uri[len(prefix) :]
-            break
+    if uri.startswith("file://"):
+        uri = file_url_path(uri)
+    elif uri.startswith("local://"):
+        uri = uri[len("local://") :]
     return os.path.abspath(os.path.expanduser(uri))
+
+
+def file_url_path(url: str) -> str:
+    """The path a ``file://`` URL names: percent-decoded, as RFC 8089 writes it (Path.as_uri() gives
+    ``my%20pic.png``), its host empty or ``localhost``. A plain path is never decoded."""
+    rest = url[len("file://"):]
+    if rest.startswith("localhost/"):
+        rest = rest[len("localhost"):]
+    return urllib.parse.unquote(rest)
 
 
 def _normalise_options(protocol: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:

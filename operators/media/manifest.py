@@ -21,7 +21,6 @@ import io
 import json
 import math
 import posixpath
-import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,10 +81,7 @@ class BadReferenceError(ValueError):
 
 def resolve_uri(ref: str, manifest_uri: str) -> str:
     """Absolute URI of a record reference, relative ones taken from the manifest's folder."""
-    if ref.startswith("file://"):
-        # A file URL is percent-encoded (Path.as_uri() writes "my%20pic.png"); a plain path is not.
-        return local_path(urllib.parse.unquote(ref))
-    if ref.startswith("local://"):
+    if ref.startswith(("file://", "local://")):  # a file URL percent-decoded, a plain path never
         return local_path(ref)
     if "://" in ref:
         return ref

@@ -18,6 +18,7 @@ from typing import Any
 import fsspec
 from PIL import Image
 
+from ..media.listing import file_url_path
 from ..once_cache import OnceCache
 
 _PASSTHROUGH_PREFIXES = ("http://", "https://", "data:image", "file://")
@@ -96,9 +97,11 @@ def resolve_image(source: Any, storage_options: dict[str, Any] | None = None) ->
     if isinstance(source, (bytes, bytearray, memoryview)):
         return open_image_bytes(bytes(source))
     if isinstance(source, str):
+        if source.startswith("file://"):
+            path = file_url_path(source)
+            _require_local_file(path, "image", source)
+            return "file://" + path  # qwen-vl-utils opens what follows the scheme as it is
         if source.startswith(_PASSTHROUGH_PREFIXES):
-            if source.startswith("file://"):
-                _require_local_file(source[7:], "image", source)
             return source
         if _is_remote(source):
             return open_image_bytes(read_bytes(source, storage_options), source)
@@ -128,7 +131,7 @@ class VideoFiles:
         if uri.startswith(("http://", "https://")):
             return uri
         if uri.startswith("file://"):
-            uri = uri[7:]
+            uri = file_url_path(uri)
         if not _is_remote(uri):
             _require_local_file(uri, "video")
             return uri
@@ -137,7 +140,7 @@ class VideoFiles:
     def release(self, uri: str) -> None:
         """One acquire(uri) is done with its path: the copy may be evicted again."""
         # A source never held (a local file, a URL qwen-vl-utils reads itself) changes nothing.
-        self._copies.release(uri[7:] if uri.startswith("file://") else uri)
+        self._copies.release(file_url_path(uri) if uri.startswith("file://") else uri)
 
     def _download(self, uri: str) -> str:
         data = read_bytes(uri, self.storage_options)
