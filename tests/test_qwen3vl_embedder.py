@@ -375,3 +375,24 @@ def test_zero_fps_or_max_frames_means_the_default_as_in_the_reference(embedder, 
     default = results[0].vector
     assert np.abs(results[1].vector - default).max() == 0 and np.abs(results[2].vector - default).max() == 0
     assert np.abs(results[3].vector - default).max() > 1e-4  # fps itself does count
+
+
+def test_video_cuts_without_a_video_file_and_bad_frames_are_named(embedder, media, tmp_path):
+    """video_start/video_end cut a video file: with a frame list or no video they would do nothing, so the
+    input fails naming them; a corrupt frame of a frame list is named; a corrupt data: URI is not taken for
+    a missing file, nor echoed whole."""
+    import base64
+
+    bad_frame = tmp_path / "cut.png"
+    bad_frame.write_bytes(media["frames"][0].read_bytes()[:200])
+    junk = "data:image/png;base64," + base64.b64encode(b"\0" * 300_000).decode()
+    results = embedder.embed([{"video": [str(f) for f in media["frames"]], "video_start": 5.0, "video_end": 1.0},
+                              {"text": "t", "video_start": 1.0},
+                              {"video": [str(media["frames"][1]), str(bad_frame)]},
+                              {"image": junk},
+                              {"video": str(media["video"]), "video_start": 0.0, "video_end": 1.0}])
+    assert "video_start/video_end cut a video file, and this input has only frame lists" in results[0].error
+    assert "this input has no video" in results[1].error
+    assert f"cannot decode image {bad_frame}" in results[2].error
+    assert "FileNotFoundError" not in results[3].error and len(results[3].error) < 2000, results[3].error[:300]
+    assert results[4].ok

@@ -200,3 +200,24 @@ def test_a_first_window_below_one_is_refused(reranker):
     with pytest.raises(ValueError, match="first_window must be an integer >= 1, got 0"):
         reranker.score({"text": "q"}, [{"text": "d"}], first_window=0)
     assert reranker.score({"text": "q"}, []) == []
+
+
+def test_video_settings_per_call_and_per_item(reranker, media):
+    """The call's fps / max_frames are checked up front; a document's own win over the call's, as in the
+    embedder (the reference ignored them); an instruction inside the query or a document is refused."""
+    q, doc = {"text": "q"}, {"video": media["video"]}
+    with pytest.raises(TypeError, match="fps must be a number, got str"):
+        reranker.score(q, [doc], fps="2")
+    with pytest.raises(ValueError, match="max_frames must be an integer >= 2"):
+        reranker.score(q, [doc], max_frames=1)
+    plain = reranker.score(q, [doc])[0]
+    call_level = reranker.score(q, [doc], fps=4.0)[0]
+    own = reranker.score(q, [{**doc, "fps": 4.0}])[0]
+    own_wins = reranker.score(q, [{**doc, "fps": 4.0}], fps=1.0)[0]
+    assert plain.ok and call_level.ok and own.ok and own_wins.ok
+    assert abs(call_level.score - plain.score) > 1e-6  # more frames: another input
+    assert abs(own.score - call_level.score) < 1e-6 and abs(own_wins.score - call_level.score) < 1e-6
+    with pytest.raises(ValueError, match="query: 'instruction' in the query: the reranker takes one per call"):
+        reranker.score({"text": "q", "instruction": "Find it"}, [{"text": "a"}, {"text": "b"}])
+    bad = reranker.score(q, [{"text": "a", "instruction": "Find it"}, {"text": "b"}])
+    assert "'instruction' in the document" in bad[0].error and bad[1].ok

@@ -154,11 +154,19 @@ def sample_frames(frames: list, max_frames: int) -> list:
 
 def media_content(item: dict[str, Any], vs: VisionSettings, fps: float | None = None,
                   max_frames: int | None = None) -> list[dict[str, Any]]:
-    """Content items for one input: videos first, then images, then texts; `NULL` when it has none."""
+    """Content items for one input: videos first, then images, then texts; `NULL` when it has none.
+
+    The input's own fps / max_frames win over the caller's (0, like None, leaves them to the caller).
+    """
     check_input(item)
+    fps, max_frames = item.get("fps") or fps, item.get("max_frames") or max_frames
     texts = _as_list(item.get("text"))
     images = _as_list(item.get("image"))
     videos = split_videos(item.get("video"))
+    if (item.get("video_start") is not None or item.get("video_end") is not None) and not any(
+            isinstance(v, str) for v in videos):
+        raise ValueError(f"video_start/video_end cut a video file, and this input has "
+                         f"{'only frame lists' if videos else 'no video'}")
     # As the reference: an empty string is a text (an empty user message), not a missing one.
     if not texts and not images and not videos:
         return [{"type": "text", "text": EMPTY_TEXT}]
@@ -192,8 +200,15 @@ def embed_conversation(item: dict[str, Any], vs: VisionSettings,
     instruction = normalize_instruction(item.get("instruction"), default_instruction)
     return [
         {"role": "system", "content": [{"type": "text", "text": instruction}]},
-        {"role": "user", "content": media_content(item, vs, item.get("fps"), item.get("max_frames"))},
+        {"role": "user", "content": media_content(item, vs)},
     ]
+
+
+def check_rerank_item(item: Mapping[str, Any], role: str) -> None:
+    """Raise ValueError when a reranker query or document carries an instruction (the reference ignores it)."""
+    if item.get("instruction") is not None:
+        raise ValueError(f"'instruction' in the {role}: the reranker takes one per call "
+                         "(score(..., instruction=...), or process()'s 'instruction' key)")
 
 
 def rerank_conversation(query: dict[str, Any], document: dict[str, Any], instruction: str,
@@ -203,9 +218,11 @@ def rerank_conversation(query: dict[str, Any], document: dict[str, Any], instruc
     check_instruction(instruction)
     content = [{"type": "text", "text": "<Instruct>: " + instruction},
                {"type": "text", "text": "<Query>:"}]
-    content += media_content(query, vs, fps, max_frames)
-    content.append({"type": "text", "text": "\n<Document>:"})
-    content += media_content(document, vs, fps, max_frames)
+    for role, item in (("query", query), ("document", document)):
+        check_rerank_item(item, role)
+        if role == "document":
+            content.append({"type": "text", "text": "\n<Document>:"})
+        content += media_content(item, vs, fps, max_frames)
     return [
         {"role": "system", "content": [{"type": "text", "text": RERANK_SYSTEM_PROMPT}]},
         {"role": "user", "content": content},

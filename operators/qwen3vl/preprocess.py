@@ -126,15 +126,19 @@ def image_reader_error(conversation: list[dict[str, Any]]) -> str | None:
     """
     for message in conversation:
         for entry in message.get("content", ()):
-            source = entry.get("image") if isinstance(entry, dict) else None
-            if not isinstance(source, str) or "://" in source and not source.startswith("file://"):
+            if not isinstance(entry, dict):
                 continue
-            path = source[len("file://"):] if source.startswith("file://") else source
-            try:
-                with Image.open(path) as image:
-                    image.load()
-            except Exception as exc:
-                return f"cannot decode image {path}: {type(exc).__name__}: {exc}"
+            frames = entry.get("video") if isinstance(entry.get("video"), list) else []
+            for source in [entry.get("image"), *frames]:  # a frame list's frames are images too
+                if not isinstance(source, str) or source.startswith("data:") or (
+                        "://" in source and not source.startswith("file://")):
+                    continue
+                path = source[len("file://"):] if source.startswith("file://") else source
+                try:
+                    with Image.open(path) as image:
+                        image.load()
+                except Exception as exc:
+                    return f"cannot decode image {path}: {type(exc).__name__}: {exc}"
     return None
 
 

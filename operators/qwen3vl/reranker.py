@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from transformers import DynamicCache, Qwen3VLForConditionalGeneration
 
-from .formatting import (DEFAULT_RERANK_INSTRUCTION, VisionSettings, check_input, check_instruction, media_content,
-                         rerank_conversation)
+from .formatting import (DEFAULT_RERANK_INSTRUCTION, VisionSettings, check_input, check_instruction,
+                         check_rerank_item, media_content, rerank_conversation)
 from .loading import ModelLoadError, resolve_device
 from .media_io import MediaError
 from .prefix_attention import KWARG as PREFIX_PACK
@@ -396,9 +396,11 @@ class Qwen3VLReranker(Qwen3VLRunner):
             raise TypeError(f"query must be a dict such as {{'text': ...}}, got {type(query).__name__}")
         try:
             check_input(query)
+            check_rerank_item(query, "query")
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"query: {exc}") from None
         check_instruction(instruction)
+        check_input({"fps": fps, "max_frames": max_frames})  # the call's, for every video of every pair
         check_window("first_window", first_window)
         self.model_threads()
         documents = list(check_inputs(documents, "documents"))
