@@ -135,18 +135,44 @@ def can_autoscale() -> bool:
 
 def check_pools_fit(cfg: Config, pools: Sequence[ActorPool], spare_cpus: float, spare_for: str,
                     echo: Callable[[str], None] = print,
-                    nodes: Sequence[NodeResources] | None = None, growable: bool | None = None) -> None:
+                    nodes: Sequence[NodeResources] | None = None, growable: bool | None = None,
+                    free: NodeResources | None = None) -> None:
     """Raise PreflightError when pools cannot run on a cluster that cannot grow; on one that can, say
-    what the job waits for. nodes / growable default to the connected cluster's."""
+    what the job waits for. nodes / growable default to the connected cluster's.
+
+    free: what the cluster has free now, all nodes together (default: Ray's answer on a joined
+    cluster, where other jobs and this job's own driver hold resources; none on a local Ray of the
+    job's own). Pools that fit the nodes but not what is free get a warning: the job waits.
+    """
+    live = nodes is None
     nodes = alive_nodes() if nodes is None else nodes
     reason = misfit(nodes, pools, spare_cpus, spare_for)
     if reason is None:
+        if free is None and live and joins_cluster(cfg):
+            free = free_resources()
+        if free is not None and not pools_fit([free], pools, spare_cpus):
+            # One pseudo-node of every free resource: optimistic, so never a false warning.
+            needs = ", ".join(f"{p.actors} {p.name} actor{'s' if p.actors != 1 else ''} of {_amount(p.cpus)} CPU "
+                              f"and {_amount(p.gpus)} GPU each" for p in pools)
+            if spare_cpus > 0:
+                needs += f", and {_amount(spare_cpus)} CPU for {spare_for}"
+            cpus, gpus = _amount(free.get("CPU", 0.0)), _amount(free.get("GPU", 0.0))
+            echo(f"warning: the Ray cluster has {cpus} CPUs and {gpus} GPUs free now, fewer than the job "
+                 f"needs ({needs}): other jobs, or this job's own driver "
+                 "(ray job submit --entrypoint-num-cpus), hold the rest, and the job waits until they are freed")
         return
     if growable is None:
         growable = joins_cluster(cfg) or can_autoscale()
     if not growable:
         raise PreflightError(reason)
     echo(f"warning: {reason}; the job waits until the cluster's autoscaler adds such nodes")
+
+
+def free_resources() -> dict[str, float]:
+    """What the connected Ray cluster has free now, all nodes together."""
+    import ray
+
+    return dict(ray.available_resources())
 
 
 def local_node() -> dict[str, float]:

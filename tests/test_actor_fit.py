@@ -118,3 +118,16 @@ def test_query_batch_stops_when_its_two_pools_cannot_run_at_once(tmp_path, tiny_
     client.close()
     with pytest.raises(PreflightError, match="2 embedding actors and 2 reranking actors"):
         run_query_batch(cfg, [QueryRow(id="q1", query={"text": "a note"})])
+
+
+def test_pools_that_fit_the_nodes_but_not_what_is_free_now_get_a_warning():
+    """On a joined cluster other jobs, or the job's own driver (--entrypoint-num-cpus 1 on one 2-CPU node),
+    hold resources: the job would wait for them with no word; it now says so."""
+    cfg = parse_config({"source": {"uri": "/tmp"}, "embedder": {"model": "x"}, "qdrant": {"path": "/tmp/q", "collection": "c"}})
+    lines = []
+    check_pools_fit(cfg, [pool()], 1, "the expansion tasks", lines.append, nodes=TWO_CPUS, free={"CPU": 1.0})
+    assert len(lines) == 1 and lines[0].startswith("warning: the Ray cluster has 1 CPUs and 0 GPUs free now")
+    assert "1 embedding actor of 1 CPU and 0 GPU each, and 1 CPU for the expansion tasks" in lines[0]
+    assert "--entrypoint-num-cpus" in lines[0]
+    check_pools_fit(cfg, [pool()], 1, "the expansion tasks", lines.append, nodes=TWO_CPUS, free={"CPU": 2.0})
+    assert len(lines) == 1  # enough is free: nothing to say

@@ -16,7 +16,7 @@ from tests.resilience_helpers import all_points, config_dict
 REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = r"""
-import json, os, socket, subprocess, sys
+import json, os, socket, subprocess, sys, time
 from ray.cluster_utils import Cluster
 
 with socket.socket() as s:
@@ -25,12 +25,25 @@ with socket.socket() as s:
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True,
                                                          "dashboard_host": "127.0.0.1", "dashboard_port": port})
 out = {}
+ray_cli = [os.path.join(os.path.dirname(sys.executable), "ray"), "job"]
+address = ["--address", f"http://127.0.0.1:{port}"]
 try:
     for name in sys.argv[2:]:
-        proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address",
-                               f"http://127.0.0.1:{port}", "--working-dir", ".", "--", "qvl", "ingest", name],
+        proc = subprocess.run([*ray_cli, "submit", *address, "--working-dir", ".", "--", "qvl", "ingest", name],
                               cwd=sys.argv[1], capture_output=True, text=True, timeout=400)
         out[name] = {"rc": proc.returncode, "log": proc.stdout[-6000:] + proc.stderr[-3000:]}
+    # The driver itself holding one of the node's two CPUs: the pool and the expansion tasks cannot
+    # both run, and the job would wait forever without a word. It warns; then it is stopped.
+    job = "qvl-entrypoint-cpu"
+    subprocess.run([*ray_cli, "submit", *address, "--no-wait", "--submission-id", job, "--entrypoint-num-cpus",
+                    "1", "--working-dir", ".", "--", "qvl", "ingest", sys.argv[-1]], cwd=sys.argv[1],
+                   capture_output=True, text=True, timeout=120, check=True)
+    log, deadline = "", time.time() + 120
+    while "warning" not in log and "ingested" not in log and time.time() < deadline:
+        time.sleep(2)
+        log = subprocess.run([*ray_cli, "logs", *address, job], capture_output=True, text=True, timeout=60).stdout
+    subprocess.run([*ray_cli, "stop", *address, job], capture_output=True, text=True, timeout=120)
+    out["entrypoint"] = log[-6000:]
 finally:
     cluster.shutdown()
 print(json.dumps(out))
@@ -67,9 +80,14 @@ def test_ray_job_submit_ingests_and_refuses_outputs_in_the_working_dir_copy(tmp_
     ran = out[str(tmp_path / "good.yaml")]
     assert ran["rc"] == 0, ran["log"]
     assert "ingested 2, unchanged 0, failed 0" in ran["log"], ran["log"]
-    reports = list((tmp_path / "runs").glob("*/report.json"))
-    assert len(reports) == 1 and json.loads(reports[0].read_text())["counts"]["ingested"] == 2
+    reports = sorted((tmp_path / "runs").glob("*/report.json"))  # this run's, then the stopped one's
+    assert len(reports) == 2 and json.loads(reports[0].read_text())["counts"]["ingested"] == 2
     assert sorted(Path(p.payload["source_uri"]).name for p in all_points(tmp_path / "qdrant")) == ["a.txt", "b.txt"]
+    assert "warning" not in ran["log"]
+
+    waiting = out["entrypoint"]
+    assert "warning: the Ray cluster has 1 CPUs and 0 GPUs free now, fewer than the job needs" in waiting, waiting
+    assert "--entrypoint-num-cpus" in waiting
 
 
 def test_paths_in_a_working_dir_copy_are_refused_for_every_output(tmp_path, monkeypatch):
