@@ -419,7 +419,9 @@ def real_cause(exc: BaseException) -> tuple[str, str]:
     own message (its last "SomeError: ..." line, other than Ray Data's wrapper, and the lines that continue it)."""
     chain = _cause_chain(exc)
     cause = chain[-1]
-    if isinstance(cause, ray.exceptions.UserCodeException):  # its own cause stayed in the worker: read the traceback
+    # Behind Ray Data's wrapper, or an exception that could not be unpickled here, the real cause
+    # stayed in the worker: read it off the traceback text.
+    if isinstance(cause, (ray.exceptions.UserCodeException, ray.exceptions.UnserializableException)):
         for link in reversed(chain):
             found = _remote_exception(str(link))
             if found is not None:

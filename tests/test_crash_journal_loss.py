@@ -234,6 +234,28 @@ def test_a_user_error_behind_ray_datas_wrapper_is_named(ray_local):
     assert (cause_name(exc), _error_text(exc)) == ("ValueError", "row 3 is not a row: it has no columns")
 
 
+class _UnpicklableError(Exception):
+    """Pickles, but cannot be unpickled (its __init__ takes two arguments): the driver gets Ray's
+    UnserializableException holding the original's traceback text."""
+
+    def __init__(self, what, why):
+        super().__init__(f"{what} failed: {why}")
+
+
+def test_an_error_that_cannot_be_unpickled_is_named_as_itself(ray_local):
+    """Ray hands the driver an UnserializableException holding the original's traceback text (a store
+    owner's death in a write task was reported as 'UnserializableException'); the original is named."""
+    from pipelines.ingest import _error_text, cause_name
+
+    @ray.remote
+    def task():
+        raise _UnpicklableError("the store owner", "it died")
+
+    with pytest.raises(ray.exceptions.UnserializableException) as info:
+        ray.get(task.remote())
+    assert (cause_name(info.value), _error_text(info.value)) == ("_UnpicklableError", "the store owner failed: it died")
+
+
 def test_an_error_from_ray_outside_ray_data_keeps_its_last_line():
     from pipelines.ingest import _error_text, cause_name
 
