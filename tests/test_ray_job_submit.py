@@ -19,27 +19,47 @@ SCRIPT = r"""
 import json, os, socket, subprocess, sys, time
 from ray.cluster_utils import Cluster
 
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True,
-                                                         "dashboard_host": "127.0.0.1", "dashboard_port": port})
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Ports of its own: the suite's local Ray holds the default agent port (52365), and a job server
+# whose node agent cannot bind it answers every submission "No available agent".
+port = free_port()
+cluster = Cluster(initialize_head=True, head_node_args={
+    "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+    "dashboard_agent_listen_port": free_port(), "metrics_export_port": free_port()})
 out = {}
 ray_cli = [os.path.join(os.path.dirname(sys.executable), "ray"), "job"]
 address = ["--address", f"http://127.0.0.1:{port}"]
+
+
+def submit(*args, timeout=400):
+    # `ray job submit ...` from the working dir; again while the job server says it has no agent yet
+    # (its node's agent registers a while after the head is up, later on a loaded machine).
+    for _ in range(15):
+        proc = subprocess.run([*ray_cli, "submit", *address, *args], cwd=sys.argv[1], capture_output=True, text=True,
+                              timeout=timeout)
+        if "No available agent to submit job" not in proc.stdout + proc.stderr:
+            return proc
+        time.sleep(2)
+    return proc
+
+
 try:
     for name in sys.argv[2:]:
-        proc = subprocess.run([*ray_cli, "submit", *address, "--working-dir", ".", "--", "qvl", "ingest", name],
-                              cwd=sys.argv[1], capture_output=True, text=True, timeout=400)
+        proc = submit("--working-dir", ".", "--", "qvl", "ingest", name)
         out[name] = {"rc": proc.returncode, "log": proc.stdout[-6000:] + proc.stderr[-3000:]}
     # The driver itself holding one of the node's two CPUs: the pool and the expansion tasks cannot
     # both run, and the job would wait forever without a word. It warns; then it is stopped.
     job = "qvl-entrypoint-cpu"
-    subprocess.run([*ray_cli, "submit", *address, "--no-wait", "--submission-id", job, "--entrypoint-num-cpus",
-                    "1", "--working-dir", ".", "--", "qvl", "ingest", sys.argv[-1]], cwd=sys.argv[1],
-                   capture_output=True, text=True, timeout=120, check=True)
+    sub = submit("--no-wait", "--submission-id", job, "--entrypoint-num-cpus", "1", "--working-dir", ".", "--",
+                 "qvl", "ingest", sys.argv[-1], timeout=120)
+    out["submitted"] = (sub.returncode, sub.stderr[-1500:])
     log, deadline = "", time.time() + 120
-    while "warning" not in log and "ingested" not in log and time.time() < deadline:
+    while sub.returncode == 0 and "warning" not in log and "ingested" not in log and time.time() < deadline:
         time.sleep(2)
         log = subprocess.run([*ray_cli, "logs", *address, job], capture_output=True, text=True, timeout=60).stdout
     subprocess.run([*ray_cli, "stop", *address, job], capture_output=True, text=True, timeout=120)
@@ -85,6 +105,7 @@ def test_ray_job_submit_ingests_and_refuses_outputs_in_the_working_dir_copy(tmp_
     assert sorted(Path(p.payload["source_uri"]).name for p in all_points(tmp_path / "qdrant")) == ["a.txt", "b.txt"]
     assert "warning" not in ran["log"]
 
+    assert out["submitted"][0] == 0, out["submitted"]
     waiting = out["entrypoint"]
     assert "warning: the Ray cluster has 1 CPUs and 0 GPUs free now, fewer than the job needs" in waiting, waiting
     assert "--entrypoint-num-cpus" in waiting
