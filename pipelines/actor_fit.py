@@ -79,6 +79,10 @@ def _amount(value: float) -> str:
     return f"{value:g}"
 
 
+def _actors(pool: ActorPool) -> str:
+    return f"{pool.actors} {pool.name} actor{'s' if pool.actors != 1 else ''}"
+
+
 def misfit(nodes: Sequence[NodeResources], pools: Sequence[ActorPool], spare_cpus: float,
            spare_for: str) -> str | None:
     """Why the pools do not fit nodes (naming the config key to change), or None when they do."""
@@ -95,7 +99,7 @@ def misfit(nodes: Sequence[NodeResources], pools: Sequence[ActorPool], spare_cpu
                     "set compute.num_gpus_per_actor to 0 to run on CPUs")
         return (f"compute.cpus_per_actor: an {pool.name} actor asks for {ask}, but no node has that "
                 f"({where}); lower compute.cpus_per_actor")
-    names = " and ".join(f"{p.actors} {p.name} actor{'s' if p.actors != 1 else ''}" for p in pools)
+    names = " and ".join(_actors(p) for p in pools)
     if len(pools) > 1:
         return (f"compute.embed_actors: {names} of {ask} each do not fit at once ({where}); lower "
                 "compute.embed_actors, --rerank-actors or compute.cpus_per_actor")
@@ -144,28 +148,33 @@ def check_pools_fit(cfg: Config, pools: Sequence[ActorPool], spare_cpus: float, 
     cluster, where other jobs and this job's own driver hold resources; none on a local Ray of the
     job's own). Pools that fit the nodes but not what is free get a warning: the job waits.
     """
-    live = nodes is None
-    nodes = alive_nodes() if nodes is None else nodes
+    if nodes is None:
+        nodes = alive_nodes()
+        if free is None and joins_cluster(cfg):
+            free = free_resources()
     reason = misfit(nodes, pools, spare_cpus, spare_for)
     if reason is None:
-        if free is None and live and joins_cluster(cfg):
-            free = free_resources()
         if free is not None and not pools_fit([free], pools, spare_cpus):
-            # One pseudo-node of every free resource: optimistic, so never a false warning.
-            needs = ", ".join(f"{p.actors} {p.name} actor{'s' if p.actors != 1 else ''} of {_amount(p.cpus)} CPU "
-                              f"and {_amount(p.gpus)} GPU each" for p in pools)
-            if spare_cpus > 0:
-                needs += f", and {_amount(spare_cpus)} CPU for {spare_for}"
-            cpus, gpus = _amount(free.get("CPU", 0.0)), _amount(free.get("GPU", 0.0))
-            echo(f"warning: the Ray cluster has {cpus} CPUs and {gpus} GPUs free now, fewer than the job "
-                 f"needs ({needs}): other jobs, or this job's own driver "
-                 "(ray job submit --entrypoint-num-cpus), hold the rest, and the job waits until they are freed")
+            echo(f"warning: {short_of_free(free, pools, spare_cpus, spare_for)}")
         return
     if growable is None:
         growable = joins_cluster(cfg) or can_autoscale()
     if not growable:
         raise PreflightError(reason)
     echo(f"warning: {reason}; the job waits until the cluster's autoscaler adds such nodes")
+
+
+def short_of_free(free: NodeResources, pools: Sequence[ActorPool], spare_cpus: float, spare_for: str) -> str:
+    """What the job needs beyond what the cluster has free now (pools_fit([free], ...) said no).
+
+    free is one pseudo-node of every free resource: optimistic, so the warning is never false.
+    """
+    needs = ", ".join(f"{_actors(p)} of {_amount(p.cpus)} CPU and {_amount(p.gpus)} GPU each" for p in pools)
+    if spare_cpus > 0:
+        needs += f", and {_amount(spare_cpus)} CPU for {spare_for}"
+    return (f"the Ray cluster has {_amount(free.get('CPU', 0.0))} CPUs and {_amount(free.get('GPU', 0.0))} GPUs "
+            f"free now, fewer than the job needs ({needs}): other jobs, or this job's own driver "
+            "(ray job submit --entrypoint-num-cpus), hold the rest, and the job waits until they are freed")
 
 
 def free_resources() -> dict[str, float]:

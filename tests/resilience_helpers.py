@@ -15,6 +15,8 @@ import os
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -44,6 +46,26 @@ def config_dict(uri: str, ckpt: str, tmp: Path, storage_options: dict | None = N
 def write_yaml(data: dict, path: Path) -> str:
     path.write_text(yaml.safe_dump(data, allow_unicode=True))
     return str(path)
+
+
+def write_notes(folder: Path) -> Path:
+    """A source folder of two short text files, a.txt and b.txt."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "a.txt").write_text("A short note about lanterns.")
+    (folder / "b.txt").write_text("Rivers, boats and a harbour at night.")
+    return folder
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_json_script(code: str, *args: str, env: dict[str, str], timeout_s: float = 300) -> dict:
+    """Run `code` in a fresh interpreter from the repository root (`args` as sys.argv[1:], `env` as its
+    whole environment); its last stdout line, read as JSON."""
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout_s)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def free_port() -> int:

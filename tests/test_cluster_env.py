@@ -2,15 +2,12 @@
 workers lack it is refused before any work, naming that node (a real two-node Ray cluster on this
 machine), and a driver without it says so when the server refuses it."""
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.resilience_helpers import REPO, run_json_script
 
 SCRIPT = r"""
 import json, os, sys
@@ -57,10 +54,7 @@ def test_a_node_whose_workers_lack_the_api_key_is_refused_by_name_and_a_null_add
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "QVL_TEST_QDRANT_KEY")}
     env.update(PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
                RAY_TMPDIR=str(Path("/tmp")))
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_json_script(SCRIPT, str(tmp_path), env=env)
     assert out["nodes"] == 2 and out["present"] == []
     assert ":" in out["local_gcs"] and out["local_gcs"] != out["cluster_gcs"], out  # started its own Ray
     assert len(out["missing"]) == 1 and f"(node {out['second']})" in out["missing"][0], out

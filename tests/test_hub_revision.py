@@ -7,16 +7,14 @@ with the cache in its environment (tests/hub_cache.py).
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from operators.qwen3vl.checkpoint import build_checkpoint
 from tests.hub_cache import add_snapshot, hub_env
+from tests.resilience_helpers import REPO, run_json_script, write_notes
 
-REPO = Path(__file__).resolve().parents[1]
 REPO_ID = "qvl-test/tiny-emb"
 
 
@@ -38,10 +36,7 @@ def run_python(code: str, cache: Path, *args: str, timeout_s: float = 300) -> di
     its last stdout line is JSON."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "RAY_ADDRESS"))}
     env.update(hub_env(cache), PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
-    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout_s)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json_script(code, *args, env=env, timeout_s=timeout_s)
 
 
 LIBRARY_CHECKS = r"""
@@ -202,10 +197,7 @@ print(json.dumps(out))
 
 @pytest.mark.slow
 def test_a_pinned_revision_is_ingested_recorded_and_checked_by_queries(hub, tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "a.txt").write_text("A short note about lanterns.")
-    (src / "b.txt").write_text("Rivers, boats and a harbour at night.")
+    src = write_notes(tmp_path / "src")
     repo_dir = hub["cache"] / f"models--{REPO_ID.replace('/', '--')}"
     out = run_python(JOB, hub["cache"], str(src), REPO_ID, str(tmp_path), str(repo_dir), hub["commits"]["main"],
                      hub["paths"]["v2"], hub["paths"]["main"])

@@ -4,26 +4,18 @@ relative output path, which would land in Ray's temporary copy of the working di
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.resilience_helpers import all_points, config_dict
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.resilience_helpers import REPO, all_points, config_dict, run_json_script, write_notes
 
 SCRIPT = r"""
-import json, os, socket, subprocess, sys, time
+import json, os, subprocess, sys, time
 from ray.cluster_utils import Cluster
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from tests.resilience_helpers import free_port
 
 # Ports of its own: the suite's local Ray holds the default agent port (52365), and a job server
 # whose node agent cannot bind it answers every submission "No available agent".
@@ -72,10 +64,7 @@ print(json.dumps(out))
 
 @pytest.mark.slow
 def test_ray_job_submit_ingests_and_refuses_outputs_in_the_working_dir_copy(tmp_path, tiny_embedding_ckpt):
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "a.txt").write_text("A short note about lanterns.")
-    (src / "b.txt").write_text("Rivers, boats and a harbour at night.")
+    src = write_notes(tmp_path / "src")
     good = config_dict(src, tiny_embedding_ckpt, tmp_path)  # absolute store and output folders
     relative = config_dict(src, tiny_embedding_ckpt, tmp_path, output={"dir": "runs"})
     for name, data in (("good.yaml", good), ("relative.yaml", relative)):
@@ -84,11 +73,8 @@ def test_ray_job_submit_ingests_and_refuses_outputs_in_the_working_dir_copy(tmp_
     # The job's entrypoint `qvl` is found on the head node's PATH, as in a cluster image with the project installed.
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="disabled",
                RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(REPO), str(tmp_path / "relative.yaml"),
-                           str(tmp_path / "good.yaml")], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_json_script(SCRIPT, str(REPO), str(tmp_path / "relative.yaml"), str(tmp_path / "good.yaml"), env=env,
+                          timeout_s=900)
 
     refused = out[str(tmp_path / "relative.yaml")]
     assert refused["rc"] != 0, refused["log"]
