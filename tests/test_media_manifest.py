@@ -48,6 +48,19 @@ def test_a_reference_climbing_above_the_store_root_fails_its_record_naming_it() 
     assert "climbs above the root" in rows[0].message and isinstance(rows[1], ManifestRecord)
 
 
+def test_an_inline_data_uri_fails_its_record_without_echoing_it() -> None:
+    """A data: URI has no '://': it was taken for a relative path and its whole text echoed as 'not found'."""
+    inline = "data:image/png;base64," + "A" * 50_000
+    lines = [{"id": "inline", "image": inline}, {"id": "clip", "video": "DATA:video/mp4;base64,AAAA"},
+             {"id": "ok", "text": "data: not a reference in a text field"}]
+    rows = list(parse_manifest("\n".join(json.dumps(r) for r in lines).encode(), "/m/l.jsonl"))
+    for row in rows[:2]:
+        assert isinstance(row, RecordError) and row.error_type == "BadReference", row
+        assert "inline data: URI" in row.message and "store the media as a file" in row.message
+        assert len(row.message) < 300, row.message
+    assert isinstance(rows[2], ManifestRecord)
+
+
 def test_jsonl_good_and_bad_records() -> None:
     lines = [
         json.dumps({"id": "a", "text": "hello", "lang": "en", "score": 0.5}),

@@ -377,6 +377,18 @@ def test_zero_fps_or_max_frames_means_the_default_as_in_the_reference(embedder, 
     assert np.abs(results[3].vector - default).max() > 1e-4  # fps itself does count
 
 
+def test_a_data_uri_that_is_not_an_image_is_named_by_its_type(embedder, media):
+    """qwen-vl-utils opens a data: URI that is not data:image as a file path: 'not found', echoing it whole."""
+    text_uri = "data:text/plain;base64," + "QUJD" * 100_000
+    results = embedder.embed([{"image": text_uri}, {"video": "data:video/mp4;base64,AAAA"},
+                              {"video": [str(media["frames"][0]), "data:,x"]}, {"text": "fine"}])
+    assert "cannot read image from a data: URI of 'text/plain' (400,023 characters)" in results[0].error
+    assert "cannot read video from a data: URI of 'video/mp4'" in results[1].error
+    assert "cannot read image from a data: URI of 'no media type'" in results[2].error
+    assert all(len(r.error) < 400 for r in results[:3]), [r.error[:200] for r in results]
+    assert results[3].ok
+
+
 def test_video_cuts_without_a_video_file_and_bad_frames_are_named(embedder, media, tmp_path):
     """video_start/video_end cut a video file: with a frame list or no video they would do nothing, so the
     input fails naming them; a corrupt frame of a frame list is named; a corrupt data: URI is not taken for

@@ -5,7 +5,7 @@ absolute ``scheme://...``, an absolute path on the manifest's filesystem, or a
 path relative to the manifest's folder: the folder it is listed in, so a symlinked
 manifest resolves from the link's folder, as a relative link's target does not;
 ``.`` and ``..`` are resolved, ``//`` in an object key is kept, and a ``file://``
-URL is percent-decoded), an optional ``id`` (string or integer),
+URL is percent-decoded; an inline ``data:`` URI is refused), an optional ``id`` (string or integer),
 and anything else, which becomes ``metadata`` (made JSON-safe).
 
 Each record yields a ``ManifestRecord`` or, when it is unusable (bad JSON, not an
@@ -81,6 +81,9 @@ class BadReferenceError(ValueError):
 
 def resolve_uri(ref: str, manifest_uri: str) -> str:
     """Absolute URI of a record reference, relative ones taken from the manifest's folder."""
+    if ref[:5].lower() == "data:":  # it would be taken for a relative path, and echoed whole in "not found"
+        raise BadReferenceError(f"an inline data: URI ({len(ref):,} characters) is not a reference to a file: "
+                                "store the media as a file and give its path or URI")
     if ref.startswith(("file://", "local://")):  # a file URL percent-decoded, a plain path never
         return local_path(ref)
     if "://" in ref:

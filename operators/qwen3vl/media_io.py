@@ -44,6 +44,14 @@ def _is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith(_PASSTHROUGH_PREFIXES)
 
 
+def _refuse_data_uri(source: str, what: str) -> None:
+    """Raise MediaError for a data: URI that is not read as a `what` (named by its media type, not echoed)."""
+    media_type = source[len("data:"):].split(",", 1)[0].split(";", 1)[0] or "no media type"
+    readable = "a data:image/...;base64 URI" if what == "image" else "a file or URL, or a list of frames"
+    raise MediaError(f"cannot read {what} from a data: URI of {media_type!r} ({len(source):,} characters): "
+                     f"give {readable}")
+
+
 def _require_local_file(path: str, what: str, name: str | None = None) -> None:
     """Raise MediaError unless path is a regular file: a FIFO would hang the reader until a writer comes."""
     if not os.path.exists(path):
@@ -103,6 +111,8 @@ def resolve_image(source: Any, storage_options: dict[str, Any] | None = None) ->
             return "file://" + path  # qwen-vl-utils opens what follows the scheme as it is
         if source.startswith(_PASSTHROUGH_PREFIXES):
             return source
+        if source.startswith("data:"):  # not an image's: it would be taken for a missing file
+            _refuse_data_uri(source, "image")
         if _is_remote(source):
             return open_image_bytes(read_bytes(source, storage_options), source)
         _require_local_file(source, "image")
@@ -132,6 +142,8 @@ class VideoFiles:
             return uri
         if uri.startswith("file://"):
             uri = file_url_path(uri)
+        if uri.startswith("data:"):  # neither qwen-vl-utils' video readers nor ours read one
+            _refuse_data_uri(uri, "video")
         if not _is_remote(uri):
             _require_local_file(uri, "video")
             return uri
