@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any
 
-from .crash_journal import WATCHDOG, TaskGuard, current_task_id, reading
-from .media.expand import FAILED, ExpandSettings, expand_object
-from .units import DeadLetter, SourceObject, dead_row, object_row, payload_for, unit_row
+from .crash_journal import TaskGuard, current_task_id, reading
+from .media.expand import FAILED, OK, Expansion, ExpandSettings, empty_manifest_letter, record_position, start_expansion
+from .units import DeadLetter, SourceObject, Unit, dead_row, object_row, payload_for, unit_row
 
 
 @lru_cache(maxsize=4)
@@ -73,41 +74,102 @@ def _task_guard(journal: Any, limit_s: float | None) -> TaskGuard | None:
     return _GUARD
 
 
+# How many bytes of a manifest's rows (mostly its images) a task holds before it passes them on.
+HANDOVER_BYTES = 16 * 1024 * 1024
+
+
 def expand_rows(row: dict[str, Any], *, settings: ExpandSettings, storage_options: dict[str, Any] | None,
                 model: str, model_id: str, dim: int, revision: str | None = None, ingested_at: str | None = None,
-                crash_journal: Any = None, max_expand_s: float | None = None) -> list[dict[str, Any]]:
-    """Unit rows, dead-letter rows and one object-status row for one listed object.
+                crash_journal: Any = None, max_expand_s: float | None = None) -> Iterator[dict[str, Any]]:
+    """Unit rows, dead-letter rows and one object-status row (the last) for one listed object.
 
-    crash_journal: a CrashJournal actor; an object that killed this task's worker process, or
-    took longer than max_expand_s to expand, is then a dead letter on the retry instead of a crash
-    loop or a stalled job (operators/crash_journal.py).
+    A manifest's records are read one at a time and their rows passed on every HANDOVER_BYTES, so
+    the task holds a few of the images they reference, not all of them.
+    crash_journal: a CrashJournal actor; an object (a manifest's record) that killed this task's
+    worker process, or took longer than max_expand_s to expand, is then a dead letter on the retry
+    instead of a crash loop or a stalled job (operators/crash_journal.py).
     """
     start = time.perf_counter()
     obj = SourceObject(row["uri"], int(row["size"]), row["fingerprint"], row.get("mtime"))
     stamp = ingested_at or datetime.now(timezone.utc).isoformat()
     guard = _task_guard(crash_journal, max_expand_s)
     if guard is not None and guard.skip(obj.uri):
-        error_type, message = guard.letter(obj.uri, "expanding")
-        dead = DeadLetter(uri=obj.uri, stage="expand", error_type=error_type, message=message)
-        return [dead_row(dead), object_row(obj.uri, FAILED, 0, time.perf_counter() - start)]
+        yield dead_row(_skipped(guard, obj.uri, obj.uri))
+        yield object_row(obj.uri, FAILED, 0, time.perf_counter() - start)
+        return
     try:
         tokenizer = tokenizer_for(model, revision)
     except Exception:  # chunking falls back to word pieces; the embed stage reports a bad model loudly
         tokenizer = None
     with reading(guard, obj.uri):
-        # max_expand_s then bounds each manifest record, not the sum of them (WATCHDOG.extend is a
-        # no-op when nothing is armed).
-        units, dead, status = expand_object(obj, settings, storage_options, tokenizer, progress=WATCHDOG.extend)
-    # A unit that failed here (a bad manifest record) counts until the run ends and settles the
-    # count (pipelines/ingest.py: partly_embedded): a run stopped before then leaves the object
-    # incomplete, so the next one expands it again and its dead letters are reported.
-    unit_letters = sum(1 for d in dead if d.position is not None)
+        expansion = start_expansion(obj, settings, storage_options, tokenizer)
+    if expansion.records is not None:
+        yield from _manifest_rows(expansion, guard, model_id, dim, stamp, start)
+        return
+    units, dead, status = expansion.read_all()
     try:
-        rows = [unit_row(u, payload_for(u, model_id, dim, stamp, len(units) + unit_letters)) for u in units]
+        rows = [unit_row(u, payload_for(u, model_id, dim, stamp, expansion.positions)) for u in units]
     except Exception as exc:  # a unit that cannot become a point fails its object, not the job
-        units, rows, status = [], [], "failed"
+        units, rows, status = [], [], FAILED
         dead.append(DeadLetter(uri=obj.uri, stage="expand", error_type=type(exc).__name__,
                                message=f"cannot build the object's points: {exc}"))
-    rows += [dead_row(d) for d in dead]
-    rows.append(object_row(obj.uri, status, len(units), time.perf_counter() - start))
-    return rows
+    yield from rows
+    yield from (dead_row(d) for d in dead)
+    yield object_row(obj.uri, status, len(units), time.perf_counter() - start)
+
+
+def _manifest_rows(expansion: Expansion, guard: TaskGuard | None, model_id: str, dim: int, stamp: str,
+                   start: float) -> Iterator[dict[str, Any]]:
+    """A manifest's rows, its records read one at a time, each watched and journalled on its own.
+
+    Ray keeps what a task attempt already passed on and drops a retry's outputs up to there: the
+    retry must make the same rows up to the record that killed the first attempt. So the journal
+    blames that record, not the manifest, and the retry leaves out that record alone.
+    """
+    uri = expansion.obj.uri
+    pending: list[dict[str, Any]] = []
+    held = units = bad = 0
+    for rec in expansion.records or ():
+        position = record_position(rec)
+        item = f"{uri}#{position}"
+        if guard is not None and guard.skip(item):
+            result: Unit | DeadLetter = _skipped(guard, item, uri, position)
+        else:
+            with reading(guard, item):  # max_expand_s bounds each record, not the sum of them
+                result = expansion.read_record(rec)
+        out = _record_row(result, model_id, dim, stamp, expansion.positions)
+        units += out["row_kind"] == "unit"
+        bad += out["row_kind"] == "dead"
+        pending.append(out)
+        held += _size(out)
+        if held >= HANDOVER_BYTES:
+            yield from pending
+            pending, held = [], 0
+    yield from pending
+    if units:
+        yield object_row(uri, OK, units, time.perf_counter() - start)
+    else:
+        yield dead_row(empty_manifest_letter(uri, bad))
+        yield object_row(uri, FAILED, 0, time.perf_counter() - start)
+
+
+def _skipped(guard: TaskGuard, item: str, uri: str, position: str | None = None) -> DeadLetter:
+    """The dead letter of an item the journal says to leave out (it killed or hung an earlier attempt)."""
+    error_type, message = guard.letter(item, "expanding")
+    return DeadLetter(uri=uri, stage="expand", error_type=error_type, message=message, position=position)
+
+
+def _size(row: dict[str, Any]) -> int:
+    """About how many bytes a row holds: its image, text, payload and message."""
+    return sum(len(row.get(key) or "") for key in ("image", "text", "payload", "error_message"))
+
+
+def _record_row(item: Unit | DeadLetter, model_id: str, dim: int, stamp: str, positions: int) -> dict[str, Any]:
+    """A manifest record's row: its unit's, or a dead letter's (also when the unit cannot become a point)."""
+    if isinstance(item, DeadLetter):
+        return dead_row(item)
+    try:
+        return unit_row(item, payload_for(item, model_id, dim, stamp, positions))
+    except Exception as exc:  # this record fails, not the manifest
+        return dead_row(DeadLetter(uri=item.object_uri, stage="expand", error_type=type(exc).__name__,
+                                   message=f"cannot build the record's point: {exc}", position=item.position))

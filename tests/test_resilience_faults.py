@@ -37,6 +37,7 @@ from pipelines.cli import EXIT_INFRA, EXIT_OK, main as qvl
 from pipelines.config import parse_config
 from pipelines.ingest import UNFINISHED, run_ingest
 from operators.sample_media import make_pdf
+from tests.media_gen import image_bytes, pattern_image
 from tests.resilience_corpus import make_text_corpus, write_av
 from tests.resilience_helpers import (FlakyProxy, FlakyQdrantClient, all_points, config_dict, latest_run, point_keys,
                                       reap_session, sqlite_point_count, write_yaml)
@@ -553,6 +554,13 @@ def test_files_that_crash_or_hang_a_native_decoder_fail_alone(tmp_path, tiny_emb
     (src / "clips").mkdir()
     for name in ("fine", "qvl-crash", "qvl-hang"):
         write_av(src / f"clips/{name}.mp4", 2.0)  # two 1-second segments: both open the same file
+    # A manifest whose image records kill or hang Pillow: each fails alone, its good record lands.
+    media = tmp_path / "media"
+    media.mkdir()
+    for i, name in enumerate(("fine", "qvl-crash", "qvl-hang")):
+        (media / f"{name}.png").write_bytes(image_bytes(pattern_image(i, (24, 24))) + name.encode())
+    (src / "list.jsonl").write_text("".join(json.dumps({"id": name, "image": str(media / f"{name}.png")}) + "\n"
+                                            for name in ("fine", "qvl-crash", "qvl-hang")))
     path = write_yaml(config_dict(src, tiny_embedding_ckpt, tmp_path, compute={"batch_size": 16},
                                   limits={"max_expand_s": 6.0, "max_embed_batch_s": 12.0}), tmp_path / "cfg.yaml")
     code, log = qvl_with_crash_hook(request, ["ingest", path])
@@ -562,6 +570,8 @@ def test_files_that_crash_or_hang_a_native_decoder_fail_alone(tmp_path, tiny_emb
     assert report["error"] is None
     letters = sorted((Path(d["uri"]).name, d["stage"], d["position"], d["error_type"]) for d in dead)
     assert letters == [
+        ("list.jsonl", "expand", "record=qvl-crash", "WorkerCrashed"),
+        ("list.jsonl", "expand", "record=qvl-hang", "WorkerTimedOut"),
         ("qvl-crash.mp4", "embed", "t=0.000-1.000", "WorkerCrashed"),
         ("qvl-crash.mp4", "embed", "t=1.000-2.000", "WorkerCrashed"),
         ("qvl-crash.pdf", "expand", None, "WorkerCrashed"),
@@ -572,9 +582,10 @@ def test_files_that_crash_or_hang_a_native_decoder_fail_alone(tmp_path, tiny_emb
     assert "worker process died while expanding it" in messages["qvl-crash.pdf"]
     assert "expanding it took longer than limits.max_expand_s=6 s" in messages["qvl-hang.pdf"]
     assert report["counts"]["failed"] == 4
-    assert report["counts"]["ingested"] == len(names) + 2
+    assert report["counts"]["ingested"] == len(names) + 3
     keys = point_keys(all_points(tmp_path / "qdrant"))
     assert sorted(keys) == sorted([*text_keys(src, names), (str(src / "docs/fine.pdf"), "page=1"),
+                                   (str(src / "list.jsonl"), "record=fine"),
                                    (str(src / "clips/fine.mp4"), "t=0.000-1.000"),
                                    (str(src / "clips/fine.mp4"), "t=1.000-2.000")])
 

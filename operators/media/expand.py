@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -128,22 +128,34 @@ def _read_capped(fh: IO[bytes], head: bytes, limit: int, uri: str, listed: bool 
 
     listed: the object's listed size was under the limit already (a manifest's reference was not listed).
     """
-    data = head + fh.read(limit + 1 - len(head))
+    want = limit + 1 - len(head)
+    size = _size_of(fh)
+    if size is not None:  # read(n) reserves n bytes first: 512 MiB for each small image otherwise
+        want = min(want, max(size - len(head), 0) + 1)  # one byte more notices a file that grew
+    data = head + fh.read(want)
+    if size is not None and len(data) > size:  # it grew since: the rest, up to the limit
+        data += fh.read(limit + 1 - len(data))
     if len(data) > limit:
         raise ObjectTooLargeError(f"{uri} grew past max_object_bytes={limit} after listing" if listed
                                   else f"{uri} is over max_object_bytes={limit}")
     return data
 
 
-def _check_size(fh: IO[bytes], limit: int, uri: str) -> None:
-    """Refuse an open object over `limit` bytes without reading it (fsspec files know their size)."""
+def _size_of(fh: IO[bytes]) -> int | None:
+    """An open object's size (fsspec files know it; local files are stat'ed), or None."""
     size = getattr(fh, "size", None)
-    if not isinstance(size, int):
-        try:
-            size = os.fstat(fh.fileno()).st_size
-        except (AttributeError, OSError, ValueError):
-            return  # size unknown here: the reader's own limits still apply
-    if size > limit:
+    if isinstance(size, int):
+        return size
+    try:
+        return os.fstat(fh.fileno()).st_size
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _check_size(fh: IO[bytes], limit: int, uri: str) -> None:
+    """Refuse an open object over `limit` bytes without reading it."""
+    size = _size_of(fh)
+    if size is not None and size > limit:  # size unknown: the reader's own limits still apply
         raise ObjectTooLargeError(f"{uri} is {size} bytes, over max_object_bytes={limit}")
 
 
@@ -235,43 +247,71 @@ def _record_unit(obj: SourceObject, rec: ManifestRecord, cfg: ExpandSettings, st
     return Unit(obj.uri, obj.fingerprint, f"record={rec.key}", rec.modality, mime, text=rec.text, image=image, video=rec.video, meta=meta)
 
 
-def _manifest_units(
-    obj: SourceObject, data: bytes, cfg: ExpandSettings, storage_options: dict[str, Any] | None,
-    progress: Callable[[], None] | None = None,
-) -> tuple[list[Unit], list[DeadLetter]]:
-    """Units for the good records of a manifest, dead letters for the bad ones."""
-    units: list[Unit] = []
-    dead: list[DeadLetter] = []
-    for rec in parse_manifest(data, obj.uri):
-        if progress is not None:
-            progress()
+def record_position(rec: ManifestRecord | RecordError) -> str:
+    """A manifest record's unit position (``record=<id or line>``), its point's and its dead letter's."""
+    if isinstance(rec, RecordError):
+        return f"record={rec.id if rec.id is not None else rec.line}"
+    return f"record={rec.key}"
+
+
+def empty_manifest_letter(uri: str, bad: int) -> DeadLetter:
+    """The summary letter of a manifest none of whose records gave a unit."""
+    return DeadLetter(uri, "expand", "EmptyManifest", f"manifest yielded no usable record ({bad} bad records)")
+
+
+class Expansion:
+    """One object's expansion: its units and dead letters, or, for a manifest, its records to read one by one.
+
+    A manifest's records are read by the caller, one at a time (read_record), so that it can pass
+    each unit on before the next image is read, and watch and journal each record on its own.
+    positions: how many units and per-unit dead letters the object has in all, known before any
+    record is read, so each unit's payload can carry its object's point count.
+    """
+
+    def __init__(self, obj: SourceObject, status: str, items: list[Unit | DeadLetter] | None = None,
+                 records: list[ManifestRecord | RecordError] | None = None, cfg: ExpandSettings | None = None,
+                 storage_options: dict[str, Any] | None = None) -> None:
+        self.obj, self.status = obj, status
+        self.items = items or []
+        self.records = records
+        self._cfg, self._storage_options = cfg or ExpandSettings(), storage_options
+        if records is not None:
+            self.positions = len(records)
+        else:
+            self.positions = sum(1 for i in self.items if isinstance(i, Unit) or i.position is not None)
+
+    def read_record(self, rec: ManifestRecord | RecordError) -> Unit | DeadLetter:
+        """A manifest record's unit (its image loaded and checked, its video probed), or its dead letter; never raises."""
+        uri = self.obj.uri
         if isinstance(rec, RecordError):
-            position = f"record={rec.id if rec.id is not None else rec.line}"
-            dead.append(DeadLetter(obj.uri, "expand", rec.error_type, f"line {rec.line}: {rec.message}", position))
-            continue
+            return DeadLetter(uri, "expand", rec.error_type, f"line {rec.line}: {rec.message}", record_position(rec))
         try:
-            units.append(_record_unit(obj, rec, cfg, storage_options))
+            return _record_unit(self.obj, rec, self._cfg, self._storage_options)
         except Exception as exc:  # one bad record never fails the manifest
             ref = rec.video if rec.video is not None else rec.image
             if is_unreachable(exc):  # not the record's fault: its object stays incomplete, retried next run
-                dead.append(DeadLetter(obj.uri, "expand", UNREACHABLE, f"line {rec.line}: cannot reach {ref}: "
-                                       f"{type(exc).__name__}: {exc}", f"record={rec.key}"))
-            else:  # named, unless the error does ("The specified bucket does not exist" does not)
-                named = "" if ref is None or ref in str(exc) else f"{ref}: "
-                dead.append(_dead(obj.uri, exc, f"record={rec.key}", f"line {rec.line}: {named}"))
-    return units, dead
+                return DeadLetter(uri, "expand", UNREACHABLE, f"line {rec.line}: cannot reach {ref}: "
+                                  f"{type(exc).__name__}: {exc}", record_position(rec))
+            named = "" if ref is None or ref in str(exc) else f"{ref}: "  # "The specified bucket does not exist"
+            return _dead(uri, exc, record_position(rec), f"line {rec.line}: {named}")
+
+    def read_all(self) -> tuple[list[Unit], list[DeadLetter], str]:
+        """Units, dead letters and status, every record read."""
+        items = self.items if self.records is None else [self.read_record(rec) for rec in self.records]
+        units = [i for i in items if isinstance(i, Unit)]
+        dead = [i for i in items if isinstance(i, DeadLetter)]
+        if self.records is not None and not units:
+            return [], [*dead, empty_manifest_letter(self.obj.uri, len(dead))], FAILED
+        return units, dead, self.status
 
 
-def _expand(
-    obj: SourceObject, cfg: ExpandSettings, storage_options: dict[str, Any] | None, tokenizer: Any,
-    progress: Callable[[], None] | None = None,
-) -> tuple[list[Unit], list[DeadLetter], str]:
-    """expand_object without the catch-all."""
+def _expand(obj: SourceObject, cfg: ExpandSettings, storage_options: dict[str, Any] | None, tokenizer: Any) -> Expansion:
+    """start_expansion without the catch-all."""
     if obj.size > cfg.max_object_bytes:
         raise ObjectTooLargeError(f"object is {obj.size} bytes, over max_object_bytes={cfg.max_object_bytes}")
     if obj.size == 0:
         if from_extension(obj.uri).kind == "unsupported":
-            return [], [], SKIPPED
+            return Expansion(obj, SKIPPED)
         raise EmptyFileError("empty file")
     with _open(obj.uri, storage_options) as fh:
         head = fh.read(HEAD_BYTES)
@@ -279,35 +319,31 @@ def _expand(
             raise EmptyFileError("empty file")
         det = detect(obj.uri, head)
         if det.kind == "unsupported":
-            return [], [], SKIPPED
+            return Expansion(obj, SKIPPED)
         if det.kind == "video":
-            return _video_units(obj, det, fh, cfg), [], OK
+            return Expansion(obj, OK, _video_units(obj, det, fh, cfg))
         data = _read_capped(fh, head, cfg.max_object_bytes, obj.uri)
     if det.kind == "text":
-        return _text_units(obj, det, data, cfg, tokenizer), [], OK
+        return Expansion(obj, OK, _text_units(obj, det, data, cfg, tokenizer))
     if det.kind == "image":
-        return _image_units(obj, data, cfg), [], OK
+        return Expansion(obj, OK, _image_units(obj, data, cfg))
     if det.kind == "pdf":
-        return _pdf_units(obj, data, cfg), [], OK
-    units, dead = _manifest_units(obj, data, cfg, storage_options, progress)
-    if not units:
-        summary = DeadLetter(obj.uri, "expand", "EmptyManifest", f"manifest yielded no usable record ({len(dead)} bad records)")
-        return [], [*dead, summary], FAILED
-    return units, dead, OK
+        return Expansion(obj, OK, _pdf_units(obj, data, cfg))
+    return Expansion(obj, OK, records=parse_manifest(data, obj.uri), cfg=cfg, storage_options=storage_options)
 
 
-def expand_object(
-    obj: SourceObject, cfg: ExpandSettings, storage_options: dict[str, Any] | None = None, tokenizer: Any = None,
-    progress: Callable[[], None] | None = None,
-) -> tuple[list[Unit], list[DeadLetter], str]:
-    """Units, dead letters and status (ok / skipped_unsupported / failed) for one object; never raises.
-
-    progress: called after each manifest record (the expansion's watchdog then times each record,
-    not the whole manifest: 50,000 honest fetches must not add up to one "hung" object).
-    """
+def start_expansion(obj: SourceObject, cfg: ExpandSettings, storage_options: dict[str, Any] | None = None,
+                    tokenizer: Any = None) -> Expansion:
+    """One object read and cut into units, or a manifest parsed into records to read; never raises."""
     try:
-        return _expand(obj, cfg, storage_options, tokenizer, progress)
+        return _expand(obj, cfg, storage_options, tokenizer)
     except FileNotFoundError as exc:  # listed, then gone: deleted (or renamed) after listing
-        return [], [_dead(obj.uri, exc, prefix="object not found: it was listed but is gone now (deleted after listing?): ")], FAILED
+        return Expansion(obj, FAILED, [_dead(obj.uri, exc, prefix="object not found: it was listed but is gone now (deleted after listing?): ")])
     except Exception as exc:
-        return [], [_dead(obj.uri, exc)], FAILED
+        return Expansion(obj, FAILED, [_dead(obj.uri, exc)])
+
+
+def expand_object(obj: SourceObject, cfg: ExpandSettings, storage_options: dict[str, Any] | None = None,
+                  tokenizer: Any = None) -> tuple[list[Unit], list[DeadLetter], str]:
+    """Units, dead letters and status (ok / skipped_unsupported / failed) for one object, all read; never raises."""
+    return start_expansion(obj, cfg, storage_options, tokenizer).read_all()

@@ -5,7 +5,9 @@ starts with this folder and whose environment sets QVL_TEST_NATIVE_CRASH=1. It s
 that crashes PDFium or FFmpeg inside C code (the process dies of SIGSEGV at once, and no Python
 handler runs), or that sends it into an endless loop (here: an hour's sleep).
 - PDFs: pypdfium2 given bytes that contain b"qvl-crash" / b"qvl-hang" (the expansion stage renders PDFs);
-- videos: decord opening a path that contains "qvl-crash" / "qvl-hang" (the embedding stage decodes videos).
+- videos: decord opening a path that contains "qvl-crash" / "qvl-hang" (the embedding stage decodes videos);
+- images: Pillow opening bytes that contain b"qvl-crash" / b"qvl-hang" (the expansion stage checks a
+  manifest's images).
 """
 
 import os
@@ -42,5 +44,20 @@ if os.environ.get("QVL_TEST_NATIVE_CRASH") == "1":
             _hang()
         return _VideoReader(uri, *args, **kwargs)
 
+    import io
+
+    from PIL import Image
+
+    _image_open = Image.open
+
+    def _open_image(fp, *args, **kwargs):
+        data = fp.getvalue() if isinstance(fp, io.BytesIO) else b""
+        if MARK.encode() in data:
+            _die()
+        if HANG.encode() in data:
+            _hang()
+        return _image_open(fp, *args, **kwargs)
+
     pypdfium2.PdfDocument = _PdfDocument
     decord.VideoReader = _video_reader
+    Image.open = _open_image

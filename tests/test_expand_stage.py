@@ -1,0 +1,98 @@
+"""The expansion stage's rows (operators/expand_stage.py): a manifest's records are passed on as they
+are read, so a task never holds all the images a manifest references; waiting on its consumer is
+not a hang."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import ray
+from PIL import Image
+
+from operators.crash_journal import start_journal
+from operators.expand_stage import HANDOVER_BYTES, expand_rows, object_to_row, tokenizer_for
+from operators.media.expand import ExpandSettings
+from operators.media.listing import list_objects
+
+
+def _raw_png(path: Path, side: int, seed: int) -> int:
+    """An uncompressed noise PNG of side x side pixels; returns its size in bytes."""
+    arr = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=0)
+    path.write_bytes(buf.getvalue())
+    return len(buf.getvalue())
+
+
+def _manifest(folder: Path, images: list[str]) -> dict:
+    """A JSONL manifest of one record per image (ids r0, r1, ...), as the listing's row."""
+    (folder / "list.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "image": name}) + "\n"
+                                               for i, name in enumerate(images)))
+    objects, _ = list_objects(str(folder / "list.jsonl"))
+    return object_to_row(objects[0])
+
+
+def _rows(row: dict, model: Path, **kwargs) -> object:
+    """expand_rows for a manifest, chunking text in `model`'s tokens."""
+    return expand_rows(row, settings=ExpandSettings(), storage_options=None, model=str(model),
+                       model_id="m", dim=8, **kwargs)
+
+
+def test_a_manifests_images_are_passed_on_as_they_are_read(tmp_path, tiny_embedding_ckpt):
+    """80 records of 1.1 MB images (88 MB in all): the rows' reader holds at most a handover's worth."""
+    size = _raw_png(tmp_path / "big.png", 600, seed=1)
+    total = 80 * size
+    row = _manifest(tmp_path, ["big.png"] * 79 + ["last.png"])
+    _raw_png(tmp_path / "last.png", 600, seed=2)
+
+    tokenizer_for(str(tiny_embedding_ckpt))  # loaded once per process, not this expansion's memory
+    rows = iter(_rows(row, tiny_embedding_ckpt))
+    tracemalloc.start()
+    try:
+        first = next(rows)
+        (tmp_path / "last.png").unlink()  # read after the first row was passed on: its record fails
+        kinds = [first["row_kind"]] + [r["row_kind"] for r in rows]  # each row dropped once counted
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert kinds == ["unit"] * 79 + ["dead", "object"], kinds
+    assert json.loads(first["payload"])["object_units"] == 80
+    assert peak < HANDOVER_BYTES + 8 * size < total / 2, (peak, total)
+
+
+def test_a_manifest_with_no_good_record_fails_with_a_summary(tmp_path, tiny_embedding_ckpt):
+    row = _manifest(tmp_path, ["missing-1.png", "missing-2.png"])
+    rows = list(_rows(row, tiny_embedding_ckpt))
+    assert [(r["row_kind"], r["position"], r["error_type"]) for r in rows[:-1]] == [
+        ("dead", "record=r0", "FileNotFoundError"), ("dead", "record=r1", "FileNotFoundError"),
+        ("dead", None, "EmptyManifest")]
+    assert (rows[-1]["row_kind"], rows[-1]["status"], rows[-1]["n_units"]) == ("object", "failed", 0)
+
+
+@ray.remote(max_retries=0)
+def _expand_slowly_consumed(row: dict, model: Path, journal) -> list[str]:
+    """Expand a manifest under a 1 s limit per record, its consumer taking 3 s over the first rows."""
+    kinds = []
+    for out in _rows(row, model, crash_journal=journal, max_expand_s=1.0):
+        if not kinds:
+            time.sleep(3)  # as Ray Data holding the task while the embedders catch up
+        kinds.append(out["row_kind"])
+    return kinds
+
+
+def test_waiting_on_the_consumer_is_not_a_hang(tmp_path, tiny_embedding_ckpt, ray_local):
+    """A record over HANDOVER_BYTES is passed on at once; the 3 s its consumer then takes is not
+    counted against max_expand_s (the watchdog would stop the task's process)."""
+    side = int((HANDOVER_BYTES / 3) ** 0.5) + 8
+    _raw_png(tmp_path / "huge.png", side, seed=3)
+    row = _manifest(tmp_path, ["huge.png", "huge.png"])
+    journal = start_journal()
+    try:
+        assert ray.get(_expand_slowly_consumed.remote(row, tiny_embedding_ckpt, journal), timeout=120) == ["unit", "unit", "object"]
+    finally:
+        ray.kill(journal)
