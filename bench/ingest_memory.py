@@ -1,6 +1,6 @@
 """Peak memory of the ingestion at 1x and 10x corpus size (streaming: it must stay flat).
 
-    .venv/bin/python bench/ingest_memory.py [--units 500] [--factor 10]
+    .venv/bin/python bench/ingest_memory.py [--units 500] [--factor 10] [--manifest]
 
 Each run starts a fresh local Ray (so nothing is left from the previous run), ingests a
 folder of single-unit files (half text, half 360x360 noise PNGs of ~0.39 MB each, embedded
@@ -18,6 +18,7 @@ The measure that must stay flat: peak of (sum of USS + object store in use); 1x 
 a few embedding batches (batch_size 512 rows = 256 single-unit files) to reach steady state.
 If the pipeline kept rows, image bytes or points anywhere (driver, store, sink, actor), the
 10x run would carry ~10x the image bytes (about 1 GB more at the defaults).
+--manifest: the same units as the records of one JSONL manifest (one expansion task reads them all).
 """
 
 from __future__ import annotations
@@ -43,22 +44,34 @@ except ImportError:  # Ray vendors psutil
 MB = 2**20
 
 
-def make_corpus(root: Path, units: int, seed: int = 0) -> Path:
-    """units single-unit files: half text, half ~0.39 MB noise PNGs (distinct content each)."""
+def make_corpus(root: Path, units: int, seed: int = 0, manifest: bool = False) -> Path:
+    """units single-unit files: half text, half ~0.39 MB noise PNGs (distinct content each).
+
+    manifest: the same units as the records of one JSONL manifest instead (texts inline, images
+    referenced in a folder beside the source), so one expansion task reads every image.
+    """
+    import json
+
     import numpy as np
     from PIL import Image
 
     rng = random.Random(seed)
     src = root / "src"
+    images = root / "media" if manifest else src / "images"
     (src / "text").mkdir(parents=True, exist_ok=True)
-    (src / "images").mkdir(parents=True, exist_ok=True)
+    images.mkdir(parents=True, exist_ok=True)
     n_images = units // 2
     base = np.random.default_rng(seed).integers(0, 256, (360, 720, 3), dtype=np.uint8)
     for i in range(n_images):
         tile = np.roll(base, i * 7, axis=1)[:, :360]
-        Image.fromarray(tile).save(src / "images" / f"img_{i:06d}.png", compress_level=0)
-    for i in range(units - n_images):
-        (src / "text" / f"doc_{i:06d}.txt").write_text(C.sentence(rng, rng.randint(10, 120)) + "\n")
+        Image.fromarray(tile).save(images / f"img_{i:06d}.png", compress_level=0)
+    texts = [C.sentence(rng, rng.randint(10, 120)) for _ in range(units - n_images)]
+    if manifest:
+        records = [{"image": str(images / f"img_{i:06d}.png")} for i in range(n_images)] + [{"text": t} for t in texts]
+        (src / "text" / "list.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return src
+    for i, text in enumerate(texts):
+        (src / "text" / f"doc_{i:06d}.txt").write_text(text + "\n")
     return src
 
 
@@ -119,14 +132,14 @@ class Sampler:
         self._thread.join()
 
 
-def run_once(units: int, ckpt: str, tmp: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+def run_once(units: int, ckpt: str, tmp: Path, overrides: dict[str, Any], manifest: bool = False) -> dict[str, Any]:
     """Ingest a fresh corpus of `units` on a fresh Ray; peak memory and timings."""
     import ray
 
     from bench.ingest_vs_embedder import ingest_config
     from pipelines.ingest import run_ingest
 
-    src = make_corpus(tmp / f"corpus_{units}", units)
+    src = make_corpus(tmp / f"corpus_{units}", units, manifest=manifest)
     cfg = ingest_config(src, ckpt, tmp / f"work_{units}", {"embedder": {"max_pixels": 65536}, **overrides})
     ray.init(address="local", num_cpus=C.os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
@@ -135,7 +148,7 @@ def run_once(units: int, ckpt: str, tmp: Path, overrides: dict[str, Any]) -> dic
         assert report.points_written == units, (report.points_written, units)
     finally:
         ray.shutdown()
-    data_mb = sum(f.stat().st_size for f in src.rglob("*") if f.is_file()) / MB
+    data_mb = sum(f.stat().st_size for f in src.parent.rglob("*") if f.is_file()) / MB
     top = sorted(s.per_process.items(), key=lambda kv: -kv[1])[:5]
     return {"units": units, "seconds": t, "data_mb": data_mb, **s.peak,
             "top": ", ".join(f"{s.names[pid]} {v / MB:.0f}" for pid, v in top)}
@@ -149,6 +162,7 @@ def main() -> None:
     ap.add_argument("--factor", type=int, default=10)
     ap.add_argument("--size", default="small", choices=("tiny", "small"))
     ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--manifest", action="store_true", help="the units as the records of one JSONL manifest")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="config override, e.g. --set compute.batch_size=64")
     args = ap.parse_args()
@@ -158,7 +172,7 @@ def main() -> None:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for units in (args.units, args.units * args.factor):
-            r = run_once(units, ckpt, Path(tmp), parse_overrides(args.overrides))
+            r = run_once(units, ckpt, Path(tmp), parse_overrides(args.overrides), args.manifest)
             runs.append(r)
             print(f"# {units} units ({r['data_mb']:.0f} MB of files): {r['seconds']:.1f}s; peak USS+store "
                   f"{r['total'] / MB:.0f} MB (USS {r['uss'] / MB:.0f}, store {r['plasma'] / MB:.0f}); peak USS by "
@@ -168,7 +182,8 @@ def main() -> None:
     def row(label: str, key: str) -> list[str]:
         return [label, f"{a[key] / MB:.0f}", f"{b[key] / MB:.0f}", f"{b[key] / max(a[key], 1):.2f}"]
 
-    C.print_table(f"Ingestion peak memory, {a['units']} vs {b['units']} units ({args.size}, CPU, default config)",
+    shape = "one manifest's records" if args.manifest else "single-unit files"
+    C.print_table(f"Ingestion peak memory, {a['units']} vs {b['units']} units as {shape} ({args.size}, CPU, default config)",
                   ["measure (peaks, MB)", f"1x: {a['units']} units, {a['data_mb']:.0f} MB of files",
                    f"{args.factor}x: {b['units']} units, {b['data_mb']:.0f} MB of files", "ratio"],
                   [row("USS of driver + all Ray processes + object store in use (the flat one)", "total"),
