@@ -150,13 +150,6 @@ class _Watchdog:
         """Nothing is being read now."""
         self._slot = None
 
-    def extend(self) -> None:
-        """The armed item made progress (a manifest finished one record): its limit starts again now."""
-        slot = self._slot
-        if slot is not None:
-            journal, task, item, _, limit = slot
-            self._slot = (journal, task, item, time.monotonic() + limit, limit)
-
     def _run(self) -> None:
         while True:
             time.sleep(0.25)
