@@ -373,7 +373,9 @@ def test_zero_fps_or_max_frames_means_the_default_as_in_the_reference(embedder, 
                               {"video": video, "fps": 4.0}])
     assert all(r.ok for r in results), [r.error for r in results]
     default = results[0].vector
-    assert np.abs(results[1].vector - default).max() == 0 and np.abs(results[2].vector - default).max() == 0
+    # Not bit for bit: on some CPUs the same input at another row of a batch rounds differently
+    # (3e-8 on an AMD EPYC; the matrix kernels depend on the row), so equal within 1e-6.
+    assert np.abs(results[1].vector - default).max() < 1e-6 and np.abs(results[2].vector - default).max() < 1e-6
     assert np.abs(results[3].vector - default).max() > 1e-4  # fps itself does count
 
 
