@@ -176,7 +176,14 @@ def _warn_lost(exc: BaseException) -> None:
     if not _WARNED:
         _WARNED = True
         _log.warning("the crash journal could not be reached (%s: %s); going on without it: an item that "
-                     "crashes or hangs its worker is not skipped on the retry", type(exc).__name__, exc)
+                     "crashes or hangs its worker is not skipped on the retry", type(exc).__name__, _brief(exc))
+
+
+def _brief(exc: BaseException) -> str:
+    """An exception's first line, and why the actor died when Ray says: its other lines are ids and addresses."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    kept = lines[:1] + [line for line in lines[1:] if line.startswith("The actor is dead because")]
+    return " ".join(kept)
 
 
 def _call(method: Any, *args: Any) -> Any:

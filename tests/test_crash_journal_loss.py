@@ -128,6 +128,8 @@ def test_a_guard_without_a_journal_logs_one_warning(ray_local, caplog, monkeypat
             guard.end()
     warnings = [r for r in caplog.records if "crash journal could not be reached" in r.getMessage()]
     assert len(warnings) == 1 and "ActorDiedError" in warnings[0].getMessage()
+    # One line, with why the actor died; not Ray's ids, pid, namespace and address, a line each.
+    assert "\n" not in warnings[0].getMessage() and "killed by `ray.kill`" in warnings[0].getMessage()
 
 
 # ------------------------------------------------------------------ a whole ingestion losing its journal
