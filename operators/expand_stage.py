@@ -18,6 +18,7 @@ from typing import Any
 
 from .crash_journal import TaskGuard, current_task_id, reading
 from .media.expand import FAILED, OK, Expansion, ExpandSettings, empty_manifest_letter, record_position, start_expansion
+from .media.manifest import ManifestRecord
 from .units import DeadLetter, SourceObject, Unit, dead_row, object_row, payload_for, unit_row
 
 
@@ -113,9 +114,10 @@ def expand_rows(row: dict[str, Any], *, settings: ExpandSettings, storage_option
         units, rows, status = [], [], FAILED
         dead.append(DeadLetter(uri=obj.uri, stage="expand", error_type=type(exc).__name__,
                                message=f"cannot build the object's points: {exc}"))
+    done = object_row(obj.uri, status, len(units), time.perf_counter() - start)  # not the time Ray Data holds us
     yield from rows
     yield from (dead_row(d) for d in dead)
-    yield object_row(obj.uri, status, len(units), time.perf_counter() - start)
+    yield done
 
 
 def _manifest_rows(expansion: Expansion, guard: TaskGuard | None, model_id: str, dim: int, stamp: str,
@@ -129,28 +131,35 @@ def _manifest_rows(expansion: Expansion, guard: TaskGuard | None, model_id: str,
     uri = expansion.obj.uri
     pending: list[dict[str, Any]] = []
     held = units = bad = 0
+    waited = 0.0  # while Ray Data held us at a handover: not the expansion's time
     for rec in expansion.records or ():
-        position = record_position(rec)
-        item = f"{uri}#{position}"
-        if guard is not None and guard.skip(item):
-            result: Unit | DeadLetter = _skipped(guard, item, uri, position)
-        else:
+        # Named by line, unique in the manifest (ids may repeat, or equal another record's line);
+        # NUL never occurs in a path, so no object of the task shares the name.
+        item = f"{uri}\0line={rec.line}"
+        if isinstance(rec, ManifestRecord) and guard is not None and guard.skip(item):
+            result: Unit | DeadLetter = _skipped(guard, item, uri, record_position(rec))
+        elif isinstance(rec, ManifestRecord):
             with reading(guard, item):  # max_expand_s bounds each record, not the sum of them
                 result = expansion.read_record(rec)
+        else:  # a record that did not parse reads nothing: nothing to watch or journal
+            result = expansion.read_record(rec)
         out = _record_row(result, model_id, dim, stamp, expansion.positions)
         units += out["row_kind"] == "unit"
         bad += out["row_kind"] == "dead"
         pending.append(out)
         held += _size(out)
         if held >= HANDOVER_BYTES:
+            handed = time.perf_counter()
             yield from pending
+            waited += time.perf_counter() - handed
             pending, held = [], 0
+    seconds = time.perf_counter() - start - waited
     yield from pending
     if units:
-        yield object_row(uri, OK, units, time.perf_counter() - start)
+        yield object_row(uri, OK, units, seconds)
     else:
         yield dead_row(empty_manifest_letter(uri, bad))
-        yield object_row(uri, FAILED, 0, time.perf_counter() - start)
+        yield object_row(uri, FAILED, 0, seconds)
 
 
 def _skipped(guard: TaskGuard, item: str, uri: str, position: str | None = None) -> DeadLetter:

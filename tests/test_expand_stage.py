@@ -96,3 +96,55 @@ def test_waiting_on_the_consumer_is_not_a_hang(tmp_path, tiny_embedding_ckpt, ra
         assert ray.get(_expand_slowly_consumed.remote(row, tiny_embedding_ckpt, journal), timeout=120) == ["unit", "unit", "object"]
     finally:
         ray.kill(journal)
+
+
+def test_the_time_ray_data_holds_the_task_is_not_expansion_time(tmp_path, tiny_embedding_ckpt):
+    """The status row's seconds go into the report's expand stage: a slow consumer must not inflate them."""
+    _raw_png(tmp_path / "a.png", 32, seed=4)
+    (tmp_path / "note.txt").write_text("a few words to embed")
+    for row in (_manifest(tmp_path, ["a.png", "a.png"]), object_to_row(list_objects(str(tmp_path / "note.txt"))[0][0])):
+        started = time.perf_counter()
+        rows = []
+        for out in _rows(row, tiny_embedding_ckpt):
+            time.sleep(0.5)  # as Ray Data holding the task
+            rows.append(out)
+        assert rows[-1]["row_kind"] == "object" and rows[-1]["status"] == "ok"
+        assert rows[-1]["seconds"] < 0.4 < time.perf_counter() - started, rows[-1]
+
+
+def _journal_blames(journal, task: str, item: str) -> object:
+    """The guard of a task's third attempt, after its careful second attempt died reading `item`."""
+    from operators.crash_journal import TaskGuard
+
+    ray.get(journal.begin.remote(task))  # attempt 1 died, naming nothing
+    careful = TaskGuard(journal, task)  # attempt 2 names each item before reading it ...
+    ray.get(journal.enter.remote(task, item))  # ... and died reading this one
+    assert careful.careful
+    return TaskGuard(journal, task)
+
+
+def test_a_retry_leaves_out_the_one_record_that_killed_its_worker(tmp_path, tiny_embedding_ckpt, ray_local):
+    """Records are journalled by line: a bad line 1 and a record whose id is '1' are two items, and a
+    record that reads nothing (a bad line) is never blamed, so the retry's rows before the culprit
+    are the first attempt's."""
+    from operators.expand_stage import _manifest_rows
+    from operators.media.expand import start_expansion
+
+    _raw_png(tmp_path / "ok.png", 16, seed=5)
+    lines = ["{not json", json.dumps({"id": "1", "image": "ok.png"}), json.dumps({"id": "x", "image": "ok.png"}),
+             json.dumps({"id": "x", "text": "a duplicate id"})]
+    (tmp_path / "list.jsonl").write_text("\n".join(lines) + "\n")
+    obj = list_objects(str(tmp_path / "list.jsonl"))[0][0]
+    expansion = start_expansion(obj, ExpandSettings())
+    first = [(r["row_kind"], r["position"], r["error_type"]) for r in
+             _manifest_rows(expansion, None, "m", 8, "now", time.perf_counter())]
+    journal = start_journal()
+    try:
+        guard = _journal_blames(journal, "t", f"{obj.uri}\0line=3")  # the first record with id 'x'
+        retry = [(r["row_kind"], r["position"], r["error_type"]) for r in
+                 _manifest_rows(start_expansion(obj, ExpandSettings()), guard, "m", 8, "now", time.perf_counter())]
+    finally:
+        ray.kill(journal)
+    assert first[:3] == [("dead", "record=1", "InvalidJSON"), ("unit", "record=1", None), ("unit", "record=x", None)]
+    assert retry[:2] == first[:2]
+    assert retry[2] == ("dead", "record=x", "WorkerCrashed") and retry[3] == first[3] == ("dead", "record=x", "DuplicateId")
