@@ -312,3 +312,51 @@ def test_a_record_whose_reference_fails_is_named_by_its_uri(moto_s3) -> None:
     assert [d.position for d in dead] == ["record=gone"]
     assert dead[0].message.startswith("line 1: s3://no-such-bucket-q/o.png: "), dead[0].message
     assert dead[0].error_type != "Unreachable"
+
+
+def test_an_image_streamed_without_a_length_is_read_whole(tmp_path):
+    """An HTTP server that sends no Content-Length (chunked): fsspec's stream returns what has arrived
+    from each read, so one read took the first 64 KiB of a 900 KB image and failed it as corrupt."""
+    import http.server
+    import threading
+
+    import numpy as np
+    from PIL import Image
+
+    png = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (550, 550, 3), dtype=np.uint8)).save(png)
+    data = png.read_bytes()
+
+    class Chunked(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(0, len(data), 50_000):
+                piece = data[i:i + 50_000]
+                self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+
+        def do_HEAD(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Chunked)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        manifest = tmp_path / "list.jsonl"
+        manifest.write_text(json.dumps({"id": "n", "image": f"http://127.0.0.1:{server.server_address[1]}/noise.png"}))
+        units, dead, status = expand_object(SourceObject(str(manifest), manifest.stat().st_size, "fp"), CFG)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (status, dead) == ("ok", []), dead
+    assert len(data) > 800_000 and units[0].image == data

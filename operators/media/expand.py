@@ -132,13 +132,25 @@ def _read_capped(fh: IO[bytes], head: bytes, limit: int, uri: str, listed: bool 
     size = _size_of(fh)
     if size is not None:  # read(n) reserves n bytes first: 512 MiB for each small image otherwise
         want = min(want, max(size - len(head), 0) + 1)  # one byte more notices a file that grew
-    data = head + fh.read(want)
+    data = head + _read_fully(fh, want)
     if size is not None and len(data) > size:  # it grew since: the rest, up to the limit
-        data += fh.read(limit + 1 - len(data))
+        data += _read_fully(fh, limit + 1 - len(data))
     if len(data) > limit:
         raise ObjectTooLargeError(f"{uri} grew past max_object_bytes={limit} after listing" if listed
                                   else f"{uri} is over max_object_bytes={limit}")
     return data
+
+
+def _read_fully(fh: IO[bytes], n: int) -> bytes:
+    """Up to n bytes, fewer only at the end: a stream (HTTP without a length) returns what has arrived."""
+    parts, got = [], 0
+    while got < n:
+        chunk = fh.read(n - got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
 
 
 def _size_of(fh: IO[bytes]) -> int | None:
