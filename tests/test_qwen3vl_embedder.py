@@ -380,15 +380,26 @@ def test_zero_fps_or_max_frames_means_the_default_as_in_the_reference(embedder, 
 
 
 def test_a_data_uri_that_is_not_an_image_is_named_by_its_type(embedder, media):
-    """qwen-vl-utils opens a data: URI that is not data:image as a file path: 'not found', echoing it whole."""
+    """qwen-vl-utils opens a data: URI that is not data:image as a file path: 'not found', echoing it whole.
+    The scheme is case-insensitive; an image's data: URI without base64 is refused too."""
+    import base64
+
+    from operators.qwen3vl.media_io import is_fetch_failure
+
+    png = base64.b64encode(media["rgb"].read_bytes()).decode()
     text_uri = "data:text/plain;base64," + "QUJD" * 100_000
-    results = embedder.embed([{"image": text_uri}, {"video": "data:video/mp4;base64,AAAA"},
-                              {"video": [str(media["frames"][0]), "data:,x"]}, {"text": "fine"}])
-    assert "cannot read image from a data: URI of 'text/plain' (400,023 characters)" in results[0].error
-    assert "cannot read video from a data: URI of 'video/mp4'" in results[1].error
-    assert "cannot read image from a data: URI of 'no media type'" in results[2].error
-    assert all(len(r.error) < 400 for r in results[:3]), [r.error[:200] for r in results]
-    assert results[3].ok
+    results = embedder.embed([{"image": text_uri}, {"video": "DATA:video/mp4;base64,AAAA"},
+                              {"video": [str(media["frames"][0]), "data:,x"]}, {"image": "data:image/png," + "A" * 5000},
+                              {"image": "Data:IMAGE/PNG;BASE64," + png}, {"image": "data:image/png;base64," + png},
+                              {"image": "DATA:text/plain," + "x" * 5000}])
+    assert "a data: URI of 'text/plain;base64' (400,023 characters) is not read as an image" in results[0].error
+    assert "a data: URI of 'video/mp4;base64' (26 characters) is not read as a video" in results[1].error
+    assert "a data: URI of 'no media type'" in results[2].error
+    assert "a data: URI of 'image/png'" in results[3].error and "a data: URI of 'text/plain'" in results[6].error
+    for r in (results[0], results[1], results[2], results[3], results[6]):
+        assert len(r.error) < 400 and not is_fetch_failure(r.error), r.error[:300]
+    assert results[4].ok and results[5].ok
+    assert np.abs(results[4].vector - results[5].vector).max() < 1e-6
 
 
 def test_video_cuts_without_a_video_file_and_bad_frames_are_named(embedder, media, tmp_path):

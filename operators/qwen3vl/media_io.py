@@ -44,11 +44,26 @@ def _is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith(_PASSTHROUGH_PREFIXES)
 
 
+def _is_data_uri(source: str) -> bool:
+    return source[:5].lower() == "data:"  # URI schemes are case-insensitive
+
+
+def _image_data_uri(source: str) -> str:
+    """A base64 image data: URI as qwen-vl-utils reads it (scheme and header in lower case); MediaError otherwise."""
+    header, comma, payload = source.partition(",")
+    header = header.lower()
+    if not (comma and header.startswith("data:image/") and header.endswith(";base64")):
+        _refuse_data_uri(source, "image")
+    return f"{header},{payload}"
+
+
 def _refuse_data_uri(source: str, what: str) -> None:
-    """Raise MediaError for a data: URI that is not read as a `what` (named by its media type, not echoed)."""
-    media_type = source[len("data:"):].split(",", 1)[0].split(";", 1)[0] or "no media type"
+    """Raise MediaError for a data: URI that is not read as a `what` (named by its header, not echoed)."""
+    header = source.partition(",")[0][len("data:"):][:80] or "no media type"
     readable = "a data:image/...;base64 URI" if what == "image" else "a file or URL, or a list of frames"
-    raise MediaError(f"cannot read {what} from a data: URI of {media_type!r} ({len(source):,} characters): "
+    # Not "cannot read ...": that begins a fetch failure (is_fetch_failure), which may pass next time.
+    article = "an" if what == "image" else "a"
+    raise MediaError(f"a data: URI of {header!r} ({len(source):,} characters) is not read as {article} {what}: "
                      f"give {readable}")
 
 
@@ -109,10 +124,10 @@ def resolve_image(source: Any, storage_options: dict[str, Any] | None = None) ->
             path = file_url_path(source)
             _require_local_file(path, "image", source)
             return "file://" + path  # qwen-vl-utils opens what follows the scheme as it is
+        if _is_data_uri(source):  # qwen-vl-utils takes any other for a file path, and echoes it whole
+            return _image_data_uri(source)
         if source.startswith(_PASSTHROUGH_PREFIXES):
             return source
-        if source.startswith("data:"):  # not an image's: it would be taken for a missing file
-            _refuse_data_uri(source, "image")
         if _is_remote(source):
             return open_image_bytes(read_bytes(source, storage_options), source)
         _require_local_file(source, "image")
@@ -142,7 +157,7 @@ class VideoFiles:
             return uri
         if uri.startswith("file://"):
             uri = file_url_path(uri)
-        if uri.startswith("data:"):  # neither qwen-vl-utils' video readers nor ours read one
+        if _is_data_uri(uri):  # neither qwen-vl-utils' video readers nor ours read one
             _refuse_data_uri(uri, "video")
         if not _is_remote(uri):
             _require_local_file(uri, "video")
