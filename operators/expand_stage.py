@@ -18,7 +18,7 @@ from typing import Any
 
 from .crash_journal import TaskGuard, current_task_id, reading
 from .media.expand import FAILED, OK, Expansion, ExpandSettings, empty_manifest_letter, record_position, start_expansion
-from .media.manifest import ManifestRecord
+from .media.manifest import RecordError
 from .units import DeadLetter, SourceObject, Unit, dead_row, object_row, payload_for, unit_row
 
 
@@ -136,13 +136,13 @@ def _manifest_rows(expansion: Expansion, guard: TaskGuard | None, model_id: str,
         # Named by line, unique in the manifest (ids may repeat, or equal another record's line);
         # NUL never occurs in a path, so no object of the task shares the name.
         item = f"{uri}\0line={rec.line}"
-        if isinstance(rec, ManifestRecord) and guard is not None and guard.skip(item):
-            result: Unit | DeadLetter = _skipped(guard, item, uri, record_position(rec))
-        elif isinstance(rec, ManifestRecord):
+        if isinstance(rec, RecordError):  # it did not parse and reads nothing: nothing to watch or blame
+            result: Unit | DeadLetter = expansion.read_record(rec)
+        elif guard is not None and guard.skip(item):
+            result = _skipped(guard, item, uri, record_position(rec))
+        else:
             with reading(guard, item):  # max_expand_s bounds each record, not the sum of them
                 result = expansion.read_record(rec)
-        else:  # a record that did not parse reads nothing: nothing to watch or journal
-            result = expansion.read_record(rec)
         out = _record_row(result, model_id, dim, stamp, expansion.positions)
         units += out["row_kind"] == "unit"
         bad += out["row_kind"] == "dead"

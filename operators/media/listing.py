@@ -44,6 +44,11 @@ def is_local_uri(uri: str) -> bool:
     return "://" not in uri or uri.startswith(_LOCAL_PREFIXES)
 
 
+def is_data_uri(uri: str) -> bool:
+    """True for an inline ``data:`` URI (the scheme in any case, as URI schemes are case-insensitive)."""
+    return uri[:5].lower() == "data:"
+
+
 def local_path(uri: str) -> str:
     """The absolute local path of a plain path or ``file://`` URL."""
     if uri.startswith("file://"):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from operators.media.detect import extension
-from operators.media.listing import is_local_uri, local_path
+from operators.media.listing import is_data_uri, is_local_uri, local_path
 
 CONTENT_FIELDS = ("text", "image", "video")
 # A record's other fields go into the payload of each of its points. A point must fit one upsert
@@ -81,7 +81,7 @@ class BadReferenceError(ValueError):
 
 def resolve_uri(ref: str, manifest_uri: str) -> str:
     """Absolute URI of a record reference, relative ones taken from the manifest's folder."""
-    if ref[:5].lower() == "data:":  # it would be taken for a relative path, and echoed whole in "not found"
+    if is_data_uri(ref):  # it would be taken for a relative path, and echoed whole in "not found"
         raise BadReferenceError(f"an inline data: URI ({len(ref):,} characters) is not a reference to a file: "
                                 "store the media as a file and give its path or URI")
     if ref.startswith(("file://", "local://")):  # a file URL percent-decoded, a plain path never

@@ -13,15 +13,15 @@ import shutil
 import tempfile
 import threading
 import weakref
-from typing import Any
+from typing import Any, NoReturn
 
 import fsspec
 from PIL import Image
 
-from ..media.listing import file_url_path
+from ..media.listing import file_url_path, is_data_uri
 from ..once_cache import OnceCache
 
-_PASSTHROUGH_PREFIXES = ("http://", "https://", "data:image", "file://")
+_PASSTHROUGH_PREFIXES = ("http://", "https://", "file://")  # data: URIs are checked first (_image_data_uri)
 
 
 class MediaError(ValueError):
@@ -44,10 +44,6 @@ def _is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith(_PASSTHROUGH_PREFIXES)
 
 
-def _is_data_uri(source: str) -> bool:
-    return source[:5].lower() == "data:"  # URI schemes are case-insensitive
-
-
 def _image_data_uri(source: str) -> str:
     """A base64 image data: URI as qwen-vl-utils reads it (scheme and header in lower case); MediaError otherwise."""
     header, comma, payload = source.partition(",")
@@ -57,7 +53,7 @@ def _image_data_uri(source: str) -> str:
     return f"{header},{payload}"
 
 
-def _refuse_data_uri(source: str, what: str) -> None:
+def _refuse_data_uri(source: str, what: str) -> NoReturn:
     """Raise MediaError for a data: URI that is not read as a `what` (named by its header, not echoed)."""
     header = source.partition(",")[0][len("data:"):][:80] or "no media type"
     readable = "a data:image/...;base64 URI" if what == "image" else "a file or URL, or a list of frames"
@@ -124,7 +120,7 @@ def resolve_image(source: Any, storage_options: dict[str, Any] | None = None) ->
             path = file_url_path(source)
             _require_local_file(path, "image", source)
             return "file://" + path  # qwen-vl-utils opens what follows the scheme as it is
-        if _is_data_uri(source):  # qwen-vl-utils takes any other for a file path, and echoes it whole
+        if is_data_uri(source):  # qwen-vl-utils takes any other for a file path, and echoes it whole
             return _image_data_uri(source)
         if source.startswith(_PASSTHROUGH_PREFIXES):
             return source
@@ -157,7 +153,7 @@ class VideoFiles:
             return uri
         if uri.startswith("file://"):
             uri = file_url_path(uri)
-        if _is_data_uri(uri):  # neither qwen-vl-utils' video readers nor ours read one
+        if is_data_uri(uri):  # neither qwen-vl-utils' video readers nor ours read one
             _refuse_data_uri(uri, "video")
         if not _is_remote(uri):
             _require_local_file(uri, "video")
