@@ -1,6 +1,7 @@
-"""The Ray Data expansion stage: one listed object in, its unit rows (plus status and dead rows) out.
+"""The Ray Data expansion stage: one task's work in, its unit rows (plus status and dead rows) out.
 
-Runs as CPU tasks (flat_map). Reads the object once through fsspec, detects its
+Runs as CPU tasks (flat_map) over work rows (operators/expand_work.py): a few listed objects,
+or one range of a big manifest's records. Reads each object once through fsspec, detects its
 type from content, and cuts it into units; it never raises, so one bad file
 becomes rows that say so instead of a failed job. A file that crashes a native
 decoder (which no ``except`` catches) or hangs it becomes such rows on the task's
@@ -17,6 +18,7 @@ from functools import lru_cache
 from typing import Any
 
 from .crash_journal import TaskGuard, current_task_id, reading
+from .expand_work import RecordRange, read_work
 from .media.expand import FAILED, OK, Expansion, ExpandSettings, empty_manifest_letter, record_position, start_expansion
 from .media.manifest import RecordError
 from .units import DeadLetter, SourceObject, Unit, dead_row, object_row, payload_for, unit_row
@@ -79,6 +81,31 @@ def _task_guard(journal: Any, limit_s: float | None) -> TaskGuard | None:
 HANDOVER_BYTES = 16 * 1024 * 1024
 
 
+def expand_work(row: dict[str, Any], **kwargs: Any) -> Iterator[dict[str, Any]]:
+    """The rows of one task's work (a work row): each of its objects' (see expand_rows), or its record range's.
+
+    kwargs: expand_rows's keyword arguments.
+    """
+    work = read_work(row)
+    if isinstance(work, RecordRange):
+        yield from _range_rows(work, **kwargs)
+        return
+    for obj in work.objects:
+        yield from expand_rows(object_to_row(obj), **kwargs)
+
+
+def _range_rows(work: RecordRange, *, settings: ExpandSettings, storage_options: dict[str, Any] | None,
+                model_id: str, dim: int, ingested_at: str | None = None, crash_journal: Any = None,
+                max_expand_s: float | None = None, **_: Any) -> Iterator[dict[str, Any]]:
+    """The rows of one range of a manifest's records, and the range's status row (its units, not the manifest's)."""
+    start = time.perf_counter()
+    stamp = ingested_at or datetime.now(timezone.utc).isoformat()
+    expansion = Expansion(work.obj, OK, records=list(work.records), cfg=settings, storage_options=storage_options,
+                          positions=work.positions)
+    guard = _task_guard(crash_journal, max_expand_s)
+    yield from _manifest_rows(expansion, guard, model_id, dim, stamp, start, whole=False)
+
+
 def expand_rows(row: dict[str, Any], *, settings: ExpandSettings, storage_options: dict[str, Any] | None,
                 model: str, model_id: str, dim: int, revision: str | None = None, ingested_at: str | None = None,
                 crash_journal: Any = None, max_expand_s: float | None = None) -> Iterator[dict[str, Any]]:
@@ -121,8 +148,12 @@ def expand_rows(row: dict[str, Any], *, settings: ExpandSettings, storage_option
 
 
 def _manifest_rows(expansion: Expansion, guard: TaskGuard | None, model_id: str, dim: int, stamp: str,
-                   start: float) -> Iterator[dict[str, Any]]:
+                   start: float, whole: bool = True) -> Iterator[dict[str, Any]]:
     """A manifest's rows, its records read one at a time, each watched and journalled on its own.
+
+    whole: the records are all the manifest's; else they are one range of them, whose status row
+    counts the range's units and which never says the manifest is empty (the driver adds the
+    ranges up: pipelines/expand_plan.py).
 
     Ray keeps what a task attempt already passed on and drops a retry's outputs up to there: the
     retry must make the same rows up to the record that killed the first attempt. So the journal
@@ -155,8 +186,8 @@ def _manifest_rows(expansion: Expansion, guard: TaskGuard | None, model_id: str,
             pending, held = [], 0
     seconds = time.perf_counter() - start - waited
     yield from pending
-    if units:
-        yield object_row(uri, OK, units, seconds)
+    if units or not whole:
+        yield object_row(uri, OK if units else FAILED, units, seconds)
     else:
         yield dead_row(empty_manifest_letter(uri, bad))
         yield object_row(uri, FAILED, 0, seconds)

@@ -30,6 +30,7 @@ import uuid
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Collection
 from typing import Any, Callable
 
 import ray
@@ -37,7 +38,8 @@ from ray.data.exceptions import SystemException
 
 from operators.crash_journal import start_journal, stop_journal
 from operators.embed_stage import EmbedStage
-from operators.expand_stage import expand_rows, object_to_row
+from operators.expand_stage import expand_work
+from operators.expand_work import RECORDS_PER_TASK
 from operators.media.expand import UNREACHABLE, ExpandSettings, most_units
 from operators.media.listing import list_objects
 from operators.qwen3vl.media_io import is_fetch_failure
@@ -51,6 +53,7 @@ from sinks.qdrant_writer import QdrantWriter
 from .actor_fit import ActorPool, check_pools_fit
 from .config import Config
 from .config_secrets import redact
+from .expand_plan import MAX_EXPAND_BLOCKS, merge_ranges, split_manifests, work_rows
 from .interrupts import Interrupted, SignalGate, defer_signals, stop_on_signals
 from .plan import Plan, plan_objects, settings_digest, source_root, unlisted_entries, with_settings
 from .preflight import (PreflightError, check_ray_address, check_workers_see_env, collection_spec,
@@ -502,21 +505,6 @@ def _account_stopped_run(report: RunReport, todo: list[Any], store: Store, exc: 
                                     "message": f"{what}: the run stopped on {report.error}; re-run to finish"})
 
 
-OBJECTS_PER_EXPAND_TASK = 64
-
-
-def input_blocks(n_objects: int) -> int:
-    """Blocks (= expand tasks) for the listed objects: about 64 objects per task.
-
-    Each Ray task costs a few milliseconds of driver, raylet and worker CPU: 256 tasks of a few
-    files each take CPU from a CPU embedder on a small machine (bench/RESULTS.md). A task's
-    memory grows with its objects, so tasks stay small (bounded memory whatever the corpus
-    size), and a cluster still gets at least two tasks per CPU.
-    """
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    return max(1, min(n_objects, 4096, max(2 * cpus, -(-n_objects // OBJECTS_PER_EXPAND_TASK))))
-
-
 # Ray Data retries a batch whose actor died forever: a batch that keeps killing its actor would
 # loop. A unit that crashes or hangs a decoder costs at most two retries (the crash journal names
 # it, then it is skipped), so five leave room for an unrelated death or two.
@@ -533,11 +521,14 @@ def map_on_actor_pool(ds: Any, fn: type, *, actors: int, **kwargs: Any) -> Any:
                               max_task_retries=BATCH_RETRIES, **kwargs)
 
 
-def may_outgrow_a_batch(todo: list[Any], cfg: Config) -> bool:
-    """Whether some object to ingest may expand into more rows than one embedding call takes."""
+def may_outgrow_a_batch(todo: list[Any], cfg: Config, split: Collection[str] = ()) -> bool:
+    """Whether some object to ingest may expand into more rows than one embedding call takes.
+
+    split: the manifests expanded in ranges of RECORDS_PER_TASK records (pipelines/expand_plan.py).
+    """
     settings = expand_settings(cfg)
     for obj in todo:
-        bound = most_units(obj.uri, obj.size, settings)
+        bound = RECORDS_PER_TASK if obj.uri in split else most_units(obj.uri, obj.size, settings)
         if bound is None or bound >= cfg.compute.batch_size:  # its status row rides along
             return True
     return False
@@ -561,14 +552,17 @@ def _run_stages(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store
                 revision: str | None) -> dict[str, Any]:
     """The expansion and embedding stages into the store's sink, with the crash journal given to both."""
     storage_options = dict(cfg.source.storage_options)
-    ds = ray.data.from_items([object_to_row(o) for o in todo], override_num_blocks=input_blocks(len(todo)))
-    ds = ds.flat_map(expand_rows, fn_kwargs=dict(
-        settings=expand_settings(cfg), storage_options=storage_options, model=cfg.embedder.model,
+    settings = expand_settings(cfg)
+    ranges = split_manifests(todo, settings, storage_options, cfg.limits.max_expand_s, EXPAND_TASK_CPUS)
+    rows = work_rows(todo, ranges)
+    ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), MAX_EXPAND_BLOCKS))
+    ds = ds.flat_map(expand_work, fn_kwargs=dict(
+        settings=settings, storage_options=storage_options, model=cfg.embedder.model,
         revision=revision, model_id=cfg.embedder.checkpoint,
         dim=spec.full_dim, ingested_at=datetime.now(timezone.utc).isoformat(),
         crash_journal=journal, max_expand_s=cfg.limits.max_expand_s),
         num_cpus=EXPAND_TASK_CPUS, **({"concurrency": cfg.compute.prepare_concurrency} if cfg.compute.prepare_concurrency else {}))
-    if may_outgrow_a_batch(todo, cfg):
+    if may_outgrow_a_batch(todo, cfg, ranges):
         # One object can expand into a block of 50,000 rows (a manifest's records, a huge text's
         # chunks), which one actor call would take whole: the other actors idle, nothing is written
         # until all of it is embedded, and a retry redoes all of it. Blocks of one embedding call's
@@ -593,7 +587,7 @@ def _run_stages(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store
     options.resource_limits = options.resource_limits.copy(object_store_memory=limit)
     sink = store.sink(spec)
     ds.write_datasink(sink)
-    return sink.summary or {}
+    return merge_ranges(sink.summary or {}, ranges)
 
 
 def partly_embedded(summary: dict[str, Any], todo: list[Any], report: RunReport) -> dict[str, tuple[str, int]]:

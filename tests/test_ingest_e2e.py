@@ -18,6 +18,7 @@ from pipelines.config import parse_config
 from pipelines.ingest import may_outgrow_a_batch, run_ingest
 from pipelines.preflight import PreflightError
 from tests.media_corpus import make_corpus
+from tests.media_gen import image_bytes, pattern_image
 
 SETTINGS = ExpandSettings(chunk_tokens=64, overlap_tokens=8, video_segment_s=1.0)
 MRL = [32, 16]
@@ -196,16 +197,18 @@ def test_only_an_object_that_may_outgrow_a_batch_gets_the_re_cut(tmp_path):
     small = [SourceObject(f"/d/{i}.{ext}", 4000, "f") for i, ext in enumerate(("txt", "png", "pdf", "mp4"))]
     assert not may_outgrow_a_batch(small, cfg)
     assert may_outgrow_a_batch(small + [SourceObject("/d/records.jsonl", 100, "f")], cfg)
+    # Cut into ranges of 64 records before the run (pipelines/expand_plan.py): each fits a call.
+    assert not may_outgrow_a_batch(small + [SourceObject("/d/records.jsonl", 100, "f")], cfg, {"/d/records.jsonl"})
     assert may_outgrow_a_batch(small + [SourceObject("/d/book.txt", 50_000 * 512, "f")], cfg)
     assert may_outgrow_a_batch(small, make_cfg(tmp_path, "/m", tmp_path, compute={"batch_size": 64},
                                                expand={"video_segment_s": 30.0}))  # a PDF's 200 pages
 
 
 def test_a_manifest_of_many_records_reaches_the_store_in_batches(tiny_embedding_ckpt, tmp_path, ray_local):
-    """A manifest expands in one task into one block of all its records. One embedding call took that
-    block whole (a 50,000-record manifest: one actor busy, the others idle, nothing written for minutes,
+    """A manifest once expanded in one task into one block of all its records, which one embedding call
+    took whole (a 50,000-record manifest: one actor busy, the others idle, nothing written for minutes,
     then everything in one write); now blocks of compute.batch_size rows stream to the actors and the
-    store."""
+    store (re-cut, here, from ranges of 64 records)."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "records.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "text": f"record {i} on lanterns"}) + "\n"
@@ -214,3 +217,29 @@ def test_a_manifest_of_many_records_reaches_the_store_in_batches(tiny_embedding_
     assert report.counts()["ingested"] == 1 and report.points_written == 240
     assert report.write_stats["tasks"] >= 240 // 16 // 2, report.write_stats  # it was 1
     assert len(all_points(tmp_path / "qdrant")) == 240
+
+
+def test_a_manifest_expanded_in_ranges_is_accounted_as_one_object(tiny_embedding_ckpt, tmp_path, ray_local):
+    """A 150-record manifest is expanded 64 records to a task: the report still has one object, each
+    point counts the manifest's units, its bad records are letters, and the next run finds it complete.
+    One whose records all fail gets the EmptyManifest letter a manifest expanded whole gets."""
+    src = tmp_path / "src"
+    (src / "media").mkdir(parents=True)
+    (src / "media/a.png").write_bytes(image_bytes(pattern_image(3)))
+    bad = {7, 100, 149}  # in the first, second and last range
+    (src / "big.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "image": "gone.png" if i in bad else "media/a.png"})
+                                           + "\n" for i in range(150)))
+    (src / "none.jsonl").write_text("".join(json.dumps({"id": f"n{i}", "image": "gone.png"}) + "\n" for i in range(70)))
+    cfg = make_cfg(src, tiny_embedding_ckpt, tmp_path, source={"uri": str(src), "include": ["*.jsonl"]})
+    report = run_ingest(cfg)
+    assert report.objects == {str(src / "big.jsonl"): "ingested", str(src / "none.jsonl"): "failed"}
+    assert report.points_written == 147 and report.units_failed == 3 + 70
+    letters = [(Path(d["uri"]).name, d["position"] or "", d["error_type"]) for d in report.dead_letters]
+    assert sorted(letters) == sorted([("big.jsonl", f"record=r{i}", "FileNotFoundError") for i in bad]
+                                     + [("none.jsonl", f"record=n{i}", "FileNotFoundError") for i in range(70)]
+                                     + [("none.jsonl", "", "EmptyManifest")])
+    assert "manifest yielded no usable record (70 bad records)" in {d["message"] for d in report.dead_letters}
+    points = all_points(tmp_path / "qdrant")
+    assert len(points) == 147 and {p.payload["object_units"] for p in points} == {147}  # settled: 3 failed for good
+    again = run_ingest(cfg)
+    assert again.objects[str(src / "big.jsonl")] == "unchanged" and again.points_written == 0

@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
 from ray import cloudpickle
@@ -561,6 +563,9 @@ def test_files_that_crash_or_hang_a_native_decoder_fail_alone(tmp_path, tiny_emb
         (media / f"{name}.png").write_bytes(image_bytes(pattern_image(i, (24, 24))) + name.encode())
     (src / "list.jsonl").write_text("".join(json.dumps({"id": name, "image": str(media / f"{name}.png")}) + "\n"
                                             for name in ("fine", "qvl-crash", "qvl-hang")))
+    # Parquet manifests whose parse kills or hangs pyarrow: before the run, then in their expansion.
+    for name in ("qvl-crash", "qvl-hang"):
+        pq.write_table(pa.table({"id": ["r"], "text": [name]}), src / f"{name}.parquet", compression="none")
     path = write_yaml(config_dict(src, tiny_embedding_ckpt, tmp_path, compute={"batch_size": 16},
                                   limits={"max_expand_s": 6.0, "max_embed_batch_s": 12.0}), tmp_path / "cfg.yaml")
     code, log = qvl_with_crash_hook(request, ["ingest", path])
@@ -574,14 +579,18 @@ def test_files_that_crash_or_hang_a_native_decoder_fail_alone(tmp_path, tiny_emb
         ("list.jsonl", "expand", "record=qvl-hang", "WorkerTimedOut"),
         ("qvl-crash.mp4", "embed", "t=0.000-1.000", "WorkerCrashed"),
         ("qvl-crash.mp4", "embed", "t=1.000-2.000", "WorkerCrashed"),
+        ("qvl-crash.parquet", "expand", None, "WorkerCrashed"),
         ("qvl-crash.pdf", "expand", None, "WorkerCrashed"),
         ("qvl-hang.mp4", "embed", "t=0.000-1.000", "WorkerTimedOut"),
         ("qvl-hang.mp4", "embed", "t=1.000-2.000", "WorkerTimedOut"),
+        ("qvl-hang.parquet", "expand", None, "WorkerTimedOut"),
         ("qvl-hang.pdf", "expand", None, "WorkerTimedOut")], dead
     messages = {Path(d["uri"]).name: d["message"] for d in dead if d["stage"] == "expand"}
     assert "worker process died while expanding it" in messages["qvl-crash.pdf"]
     assert "expanding it took longer than limits.max_expand_s=6 s" in messages["qvl-hang.pdf"]
-    assert report["counts"]["failed"] == 4
+    assert "its parse failed (WorkerCrashedError); it is expanded whole" in log
+    assert "1 manifest(s) took over 6.0s to parse; they are expanded whole" in log
+    assert report["counts"]["failed"] == 6
     assert report["counts"]["ingested"] == len(names) + 3
     keys = point_keys(all_points(tmp_path / "qdrant"))
     assert sorted(keys) == sorted([*text_keys(src, names), (str(src / "docs/fine.pdf"), "page=1"),

@@ -277,17 +277,20 @@ class Expansion:
     A manifest's records are read by the caller, one at a time (read_record), so that it can pass
     each unit on before the next image is read, and watch and journal each record on its own.
     positions: how many units and per-unit dead letters the object has in all, known before any
-    record is read, so each unit's payload can carry its object's point count.
+    record is read, so each unit's payload can carry its object's point count (given when records
+    are one range of the manifest's).
     """
 
     def __init__(self, obj: SourceObject, status: str, items: list[Unit | DeadLetter] | None = None,
                  records: list[ManifestRecord | RecordError] | None = None, cfg: ExpandSettings | None = None,
-                 storage_options: dict[str, Any] | None = None) -> None:
+                 storage_options: dict[str, Any] | None = None, positions: int | None = None) -> None:
         self.obj, self.status = obj, status
         self.items = items or []
         self.records = records
         self._cfg, self._storage_options = cfg or ExpandSettings(), storage_options
-        if records is not None:
+        if positions is not None:  # records: one range of a manifest's (operators/expand_work.py)
+            self.positions = positions
+        elif records is not None:
             self.positions = len(records)
         else:
             self.positions = sum(1 for i in self.items if isinstance(i, Unit) or i.position is not None)
@@ -353,6 +356,22 @@ def start_expansion(obj: SourceObject, cfg: ExpandSettings, storage_options: dic
         return Expansion(obj, FAILED, [_dead(obj.uri, exc, prefix="object not found: it was listed but is gone now (deleted after listing?): ")])
     except Exception as exc:
         return Expansion(obj, FAILED, [_dead(obj.uri, exc)])
+
+
+def read_manifest(obj: SourceObject, cfg: ExpandSettings,
+                  storage_options: dict[str, Any] | None = None) -> list[ManifestRecord | RecordError] | None:
+    """A manifest object's records; None when it is no manifest or cannot be read (start_expansion says why)."""
+    if not 0 < obj.size <= cfg.max_object_bytes:
+        return None
+    try:
+        with _open(obj.uri, storage_options) as fh:
+            head = fh.read(HEAD_BYTES)
+            if detect(obj.uri, head).kind != "manifest":
+                return None
+            data = _read_capped(fh, head, cfg.max_object_bytes, obj.uri)
+        return parse_manifest(data, obj.uri)
+    except Exception:  # its expansion fails it with a dead letter that says why
+        return None
 
 
 def expand_object(obj: SourceObject, cfg: ExpandSettings, storage_options: dict[str, Any] | None = None,

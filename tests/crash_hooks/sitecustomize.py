@@ -7,7 +7,9 @@ handler runs), or that sends it into an endless loop (here: an hour's sleep).
 - PDFs: pypdfium2 given bytes that contain b"qvl-crash" / b"qvl-hang" (the expansion stage renders PDFs);
 - videos: decord opening a path that contains "qvl-crash" / "qvl-hang" (the embedding stage decodes videos);
 - images: Pillow opening bytes that contain b"qvl-crash" / b"qvl-hang" (the expansion stage checks a
-  manifest's images).
+  manifest's images);
+- Parquet manifests: pyarrow opening bytes that contain b"qvl-crash" / b"qvl-hang" (the run parses
+  manifests before it, and the expansion stage parses one that failed there).
 """
 
 import os
@@ -58,6 +60,18 @@ if os.environ.get("QVL_TEST_NATIVE_CRASH") == "1":
             _hang()
         return _image_open(fp, *args, **kwargs)
 
+    import pyarrow.parquet as pq
+
+    class _ParquetFile(pq.ParquetFile):
+        def __init__(self, source, *args, **kwargs):
+            data = source.getvalue() if isinstance(source, io.BytesIO) else b""
+            if MARK.encode() in data:
+                _die()
+            if HANG.encode() in data:
+                _hang()
+            super().__init__(source, *args, **kwargs)
+
+    pq.ParquetFile = _ParquetFile
     pypdfium2.PdfDocument = _PdfDocument
     decord.VideoReader = _video_reader
     Image.open = _open_image

@@ -1,0 +1,157 @@
+"""How the objects to ingest become expansion tasks (pipelines/expand_plan.py): a big manifest's records
+are cut into ranges, each a task of its own; whatever cannot be parsed first is expanded whole; the
+ranges' status rows add up to the manifest's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from operators.expand_stage import expand_work
+from operators.expand_work import RECORDS_PER_TASK, ObjectGroup, RecordRange, read_work, work_row
+from operators.media.expand import ExpandSettings
+from operators.media.listing import list_objects
+from operators.units import SourceObject
+from pipelines.expand_plan import input_blocks, merge_ranges, record_ranges, split_manifests, work_rows
+from tests.media_gen import image_bytes, pattern_image
+
+SETTINGS = ExpandSettings()
+
+
+def _listed(path: Path) -> SourceObject:
+    """The listing's object for one file."""
+    objects, dead = list_objects(str(path))
+    assert not dead and len(objects) == 1
+    return objects[0]
+
+
+def _jsonl(path: Path, records: list[dict]) -> SourceObject:
+    """A JSONL manifest of `records`, listed."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return _listed(path)
+
+
+def test_a_manifests_records_are_cut_into_ranges_that_know_the_whole(tmp_path):
+    """150 records: ranges of 64, 64 and 22, in order, each knowing the manifest has 150."""
+    obj = _jsonl(tmp_path / "m.jsonl", [{"id": f"r{i}", "text": f"record {i}"} for i in range(150)])
+    ranges = record_ranges(obj, SETTINGS, None)
+    assert [len(r.records) for r in ranges] == [64, 64, 22] and RECORDS_PER_TASK == 64
+    assert [rec.id for r in ranges for rec in r.records] == [f"r{i}" for i in range(150)]
+    assert {r.positions for r in ranges} == {150} and {r.obj.uri for r in ranges} == {obj.uri}
+
+
+def test_a_parquet_manifest_is_cut_too(tmp_path):
+    """Parquet rows are records as JSONL lines are."""
+    pq.write_table(pa.table({"id": [f"p{i}" for i in range(70)], "text": [f"t{i}" for i in range(70)]}),
+                   tmp_path / "m.parquet")
+    ranges = record_ranges(_listed(tmp_path / "m.parquet"), SETTINGS, None)
+    assert [len(r.records) for r in ranges] == [64, 6]
+
+
+@pytest.mark.parametrize("content, why", [
+    (b'{"text": "a"}\n{oops\n', None),  # parses: one good record is enough
+    (b"[]\n", "no record it could read"),
+    (b'{"nothing": 1}\n', "every record bad: its expansion writes the EmptyManifest letter"),
+    (b"plain words, not JSON at all\n", "a text file named .jsonl"),
+    (b"%PDF-1.4\n", "a PDF named .jsonl: not rendered here"),
+])
+def test_what_is_not_a_readable_manifest_is_expanded_whole(tmp_path, content, why):
+    """Only a manifest with a usable record is cut; anything else is left to its expansion's letters."""
+    (tmp_path / "m.jsonl").write_bytes(content)
+    ranges = record_ranges(_listed(tmp_path / "m.jsonl"), SETTINGS, None)
+    assert (ranges is None) == (why is not None), why
+
+
+def test_a_manifest_over_the_object_cap_or_gone_is_expanded_whole(tmp_path):
+    """The cap and a vanished file are the expansion's to report, with its letters."""
+    obj = _jsonl(tmp_path / "m.jsonl", [{"text": "a"}])
+    assert record_ranges(obj, ExpandSettings(max_object_bytes=obj.size - 1), None) is None
+    (tmp_path / "m.jsonl").unlink()
+    assert record_ranges(obj, SETTINGS, None) is None
+
+
+def test_split_manifests_parses_only_manifests_in_ray_tasks(ray_local, tmp_path):
+    """Manifests by name are parsed (in parallel tasks); images and unparsable ones are not in the result."""
+    (tmp_path / "a.png").write_bytes(image_bytes(pattern_image(1)))
+    good = _jsonl(tmp_path / "good.jsonl", [{"id": str(i), "image": "a.png"} for i in range(100)])
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"nothing": 1}])
+    image = _listed(tmp_path / "a.png")
+    ranges = split_manifests([image, good, bad], SETTINGS, None, stall_s=60)
+    assert list(ranges) == [good.uri] and [len(r.records) for r in ranges[good.uri]] == [64, 36]
+
+
+def test_work_rows_hold_every_object_once_and_no_task_both_objects_and_records(ray_local, tmp_path):
+    """Objects grouped as input_blocks says; each range a row of its own, after them."""
+    objects = [SourceObject(f"/d/{i}.png", 10, "f") for i in range(130)]
+    manifest = _jsonl(tmp_path / "m.jsonl", [{"text": str(i)} for i in range(100)])
+    ranges = {manifest.uri: record_ranges(manifest, SETTINGS, None)}
+    work = [read_work(row) for row in work_rows([*objects[:50], manifest, *objects[50:]], ranges)]
+    groups = [w for w in work if isinstance(w, ObjectGroup)]
+    assert len(groups) == input_blocks(130)
+    assert [o.uri for g in groups for o in g.objects] == [o.uri for o in objects]
+    assert [len(w.records) for w in work[len(groups):]] == [64, 36]
+
+
+def test_a_work_row_that_holds_something_else_is_refused():
+    """A row of the wrong shape fails loudly, not as an empty task."""
+    import pickle
+
+    with pytest.raises(TypeError, match="not an expansion task's work: dict"):
+        read_work({"work": pickle.dumps({"uri": "x"})})
+    assert isinstance(read_work(work_row(ObjectGroup(()))), ObjectGroup)
+
+
+def _range_rows(rng: RecordRange, model: Path) -> list[dict]:
+    """The expansion stage's rows for one range."""
+    return list(expand_work(work_row(rng), settings=SETTINGS, storage_options=None, model=str(model),
+                            model_id="m", dim=8))
+
+
+def test_a_range_expands_its_records_alone_and_counts_its_own_units(tmp_path, tiny_embedding_ckpt):
+    """Rows for the range's records only, each unit's payload counting the whole manifest's points;
+    a range with no good record says failed but leaves the EmptyManifest verdict to the whole."""
+    (tmp_path / "a.png").write_bytes(image_bytes(pattern_image(1)))
+    records = [{"id": f"r{i}", "image": "a.png" if i < 70 else "missing.png"} for i in range(130)]
+    ranges = record_ranges(_jsonl(tmp_path / "m.jsonl", records), SETTINGS, None)
+    first, last = (_range_rows(ranges[i], tiny_embedding_ckpt) for i in (0, 2))
+    assert [r["position"] for r in first[:-1]] == [f"record=r{i}" for i in range(64)]
+    assert json.loads(first[0]["payload"])["object_units"] == 130
+    assert (first[-1]["row_kind"], first[-1]["status"], first[-1]["n_units"]) == ("object", "ok", 64)
+    assert [r["row_kind"] for r in last] == ["dead"] * 2 + ["object"]
+    assert (last[-1]["status"], last[-1]["n_units"]) == ("failed", 0)
+    assert "EmptyManifest" not in {r["error_type"] for r in last}
+
+
+def _status(uri: str, status: str, n: int, seconds: float = 1.0) -> dict:
+    return {"object_uri": uri, "status": status, "n_units": n, "seconds": seconds}
+
+
+def _letter(uri: str, position: str | None, stage: str = "expand", error_type: str = "FileNotFoundError") -> dict:
+    return {"object_uri": uri, "position": position, "error_stage": stage, "error_type": error_type,
+            "error_message": "m"}
+
+
+def test_merge_ranges_adds_a_split_manifests_ranges_up_into_one_status():
+    """Units and seconds summed, ok if any range is; other objects untouched."""
+    summary = {"objects": [_status("m", "ok", 64), _status("x", "failed", 0), _status("m", "failed", 0),
+                           _status("m", "ok", 6, 2.5)], "dead": [_letter("m", "record=1")], "points": 70}
+    merged = merge_ranges(summary, {"m"})
+    assert merged["objects"] == [_status("x", "failed", 0), _status("m", "ok", 70, 4.5)]
+    assert merged["dead"] == summary["dead"] and merged["points"] == 70
+    assert merge_ranges(summary, set()) is summary
+
+
+def test_merge_ranges_writes_the_empty_manifest_letter_of_a_split_manifest_without_units():
+    """As a whole manifest's expansion would: one summary letter counting its bad records."""
+    dead = [_letter("m", "record=1"), _letter("m", "record=2"), _letter("m", None, "write"),
+            _letter("other", "record=1")]
+    merged = merge_ranges({"objects": [_status("m", "failed", 0), _status("m", "failed", 0)], "dead": dead}, ["m"])
+    assert merged["objects"] == [_status("m", "failed", 0, 2.0)]
+    assert merged["dead"][:-1] == dead
+    assert merged["dead"][-1] == {"object_uri": "m", "position": None, "error_stage": "expand",
+                                  "error_type": "EmptyManifest",
+                                  "error_message": "manifest yielded no usable record (2 bad records)"}
