@@ -18,7 +18,7 @@ The measure that must stay flat: peak of (sum of USS + object store in use); 1x 
 a few embedding batches (batch_size 512 rows = 256 single-unit files) to reach steady state.
 If the pipeline kept rows, image bytes or points anywhere (driver, store, sink, actor), the
 10x run would carry ~10x the image bytes (about 1 GB more at the defaults).
---manifest: the same units as the records of one JSONL manifest (one expansion task reads them all).
+--manifest: the same units as the records of one JSONL manifest (expanded 64 records to a task).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def make_corpus(root: Path, units: int, seed: int = 0, manifest: bool = False) -
     """units single-unit files: half text, half ~0.39 MB noise PNGs (distinct content each).
 
     manifest: the same units as the records of one JSONL manifest instead (texts inline, images
-    referenced in a folder beside the source), so one expansion task reads every image.
+    referenced in a folder beside the source), read 64 records to an expansion task.
     """
     import json
 

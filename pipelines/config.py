@@ -359,7 +359,10 @@ class ComputeConfig(_Section):
     cpus_per_actor: float = Field(1.0, ge=0)
     batch_size: int = Field(512, ge=1)
     """Rows per embedding-actor call (token-budget batches are cut inside it, over length-sorted
-    windows: small calls sort little and pad much; 64 cost 40% more CPU than 512 in bench/RESULTS.md)."""
+    windows: small calls sort little and pad much; 64 cost 40% more CPU than 512 in bench/RESULTS.md).
+    Each listed object adds one status row, so a call over a folder of single-unit files embeds
+    about half as many units as one over a manifest's records: for manifests of many large
+    images, 256 keeps a call's memory to a folder's (bench/RESULTS.md, section 4)."""
     prepare_concurrency: int | None = Field(None, ge=1)
     """Max parallel CPU preparation tasks; None = Ray Data decides."""
     inflight_mib_per_actor: int | None = Field(None, ge=1)
