@@ -18,7 +18,7 @@ from functools import lru_cache
 from typing import Any
 
 from .crash_journal import TaskGuard, current_task_id, reading
-from .expand_work import RecordRange, read_work
+from .expand_work import RecordRange, RecordRanges, read_work
 from .media.expand import FAILED, OK, Expansion, ExpandSettings, empty_manifest_letter, record_position, start_expansion
 from .media.manifest import RecordError
 from .units import DeadLetter, SourceObject, Unit, dead_row, object_row, payload_for, unit_row
@@ -82,13 +82,14 @@ HANDOVER_BYTES = 16 * 1024 * 1024
 
 
 def expand_work(row: dict[str, Any], **kwargs: Any) -> Iterator[dict[str, Any]]:
-    """The rows of one task's work (a work row): each of its objects' (see expand_rows), or its record range's.
+    """The rows of one task's work (a work row): each of its objects' (see expand_rows), or of its record ranges'.
 
     kwargs: expand_rows's keyword arguments.
     """
     work = read_work(row)
-    if isinstance(work, RecordRange):
-        yield from _range_rows(work, **kwargs)
+    if isinstance(work, RecordRanges):
+        for rng in work.ranges:
+            yield from _range_rows(rng, **kwargs)
         return
     for obj in work.objects:
         yield from expand_rows(object_to_row(obj), **kwargs)

@@ -1,11 +1,11 @@
-"""What one expansion task does: a few listed objects, or one range of a manifest's records.
+"""What one expansion task does: a few listed objects, or about RECORDS_PER_TASK manifest records.
 
 A task over a folder holds the images of its few objects. A task over a whole manifest would
 hold every image its records reference, and Ray Data caps memory by not launching tasks, not by
 pausing a running one: one big manifest of images would fill the object store
-(bench/RESULTS.md, section 4). So a big manifest is parsed before the run
-(pipelines/expand_plan.py) and its records are expanded RECORDS_PER_TASK at a time, each range
-by a task of its own, as that many objects would be.
+(bench/RESULTS.md, section 4). So manifests are parsed before the run (pipelines/expand_plan.py)
+and their records expanded RECORDS_PER_TASK to a task: a big manifest's in ranges, small
+manifests' packed together.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 from .media.manifest import ManifestRecord, RecordError
 from .units import SourceObject
 
-# As many records as a task has objects (pipelines/expand_plan.py OBJECTS_PER_EXPAND_TASK): fewer
-# would cost more tasks' overhead, more would hold more images per task.
+# About as many records as a task over a folder has objects (pipelines/expand_plan.py,
+# OBJECTS_PER_EXPAND_TASK): fewer would cost more tasks' overhead, more would hold more images.
 RECORDS_PER_TASK = 64
 
 
@@ -41,18 +41,30 @@ class RecordRange:
     positions: int
 
 
-Work = ObjectGroup | RecordRange
+@dataclass(frozen=True)
+class RecordRanges:
+    """Ranges of manifests' records (at most RECORDS_PER_TASK records in all, or one full range)."""
+
+    ranges: tuple[RecordRange, ...]
 
 
-def work_row(work: Work) -> dict[str, Any]:
-    """One task's work as a dataset row."""
+Work = ObjectGroup | RecordRanges
+
+
+def pickled_work(work: Work) -> bytes:
+    """One task's work as the bytes of its dataset row (see work_row)."""
     # Pickled: records hold free-form metadata, which an Arrow column would force into one schema.
-    return {"work": pickle.dumps(work, protocol=pickle.HIGHEST_PROTOCOL)}
+    return pickle.dumps(work, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def work_row(work: Work | bytes) -> dict[str, Any]:
+    """One task's work (or its pickled_work) as a dataset row."""
+    return {"work": work if isinstance(work, bytes) else pickled_work(work)}
 
 
 def read_work(row: dict[str, Any]) -> Work:
     """The work a dataset row holds (see work_row)."""
     work = pickle.loads(row["work"])
-    if not isinstance(work, (ObjectGroup, RecordRange)):
+    if not isinstance(work, (ObjectGroup, RecordRanges)):
         raise TypeError(f"not an expansion task's work: {type(work).__name__}")
     return work

@@ -272,7 +272,8 @@ class LimitsConfig(_Section):
     max_expand_s: float = Field(600.0, gt=0)
     """Seconds to expand one object (read, render PDF pages, probe a video), or one record of a
     manifest. Past it the worker is stopped and, on the retry, the object is a dead letter: a hung
-    decoder never stalls the job."""
+    decoder never stalls the job. Also the limit of one parse task over manifests before the run
+    (past it, its manifests are expanded whole)."""
     max_embed_batch_s: float = Field(3600.0, gt=0)
     """Seconds for one embedding batch. Past it the actor is stopped, the retry embeds the batch's
     units one at a time with this limit each, and a unit that runs past it is a dead letter."""

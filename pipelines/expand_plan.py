@@ -1,37 +1,49 @@
-"""How the objects to ingest are cut into expansion tasks: groups of objects, and ranges of manifests' records.
+"""How the objects to ingest are cut into expansion tasks: groups of objects, and manifests' records.
 
 Each task holds the images of what it expands until Ray Data takes its rows, and Ray Data keeps
 memory in bounds by launching fewer tasks, not by pausing a running one. So no task may be much
-bigger than another: objects go about OBJECTS_PER_EXPAND_TASK to a task, and a manifest
-(``.jsonl``, ``.parquet``) is parsed before the run, in parallel tasks, and its records are cut
-into ranges of RECORDS_PER_TASK, each expanded by a task of its own (operators/expand_work.py). A manifest that
-cannot be parsed there (not one after all, unreadable, or its parse crashed or hung) is expanded
-whole, as any other object: the expansion stage's dead letters and crash journal deal with it.
+bigger than another: objects go about OBJECTS_PER_EXPAND_TASK to a task, and manifests (``.jsonl``,
+``.parquet``) are parsed before the run, in parallel Ray tasks, their records going
+RECORDS_PER_TASK to a task (a big manifest's in ranges, small ones' packed together;
+operators/expand_work.py). A manifest that cannot be parsed there (not one after all, or
+unreadable) is expanded whole, as any other object: the expansion stage's dead letters and crash
+journal deal with it. So are all the manifests of a parse task that crashed or hung (a task
+parses up to PARSE_TASK_MANIFESTS of them, PARSE_TASK_BYTES in all).
+
+The parsed records travel pickled in the work rows, which Ray keeps in its object store for the
+run (spilled to disk under pressure): about the size of the manifests.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import defaultdict, deque
 from collections.abc import Collection
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
-from operators.expand_work import RECORDS_PER_TASK, ObjectGroup, RecordRange, Work, work_row
+from operators.expand_work import RECORDS_PER_TASK, ObjectGroup, RecordRange, RecordRanges, pickled_work, work_row
 from operators.media.detect import from_extension
 from operators.media.expand import FAILED, OK, ExpandSettings, empty_manifest_letter, read_manifest
 from operators.media.manifest import ManifestRecord
+from operators.media.reading import is_unreachable
 from operators.units import SourceObject, dead_row
 
 logger = logging.getLogger(__name__)
 
 OBJECTS_PER_EXPAND_TASK = 64
 MAX_EXPAND_BLOCKS = 4096
+# A parse task takes manifests up to this many bytes and this many manifests (or one bigger one):
+# thousands of small manifests cost a few tasks, not one each.
+PARSE_TASK_BYTES = 16 * 1024 * 1024
+PARSE_TASK_MANIFESTS = 256
 
 
 def input_blocks(n_objects: int) -> int:
-    """Blocks (= expand tasks) for the listed objects: about 64 objects per task.
+    """Expand tasks for the listed objects: about 64 objects per task, at least two per CPU.
 
     Each Ray task costs a few milliseconds of driver, raylet and worker CPU: 256 tasks of a few
     files each take CPU from a CPU embedder on a small machine (bench/RESULTS.md). A task's
@@ -45,72 +57,144 @@ def input_blocks(n_objects: int) -> int:
 def record_ranges(obj: SourceObject, settings: ExpandSettings,
                   storage_options: dict[str, Any] | None) -> list[RecordRange] | None:
     """A manifest's records in ranges of RECORDS_PER_TASK; None when it is to be expanded whole."""
-    records = read_manifest(obj, settings, storage_options)
-    # Not a manifest after all, unreadable, or no record to read: its expansion says why, as before.
+    try:
+        records = read_manifest(obj, settings, storage_options)
+    except Exception as exc:  # its expansion reads it again, and says why in a dead letter
+        if is_unreachable(exc):  # a store that did not answer: worth a word, the manifest may be big
+            logger.warning("manifest %s could not be read before the run (%s: %s); it is expanded whole",
+                           obj.uri, type(exc).__name__, exc)
+        return None
+    # Not a manifest after all, or no record to read: its expansion says why, as before.
     if records is None or not any(isinstance(r, ManifestRecord) for r in records):
         return None
     return [RecordRange(obj, tuple(records[i:i + RECORDS_PER_TASK]), len(records))
             for i in range(0, len(records), RECORDS_PER_TASK)]
 
 
+def pack_manifests(objects: list[SourceObject], settings: ExpandSettings,
+                   storage_options: dict[str, Any] | None) -> tuple[list[str], list[bytes], float]:
+    """(the manifests parsed, their records' work packed RECORDS_PER_TASK to a task and pickled, seconds taken)."""
+    start = time.perf_counter()
+    parsed: list[str] = []
+    work: list[bytes] = []
+    pack: list[RecordRange] = []
+    held = 0
+    for obj in objects:
+        ranges = record_ranges(obj, settings, storage_options)
+        if ranges is None:
+            continue
+        parsed.append(obj.uri)
+        for rng in ranges:
+            if pack and held + len(rng.records) > RECORDS_PER_TASK:
+                work.append(pickled_work(RecordRanges(tuple(pack))))
+                pack, held = [], 0
+            pack.append(rng)
+            held += len(rng.records)
+    if pack:
+        work.append(pickled_work(RecordRanges(tuple(pack))))
+    return parsed, work, time.perf_counter() - start
+
+
 # No retry: a parse that crashes its worker is redone by the expansion, under the crash journal.
-_record_ranges_task = ray.remote(max_retries=0)(record_ranges)
+_pack_task = ray.remote(max_retries=0)(pack_manifests)
+
+
+def parse_batches(manifests: list[SourceObject], max_bytes: int = PARSE_TASK_BYTES,
+                  max_count: int = PARSE_TASK_MANIFESTS) -> list[list[SourceObject]]:
+    """The manifests in listing order, cut into parse tasks' shares."""
+    batches: list[list[SourceObject]] = []
+    size = 0
+    for obj in manifests:
+        if not batches or len(batches[-1]) >= max_count or size + obj.size > max_bytes:
+            batches.append([])
+            size = 0
+        batches[-1].append(obj)
+        size += obj.size
+    return batches
+
+
+@dataclass
+class SplitManifests:
+    """The manifests whose records go RECORDS_PER_TASK to a task, that work, and the CPU-seconds parsing took."""
+
+    uris: set[str] = field(default_factory=set)
+    work: list[bytes] = field(default_factory=list)
+    seconds: float = 0.0
 
 
 def split_manifests(todo: list[SourceObject], settings: ExpandSettings, storage_options: dict[str, Any] | None,
-                    stall_s: float | None, cpus: float = 1) -> dict[str, list[RecordRange]]:
-    """The record ranges of each listed manifest that parses, by URI (in parallel Ray tasks).
+                    stall_s: float | None, cpus: float = 1, concurrency: int | None = None,
+                    batch_bytes: int = PARSE_TASK_BYTES) -> SplitManifests:
+    """Parse the listed manifests (by name) in Ray tasks, and pack their records into expansion work.
 
-    stall_s: when no parse has finished for this long, the ones still running are cancelled
-    (a parse that hangs) and their manifests expanded whole, where the watchdog names them.
+    As many parse tasks run at once as the cluster has CPUs for (or `concurrency`). One that runs
+    past stall_s (a parser that hangs) is cancelled, and its manifests expanded whole, where the
+    watchdog names the culprit; the others go on.
     """
+    out = SplitManifests()
     # By name: reading every extensionless object's head to find manifests would cost a request each.
-    candidates = [o for o in todo if from_extension(o.uri).kind == "manifest"]
-    if not candidates:
-        return {}
-    task = _record_ranges_task.options(num_cpus=cpus)
-    refs = {task.remote(o, settings, storage_options): o for o in candidates}
-    pending, ranges = list(refs), {}
-    progress = time.monotonic()
+    queue = deque(parse_batches([o for o in todo if from_extension(o.uri).kind == "manifest"], batch_bytes))
+    if not queue:
+        return out
+    slots = concurrency or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
+    task = _pack_task.options(num_cpus=cpus)
+    running: dict[Any, tuple[list[SourceObject], float]] = {}
     try:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
-            if done:
-                progress = time.monotonic()
+        while queue or running:
+            while queue and len(running) < slots:
+                batch = queue.popleft()  # started now: no more run than there are CPUs for
+                running[task.remote(batch, settings, storage_options)] = (batch, time.monotonic())
+            done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
             for ref in done:
+                batch, _ = running.pop(ref)
                 try:
-                    parsed = ray.get(ref)
+                    parsed, work, seconds = ray.get(ref)
                 except Exception as exc:  # its worker died (a crashing parser): expanded whole
-                    logger.warning("manifest %s: its parse failed (%s); it is expanded whole",
-                                   refs[ref].uri, type(exc).__name__)
+                    logger.warning("parsing %s failed before the run (%s); %s expanded whole",
+                                   _names(batch), type(exc).__name__, _them(batch))
                     continue
-                if parsed:
-                    ranges[refs[ref].uri] = parsed
-            if pending and stall_s is not None and time.monotonic() - progress > stall_s:
-                logger.warning("%d manifest(s) took over %ss to parse; they are expanded whole",
-                               len(pending), stall_s)
-                break
+                out.uris.update(parsed)
+                out.work += work
+                out.seconds += seconds
+            now = time.monotonic()
+            for ref, (batch, started) in list(running.items()):
+                if stall_s is not None and now - started > stall_s:
+                    ray.cancel(ref, force=True)
+                    del running[ref]
+                    logger.warning("parsing %s took over limits.max_expand_s=%g s; %s expanded whole",
+                                   _names(batch), stall_s, _them(batch))
     finally:
-        for ref in pending:
+        for ref in running:  # a stop signal, or the cluster failing
             ray.cancel(ref, force=True)
-    return ranges
+    return out
 
 
-def work_rows(todo: list[SourceObject], ranges: dict[str, list[RecordRange]]) -> list[dict[str, Any]]:
-    """The expansion tasks' work rows: the objects in groups (input_blocks of them), then the record ranges."""
-    whole = [o for o in todo if o.uri not in ranges]
-    work: list[Work] = []
+def _names(batch: list[SourceObject]) -> str:
+    """A parse task's manifests, for a log line."""
+    return batch[0].uri if len(batch) == 1 else f"{len(batch)} manifests ({batch[0].uri}, ...)"
+
+
+def _them(batch: list[SourceObject]) -> str:
+    """'it is' or 'they are', for a log line."""
+    return "it is" if len(batch) == 1 else "they are"
+
+
+def work_rows(todo: list[SourceObject], split: SplitManifests) -> list[dict[str, Any]]:
+    """The expansion tasks' work rows: the other objects evenly in input_blocks groups, then the records' work."""
+    whole = [o for o in todo if o.uri not in split.uris]
+    rows = []
     if whole:
-        per_task = -(-len(whole) // input_blocks(len(whole)))
-        work += [ObjectGroup(tuple(whole[i:i + per_task])) for i in range(0, len(whole), per_task)]
-    work += [r for o in todo for r in ranges.get(o.uri, ())]
-    return [work_row(w) for w in work]
+        k = input_blocks(len(whole))
+        bounds = [i * len(whole) // k for i in range(k + 1)]
+        rows += [work_row(ObjectGroup(tuple(whole[a:b]))) for a, b in zip(bounds, bounds[1:])]
+    return rows + [work_row(w) for w in split.work]
 
 
-def merge_ranges(summary: dict[str, Any], split: Collection[str]) -> dict[str, Any]:
+def merge_ranges(summary: dict[str, Any], split: Collection[str], parse_seconds: float = 0.0) -> dict[str, Any]:
     """The sink's summary with the status rows of each split manifest's ranges added up into one,
-    and its EmptyManifest letter when none of its records gave a unit (as a whole manifest's)."""
-    if not split:
+    its EmptyManifest letter when none of its records gave a unit (as a whole manifest's), and
+    the parse's seconds in the expansion's."""
+    if not split and not parse_seconds:
         return summary
     objects, merged = [], {}
     for obj in summary.get("objects", []):
@@ -124,9 +208,14 @@ def merge_ranges(summary: dict[str, Any], split: Collection[str]) -> dict[str, A
         if obj["status"] == OK:
             total["status"] = OK
     dead = list(summary.get("dead", []))
+    bad: dict[str, int] = defaultdict(int)
+    for d in dead:
+        if d.get("position") and d.get("error_stage") == "expand":
+            bad[d["object_uri"]] += 1
     for uri, total in merged.items():
         if not total["n_units"]:
-            bad = sum(1 for d in dead if d["object_uri"] == uri and d.get("position") and d.get("error_stage") == "expand")
-            row = dead_row(empty_manifest_letter(uri, bad))
+            row = dead_row(empty_manifest_letter(uri, bad[uri]))
             dead.append({key: row[key] for key in ("object_uri", "position", "error_stage", "error_type", "error_message")})
-    return {**summary, "objects": objects + list(merged.values()), "dead": dead}
+    seconds = dict(summary.get("stage_seconds", {}))
+    seconds["expand"] = seconds.get("expand", 0.0) + parse_seconds
+    return {**summary, "objects": objects + list(merged.values()), "dead": dead, "stage_seconds": seconds}

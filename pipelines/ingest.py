@@ -521,14 +521,16 @@ def map_on_actor_pool(ds: Any, fn: type, *, actors: int, **kwargs: Any) -> Any:
                               max_task_retries=BATCH_RETRIES, **kwargs)
 
 
-def may_outgrow_a_batch(todo: list[Any], cfg: Config, split: Collection[str] = ()) -> bool:
-    """Whether some object to ingest may expand into more rows than one embedding call takes.
+def may_outgrow_a_batch(todo: list[Any], cfg: Config, split: Collection[str] = (),
+                        records_per_task: int = RECORDS_PER_TASK) -> bool:
+    """Whether some object (or task's share of manifest records) may expand into more rows than one
+    embedding call takes.
 
-    split: the manifests expanded in ranges of RECORDS_PER_TASK records (pipelines/expand_plan.py).
+    split: the manifests whose records are expanded records_per_task to a task (pipelines/expand_plan.py).
     """
     settings = expand_settings(cfg)
     for obj in todo:
-        bound = RECORDS_PER_TASK if obj.uri in split else most_units(obj.uri, obj.size, settings)
+        bound = records_per_task if obj.uri in split else most_units(obj.uri, obj.size, settings)
         if bound is None or bound >= cfg.compute.batch_size:  # its status row rides along
             return True
     return False
@@ -553,17 +555,22 @@ def _run_stages(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store
     """The expansion and embedding stages into the store's sink, with the crash journal given to both."""
     storage_options = dict(cfg.source.storage_options)
     settings = expand_settings(cfg)
-    ranges = split_manifests(todo, settings, storage_options, cfg.limits.max_expand_s, EXPAND_TASK_CPUS)
-    rows = work_rows(todo, ranges)
-    ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), MAX_EXPAND_BLOCKS))
+    split = split_manifests(todo, settings, storage_options, cfg.limits.max_expand_s, EXPAND_TASK_CPUS,
+                            cfg.compute.prepare_concurrency)
+    rows = work_rows(todo, split)
+    blocks = min(len(rows), MAX_EXPAND_BLOCKS)
+    records_per_task = RECORDS_PER_TASK * -(-len(rows) // blocks)  # past MAX_EXPAND_BLOCKS, rows share a task
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    del rows  # in the object store now: the driver need not hold the records too
+    split.work = []
     ds = ds.flat_map(expand_work, fn_kwargs=dict(
         settings=settings, storage_options=storage_options, model=cfg.embedder.model,
         revision=revision, model_id=cfg.embedder.checkpoint,
         dim=spec.full_dim, ingested_at=datetime.now(timezone.utc).isoformat(),
         crash_journal=journal, max_expand_s=cfg.limits.max_expand_s),
         num_cpus=EXPAND_TASK_CPUS, **({"concurrency": cfg.compute.prepare_concurrency} if cfg.compute.prepare_concurrency else {}))
-    if may_outgrow_a_batch(todo, cfg, ranges):
-        # One object can expand into a block of 50,000 rows (a manifest's records, a huge text's
+    if may_outgrow_a_batch(todo, cfg, split.uris, records_per_task):
+        # One object can expand into a block of 50,000 rows (a manifest expanded whole, a huge text's
         # chunks), which one actor call would take whole: the other actors idle, nothing is written
         # until all of it is embedded, and a retry redoes all of it. Blocks of one embedding call's
         # rows stream. Only then: the re-cut is a stage of its own (Ray Data fuses it only after a
@@ -587,7 +594,7 @@ def _run_stages(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store
     options.resource_limits = options.resource_limits.copy(object_store_memory=limit)
     sink = store.sink(spec)
     ds.write_datasink(sink)
-    return merge_ranges(sink.summary or {}, ranges)
+    return merge_ranges(sink.summary or {}, split.uris, split.seconds)
 
 
 def partly_embedded(summary: dict[str, Any], todo: list[Any], report: RunReport) -> dict[str, tuple[str, int]]:

@@ -1,22 +1,25 @@
-"""How the objects to ingest become expansion tasks (pipelines/expand_plan.py): a big manifest's records
-are cut into ranges, each a task of its own; whatever cannot be parsed first is expanded whole; the
-ranges' status rows add up to the manifest's."""
+"""How the objects to ingest become expansion tasks (pipelines/expand_plan.py): manifests' records go
+64 to a task (a big manifest's in ranges, small ones' packed together); whatever cannot be parsed
+first, or whose parse hangs, is expanded whole; the ranges' status rows add up to the manifest's."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from operators.expand_stage import expand_work
-from operators.expand_work import RECORDS_PER_TASK, ObjectGroup, RecordRange, read_work, work_row
+from operators.expand_work import RECORDS_PER_TASK, ObjectGroup, RecordRanges, read_work, work_row
 from operators.media.expand import ExpandSettings
 from operators.media.listing import list_objects
 from operators.units import SourceObject
-from pipelines.expand_plan import input_blocks, merge_ranges, record_ranges, split_manifests, work_rows
+from pipelines.expand_plan import (SplitManifests, input_blocks, merge_ranges, pack_manifests, parse_batches,
+                                   record_ranges, split_manifests, work_rows)
 from tests.media_gen import image_bytes, pattern_image
 
 SETTINGS = ExpandSettings()
@@ -74,26 +77,77 @@ def test_a_manifest_over_the_object_cap_or_gone_is_expanded_whole(tmp_path):
     assert record_ranges(obj, SETTINGS, None) is None
 
 
+def test_small_manifests_records_are_packed_and_a_big_ones_cut(tmp_path):
+    """Records go at most 64 to a task: 150 in 64 + 64 + 22, and the next manifest's 30 and 12
+    beside the 22; a file that is no manifest is left out."""
+    big = _jsonl(tmp_path / "a.jsonl", [{"id": f"a{i}", "text": "x"} for i in range(150)])
+    small = _jsonl(tmp_path / "b.jsonl", [{"id": f"b{i}", "text": "x"} for i in range(30)])
+    tiny = _jsonl(tmp_path / "c.jsonl", [{"id": f"c{i}", "text": "x"} for i in range(12)])
+    (tmp_path / "d.jsonl").write_text("plain words\n")
+    parsed, work, seconds = pack_manifests([big, small, _listed(tmp_path / "d.jsonl"), tiny], SETTINGS, None)
+    assert parsed == [big.uri, small.uri, tiny.uri] and seconds > 0
+    tasks = [[(r.obj.uri, len(r.records)) for r in read_work(work_row(w)).ranges] for w in work]
+    assert tasks == [[(big.uri, 64)], [(big.uri, 64)], [(big.uri, 22), (small.uri, 30), (tiny.uri, 12)]]
+
+
+def test_parse_tasks_take_many_small_manifests_or_one_big_one():
+    """Shares by bytes and by count, in listing order."""
+    objs = [SourceObject(f"/m/{i}.jsonl", size, "f") for i, size in enumerate((10, 10, 100, 10, 10, 10))]
+    assert [[o.size for o in b] for b in parse_batches(objs, max_bytes=50, max_count=2)] == [[10, 10], [100], [10, 10], [10]]
+
+
 def test_split_manifests_parses_only_manifests_in_ray_tasks(ray_local, tmp_path):
-    """Manifests by name are parsed (in parallel tasks); images and unparsable ones are not in the result."""
+    """Manifests by name are parsed (in Ray tasks); images and unparsable ones are not split."""
     (tmp_path / "a.png").write_bytes(image_bytes(pattern_image(1)))
     good = _jsonl(tmp_path / "good.jsonl", [{"id": str(i), "image": "a.png"} for i in range(100)])
     bad = _jsonl(tmp_path / "bad.jsonl", [{"nothing": 1}])
     image = _listed(tmp_path / "a.png")
-    ranges = split_manifests([image, good, bad], SETTINGS, None, stall_s=60)
-    assert list(ranges) == [good.uri] and [len(r.records) for r in ranges[good.uri]] == [64, 36]
+    split = split_manifests([image, good, bad], SETTINGS, None, stall_s=60, batch_bytes=1)
+    assert split.uris == {good.uri} and split.seconds > 0
+    assert sorted(len(read_work(work_row(w)).ranges[0].records) for w in split.work) == [36, 64]
 
 
-def test_work_rows_hold_every_object_once_and_no_task_both_objects_and_records(ray_local, tmp_path):
-    """Objects grouped as input_blocks says; each range a row of its own, after them."""
-    objects = [SourceObject(f"/d/{i}.png", 10, "f") for i in range(130)]
+def test_a_parse_that_hangs_is_cancelled_alone_and_its_manifest_expanded_whole(ray_local, tmp_path):
+    """A manifest on a store that never answers, parsed first on the only slot: after stall_s it is
+    cancelled, and the healthy manifest queued behind it is still parsed (its time runs from its start)."""
+    import http.server
+    import threading
+
+    class Stuck(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            time.sleep(60)
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stuck)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        stuck = SourceObject(f"http://127.0.0.1:{server.server_port}/m.jsonl", 100, "f")
+        good = _jsonl(tmp_path / "good.jsonl", [{"text": str(i)} for i in range(70)])
+        start = time.monotonic()
+        every_cpu = ray.cluster_resources()["CPU"]  # one parse at a time: the good one waits for a CPU
+        split = split_manifests([stuck, good], SETTINGS, None, stall_s=3, cpus=every_cpu, batch_bytes=1)
+        assert split.uris == {good.uri}
+        assert time.monotonic() - start < 30
+    finally:
+        server.shutdown()
+
+
+def test_work_rows_hold_every_object_once_in_even_groups_and_the_records_after(ray_local, tmp_path):
+    """Objects in input_blocks groups of sizes that differ by one at most, in order; the records' work after."""
+    objects = [SourceObject(f"/d/{i}.png", 10, "f") for i in range(133)]
     manifest = _jsonl(tmp_path / "m.jsonl", [{"text": str(i)} for i in range(100)])
-    ranges = {manifest.uri: record_ranges(manifest, SETTINGS, None)}
-    work = [read_work(row) for row in work_rows([*objects[:50], manifest, *objects[50:]], ranges)]
-    groups = [w for w in work if isinstance(w, ObjectGroup)]
-    assert len(groups) == input_blocks(130)
+    parsed, work, _ = pack_manifests([manifest], SETTINGS, None)
+    rows = work_rows([*objects[:50], manifest, *objects[50:]], SplitManifests(set(parsed), work))
+    tasks = [read_work(row) for row in rows]
+    groups = [w for w in tasks if isinstance(w, ObjectGroup)]
+    assert len(groups) == input_blocks(133) and {len(g.objects) for g in groups} <= {133 // len(groups), 133 // len(groups) + 1}
     assert [o.uri for g in groups for o in g.objects] == [o.uri for o in objects]
-    assert [len(w.records) for w in work[len(groups):]] == [64, 36]
+    assert [len(w.ranges[0].records) for w in tasks[len(groups):]] == [64, 36]
 
 
 def test_a_work_row_that_holds_something_else_is_refused():
@@ -102,12 +156,13 @@ def test_a_work_row_that_holds_something_else_is_refused():
 
     with pytest.raises(TypeError, match="not an expansion task's work: dict"):
         read_work({"work": pickle.dumps({"uri": "x"})})
+    assert isinstance(read_work(work_row(RecordRanges(()))), RecordRanges)
     assert isinstance(read_work(work_row(ObjectGroup(()))), ObjectGroup)
 
 
-def _range_rows(rng: RecordRange, model: Path) -> list[dict]:
+def _range_rows(rng, model: Path) -> list[dict]:
     """The expansion stage's rows for one range."""
-    return list(expand_work(work_row(rng), settings=SETTINGS, storage_options=None, model=str(model),
+    return list(expand_work(work_row(RecordRanges((rng,))), settings=SETTINGS, storage_options=None, model=str(model),
                             model_id="m", dim=8))
 
 
@@ -143,6 +198,7 @@ def test_merge_ranges_adds_a_split_manifests_ranges_up_into_one_status():
     assert merged["objects"] == [_status("x", "failed", 0), _status("m", "ok", 70, 4.5)]
     assert merged["dead"] == summary["dead"] and merged["points"] == 70
     assert merge_ranges(summary, set()) is summary
+    assert merge_ranges({**summary, "stage_seconds": {"expand": 1.0}}, {"m"}, 2.5)["stage_seconds"] == {"expand": 3.5}
 
 
 def test_merge_ranges_writes_the_empty_manifest_letter_of_a_split_manifest_without_units():

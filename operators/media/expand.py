@@ -360,18 +360,18 @@ def start_expansion(obj: SourceObject, cfg: ExpandSettings, storage_options: dic
 
 def read_manifest(obj: SourceObject, cfg: ExpandSettings,
                   storage_options: dict[str, Any] | None = None) -> list[ManifestRecord | RecordError] | None:
-    """A manifest object's records; None when it is no manifest or cannot be read (start_expansion says why)."""
+    """A manifest object's records; None when it is empty, over the cap or not a manifest after all.
+
+    Raises what reading or parsing it raises (start_expansion turns that into its dead letter).
+    """
     if not 0 < obj.size <= cfg.max_object_bytes:
         return None
-    try:
-        with _open(obj.uri, storage_options) as fh:
-            head = fh.read(HEAD_BYTES)
-            if detect(obj.uri, head).kind != "manifest":
-                return None
-            data = _read_capped(fh, head, cfg.max_object_bytes, obj.uri)
-        return parse_manifest(data, obj.uri)
-    except Exception:  # its expansion fails it with a dead letter that says why
-        return None
+    with _open(obj.uri, storage_options) as fh:
+        head = fh.read(HEAD_BYTES)
+        if detect(obj.uri, head).kind != "manifest":
+            return None
+        data = _read_capped(fh, head, cfg.max_object_bytes, obj.uri)
+    return parse_manifest(data, obj.uri)
 
 
 def expand_object(obj: SourceObject, cfg: ExpandSettings, storage_options: dict[str, Any] | None = None,
