@@ -138,7 +138,7 @@ class _Watchdog:
         self._lock = threading.Lock()
 
     def arm(self, journal: Any, task: str, item: str, limit_s: float) -> None:
-        """Watch `item` for `limit_s` seconds from now."""
+        """Watch `item` for `limit_s` seconds from now (journal None: kill without telling anyone)."""
         self._slot = (journal, task, item, time.monotonic() + limit_s, limit_s)
         if self._thread is None:
             with self._lock:
@@ -158,7 +158,8 @@ class _Watchdog:
                 continue
             journal, task, item, _, limit = slot
             try:  # the retry must learn which item it was before this process is gone
-                ray.get(journal.timed_out.remote(task, item, limit), timeout=JOURNAL_TIMEOUT_S)
+                if journal is not None:  # None: nobody to tell (a parse before the run: its caller sees the death)
+                    ray.get(journal.timed_out.remote(task, item, limit), timeout=JOURNAL_TIMEOUT_S)
             except Exception as exc:  # a lost journal: the hung process is stopped all the same
                 _warn_lost(exc)
             finally:

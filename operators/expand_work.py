@@ -11,6 +11,7 @@ manifests' packed together.
 from __future__ import annotations
 
 import pickle
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +55,9 @@ Work = ObjectGroup | RecordRanges
 def pickled_work(work: Work) -> bytes:
     """One task's work as the bytes of its dataset row (see work_row)."""
     # Pickled: records hold free-form metadata, which an Arrow column would force into one schema.
-    return pickle.dumps(work, protocol=pickle.HIGHEST_PROTOCOL)
+    # Compressed: the records wait in the object store for the whole run, and their pickles
+    # (repeated URIs and field names) are several times a Parquet manifest's size.
+    return zlib.compress(pickle.dumps(work, protocol=pickle.HIGHEST_PROTOCOL), 1)
 
 
 def work_row(work: Work | bytes) -> dict[str, Any]:
@@ -64,7 +67,7 @@ def work_row(work: Work | bytes) -> dict[str, Any]:
 
 def read_work(row: dict[str, Any]) -> Work:
     """The work a dataset row holds (see work_row)."""
-    work = pickle.loads(row["work"])
+    work = pickle.loads(zlib.decompress(row["work"]))
     if not isinstance(work, (ObjectGroup, RecordRanges)):
         raise TypeError(f"not an expansion task's work: {type(work).__name__}")
     return work

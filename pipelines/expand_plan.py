@@ -7,11 +7,12 @@ bigger than another: objects go about OBJECTS_PER_EXPAND_TASK to a task, and man
 RECORDS_PER_TASK to a task (a big manifest's in ranges, small ones' packed together;
 operators/expand_work.py). A manifest that cannot be parsed there (not one after all, or
 unreadable) is expanded whole, as any other object: the expansion stage's dead letters and crash
-journal deal with it. So are all the manifests of a parse task that crashed or hung (a task
-parses up to PARSE_TASK_MANIFESTS of them, PARSE_TASK_BYTES in all).
+journal deal with it. So is one whose parse crashes its worker, or hangs past
+limits.max_expand_s (its worker's watchdog stops it); the other manifests of its parse task
+(up to PARSE_TASK_MANIFESTS, PARSE_TASK_BYTES in all) are parsed again one per task.
 
-The parsed records travel pickled in the work rows, which Ray keeps in its object store for the
-run (spilled to disk under pressure): about the size of the manifests.
+The parsed records travel pickled and compressed in the work rows, which Ray keeps in its
+object store for the run (spilled to disk under pressure).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 
 import ray
 
+from operators.crash_journal import WATCHDOG
 from operators.expand_work import RECORDS_PER_TASK, ObjectGroup, RecordRange, RecordRanges, pickled_work, work_row
 from operators.media.detect import from_extension
 from operators.media.expand import FAILED, OK, ExpandSettings, empty_manifest_letter, read_manifest
@@ -35,7 +37,10 @@ from operators.units import SourceObject, dead_row
 logger = logging.getLogger(__name__)
 
 OBJECTS_PER_EXPAND_TASK = 64
-MAX_EXPAND_BLOCKS = 4096
+MAX_EXPAND_BLOCKS = 4096  # groups of objects
+# Work rows in all: past this many, several share a task (pipelines/ingest.py allows for it). A
+# million manifest records are 15,625 rows; each row costs the driver a block.
+MAX_WORK_BLOCKS = 65_536
 # A parse task takes manifests up to this many bytes and this many manifests (or one bigger one):
 # thousands of small manifests cost a few tasks, not one each.
 PARSE_TASK_BYTES = 16 * 1024 * 1024
@@ -71,28 +76,44 @@ def record_ranges(obj: SourceObject, settings: ExpandSettings,
             for i in range(0, len(records), RECORDS_PER_TASK)]
 
 
-def pack_manifests(objects: list[SourceObject], settings: ExpandSettings,
-                   storage_options: dict[str, Any] | None) -> tuple[list[str], list[bytes], float]:
-    """(the manifests parsed, their records' work packed RECORDS_PER_TASK to a task and pickled, seconds taken)."""
+def pack_manifests(objects: list[SourceObject], settings: ExpandSettings, storage_options: dict[str, Any] | None,
+                   limit_s: float | None = None) -> tuple[list[str], list[bytes], int, float]:
+    """(the manifests parsed, their records' work packed RECORDS_PER_TASK to a task and pickled, the most
+    rows one such task makes, seconds taken).
+
+    limit_s: a manifest whose parse runs longer kills this worker process (a hung parser; the
+    caller sees the task fail), as the expansion's watchdog does.
+    """
     start = time.perf_counter()
     parsed: list[str] = []
     work: list[bytes] = []
     pack: list[RecordRange] = []
-    held = 0
+    held = most_rows = 0
+
+    def flush() -> None:
+        nonlocal pack, held, most_rows
+        work.append(pickled_work(RecordRanges(tuple(pack))))
+        most_rows = max(most_rows, held + len(pack))  # each range adds its status row
+        pack, held = [], 0
+
     for obj in objects:
-        ranges = record_ranges(obj, settings, storage_options)
+        if limit_s is not None:
+            WATCHDOG.arm(None, "parse", obj.uri, limit_s)
+        try:
+            ranges = record_ranges(obj, settings, storage_options)
+        finally:
+            WATCHDOG.disarm()
         if ranges is None:
             continue
         parsed.append(obj.uri)
         for rng in ranges:
             if pack and held + len(rng.records) > RECORDS_PER_TASK:
-                work.append(pickled_work(RecordRanges(tuple(pack))))
-                pack, held = [], 0
+                flush()
             pack.append(rng)
             held += len(rng.records)
     if pack:
-        work.append(pickled_work(RecordRanges(tuple(pack))))
-    return parsed, work, time.perf_counter() - start
+        flush()
+    return parsed, work, most_rows, time.perf_counter() - start
 
 
 # No retry: a parse that crashes its worker is redone by the expansion, under the crash journal.
@@ -115,57 +136,61 @@ def parse_batches(manifests: list[SourceObject], max_bytes: int = PARSE_TASK_BYT
 
 @dataclass
 class SplitManifests:
-    """The manifests whose records go RECORDS_PER_TASK to a task, that work, and the CPU-seconds parsing took."""
+    """The manifests whose records go RECORDS_PER_TASK to a task, that work, the most rows one task
+    of it makes, and the seconds the parse tasks took."""
 
     uris: set[str] = field(default_factory=set)
     work: list[bytes] = field(default_factory=list)
+    most_rows: int = 0
     seconds: float = 0.0
 
 
 def split_manifests(todo: list[SourceObject], settings: ExpandSettings, storage_options: dict[str, Any] | None,
-                    stall_s: float | None, cpus: float = 1, concurrency: int | None = None,
+                    limit_s: float | None, cpus: float = 1, concurrency: int | None = None,
                     batch_bytes: int = PARSE_TASK_BYTES) -> SplitManifests:
     """Parse the listed manifests (by name) in Ray tasks, and pack their records into expansion work.
 
-    As many parse tasks run at once as the cluster has CPUs for (or `concurrency`). One that runs
-    past stall_s (a parser that hangs) is cancelled, and its manifests expanded whole, where the
-    watchdog names the culprit; the others go on.
+    No more parse tasks run at once than the cluster has CPUs for (or `concurrency`). A task that
+    fails (a parser that crashed, or hung past limit_s on one manifest and was stopped by its
+    watchdog) is tried again one manifest per task; a single manifest that fails is expanded
+    whole, where the crash journal and the watchdog name the culprit.
     """
     out = SplitManifests()
     # By name: reading every extensionless object's head to find manifests would cost a request each.
     queue = deque(parse_batches([o for o in todo if from_extension(o.uri).kind == "manifest"], batch_bytes))
     if not queue:
         return out
-    slots = concurrency or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
+    total = ray.cluster_resources().get("CPU", 1)
+    slots = concurrency or max(1, int(total // cpus) if cpus > 0 else int(total))
     task = _pack_task.options(num_cpus=cpus)
-    running: dict[Any, tuple[list[SourceObject], float]] = {}
+    running: dict[Any, list[SourceObject]] = {}
     try:
         while queue or running:
             while queue and len(running) < slots:
-                batch = queue.popleft()  # started now: no more run than there are CPUs for
-                running[task.remote(batch, settings, storage_options)] = (batch, time.monotonic())
+                batch = queue.popleft()
+                running[task.remote(batch, settings, storage_options, limit_s)] = batch
+            # A timeout, so that a stop signal's handler gets to run (pipelines/interrupts.py).
             done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
             for ref in done:
-                batch, _ = running.pop(ref)
+                batch = running.pop(ref)
                 try:
-                    parsed, work, seconds = ray.get(ref)
-                except Exception as exc:  # its worker died (a crashing parser): expanded whole
-                    logger.warning("parsing %s failed before the run (%s); %s expanded whole",
-                                   _names(batch), type(exc).__name__, _them(batch))
+                    parsed, work, most_rows, seconds = ray.get(ref)
+                except Exception as exc:  # its worker died: a crashing parser, or one its watchdog stopped
+                    if len(batch) > 1:
+                        queue.extend([obj] for obj in batch)  # the others need not pay for the culprit
+                    logger.warning("parsing %s before the run failed (%s); %s", _names(batch), _brief(exc),
+                                   "each is parsed alone" if len(batch) > 1 else "it is expanded whole")
                     continue
                 out.uris.update(parsed)
                 out.work += work
+                out.most_rows = max(out.most_rows, most_rows)
                 out.seconds += seconds
-            now = time.monotonic()
-            for ref, (batch, started) in list(running.items()):
-                if stall_s is not None and now - started > stall_s:
-                    ray.cancel(ref, force=True)
-                    del running[ref]
-                    logger.warning("parsing %s took over limits.max_expand_s=%g s; %s expanded whole",
-                                   _names(batch), stall_s, _them(batch))
     finally:
         for ref in running:  # a stop signal, or the cluster failing
-            ray.cancel(ref, force=True)
+            try:
+                ray.cancel(ref, force=True)
+            except Exception:  # the cluster is gone: so are its tasks
+                pass
     return out
 
 
@@ -174,9 +199,10 @@ def _names(batch: list[SourceObject]) -> str:
     return batch[0].uri if len(batch) == 1 else f"{len(batch)} manifests ({batch[0].uri}, ...)"
 
 
-def _them(batch: list[SourceObject]) -> str:
-    """'it is' or 'they are', for a log line."""
-    return "it is" if len(batch) == 1 else "they are"
+def _brief(exc: BaseException) -> str:
+    """An exception's type and the first line of its message, for a log line."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def work_rows(todo: list[SourceObject], split: SplitManifests) -> list[dict[str, Any]]:

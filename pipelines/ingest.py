@@ -53,7 +53,7 @@ from sinks.qdrant_writer import QdrantWriter
 from .actor_fit import ActorPool, check_pools_fit
 from .config import Config
 from .config_secrets import redact
-from .expand_plan import MAX_EXPAND_BLOCKS, merge_ranges, split_manifests, work_rows
+from .expand_plan import MAX_WORK_BLOCKS, merge_ranges, split_manifests, work_rows
 from .interrupts import Interrupted, SignalGate, defer_signals, stop_on_signals
 from .plan import Plan, plan_objects, settings_digest, source_root, unlisted_entries, with_settings
 from .preflight import (PreflightError, check_ray_address, check_workers_see_env, collection_spec,
@@ -522,15 +522,16 @@ def map_on_actor_pool(ds: Any, fn: type, *, actors: int, **kwargs: Any) -> Any:
 
 
 def may_outgrow_a_batch(todo: list[Any], cfg: Config, split: Collection[str] = (),
-                        records_per_task: int = RECORDS_PER_TASK) -> bool:
-    """Whether some object (or task's share of manifest records) may expand into more rows than one
+                        split_rows: int = RECORDS_PER_TASK + 1) -> bool:
+    """Whether some object (or task over manifest records) may expand into more rows than one
     embedding call takes.
 
-    split: the manifests whose records are expanded records_per_task to a task (pipelines/expand_plan.py).
+    split: the manifests whose records are expanded a few to a task (pipelines/expand_plan.py),
+    in at most split_rows rows a task (unit or dead rows, and each range's status row).
     """
     settings = expand_settings(cfg)
     for obj in todo:
-        bound = records_per_task if obj.uri in split else most_units(obj.uri, obj.size, settings)
+        bound = split_rows if obj.uri in split else most_units(obj.uri, obj.size, settings)
         if bound is None or bound >= cfg.compute.batch_size:  # its status row rides along
             return True
     return False
@@ -558,8 +559,8 @@ def _run_stages(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store
     split = split_manifests(todo, settings, storage_options, cfg.limits.max_expand_s, EXPAND_TASK_CPUS,
                             cfg.compute.prepare_concurrency)
     rows = work_rows(todo, split)
-    blocks = min(len(rows), MAX_EXPAND_BLOCKS)
-    records_per_task = RECORDS_PER_TASK * -(-len(rows) // blocks)  # past MAX_EXPAND_BLOCKS, rows share a task
+    blocks = min(len(rows), MAX_WORK_BLOCKS)
+    split_rows = split.most_rows * -(-len(rows) // blocks)  # past MAX_WORK_BLOCKS, rows share a task
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     del rows  # in the object store now: the driver need not hold the records too
     split.work = []
@@ -569,7 +570,7 @@ def _run_stages(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store
         dim=spec.full_dim, ingested_at=datetime.now(timezone.utc).isoformat(),
         crash_journal=journal, max_expand_s=cfg.limits.max_expand_s),
         num_cpus=EXPAND_TASK_CPUS, **({"concurrency": cfg.compute.prepare_concurrency} if cfg.compute.prepare_concurrency else {}))
-    if may_outgrow_a_batch(todo, cfg, split.uris, records_per_task):
+    if may_outgrow_a_batch(todo, cfg, split.uris, split_rows):
         # One object can expand into a block of 50,000 rows (a manifest expanded whole, a huge text's
         # chunks), which one actor call would take whole: the other actors idle, nothing is written
         # until all of it is embedded, and a retry redoes all of it. Blocks of one embedding call's

@@ -199,8 +199,8 @@ def test_only_an_object_that_may_outgrow_a_batch_gets_the_re_cut(tmp_path):
     assert may_outgrow_a_batch(small + [SourceObject("/d/records.jsonl", 100, "f")], cfg)
     # Cut into ranges of 64 records before the run (pipelines/expand_plan.py): each fits a call.
     assert not may_outgrow_a_batch(small + [SourceObject("/d/records.jsonl", 100, "f")], cfg, {"/d/records.jsonl"})
-    # Past MAX_EXPAND_BLOCKS work rows, a task takes several: 9 x 64 records outgrow 512 rows.
-    assert may_outgrow_a_batch(small + [SourceObject("/d/records.jsonl", 100, "f")], cfg, {"/d/records.jsonl"}, 9 * 64)
+    # Past MAX_WORK_BLOCKS work rows, a task takes several: 9 x 65 rows outgrow 512.
+    assert may_outgrow_a_batch(small + [SourceObject("/d/records.jsonl", 100, "f")], cfg, {"/d/records.jsonl"}, 9 * 65)
     assert may_outgrow_a_batch(small + [SourceObject("/d/book.txt", 50_000 * 512, "f")], cfg)
     assert may_outgrow_a_batch(small, make_cfg(tmp_path, "/m", tmp_path, compute={"batch_size": 64},
                                                expand={"video_segment_s": 30.0}))  # a PDF's 200 pages

@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -589,8 +590,12 @@ def test_files_that_crash_or_hang_a_native_decoder_fail_alone(tmp_path, tiny_emb
     messages = {Path(d["uri"]).name: d["message"] for d in dead if d["stage"] == "expand"}
     assert "worker process died while expanding it" in messages["qvl-crash.pdf"]
     assert "expanding it took longer than limits.max_expand_s=6 s" in messages["qvl-hang.pdf"]
-    # The three manifests share a parse task: the crash sends them all to be expanded whole.
-    assert "failed before the run (WorkerCrashedError); they are expanded whole" in log
+    # The three manifests share a parse task. It dies; then each is parsed alone: list.jsonl's records
+    # go to a range task (where Pillow dies and hangs), the two Parquet files are expanded whole.
+    assert "parsing 3 manifests (" in log and "each is parsed alone" in log
+    for name in ("qvl-crash.parquet", "qvl-hang.parquet"):
+        assert re.search(rf"parsing \S*{name} before the run failed \(\w+Error.*; it is expanded whole", log), name
+    assert not re.search(r"parsing \S*list.jsonl before the run failed", log)
     assert report["counts"]["failed"] == 6
     assert report["counts"]["ingested"] == len(names) + 3
     keys = point_keys(all_points(tmp_path / "qdrant"))
