@@ -158,7 +158,9 @@ class _Watchdog:
                 continue
             journal, task, item, _, limit = slot
             try:  # the retry must learn which item it was before this process is gone
-                if journal is not None:  # None: nobody to tell (a parse before the run: its caller sees the death)
+                if journal is None:  # nobody to tell: the log, at least, names it
+                    _log.warning("%s took over %g s: stopping this worker process", item, limit)
+                else:
                     ray.get(journal.timed_out.remote(task, item, limit), timeout=JOURNAL_TIMEOUT_S)
             except Exception as exc:  # a lost journal: the hung process is stopped all the same
                 _warn_lost(exc)

@@ -26,7 +26,7 @@ from typing import Any
 
 import ray
 
-from operators.crash_journal import WATCHDOG
+from operators.crash_journal import JOURNAL_TIMEOUT_S, WATCHDOG
 from operators.expand_work import RECORDS_PER_TASK, ObjectGroup, RecordRange, RecordRanges, pickled_work, work_row
 from operators.media.detect import from_extension
 from operators.media.expand import FAILED, OK, ExpandSettings, empty_manifest_letter, read_manifest
@@ -77,12 +77,14 @@ def record_ranges(obj: SourceObject, settings: ExpandSettings,
 
 
 def pack_manifests(objects: list[SourceObject], settings: ExpandSettings, storage_options: dict[str, Any] | None,
-                   limit_s: float | None = None) -> tuple[list[str], list[bytes], int, float]:
+                   limit_s: float | None = None, journal: Any = None,
+                   key: str = "parse") -> tuple[list[str], list[bytes], int, float]:
     """(the manifests parsed, their records' work packed RECORDS_PER_TASK to a task and pickled, the most
     rows one such task makes, seconds taken).
 
     limit_s: a manifest whose parse runs longer kills this worker process (a hung parser; the
-    caller sees the task fail), as the expansion's watchdog does.
+    caller sees the task fail), as the expansion's watchdog does, after telling `journal` (a
+    CrashJournal) which manifest it was, under `key`.
     """
     start = time.perf_counter()
     parsed: list[str] = []
@@ -98,7 +100,7 @@ def pack_manifests(objects: list[SourceObject], settings: ExpandSettings, storag
 
     for obj in objects:
         if limit_s is not None:
-            WATCHDOG.arm(None, "parse", obj.uri, limit_s)
+            WATCHDOG.arm(journal, key, obj.uri, limit_s)
         try:
             ranges = record_ranges(obj, settings, storage_options)
         finally:
@@ -147,13 +149,13 @@ class SplitManifests:
 
 def split_manifests(todo: list[SourceObject], settings: ExpandSettings, storage_options: dict[str, Any] | None,
                     limit_s: float | None, cpus: float = 1, concurrency: int | None = None,
-                    batch_bytes: int = PARSE_TASK_BYTES) -> SplitManifests:
+                    batch_bytes: int = PARSE_TASK_BYTES, journal: Any = None) -> SplitManifests:
     """Parse the listed manifests (by name) in Ray tasks, and pack their records into expansion work.
 
-    No more parse tasks run at once than the cluster has CPUs for (or `concurrency`). A task that
-    fails (a parser that crashed, or hung past limit_s on one manifest and was stopped by its
-    watchdog) is tried again one manifest per task; a single manifest that fails is expanded
-    whole, where the crash journal and the watchdog name the culprit.
+    No more parse tasks run at once than the cluster has CPUs for (or `concurrency`). A manifest
+    whose parse runs past limit_s is stopped by its worker's watchdog and expanded whole, where
+    the expansion's watchdog names it; journal (the run's CrashJournal) tells which one it was.
+    The other manifests of a task that failed (that one, or a crash) are parsed again one per task.
     """
     out = SplitManifests()
     # By name: reading every extensionless object's head to find manifests would cost a request each.
@@ -163,23 +165,22 @@ def split_manifests(todo: list[SourceObject], settings: ExpandSettings, storage_
     total = ray.cluster_resources().get("CPU", 1)
     slots = concurrency or max(1, int(total // cpus) if cpus > 0 else int(total))
     task = _pack_task.options(num_cpus=cpus)
-    running: dict[Any, list[SourceObject]] = {}
+    running: dict[Any, tuple[list[SourceObject], str]] = {}
+    started = 0
     try:
         while queue or running:
             while queue and len(running) < slots:
-                batch = queue.popleft()
-                running[task.remote(batch, settings, storage_options, limit_s)] = batch
+                batch, key = queue.popleft(), f"parse:{started}"
+                started += 1
+                running[task.remote(batch, settings, storage_options, limit_s, journal, key)] = (batch, key)
             # A timeout, so that a stop signal's handler gets to run (pipelines/interrupts.py).
             done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
             for ref in done:
-                batch = running.pop(ref)
+                batch, key = running.pop(ref)
                 try:
                     parsed, work, most_rows, seconds = ray.get(ref)
                 except Exception as exc:  # its worker died: a crashing parser, or one its watchdog stopped
-                    if len(batch) > 1:
-                        queue.extend([obj] for obj in batch)  # the others need not pay for the culprit
-                    logger.warning("parsing %s before the run failed (%s); %s", _names(batch), _brief(exc),
-                                   "each is parsed alone" if len(batch) > 1 else "it is expanded whole")
+                    queue.extend(_after_failure(batch, _timed_out(journal, key), limit_s, exc))
                     continue
                 out.uris.update(parsed)
                 out.work += work
@@ -192,6 +193,36 @@ def split_manifests(todo: list[SourceObject], settings: ExpandSettings, storage_
             except Exception:  # the cluster is gone: so are its tasks
                 pass
     return out
+
+
+def _timed_out(journal: Any, key: str) -> set[str]:
+    """The manifests the journal heard a parse task's watchdog stop (none when it cannot be asked)."""
+    if journal is None:
+        return set()
+    try:
+        _, skipped = ray.get(journal.begin.remote(key), timeout=JOURNAL_TIMEOUT_S)
+        journal.end.remote(key)
+    except Exception:  # a lost journal: every manifest of the task is parsed again alone
+        return set()
+    return {item for item, why in skipped.items() if why.startswith("timeout:")}
+
+
+def _after_failure(batch: list[SourceObject], hung: set[str], limit_s: float | None,
+                   exc: BaseException) -> list[list[SourceObject]]:
+    """What to parse again after a parse task died: each of its manifests that did not hang, alone
+    (a single one that did not hang crashed: it is expanded whole, as is one that hung)."""
+    for obj in batch:
+        if obj.uri in hung:
+            logger.warning("parsing %s took over limits.max_expand_s=%g s; it is expanded whole", obj.uri, limit_s)
+    rest = [obj for obj in batch if obj.uri not in hung]
+    if len(batch) == 1 and rest:
+        logger.warning("parsing %s before the run failed (%s); it is expanded whole", batch[0].uri, _brief(exc))
+    if len(batch) == 1 or not rest:
+        return []
+    logger.warning("parsing %s before the run failed (%s); %s parsed again alone", _names(batch),
+                   "a manifest took over limits.max_expand_s" if hung else _brief(exc),
+                   "the others are" if hung else "each is")
+    return [[obj] for obj in rest]
 
 
 def _names(batch: list[SourceObject]) -> str:

@@ -557,7 +557,7 @@ def _run_stages(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store
     storage_options = dict(cfg.source.storage_options)
     settings = expand_settings(cfg)
     split = split_manifests(todo, settings, storage_options, cfg.limits.max_expand_s, EXPAND_TASK_CPUS,
-                            cfg.compute.prepare_concurrency)
+                            cfg.compute.prepare_concurrency, journal=journal)
     rows = work_rows(todo, split)
     blocks = min(len(rows), MAX_WORK_BLOCKS)
     split_rows = split.most_rows * -(-len(rows) // blocks)  # past MAX_WORK_BLOCKS, rows share a task

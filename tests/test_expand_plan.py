@@ -108,15 +108,20 @@ def test_split_manifests_parses_only_manifests_in_ray_tasks(ray_local, tmp_path)
     assert sorted(len(read_work(work_row(w)).ranges[0].records) for w in split.work) == [36, 64]
 
 
-def test_a_parse_that_hangs_is_stopped_and_its_task_mates_parsed_again_alone(ray_local, tmp_path):
+def test_a_parse_that_hangs_is_stopped_and_its_task_mates_parsed_again_alone(ray_local, tmp_path, caplog):
     """A manifest on a store that never answers shares a parse task with a healthy one: the worker's
-    watchdog stops the task after limit_s; each manifest is then parsed alone, the healthy one is
-    split, and the stuck one, stopped again, is left to be expanded whole."""
+    watchdog stops the task after limit_s and tells the journal which manifest hung; that one is left
+    to be expanded whole, not parsed (and waited for) again, and the healthy one is parsed alone."""
     import http.server
     import threading
 
+    from operators.crash_journal import start_journal, stop_journal
+
+    hits = []
+
     class Stuck(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server's name)
+            hits.append(self.command)
             time.sleep(60)
 
         do_HEAD = do_GET
@@ -127,15 +132,19 @@ def test_a_parse_that_hangs_is_stopped_and_its_task_mates_parsed_again_alone(ray
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stuck)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    journal = start_journal()
     try:
         stuck = SourceObject(f"http://127.0.0.1:{server.server_port}/m.jsonl", 100, "f")
         good = _jsonl(tmp_path / "good.jsonl", [{"text": str(i)} for i in range(70)])
         every_cpu = ray.cluster_resources()["CPU"]  # one parse at a time: a queued one's time runs from its start
-        start = time.monotonic()
-        split = split_manifests([stuck, good], SETTINGS, None, limit_s=3, cpus=every_cpu)
+        with caplog.at_level("WARNING", logger="pipelines.expand_plan"):
+            split = split_manifests([stuck, good], SETTINGS, None, limit_s=3, cpus=every_cpu, journal=journal)
         assert split.uris == {good.uri} and split.most_rows == 64 + 1
-        assert time.monotonic() - start < 40
+        assert len(hits) == 1, hits  # parsed once: the journal named it
+        assert f"parsing {stuck.uri} took over limits.max_expand_s=3 s; it is expanded whole" in caplog.text
+        assert "the others are parsed again alone" in caplog.text
     finally:
+        stop_journal(journal)
         server.shutdown()
 
 
