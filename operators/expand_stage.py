@@ -58,11 +58,6 @@ def _for_chunking(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def object_to_row(obj: SourceObject) -> dict[str, Any]:
-    """A listed object as a dataset row."""
-    return {"uri": obj.uri, "size": obj.size, "fingerprint": obj.fingerprint, "mtime": obj.mtime}
-
-
 _GUARD: TaskGuard | None = None  # this worker process's current task attempt (tasks run one at a time)
 
 
@@ -82,9 +77,9 @@ HANDOVER_BYTES = 16 * 1024 * 1024
 
 
 def expand_work(row: dict[str, Any], **kwargs: Any) -> Iterator[dict[str, Any]]:
-    """The rows of one task's work (a work row): each of its objects' (see expand_rows), or of its record ranges'.
+    """The rows of one task's work (a work row): each of its objects' (see object_rows), or of its record ranges'.
 
-    kwargs: expand_rows's keyword arguments.
+    kwargs: object_rows's keyword arguments.
     """
     work = read_work(row)
     if isinstance(work, RecordRanges):
@@ -92,7 +87,7 @@ def expand_work(row: dict[str, Any], **kwargs: Any) -> Iterator[dict[str, Any]]:
             yield from _range_rows(rng, **kwargs)
         return
     for obj in work.objects:
-        yield from expand_rows(object_to_row(obj), **kwargs)
+        yield from object_rows(obj, **kwargs)
 
 
 def _range_rows(work: RecordRange, *, settings: ExpandSettings, storage_options: dict[str, Any] | None,
@@ -107,7 +102,7 @@ def _range_rows(work: RecordRange, *, settings: ExpandSettings, storage_options:
     yield from _manifest_rows(expansion, guard, model_id, dim, stamp, start, whole=False)
 
 
-def expand_rows(row: dict[str, Any], *, settings: ExpandSettings, storage_options: dict[str, Any] | None,
+def object_rows(obj: SourceObject, *, settings: ExpandSettings, storage_options: dict[str, Any] | None,
                 model: str, model_id: str, dim: int, revision: str | None = None, ingested_at: str | None = None,
                 crash_journal: Any = None, max_expand_s: float | None = None) -> Iterator[dict[str, Any]]:
     """Unit rows, dead-letter rows and one object-status row (the last) for one listed object.
@@ -119,7 +114,6 @@ def expand_rows(row: dict[str, Any], *, settings: ExpandSettings, storage_option
     instead of a crash loop or a stalled job (operators/crash_journal.py).
     """
     start = time.perf_counter()
-    obj = SourceObject(row["uri"], int(row["size"]), row["fingerprint"], row.get("mtime"))
     stamp = ingested_at or datetime.now(timezone.utc).isoformat()
     guard = _task_guard(crash_journal, max_expand_s)
     if guard is not None and guard.skip(obj.uri):

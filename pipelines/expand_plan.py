@@ -33,6 +33,9 @@ from operators.media.expand import FAILED, OK, ExpandSettings, empty_manifest_le
 from operators.media.manifest import ManifestRecord
 from operators.media.reading import is_unreachable
 from operators.units import SourceObject, dead_row
+from sinks.ingest_sink import DEAD_FIELDS
+
+from .preflight import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -211,16 +214,17 @@ def _after_failure(batch: list[SourceObject], hung: set[str], limit_s: float | N
                    exc: BaseException) -> list[list[SourceObject]]:
     """What to parse again after a parse task died: each of its manifests that did not hang, alone
     (a single one that did not hang crashed: it is expanded whole, as is one that hung)."""
+    why = f"{type(exc).__name__}: {first_line(exc)}" if first_line(exc) else type(exc).__name__
     for obj in batch:
         if obj.uri in hung:
             logger.warning("parsing %s took over limits.max_expand_s=%g s; it is expanded whole", obj.uri, limit_s)
     rest = [obj for obj in batch if obj.uri not in hung]
     if len(batch) == 1 and rest:
-        logger.warning("parsing %s before the run failed (%s); it is expanded whole", batch[0].uri, _brief(exc))
+        logger.warning("parsing %s before the run failed (%s); it is expanded whole", batch[0].uri, why)
     if len(batch) == 1 or not rest:
         return []
     logger.warning("parsing %s before the run failed (%s); %s parsed again alone", _names(batch),
-                   "a manifest took over limits.max_expand_s" if hung else _brief(exc),
+                   "a manifest took over limits.max_expand_s" if hung else why,
                    "the others are" if hung else "each is")
     return [[obj] for obj in rest]
 
@@ -228,12 +232,6 @@ def _after_failure(batch: list[SourceObject], hung: set[str], limit_s: float | N
 def _names(batch: list[SourceObject]) -> str:
     """A parse task's manifests, for a log line."""
     return batch[0].uri if len(batch) == 1 else f"{len(batch)} manifests ({batch[0].uri}, ...)"
-
-
-def _brief(exc: BaseException) -> str:
-    """An exception's type and the first line of its message, for a log line."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def work_rows(todo: list[SourceObject], split: SplitManifests) -> list[dict[str, Any]]:
@@ -272,7 +270,7 @@ def merge_ranges(summary: dict[str, Any], split: Collection[str], parse_seconds:
     for uri, total in merged.items():
         if not total["n_units"]:
             row = dead_row(empty_manifest_letter(uri, bad[uri]))
-            dead.append({key: row[key] for key in ("object_uri", "position", "error_stage", "error_type", "error_message")})
+            dead.append({key: row[key] for key in DEAD_FIELDS})
     seconds = dict(summary.get("stage_seconds", {}))
     seconds["expand"] = seconds.get("expand", 0.0) + parse_seconds
     return {**summary, "objects": objects + list(merged.values()), "dead": dead, "stage_seconds": seconds}

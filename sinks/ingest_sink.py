@@ -18,7 +18,7 @@ from ray.data.datasource.datasink import WriteResult
 
 from .qdrant_sink import ID_COLUMN, PAYLOAD_COLUMN, VECTOR_PREFIX, QdrantDatasink
 
-_DEAD_FIELDS = ("object_uri", "position", "error_stage", "error_type", "error_message")
+DEAD_FIELDS = ("object_uri", "position", "error_stage", "error_type", "error_message")
 
 
 class IngestDatasink(QdrantDatasink):
@@ -37,7 +37,7 @@ class IngestDatasink(QdrantDatasink):
                 table: pa.Table = BlockAccessor.for_block(block).to_arrow()
                 kind = table.column("row_kind")
                 units = table.filter(pc.equal(kind, "unit"))
-                dead.extend(table.filter(pc.equal(kind, "dead")).select(list(_DEAD_FIELDS)).to_pylist())
+                dead.extend(table.filter(pc.equal(kind, "dead")).select(list(DEAD_FIELDS)).to_pylist())
                 for obj in table.filter(pc.equal(kind, "object")).select(
                         ["object_uri", "status", "n_units", "seconds"]).to_pylist():
                     objects.append(obj)

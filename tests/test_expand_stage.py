@@ -15,9 +15,10 @@ import ray
 from PIL import Image
 
 from operators.crash_journal import start_journal
-from operators.expand_stage import HANDOVER_BYTES, expand_rows, object_to_row, tokenizer_for
+from operators.expand_stage import HANDOVER_BYTES, object_rows, tokenizer_for
 from operators.media.expand import ExpandSettings
 from operators.media.listing import list_objects
+from operators.units import SourceObject
 
 
 def _raw_png(path: Path, side: int, seed: int) -> int:
@@ -29,17 +30,17 @@ def _raw_png(path: Path, side: int, seed: int) -> int:
     return len(buf.getvalue())
 
 
-def _manifest(folder: Path, images: list[str]) -> dict:
-    """A JSONL manifest of one record per image (ids r0, r1, ...), as the listing's row."""
+def _manifest(folder: Path, images: list[str]) -> SourceObject:
+    """A JSONL manifest of one record per image (ids r0, r1, ...), as listed."""
     (folder / "list.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "image": name}) + "\n"
                                                for i, name in enumerate(images)))
     objects, _ = list_objects(str(folder / "list.jsonl"))
-    return object_to_row(objects[0])
+    return objects[0]
 
 
-def _rows(row: dict, model: Path, **kwargs) -> object:
-    """expand_rows for a manifest, chunking text in `model`'s tokens."""
-    return expand_rows(row, settings=ExpandSettings(), storage_options=None, model=str(model),
+def _rows(obj: SourceObject, model: Path, **kwargs) -> object:
+    """object_rows for a listed object, chunking text in `model`'s tokens."""
+    return object_rows(obj, settings=ExpandSettings(), storage_options=None, model=str(model),
                        model_id="m", dim=8, **kwargs)
 
 
@@ -102,7 +103,7 @@ def test_the_time_ray_data_holds_the_task_is_not_expansion_time(tmp_path, tiny_e
     """The status row's seconds go into the report's expand stage: a slow consumer must not inflate them."""
     _raw_png(tmp_path / "a.png", 32, seed=4)
     (tmp_path / "note.txt").write_text("a few words to embed")
-    for row in (_manifest(tmp_path, ["a.png", "a.png"]), object_to_row(list_objects(str(tmp_path / "note.txt"))[0][0])):
+    for row in (_manifest(tmp_path, ["a.png", "a.png"]), list_objects(str(tmp_path / "note.txt"))[0][0]):
         started = time.perf_counter()
         rows = []
         for out in _rows(row, tiny_embedding_ckpt):
