@@ -309,6 +309,10 @@ class EmbedderConfig(_Section):
     """Tokens per forward batch (batches are cut by summed token length)."""
     max_batch_items: int = Field(64, ge=1)
     """At most this many inputs per forward batch."""
+    window_mib: int | None = Field(None, ge=1)
+    """Prepared inputs (pixels above all) an embedding actor holds per preparation window, in MiB;
+    it holds two windows, the one in the model and the next. A window never holds fewer inputs than
+    fill one forward batch. None = 64 on a CPU, 1024 on a GPU."""
     prepare_processes: int | None = Field(None, ge=0)
     """Worker processes that prepare inputs (decode, resize, tokenise) beside each model, off
     its thread's GIL; 0 = threads; None = auto: min(8, cores - 2) on a GPU, threads on a CPU.
@@ -361,9 +365,8 @@ class ComputeConfig(_Section):
     batch_size: int = Field(512, ge=1)
     """Rows per embedding-actor call (token-budget batches are cut inside it, over length-sorted
     windows: small calls sort little and pad much; 64 cost 40% more CPU than 512 in bench/RESULTS.md).
-    Each listed object adds one status row, so a call over a folder of single-unit files embeds
-    about half as many units as one over a manifest's records: for manifests of many large
-    images, 256 keeps a call's memory to a folder's (bench/RESULTS.md, section 4)."""
+    A call's memory does not grow with it: the embedder prepares its inputs in windows of about
+    ``embedder.window_mib`` (bench/RESULTS.md, section 4)."""
     prepare_concurrency: int | None = Field(None, ge=1)
     """Max parallel CPU preparation tasks; None = Ray Data decides."""
     inflight_mib_per_actor: int | None = Field(None, ge=1)

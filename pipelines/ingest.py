@@ -235,7 +235,7 @@ def embedder_kwargs(cfg: Config, storage_options: dict[str, Any]) -> dict[str, A
                                   min_pixels=e.min_pixels, max_pixels=e.max_pixels, total_pixels=e.total_pixels,
                                   fps=cfg.expand.video_fps, max_frames=cfg.expand.video_max_frames,
                                   token_budget=e.token_budget, max_batch_items=e.max_batch_items,
-                                  prepare_processes=e.prepare_processes,
+                                  window_mib=e.window_mib, prepare_processes=e.prepare_processes,
                                   attn_implementation=e.attn_implementation, storage_options=storage_options,
                                   revision=e.revision)
     if e.instruction:

@@ -173,6 +173,7 @@ def test_defaults():
     assert em.mrl_dims == [] and em.dtype == "auto" and em.attn_implementation is None
     assert (em.max_length, em.min_pixels, em.max_pixels, em.total_pixels) == (8192, 4096, 1843200, 7864320)
     assert (em.token_budget, em.max_batch_items, em.prepare_processes, em.instruction) == (16384, 64, None, None)
+    assert em.window_mib is None  # the embedder's own: 64 MiB on a CPU, 1 GiB on a GPU
     c = cfg.compute
     assert (c.ray_address, c.embed_actors, c.num_gpus_per_actor, c.cpus_per_actor) == (None, 1, 0.0, 1.0)
     assert (c.batch_size, c.prepare_concurrency) == (512, None)
@@ -278,6 +279,7 @@ def test_api_key_in_config_rejected_without_echoing_it():
         ("embedder", {"mrl_dims": ["a"]}, "embedder.mrl_dims.0: expected an integer"),
         ("embedder", {"model": ""}, "embedder.model: must not be empty"),
         ("embedder", {"max_pixels": 100}, "embedder.max_pixels: must be >= min_pixels"),
+        ("embedder", {"window_mib": 0}, "embedder.window_mib: must be >= 1 (got 0)"),
         ("expand", {"overlap_tokens": 512}, "expand.overlap_tokens: must be < chunk_tokens (512)"),
         ("expand", {"video_fps": 0}, "expand.video_fps: must be > 0"),
         ("expand", {"video_max_frames": 1}, "expand.video_max_frames: must be >= 2"),

@@ -228,6 +228,20 @@ def test_settings_digest_ignores_spelling_that_embeds_the_same(tiny_embedding_ck
     assert digest() != digest(instruction="Represent the note.") != digest(max_pixels=10_000)
 
 
+def test_window_mib_reaches_the_embedder_and_leaves_the_digest_alone(tiny_embedding_ckpt, tmp_path):
+    from operators.qwen3vl import Qwen3VLEmbedder
+    from pipelines.ingest import embedder_kwargs
+    from pipelines.plan import settings_digest
+
+    data = config_dict(tmp_path, tiny_embedding_ckpt, tmp_path)
+    before = settings_digest(parse_config(data))
+    data["embedder"]["window_mib"] = 32
+    cfg = parse_config(data)
+    assert settings_digest(cfg) == before  # how much is prepared at once changes no vector
+    with Qwen3VLEmbedder(str(tiny_embedding_ckpt), **embedder_kwargs(cfg, {})) as emb:
+        assert emb.window_bytes == 32 * 2**20
+
+
 def test_only_units_that_fail_for_good_are_settled():
     """A unit whose file could not be fetched (gone, unreachable) keeps its object incomplete, so
     the next run tries again; one the decoder rejects is final until the object changes."""

@@ -211,6 +211,7 @@ def test_results_are_fetched_after_the_next_batch_is_collated(embedder, monkeypa
             return _original(*args)
 
         monkeypatch.setattr(embedder, name, spy)
+    monkeypatch.setattr(embedder, "_heaviest", None)  # windows as on a fresh embedder: 4, then 6
     inputs = [{"text": f"item {i}"} for i in range(10)]
     vecs = embedder.process(inputs)
     assert [e for e, _ in events] == ["_collate", "_store", "_launch"] * 3 + ["_store"]
@@ -421,3 +422,56 @@ def test_video_cuts_without_a_video_file_and_bad_frames_are_named(embedder, medi
     assert f"cannot decode image {bad_frame}" in results[2].error
     assert "FileNotFoundError" not in results[3].error and len(results[3].error) < 2000, results[3].error[:300]
     assert results[4].ok
+
+
+def test_a_window_load_fits_a_byte_bound_but_never_less_than_one_forward_batch():
+    from operators.qwen3vl.preprocess import WindowLoad
+    images = WindowLoad(bytes_per_item=1.5 * 2**20, tokens_per_item=86)
+    assert images.fit(256, 64 * 2**20, 16384, 64) == 64  # 42 would fit 64 MiB: one batch holds 64
+    assert images.fit(256, 1024 * 2**20, 16384, 64) == 256  # the item cap
+    assert images.fit(256, 128 * 2**20, 16384, 16) == 85
+    video = WindowLoad(bytes_per_item=189 * 2**20, tokens_per_item=7700)
+    assert video.fit(256, 64 * 2**20, 16384, 64) == 2  # one forward batch of 16,384 tokens
+    assert WindowLoad(10.0, 20000).fit(256, 2**20, 16384, 64) == 256  # never below one item
+    assert WindowLoad.of([]) is None
+
+
+def test_prepared_inputs_held_at_once_are_bounded_by_window_mib(tiny_embedding_ckpt, tmp_path):
+    """Items prepared but not yet run through the model: two windows of them, each of about
+    window_mib (but one forward batch at least), whatever the number of inputs; vectors unchanged."""
+    paths = []
+    for i in range(24):  # 256x256: about 1.5 MB of float32 pixels each, once prepared
+        paths.append(tmp_path / f"img{i}.png")
+        pattern_image(i, (256, 256)).save(paths[-1])
+    inputs = [{"image": str(p)} for p in paths]
+
+    def held_at_most(emb):
+        """The most inputs submitted for preparation and not yet launched through the model."""
+        held, peak = [0], [0]
+        submit, launch = emb.submit_prepare, emb._launch
+
+        def counted_submit(*args):
+            held[0] += 1
+            peak[0] = max(peak[0], held[0])
+            return submit(*args)
+
+        def counted_launch(items, batch):
+            held[0] -= len(items)
+            return launch(items, batch)
+
+        emb.submit_prepare, emb._launch = counted_submit, counted_launch
+        vectors = emb.process(inputs)
+        return peak[0], vectors
+
+    with Qwen3VLEmbedder(str(tiny_embedding_ckpt), token_budget=4096, max_batch_items=4, window_mib=1) as emb:
+        bounded, vectors = held_at_most(emb)
+        assert emb.prepare(inputs[0]).nbytes > 2**20 / 4  # so 1 MiB holds fewer than one batch
+    with Qwen3VLEmbedder(str(tiny_embedding_ckpt), token_budget=4096, max_batch_items=4) as emb:
+        unbounded, expected = held_at_most(emb)
+    assert bounded <= 2 * 4 < unbounded  # windows of one batch (4): the one running and the next
+    assert torch.allclose(vectors, expected, atol=1e-5)
+
+
+def test_window_mib_below_one_is_refused(tiny_embedding_ckpt):
+    with pytest.raises(ValueError, match="window_mib must be an integer >= 1, got 0"):
+        Qwen3VLEmbedder(str(tiny_embedding_ckpt), window_mib=0)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .formatting import DEFAULT_EMBED_INSTRUCTION, VisionSettings, embed_conversation
 from .loading import Qwen3VLForEmbedding
-from .preprocess import (InputError, Prepared, check_window, collate, describe_error, growing_windows, render_prompt,
+from .preprocess import (InputError, Prepared, WindowLoad, check_window, collate, describe_error, render_prompt,
                          resolved_sources, run_processor, token_budget_batches)
 from .runner import Qwen3VLRunner, check_inputs
 
@@ -77,7 +77,8 @@ class Qwen3VLEmbedder(Qwen3VLRunner):
                  default_instruction: str = DEFAULT_EMBED_INSTRUCTION, token_budget: int = 16384,
                  max_batch_items: int = 64, prepare_workers: int | None = None,
                  prepare_processes: int | None = None, storage_options: dict[str, Any] | None = None,
-                 revision: str | None = None, **model_kwargs: Any) -> None:
+                 revision: str | None = None, window_mib: int | None = None, **model_kwargs: Any) -> None:
+        check_window("window_mib", window_mib)  # before the weights load
         super().__init__(Qwen3VLForEmbedding, model_name_or_path, dtype=dtype, device=device, revision=revision,
                          attn_implementation=attn_implementation, padding_side="right", max_length=max_length,
                          vision=VisionSettings(min_pixels, max_pixels, total_pixels, fps, max_frames),
@@ -87,6 +88,13 @@ class Qwen3VLEmbedder(Qwen3VLRunner):
                          prepare_processes=prepare_processes, **model_kwargs)
         self.hidden_size = int(self.model.config.text_config.hidden_size)
         self.stats = EmbedStats()
+        if window_mib is None:
+            window_mib = 1024 if self.device.type == "cuda" else 64
+        # Two windows are held at once (one in the model, the next being prepared). Counted in items
+        # alone, 256 images of 1,843,200 pixels held 11 GB each; 512 small ones raised a CPU actor's
+        # peak by 1.1 GB (bench/RESULTS.md section 4).
+        self.window_bytes = window_mib * 2**20
+        self._heaviest: WindowLoad | None = None  # the heaviest window yet: sizes each call's first window
 
     # -- what the model sees -------------------------------------------------------------
     def conversation(self, item: dict[str, Any]) -> list[dict[str, Any]]:
@@ -160,7 +168,8 @@ class Qwen3VLEmbedder(Qwen3VLRunner):
 
         first_window: items prepared before the first forward; None = 32 on a GPU (start it
         soon; later windows double up to ``window``), ``window`` on a CPU (the model already
-        fills the cores, and larger windows sort and pad better).
+        fills the cores, and larger windows sort and pad better). A window also holds no more than
+        about ``window_mib`` of prepared inputs, but always enough to fill one forward batch.
         """
         if dim is not None:
             reduce_dim(torch.zeros(1, self.hidden_size), dim)  # validate before any work
@@ -171,23 +180,36 @@ class Qwen3VLEmbedder(Qwen3VLRunner):
         results = [EmbedResult(i) for i in range(len(inputs))]
         if first_window is None:
             first_window = 32 if self.device.type == "cuda" else window
-        windows = growing_windows(len(inputs), first_window, window)
+        size = min(first_window, window)
+        # Until an input is weighed, a first window fills one forward batch at most: its pixels are
+        # held (and, on a CPU, kept by the allocator) whatever they weigh.
+        size = self._fit(size, self._heaviest) if self._heaviest else min(size, self.max_batch_items)
+        start = 0
 
-        def submit(idx: list[int]) -> list[Future]:
-            return [self.submit_prepare(inputs[i]) for i in idx]
+        def submit(count: int) -> tuple[list[int], list[Future]]:
+            nonlocal start
+            idx = list(range(start, min(len(inputs), start + count)))
+            start += len(idx)
+            return idx, [self.submit_prepare(inputs[i]) for i in idx]
 
-        pending = submit(windows[0]) if windows else []
+        idx, pending = submit(size)
         launched: list[tuple[EmbedResult, torch.Tensor | str]] = []
-        for w, idx in enumerate(windows):
+        while idx:
             t0 = time.perf_counter()
             prepared = [f.result() for f in pending]
             self.stats.add(wait_prepare_s=time.perf_counter() - t0)
-            # Prepare the next window while this one runs through the model.
-            pending = submit(windows[w + 1]) if w + 1 < len(windows) else []
             ok = [(i, p) for i, p in zip(idx, prepared) if isinstance(p, Prepared)]
             for i, p in zip(idx, prepared):
                 if not isinstance(p, Prepared):
                     results[i].error = p
+            # Windows double up to `window` items (a small first one starts a GPU sooner), and
+            # hold about window_bytes of inputs like the ones just prepared.
+            load = WindowLoad.of([p for _, p in ok])
+            if load is not None and (self._heaviest is None or load.bytes_per_item > self._heaviest.bytes_per_item):
+                self._heaviest = load
+            size = self._fit(min(window, size * 2), load)
+            # Prepare the next window while this one runs through the model.
+            next_idx, pending = submit(size)
             lengths = [p.num_tokens for _, p in ok]
             for batch in token_budget_batches(lengths, self.token_budget, self.max_batch_items):
                 items = [ok[b][1] for b in batch]
@@ -196,8 +218,13 @@ class Qwen3VLEmbedder(Qwen3VLRunner):
                 # collates the next one (copying results back waits for everything queued before it).
                 self._store(launched, dim, normalize)
                 launched = list(zip([results[ok[b][0]] for b in batch], self._launch_isolating(items, collated)))
+            idx = next_idx
         self._store(launched, dim, normalize)
         return results
+
+    def _fit(self, size: int, load: WindowLoad | None) -> int:
+        """Items the next preparation window may take, given what such inputs weigh (None: not known yet)."""
+        return size if load is None else load.fit(size, self.window_bytes, self.token_budget, self.max_batch_items)
 
     def process(self, inputs: Sequence[dict[str, Any]], *, normalize: bool = True,
                 dim: int | None = None) -> torch.Tensor:
