@@ -98,7 +98,7 @@ def main() -> None:
     import ray
 
     from operators.qwen3vl import Qwen3VLEmbedder
-    from pipelines.ingest import run_ingest
+    from pipelines.ingest import embedder_kwargs, run_ingest
 
     ckpt = args.checkpoint or C.checkpoint("embedding", args.size)
     print("#", C.machine())
@@ -112,8 +112,7 @@ def main() -> None:
         print(f"# checkpoint {ckpt} ({args.size}), {len(inputs)} units, overrides {overrides or 'none'}; "
               f"compute: {cfg0.compute.model_dump() if hasattr(cfg0.compute, 'model_dump') else cfg0.compute}",
               flush=True)
-        kw = dict(token_budget=cfg0.embedder.token_budget, max_batch_items=cfg0.embedder.max_batch_items)
-        emb = Qwen3VLEmbedder(ckpt, **kw)
+        emb = Qwen3VLEmbedder(ckpt, **embedder_kwargs(cfg0, {}))  # as each embedding actor is built
         emb.embed(inputs[:8])  # warm-up
 
         t_emb, t_ing, reports = [], [], []

@@ -310,9 +310,9 @@ class EmbedderConfig(_Section):
     max_batch_items: int = Field(64, ge=1)
     """At most this many inputs per forward batch."""
     window_mib: int | None = Field(None, ge=1)
-    """Prepared inputs (pixels above all) an embedding actor holds per preparation window, in MiB;
-    it holds two windows, the one in the model and the next. A window never holds fewer inputs than
-    fill one forward batch. None = 64 on a CPU, 1024 on a GPU."""
+    """Prepared inputs (pixels above all) an embedding actor holds per preparation window, in MiB,
+    as estimated before they are prepared; it holds two windows, the one in the model and the next.
+    A window never holds fewer inputs than fill one forward batch. None = 64 on a CPU, 1024 on a GPU."""
     prepare_processes: int | None = Field(None, ge=0)
     """Worker processes that prepare inputs (decode, resize, tokenise) beside each model, off
     its thread's GIL; 0 = threads; None = auto: min(8, cores - 2) on a GPU, threads on a CPU.

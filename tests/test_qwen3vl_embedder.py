@@ -211,7 +211,6 @@ def test_results_are_fetched_after_the_next_batch_is_collated(embedder, monkeypa
             return _original(*args)
 
         monkeypatch.setattr(embedder, name, spy)
-    monkeypatch.setattr(embedder, "_heaviest", None)  # windows as on a fresh embedder: 4, then 6
     inputs = [{"text": f"item {i}"} for i in range(10)]
     vecs = embedder.process(inputs)
     assert [e for e, _ in events] == ["_collate", "_store", "_launch"] * 3 + ["_store"]
@@ -422,18 +421,6 @@ def test_video_cuts_without_a_video_file_and_bad_frames_are_named(embedder, medi
     assert f"cannot decode image {bad_frame}" in results[2].error
     assert "FileNotFoundError" not in results[3].error and len(results[3].error) < 2000, results[3].error[:300]
     assert results[4].ok
-
-
-def test_a_window_load_fits_a_byte_bound_but_never_less_than_one_forward_batch():
-    from operators.qwen3vl.preprocess import WindowLoad
-    images = WindowLoad(bytes_per_item=1.5 * 2**20, tokens_per_item=86)
-    assert images.fit(256, 64 * 2**20, 16384, 64) == 64  # 42 would fit 64 MiB: one batch holds 64
-    assert images.fit(256, 1024 * 2**20, 16384, 64) == 256  # the item cap
-    assert images.fit(256, 128 * 2**20, 16384, 16) == 85
-    video = WindowLoad(bytes_per_item=189 * 2**20, tokens_per_item=7700)
-    assert video.fit(256, 64 * 2**20, 16384, 64) == 2  # one forward batch of 16,384 tokens
-    assert WindowLoad(10.0, 20000).fit(256, 2**20, 16384, 64) == 256  # never below one item
-    assert WindowLoad.of([]) is None
 
 
 def test_prepared_inputs_held_at_once_are_bounded_by_window_mib(tiny_embedding_ckpt, tmp_path):

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 
 from .formatting import DEFAULT_EMBED_INSTRUCTION, VisionSettings, embed_conversation
 from .loading import Qwen3VLForEmbedding
-from .preprocess import (InputError, Prepared, WindowLoad, check_window, collate, describe_error, render_prompt,
+from .preprocess import (InputError, Prepared, check_window, collate, describe_error, render_prompt,
                          resolved_sources, run_processor, token_budget_batches)
 from .runner import Qwen3VLRunner, check_inputs
+from .windows import InputWeights, window_end
 
 
 @dataclass
@@ -94,7 +95,7 @@ class Qwen3VLEmbedder(Qwen3VLRunner):
         # alone, 256 images of 1,843,200 pixels held 11 GB each; 512 small ones raised a CPU actor's
         # peak by 1.1 GB (bench/RESULTS.md section 4).
         self.window_bytes = window_mib * 2**20
-        self._heaviest: WindowLoad | None = None  # the heaviest window yet: sizes each call's first window
+        self.weights = InputWeights(self.vision, torch.empty((), dtype=self.dtype).element_size())
 
     # -- what the model sees -------------------------------------------------------------
     def conversation(self, item: dict[str, Any]) -> list[dict[str, Any]]:
@@ -168,8 +169,9 @@ class Qwen3VLEmbedder(Qwen3VLRunner):
 
         first_window: items prepared before the first forward; None = 32 on a GPU (start it
         soon; later windows double up to ``window``), ``window`` on a CPU (the model already
-        fills the cores, and larger windows sort and pad better). A window also holds no more than
-        about ``window_mib`` of prepared inputs, but always enough to fill one forward batch.
+        fills the cores, and larger windows sort and pad better). A window is also cut where its
+        inputs would hold more than about ``window_mib`` once prepared (estimated per kind of
+        input: operators/qwen3vl/windows.py), once it holds enough to fill one forward batch.
         """
         if dim is not None:
             reduce_dim(torch.zeros(1, self.hidden_size), dim)  # validate before any work
@@ -180,16 +182,15 @@ class Qwen3VLEmbedder(Qwen3VLRunner):
         results = [EmbedResult(i) for i in range(len(inputs))]
         if first_window is None:
             first_window = 32 if self.device.type == "cuda" else window
-        size = min(first_window, window)
-        # Until an input is weighed, a first window fills one forward batch at most: its pixels are
-        # held (and, on a CPU, kept by the allocator) whatever they weigh.
-        size = self._fit(size, self._heaviest) if self._heaviest else min(size, self.max_batch_items)
-        start = 0
+        size, start = min(first_window, window), 0
 
         def submit(count: int) -> tuple[list[int], list[Future]]:
+            # Windows double up to `window` inputs (a small first one starts a GPU sooner) and are
+            # cut where the inputs' estimated prepared bytes would pass window_bytes.
             nonlocal start
-            idx = list(range(start, min(len(inputs), start + count)))
-            start += len(idx)
+            end = window_end(inputs, start, count, self.weights, self.window_bytes, self.token_budget,
+                             self.max_batch_items)
+            idx, start = list(range(start, end)), end
             return idx, [self.submit_prepare(inputs[i]) for i in idx]
 
         idx, pending = submit(size)
@@ -202,12 +203,9 @@ class Qwen3VLEmbedder(Qwen3VLRunner):
             for i, p in zip(idx, prepared):
                 if not isinstance(p, Prepared):
                     results[i].error = p
-            # Windows double up to `window` items (a small first one starts a GPU sooner), and
-            # hold about window_bytes of inputs like the ones just prepared.
-            load = WindowLoad.of([p for _, p in ok])
-            if load is not None and (self._heaviest is None or load.bytes_per_item > self._heaviest.bytes_per_item):
-                self._heaviest = load
-            size = self._fit(min(window, size * 2), load)
+            for i, p in ok:
+                self.weights.learn(inputs[i], p.nbytes, p.num_tokens)
+            size = min(window, size * 2)
             # Prepare the next window while this one runs through the model.
             next_idx, pending = submit(size)
             lengths = [p.num_tokens for _, p in ok]
@@ -221,10 +219,6 @@ class Qwen3VLEmbedder(Qwen3VLRunner):
             idx = next_idx
         self._store(launched, dim, normalize)
         return results
-
-    def _fit(self, size: int, load: WindowLoad | None) -> int:
-        """Items the next preparation window may take, given what such inputs weigh (None: not known yet)."""
-        return size if load is None else load.fit(size, self.window_bytes, self.token_budget, self.max_batch_items)
 
     def process(self, inputs: Sequence[dict[str, Any]], *, normalize: bool = True,
                 dim: int | None = None) -> torch.Tensor:

@@ -348,27 +348,6 @@ def growing_windows(n: int, first: int, cap: int) -> list[list[int]]:
     return out
 
 
-@dataclass(frozen=True)
-class WindowLoad:
-    """What the inputs of a preparation window weighed on average, once prepared."""
-
-    bytes_per_item: float
-    tokens_per_item: float
-
-    @classmethod
-    def of(cls, items: Sequence[Prepared]) -> "WindowLoad | None":
-        """The load of these prepared items; None for none."""
-        if not items:
-            return None
-        return cls(sum(p.nbytes for p in items) / len(items), sum(p.num_tokens for p in items) / len(items))
-
-    def fit(self, size: int, window_bytes: int, token_budget: int, max_items: int) -> int:
-        """Items the next window may take: size, fewer if inputs like these would hold more than
-        window_bytes, never fewer than fill one forward batch."""
-        one_batch = min(max_items, max(1, int(token_budget // max(self.tokens_per_item, 1.0))))
-        return max(1, min(size, max(one_batch, int(window_bytes // max(self.bytes_per_item, 1.0)))))
-
-
 def check_window(name: str, value: int | None) -> None:
     """Raise ValueError unless a window size argument is None or an integer >= 1."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
