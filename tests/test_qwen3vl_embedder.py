@@ -423,36 +423,38 @@ def test_video_cuts_without_a_video_file_and_bad_frames_are_named(embedder, medi
     assert results[4].ok
 
 
-def test_prepared_inputs_held_at_once_are_bounded_by_window_mib(tiny_embedding_ckpt, tmp_path):
+def test_prepared_inputs_held_at_once_are_bounded_by_window_mib(tiny_embedding_ckpt):
     """Items prepared but not yet run through the model: two windows of them, each of about
-    window_mib (but one forward batch at least), whatever the number of inputs; vectors unchanged."""
-    paths = []
-    for i in range(24):  # 256x256: about 1.5 MB of float32 pixels each, once prepared
-        paths.append(tmp_path / f"img{i}.png")
-        pattern_image(i, (256, 256)).save(paths[-1])
-    inputs = [{"image": str(p)} for p in paths]
+    window_mib (but one forward batch at least), whatever the number of inputs and whatever came
+    before them in the call; vectors unchanged."""
+    from tests.media_gen import image_bytes
+
+    thumbs = [{"image": image_bytes(pattern_image(i, (64, 64)))} for i in range(12)]  # 98 KB each, prepared
+    photos = [{"image": image_bytes(pattern_image(i, (256, 256)))} for i in range(24)]  # 1.5 MB each
+    heavy = {id(x) for x in photos}
 
     def held_at_most(emb):
-        """The most inputs submitted for preparation and not yet launched through the model."""
+        """The most photos submitted for preparation and not yet launched through the model."""
         held, peak = [0], [0]
         submit, launch = emb.submit_prepare, emb._launch
 
-        def counted_submit(*args):
-            held[0] += 1
+        def counted_submit(item):
+            held[0] += id(item) in heavy
             peak[0] = max(peak[0], held[0])
-            return submit(*args)
+            return submit(item)
 
         def counted_launch(items, batch):
-            held[0] -= len(items)
+            held[0] -= sum(p.num_tokens > 50 for p in items)  # a photo has 64 image tokens, a thumbnail 4
             return launch(items, batch)
 
         emb.submit_prepare, emb._launch = counted_submit, counted_launch
-        vectors = emb.process(inputs)
+        vectors = emb.process(thumbs + photos)
         return peak[0], vectors
 
     with Qwen3VLEmbedder(str(tiny_embedding_ckpt), token_budget=4096, max_batch_items=4, window_mib=1) as emb:
+        assert emb.prepare(photos[0]).num_tokens > 50 > emb.prepare(thumbs[0]).num_tokens
+        assert emb.prepare(photos[0]).nbytes > 2**20 / 4  # so 1 MiB holds fewer than one batch of photos
         bounded, vectors = held_at_most(emb)
-        assert emb.prepare(inputs[0]).nbytes > 2**20 / 4  # so 1 MiB holds fewer than one batch
     with Qwen3VLEmbedder(str(tiny_embedding_ckpt), token_budget=4096, max_batch_items=4) as emb:
         unbounded, expected = held_at_most(emb)
     assert bounded <= 2 * 4 < unbounded  # windows of one batch (4): the one running and the next

@@ -2,79 +2,145 @@
 
 The embedder holds two windows of prepared inputs at once (the one in the model and the next,
 being prepared), and a prepared input's float pixels are 8-24x its encoded bytes. So a window is
-cut by the bytes its inputs will hold once prepared, estimated per kind of input before it is
-prepared: from what that kind weighed so far, or, for a kind not seen yet, from the pixel
-budgets that bound it.
+cut by the bytes its inputs will hold once prepared, estimated before they are prepared:
+  - an image given as bytes or a PIL image (every image of an ingestion) exactly, from its header's
+    size resized as qwen-vl-utils resizes it;
+  - another input from what recent inputs of its kind (so many images, so many videos) held;
+  - an input of a kind not seen yet from the pixel budgets that bound it.
 """
 
 from __future__ import annotations
 
+import io
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from .formatting import VisionSettings
+from PIL import Image
+from qwen_vl_utils.vision_process import smart_resize
 
-# A vision patch of Qwen3-VL holds 3 channels x 2 frames x 16 x 16 values, and 4 patches merge
-# into one token. An image fills both frames: 6 values per pixel. A video segment's frames are
-# at most total_pixels / frames * 2 pixels (qwen-vl-utils' frame factor): 3 x 2 x total_pixels at most.
-VALUES_PER_PIXEL = 6
-PATCH_VALUES = 1536
-PATCHES_PER_TOKEN = 4
+from .formatting import VisionSettings, split_videos
+
+# A vision patch of Qwen3-VL holds 3 channels x 2 frames x 16 x 16 values, and 4 patches merge into
+# one token of 32 x 32 pixels. An image fills both frames of its patches: 6 values per pixel; a
+# video's frames 3 each.
+IMAGE_FACTOR = 32
+VALUES_PER_IMAGE_PIXEL = 6
+VALUES_PER_FRAME_PIXEL = 3
+PIXELS_PER_TOKEN = IMAGE_FACTOR * IMAGE_FACTOR
+# qwen-vl-utils' video frame bounds (vision_process.py): at most 768 tokens' pixels a frame, at least
+# 1.05 x 128 tokens' (whatever total_pixels says), and frames in pairs.
+VIDEO_FRAME_MAX_PIXELS = 768 * PIXELS_PER_TOKEN
+VIDEO_FRAME_MIN_PIXELS = int(128 * PIXELS_PER_TOKEN * 1.05)
 # A list of Python ints, with the positions and the prompt beside them: bytes per token, roughly.
 BYTES_PER_TEXT_TOKEN = 64
-TEXT_CHARS_PER_TOKEN = 3  # an unseen text's tokens, from its length (an overestimate for English)
+TEXT_CHARS_PER_TOKEN = 3  # a text's tokens from its length (an overestimate for English)
+PROMPT_TOKENS = 64  # the chat template around an input
+LEARNING_RATE = 0.25  # how fast a kind's estimate follows its latest inputs (a moving average)
 
 
-def media_count(value: Any) -> int:
-    """How many images (or videos) an input's key holds: a list holds many, anything else one."""
+def _count_videos(value: Any) -> int:
+    try:
+        return len(split_videos(value))
+    except (TypeError, ValueError):  # a bad video fails in preparation, alone; weighing must not raise
+        return 1
+
+
+def _images(item: Mapping[str, Any]) -> list[Any]:
+    value = item.get("image")
     if value is None:
-        return 0
-    return len(value) if isinstance(value, (list, tuple)) else 1
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def input_kind(item: Any) -> tuple[int, int]:
     """An input's kind, for weighing: (images, videos) it holds (none for a non-dict, which fails alone)."""
     if not isinstance(item, Mapping):
         return 0, 0
-    return media_count(item.get("image")), media_count(item.get("video"))
+    return len(_images(item)), _count_videos(item.get("video"))
 
 
-@dataclass
-class Weight:
-    """What inputs of one kind held once prepared, summed."""
+def image_pixels(image: Any, vision: VisionSettings) -> int | None:
+    """Pixels an image will have once resized, read from its header; None unless given as bytes or PIL."""
+    try:
+        if isinstance(image, (bytes, bytearray)):
+            with Image.open(io.BytesIO(image)) as im:  # reads the header, decodes nothing
+                width, height = im.size
+        elif isinstance(image, Image.Image):
+            width, height = image.size
+        else:
+            return None
+        h, w = smart_resize(height, width, IMAGE_FACTOR, vision.min_pixels, vision.max_pixels)
+    except Exception:  # not an image it can read: it fails in preparation, alone
+        return None
+    return h * w
 
-    bytes: float = 0.0
-    tokens: float = 0.0
-    count: int = 0
+
+def _text_tokens(item: Mapping[str, Any]) -> float:
+    text = item.get("text")
+    texts = text if isinstance(text, (list, tuple)) else [text]
+    return PROMPT_TOKENS + sum(len(t) for t in texts if isinstance(t, str)) / TEXT_CHARS_PER_TOKEN
 
 
 @dataclass
 class InputWeights:
-    """Bytes and tokens an input will hold once prepared, learned per kind of input."""
+    """Bytes and tokens an input will hold once prepared, estimated before it is prepared."""
 
     vision: VisionSettings
     pixel_bytes: int  # bytes per pixel value: the model's dtype (prepared pixels are cast to it)
-    seen: dict[tuple[int, int], Weight] = field(default_factory=dict)
+    seen: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)  # kind -> (bytes, tokens)
 
     def learn(self, item: Any, nbytes: int, tokens: int) -> None:
-        """Record what one prepared input held."""
-        w = self.seen.setdefault(input_kind(item), Weight())
-        w.bytes += nbytes
-        w.tokens += tokens
-        w.count += 1
+        """Record what one prepared input held (its kind's estimate moves towards it)."""
+        if self._exact(item) is not None:  # weighed from its headers: it says nothing of images given by path
+            return
+        kind = input_kind(item)
+        old = self.seen.get(kind)
+        if old is None:
+            self.seen[kind] = (float(nbytes), float(tokens))
+        else:
+            self.seen[kind] = (old[0] + LEARNING_RATE * (nbytes - old[0]), old[1] + LEARNING_RATE * (tokens - old[1]))
 
     def estimate(self, item: Any) -> tuple[float, float]:
-        """(bytes, tokens) this input will hold once prepared: its kind's mean so far, or its ceiling."""
-        kind = input_kind(item)
-        w = self.seen.get(kind)
-        if w is not None and w.count:
-            return w.bytes / w.count, w.tokens / w.count
-        images, videos = kind
-        # The pixel budgets bound every image and video segment (see VALUES_PER_PIXEL).
-        values = VALUES_PER_PIXEL * (images * self.vision.max_pixels + videos * self.vision.total_pixels)
-        text = item.get("text") if isinstance(item, Mapping) else None
-        text_tokens = 64 + (len(text) // TEXT_CHARS_PER_TOKEN if isinstance(text, str) else 0)
-        tokens = text_tokens + values / (PATCH_VALUES * PATCHES_PER_TOKEN)
+        """(bytes, tokens) this input will hold once prepared."""
+        exact = self._exact(item)
+        if exact is not None:
+            return exact
+        images = [image_pixels(x, self.vision) for x in _images(item)]
+        videos = _count_videos(item.get("video"))
+        known = sum(p for p in images if p is not None)
+        unknown = sum(1 for p in images if p is None)
+        learned = self.seen.get((len(images), videos))
+        if learned is not None:
+            return learned
+        frames = self._frames(item)
+        frame_pixels = max(min(VIDEO_FRAME_MAX_PIXELS, 2 * self.vision.total_pixels / frames), VIDEO_FRAME_MIN_PIXELS)
+        image_values = VALUES_PER_IMAGE_PIXEL * (known + unknown * self.vision.max_pixels)
+        video_values = videos * VALUES_PER_FRAME_PIXEL * frames * frame_pixels
+        tokens = (_text_tokens(item) + (known + unknown * self.vision.max_pixels) / PIXELS_PER_TOKEN
+                  + videos * frames / 2 * frame_pixels / PIXELS_PER_TOKEN)
+        return self._weigh(image_values + video_values, tokens)
+
+    def _exact(self, item: Any) -> tuple[float, float] | None:
+        """(bytes, tokens) of an input whose every image is given as bytes or PIL, and no video; else None."""
+        if not isinstance(item, Mapping):
+            return 0.0, 0.0  # it fails in preparation, alone
+        if item.get("video") is not None:
+            return None
+        pixels = [image_pixels(x, self.vision) for x in _images(item)]
+        if None in pixels:
+            return None
+        total = sum(p for p in pixels if p is not None)
+        return self._weigh(VALUES_PER_IMAGE_PIXEL * total, _text_tokens(item) + total / PIXELS_PER_TOKEN)
+
+    def _frames(self, item: Mapping[str, Any]) -> int:
+        """The most frames a video of this input can be read as, in pairs: a file's by the input's own
+        max_frames if it has one, a list of frames' by the settings'."""
+        own = item.get("max_frames")
+        frames = max(own if isinstance(own, int) and not isinstance(own, bool) else 0, self.vision.max_frames)
+        return 2 * math.ceil(frames / 2)
+
+    def _weigh(self, values: float, tokens: float) -> tuple[float, float]:
         return values * self.pixel_bytes + tokens * BYTES_PER_TEXT_TOKEN, tokens
 
 
