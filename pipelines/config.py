@@ -365,8 +365,8 @@ class ComputeConfig(_Section):
     batch_size: int = Field(512, ge=1)
     """Rows per embedding-actor call (token-budget batches are cut inside it, over length-sorted
     windows: small calls sort little and pad much; 64 cost 40% more CPU than 512 in bench/RESULTS.md).
-    A call's memory does not grow with it: the embedder prepares its inputs in windows of about
-    ``embedder.window_mib`` (bench/RESULTS.md, section 4)."""
+    A call holds its rows' encoded bytes, but its prepared (decoded) inputs do not grow with it: the
+    embedder prepares them in windows of about ``embedder.window_mib`` (bench/RESULTS.md, section 4)."""
     prepare_concurrency: int | None = Field(None, ge=1)
     """Max parallel CPU preparation tasks; None = Ray Data decides."""
     inflight_mib_per_actor: int | None = Field(None, ge=1)
