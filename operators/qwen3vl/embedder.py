@@ -95,7 +95,7 @@ class Qwen3VLEmbedder(Qwen3VLRunner):
         # alone, 256 images of 1,843,200 pixels held 11 GB each; 512 small ones raised a CPU actor's
         # peak by 1.1 GB (bench/RESULTS.md section 4).
         self.window_bytes = window_mib * 2**20
-        self.weights = InputWeights(self.vision, torch.empty((), dtype=self.dtype).element_size())
+        self.weights = InputWeights(self.vision, self.dtype.itemsize)
 
     # -- what the model sees -------------------------------------------------------------
     def conversation(self, item: dict[str, Any]) -> list[dict[str, Any]]:

@@ -106,7 +106,8 @@ def normalize_instruction(instruction: str | None, default: str) -> str:
     return instruction or default
 
 
-def _as_list(value: Any) -> list:
+def as_list(value: Any) -> list:
+    """An input field's values as a list: none, one, or the list or tuple given."""
     if value is None:
         return []
     if isinstance(value, (list, tuple)):
@@ -160,8 +161,8 @@ def media_content(item: dict[str, Any], vs: VisionSettings, fps: float | None = 
     """
     check_input(item)
     fps, max_frames = item.get("fps") or fps, item.get("max_frames") or max_frames
-    texts = _as_list(item.get("text"))
-    images = _as_list(item.get("image"))
+    texts = as_list(item.get("text"))
+    images = as_list(item.get("image"))
     videos = split_videos(item.get("video"))
     if (item.get("video_start") is not None or item.get("video_end") is not None) and not any(
             isinstance(v, str) for v in videos):

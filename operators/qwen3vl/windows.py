@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 from PIL import Image
 from qwen_vl_utils.vision_process import smart_resize
 
-from .formatting import VisionSettings, split_videos
+from .formatting import VisionSettings, as_list, split_videos
 
 # A vision patch of Qwen3-VL holds 3 channels x 2 frames x 16 x 16 values, and 4 patches merge into
 # one token of 32 x 32 pixels. An image fills both frames of its patches: 6 values per pixel; a
@@ -46,30 +46,34 @@ def _count_videos(value: Any) -> int:
         return 1
 
 
-def _images(item: Mapping[str, Any]) -> list[Any]:
-    value = item.get("image")
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
 def input_kind(item: Any) -> tuple[int, int]:
     """An input's kind, for weighing: (images, videos) it holds (none for a non-dict, which fails alone)."""
     if not isinstance(item, Mapping):
         return 0, 0
-    return len(_images(item)), _count_videos(item.get("video"))
+    return len(as_list(item.get("image"))), _count_videos(item.get("video"))
+
+
+def _has_header(image: Any) -> bool:
+    """Whether an image's size can be read without fetching anything: given as bytes or PIL."""
+    return isinstance(image, (bytes, bytearray, Image.Image))
+
+
+def _by_headers(item: Any) -> bool:
+    """Whether estimate() weighs this input from its images' headers alone (a type test: none is read)."""
+    return (isinstance(item, Mapping) and not _count_videos(item.get("video"))
+            and all(map(_has_header, as_list(item.get("image")))))
 
 
 def image_pixels(image: Any, vision: VisionSettings) -> int | None:
     """Pixels an image will have once resized, read from its header; None unless given as bytes or PIL."""
+    if not _has_header(image):
+        return None
     try:
         if isinstance(image, (bytes, bytearray)):
             with Image.open(io.BytesIO(image)) as im:  # reads the header, decodes nothing
                 width, height = im.size
-        elif isinstance(image, Image.Image):
-            width, height = image.size
         else:
-            return None
+            width, height = image.size
         h, w = smart_resize(height, width, IMAGE_FACTOR, vision.min_pixels, vision.max_pixels)
     except Exception:  # not an image it can read: it fails in preparation, alone
         return None
@@ -77,9 +81,7 @@ def image_pixels(image: Any, vision: VisionSettings) -> int | None:
 
 
 def _text_tokens(item: Mapping[str, Any]) -> float:
-    text = item.get("text")
-    texts = text if isinstance(text, (list, tuple)) else [text]
-    return PROMPT_TOKENS + sum(len(t) for t in texts if isinstance(t, str)) / TEXT_CHARS_PER_TOKEN
+    return PROMPT_TOKENS + sum(len(t) for t in as_list(item.get("text")) if isinstance(t, str)) / TEXT_CHARS_PER_TOKEN
 
 
 @dataclass
@@ -92,7 +94,7 @@ class InputWeights:
 
     def learn(self, item: Any, nbytes: int, tokens: int) -> None:
         """Record what one prepared input held (its kind's estimate moves towards it)."""
-        if self._exact(item) is not None:  # weighed from its headers: it says nothing of images given by path
+        if _by_headers(item):  # it says nothing of images given by path
             return
         kind = input_kind(item)
         old = self.seen.get(kind)
@@ -103,35 +105,23 @@ class InputWeights:
 
     def estimate(self, item: Any) -> tuple[float, float]:
         """(bytes, tokens) this input will hold once prepared."""
-        exact = self._exact(item)
-        if exact is not None:
-            return exact
-        images = [image_pixels(x, self.vision) for x in _images(item)]
+        if not isinstance(item, Mapping):
+            return 0.0, 0.0  # it fails in preparation, alone
+        images = [image_pixels(x, self.vision) for x in as_list(item.get("image"))]
         videos = _count_videos(item.get("video"))
         known = sum(p for p in images if p is not None)
         unknown = sum(1 for p in images if p is None)
+        if not unknown and not videos:  # exact: every image weighed from its header
+            return self._weigh(VALUES_PER_IMAGE_PIXEL * known, _text_tokens(item) + known / PIXELS_PER_TOKEN)
         learned = self.seen.get((len(images), videos))
         if learned is not None:
             return learned
+        pixels = known + unknown * self.vision.max_pixels
         frames = self._frames(item)
         frame_pixels = max(min(VIDEO_FRAME_MAX_PIXELS, 2 * self.vision.total_pixels / frames), VIDEO_FRAME_MIN_PIXELS)
-        image_values = VALUES_PER_IMAGE_PIXEL * (known + unknown * self.vision.max_pixels)
-        video_values = videos * VALUES_PER_FRAME_PIXEL * frames * frame_pixels
-        tokens = (_text_tokens(item) + (known + unknown * self.vision.max_pixels) / PIXELS_PER_TOKEN
-                  + videos * frames / 2 * frame_pixels / PIXELS_PER_TOKEN)
-        return self._weigh(image_values + video_values, tokens)
-
-    def _exact(self, item: Any) -> tuple[float, float] | None:
-        """(bytes, tokens) of an input whose every image is given as bytes or PIL, and no video; else None."""
-        if not isinstance(item, Mapping):
-            return 0.0, 0.0  # it fails in preparation, alone
-        if item.get("video") is not None:
-            return None
-        pixels = [image_pixels(x, self.vision) for x in _images(item)]
-        if None in pixels:
-            return None
-        total = sum(p for p in pixels if p is not None)
-        return self._weigh(VALUES_PER_IMAGE_PIXEL * total, _text_tokens(item) + total / PIXELS_PER_TOKEN)
+        values = VALUES_PER_IMAGE_PIXEL * pixels + videos * VALUES_PER_FRAME_PIXEL * frames * frame_pixels
+        tokens = _text_tokens(item) + (pixels + videos * frames / 2 * frame_pixels) / PIXELS_PER_TOKEN
+        return self._weigh(values, tokens)
 
     def _frames(self, item: Mapping[str, Any]) -> int:
         """The most frames a video of this input can be read as, in pairs: a file's by the input's own
