@@ -461,6 +461,10 @@ class RerankerConfig(_Section):
     max_length: int = Field(10240, ge=1)
     batch_pairs: int | None = Field(None, ge=1)
     """(query, document) pairs per forward batch; None = the reranker's default (16 on CPU, 64 on GPU)."""
+    window_mib: int | None = Field(None, ge=1)
+    """Prepared pairs (pixels above all) the reranker holds per preparation window, in MiB, as
+    estimated before they are prepared; it holds two windows, the one being scored and the next.
+    A window never holds fewer pairs than fill one forward batch. None = 64 on a CPU, 1024 on a GPU."""
 
     @model_validator(mode="after")
     def _revision_for_hub(self) -> "RerankerConfig":

@@ -220,7 +220,8 @@ def reranker_kwargs(cfg: Config, storage_options: dict[str, Any]) -> dict[str, A
     kwargs: dict[str, Any] = dict(dtype=None if e.dtype == "auto" else e.dtype, max_length=r.max_length,
                                   min_pixels=e.min_pixels, max_pixels=e.max_pixels, total_pixels=e.total_pixels,
                                   fps=cfg.expand.video_fps, max_frames=cfg.expand.video_max_frames,
-                                  max_batch_items=r.batch_pairs, prepare_processes=e.prepare_processes,
+                                  max_batch_items=r.batch_pairs, window_mib=r.window_mib,
+                                  prepare_processes=e.prepare_processes,
                                   attn_implementation=e.attn_implementation,
                                   storage_options=storage_options, revision=r.revision)
     if r.instruction:

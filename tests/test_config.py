@@ -192,7 +192,7 @@ def test_defaults():
         30.0,
     )
     r = cfg.reranker
-    assert (r.model, r.instruction, r.max_length, r.batch_pairs) == (None, None, 10240, None)
+    assert (r.model, r.instruction, r.max_length, r.batch_pairs, r.window_mib) == (None, None, 10240, None, None)
     qu = cfg.query
     assert qu.instruction == DEFAULT_QUERY_INSTRUCTION == "Retrieve images or text relevant to the user's query."
     assert (qu.top_k, qu.top_n, qu.prefetch_multiplier) == (100, 10, 4)
@@ -280,6 +280,7 @@ def test_api_key_in_config_rejected_without_echoing_it():
         ("embedder", {"model": ""}, "embedder.model: must not be empty"),
         ("embedder", {"max_pixels": 100}, "embedder.max_pixels: must be >= min_pixels"),
         ("embedder", {"window_mib": 0}, "embedder.window_mib: must be >= 1 (got 0)"),
+        ("reranker", {"window_mib": 0}, "reranker.window_mib: must be >= 1 (got 0)"),
         ("expand", {"overlap_tokens": 512}, "expand.overlap_tokens: must be < chunk_tokens (512)"),
         ("expand", {"video_fps": 0}, "expand.video_fps: must be > 0"),
         ("expand", {"video_max_frames": 1}, "expand.video_max_frames: must be >= 2"),

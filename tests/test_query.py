@@ -618,6 +618,18 @@ def test_deleted_source_is_a_skipped_candidate(world, embedder, reranker):
 # -- preflight -------------------------------------------------------------------------------
 
 
+def test_the_reranker_section_reaches_the_reranker(tmp_path, tiny_embedding_ckpt, tiny_reranker_ckpt):
+    from pipelines.query import load_reranker
+
+    data = _cfg_data(tmp_path, tmp_path / "qdrant", tiny_embedding_ckpt, tiny_reranker_ckpt, tmp_path / "runs")
+    data["reranker"].update(window_mib=3, batch_pairs=5, max_length=500)
+    with load_reranker(parse_config(data)) as rr:
+        assert (rr.window_bytes, rr.max_batch_items, rr.max_length) == (3 * 2**20, 5, 500)
+    del data["reranker"]["window_mib"]
+    with load_reranker(parse_config(data)) as rr:
+        assert rr.window_bytes == 64 * 2**20  # a CPU's default
+
+
 def test_preflight_errors(world, embedder, tmp_path, tiny_embedding_ckpt):
     data = world["cfg"].model_dump()
     missing = parse_config({**data, "qdrant": {**data["qdrant"], "collection": "nope"}})

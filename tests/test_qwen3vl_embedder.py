@@ -261,15 +261,6 @@ def test_token_budget_batches_cut_on_budget_items_and_padding():
         list(range(8)), [8, 9]]
 
 
-def test_growing_windows_start_small_and_cover_every_input():
-    from operators.qwen3vl.preprocess import growing_windows
-    windows = growing_windows(1000, 32, 256)
-    assert [len(w) for w in windows] == [32, 64, 128, 256, 256, 256, 8]
-    assert [i for w in windows for i in w] == list(range(1000))
-    assert growing_windows(0, 32, 256) == [] and growing_windows(3, 64, 16) == [[0, 1, 2]]
-    assert growing_windows(3, 0, 0) == [[0], [1], [2]]  # a cap below 1 once never advanced
-
-
 def test_window_sizes_below_one_are_refused_before_any_work(embedder):
     for kwargs in ({"window": 0}, {"first_window": 0}, {"window": -1}, {"first_window": 2.5}):
         with pytest.raises(ValueError, match="window must be an integer >= 1"):

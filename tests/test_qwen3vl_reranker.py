@@ -221,3 +221,64 @@ def test_video_settings_per_call_and_per_item(reranker, media):
         reranker.score({"text": "q", "instruction": "Find it"}, [{"text": "a"}, {"text": "b"}])
     bad = reranker.score(q, [{"text": "a", "instruction": "Find it"}, {"text": "b"}])
     assert "'instruction' in the document" in bad[0].error and bad[1].ok
+
+
+def test_pairs_held_at_once_are_bounded_by_window_mib(tiny_reranker_ckpt):
+    """Pairs prepared but not yet scored: two windows of them, each of about window_mib (but one
+    forward batch at least), even on a CPU, whose one window would otherwise hold every pair; scores
+    unchanged."""
+    from tests.media_gen import image_bytes
+
+    thumbs = [{"image": image_bytes(pattern_image(i, (64, 64)))} for i in range(12)]  # 98 KB each, prepared
+    photos = [{"image": image_bytes(pattern_image(i, (256, 256)))} for i in range(24)]  # 1.5 MB each
+    docs = thumbs + photos
+    heavy = {i for i, d in enumerate(docs) if d in photos}
+    query = {"text": "a pattern"}
+
+    def held_at_most(rr):
+        """The most photo pairs submitted for preparation and not yet scored."""
+        held, peak = [0], [0]
+        submit, record = rr.submit_prepare, rr._record
+
+        def counted_submit(q, document, *args):
+            held[0] += any(document is p for p in photos)
+            peak[0] = max(peak[0], held[0])
+            return submit(q, document, *args)
+
+        def counted_record(results, index, out):
+            held[0] -= index in heavy
+            return record(results, index, out)
+
+        rr.submit_prepare, rr._record = counted_submit, counted_record
+        results = rr.score(query, docs)
+        assert all(r.ok for r in results), [r.error for r in results]
+        return peak[0], [r.score for r in results]
+
+    with Qwen3VLReranker(str(tiny_reranker_ckpt), token_budget=4096, max_batch_items=4, window_mib=1) as rr:
+        assert rr.prepare(query, photos[0]).nbytes > 2**20 / 4  # so 1 MiB holds fewer than one batch of photos
+        bounded, scores = held_at_most(rr)
+        assert rr.last_prefix_length > 0  # later windows still share the prefix
+    with Qwen3VLReranker(str(tiny_reranker_ckpt), token_budget=4096, max_batch_items=4) as rr:
+        unbounded, expected = held_at_most(rr)
+    assert bounded <= 2 * 4 < unbounded == len(photos)  # windows of one batch (4): the one scored and the next
+    assert scores == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_pair_weighs_the_query_pixels_only_where_it_holds_its_own(reranker, media):
+    """A query image is processed once per call and shared by the pairs of documents without media;
+    a pair with media of its own holds a copy joined to them; a query video is processed per pair."""
+    from tests.media_gen import image_bytes
+
+    image_query = {"text": "q", "image": image_bytes(pattern_image(0, (256, 256)))}
+    text, picture = {"text": "a caption"}, {"image": image_bytes(pattern_image(1, (128, 128)))}
+    query_pixels = 6 * 256 * 256 * 4  # float32
+    weigh, shares = reranker._pair_weigher(image_query)
+    assert shares(text) and not shares(picture)
+    assert weigh(text)[0] < query_pixels / 10
+    assert weigh(picture)[0] > query_pixels + 6 * 128 * 128 * 4
+    held = reranker.prepare(image_query, picture, query_scope="s").nbytes
+    assert weigh(picture)[0] == pytest.approx(held, rel=0.02)
+    weigh, shares = reranker._pair_weigher({"text": "q", "video": media["video"]})
+    assert not shares(text)
+    with pytest.raises(ValueError, match="window_mib must be an integer >= 1, got 0"):
+        Qwen3VLReranker("unused", window_mib=0)

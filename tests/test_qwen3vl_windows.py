@@ -3,7 +3,7 @@
 import pytest
 
 from operators.qwen3vl.formatting import VisionSettings
-from operators.qwen3vl.windows import InputWeights, image_pixels, input_kind, window_end
+from operators.qwen3vl.windows import InputWeights, Windows, image_pixels, input_kind, window_end
 from tests.media_gen import image_bytes, pattern_image
 
 MIB = 2**20
@@ -29,40 +29,52 @@ def test_an_image_given_as_bytes_is_weighed_exactly_from_its_header():
     # 300x200 -> 288x192 (multiples of 32, under 65,536 pixels); 1600x1200 -> resized down to the budget.
     assert image_pixels(image_bytes(pattern_image(0, (300, 200))), VISION) == 288 * 192
     assert image_pixels(pattern_image(0, (1600, 1200)), VISION) <= 65536
-    assert image_pixels(b"not an image", VISION) is None and image_pixels("a.png", VISION) is None
+    assert image_pixels(b"not an image", VISION) is None and image_pixels("s3://b/a.png", VISION) is None
     w = weights()
     small = w.estimate({"image": image_bytes(pattern_image(0, (300, 200)))})
     assert small[0] == pytest.approx(6 * 288 * 192 * 4, rel=0.01)  # float32 pixels; tokens and ids beside
-    w.learn({"image": b"x"}, 10**9, 10**5)  # what path-given images weighed changes nothing here
+    w.learn({"image": b"x"}, nbytes=10**9, tokens=10**5)  # an input weighed from its header teaches nothing
     assert w.estimate({"image": image_bytes(pattern_image(0, (300, 200)))}) == small
+
+
+def test_a_local_image_file_is_weighed_from_its_header(tmp_path):
+    path = tmp_path / "my pic.png"
+    pattern_image(0, (300, 200)).save(path)
+    assert image_pixels(str(path), VISION) == image_pixels(path.as_uri(), VISION) == 288 * 192  # %20 decoded
+    assert image_pixels(str(tmp_path / "gone.png"), VISION) is None  # fails in preparation, alone
+    assert image_pixels("data:image/png;base64,AAAA", VISION) is None
+    w = weights()
+    w.learn({"image": str(path)}, nbytes=10**9, tokens=10**5)
+    assert w.estimate({"image": str(path)})[0] == pytest.approx(6 * 288 * 192 * 4, rel=0.01)
 
 
 def test_an_unseen_kind_is_weighed_by_its_pixel_budgets_then_by_what_recent_ones_held():
     w = weights()
-    image_bytes_ceiling, image_tokens = w.estimate({"image": "a.png"})
+    image_bytes_ceiling, image_tokens = w.estimate({"image": "s3://b/a.png"})
     assert image_bytes_ceiling >= 6 * 65536 * 4 and image_tokens >= 65536 / 1024  # 1.57 MB of float32 pixels
     video = w.estimate({"video": "v.mp4"})[0]
     assert video >= 6 * 7864320 * 4  # 189 MB: every frame pair of a segment at its budget
     assert w.estimate({"video": "v.mp4", "max_frames": 128})[0] >= video  # the input's own frame count
-    assert weights(pixel_bytes=2).estimate({"image": "a.png"})[0] < image_bytes_ceiling  # bf16 pixels: half
+    assert weights(pixel_bytes=2).estimate({"image": "s3://b/a.png"})[0] < image_bytes_ceiling  # bf16 pixels: half
     # Many frames at a small budget: qwen-vl-utils keeps each frame at 137,625 pixels or more.
     few = weights(vision=VisionSettings(total_pixels=1_000_000, max_frames=64)).estimate({"video": "v.mp4"})[0]
     assert few >= 3 * 64 * 137_625 * 4
-    w.learn({"image": "a.png"}, 100 * MIB, 2000)
+    w.learn({"image": "s3://b/a.png"}, nbytes=100 * MIB, tokens=2000)
     for _ in range(40):  # a moving average: recent inputs of the kind count, old ones fade
-        w.learn({"image": "b.png"}, MIB, 80)
-    assert w.estimate({"image": "c.png"})[0] == pytest.approx(MIB, rel=0.01)
-    assert w.estimate({"image": ["c.png", "d.png"]})[0] > 1.9 * image_bytes_ceiling  # another kind: its ceiling
+        w.learn({"image": "s3://b/b.png"}, nbytes=MIB, tokens=80)
+    assert w.estimate({"image": "s3://b/c.png"})[0] == pytest.approx(MIB, rel=0.01)
+    two = w.estimate({"image": ["s3://b/c.png", "s3://b/d.png"]})[0]
+    assert two > 1.9 * image_bytes_ceiling  # another kind: its ceiling
 
 
 def test_a_window_holds_window_bytes_once_it_fills_a_forward_batch():
     w = weights()
-    w.learn({"text": "t"}, 4_000, 50)
-    w.learn({"image": "a"}, 1.5 * MIB, 86)
-    w.learn({"video": "v"}, 189 * MIB, 7700)
-    texts, images, videos = [{"text": "t"}] * 300, [{"image": "a"}] * 300, [{"video": "v"}] * 300
+    w.learn({"text": "t"}, nbytes=4_000, tokens=50)
+    w.learn({"image": "s3://b/a"}, nbytes=1.5 * MIB, tokens=86)
+    w.learn({"video": "v"}, nbytes=189 * MIB, tokens=7700)
+    texts, images, videos = [{"text": "t"}] * 300, [{"image": "s3://b/a"}] * 300, [{"video": "v"}] * 300
     end = lambda inputs, start=0, cap=256, mib=64, budget=16384, items=64: window_end(  # noqa: E731
-        inputs, start, cap, w, mib * MIB, budget, items)
+        inputs, start, cap, w.estimate, mib * MIB, budget, items)
     assert end(texts) == 256  # light inputs: the item cap
     assert end(images) == 64  # 42 fit 64 MiB; one forward batch holds 64
     assert end(images, items=16) == 42
@@ -80,15 +92,47 @@ def test_small_images_then_large_ones_of_the_same_kind_are_each_weighed():
     thumbs = [{"image": image_bytes(pattern_image(i, (64, 64)))} for i in range(100)]
     photos = [{"image": image_bytes(pattern_image(i, (1600, 1200)), "JPEG")} for i in range(4)] * 64
     for item in thumbs:
-        w.learn(item, 100_000, 20)
+        w.learn(item, nbytes=100_000, tokens=20)
     # 42 MB of float32 pixels each: a window of them is one forward batch (9 of 1,800 tokens), not 256.
-    assert window_end(thumbs[:10] + photos, 10, 256, w, 64 * MIB, 16384, 64) == 10 + 9
+    assert window_end(thumbs[:10] + photos, 10, 256, w.estimate, 64 * MIB, 16384, 64) == 10 + 9
 
 
 def test_a_fresh_embedders_first_window_of_heavy_inputs_is_bounded_by_their_budgets():
     fresh = weights()
-    images = [{"image": f"{i}.png"} for i in range(256)]
+    images = [{"image": f"s3://b/{i}.png"} for i in range(256)]
     # Unseen, a 65,536-pixel image weighs 1.57 MB: 64 MiB hold 42, and one forward batch 64.
-    assert window_end(images, 0, 256, fresh, 64 * MIB, 16384, 64) == 64
+    assert window_end(images, 0, 256, fresh.estimate, 64 * MIB, 16384, 64) == 64
     videos = [{"video": f"{i}.mp4"} for i in range(256)]
-    assert window_end(videos, 0, 256, fresh, 64 * MIB, 16384, 64) == 2
+    assert window_end(videos, 0, 256, fresh.estimate, 64 * MIB, 16384, 64) == 2
+
+
+def windows_of(n, first, cap, weigh=lambda item: (0.0, 1.0), mib=64):
+    """Every window's indices, in order."""
+    windows, out = Windows(list(range(n)), first, cap, weigh, mib * MIB, 16384, 64), []
+    while idx := windows.next():
+        out.append(idx)
+    return out
+
+
+def test_windows_start_small_double_up_to_the_cap_and_cover_every_input():
+    windows = windows_of(1000, 32, 256)
+    assert [len(w) for w in windows] == [32, 64, 128, 256, 256, 256, 8]
+    assert [i for w in windows for i in w] == list(range(1000))
+    assert windows_of(0, 32, 256) == [] and windows_of(3, 64, 16) == [[0, 1, 2]]
+    assert windows_of(3, 0, 0) == [[0], [1], [2]]  # a cap below 1 once never advanced
+    # Heavy inputs (8 MiB each): past one forward batch (64 inputs), a window stops at 64 MiB.
+    assert [len(w) for w in windows_of(300, 256, 256, weigh=lambda item: (8.0 * MIB, 1.0))] == [64] * 4 + [44]
+
+
+def test_a_pair_is_weighed_as_its_query_and_document_prepared_together():
+    w = weights()
+    query, document = ({"text": "q", "image": image_bytes(pattern_image(0, (300, 200)))},
+                       {"image": image_bytes(pattern_image(1, (200, 100)))})
+    both, one, other = w.estimate(query, document), w.estimate(query), w.estimate(document)
+    assert both[0] == pytest.approx(one[0] + other[0]) and both[1] == pytest.approx(one[1] + other[1])
+    assert w.estimate(query, "not a dict") == one  # a bad document fails alone; the query still weighs
+    # Learned by the pair's kind (two images between them), not by either input's.
+    w.learn({"image": "s3://b/q.png"}, {"image": "s3://b/d.png"}, nbytes=5 * MIB, tokens=300)
+    assert w.estimate({"image": "s3://b/q.png"}, {"image": "s3://b/e.png"}) == (5 * MIB, 300)
+    assert w.estimate({"image": ["s3://b/a.png", "s3://b/b.png"]}) == (5 * MIB, 300)
+    assert w.estimate({"image": "s3://b/a.png"})[0] < 2 * MIB  # one image: still its ceiling, 1.57 MB

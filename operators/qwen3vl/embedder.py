@@ -17,7 +17,6 @@ from .loading import Qwen3VLForEmbedding
 from .preprocess import (InputError, Prepared, check_window, collate, describe_error, render_prompt,
                          resolved_sources, run_processor, token_budget_batches)
 from .runner import Qwen3VLRunner, check_inputs
-from .windows import InputWeights, window_end
 
 
 @dataclass
@@ -79,23 +78,15 @@ class Qwen3VLEmbedder(Qwen3VLRunner):
                  max_batch_items: int = 64, prepare_workers: int | None = None,
                  prepare_processes: int | None = None, storage_options: dict[str, Any] | None = None,
                  revision: str | None = None, window_mib: int | None = None, **model_kwargs: Any) -> None:
-        check_window("window_mib", window_mib)  # before the weights load
         super().__init__(Qwen3VLForEmbedding, model_name_or_path, dtype=dtype, device=device, revision=revision,
                          attn_implementation=attn_implementation, padding_side="right", max_length=max_length,
                          vision=VisionSettings(min_pixels, max_pixels, total_pixels, fps, max_frames),
                          default_instruction=default_instruction, token_budget=token_budget,
                          max_batch_items=max_batch_items, prepare_workers=prepare_workers,
                          storage_options=storage_options, thread_name="qvl-prepare",
-                         prepare_processes=prepare_processes, **model_kwargs)
+                         prepare_processes=prepare_processes, window_mib=window_mib, **model_kwargs)
         self.hidden_size = int(self.model.config.text_config.hidden_size)
         self.stats = EmbedStats()
-        if window_mib is None:
-            window_mib = 1024 if self.device.type == "cuda" else 64
-        # Two windows are held at once (one in the model, the next being prepared). Counted in items
-        # alone, 256 images of 1,843,200 pixels held 11 GB each; 512 small ones raised a CPU actor's
-        # peak by 1.1 GB (bench/RESULTS.md section 4).
-        self.window_bytes = window_mib * 2**20
-        self.weights = InputWeights(self.vision, self.dtype.itemsize)
 
     # -- what the model sees -------------------------------------------------------------
     def conversation(self, item: dict[str, Any]) -> list[dict[str, Any]]:
@@ -182,18 +173,13 @@ class Qwen3VLEmbedder(Qwen3VLRunner):
         results = [EmbedResult(i) for i in range(len(inputs))]
         if first_window is None:
             first_window = 32 if self.device.type == "cuda" else window
-        size, start = min(first_window, window), 0
+        windows = self.windows(inputs, first_window, window, self.weights.estimate)
 
-        def submit(count: int) -> tuple[list[int], list[Future]]:
-            # Windows double up to `window` inputs (a small first one starts a GPU sooner) and are
-            # cut where the inputs' estimated prepared bytes would pass window_bytes.
-            nonlocal start
-            end = window_end(inputs, start, count, self.weights, self.window_bytes, self.token_budget,
-                             self.max_batch_items)
-            idx, start = list(range(start, end)), end
+        def submit() -> tuple[list[int], list[Future]]:
+            idx = windows.next()
             return idx, [self.submit_prepare(inputs[i]) for i in idx]
 
-        idx, pending = submit(size)
+        idx, pending = submit()
         launched: list[tuple[EmbedResult, torch.Tensor | str]] = []
         while idx:
             t0 = time.perf_counter()
@@ -204,10 +190,9 @@ class Qwen3VLEmbedder(Qwen3VLRunner):
                 if not isinstance(p, Prepared):
                     results[i].error = p
             for i, p in ok:
-                self.weights.learn(inputs[i], p.nbytes, p.num_tokens)
-            size = min(window, size * 2)
+                self.weights.learn(inputs[i], nbytes=p.nbytes, tokens=p.num_tokens)
             # Prepare the next window while this one runs through the model.
-            next_idx, pending = submit(size)
+            next_idx, pending = submit()
             lengths = [p.num_tokens for _, p in ok]
             for batch in token_budget_batches(lengths, self.token_budget, self.max_batch_items):
                 items = [ok[b][1] for b in batch]

@@ -334,20 +334,6 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device, pin: bool = 
     return {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in batch.items()}
 
 
-def growing_windows(n: int, first: int, cap: int) -> list[list[int]]:
-    """Consecutive index windows that double from first up to cap.
-
-    A small first window starts the model sooner (nothing overlaps its preparation);
-    later, larger windows sort more items by length and pad less.
-    """
-    out, start, size = [], 0, max(1, min(first, cap))
-    while start < n:
-        out.append(list(range(start, min(n, start + size))))
-        start += size
-        size = max(1, min(cap, size * 2))  # a cap below 1 would stop the windows advancing
-    return out
-
-
 def check_window(name: str, value: int | None) -> None:
     """Raise ValueError unless a window size argument is None or an integer >= 1."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

@@ -11,16 +11,18 @@ Qwen3-VL's 3-D rotary positions (mrope) are computed for each FULL pair sequence
 the positions and keys/values it sees in the plain path. Scores equal the plain
 (left-padded, whole-sequence) path's to float tolerance; ``prefix_cache=False`` turns it off.
 
-On a GPU the pairs are scored in growing windows while the next window is prepared; the prefix
-is planned on the first window together with two probe documents, so it ends where documents
-start and the later windows' pairs share it too (any that do not take the plain path).
+The pairs are scored in windows while the next window is prepared: on a GPU they grow from 16
+pairs; each is cut at about ``window_mib`` of prepared pairs (windows.py). The prefix is planned
+on the first window together with two probe documents, so it ends where documents start and the
+later windows' pairs share it too (any that do not take the plain path).
 """
 
 from __future__ import annotations
 
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -33,9 +35,10 @@ from .media_io import MediaError
 from .prefix_attention import KWARG as PREFIX_PACK
 from .prefix_attention import SuffixPack, attention_is_sdpa, install_prefix_attention, suffix_mask
 from .preprocess import (InputError, Prepared, VisionCache, cached_image, check_window, collate, describe_error,
-                         growing_windows, joined, render_prompt, resolved_sources, rope_positions, run_processor,
+                         joined, render_prompt, resolved_sources, rope_positions, run_processor,
                          run_processor_cached, same_tensor, token_budget_batches)
 from .runner import Qwen3VLRunner, check_inputs
+from .windows import Weigh, input_kind
 
 # `<|im_end|>\n<|im_start|>assistant\n`: the tail that must survive truncation.
 _TAIL_TOKENS = 5
@@ -139,7 +142,8 @@ class Qwen3VLReranker(Qwen3VLRunner):
                  default_instruction: str = DEFAULT_RERANK_INSTRUCTION, token_budget: int = 32768,
                  max_batch_items: int | None = None, prepare_workers: int | None = None,
                  prepare_processes: int | None = None, storage_options: dict[str, Any] | None = None,
-                 prefix_cache: bool = True, revision: str | None = None, **model_kwargs: Any) -> None:
+                 prefix_cache: bool = True, revision: str | None = None, window_mib: int | None = None,
+                 **model_kwargs: Any) -> None:
         # Pairs per forward batch. On a CPU, batches of ~16 run faster than 32 (smaller activations stay
         # in cache; bench/RESULTS.md); a GPU wants larger ones.
         on_gpu = resolve_device(device).type == "cuda"
@@ -150,7 +154,8 @@ class Qwen3VLReranker(Qwen3VLRunner):
                          default_instruction=default_instruction, token_budget=token_budget,
                          max_batch_items=max_batch_items or (64 if on_gpu else 16),
                          prepare_workers=prepare_workers, storage_options=storage_options,
-                         thread_name="qvl-rerank-prepare", prepare_processes=prepare_processes, **model_kwargs)
+                         thread_name="qvl-rerank-prepare", prepare_processes=prepare_processes,
+                         window_mib=window_mib, **model_kwargs)
         self.prefix_cache = prefix_cache
         # Length of the shared prefix the last score() call reused (0: it took the plain path).
         self.last_prefix_length = 0
@@ -390,7 +395,9 @@ class Qwen3VLReranker(Qwen3VLRunner):
 
         first_window: pairs prepared before the first forward; None = 16 on a GPU (later windows
         double, and are scored while the next one is prepared), all of them on a CPU (the model
-        already fills the cores, and one window sorts and pads best).
+        already fills the cores, and one window sorts and pads best). Every window is also cut
+        where its pairs would hold more than about ``window_mib`` once prepared, once it holds
+        enough to fill one forward batch.
         """
         if not isinstance(query, Mapping):
             raise TypeError(f"query must be a dict such as {{'text': ...}}, got {type(query).__name__}")
@@ -405,39 +412,71 @@ class Qwen3VLReranker(Qwen3VLRunner):
         self.model_threads()
         documents = list(check_inputs(documents, "documents"))
         scope = uuid.uuid4().hex  # this call's query images are processed once, for all its pairs
-        futures = [self.submit_prepare(query, doc, instruction, fps, max_frames, scope) for doc in documents]
-        use_prefix = self.prefix_cache and len(futures) >= 2
+        if first_window is None:
+            first_window = 16 if self.device.type == "cuda" else len(documents)
+        weigh, shares_pixels = self._pair_weigher(query)
+        windows = self.windows(documents, first_window, 256, weigh)
+
+        def submit() -> tuple[list[int], list[Future]]:
+            idx = windows.next()
+            return idx, [self.submit_prepare(query, documents[i], instruction, fps, max_frames, scope) for i in idx]
+
+        idx, pending = submit()
+        use_prefix = self.prefix_cache and len(documents) >= 2
         probes = [self.submit_prepare(query, doc, instruction, fps, max_frames, scope)
                   for doc in (_PROBE_DOCUMENTS if use_prefix else ())]
-        if first_window is None:
-            first_window = 16 if self.device.type == "cuda" else len(futures)
-        results = [ScoreResult(i) for i in range(len(futures))]
+        results = [ScoreResult(i) for i in range(len(documents))]
         self.last_prefix_length = 0
         shared: _SharedPrefix | None = None
-        for w, idx in enumerate(growing_windows(len(futures), first_window, 256)):
+        first = True
+        while idx:
             ok = []
-            for i in idx:
-                p = futures[i].result()
+            for i, f in zip(idx, pending):
+                p = f.result()
                 if isinstance(p, Prepared):
                     ok.append((i, p))
+                    if not shares_pixels(documents[i]):
+                        self.weights.learn(query, documents[i], nbytes=p.nbytes, tokens=p.num_tokens)
                 else:
                     results[i].error = p
-            if w == 0 and use_prefix:
+            # Prepare the next window while this one is scored.
+            next_idx, pending = submit()
+            if first and use_prefix:
                 planned = [p for _, p in ok] + [p for p in (f.result() for f in probes) if isinstance(p, Prepared)]
                 shared = self._open_prefix(query, planned, fps, max_frames)
                 self.last_prefix_length = shared.plan.length if shared else 0
             if shared is None:
                 self._score_plain(ok, results)
-                continue
-            # The plan already checked the first window's pairs (3.6 MB of query pixels each, for a 448x336 image).
-            shares = [w == 0 or self._shares_prefix(p, shared) for _, p in ok]
-            self._score_on_prefix([x for x, s in zip(ok, shares) if s], shared, results)
-            self._score_plain([x for x, s in zip(ok, shares) if not s], results)
+            else:
+                # The plan already checked the first window's pairs (3.6 MB of query pixels each, for a 448x336 image).
+                shares = [first or self._shares_prefix(p, shared) for _, p in ok]
+                self._score_on_prefix([x for x, s in zip(ok, shares) if s], shared, results)
+                self._score_plain([x for x, s in zip(ok, shares) if not s], results)
+            idx, first = next_idx, False
         if results and not any(r.ok for r in results):
             reason = self._query_failure(query, instruction, fps, max_frames)
             if reason is not None:  # no document is at fault: say so, instead of failing each one
                 raise MediaError(f"query: {reason}")
         return results
+
+    def _pair_weigher(self, query: dict[str, Any]) -> tuple[Weigh, Callable[[Any], bool]]:
+        """How much a document's pair with this query will hold once prepared, and whether the pair
+        holds no pixels of its own (only the query's images, shared by every such pair of the call)."""
+        # Query images (not videos) are processed once per call (prepare, attach_shared): a pair with
+        # no images or videos of its own holds them as one tensor shared with the others.
+        query_videos = input_kind(query)[1] > 0
+        query_tokens = self.weights.estimate(query)[1]
+
+        def shares_pixels(document: Any) -> bool:
+            return not query_videos and input_kind(document) == (0, 0)
+
+        def weigh(document: Any) -> tuple[float, float]:
+            if shares_pixels(document):
+                nbytes, tokens = self.weights.estimate(document)
+                return nbytes, tokens + query_tokens
+            return self.weights.estimate(query, document)
+
+        return weigh, shares_pixels
 
     def _query_failure(self, query: dict[str, Any], instruction: str | None, fps: float | None,
                        max_frames: int | None) -> str | None:

@@ -16,8 +16,9 @@ from .heap import retain_freed_memory
 from .loading import checkpoint_id, load_model, load_processor, resolve_device, resolve_dtype
 from .media_io import VideoFiles
 from .prepare_workers import PrepareProcesses, _RopeOnly
-from .preprocess import Prepared, cast_pixels, describe_error, rope_positions, to_device
+from .preprocess import Prepared, cast_pixels, check_window, describe_error, rope_positions, to_device
 from .read_positions import hidden_at, install_read_positions
+from .windows import InputWeights, Weigh, Windows
 
 
 def resolve_prepare_processes(processes: int | None, device: torch.device) -> int:
@@ -76,7 +77,8 @@ class Qwen3VLRunner:
                  max_length: int, vision: VisionSettings, default_instruction: str, token_budget: int,
                  max_batch_items: int, prepare_workers: int | None, storage_options: dict[str, Any] | None,
                  thread_name: str, prepare_processes: int | None = None, revision: str | None = None,
-                 **model_kwargs: Any) -> None:
+                 window_mib: int | None = None, **model_kwargs: Any) -> None:
+        check_window("window_mib", window_mib)  # before the weights load
         torch_dtype = model_kwargs.pop("torch_dtype", None)
         if torch_dtype is not None:  # transformers' older name: honoured, not silently overridden by dtype
             if dtype not in (None, "auto"):
@@ -93,6 +95,11 @@ class Qwen3VLRunner:
         self.default_instruction = default_instruction
         self.token_budget = token_budget
         self.max_batch_items = max_batch_items
+        # Two windows of prepared inputs are held at once (one in the model, the next being prepared).
+        # Counted in items alone, 256 images of 1,843,200 pixels held 11 GB each; 512 small ones raised a
+        # CPU embedding actor's peak by 1.1 GB (bench/RESULTS.md section 4).
+        self.window_bytes = (window_mib or (1024 if self.device.type == "cuda" else 64)) * 2**20
+        self.weights = InputWeights(vision, self.dtype.itemsize)
         # Pinning each fresh batch (a page-locked allocation plus a host copy) gave no consistent gain on
         # an H200: +5-12% on large images, -3-10% on small ones (bench/RESULTS.md, GPU run 2).
         self.pin_memory = False
@@ -122,6 +129,10 @@ class Qwen3VLRunner:
         return checkpoint_id(self.model_name_or_path, self.revision)
 
     # -- preparation, in threads or worker processes ---------------------------------------
+    def windows(self, inputs: Sequence[Any], first: int, cap: int, weigh: Weigh) -> Windows:
+        """A call's preparation windows over inputs, each cut at about window_mib of prepared inputs."""
+        return Windows(inputs, first, cap, weigh, self.window_bytes, self.token_budget, self.max_batch_items)
+
     # What prepare() reads; a preparation worker gets exactly this (plus the model config).
     _PREPARE_STATE = ("model_name_or_path", "revision", "dtype", "max_length", "vision", "default_instruction",
                       "storage_options", "padding_side")
