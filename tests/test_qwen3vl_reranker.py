@@ -265,20 +265,23 @@ def test_pairs_held_at_once_are_bounded_by_window_mib(tiny_reranker_ckpt):
 
 
 def test_a_pair_weighs_the_query_pixels_only_where_it_holds_its_own(reranker, media):
-    """A query image is processed once per call and shared by the pairs of documents without media;
-    a pair with media of its own holds a copy joined to them; a query video is processed per pair."""
+    """A query's images are processed once per call and shared by the pairs of documents without
+    media (one tensor, however many images the query has); a pair with media of its own holds a copy
+    joined to them; a query video is processed per pair."""
     from tests.media_gen import image_bytes
 
     image_query = {"text": "q", "image": image_bytes(pattern_image(0, (256, 256)))}
     text, picture = {"text": "a caption"}, {"image": image_bytes(pattern_image(1, (128, 128)))}
     query_pixels = 6 * 256 * 256 * 4  # float32
-    weigh, shares = reranker._pair_weigher(image_query)
-    assert shares(text) and not shares(picture)
+    weigh, _ = reranker._pair_weights(image_query, None)
     assert weigh(text)[0] < query_pixels / 10
     assert weigh(picture)[0] > query_pixels + 6 * 128 * 128 * 4
-    held = reranker.prepare(image_query, picture, query_scope="s").nbytes
-    assert weigh(picture)[0] == pytest.approx(held, rel=0.02)
-    weigh, shares = reranker._pair_weigher({"text": "q", "video": media["video"]})
-    assert not shares(text)
+    assert weigh(picture)[0] == pytest.approx(reranker.prepare(image_query, picture, query_scope="s").nbytes, rel=0.02)
+    two_images = {"text": "q", "image": [image_query["image"], picture["image"]]}
+    pairs = [reranker.prepare(two_images, {"text": t}, query_scope="s2") for t in ("a", "b")]
+    assert pairs[0].vision["pixel_values"].data_ptr() == pairs[1].vision["pixel_values"].data_ptr()
+    assert reranker._pair_weights(two_images, None)[0](text)[0] < query_pixels / 10
+    video_query = {"text": "q", "video": media["video"]}
+    assert reranker._pair_weights(video_query, None)[0](text)[0] > 2**20  # its frames, in every pair
     with pytest.raises(ValueError, match="window_mib must be an integer >= 1, got 0"):
         Qwen3VLReranker("unused", window_mib=0)

@@ -1,5 +1,7 @@
 """Preparation windows: inputs weighed before they are prepared, windows cut by bytes."""
 
+import os
+
 import pytest
 
 from operators.qwen3vl.formatting import VisionSettings
@@ -136,3 +138,30 @@ def test_a_pair_is_weighed_as_its_query_and_document_prepared_together():
     assert w.estimate({"image": "s3://b/q.png"}, {"image": "s3://b/e.png"}) == (5 * MIB, 300)
     assert w.estimate({"image": ["s3://b/a.png", "s3://b/b.png"]}) == (5 * MIB, 300)
     assert w.estimate({"image": "s3://b/a.png"})[0] < 2 * MIB  # one image: still its ceiling, 1.57 MB
+
+
+def test_exactly_weighed_images_count_beside_what_a_kind_learned():
+    """A pair of a local query image and a document image by URL: the query's pixels count exactly,
+    only the rest is learned, so one query's size is not carried to the next."""
+    w = weights(vision=VisionSettings())
+    small_query = {"image": image_bytes(pattern_image(0, (64, 64)))}
+    big_query = {"image": image_bytes(pattern_image(0, (1600, 1200)), "JPEG")}
+    document = {"image": "s3://b/d.png"}
+    exact_small, exact_big = w.estimate(small_query)[0], w.estimate(big_query)[0]
+    for _ in range(20):
+        w.learn(small_query, document, nbytes=exact_small + 2 * MIB, tokens=200)
+    assert w.estimate(small_query, document)[0] == pytest.approx(exact_small + 2 * MIB, rel=0.01)
+    assert w.estimate(big_query, document)[0] == pytest.approx(exact_big + 2 * MIB, rel=0.01)  # 44 MB + 2 MiB
+    assert w.estimate(document)[0] == pytest.approx(2 * MIB, rel=0.01)  # the same kind: one image by URL
+
+
+def test_a_call_s_own_frame_bound_raises_an_unseen_video_s_ceiling():
+    w = weights()
+    assert w.estimate({"video": "s3://b/v.mp4"}, max_frames=256)[0] > 1.5 * w.estimate({"video": "s3://b/v.mp4"})[0]
+
+
+def test_a_fifo_is_not_opened_to_weigh_it(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    assert image_pixels(str(fifo), VISION) is None  # returns at once: nobody ever writes to it
+    assert weights().estimate({"image": str(fifo)})[0] >= 6 * 65536 * 4  # weighed as an image not seen yet

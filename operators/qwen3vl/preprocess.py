@@ -233,8 +233,9 @@ def run_processor_cached(processor: Any, prompt: str, conversation: list[dict[st
     """run_processor for a conversation of texts and images (no videos), each image processed on its own
     and, where keys gives a key, taken from or put in the cache; pixels in dtype when given.
 
-    A pair whose only image is a cached one gets the cached tensor itself, not a copy: 100 pairs
-    of one image query then hold one copy of its pixels, and comparing them costs nothing.
+    A pair whose images are all cached ones gets a cached tensor itself, not a copy: 100 pairs of
+    one image query (or of one query's images) then hold one copy of its pixels, and comparing them
+    costs nothing.
 
     What the HF processor does for a list of images, item by item: qwen-vl-utils resizing, the image
     processor (its outputs are per image, concatenated in order), then each image placeholder expanded
@@ -254,6 +255,11 @@ def run_processor_cached(processor: Any, prompt: str, conversation: list[dict[st
         text = text.replace(processor.image_token, "<|placeholder|>" * int(grid.prod() // merge), 1)
     text = text.replace("<|placeholder|>", processor.image_token)
     out = processor.tokenizer([text], return_tensors="pt", return_token_type_ids=False, **text_kwargs)
+    if len(pixels) > 1 and all(k is not None for k in keys):
+        # Every image a cached one (a query's images, with a text document): the joined rows are cached
+        # too, so such pairs share one tensor, as pairs of a single cached image do.
+        rows, grid = cache.get(("joined", tuple(keys), dtype), lambda: (joined(pixels), joined(grids)))
+        pixels, grids = [rows], [grid]
     vision = {"pixel_values": joined(pixels), "image_grid_thw": joined(grids)} if pixels else {}
     ids = out["input_ids"][0].tolist()
     if plain is not None:

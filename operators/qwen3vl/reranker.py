@@ -38,7 +38,7 @@ from .preprocess import (InputError, Prepared, VisionCache, cached_image, check_
                          joined, render_prompt, resolved_sources, rope_positions, run_processor,
                          run_processor_cached, same_tensor, token_budget_batches)
 from .runner import Qwen3VLRunner, check_inputs
-from .windows import Weigh, input_kind
+from .windows import Tally, Weigh, input_kind
 
 # `<|im_end|>\n<|im_start|>assistant\n`: the tail that must survive truncation.
 _TAIL_TOKENS = 5
@@ -414,7 +414,7 @@ class Qwen3VLReranker(Qwen3VLRunner):
         scope = uuid.uuid4().hex  # this call's query images are processed once, for all its pairs
         if first_window is None:
             first_window = 16 if self.device.type == "cuda" else len(documents)
-        weigh, shares_pixels = self._pair_weigher(query)
+        weigh, learn = self._pair_weights(query, max_frames)
         windows = self.windows(documents, first_window, 256, weigh)
 
         def submit() -> tuple[list[int], list[Future]]:
@@ -435,8 +435,7 @@ class Qwen3VLReranker(Qwen3VLRunner):
                 p = f.result()
                 if isinstance(p, Prepared):
                     ok.append((i, p))
-                    if not shares_pixels(documents[i]):
-                        self.weights.learn(query, documents[i], nbytes=p.nbytes, tokens=p.num_tokens)
+                    learn(documents[i], p)
                 else:
                     results[i].error = p
             # Prepare the next window while this one is scored.
@@ -459,24 +458,37 @@ class Qwen3VLReranker(Qwen3VLRunner):
                 raise MediaError(f"query: {reason}")
         return results
 
-    def _pair_weigher(self, query: dict[str, Any]) -> tuple[Weigh, Callable[[Any], bool]]:
-        """How much a document's pair with this query will hold once prepared, and whether the pair
-        holds no pixels of its own (only the query's images, shared by every such pair of the call)."""
-        # Query images (not videos) are processed once per call (prepare, attach_shared): a pair with
-        # no images or videos of its own holds them as one tensor shared with the others.
+    def _pair_weights(self, query: dict[str, Any], max_frames: int | None
+                      ) -> tuple[Weigh, Callable[[Any, Prepared], None]]:
+        """How much a document's pair with this query will hold once prepared, and how to learn from
+        what a prepared pair held (the query's headers read once, each document's once)."""
+        weights = self.weights
+        # The query's images (not its videos) are processed once per call (the query-scoped cache,
+        # attach_shared): a pair with no media of its own holds them as a tensor all such pairs share.
         query_videos = input_kind(query)[1] > 0
-        query_tokens = self.weights.estimate(query)[1]
+        query_tally = weights.tally(query)
+        query_tokens = weights.weigh(query_tally, max_frames)[1]
+        tallies: dict[int, Tally] = {}  # by id: the call's documents live until it returns
 
         def shares_pixels(document: Any) -> bool:
             return not query_videos and input_kind(document) == (0, 0)
 
-        def weigh(document: Any) -> tuple[float, float]:
-            if shares_pixels(document):
-                nbytes, tokens = self.weights.estimate(document)
-                return nbytes, tokens + query_tokens
-            return self.weights.estimate(query, document)
+        def tally(document: Any) -> Tally:
+            key = id(document)
+            if key not in tallies:
+                own = weights.tally(document)
+                tallies[key] = own if shares_pixels(document) else query_tally + own
+            return tallies[key]
 
-        return weigh, shares_pixels
+        def weigh(document: Any) -> tuple[float, float]:
+            nbytes, tokens = weights.weigh(tally(document), max_frames)
+            return (nbytes, tokens + query_tokens) if shares_pixels(document) else (nbytes, tokens)
+
+        def learn(document: Any, prepared: Prepared) -> None:
+            if not shares_pixels(document):  # a shared query tensor says nothing of a pair's own bytes
+                weights.learn_tally(tally(document), nbytes=prepared.nbytes, tokens=prepared.num_tokens)
+
+        return weigh, learn
 
     def _query_failure(self, query: dict[str, Any], instruction: str | None, fps: float | None,
                        max_frames: int | None) -> str | None:

@@ -5,8 +5,9 @@ and the next, being prepared), and a prepared input's float pixels are 8-24x its
 a window is cut by the bytes its inputs will hold once prepared, estimated before they are prepared:
   - an image given as bytes, a PIL image (every image of an ingestion) or a local file exactly, from
     its header's size resized as qwen-vl-utils resizes it;
-  - another input from what recent inputs of its kind (so many images, so many videos) held;
-  - an input of a kind not seen yet from the pixel budgets that bound it.
+  - the rest of an input (images by URL, videos, text) from what the rest of recent inputs of its
+    kind (so many images by URL, so many videos) held;
+  - the rest of an input of a kind not seen yet from the pixel budgets that bound it.
 A reranker's pair is weighed as its query and document together: their images and videos are
 prepared into one input.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -56,12 +58,6 @@ def input_kind(item: Any) -> tuple[int, int]:
     return len(as_list(item.get("image"))), _count_videos(item.get("video"))
 
 
-def _kind(items: Sequence[Any]) -> tuple[int, int]:
-    """The kind of inputs prepared together: the images and videos they hold between them."""
-    kinds = [input_kind(x) for x in items]
-    return sum(k[0] for k in kinds), sum(k[1] for k in kinds)
-
-
 def _local_path(image: Any) -> str | None:
     """The local file an image names (a path or a file:// URI), None for any other source."""
     if not isinstance(image, str) or is_data_uri(image):
@@ -92,6 +88,8 @@ def image_pixels(image: Any, vision: VisionSettings) -> int | None:
             width, height = image.size
         else:
             source = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else _local_path(image)
+            if isinstance(source, str) and not os.path.isfile(source):  # a FIFO would block until written
+                return None
             with Image.open(source) as im:  # reads the header, decodes nothing
                 width, height = im.size
         h, w = smart_resize(height, width, IMAGE_FACTOR, vision.min_pixels, vision.max_pixels)
@@ -104,54 +102,93 @@ def _text_tokens(item: Mapping[str, Any]) -> float:
     return PROMPT_TOKENS + sum(len(t) for t in as_list(item.get("text")) if isinstance(t, str)) / TEXT_CHARS_PER_TOKEN
 
 
+def _own_max_frames(item: Mapping[str, Any]) -> int:
+    own = item.get("max_frames")
+    return own if isinstance(own, int) and not isinstance(own, bool) else 0
+
+
+@dataclass(frozen=True)
+class Tally:
+    """What weighing an input (or several, prepared together) needs, its image headers read once."""
+
+    known_pixels: int = 0  # resized pixels of the images weighed from their headers
+    unknown_images: int = 0  # images that cannot be weighed so (given by URL, or unreadable)
+    videos: int = 0
+    text_tokens: float = 0.0
+    max_frames: int = 0  # the most frames its videos ask for themselves (0: the settings')
+
+    def __add__(self, other: "Tally") -> "Tally":
+        return Tally(self.known_pixels + other.known_pixels, self.unknown_images + other.unknown_images,
+                     self.videos + other.videos, self.text_tokens + other.text_tokens,
+                     max(self.max_frames, other.max_frames))
+
+    @property
+    def exact(self) -> bool:
+        """Whether its bytes follow from its headers alone (no image by URL, no video)."""
+        return not self.unknown_images and not self.videos
+
+
 @dataclass
 class InputWeights:
-    """Bytes and tokens an input will hold once prepared, estimated before it is prepared."""
+    """Bytes and tokens an input will hold once prepared, estimated before it is prepared.
+
+    Images weighed from their headers count exactly; the rest (images by URL, videos, with the
+    text) by what recent inputs with as many of them held beyond their exactly weighed images."""
 
     vision: VisionSettings
     pixel_bytes: int  # bytes per pixel value: the model's dtype (prepared pixels are cast to it)
     seen: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)  # kind -> (bytes, tokens)
 
+    def tally(self, *items: Any) -> Tally:
+        """The inputs' images (weighed from their headers where they can be), videos and text."""
+        total = Tally()
+        for item in items:
+            if not isinstance(item, Mapping):  # it fails in preparation, alone
+                continue
+            pixels = [image_pixels(x, self.vision) for x in as_list(item.get("image"))]
+            total += Tally(sum(p for p in pixels if p is not None), sum(p is None for p in pixels),
+                           _count_videos(item.get("video")), _text_tokens(item), _own_max_frames(item))
+        return total
+
     def learn(self, *items: Any, nbytes: float, tokens: float) -> None:
-        """Record what one prepared input (or pair of inputs, prepared together) held: its kind's
-        estimate moves towards it."""
-        if all(map(_by_headers, items)):  # it says nothing of images given by URL
+        """Record what one prepared input (or inputs prepared together) held: the estimate for its
+        kind (so many images by URL, so many videos) moves towards what its exactly weighed images
+        leave of it."""
+        if not all(map(_by_headers, items)):  # else weighed exactly: nothing to learn (and no header read)
+            self.learn_tally(self.tally(*items), nbytes=nbytes, tokens=tokens)
+
+    def learn_tally(self, t: Tally, *, nbytes: float, tokens: float) -> None:
+        """learn() for the inputs this tally was taken from."""
+        if t.exact:
             return
-        kind = _kind(items)
+        known_bytes, known_tokens = self._weigh(VALUES_PER_IMAGE_PIXEL * t.known_pixels, t.known_pixels / PIXELS_PER_TOKEN)
+        rest = (max(0.0, nbytes - known_bytes), max(0.0, tokens - known_tokens))
+        kind = (t.unknown_images, t.videos)
         old = self.seen.get(kind)
-        if old is None:
-            self.seen[kind] = (float(nbytes), float(tokens))
-        else:
-            self.seen[kind] = (old[0] + LEARNING_RATE * (nbytes - old[0]), old[1] + LEARNING_RATE * (tokens - old[1]))
+        self.seen[kind] = rest if old is None else (old[0] + LEARNING_RATE * (rest[0] - old[0]),
+                                                    old[1] + LEARNING_RATE * (rest[1] - old[1]))
 
-    def estimate(self, *items: Any) -> tuple[float, float]:
-        """(bytes, tokens) this input (or pair of inputs, prepared together) will hold once prepared."""
-        parts = [x for x in items if isinstance(x, Mapping)]  # any other fails in preparation, alone
-        if not parts:
-            return 0.0, 0.0
-        images = [image_pixels(x, self.vision) for part in parts for x in as_list(part.get("image"))]
-        videos = sum(_count_videos(part.get("video")) for part in parts)
-        text_tokens = sum(map(_text_tokens, parts))
-        known = sum(p for p in images if p is not None)
-        unknown = sum(1 for p in images if p is None)
-        if not unknown and not videos:  # exact: every image weighed from its header
-            return self._weigh(VALUES_PER_IMAGE_PIXEL * known, text_tokens + known / PIXELS_PER_TOKEN)
-        learned = self.seen.get((len(images), videos))
+    def estimate(self, *items: Any, max_frames: int | None = None) -> tuple[float, float]:
+        """(bytes, tokens) this input (or inputs prepared together) will hold once prepared.
+
+        max_frames: a call's own bound on every video's frames, where it has one (the reranker's)."""
+        return self.weigh(self.tally(*items), max_frames)
+
+    def weigh(self, t: Tally, max_frames: int | None = None) -> tuple[float, float]:
+        """(bytes, tokens) for a tally: estimate() of the inputs it was taken from."""
+        known_values, known_tokens = VALUES_PER_IMAGE_PIXEL * t.known_pixels, t.known_pixels / PIXELS_PER_TOKEN
+        if t.exact:
+            return self._weigh(known_values, t.text_tokens + known_tokens)
+        learned = self.seen.get((t.unknown_images, t.videos))
         if learned is not None:
-            return learned
-        pixels = known + unknown * self.vision.max_pixels
-        frames = max(map(self._frames, parts))
+            known_bytes, _ = self._weigh(known_values, known_tokens)
+            return known_bytes + learned[0], known_tokens + learned[1]
+        frames = 2 * math.ceil(max(t.max_frames, max_frames or 0, self.vision.max_frames) / 2)  # in pairs
         frame_pixels = max(min(VIDEO_FRAME_MAX_PIXELS, 2 * self.vision.total_pixels / frames), VIDEO_FRAME_MIN_PIXELS)
-        values = VALUES_PER_IMAGE_PIXEL * pixels + videos * VALUES_PER_FRAME_PIXEL * frames * frame_pixels
-        tokens = text_tokens + (pixels + videos * frames / 2 * frame_pixels) / PIXELS_PER_TOKEN
+        pixels = t.known_pixels + t.unknown_images * self.vision.max_pixels
+        values = VALUES_PER_IMAGE_PIXEL * pixels + t.videos * VALUES_PER_FRAME_PIXEL * frames * frame_pixels
+        tokens = t.text_tokens + (pixels + t.videos * frames / 2 * frame_pixels) / PIXELS_PER_TOKEN
         return self._weigh(values, tokens)
-
-    def _frames(self, item: Mapping[str, Any]) -> int:
-        """The most frames a video of this input can be read as, in pairs: a file's by the input's own
-        max_frames if it has one, a list of frames' by the settings'."""
-        own = item.get("max_frames")
-        frames = max(own if isinstance(own, int) and not isinstance(own, bool) else 0, self.vision.max_frames)
-        return 2 * math.ceil(frames / 2)
 
     def _weigh(self, values: float, tokens: float) -> tuple[float, float]:
         return values * self.pixel_bytes + tokens * BYTES_PER_TEXT_TOKEN, tokens
