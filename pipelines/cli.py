@@ -22,6 +22,7 @@ from typing import Any, Callable
 from .config import ConfigError, load_config
 from .config_secrets import redact
 from .interrupts import Interrupted
+from .ray_processes import shutdown_if_started_here
 
 EXIT_OK, EXIT_NOTHING_INGESTED, EXIT_CONFIG, EXIT_INFRA = 0, 1, 2, 3
 PLAN_LIMIT = 10  # `qvl ingest --plan`: URIs shown per kind unless --plan-limit says otherwise
@@ -279,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         stop = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
         print(f"error: {stop}", file=sys.stderr)
         return stop.exit_code
+    finally:
+        shutdown_if_started_here()  # a local Ray the command started: no process of it outlives the job
 
 
 def _load_extra_commands() -> None:

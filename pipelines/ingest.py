@@ -58,6 +58,7 @@ from .interrupts import Interrupted, SignalGate, defer_signals, stop_on_signals
 from .plan import Plan, plan_objects, settings_digest, source_root, unlisted_entries, with_settings
 from .preflight import (PreflightError, check_ray_address, check_workers_see_env, collection_spec,
                         embedded_store_error, embedding_checkpoint, ensure_folder, first_line)
+from .ray_processes import note_started_here
 from .report import RunReport
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,8 @@ def ensure_ray(cfg: Config) -> None:
         ray.shutdown()  # the processes it had started, which would outlive this one
         raise Interrupted(signal.SIGTERM, "interrupted by SIGTERM while Ray was starting; nothing was "
                           "written") from None
+    if address == "local":
+        note_started_here()  # the CLI shuts it down at the end, leaving no process of it behind
     # Until the job's own handlers (stop_on_signals), a stop signal waits for them: the job then
     # stops at its first safe point (exit 143, one line), not with Ray's sys.exit(15) and no word.
     defer_signals()
