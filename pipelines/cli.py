@@ -22,7 +22,7 @@ from typing import Any, Callable
 from .config import ConfigError, load_config
 from .config_secrets import redact
 from .interrupts import Interrupted
-from .ray_processes import shutdown_if_started_here
+from .ray_processes import local_ray_shut_down_after
 
 EXIT_OK, EXIT_NOTHING_INGESTED, EXIT_CONFIG, EXIT_INFRA = 0, 1, 2, 3
 PLAN_LIMIT = 10  # `qvl ingest --plan`: URIs shown per kind unless --plan-limit says otherwise
@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
     try:
-        return int(args.func(args))
+        with local_ray_shut_down_after():  # no process of a local Ray it started outlives the command
+            return int(args.func(args))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -280,8 +281,6 @@ def main(argv: list[str] | None = None) -> int:
         stop = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
         print(f"error: {stop}", file=sys.stderr)
         return stop.exit_code
-    finally:
-        shutdown_if_started_here()  # a local Ray the command started: no process of it outlives the job
 
 
 def _load_extra_commands() -> None:

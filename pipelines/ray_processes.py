@@ -1,11 +1,13 @@
-"""The local Ray a job started: shut down, and no process of it left running afterwards.
+"""The local Ray a command started: shut down at its end, and no process of it left running.
 
 Ray 2.60 can deadlock an actor in its own exit handler (``~CoreWorkerProcessImpl``, after its log
 says "Shutdown completed successfully"): the process stays alive, parented to init once the raylet
 is gone, holding its memory (1.8 GB for a CPU embedding actor) until someone kills it. A scheduled
-job that leaves one behind every night runs the machine out of memory. So the job notes the Ray
-processes below it before shutting Ray down and kills any still running a grace period later.
-Linux only (it reads /proc); elsewhere Ray's own shutdown is all there is.
+job that leaves one behind every night runs the machine out of memory. So a command that started
+a local Ray notes that Ray's processes (the ones its node started: GCS, raylet, monitors, and
+every process below them: workers, actors, what they started) before shutting it down, and kills
+any still running a grace period later. Linux only (it reads /proc); elsewhere, and for a cluster
+the command joined, Ray's own shutdown is all there is.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import logging
 import os
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 log = logging.getLogger(__name__)
 
 _PROC = Path("/proc")
+GRACE_S = 10.0  # a normal shutdown's processes are gone in 1-2 s
 
 
 @dataclass(frozen=True)
@@ -29,71 +34,92 @@ class Process:
     pid: int
     ppid: int
     start: int
-    cmdline: str
 
 
 def read_process(pid: int) -> Process | None:
-    """The process with this PID, or None once it is gone (or was never readable)."""
+    """The process with this PID, or None once it is gone (a zombie counts as gone)."""
     try:
         stat = (_PROC / str(pid) / "stat").read_text()
-        raw = (_PROC / str(pid) / "cmdline").read_bytes()
     except OSError:
         return None
     # The command name (field 2) is in parentheses and may hold spaces or parentheses itself.
     fields = stat[stat.rindex(")") + 2:].split()
-    if fields[0] == "Z":  # a zombie has exited; only its parent's wait is missing
+    if fields[0] == "Z":  # it has exited; only its parent's wait is missing
         return None
-    return Process(pid, int(fields[1]), int(fields[19]), raw.replace(b"\0", b" ").decode(errors="replace").strip())
+    return Process(pid, int(fields[1]), int(fields[19]))
 
 
-def descendants(pid: int | None = None) -> list[Process]:
-    """Every live process below pid (this one by default), each after its parent."""
+def command_line(pid: int) -> str:
+    """A process's command line, for messages ('' once it is gone)."""
+    try:
+        return (_PROC / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def processes_below(roots: Iterable[int]) -> list[Process]:
+    """These processes and every process below them, live ones only, each after its parent."""
     if not _PROC.is_dir():
         return []
-    procs = [p for p in map(read_process, (int(d.name) for d in _PROC.iterdir() if d.name.isdigit())) if p is not None]
+    # Only stat is read for every process on the machine: reading another's cmdline takes its
+    # memory-map lock, and one stuck process would stall the command's exit.
+    live = [p for p in map(read_process, (int(d.name) for d in _PROC.iterdir() if d.name.isdigit())) if p]
+    by_pid = {p.pid: p for p in live}
     children: dict[int, list[Process]] = {}
-    for p in procs:
+    for p in live:
         children.setdefault(p.ppid, []).append(p)
-    out, todo = [], [os.getpid() if pid is None else pid]
-    while todo:
-        for child in children.get(todo.pop(0), ()):
-            out.append(child)
-            todo.append(child.pid)
+    out = [by_pid[r] for r in dict.fromkeys(roots) if r in by_pid]
+    seen = {p.pid for p in out}
+    for p in out:  # grows as it goes: breadth first
+        below = [c for c in children.get(p.pid, ()) if c.pid not in seen]  # a root below another root
+        seen.update(c.pid for c in below)
+        out.extend(below)
     return out
 
 
-def is_ray_process(proc: Process) -> bool:
-    """Whether a process is Ray's: a worker or actor (``ray::...``), or a daemon run from Ray's package."""
-    return proc.cmdline.startswith("ray::") or "/ray/" in proc.cmdline
+def descendants(pid: int | None = None) -> list[Process]:
+    """Every live process below pid (this one by default)."""
+    return processes_below([os.getpid() if pid is None else pid])[1:]
 
 
-def ray_processes(pid: int | None = None) -> list[Process]:
-    """Ray's processes below pid (this one by default), and every process they started."""
-    inside: set[int] = set()
-    below = descendants(pid)
-    for p in below:  # parents first
-        if p.ppid in inside or is_ray_process(p):
-            inside.add(p.pid)
-    return [p for p in below if p.pid in inside]
+def node_processes() -> list[Process]:
+    """The processes of the Ray node this process started (none if it joined one), and all below them."""
+    try:
+        import ray._private.worker as worker
+
+        node = worker._global_node
+        roots = [info.process.pid for infos in node.all_processes.values() for info in infos] if node else []
+    except Exception:  # a private API: without it, Ray's own shutdown is all there is
+        return []
+    return processes_below(roots)
 
 
-def kill_survivors(procs: list[Process], grace_s: float) -> list[Process]:
-    """Wait up to grace_s for these processes to exit, then SIGKILL those still running; returns them."""
+def survivors(procs: list[Process], grace_s: float) -> list[Process]:
+    """Those of these processes still running after waiting up to grace_s for them to exit."""
     deadline = time.monotonic() + grace_s
     while True:
         alive = [p for p in procs if _same(p)]
         if not alive or time.monotonic() >= deadline:
-            break
+            return alive
         time.sleep(0.1)
+
+
+def kill(procs: list[Process]) -> list[Process]:
+    """SIGKILL these processes, those still running; returns them."""
     killed = []
-    for p in alive:
+    for p in procs:
         try:
-            if _same(p):  # not a new process that reused the PID meanwhile
+            if _same(p):  # not a new process that took the PID meanwhile
                 os.kill(p.pid, signal.SIGKILL)
                 killed.append(p)
         except ProcessLookupError:
             pass
     return killed
+
+
+def kill_survivors(procs: list[Process], grace_s: float) -> list[Process]:
+    """Wait up to grace_s for these processes to exit, then SIGKILL those still running; returns them."""
+    return kill(survivors(procs, grace_s))
 
 
 def _same(proc: Process) -> bool:
@@ -105,24 +131,36 @@ _started_here = False
 
 
 def note_started_here() -> None:
-    """Record that this process started the local Ray it uses (one it joined is not its to stop)."""
+    """Record that the running command started the local Ray it uses (one it joined is not its to stop)."""
     global _started_here
     _started_here = True
 
 
-def shutdown_if_started_here(grace_s: float = 10.0) -> list[Process]:
-    """Shut down the local Ray this process started, if any, then kill its processes still running
-    grace_s later; returns those it killed."""
+@contextmanager
+def local_ray_shut_down_after(grace_s: float = GRACE_S) -> Iterator[None]:
+    """Within: a local Ray that ensure_ray starts is shut down on the way out, and its processes still
+    running grace_s later are killed (a Ray that was running before is left alone)."""
     global _started_here
-    if not _started_here:
-        return []
+    _started_here = False  # whatever ran before in this process (a library call) is not this command's
+    try:
+        yield
+    finally:
+        started, _started_here = _started_here, False
+        if started:
+            _shut_down(grace_s)
+
+
+def _shut_down(grace_s: float) -> None:
     import ray
 
-    _started_here = False
-    ours = ray_processes()
-    ray.shutdown()
-    killed = kill_survivors(ours, grace_s)
-    for p in killed:
+    ours = node_processes()
+    try:
+        ray.shutdown()
+        stuck = survivors(ours, grace_s)
+    except KeyboardInterrupt:  # asked to stop while waiting: do not wait, and leave nothing behind
+        kill(ours)
+        raise
+    names = {p.pid: command_line(p.pid)[:80] for p in stuck}
+    for p in kill(stuck):
         log.warning("killed Ray process %d (%s): still running %.0f s after Ray's shutdown (a known Ray "
-                    "exit-handler hang)", p.pid, p.cmdline[:80], grace_s)
-    return killed
+                    "exit-handler hang)", p.pid, names[p.pid], grace_s)

@@ -129,6 +129,32 @@ def test_pairs_of_one_query_image_share_its_pixels(tiny_reranker_ckpt, media, dt
         rr.close()
 
 
+def test_a_query_of_more_images_than_the_cache_holds_is_processed_once(tiny_reranker_ckpt, monkeypatch):
+    """Its text-document pairs share one tensor of its rows: looked up whole, not image by image."""
+    from operators.qwen3vl import preprocess
+    from tests.media_gen import image_bytes
+
+    calls = []
+    original = preprocess.process_image
+
+    def counting(processor, entry, storage_options):
+        calls.append(entry)
+        return original(processor, entry, storage_options)
+
+    monkeypatch.setattr(preprocess, "process_image", counting)
+    query = {"text": "q", "image": [image_bytes(pattern_image(i, (32, 32))) for i in range(20)]}
+    docs = [{"text": f"doc {i}"} for i in range(4)]
+    with Qwen3VLReranker(str(tiny_reranker_ckpt), prepare_processes=0, prefix_cache=False) as rr:
+        assert rr._vision_cache.max_items < 20
+        pairs = [rr.prepare(query, d, query_scope="one call") for d in docs]
+        scores = [r.score for r in rr.score(query, docs)]
+    assert len(calls) == 20 + 20  # once for the prepared pairs above, once for the score() call
+    assert len({p.vision["pixel_values"].data_ptr() for p in pairs}) == 1
+    with Qwen3VLReranker(str(tiny_reranker_ckpt), prepare_processes=0, prefix_cache=False) as rr:
+        single = [rr.score(query, [d])[0].score for d in docs]
+    assert scores == pytest.approx(single, abs=1e-5)
+
+
 def test_same_tensor_reads_nothing_for_the_same_view_and_compares_otherwise():
     from operators.qwen3vl.preprocess import same_tensor
     x = torch.arange(12.0)

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.ray_processes import (Process, descendants, kill_survivors, ray_processes, read_process,
-                                     shutdown_if_started_here)
+from pipelines.ray_processes import Process, command_line, descendants, kill_survivors, node_processes, read_process
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
@@ -62,7 +61,7 @@ def test_a_survivor_that_ignores_sigterm_is_killed_after_the_grace_period():
 def test_a_pid_taken_by_another_process_is_left_alone():
     child = _orphan()
     try:
-        reused = Process(child.pid, child.ppid, child.start + 1, child.cmdline)  # as if the PID were reused
+        reused = Process(child.pid, child.ppid, child.start + 1)  # as if the PID were reused
         assert kill_survivors([reused], grace_s=0.1) == []
         assert not _gone(child.pid, within_s=0.3)
     finally:
@@ -70,31 +69,52 @@ def test_a_pid_taken_by_another_process_is_left_alone():
     assert kill_survivors([child], grace_s=5.0) == []  # it exits within the grace: nothing to kill
 
 
-def test_ray_processes_are_ray_s_and_what_they_started(ray_local):
+def _config(root) -> dict:
+    return {"source": {"uri": str(root)}, "embedder": {"model": "Qwen/Qwen3-VL-Embedding-2B"},
+            "qdrant": {"path": f"{root}/q", "collection": "media"}, "output": {"dir": f"{root}/runs"}}
+
+
+def test_the_node_s_processes_are_ray_s_not_this_process_s_others(ray_local):
     with subprocess.Popen(["sleep", "60"]) as mine:
         try:
-            ours = ray_processes()
-            assert any("raylet" in p.cmdline for p in ours), [p.cmdline[:60] for p in ours]
+            ours = node_processes()
+            assert any("raylet" in command_line(p.pid) for p in ours), [command_line(p.pid)[:60] for p in ours]
             assert all(p.pid != mine.pid for p in ours)  # this process's own children are not Ray's
         finally:
             mine.kill()
+
+
+def test_a_command_leaves_a_ray_it_did_not_start_running(ray_local, tmp_path, monkeypatch):
     import ray
 
-    assert shutdown_if_started_here() == [] and ray.is_initialized()  # a Ray it did not start is left alone
+    from pipelines import cli
+    from pipelines.config import parse_config
+    from pipelines.ingest import ensure_ray
+    from pipelines.ray_processes import note_started_here
+
+    cfg = parse_config(_config(tmp_path))
+
+    def register(sub):
+        sub.add_parser("touch-ray").set_defaults(func=lambda args: ensure_ray(cfg) or 0)
+
+    monkeypatch.setattr(cli, "_EXTRA_COMMANDS", [*cli._EXTRA_COMMANDS, register])
+    note_started_here()  # as a library call that started Ray earlier in this process would have
+    assert cli.main(["touch-ray"]) == 0
+    assert ray.is_initialized()  # the session's Ray: neither this command's nor its to stop
 
 
-# A job's driver: starts a local Ray as the CLI does, gives an actor a child that ignores SIGTERM in
-# a session of its own (so Ray's shutdown never reaches it), then ends as the CLI ends.
+# A job's driver: runs a qvl command that starts a local Ray, as `qvl ingest` does, and gives an
+# actor a child that ignores SIGTERM in a session of its own, so Ray's shutdown never reaches it.
 _DRIVER = textwrap.dedent("""
     import json, os, sys
     import ray
+    from pipelines import cli
     from pipelines.config import parse_config
     from pipelines.ingest import ensure_ray
-    from pipelines.ray_processes import ray_processes, shutdown_if_started_here
+    from pipelines.ray_processes import node_processes
 
-    cfg = parse_config({"source": {"uri": sys.argv[1]}, "embedder": {"model": "Qwen/Qwen3-VL-Embedding-2B"},
-                        "qdrant": {"path": sys.argv[1] + "/q", "collection": "media"}, "output": {"dir": sys.argv[1] + "/runs"}})
-    ensure_ray(cfg)
+    cfg = parse_config(json.loads(sys.argv[1]))
+    seen = {}
 
     @ray.remote(num_cpus=0)
     class Stuck:
@@ -103,26 +123,34 @@ _DRIVER = textwrap.dedent("""
             child = subprocess.Popen(["sh", "-c", 'trap "" TERM; exec sleep 300'], start_new_session=True)
             return os.getpid(), child.pid
 
-    actor = Stuck.remote()
-    actor_pid, child_pid = ray.get(actor.start.remote())
-    seen = {p.pid for p in ray_processes()}
-    killed = [p.pid for p in shutdown_if_started_here(grace_s=3.0)]
-    print(json.dumps({"actor": actor_pid, "child": child_pid, "seen": sorted(seen), "killed": killed}))
+    def command(args):
+        ensure_ray(cfg)
+        seen["actor"], seen["child"] = ray.get(Stuck.remote().start.remote())
+        seen["node"] = sorted(p.pid for p in node_processes())
+        return 0
+
+    def register(sub):
+        sub.add_parser("stuck").set_defaults(func=command)
+
+    cli._EXTRA_COMMANDS.append(register)
+    code = cli.main(["stuck"])
+    print(json.dumps({**seen, "code": code, "ray_up": ray.is_initialized()}))
 """)
 
 
-def test_the_local_ray_a_job_started_leaves_no_process_behind(tmp_path):
+def test_the_local_ray_a_command_started_leaves_no_process_behind(tmp_path):
+    import json
+
     # Ray kills a worker's children when the worker exits; turned off here, the child stands for any Ray
     # process still running after the shutdown (the actor hung in its exit handler cannot be staged).
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_kill_child_processes_on_worker_exit": "0"}
     env.pop("RAY_ADDRESS", None)
-    out = subprocess.run([sys.executable, "-c", _DRIVER, str(tmp_path)], env=env, cwd=tmp_path, text=True,
-                         capture_output=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(_config(tmp_path))], env=env, cwd=tmp_path,
+                         text=True, capture_output=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    import json
-
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["actor"] in result["seen"] and result["child"] in result["seen"]
-    assert result["child"] in result["killed"]  # it outlived Ray's shutdown by the grace period
-    assert f"killed Ray process {result['child']} (sleep 300)" in out.stderr
+    assert result["code"] == 0 and not result["ray_up"]
+    assert result["actor"] in result["node"] and result["child"] in result["node"]
+    # It outlived Ray's shutdown by the grace period, and was killed then, with one line.
+    assert f"killed Ray process {result['child']} (sleep 300): still running 10 s" in out.stderr
     assert _gone(result["child"]) and _gone(result["actor"])

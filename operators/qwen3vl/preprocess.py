@@ -244,23 +244,26 @@ def run_processor_cached(processor: Any, prompt: str, conversation: list[dict[st
     entries = [e for m in conversation for e in m["content"] if e.get("type") == "image"]
     if len(keys) != len(entries):
         raise ValueError("one cache key (or None) per image is needed")
-    pixels, grids = [], []
-    for entry, key in zip(entries, keys):
-        hit = cached_image(processor, entry, storage_options, cache, key, dtype)
-        pixels.append(hit[0])
-        grids.append(hit[1])
+
+    def each() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        hits = [cached_image(processor, e, storage_options, cache, k, dtype) for e, k in zip(entries, keys)]
+        return [p for p, _ in hits], [g for _, g in hits]
+
+    if len(entries) > 1 and all(k is not None for k in keys):
+        # Every image a cached one (a query's images, with a text document): the joined rows are one
+        # entry, looked up first, so such pairs share one tensor as pairs of one cached image do (and
+        # a query of more images than the cache holds is not processed again for every pair).
+        rows, grid = cache.get(("joined", tuple(keys), dtype), lambda: tuple(map(joined, each())))
+        vision = {"pixel_values": rows, "image_grid_thw": grid}
+    else:
+        pixels, grids = each()
+        vision = {"pixel_values": joined(pixels), "image_grid_thw": joined(grids)} if pixels else {}
     text, plain = plain_text_prompt(processor, prompt, conversation)
     merge = processor.image_processor.merge_size ** 2
-    for grid in grids:  # as the processor expands them: in order, one placeholder at a time
+    for grid in (vision["image_grid_thw"] if vision else ()):  # as the processor expands them: in order
         text = text.replace(processor.image_token, "<|placeholder|>" * int(grid.prod() // merge), 1)
     text = text.replace("<|placeholder|>", processor.image_token)
     out = processor.tokenizer([text], return_tensors="pt", return_token_type_ids=False, **text_kwargs)
-    if len(pixels) > 1 and all(k is not None for k in keys):
-        # Every image a cached one (a query's images, with a text document): the joined rows are cached
-        # too, so such pairs share one tensor, as pairs of a single cached image do.
-        rows, grid = cache.get(("joined", tuple(keys), dtype), lambda: (joined(pixels), joined(grids)))
-        pixels, grids = [rows], [grid]
-    vision = {"pixel_values": joined(pixels), "image_grid_thw": joined(grids)} if pixels else {}
     ids = out["input_ids"][0].tolist()
     if plain is not None:
         ids, _ = plain_text.restore(processor, plain, ids, {}, text_kwargs)
