@@ -161,7 +161,8 @@ class InputWeights:
         """learn() for the inputs this tally was taken from."""
         if t.exact:
             return
-        known_bytes, known_tokens = self._weigh(VALUES_PER_IMAGE_PIXEL * t.known_pixels, t.known_pixels / PIXELS_PER_TOKEN)
+        known_tokens = t.known_pixels / PIXELS_PER_TOKEN
+        known_bytes, _ = self._weigh(VALUES_PER_IMAGE_PIXEL * t.known_pixels, known_tokens)
         rest = (max(0.0, nbytes - known_bytes), max(0.0, tokens - known_tokens))
         kind = (t.unknown_images, t.videos)
         old = self.seen.get(kind)
