@@ -15,11 +15,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
+
+from .interrupts import Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +52,21 @@ def read_process(pid: int) -> Process | None:
     return Process(pid, int(fields[1]), int(fields[19]))
 
 
-def command_line(pid: int) -> str:
-    """A process's command line, for messages ('' once it is gone)."""
+def command_name(pid: int) -> str:
+    """A process's command name, for messages ('' once it is gone). Read from comm, not cmdline: reading
+    cmdline takes the process's memory-map lock, which a hung process may hold."""
     try:
-        return (_PROC / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        return (_PROC / str(pid) / "comm").read_text().strip()
     except OSError:
         return ""
 
 
 def processes_below(roots: Iterable[int]) -> list[Process]:
-    """These processes and every process below them, live ones only, each after its parent."""
+    """These processes and every process below them, live ones only: the roots first, then breadth first."""
     if not _PROC.is_dir():
         return []
     # Only stat is read for every process on the machine: reading another's cmdline takes its
-    # memory-map lock, and one stuck process would stall the command's exit.
+    # memory-map lock (command_name), and one stuck process would stall the command's exit.
     live = [p for p in map(read_process, (int(d.name) for d in _PROC.iterdir() if d.name.isdigit())) if p]
     by_pid = {p.pid: p for p in live}
     children: dict[int, list[Process]] = {}
@@ -88,10 +92,12 @@ def node_processes() -> list[Process]:
         import ray._private.worker as worker
 
         node = worker._global_node
-        roots = [info.process.pid for infos in node.all_processes.values() for info in infos] if node else []
+        # Only live ones: a PID Ray's Popen has reaped could since belong to anything.
+        roots = [info.process.pid for infos in node.all_processes.values() for info in infos
+                 if info.process.poll() is None] if node else []
+        return processes_below(roots)
     except Exception:  # a private API: without it, Ray's own shutdown is all there is
         return []
-    return processes_below(roots)
 
 
 def survivors(procs: list[Process], grace_s: float) -> list[Process]:
@@ -154,13 +160,29 @@ def _shut_down(grace_s: float) -> None:
     import ray
 
     ours = node_processes()
+    previous = _stop_signals_interrupt()
     try:
         ray.shutdown()
         stuck = survivors(ours, grace_s)
     except KeyboardInterrupt:  # asked to stop while waiting: do not wait, and leave nothing behind
         kill(ours)
         raise
-    names = {p.pid: command_line(p.pid)[:80] for p in stuck}
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    names = {p.pid: command_name(p.pid) for p in stuck}
     for p in kill(stuck):
         log.warning("killed Ray process %d (%s): still running %.0f s after Ray's shutdown (a known Ray "
                     "exit-handler hang)", p.pid, names[p.pid], grace_s)
+
+
+def _stop_signals_interrupt() -> dict[int, Any]:
+    """SIGINT and SIGTERM raise Interrupted from here on (a scheduler's SIGTERM during the wait would
+    otherwise end the process with the survivors alive); returns the handlers they had."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    return {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}

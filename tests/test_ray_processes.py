@@ -7,12 +7,13 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from pipelines.ray_processes import Process, command_line, descendants, kill_survivors, node_processes, read_process
+from pipelines.ray_processes import Process, command_name, descendants, kill_survivors, node_processes, read_process
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
@@ -78,7 +79,7 @@ def test_the_node_s_processes_are_ray_s_not_this_process_s_others(ray_local):
     with subprocess.Popen(["sleep", "60"]) as mine:
         try:
             ours = node_processes()
-            assert any("raylet" in command_line(p.pid) for p in ours), [command_line(p.pid)[:60] for p in ours]
+            assert any("raylet" in command_name(p.pid) for p in ours), [command_name(p.pid)[:60] for p in ours]
             assert all(p.pid != mine.pid for p in ours)  # this process's own children are not Ray's
         finally:
             mine.kill()
@@ -152,5 +153,24 @@ def test_the_local_ray_a_command_started_leaves_no_process_behind(tmp_path):
     assert result["code"] == 0 and not result["ray_up"]
     assert result["actor"] in result["node"] and result["child"] in result["node"]
     # It outlived Ray's shutdown by the grace period, and was killed then, with one line.
-    assert f"killed Ray process {result['child']} (sleep 300): still running 10 s" in out.stderr
+    assert f"killed Ray process {result['child']} (sleep): still running 10 s" in out.stderr
     assert _gone(result["child"]) and _gone(result["actor"])
+
+
+def test_a_stop_signal_while_waiting_for_survivors_interrupts_the_wait():
+    """A scheduler's SIGTERM during the grace period must not end the process with the survivors alive:
+    it raises Interrupted there, and the shutdown kills them at once before stopping."""
+    from pipelines.interrupts import Interrupted
+    from pipelines.ray_processes import _stop_signals_interrupt
+
+    child = _orphan()
+    previous = _stop_signals_interrupt()
+    try:
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        with pytest.raises(Interrupted) as stop:
+            kill_survivors([child], grace_s=30.0)
+        assert stop.value.signum == signal.SIGTERM and stop.value.exit_code == 143
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        os.kill(child.pid, signal.SIGKILL)
