@@ -136,7 +136,8 @@ def test_a_pair_is_weighed_as_its_query_and_document_prepared_together():
     # Learned by the pair's kind (two images between them), not by either input's.
     w.learn({"image": "s3://b/q.png"}, {"image": "s3://b/d.png"}, nbytes=5 * MIB, tokens=300)
     assert w.estimate({"image": "s3://b/q.png"}, {"image": "s3://b/e.png"}) == (5 * MIB, 300)
-    assert w.estimate({"image": ["s3://b/a.png", "s3://b/b.png"]}) == (5 * MIB, 300)
+    one_input = w.estimate({"image": ["s3://b/a.png", "s3://b/b.png"]})  # the same kind, one input's text less
+    assert one_input[0] == pytest.approx(5 * MIB, rel=0.01) and one_input[1] == 300 - 64
     assert w.estimate({"image": "s3://b/a.png"})[0] < 2 * MIB  # one image: still its ceiling, 1.57 MB
 
 
@@ -165,3 +166,14 @@ def test_a_fifo_is_not_opened_to_weigh_it(tmp_path):
     os.mkfifo(fifo)
     assert image_pixels(str(fifo), VISION) is None  # returns at once: nobody ever writes to it
     assert weights().estimate({"image": str(fifo)})[0] >= 6 * 65536 * 4  # weighed as an image not seen yet
+
+
+def test_a_kind_learns_only_its_media_and_counts_each_input_s_own_text_and_frames():
+    w = weights()
+    w.learn({"image": "s3://b/a.png", "text": "short"}, nbytes=MIB, tokens=100)
+    long_text = "word " * 3000  # 5,000 tokens by its length
+    assert w.estimate({"image": "s3://b/b.png", "text": long_text})[1] == pytest.approx(100 + 5000, rel=0.01)
+    # A video read as up to 128 frames says nothing of one read as up to 256.
+    w.learn({"video": "s3://b/v.mp4", "max_frames": 128}, nbytes=10 * MIB, tokens=500)
+    assert w.estimate({"video": "s3://b/w.mp4", "max_frames": 128})[0] == pytest.approx(10 * MIB, rel=0.01)
+    assert w.estimate({"video": "s3://b/w.mp4"}, max_frames=256)[0] > 100 * MIB  # its ceiling

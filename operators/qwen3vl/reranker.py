@@ -486,7 +486,8 @@ class Qwen3VLReranker(Qwen3VLRunner):
 
         def learn(document: Any, prepared: Prepared) -> None:
             if not shares_pixels(document):  # a shared query tensor says nothing of a pair's own bytes
-                weights.learn_tally(tally(document), nbytes=prepared.nbytes, tokens=prepared.num_tokens)
+                weights.learn_tally(tally(document), nbytes=prepared.nbytes, tokens=prepared.num_tokens,
+                                    max_frames=max_frames)
 
         return weigh, learn
 

@@ -5,8 +5,8 @@ and the next, being prepared), and a prepared input's float pixels are 8-24x its
 a window is cut by the bytes its inputs will hold once prepared, estimated before they are prepared:
   - an image given as bytes, a PIL image (every image of an ingestion) or a local file exactly, from
     its header's size resized as qwen-vl-utils resizes it;
-  - the rest of an input (images by URL, videos, text) from what the rest of recent inputs of its
-    kind (so many images by URL, so many videos) held;
+  - the rest of an input (images by URL, videos) from what that rest held in recent inputs of its
+    kind (so many images by URL, so many videos of so many frames at most); its text from its length;
   - the rest of an input of a kind not seen yet from the pixel budgets that bound it.
 A reranker's pair is weighed as its query and document together: their images and videos are
 prepared into one input.
@@ -128,16 +128,19 @@ class Tally:
         return not self.unknown_images and not self.videos
 
 
+Kind = tuple[int, int, int]  # images by URL, videos, and the most frames a video may be read as (0: none)
+
+
 @dataclass
 class InputWeights:
     """Bytes and tokens an input will hold once prepared, estimated before it is prepared.
 
-    Images weighed from their headers count exactly; the rest (images by URL, videos, with the
-    text) by what recent inputs with as many of them held beyond their exactly weighed images."""
+    Images weighed from their headers and the text count exactly; the rest (images by URL, videos)
+    by what it held in recent inputs of its kind."""
 
     vision: VisionSettings
     pixel_bytes: int  # bytes per pixel value: the model's dtype (prepared pixels are cast to it)
-    seen: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)  # kind -> (bytes, tokens)
+    seen: dict[Kind, tuple[float, float]] = field(default_factory=dict)  # kind -> its rest's (bytes, tokens)
 
     def tally(self, *items: Any) -> Tally:
         """The inputs' images (weighed from their headers where they can be), videos and text."""
@@ -152,19 +155,17 @@ class InputWeights:
 
     def learn(self, *items: Any, nbytes: float, tokens: float) -> None:
         """Record what one prepared input (or inputs prepared together) held: the estimate for its
-        kind (so many images by URL, so many videos) moves towards what its exactly weighed images
-        leave of it."""
+        kind moves towards what its exactly weighed images and text leave of it."""
         if not all(map(_by_headers, items)):  # else weighed exactly: nothing to learn (and no header read)
             self.learn_tally(self.tally(*items), nbytes=nbytes, tokens=tokens)
 
-    def learn_tally(self, t: Tally, *, nbytes: float, tokens: float) -> None:
-        """learn() for the inputs this tally was taken from."""
+    def learn_tally(self, t: Tally, *, nbytes: float, tokens: float, max_frames: int | None = None) -> None:
+        """learn() for the inputs this tally was taken from (max_frames: as for estimate())."""
         if t.exact:
             return
-        known_tokens = t.known_pixels / PIXELS_PER_TOKEN
-        known_bytes, _ = self._weigh(VALUES_PER_IMAGE_PIXEL * t.known_pixels, known_tokens)
-        rest = (max(0.0, nbytes - known_bytes), max(0.0, tokens - known_tokens))
-        kind = (t.unknown_images, t.videos)
+        exact_bytes, exact_tokens = self._exact(t)
+        rest = (max(0.0, nbytes - exact_bytes), max(0.0, tokens - exact_tokens))
+        kind = self._kind(t, max_frames)
         old = self.seen.get(kind)
         self.seen[kind] = rest if old is None else (old[0] + LEARNING_RATE * (rest[0] - old[0]),
                                                     old[1] + LEARNING_RATE * (rest[1] - old[1]))
@@ -177,19 +178,31 @@ class InputWeights:
 
     def weigh(self, t: Tally, max_frames: int | None = None) -> tuple[float, float]:
         """(bytes, tokens) for a tally: estimate() of the inputs it was taken from."""
-        known_values, known_tokens = VALUES_PER_IMAGE_PIXEL * t.known_pixels, t.known_pixels / PIXELS_PER_TOKEN
+        exact_bytes, exact_tokens = self._exact(t)
         if t.exact:
-            return self._weigh(known_values, t.text_tokens + known_tokens)
-        learned = self.seen.get((t.unknown_images, t.videos))
+            return exact_bytes, exact_tokens
+        learned = self.seen.get(self._kind(t, max_frames))
         if learned is not None:
-            known_bytes, _ = self._weigh(known_values, known_tokens)
-            return known_bytes + learned[0], known_tokens + learned[1]
-        frames = 2 * math.ceil(max(t.max_frames, max_frames or 0, self.vision.max_frames) / 2)  # in pairs
+            return exact_bytes + learned[0], exact_tokens + learned[1]
+        frames = self._frames(t, max_frames)
         frame_pixels = max(min(VIDEO_FRAME_MAX_PIXELS, 2 * self.vision.total_pixels / frames), VIDEO_FRAME_MIN_PIXELS)
-        pixels = t.known_pixels + t.unknown_images * self.vision.max_pixels
-        values = VALUES_PER_IMAGE_PIXEL * pixels + t.videos * VALUES_PER_FRAME_PIXEL * frames * frame_pixels
-        tokens = t.text_tokens + (pixels + t.videos * frames / 2 * frame_pixels) / PIXELS_PER_TOKEN
-        return self._weigh(values, tokens)
+        pixels = t.unknown_images * self.vision.max_pixels
+        rest_bytes, rest_tokens = self._weigh(
+            VALUES_PER_IMAGE_PIXEL * pixels + t.videos * VALUES_PER_FRAME_PIXEL * frames * frame_pixels,
+            (pixels + t.videos * frames / 2 * frame_pixels) / PIXELS_PER_TOKEN)
+        return exact_bytes + rest_bytes, exact_tokens + rest_tokens
+
+    def _exact(self, t: Tally) -> tuple[float, float]:
+        """(bytes, tokens) of what weighs exactly: the images weighed from their headers, and the text."""
+        return self._weigh(VALUES_PER_IMAGE_PIXEL * t.known_pixels, t.text_tokens + t.known_pixels / PIXELS_PER_TOKEN)
+
+    def _frames(self, t: Tally, max_frames: int | None) -> int:
+        """The most frames a video of these inputs may be read as, in pairs."""
+        return 2 * math.ceil(max(t.max_frames, max_frames or 0, self.vision.max_frames) / 2)
+
+    def _kind(self, t: Tally, max_frames: int | None) -> Kind:
+        # Videos read as up to 8 frames and as up to 256 are different kinds.
+        return t.unknown_images, t.videos, self._frames(t, max_frames) if t.videos else 0
 
     def _weigh(self, values: float, tokens: float) -> tuple[float, float]:
         return values * self.pixel_bytes + tokens * BYTES_PER_TEXT_TOKEN, tokens
