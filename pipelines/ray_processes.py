@@ -153,36 +153,41 @@ def local_ray_shut_down_after(grace_s: float = GRACE_S) -> Iterator[None]:
     finally:
         started, _started_here = _started_here, False
         if started:
-            _shut_down(grace_s)
+            _shut_down(node_processes(), grace_s)
 
 
-def _shut_down(grace_s: float) -> None:
+def _shut_down(ours: list[Process], grace_s: float) -> None:
+    """Shut Ray down, then kill those of its processes (ours) still running grace_s later. A SIGINT or
+    SIGTERM meanwhile (a scheduler's, during the wait) kills them at once and raises Interrupted:
+    otherwise, with the run's own handlers gone, it would end the process and leave them running."""
     import ray
 
-    ours = node_processes()
-    previous = _stop_signals_interrupt()
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous: dict[int, Any] = {}
     try:
+        if on_main_thread:
+            for signum in STOP_SIGNALS:  # each recorded as soon as it is set: a signal in between is caught
+                previous[signum] = signal.getsignal(signum)
+                signal.signal(signum, _interrupt)
         ray.shutdown()
         stuck = survivors(ours, grace_s)
-    except KeyboardInterrupt:  # asked to stop while waiting: do not wait, and leave nothing behind
+    except KeyboardInterrupt:
+        if on_main_thread:
+            for signum in STOP_SIGNALS:  # a second signal must not stop the killing half-way
+                signal.signal(signum, signal.SIG_IGN)
         kill(ours)
         raise
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
     names = {p.pid: command_name(p.pid) for p in stuck}
     for p in kill(stuck):
         log.warning("killed Ray process %d (%s): still running %.0f s after Ray's shutdown (a known Ray "
                     "exit-handler hang)", p.pid, names[p.pid], grace_s)
 
 
-def _stop_signals_interrupt() -> dict[int, Any]:
-    """SIGINT and SIGTERM raise Interrupted from here on (a scheduler's SIGTERM during the wait would
-    otherwise end the process with the survivors alive); returns the handlers they had."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def interrupt(signum: int, frame: Any) -> None:
-        raise Interrupted(signum)
 
-    return {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
+def _interrupt(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)

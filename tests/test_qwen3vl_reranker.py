@@ -309,5 +309,7 @@ def test_a_pair_weighs_the_query_pixels_only_where_it_holds_its_own(reranker, me
     assert reranker._pair_weights(two_images, None)[0](text)[0] < query_pixels / 10
     video_query = {"text": "q", "video": media["video"]}
     assert reranker._pair_weights(video_query, None)[0](text)[0] > 2**20  # its frames, in every pair
+    assert reranker.score({"text": "q"}, [{"video": media["video"]}], max_frames=6)[0].ok
+    assert (0, 1, 6) in reranker.weights.seen  # learned as read: up to the call's 6 frames
     with pytest.raises(ValueError, match="window_mib must be an integer >= 1, got 0"):
         Qwen3VLReranker("unused", window_mib=0)

@@ -177,3 +177,24 @@ def test_a_kind_learns_only_its_media_and_counts_each_input_s_own_text_and_frame
     w.learn({"video": "s3://b/v.mp4", "max_frames": 128}, nbytes=10 * MIB, tokens=500)
     assert w.estimate({"video": "s3://b/w.mp4", "max_frames": 128})[0] == pytest.approx(10 * MIB, rel=0.01)
     assert w.estimate({"video": "s3://b/w.mp4"}, max_frames=256)[0] > 100 * MIB  # its ceiling
+
+
+def test_a_video_s_own_frame_bound_wins_over_the_call_s_as_when_it_is_read():
+    w = weights()
+    w.learn({"video": "s3://b/v.mp4", "max_frames": 4}, nbytes=4 * MIB, tokens=300)
+    assert w.estimate({"video": "s3://b/w.mp4", "max_frames": 4})[0] == pytest.approx(4 * MIB, rel=0.01)
+    assert w.estimate({"video": "s3://b/w.mp4", "max_frames": 4}, max_frames=256)[0] == pytest.approx(4 * MIB, rel=0.01)
+    assert w.estimate({"video": "s3://b/w.mp4"})[0] > 40 * MIB  # read as up to 64 frames: another kind
+    # Of a pair, the largest bound its videos are read as: a query's 256 beside a document's own 8.
+    pair = w.tally({"video": "s3://b/q.mp4"}, {"video": "s3://b/d.mp4", "max_frames": 8})
+    assert w._kind(pair, 256) == (0, 2, 256) and w._kind(pair, None) == (0, 2, 64)
+
+
+def test_a_truncated_input_teaches_nothing_and_long_text_counts_up_to_max_length():
+    w = InputWeights(VISION, 4, max_length=8192)
+    long_text = "x" * 300_000
+    w.learn({"image": "s3://b/a.png", "text": long_text}, nbytes=MIB, tokens=8192)  # cut at max_length
+    assert (0, 1, 0) not in w.seen and (1, 0, 0) not in w.seen
+    assert w.estimate({"text": long_text})[1] == 8192
+    w.learn({"image": "s3://b/a.png", "text": "short"}, nbytes=2 * MIB, tokens=1800)
+    assert w.estimate({"image": "s3://b/b.png", "text": "short"}) == pytest.approx((2 * MIB, 1800), rel=0.01)

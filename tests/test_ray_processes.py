@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -157,20 +156,41 @@ def test_the_local_ray_a_command_started_leaves_no_process_behind(tmp_path):
     assert _gone(result["child"]) and _gone(result["actor"])
 
 
-def test_a_stop_signal_while_waiting_for_survivors_interrupts_the_wait():
-    """A scheduler's SIGTERM during the grace period must not end the process with the survivors alive:
-    it raises Interrupted there, and the shutdown kills them at once before stopping."""
+# A process (no Ray running in it: the shutdown itself does nothing) with a child that ignores
+# SIGTERM, as a hung Ray process does, and a SIGTERM of its own half a second into the wait.
+_STOPPED = textwrap.dedent("""
+    import json, os, signal, subprocess, threading, time
     from pipelines.interrupts import Interrupted
-    from pipelines.ray_processes import _stop_signals_interrupt
+    from pipelines.ray_processes import _shut_down, descendants
 
-    child = _orphan()
-    previous = _stop_signals_interrupt()
+    child = subprocess.Popen(["sh", "-c", 'trap "" TERM; exec sleep 300'], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL)
+    time.sleep(0.3)
+    (proc,) = [p for p in descendants() if p.pid == child.pid]
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    t0 = time.monotonic()
     try:
-        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
-        with pytest.raises(Interrupted) as stop:
-            kill_survivors([child], grace_s=30.0)
-        assert stop.value.signum == signal.SIGTERM and stop.value.exit_code == 143
+        _shut_down([proc], 30.0)
+        outcome = "returned"
+    except Interrupted as stop:
+        outcome = stop.signum
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        os.kill(child.pid, signal.SIGKILL)
+        timer.cancel()
+    waited = time.monotonic() - t0
+    child.wait(timeout=5)
+    print(json.dumps({"outcome": outcome, "waited": waited, "child": child.returncode,
+                      "restored": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL}))
+""")
+
+
+def test_a_stop_signal_while_waiting_for_survivors_kills_them_at_once_and_stops():
+    """A scheduler's SIGTERM during the grace period must not end the process with the survivors alive."""
+    import json
+
+    out = subprocess.run([sys.executable, "-c", _STOPPED], env={**os.environ, "PYTHONPATH": str(REPO)},
+                         text=True, capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["outcome"] == signal.SIGTERM and result["waited"] < 10  # not the 30 s grace
+    assert result["child"] == -signal.SIGKILL and result["restored"]

@@ -99,7 +99,7 @@ class Qwen3VLRunner:
         # Counted in items alone, 256 images of 1,843,200 pixels held 11 GB each; 512 small ones raised a
         # CPU embedding actor's peak by 1.1 GB (bench/RESULTS.md section 4).
         self.window_bytes = (window_mib or (1024 if self.device.type == "cuda" else 64)) * 2**20
-        self.weights = InputWeights(vision, self.dtype.itemsize)
+        self.weights = InputWeights(vision, self.dtype.itemsize, max_length)
         # Pinning each fresh batch (a page-locked allocation plus a host copy) gave no consistent gain on
         # an H200: +5-12% on large images, -3-10% on small ones (bench/RESULTS.md, GPU run 2).
         self.pin_memory = False

@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 from PIL import Image
@@ -115,12 +115,13 @@ class Tally:
     unknown_images: int = 0  # images that cannot be weighed so (given by URL, or unreadable)
     videos: int = 0
     text_tokens: float = 0.0
-    max_frames: int = 0  # the most frames its videos ask for themselves (0: the settings')
+    own_frames: int = 0  # the largest frame bound an input with videos gives itself
+    default_frames: bool = False  # whether an input with videos gives none (the call's or settings' then)
 
     def __add__(self, other: "Tally") -> "Tally":
         return Tally(self.known_pixels + other.known_pixels, self.unknown_images + other.unknown_images,
                      self.videos + other.videos, self.text_tokens + other.text_tokens,
-                     max(self.max_frames, other.max_frames))
+                     max(self.own_frames, other.own_frames), self.default_frames or other.default_frames)
 
     @property
     def exact(self) -> bool:
@@ -140,6 +141,7 @@ class InputWeights:
 
     vision: VisionSettings
     pixel_bytes: int  # bytes per pixel value: the model's dtype (prepared pixels are cast to it)
+    max_length: int | None = None  # tokens an input is truncated to (its text is counted up to it)
     seen: dict[Kind, tuple[float, float]] = field(default_factory=dict)  # kind -> its rest's (bytes, tokens)
 
     def tally(self, *items: Any) -> Tally:
@@ -149,8 +151,11 @@ class InputWeights:
             if not isinstance(item, Mapping):  # it fails in preparation, alone
                 continue
             pixels = [image_pixels(x, self.vision) for x in as_list(item.get("image"))]
-            total += Tally(sum(p for p in pixels if p is not None), sum(p is None for p in pixels),
-                           _count_videos(item.get("video")), _text_tokens(item), _own_max_frames(item))
+            videos, own = _count_videos(item.get("video")), _own_max_frames(item)
+            total += Tally(sum(p for p in pixels if p is not None), sum(p is None for p in pixels), videos,
+                           _text_tokens(item), own if videos else 0, bool(videos and not own))
+        if self.max_length is not None:  # a long text is cut there (and vision tokens would be too)
+            total = replace(total, text_tokens=min(total.text_tokens, self.max_length))
         return total
 
     def learn(self, *items: Any, nbytes: float, tokens: float) -> None:
@@ -161,8 +166,8 @@ class InputWeights:
 
     def learn_tally(self, t: Tally, *, nbytes: float, tokens: float, max_frames: int | None = None) -> None:
         """learn() for the inputs this tally was taken from (max_frames: as for estimate())."""
-        if t.exact:
-            return
+        if t.exact or (self.max_length is not None and tokens >= self.max_length):
+            return  # a truncated input says little of what its kind's media hold
         exact_bytes, exact_tokens = self._exact(t)
         rest = (max(0.0, nbytes - exact_bytes), max(0.0, tokens - exact_tokens))
         kind = self._kind(t, max_frames)
@@ -197,8 +202,10 @@ class InputWeights:
         return self._weigh(VALUES_PER_IMAGE_PIXEL * t.known_pixels, t.text_tokens + t.known_pixels / PIXELS_PER_TOKEN)
 
     def _frames(self, t: Tally, max_frames: int | None) -> int:
-        """The most frames a video of these inputs may be read as, in pairs."""
-        return 2 * math.ceil(max(t.max_frames, max_frames or 0, self.vision.max_frames) / 2)
+        """The most frames a video of these inputs may be read as, in pairs: an input's own bound wins
+        over the call's, which wins over the settings' (as formatting reads them)."""
+        default = (max_frames or self.vision.max_frames) if t.default_frames or not t.videos else 0
+        return 2 * math.ceil(max(t.own_frames, default) / 2)
 
     def _kind(self, t: Tally, max_frames: int | None) -> Kind:
         # Videos read as up to 8 frames and as up to 256 are different kinds.
