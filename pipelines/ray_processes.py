@@ -174,6 +174,7 @@ def _shut_down(ours: list[Process], grace_s: float) -> None:
     except KeyboardInterrupt:
         if on_main_thread:
             for signum in STOP_SIGNALS:  # a second signal must not stop the killing half-way
+                previous.setdefault(signum, signal.getsignal(signum))  # restored below, set or not
                 signal.signal(signum, signal.SIG_IGN)
         kill(ours)
         raise

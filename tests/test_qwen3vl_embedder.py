@@ -370,6 +370,12 @@ def test_zero_fps_or_max_frames_means_the_default_as_in_the_reference(embedder, 
     assert np.abs(results[3].vector - default).max() > 1e-4  # fps itself does count
 
 
+def test_a_bad_frame_bound_fails_its_input_alone(embedder, media):
+    """Inputs are weighed before they are checked: a negative max_frames must not break the call."""
+    results = embedder.embed([{"text": "a"}, {"video": str(media["video"]), "max_frames": -2}])
+    assert results[0].ok and not results[1].ok and "max_frames" in results[1].error, results[1].error
+
+
 def test_a_data_uri_that_is_not_an_image_is_named_by_its_type(embedder, media):
     """qwen-vl-utils opens a data: URI that is not data:image as a file path: 'not found', echoing it whole.
     The scheme is case-insensitive; an image's data: URI without base64 is refused too."""

@@ -198,3 +198,14 @@ def test_a_truncated_input_teaches_nothing_and_long_text_counts_up_to_max_length
     assert w.estimate({"text": long_text})[1] == 8192
     w.learn({"image": "s3://b/a.png", "text": "short"}, nbytes=2 * MIB, tokens=1800)
     assert w.estimate({"image": "s3://b/b.png", "text": "short"}) == pytest.approx((2 * MIB, 1800), rel=0.01)
+
+
+def test_a_list_of_frames_is_bounded_by_the_settings_and_a_bad_bound_weighs_without_error():
+    w = weights()  # settings: up to 64 frames
+    frames = [f"s3://b/f{i}.png" for i in range(100)]
+    # formatting samples a list of frames to the settings' bound, whatever the input or the call say.
+    assert w._kind(w.tally({"video": frames, "max_frames": 4}), 2) == (0, 1, 64)
+    assert w._kind(w.tally({"video": "s3://b/v.mp4", "max_frames": 4}), 2) == (0, 1, 4)
+    for bad in (-2, 0, 1.5, True):  # fails in preparation, alone; weighed as the call's or settings' bound
+        assert w._kind(w.tally({"video": "s3://b/v.mp4", "max_frames": bad}), None) == (0, 1, 64)
+        assert w.estimate({"video": "s3://b/v.mp4", "max_frames": bad})[0] > 0

@@ -160,6 +160,7 @@ def test_the_local_ray_a_command_started_leaves_no_process_behind(tmp_path):
 # SIGTERM, as a hung Ray process does, and a SIGTERM of its own half a second into the wait.
 _STOPPED = textwrap.dedent("""
     import json, os, signal, subprocess, threading, time
+    import ray  # noqa: F401  (imported before the timer starts: _shut_down's import must not eat its 0.5 s)
     from pipelines.interrupts import Interrupted
     from pipelines.ray_processes import _shut_down, descendants
 

@@ -44,11 +44,16 @@ PROMPT_TOKENS = 64  # the chat template around an input
 LEARNING_RATE = 0.25  # how fast a kind's estimate follows its latest inputs (a moving average)
 
 
-def _count_videos(value: Any) -> int:
+def _videos(value: Any) -> list:
+    """The videos of a `video` field: each a URI or a list of frames."""
     try:
-        return len(split_videos(value))
+        return split_videos(value)
     except (TypeError, ValueError):  # a bad video fails in preparation, alone; weighing must not raise
-        return 1
+        return [value]
+
+
+def _count_videos(value: Any) -> int:
+    return len(_videos(value))
 
 
 def input_kind(item: Any) -> tuple[int, int]:
@@ -103,8 +108,8 @@ def _text_tokens(item: Mapping[str, Any]) -> float:
 
 
 def _own_max_frames(item: Mapping[str, Any]) -> int:
-    own = item.get("max_frames")
-    return own if isinstance(own, int) and not isinstance(own, bool) else 0
+    own = item.get("max_frames")  # a bad one (0, negative, not an int) fails in preparation, alone
+    return own if isinstance(own, int) and not isinstance(own, bool) and own > 0 else 0
 
 
 @dataclass(frozen=True)
@@ -115,13 +120,15 @@ class Tally:
     unknown_images: int = 0  # images that cannot be weighed so (given by URL, or unreadable)
     videos: int = 0
     text_tokens: float = 0.0
-    own_frames: int = 0  # the largest frame bound an input with videos gives itself
-    default_frames: bool = False  # whether an input with videos gives none (the call's or settings' then)
+    own_frames: int = 0  # the largest frame bound an input with video files gives itself
+    default_frames: bool = False  # whether an input with video files gives none (the call's or settings' then)
+    listed_frames: bool = False  # whether a video is a list of frames (sampled to the settings' bound)
 
     def __add__(self, other: "Tally") -> "Tally":
         return Tally(self.known_pixels + other.known_pixels, self.unknown_images + other.unknown_images,
                      self.videos + other.videos, self.text_tokens + other.text_tokens,
-                     max(self.own_frames, other.own_frames), self.default_frames or other.default_frames)
+                     max(self.own_frames, other.own_frames), self.default_frames or other.default_frames,
+                     self.listed_frames or other.listed_frames)
 
     @property
     def exact(self) -> bool:
@@ -151,9 +158,10 @@ class InputWeights:
             if not isinstance(item, Mapping):  # it fails in preparation, alone
                 continue
             pixels = [image_pixels(x, self.vision) for x in as_list(item.get("image"))]
-            videos, own = _count_videos(item.get("video")), _own_max_frames(item)
-            total += Tally(sum(p for p in pixels if p is not None), sum(p is None for p in pixels), videos,
-                           _text_tokens(item), own if videos else 0, bool(videos and not own))
+            videos, own = _videos(item.get("video")), _own_max_frames(item)
+            files = sum(not isinstance(v, list) for v in videos)
+            total += Tally(sum(p for p in pixels if p is not None), sum(p is None for p in pixels), len(videos),
+                           _text_tokens(item), own if files else 0, bool(files and not own), files < len(videos))
         if self.max_length is not None:  # a long text is cut there (and vision tokens would be too)
             total = replace(total, text_tokens=min(total.text_tokens, self.max_length))
         return total
@@ -202,10 +210,14 @@ class InputWeights:
         return self._weigh(VALUES_PER_IMAGE_PIXEL * t.known_pixels, t.text_tokens + t.known_pixels / PIXELS_PER_TOKEN)
 
     def _frames(self, t: Tally, max_frames: int | None) -> int:
-        """The most frames a video of these inputs may be read as, in pairs: an input's own bound wins
-        over the call's, which wins over the settings' (as formatting reads them)."""
-        default = (max_frames or self.vision.max_frames) if t.default_frames or not t.videos else 0
-        return 2 * math.ceil(max(t.own_frames, default) / 2)
+        """The most frames a video of these inputs may be read as, in pairs, as formatting reads them: a
+        file by the input's own bound, else the call's, else the settings'; a list of frames by the settings'."""
+        bounds = [t.own_frames]
+        if t.default_frames:
+            bounds.append(max_frames or self.vision.max_frames)
+        if t.listed_frames or not t.videos:
+            bounds.append(self.vision.max_frames)
+        return 2 * math.ceil(max(max(bounds), 1) / 2)
 
     def _kind(self, t: Tally, max_frames: int | None) -> Kind:
         # Videos read as up to 8 frames and as up to 256 are different kinds.
