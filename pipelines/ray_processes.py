@@ -81,11 +81,6 @@ def processes_below(roots: Iterable[int]) -> list[Process]:
     return out
 
 
-def descendants(pid: int | None = None) -> list[Process]:
-    """Every live process below pid (this one by default)."""
-    return processes_below([os.getpid() if pid is None else pid])[1:]
-
-
 def node_processes() -> list[Process]:
     """The processes of the Ray node this process started (none if it joined one), and all below them."""
     try:
@@ -121,11 +116,6 @@ def kill(procs: list[Process]) -> list[Process]:
         except ProcessLookupError:
             pass
     return killed
-
-
-def kill_survivors(procs: list[Process], grace_s: float) -> list[Process]:
-    """Wait up to grace_s for these processes to exit, then SIGKILL those still running; returns them."""
-    return kill(survivors(procs, grace_s))
 
 
 def _same(proc: Process) -> bool:

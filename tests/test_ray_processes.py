@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.ray_processes import Process, command_name, descendants, kill_survivors, node_processes, read_process
+from pipelines.ray_processes import (Process, command_name, kill, node_processes, processes_below, read_process,
+                                     survivors)
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
@@ -26,6 +27,11 @@ _PARENT = textwrap.dedent("""
     print(child.pid, flush=True)
     sys.stdin.readline()
 """)
+
+
+def descendants() -> list[Process]:
+    """Every live process below this one."""
+    return processes_below([os.getpid()])[1:]
 
 
 def _gone(pid: int, within_s: float = 5.0) -> bool:
@@ -53,7 +59,7 @@ def _orphan() -> Process:
 def test_a_survivor_that_ignores_sigterm_is_killed_after_the_grace_period():
     child = _orphan()
     t0 = time.monotonic()
-    assert kill_survivors([child], grace_s=0.5) == [child]
+    assert kill(survivors([child], grace_s=0.5)) == [child]
     assert time.monotonic() - t0 >= 0.5
     assert _gone(child.pid)
 
@@ -62,11 +68,11 @@ def test_a_pid_taken_by_another_process_is_left_alone():
     child = _orphan()
     try:
         reused = Process(child.pid, child.ppid, child.start + 1)  # as if the PID were reused
-        assert kill_survivors([reused], grace_s=0.1) == []
+        assert kill(survivors([reused], grace_s=0.1)) == []
         assert not _gone(child.pid, within_s=0.3)
     finally:
         os.kill(child.pid, signal.SIGKILL)
-    assert kill_survivors([child], grace_s=5.0) == []  # it exits within the grace: nothing to kill
+    assert kill(survivors([child], grace_s=5.0)) == []  # it exits within the grace: nothing to kill
 
 
 def _config(root) -> dict:
@@ -162,12 +168,12 @@ _STOPPED = textwrap.dedent("""
     import json, os, signal, subprocess, threading, time
     import ray  # noqa: F401  (imported before the timer starts: _shut_down's import must not eat its 0.5 s)
     from pipelines.interrupts import Interrupted
-    from pipelines.ray_processes import _shut_down, descendants
+    from pipelines.ray_processes import _shut_down, processes_below
 
     child = subprocess.Popen(["sh", "-c", 'trap "" TERM; exec sleep 300'], stdin=subprocess.DEVNULL,
                              stdout=subprocess.DEVNULL)
     time.sleep(0.3)
-    (proc,) = [p for p in descendants() if p.pid == child.pid]
+    (proc,) = [p for p in processes_below([os.getpid()]) if p.pid == child.pid]
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
     timer.start()
     t0 = time.monotonic()

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 from PIL import Image
 from qwen_vl_utils.vision_process import smart_resize
 
-from ..media.listing import file_url_path, is_data_uri
+from ..media.listing import is_data_uri, local_path
 from .formatting import VisionSettings, as_list, split_videos
 
 # A vision patch of Qwen3-VL holds 3 channels x 2 frames x 16 x 16 values, and 4 patches merge into
@@ -65,11 +65,9 @@ def input_kind(item: Any) -> tuple[int, int]:
 
 def _local_path(image: Any) -> str | None:
     """The local file an image names (a path or a file:// URI), None for any other source."""
-    if not isinstance(image, str) or is_data_uri(image):
+    if not isinstance(image, str) or is_data_uri(image) or ("://" in image and not image.startswith("file://")):
         return None
-    if image.startswith("file://"):
-        return file_url_path(image)
-    return None if "://" in image else image
+    return local_path(image)
 
 
 def _has_header(image: Any) -> bool:
