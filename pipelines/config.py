@@ -412,6 +412,8 @@ class QdrantConfig(_Section):
     """Points per upsert request (requests are also kept under 16 MiB)."""
     timeout_s: float = Field(30.0, gt=0)
     """Per-request timeout."""
+    retry_s: float = Field(120.0, ge=0)
+    """How long a store request is retried through transient errors (a server restarting, HTTP 5xx, 429) before the run stops."""
 
     @field_validator("url")
     @classmethod

@@ -55,7 +55,7 @@ from .config import Config
 from .config_secrets import redact
 from .expand_plan import MAX_WORK_BLOCKS, merge_ranges, split_manifests, work_rows
 from .interrupts import Interrupted, SignalGate, defer_signals, stop_on_signals
-from .plan import Plan, plan_objects, settings_digest, source_root, unlisted_entries, with_settings
+from .plan import PRUNE_REFUSED, Plan, plan_objects, settings_digest, source_root, unlisted_entries, with_settings
 from .preflight import (PreflightError, check_ray_address, check_workers_see_env, collection_spec,
                         embedded_store_error, embedding_checkpoint, ensure_folder, first_line)
 from .ray_processes import note_started_here
@@ -167,7 +167,7 @@ class Store:
     def __init__(self, cfg: Config) -> None:
         self.settings = qdrant_settings(cfg)
         self.collection = cfg.qdrant.collection
-        writer_kwargs = {"max_points_per_request": cfg.qdrant.upsert_batch}
+        writer_kwargs = {"max_points_per_request": cfg.qdrant.upsert_batch, "retry_s": cfg.qdrant.retry_s}
         self.writer_kwargs = writer_kwargs
         if self.settings.embedded:  # its folder was made by run_ingest's preflight (ensure_folder)
             self.owner = open_owner(self.settings, self.collection, writer_kwargs)
@@ -355,6 +355,8 @@ def _ingest(cfg: Config, report: RunReport, listing: tuple[list[SourceObject], l
     if not objects and not list_dead:  # a mistyped prefix or pattern looks like an empty source
         echo(f"warning: nothing under source.uri {cfg.source.uri!r} matched (check the prefix and "
              "source.include / source.exclude)")
+    if prune and plan.vanished and plan.listed_nothing:
+        echo(f"warning: {len(plan.vanished)} stored objects vanished, none pruned: {PRUNE_REFUSED}")
     if plan.todo:
         started()
         try:
@@ -369,9 +371,9 @@ def _ingest(cfg: Config, report: RunReport, listing: tuple[list[SourceObject], l
     try:
         if plan.todo:
             _settle_and_replace(report, summary, plan, store)
-        if prune and plan.vanished:
-            store.call("delete_by_uri", plan.vanished)
-            report.pruned_objects = len(plan.vanished)
+        if prune and plan.to_prune():
+            store.call("delete_by_uri", plan.to_prune())
+            report.pruned_objects = len(plan.to_prune())
     except Exception as exc:
         report.error = (f"{cause_name(exc)}: {_error_text(exc)} (in the bookkeeping after the "
                         "writes: settling unit counts, deleting replaced or pruned points)")
@@ -390,10 +392,12 @@ def _settle_and_replace(report: RunReport, summary: dict[str, Any], plan: Plan, 
     if replaced:
         store.call("delete_stale", replaced)
     report.deleted_stale_objects = len(replaced)
-    gone = [u for u in plan.changed if report.objects.get(u) in ("failed", "skipped")]
-    if gone:  # the object changed into something unreadable or unsupported: its old vectors are wrong now
-        store.call("delete_by_uri", gone)
-    report.removed_failed_objects = len(gone)
+    # An object that changed into something unreadable or unsupported: its old vectors are wrong
+    # now. Only points of another version go: "changed" also holds an object stored incomplete at
+    # its current version (a killed run, a record whose store was unreachable), whose points still
+    # show what it holds, and a transient failure this run must not delete them.
+    gone = {u: fp for u, fp in plan.changed.items() if report.objects.get(u) in ("failed", "skipped")}
+    report.removed_failed_objects = store.call("delete_stale", gone) if gone else 0
 
 
 def _model_load_failed(exc: BaseException) -> bool:

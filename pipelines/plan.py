@@ -27,6 +27,19 @@ class Plan:
     unchanged: list[str]
     changed: dict[str, str]  # uri -> new fingerprint, for objects that had older points
     vanished: list[str]
+    listed_nothing: bool = False  # not one object listed: --prune deletes nothing (see PRUNE_REFUSED)
+
+    def to_prune(self) -> list[str]:
+        """What --prune deletes: the vanished objects, none when the source listed nothing."""
+        return [] if self.listed_nothing else self.vanished
+
+
+# A source that lists nothing is more often an unmounted folder, a mistyped prefix or a store that
+# lost its credentials' scope than one whose every object was deleted; pruning then would delete
+# every point of the source, for a scheduled job at its next run after a brief outage.
+PRUNE_REFUSED = ("--prune deletes nothing when the source lists no object (an unmounted folder or a mistyped prefix "
+                 "would otherwise delete every point of the source); to remove a source on purpose, delete its points "
+                 "in Qdrant with a filter on source_prefixes")
 
 
 def plan_objects(objects: list[Any], stored: dict[str, str], source_root: str, include: list[str] | None = None,
@@ -58,7 +71,7 @@ def plan_objects(objects: list[Any], stored: dict[str, str], source_root: str, i
             return in_selection(uri.rsplit("/", 1)[-1], include, exclude)
         return uri.startswith(source_root) and in_selection(uri[len(source_root):], include, exclude)
 
-    return Plan(todo, unchanged, changed, sorted(u for u in stored if gone(u)))
+    return Plan(todo, unchanged, changed, sorted(u for u in stored if gone(u)), listed_nothing=not objects)
 
 
 # Listing letters that say no file stands there now: a symlink whose target is gone, a FIFO, socket

@@ -23,7 +23,7 @@ from .actor_fit import ActorPool, check_pools_fit, joins_cluster, local_node
 from .config import Config
 from .config_secrets import redact
 from .ingest import EXPAND_TASK_CPUS, check_cluster, list_source, server_client
-from .plan import Plan, plan_objects, source_root, unlisted_entries
+from .plan import PRUNE_REFUSED, Plan, plan_objects, source_root, unlisted_entries
 from .preflight import (PreflightError, check_not_a_file, check_writable, collection_spec, first_line, model_dimension,
                         open_embedded_store)
 
@@ -51,8 +51,11 @@ class PlanPreview:
         """The console report; at most `limit` URIs per kind."""
         c = self.counts()
         created = "" if self.collection_exists else " (does not exist yet: the run creates it)"
-        vanished = ("their points are deleted (--prune)" if self.prune
-                    else "their points are kept; --prune deletes them")
+        if self.plan.vanished and self.plan.listed_nothing:
+            vanished = f"their points are kept: {PRUNE_REFUSED}"
+        else:
+            vanished = ("their points are deleted (--prune)" if self.prune
+                        else "their points are kept; --prune deletes them")
         out = [f"plan for collection {self.collection!r}{created} in {self.store}: {self.listed} objects listed",
                f"  to embed {len(self.plan.todo)} (new {c['new']}, changed {c['changed']}), "
                f"unchanged {c['unchanged']}, could not be listed {c['unlisted']}",

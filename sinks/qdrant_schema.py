@@ -158,6 +158,19 @@ def validate_collection(info: models.CollectionInfo, spec: CollectionSpec) -> No
                 f"collection {spec.name!r} vector {name!r} uses distance {distance.value} "
                 f"but the embedder expects {models.Distance.COSINE.value}"
             )
+        # Found here, not at the first upsert after the embedding work is spent: a multivector takes
+        # a list of vectors per point, and uint8 storage casts the unit vectors' components in
+        # [-1, 1] to the integers 0..255 (a server does so silently).
+        if params.multivector_config is not None:
+            raise CollectionMismatchError(
+                f"collection {spec.name!r} vector {name!r} is a multivector (several vectors per point) "
+                "but the embedder writes one vector per point; use another collection name"
+            )
+        if params.datatype is not None and models.Datatype(params.datatype) == models.Datatype.UINT8:
+            raise CollectionMismatchError(
+                f"collection {spec.name!r} vector {name!r} stores uint8 but the embedder writes unit vectors "
+                "(float components in [-1, 1]); use another collection name"
+            )
     # Points written without one of the collection's MRL vectors are invisible to a query that
     # prefetches on it (the query funnels on the collection's smallest MRL vector).
     unwritten = sorted(n for n in existing if n.startswith("mrl_") and n not in spec.vector_dims)

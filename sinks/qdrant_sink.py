@@ -189,9 +189,9 @@ class QdrantOwner:
         """Delete points by source_uri."""
         self.writer.delete_by_uri(uris)
 
-    def delete_stale(self, current: dict[str, str]) -> None:
-        """Delete points of each URI whose fingerprint is not the current one."""
-        self.writer.delete_stale(current)
+    def delete_stale(self, current: dict[str, str]) -> int:
+        """Delete points of each URI whose fingerprint is not the current one; how many URIs lost points."""
+        return self.writer.delete_stale(current)
 
     def settle_object_units(self, settled: dict[str, tuple[str, int]]) -> None:
         """Record the unit count of objects whose units partly failed to embed."""

@@ -137,22 +137,27 @@ class QdrantWriter:
         *,
         max_points_per_request: int = 128,
         max_request_bytes: int = MAX_REQUEST_BYTES,
-        max_attempts: int = 6,
+        retry_s: float = 120.0,
+        max_attempts: int | None = None,
         backoff_base_s: float = 0.5,
         backoff_cap_s: float = 10.0,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
-        if max_points_per_request < 1 or max_attempts < 1:
+        if max_points_per_request < 1 or (max_attempts is not None and max_attempts < 1):
             raise ValueError("max_points_per_request and max_attempts must be >= 1")
+        if retry_s < 0:
+            raise ValueError("retry_s must be >= 0")
         self.client = client
         self.collection = collection
         self.max_points_per_request = max_points_per_request
         self.max_request_bytes = max_request_bytes
+        self.retry_s = retry_s
         self.max_attempts = max_attempts
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
-        self._sleep = sleep
+        self._sleep, self._clock = sleep, clock
         self._rng = rng or random.Random()
         self.stats = WriteStats()
         # An embedded store evaluates a filter in Python, point by point, on every request: a
@@ -176,9 +181,12 @@ class QdrantWriter:
                                 points_written=written_before, attempts=attempt)
 
     def _with_retry(self, what: str, fn: Callable[[], T], written_before: int = 0) -> T:
+        """fn(), retried through transient errors for up to retry_s seconds (and max_attempts tries)."""
         from qdrant_client.common.client_exceptions import ResourceExhaustedResponse
 
-        for attempt in range(1, self.max_attempts + 1):
+        started, slept, attempt = self._clock(), 0.0, 0
+        while True:
+            attempt += 1
             try:
                 return fn()
             except Exception as exc:
@@ -187,19 +195,26 @@ class QdrantWriter:
                 if not is_transient(exc):
                     raise self._gave_up(what, exc, attempt, written_before,
                                         "failed ({}): not a transient error, not retried") from exc
-                if attempt == self.max_attempts:
-                    raise self._gave_up(what, exc, attempt, written_before,
-                                        f"failed after {attempt} attempts ({{}})") from exc
                 delay = self.backoff_s(attempt)
                 if isinstance(exc, ResourceExhaustedResponse):
-                    delay = min(self.backoff_cap_s, max(delay, float(exc.retry_after_s)))
+                    # The server's own wait (HTTP 429 Retry-After), past the backoff cap: retrying
+                    # sooner only earns another 429.
+                    delay = max(delay, float(exc.retry_after_s))
+                # A server restart takes tens of seconds: the retries are bounded by time, not by a
+                # count that a fast-failing refused connection spends in seconds. (The time slept
+                # counts where a test's sleep does not advance the clock.)
+                spent = max(self._clock() - started, slept)
+                if spent + delay > self.retry_s or attempt == self.max_attempts:
+                    raise self._gave_up(what, exc, attempt, written_before,
+                                        f"failed after {attempt} attempts in {spent:.0f} s ({{}}); "
+                                        f"qdrant.retry_s={self.retry_s:g}") from exc
                 self.stats.retries += 1
                 logger.warning(
-                    "%s on %r: transient %s (attempt %d/%d), retrying in %.2fs",
-                    what, self.collection, type(exc).__name__, attempt, self.max_attempts, delay,
+                    "%s on %r: transient %s (attempt %d), retrying in %.2fs",
+                    what, self.collection, type(exc).__name__, attempt, delay,
                 )
                 self._sleep(delay)
-        raise AssertionError("unreachable")  # pragma: no cover
+                slept += delay
 
     # -- writes --------------------------------------------------------------
 
@@ -236,14 +251,17 @@ class QdrantWriter:
                 lambda: self.client.delete(self.collection, points_selector=selector, wait=True),
             )
 
-    def delete_stale(self, current: Mapping[str, str]) -> None:
-        """Delete the points of each URI whose fingerprint is not its current one (replaced units).
+    def delete_stale(self, current: Mapping[str, str]) -> int:
+        """Delete the points of each URI whose fingerprint is not its current one (replaced units);
+        returns how many URIs lost points.
 
         They are found by _points_of and deleted by id. A delete request per URI cost a pass over
         the whole collection each in embedded mode (0.18 s per URI at 20,000 points: an hour after
         a settings change re-embedded 20,000 objects).
         """
-        self._delete_ids([pid for pid, uri, fp in self._points_of(list(current)) if fp != current[uri]])
+        stale = [(pid, uri) for pid, uri, fp in self._points_of(list(current)) if fp != current[uri]]
+        self._delete_ids([pid for pid, _ in stale])
+        return len({uri for _, uri in stale})
 
     def settle_object_units(self, settled: Mapping[str, tuple[str, int]]) -> None:
         """Set object_units on the points of each (URI, fingerprint) to the units it really has.

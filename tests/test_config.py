@@ -184,12 +184,13 @@ def test_defaults():
     assert two.inflight_bytes(0.0) == two.inflight_bytes(1.0) == 200 * 2**20
     q = cfg.qdrant
     assert (q.url, q.path, q.api_key_env, q.collection) == (None, os.path.abspath("qdrant_data"), "QDRANT_API_KEY", "media")
-    assert (q.full_datatype, q.on_disk, q.quantization, q.upsert_batch, q.timeout_s) == (
+    assert (q.full_datatype, q.on_disk, q.quantization, q.upsert_batch, q.timeout_s, q.retry_s) == (
         "float32",
         False,
         "none",
         128,
         30.0,
+        120.0,
     )
     r = cfg.reranker
     assert (r.model, r.instruction, r.max_length, r.batch_pairs, r.window_mib) == (None, None, 10240, None, None)

@@ -11,6 +11,7 @@ from operators.units import SourceObject
 from pipelines.config import parse_config
 from pipelines.ingest import run_ingest
 from pipelines.plan import plan_objects, source_root
+from pipelines.preview import preview_ingest
 from tests.media_gen import image_bytes, pattern_image, write_video
 from tests.resilience_helpers import all_points, config_dict, latest_run
 
@@ -84,6 +85,17 @@ def test_prune_follows_a_home_relative_source(tmp_path, tiny_embedding_ckpt, ray
     assert report.pruned_objects == 1
     assert set(_by_uri(all_points(tmp_path / "qdrant"))) == {str(src / "keep.txt")}
 
+    # Now the folder lists nothing, as an unmounted one would: --prune deletes nothing, and says so.
+    (src / "keep.txt").unlink()
+    said = []
+    empty = run_ingest(cfg, prune=True, echo=said.append)
+    assert empty.pruned_objects == 0
+    assert set(_by_uri(all_points(tmp_path / "qdrant"))) == {str(src / "keep.txt")}
+    assert any(line.startswith("warning: 1 stored objects vanished, none pruned: --prune deletes nothing when the "
+                               "source lists no object") for line in said)
+    assert preview_ingest(cfg, prune=True).lines()[2].startswith(
+        "  vanished from the source 1: their points are kept: --prune deletes nothing when the source lists no object")
+
 
 @pytest.mark.slow
 def test_prune_removes_files_that_became_dangling_links_or_fifos(tmp_path, tiny_embedding_ckpt, ray_local):
@@ -134,11 +146,12 @@ def test_vanished_means_gone_not_filtered_out_or_unreadable():
     # Without filters or unreadable entries, everything not listed under the root has vanished.
     plan = plan_objects(listed, stored, root)
     assert plan.vanished == sorted(u for u in stored if u.startswith(root) and u != f"{root}a.png")
-    # A source that is one object (an S3 key): once deleted, it is what vanished.
+    assert plan.to_prune() == plan.vanished
+    # A source that is one object (an S3 key): once deleted, it is what vanished. The listing is
+    # empty then, and an empty listing prunes nothing (it looks the same as a mistyped prefix).
     key = "s3://bucket/in/notes/one.md"
     plan = plan_objects([], {key: fp, "s3://bucket/in/notes/other.md": fp}, source_root(key))
-    assert plan.vanished == [key]
-
+    assert plan.vanished == [key] and plan.to_prune() == []
 
 
 def test_a_plan_with_many_unlisted_entries_takes_no_time_per_pair():
@@ -450,3 +463,50 @@ def test_max_expand_s_bounds_each_manifest_record_not_their_sum(tmp_path, tiny_e
     _, dead = latest_run(tmp_path / "runs")
     assert report.objects == {str(src / "slow.jsonl"): "ingested"} and dead == [], dead
     assert len(all_points(tmp_path / "qdrant")) == 8
+
+
+def test_a_failed_object_keeps_the_points_of_the_version_it_still_has(tmp_path):
+    """"Changed" also holds an object stored incomplete at its current version (a killed run, an
+    unreachable record). A run that then fails on it must delete only points of another version."""
+    import numpy as np
+    from qdrant_client import QdrantClient
+
+    from pipelines.ingest import _account, _settle_and_replace
+    from operators.units import point_id
+    from pipelines.report import RunReport
+    from sinks.qdrant_schema import CollectionSpec, ensure_collection
+    from sinks.qdrant_writer import PointRecord, QdrantWriter
+
+    client = QdrantClient(path=str(tmp_path / "qdrant"))
+    try:
+        ensure_collection(client, CollectionSpec("c", full_dim=8, mrl_dims=(4,)))
+        writer = QdrantWriter(client, "c")
+
+        class Direct:  # Store.call in server mode: the writer in this process
+            def call(self, method, *args):
+                return getattr(writer, method)(*args)
+
+        def points(uri, fingerprint, n, units):
+            return [PointRecord(point_id(uri, f"t={i}"),
+                                {"full": np.ones(8, np.float32), "mrl_4": np.ones(4, np.float32)},
+                                {"source_uri": uri, "fingerprint": fingerprint, "object_units": units, "modality": "video"})
+                    for i in range(n)]
+
+        same, other = "/src/same.mp4", "/src/other.mp4"
+        writer.upsert_points(points(same, "v1", 9, 10) + points(other, "v1", 3, 3))  # same.mp4: 9 of 10 written
+        objects = [SourceObject(same, 100, "v1"), SourceObject(other, 100, "v2")]
+        plan = plan_objects(objects, writer.fingerprints_by_uri(), "/src/")
+        assert plan.changed == {same: "v1", other: "v2"}
+        report = RunReport("r", "c", "/src", "m")
+        failed = [{"object_uri": u, "status": "failed", "n_units": 0, "seconds": 0.1} for u in (same, other)]
+        dead = [{"object_uri": u, "position": None, "error_stage": "expand", "error_type": "OSError",
+                 "error_message": "503 Slow Down"} for u in (same, other)]
+        summary = {"objects": failed, "dead": dead}
+        _account(report, summary)
+        _settle_and_replace(report, summary, plan, Direct())
+
+        held = writer.stored_objects(by_modality=False)
+        assert sorted(held) == [same] and held[same].points == {("v1", ""): 9}
+        assert report.removed_failed_objects == 1  # other.mp4 changed, and its old points went
+    finally:
+        client.close()

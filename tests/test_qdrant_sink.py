@@ -142,6 +142,18 @@ def test_distance_mismatch(client):
         ensure_collection(client, CollectionSpec(name="dot", full_dim=FULL))
 
 
+def test_a_multivector_or_uint8_vector_is_a_mismatch_before_any_work(client):
+    multi = models.MultiVectorConfig(comparator=models.MultiVectorComparator.MAX_SIM)
+    client.create_collection("multi", vectors_config={
+        "full": models.VectorParams(size=FULL, distance=models.Distance.COSINE, multivector_config=multi)})
+    with pytest.raises(CollectionMismatchError, match="vector 'full' is a multivector"):
+        ensure_collection(client, CollectionSpec(name="multi", full_dim=FULL))
+    client.create_collection("bytes", vectors_config={
+        "full": models.VectorParams(size=FULL, distance=models.Distance.COSINE, datatype=models.Datatype.UINT8)})
+    with pytest.raises(CollectionMismatchError, match="vector 'full' stores uint8"):
+        ensure_collection(client, CollectionSpec(name="bytes", full_dim=FULL))
+
+
 def test_payload_index_creation_is_idempotent(client):
     """Local mode reports no payload schema; emulate the server's so the second run creates nothing."""
     created: dict[str, models.PayloadIndexInfo] = {}
@@ -202,6 +214,34 @@ def test_persistent_transient_failure_reports_written_count(client):
     assert err.value.points_written == 20 and err.value.attempts == 4
     assert "20 points were written" in str(err.value) and "'docs'" in str(err.value)
     assert writer.count() == 20
+
+
+def test_retries_are_bounded_by_time_and_honour_retry_after(client):
+    """A server restarting refuses connections for tens of seconds: retries last qdrant.retry_s, not a
+    count a refused connection spends in seconds; a 429's Retry-After is waited for in full."""
+    import socket
+
+    from qdrant_client.common.client_exceptions import ResourceExhaustedResponse
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+    down = QdrantClient(url=f"http://127.0.0.1:{port}", timeout=2)  # nothing listens: refused at once
+    sleeps: list[float] = []
+    writer = QdrantWriter(down, "docs", retry_s=30, sleep=sleeps.append)
+    with pytest.raises(QdrantWriteError, match=r"failed after \d+ attempts in \d+ s \(ResponseHandlingException.*"
+                                               r"qdrant.retry_s=30"):
+        writer.upsert_points(make_points(3))
+    assert len(sleeps) >= 6 and 20 < sum(sleeps) <= 30, sleeps  # the next wait (at most 10 s) would pass 30 s
+
+    ensure_collection(client, SPEC)
+    sleeps.clear()
+    writer = QdrantWriter(client, "docs", retry_s=120, sleep=sleeps.append)
+    client.upsert = FlakyUpsert(client, lambda k: k == 1, ResourceExhaustedResponse("too many requests", 60))
+    assert writer.upsert_points(make_points(3)) == 3 and sleeps == [60.0]  # past the 10 s backoff cap
+    client.upsert = FlakyUpsert(client, lambda k: k == 1, ResourceExhaustedResponse("too many requests", 600))
+    with pytest.raises(QdrantWriteError, match=r"failed after 1 attempts in 0 s \(ResourceExhaustedResponse"):
+        writer.upsert_points(make_points(3))  # a wait past the budget: given up at once, not slept through
+    assert sleeps == [60.0]
 
 
 def test_non_transient_error_is_not_retried(client):
