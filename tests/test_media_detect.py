@@ -11,6 +11,7 @@ import pytest
 from operators.media.detect import HEAD_BYTES, Detection, detect, extension, from_extension, is_clean_text, sniff
 from operators.media.expand import ExpandSettings, expand_object
 from operators.media.listing import list_objects
+from operators.units import SourceObject
 from tests.media_corpus import encode, make_pdf, pattern
 
 PNG = encode(pattern(1, (8, 8)), "PNG")
@@ -24,6 +25,40 @@ def test_image_magic(fmt: str, mime: str) -> None:
     data = encode(pattern(2, (10, 6)), fmt)
     assert detect("x.bin", data[:4096]) == ("image", mime) or detect("x.bin", data).mime == mime
     assert detect("no_extension", data).kind == "image"
+
+
+def test_mp4_containers_are_told_by_their_brands(tmp_path) -> None:
+    """ISO-BMFF also holds photos and audio: AVIF is an image, HEIF, .m4a audio and CR3 raw are not
+    media this job embeds (skipped, not failed as broken video); a video stays a video."""
+    import av
+    import numpy as np
+
+    def ftyp(major: bytes, *compatible: bytes) -> bytes:
+        body = major + b"\x00\x00\x00\x00" + b"".join(compatible)
+        return (8 + len(body)).to_bytes(4, "big") + b"ftyp" + body + b"\x00\x00\x00\x08free"
+
+    assert detect("IMG_0001.HEIC", ftyp(b"heic", b"mif1", b"heic")) == Detection("unsupported", "image/heif")
+    assert detect("photo.mp4", ftyp(b"mif1", b"heic")) == Detection("unsupported", "image/heif")
+    assert detect("raw.cr3", ftyp(b"crx ", b"isom")) == Detection("unsupported", "image/x-canon-cr3")
+    assert detect("x.bin", ftyp(b"mif1", b"avif")) == Detection("image", "image/avif")
+    assert detect("clip.mp4", ftyp(b"isom", b"iso2", b"mif1", b"mp41")) == Detection("video", "video/mp4")
+
+    photo = tmp_path / "holiday.avif"
+    pattern(3, (96, 64)).save(photo, format="AVIF")
+    song = tmp_path / "song.m4a"
+    with av.open(str(song), "w", format="ipod") as container:
+        stream = container.add_stream("aac", rate=44100)
+        for _ in range(10):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate = 44100
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    units, dead, status = expand_object(SourceObject(str(photo), photo.stat().st_size, "fp"), ExpandSettings())
+    assert status == "ok" and [(u.modality, u.mime, u.meta["width"]) for u in units] == [("image", "image/avif", 96)]
+    assert expand_object(SourceObject(str(song), song.stat().st_size, "fp"), ExpandSettings()) == (
+        [], [], "skipped_unsupported")
 
 
 def test_magic_beats_extension() -> None:

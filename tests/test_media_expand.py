@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from operators.media.expand import ExpandSettings, expand_object, most_units
+from operators.media.expand import ExpandSettings, expand_object, most_units, start_expansion
 from operators.media.listing import list_objects
 from operators.units import SourceObject, Unit
 from tests.media_corpus import CorpusSpec, make_corpus, make_test_tokenizer, write_video
@@ -230,6 +230,28 @@ def test_limits(tmp_path: Path, corpus: CorpusSpec) -> None:
     assert status == "failed" and "over the limit of 100 pixels" in dead[0].message
     units, _, _ = one("videos/clip.mp4", ExpandSettings())
     assert [u.position for u in units] == ["t=0.000-2.750"]  # default 30 s: one segment
+
+
+def test_a_pdf_page_that_cannot_be_rendered_fails_alone(tmp_path: Path) -> None:
+    """One oversized page is its own dead letter; the other pages are units, and the object counts
+    all three positions (so it is complete with two points). No page rendered: the object fails."""
+    from operators.sample_media import make_pdf
+
+    pages = ["Page one: apples", "Page two: bananas", "Page three: cherries"]
+    data = make_pdf(pages).replace(b"/MediaBox [0 0 200 150]", b"/MediaBox [0 0 900 950]", 2)
+    path = tmp_path / "scan.pdf"
+    path.write_bytes(data.replace(b"/MediaBox [0 0 900 950]", b"/MediaBox [0 0 200 150]", 1))
+    cfg = ExpandSettings(pdf_dpi=72, max_image_pixels=100_000)
+    expansion = start_expansion(SourceObject(str(path), path.stat().st_size, "fp"), cfg)
+    units, dead, status = expansion.read_all()
+    assert status == "ok" and [u.position for u in units] == ["page=1", "page=3"] and expansion.positions == 3
+    assert [(d.position, d.error_type) for d in dead] == [("page=2", "PdfPageTooLargeError")]
+    assert "page 2 would render to 855000 pixels" in dead[0].message
+
+    path.write_bytes(make_pdf(pages[:2], size=(900, 950)))
+    units, dead, status = expand_object(SourceObject(str(path), path.stat().st_size, "fp"), cfg)
+    assert (units, status) == ([], "failed") and [(d.position, d.error_type) for d in dead] == [
+        (None, "PdfPageTooLargeError")]
 
 
 def test_object_gone_after_listing(tmp_path: Path) -> None:

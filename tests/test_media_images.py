@@ -120,6 +120,16 @@ def test_truncated_and_garbage() -> None:
         inspect_image(b"\x00" * 100, LIMIT)
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # Pillow's, while it looks for page 2
+def test_a_multipage_tiff_cut_short_is_its_first_page() -> None:
+    """An interrupted copy of a scan: page 1 (what is embedded) decodes; counting the pages cannot."""
+    pages = [pattern(i, (64, 64)) for i in range(6)]
+    buf = io.BytesIO()
+    pages[0].save(buf, format="TIFF", save_all=True, append_images=pages[1:])
+    info = inspect_image(buf.getvalue()[: len(buf.getvalue()) * 6 // 10], LIMIT)
+    assert (info.mime, info.width, info.height, info.frames) == ("image/tiff", 64, 64, 1)
+
+
 def test_exif_rotation_reencodes_upright_png() -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 CW on display

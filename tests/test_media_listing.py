@@ -86,13 +86,33 @@ def test_symlink_loops_dangling_links_and_fifo_become_dead_letters(tmp_path: Pat
     os.symlink("self", root / "self")  # link pointing at itself (ELOOP)
     os.symlink(root / "missing.txt", root / "dangling.txt")
     os.mkfifo(root / "pipe.txt")
-    os.symlink(root / "a.txt", root / "link_to_a.txt")  # a good file link is listed under its own path
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.txt"
+    outside.write_text("a file outside the source")
+    os.symlink(outside, root / "link_to_outside.txt")  # a good file link is listed under its own path
     objects, dead = list_objects(str(root))
-    assert "link_to_a.txt" in _rels(objects, root)
+    assert "link_to_outside.txt" in _rels(objects, root)
     assert len(objects) == 6
     kinds = {Path(d.uri).name: d.error_type for d in dead}
     assert kinds == {"loop": "SymlinkLoop", "self": "SymlinkLoop", "dangling.txt": "DanglingSymlink", "pipe.txt": "NotARegularFile"}
     assert all(d.stage == "list" for d in dead)
+
+
+def test_a_file_reached_through_a_link_inside_the_source_is_listed_once(tmp_path: Path) -> None:
+    """"latest -> photos/2024" and "alias.txt -> a.txt" would store each file twice: the walk lists them
+    at their real paths only. A link to what the patterns leave out is still listed where it is."""
+    root = _tree(tmp_path / "src")
+    os.symlink(root / "sub/deep", root / "latest")
+    os.symlink(root / "a.txt", root / "alias.txt")
+    os.symlink("sub", root / "relative")
+    assert _rels(list_objects(str(root))[0], root) == ["a.txt", "b.png", "skip/e.txt", "sub/c.txt", "sub/deep/d.png"]
+    # skip/ is excluded: its file is not listed at its real path, so the link to it is.
+    os.symlink(root / "skip", root / "kept")
+    assert _rels(list_objects(str(root), exclude=["skip/"])[0], root) == [
+        "a.txt", "b.png", "kept/e.txt", "sub/c.txt", "sub/deep/d.png"]
+    # A symlinked root: its real path is the source's, so its files are listed once, under the link.
+    os.symlink(root, tmp_path / "root-link")
+    objects, _ = list_objects(str(tmp_path / "root-link"))
+    assert _rels(objects, tmp_path / "root-link") == ["a.txt", "b.png", "skip/e.txt", "sub/c.txt", "sub/deep/d.png"]
 
 
 def test_excluded_dead_entries_are_not_reported(tmp_path: Path) -> None:
@@ -168,6 +188,40 @@ def test_memory_filesystem_and_sha256_fallback(monkeypatch) -> None:
     objects, _ = list_objects("memory://mlist", include=["*.md"])
     assert objects[0].fingerprint == "sha256:" + hashlib.sha256(b"two").hexdigest()
     fs.rm("/mlist", recursive=True)
+
+
+def test_a_web_server_folder_and_file(tmp_path: Path) -> None:
+    """fsspec's http backend keeps the scheme in its paths, and a server's index page gives names
+    only: each object's size and version come from one HEAD request (not a download), and the
+    fingerprint is the one a single object's lookup gives."""
+    import functools
+    import http.server
+    import threading
+
+    from operators.media.expand import ExpandSettings, expand_object
+
+    _tree(tmp_path / "www" / "media")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path / "www")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}/media/"
+        objects, dead = list_objects(base, include=["*.txt"])
+        assert dead == [] and [(o.uri, o.size) for o in objects] == [
+            (f"{base}a.txt", 1), (f"{base}skip/e.txt", 1), (f"{base}sub/c.txt", 3)]
+        assert all(o.fingerprint.startswith(f"size:{o.size}:mtime:") for o in objects)
+        assert object_fingerprint(f"{base}sub/c.txt") == objects[2].fingerprint
+        [one], dead = list_objects(f"{base}sub/c.txt")
+        assert dead == [] and (one.uri, one.fingerprint) == (objects[2].uri, objects[2].fingerprint)
+        units, dead, status = expand_object(one, ExpandSettings())
+        assert status == "ok" and [u.text for u in units] == ["ccc"]
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def _same_as_listing(uri: str, storage_options=None) -> str:

@@ -33,6 +33,15 @@ from tests.media_gen import string_array_from_bytes
         ("../x/./y.png", "memory:///root/sub/list.jsonl", "memory:///root/x/y.png"),
         # A file URL is percent-encoded (Path.as_uri()).
         ("file:///data/my%20pic%20%C3%A9.png", "s3://bucket/m/list.jsonl", "/data/my pic é.png"),
+        # A file URL's scheme in any case, and RFC 8089's file:/path (Hadoop, Spark and Java write it).
+        ("FILE:///data/c.png", "/data/m/list.jsonl", "/data/c.png"),
+        ("file:/data/c%201.png", "s3://bucket/m/list.jsonl", "/data/c 1.png"),
+        ("file://localhost/data/c.png", "/data/m/list.jsonl", "/data/c.png"),
+        # Over http(s), as a web page's links: "/" is the host's root, ".." stops there, no query kept.
+        ("/static/a.png", "https://host/data/m.jsonl", "https://host/static/a.png"),
+        ("../../../a.png", "https://host/data/m.jsonl", "https://host/a.png"),
+        ("img/a.png", "https://host/data/m.jsonl?token=abc", "https://host/data/img/a.png"),
+        ("img/a.png", "http://host:8080/m.jsonl", "http://host:8080/img/a.png"),
     ],
 )
 def test_resolve_uri(ref: str, manifest: str, expected: str) -> None:
@@ -125,6 +134,33 @@ def test_a_record_whose_metadata_cannot_fit_a_point_fails_alone() -> None:
     assert isinstance(out[0], ManifestRecord) and isinstance(out[2], ManifestRecord)
     assert out[1].error_type == "MetadataTooLarge" and out[1].id == "b"
     assert "2,097,16" in out[1].message and "1,048,576-byte limit" in out[1].message
+
+
+def test_a_huge_id_or_deeply_nested_metadata_fails_its_record_alone() -> None:
+    """An id is in every payload twice: a huge one would make its point too large for any upsert (and
+    fail the run). Metadata nested past MAX_METADATA_DEPTH (yet within the JSON parser's reach) would
+    exhaust a worker's stack while being read, and a server refuses it."""
+    from operators.media.manifest import MAX_ID_CHARS, MAX_METADATA_DEPTH
+
+    deep = "[" * (MAX_METADATA_DEPTH + 1) + "]" * (MAX_METADATA_DEPTH + 1)
+    ok = "[" * MAX_METADATA_DEPTH + "]" * MAX_METADATA_DEPTH
+    lines = [json.dumps({"id": "a", "text": "first"}),
+             json.dumps({"id": "x" * (MAX_ID_CHARS + 1), "text": "named at length"}),
+             json.dumps({"id": "y" * MAX_ID_CHARS, "text": "named at the limit"}),
+             '{"id": "deep", "text": "x", "meta": ' + deep + "}",
+             '{"id": "deeper", "text": "x", "meta": ' + "[" * 900 + "]" * 900 + "}",
+             '{"id": "ok", "text": "x", "meta": ' + ok + "}",
+             json.dumps({"id": list(range(10_000)), "text": "an id that is a list"}),
+             json.dumps({"id": "b", "text": "last"})]
+    out = parse_manifest("\n".join(lines).encode(), "/m.jsonl")
+    assert [r.key for r in out if isinstance(r, ManifestRecord)] == ["a", "y" * MAX_ID_CHARS, "ok", "b"]
+    bad = [r for r in out if isinstance(r, RecordError)]
+    assert [(r.line, r.error_type, r.id) for r in bad] == [
+        (2, "InvalidRecord", None), (4, "MetadataTooDeep", "deep"), (5, "MetadataTooDeep", "deeper"),
+        (7, "InvalidRecord", None)]
+    assert bad[0].message == "field 'id' is 1,025 characters, over the 1,024-character limit for a record's name"
+    assert "more than 64 levels deep" in bad[1].message
+    assert len(bad[3].message) < 200 and bad[3].message.endswith("...")
 
 
 def test_an_id_less_record_never_takes_another_records_id() -> None:

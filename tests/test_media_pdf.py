@@ -16,6 +16,7 @@ from operators.media.pdf import (
     PdfError,
     PdfPageTooLargeError,
     PdfTooManyPagesError,
+    PageFailure,
     pdf_page_count,
     render_pdf,
 )
@@ -55,9 +56,16 @@ def test_encrypted_corrupt_and_empty() -> None:
     assert issubclass(PdfError, ValueError)
 
 
-def test_page_pixel_guard() -> None:
-    with pytest.raises(PdfPageTooLargeError, match="page 1 would render"):
-        list(render_pdf(make_pdf(["big"], size=(2000, 2000)), dpi=144, max_pages=5, max_pixels=1_000_000))
+def test_page_pixel_guard_fails_that_page_alone() -> None:
+    [only] = render_pdf(make_pdf(["big"], size=(2000, 2000)), dpi=144, max_pages=5, max_pixels=1_000_000)
+    assert isinstance(only, PageFailure) and only.number == 1
+    assert isinstance(only.error, PdfPageTooLargeError) and "page 1 would render" in str(only.error)
+    # Page 2 of 3 enlarged in place (same length, so the cross-reference table still holds).
+    data = make_pdf(PAGES).replace(b"/MediaBox [0 0 200 150]", b"/MediaBox [0 0 900 950]", 2)
+    data = data.replace(b"/MediaBox [0 0 900 950]", b"/MediaBox [0 0 200 150]", 1)
+    out = list(render_pdf(data, dpi=72, max_pages=5, max_pixels=100_000))
+    assert [type(p).__name__ for p in out] == ["tuple", "PageFailure", "tuple"]
+    assert [out[0][0], out[1].number, out[2][0]] == [1, 2, 3] and out[2][2] == PAGES[2]
 
 
 def test_threads_share_the_lock() -> None:

@@ -9,6 +9,9 @@ Kinds: ``text``, ``image``, ``pdf``, ``video``, ``manifest``, ``unsupported``.
   win when the sampled head is clean text (valid UTF-8, no NUL byte):
   ``PAR1 of the novel`` in ``par1.txt`` is text. Binary signatures (PNG, JPEG,
   TIFF, BMP, MP4/MOV boxes, EBML) still win, so a PNG named ``.txt`` is an image.
+- An ISO-BMFF file (MP4/MOV boxes) is told by its ftyp brands: AVIF is an image;
+  HEIF/HEIC photos, audio-only MPEG-4 (``.m4a``) and Canon CR3 raw files are
+  ``unsupported``, whatever their name; anything else is video.
 - Without recognised magic the extension decides. An image/PDF/video/parquet
   extension on bytes without the matching magic still gets that kind, so the
   object then FAILS validation (random bytes named ``.png`` is a broken image,
@@ -38,6 +41,7 @@ IMAGE_EXTENSIONS = {
     ".bmp": "image/bmp",
     ".tif": "image/tiff",
     ".tiff": "image/tiff",
+    ".avif": "image/avif",
 }
 VIDEO_EXTENSIONS = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime", ".webm": "video/webm", ".mkv": "video/x-matroska"}
 MANIFEST_EXTENSIONS = {".jsonl": "application/jsonl", ".parquet": "application/vnd.apache.parquet"}
@@ -45,6 +49,13 @@ PDF_EXTENSIONS = {".pdf": "application/pdf"}
 
 _BMP_DIB_SIZES = {12, 16, 40, 52, 56, 64, 108, 124}
 _MP4_BOXES = (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot")
+# ISO-BMFF is also the container of photos and audio: its ftyp box's brands (major, then
+# compatible) tell them from video. AVIF photos are images (Pillow reads them); HEIF/HEIC photos
+# (no decoder here), audio-only MPEG-4 and Canon raw files are not media this job embeds.
+_AVIF_BRANDS = {b"avif", b"avis"}
+_HEIF_BRANDS = {b"mif1", b"msf1", b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif2", b"miaf"}
+_AUDIO_BRANDS = {b"M4A ", b"M4B ", b"M4P ", b"F4A ", b"F4B "}
+_RAW_BRANDS = {b"crx "}
 
 
 @dataclass(frozen=True)
@@ -67,10 +78,33 @@ def extension(uri: str) -> str:
     return posixpath.splitext(name)[1].lower()
 
 
-def _sniff_video(head: bytes) -> Detection | None:
-    """ISO-BMFF (mp4/mov) or EBML (webm/mkv) containers."""
-    if len(head) >= 12 and head[4:8] == b"ftyp" and 8 <= int.from_bytes(head[:4], "big") <= 4096:
-        return Detection("video", "video/quicktime" if head[8:12] == b"qt  " else "video/mp4")
+def _ftyp_brands(head: bytes, size: int) -> list[bytes]:
+    """The major brand, then the compatible ones, of an ftyp box of `size` bytes at the head."""
+    box = head[8:size]
+    return [box[:4]] + [box[i : i + 4] for i in range(8, len(box) - 3, 4)]
+
+
+def _sniff_ftyp(head: bytes, size: int) -> Detection:
+    """What an ISO-BMFF file is by its brands: video unless a photo, audio or raw brand says otherwise."""
+    brands = _ftyp_brands(head, size)
+    if _AVIF_BRANDS & set(brands):
+        return Detection("image", "image/avif")
+    major = brands[0]
+    # The major brand decides between kinds: a video may list "mif1" among its compatible brands.
+    if major in _HEIF_BRANDS:
+        return Detection("unsupported", "image/heif")
+    if major in _AUDIO_BRANDS:
+        return Detection("unsupported", "audio/mp4")
+    if major in _RAW_BRANDS:
+        return Detection("unsupported", "image/x-canon-cr3")
+    return Detection("video", "video/quicktime" if major == b"qt  " else "video/mp4")
+
+
+def _sniff_container(head: bytes) -> Detection | None:
+    """ISO-BMFF (mp4/mov; photo and audio brands told apart) or EBML (webm/mkv) containers."""
+    size = int.from_bytes(head[:4], "big")
+    if len(head) >= 12 and head[4:8] == b"ftyp" and 8 <= size <= 4096:
+        return _sniff_ftyp(head, size)
     if len(head) >= 12 and head[4:8] in _MP4_BOXES and head[0] == 0:  # box size < 16 MiB: never text
         return Detection("video", "video/quicktime")
     if head.startswith(b"\x1a\x45\xdf\xa3"):
@@ -106,6 +140,10 @@ _SIGNATURE_SPAN = {
     "image/webp": 12,  # RIFF, a little-endian size, WEBP: printable when the size bytes happen to be
     "image/tiff": 4,
     "image/bmp": 18,  # BM ... and the DIB header size, whose high bytes are NUL
+    "image/avif": 12,  # as mp4: box size, ftyp, brand
+    "image/heif": 12,
+    "audio/mp4": 12,
+    "image/x-canon-cr3": 12,
     "video/mp4": 12,  # box size (NUL high bytes), ftyp, brand
     "video/quicktime": 8,  # box size (NUL first byte), box type
     "video/webm": 4,  # EBML: 0x1a is a control byte
@@ -119,7 +157,7 @@ def sniff(head: bytes) -> Detection | None:
         return Detection("pdf", "application/pdf")
     if head.startswith(b"PAR1"):
         return Detection("manifest", MANIFEST_EXTENSIONS[".parquet"])
-    return _sniff_image(head) or _sniff_video(head)
+    return _sniff_image(head) or _sniff_container(head)
 
 
 def printable_signature(found: Detection, head: bytes) -> bool:

@@ -1,7 +1,7 @@
 """Turn one listed object into units (what gets one vector), dead letters and a status.
 
 Status is ``ok`` (at least one unit; a manifest may still have per-record dead
-letters), ``skipped_unsupported`` (not a kind we embed: no units, no dead letter)
+letters, a PDF per-page ones), ``skipped_unsupported`` (not a kind we embed: no units, no dead letter)
 or ``failed`` (no units; a dead letter naming why: exactly one, except a manifest
 with no usable record, which gets one per bad record plus an ``EmptyManifest``
 summary). ``expand_object`` never raises for a bad object. A zero-byte object
@@ -36,7 +36,7 @@ from operators.media.detect import HEAD_BYTES, Detection, detect, from_extension
 from operators.media.images import PILLOW_DECODE_LIMIT, inspect_image
 from operators.media.listing import fs_for, is_local_uri, local_path
 from operators.media.manifest import ManifestRecord, RecordError, parse_manifest
-from operators.media.pdf import render_pdf
+from operators.media.pdf import PageFailure, render_pdf
 from operators.media.reading import ObjectTooLargeError, is_unreachable, open_local_file
 from operators.media.text_chunks import chunk_spans, decode_text
 from operators.media.video import probe_video, video_segments
@@ -205,12 +205,22 @@ def page_meta(number: int, text: str) -> dict[str, Any]:
     return meta
 
 
-def _pdf_units(obj: SourceObject, data: bytes, cfg: ExpandSettings) -> list[Unit]:
-    """One rendered-page unit per PDF page."""
-    return [
-        Unit(obj.uri, obj.fingerprint, f"page={n}", "pdf_page", "image/png", image=png, meta=page_meta(n, text))
-        for n, png, text in render_pdf(data, cfg.pdf_dpi, cfg.max_pdf_pages, cfg.max_image_pixels)
-    ]
+def _pdf_units(obj: SourceObject, data: bytes, cfg: ExpandSettings) -> list[Unit | DeadLetter]:
+    """One rendered-page unit per PDF page, a dead letter for a page that cannot be rendered; raises
+    the first page's error when no page can be (the document fails as a whole)."""
+    items: list[Unit | DeadLetter] = []
+    failures: list[PageFailure] = []
+    for page in render_pdf(data, cfg.pdf_dpi, cfg.max_pdf_pages, cfg.max_image_pixels):
+        if isinstance(page, PageFailure):
+            failures.append(page)
+            items.append(_dead(obj.uri, page.error, f"page={page.number}"))
+            continue
+        n, png, text = page
+        items.append(Unit(obj.uri, obj.fingerprint, f"page={n}", "pdf_page", "image/png", image=png,
+                          meta=page_meta(n, text)))
+    if len(failures) == len(items):
+        raise failures[0].error
+    return items
 
 
 def _video_source(uri: str, fh: IO[bytes]) -> str | IO[bytes]:

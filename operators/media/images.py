@@ -157,7 +157,10 @@ def inspect_image(data: bytes, max_pixels: int) -> ImageInfo:
         except Exception as exc:
             raise ImageValidationError(f"cannot decode image (truncated or corrupt): {type(exc).__name__}: {exc}") from exc
         mime = Image.MIME.get(img.format or "", "application/octet-stream")
-        frames = int(getattr(img, "n_frames", 1) or 1)
+        try:
+            frames = int(getattr(img, "n_frames", 1) or 1)
+        except Exception:  # a multi-page TIFF cut short: its first page, what is embedded, decoded above
+            frames = 1
         if img.format == "MPO":  # a camera's JPEG with extra images appended (a preview, a depth map): a still photo
             mime, frames = "image/jpeg", 1
         if needs_reencoding(img):

@@ -2,7 +2,9 @@
 
 Local sources (a plain path or ``file://``) are walked with ``os.scandir`` so that
 symlink loops, dangling links, FIFOs and unreadable entries become dead letters
-(stage ``list``) instead of crashing the job. Remote sources go through fsspec's
+(stage ``list``) instead of crashing the job. Symlinks are followed, but a file
+reached through one that the walk also lists under its real path inside the
+source is listed there only, never twice. Remote sources go through fsspec's
 ``find``. URIs come back as absolute plain paths for local files and as
 ``scheme://path`` for everything else; the order is sorted, so deterministic.
 
@@ -22,6 +24,7 @@ gives none of those.
 from __future__ import annotations
 
 import datetime as _dt
+import email.utils
 import hashlib
 import inspect
 import os
@@ -141,7 +144,8 @@ def _file_kind(mode: int) -> str:
 
 
 def _local_entry(
-    path: str, rel: str, ancestors: frozenset[tuple[int, int]], objects: list[SourceObject], dead: list[DeadLetter], stack: list
+    path: str, rel: str, ancestors: frozenset[tuple[int, int]], objects: list[SourceObject], dead: list[DeadLetter],
+    stack: list, via_link: bool = False,
 ) -> None:
     """Classify one local entry: file → object, folder → stack, anything else → dead letter."""
     if printable_path(path) != path:
@@ -166,7 +170,7 @@ def _local_entry(
         if key in ancestors:
             dead.append(_dead(path, "SymlinkLoop", "symlink loop: folder links back to one of its parents"))
         else:
-            stack.append((path, rel, ancestors | {key}))
+            stack.append((path, rel, ancestors | {key}, via_link))
         return
     if not stat.S_ISREG(st.st_mode):
         dead.append(_dead(path, "NotARegularFile", f"not a regular file ({_file_kind(st.st_mode)})"))
@@ -189,24 +193,38 @@ def _list_local(root: str, include: list[str] | None, exclude: list[str] | None)
             _local_entry(root, name, frozenset(), objects, dead, [])
         return objects, dead
     root_st = os.stat(root)
-    stack: list[tuple[str, str, frozenset[tuple[int, int]]]] = [(root, "", frozenset({(root_st.st_dev, root_st.st_ino)}))]
+    root_real = os.path.realpath(root)
+    stack: list[tuple[str, str, frozenset[tuple[int, int]], bool]] = [
+        (root, "", frozenset({(root_st.st_dev, root_st.st_ino)}), False)]
     while stack:
-        folder, rel_folder, ancestors = stack.pop()
+        folder, rel_folder, ancestors, via_link = stack.pop()
         try:
             with os.scandir(folder) as it:
-                names = sorted(entry.name for entry in it)
+                entries = sorted(((entry.name, entry.is_symlink()) for entry in it))
         except OSError as exc:
             dead.append(_dead(folder, type(exc).__name__, f"cannot list folder: {exc.strerror or exc}"))
             continue
-        for name in names:
+        for name, is_link in entries:
             path = os.path.join(folder, name)
             rel = f"{rel_folder}/{name}" if rel_folder else name
+            link = via_link or is_link
             if os.path.isdir(path):
                 if not _dir_excluded(rel, exclude):
-                    _local_entry(path, rel, ancestors, objects, dead, stack)
-            elif selected(rel, include, exclude):
-                _local_entry(path, rel, ancestors, objects, dead, stack)
+                    _local_entry(path, rel, ancestors, objects, dead, stack, link)
+            elif selected(rel, include, exclude) and not (link and _listed_at_its_real_path(path, root_real, include, exclude)):
+                _local_entry(path, rel, ancestors, objects, dead, stack, link)
     return objects, dead
+
+
+def _listed_at_its_real_path(path: str, root_real: str, include: list[str] | None, exclude: list[str] | None) -> bool:
+    """Whether a file reached through a symlink (its own or a folder's) is a file of the source that
+    the walk lists under its real path: then it is not listed twice ("latest -> photos/2024" would
+    store every photo twice). A link to a file outside the source, or to one the patterns leave
+    out, is listed where the link is."""
+    real = os.path.realpath(path)
+    if not real.startswith(root_real.rstrip(os.sep) + os.sep) or not os.path.isfile(real):
+        return False
+    return in_selection(os.path.relpath(real, root_real).replace(os.sep, "/"), include, exclude)
 
 
 def _as_timestamp(value: Any) -> float | None:
@@ -223,13 +241,17 @@ def _as_timestamp(value: Any) -> float | None:
         try:
             return _as_timestamp(_dt.datetime.fromisoformat(value.replace("Z", "+00:00")))
         except ValueError:
+            pass
+        try:  # an HTTP date (Last-Modified: Mon, 07 Dec 2026 18:00:00 GMT)
+            return _as_timestamp(email.utils.parsedate_to_datetime(value))
+        except (TypeError, ValueError):
             return None
     return None
 
 
 def info_mtime(info: dict[str, Any]) -> float | None:
     """Modification time from an fsspec ``info`` dict, where the store gives one."""
-    for key in ("mtime", "LastModified", "last_modified", "updated", "modified", "created"):
+    for key in ("mtime", "LastModified", "last_modified", "updated", "modified", "created", "Last-Modified"):
         ts = _as_timestamp(info.get(key))
         if ts is not None:
             return ts
@@ -285,7 +307,20 @@ def _remote_uri(uri: str, fs: AbstractFileSystem, name: str) -> str:
     """Full URI (with the caller's scheme) of a backend path."""
     if "::" in uri:
         return fs.unstrip_protocol(name)
+    if "://" in name:  # http(s): the backend's paths are whole URLs
+        return name
     return f"{uri.split('://', 1)[0]}://{name}"
+
+
+def _with_head(fs: AbstractFileSystem, name: str, info: dict[str, Any]) -> dict[str, Any]:
+    """info, completed by the object's own info where the listing gave no size or version (a web
+    server's index page names its files only: one HEAD request each then, not a download)."""
+    if info.get("size") is not None and info_fingerprint(info) is not None:
+        return info
+    try:
+        return {**info, **{k: v for k, v in fs.info(name).items() if v is not None}}
+    except Exception:  # the listing's info stands; a missing size is a dead letter below
+        return info
 
 
 def _list_remote(
@@ -318,12 +353,16 @@ def _list_remote(
         if not in_selection(rel, include, exclude):  # excluded folders too, as a local walk skips them
             continue
         full = _remote_uri(uri, fs, name)
+        info = _with_head(fs, name, info)
+        if info.get("size") is None:  # taken for 0 it would fail as an empty file
+            dead.append(_dead(full, "UnknownSize", "the store gives no size for this object (no Content-Length)"))
+            continue
         try:
             fingerprint = info_fingerprint(info) or _sha256_fingerprint(fs, name)
         except Exception as exc:  # unreadable object: fail it, keep listing
             dead.append(_dead(full, type(exc).__name__, f"cannot fingerprint: {exc}"))
             continue
-        objects.append(SourceObject(uri=full, size=int(info.get("size") or 0), fingerprint=fingerprint, mtime=info_mtime(info)))
+        objects.append(SourceObject(uri=full, size=int(info["size"]), fingerprint=fingerprint, mtime=info_mtime(info)))
     return objects, dead
 
 

@@ -5,7 +5,9 @@ absolute ``scheme://...``, an absolute path on the manifest's filesystem, or a
 path relative to the manifest's folder: the folder it is listed in, so a symlinked
 manifest resolves from the link's folder, as a relative link's target does not;
 ``.`` and ``..`` are resolved, ``//`` in an object key is kept, and a ``file://``
-URL is percent-decoded; an inline ``data:`` URI is refused), an optional ``id`` (string or integer),
+URL (its scheme in any case, or RFC 8089's ``file:/path``) is percent-decoded; in a
+manifest read over http(s) a reference resolves as a web page's link does; an inline
+``data:`` URI is refused), an optional ``id`` (string or integer),
 and anything else, which becomes ``metadata`` (made JSON-safe).
 
 Each record yields a ``ManifestRecord`` or, when it is unusable (bad JSON, not an
@@ -21,6 +23,7 @@ import io
 import json
 import math
 import posixpath
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +35,12 @@ CONTENT_FIELDS = ("text", "image", "video")
 # request (16 MiB in sinks/qdrant_writer.py), and a batch fails as a whole when one does not:
 # a record carrying an OCR dump or a base64 thumbnail fails alone here instead.
 MAX_METADATA_BYTES = 1 << 20
+# The id is in each point's payload twice (record_id, position) and names its dead letters: an id
+# is a name, and one of megabytes would make its point too large for any upsert.
+MAX_ID_CHARS = 1024
+# A Qdrant server refuses JSON nested past about a hundred levels, and walking deeper values
+# recursively can exhaust a worker's stack: a record nested deeper fails alone.
+MAX_METADATA_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -84,10 +93,14 @@ def resolve_uri(ref: str, manifest_uri: str) -> str:
     if is_data_uri(ref):  # it would be taken for a relative path, and echoed whole in "not found"
         raise BadReferenceError(f"an inline data: URI ({len(ref):,} characters) is not a reference to a file: "
                                 "store the media as a file and give its path or URI")
+    ref = _file_url(ref)
     if ref.startswith(("file://", "local://")):  # a file URL percent-decoded, a plain path never
         return local_path(ref)
     if "://" in ref:
         return ref
+    if manifest_uri[:8].lower().startswith(("http://", "https://")):
+        # A web page's rules: "/x" is the host's root, ".." stops there, the query is not a folder.
+        return urllib.parse.urljoin(manifest_uri, ref)
     if is_local_uri(manifest_uri):
         base = posixpath.dirname(local_path(manifest_uri))
         return posixpath.normpath(posixpath.join(base, ref))
@@ -96,6 +109,17 @@ def resolve_uri(ref: str, manifest_uri: str) -> str:
     base = "" if ref.startswith("/") else rest.rpartition("/")[0]  # not dirname: it merges "m//" into "m"
     path = _resolve_dots(base, ref, ref, manifest_uri)
     return f"{scheme}://{'/' + path if rooted else path}"
+
+
+def _file_url(ref: str) -> str:
+    """A file URL as ``file://...`` whatever its scheme's case, and RFC 8089's ``file:/path`` (which
+    Hadoop, Spark and Java write) as ``file:///path``; any other reference as it is."""
+    if ref[:5].lower() != "file:":
+        return ref
+    rest = ref[5:]
+    if rest.startswith("//"):
+        return "file:" + rest
+    return "file://" + rest if rest.startswith("/") else ref
 
 
 def _resolve_dots(base: str, ref: str, shown: str, manifest_uri: str) -> str:
@@ -115,16 +139,23 @@ def _resolve_dots(base: str, ref: str, shown: str, manifest_uri: str) -> str:
     return "/".join(parts)
 
 
-def _json_safe(value: Any) -> Any:
+class MetadataTooDeepError(ValueError):
+    """A metadata value nested past MAX_METADATA_DEPTH."""
+
+
+def _json_safe(value: Any, depth: int = 1) -> Any:
     """Metadata value made JSON-serialisable (NaN → None, bytes/dates → strings)."""
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else None
+    if isinstance(value, (dict, list, tuple)) and depth > MAX_METADATA_DEPTH:
+        raise MetadataTooDeepError(f"the record's other fields nest lists or objects more than {MAX_METADATA_DEPTH} "
+                                   "levels deep, past what a point's payload may hold")
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): _json_safe(v, depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [_json_safe(v, depth + 1) for v in value]
     if isinstance(value, (bytes, bytearray)):
         return f"<{len(value)} bytes>"
     if hasattr(value, "isoformat"):
@@ -182,7 +213,11 @@ def build_record(line: int, raw: Any, manifest_uri: str, seen_keys: set[str],
     if _absent(rid):
         rid = None
     elif not _usable_id(rid):
-        return RecordError(line, "InvalidRecord", f"field 'id' must be a non-empty string or an integer, got {rid!r}")
+        shown = repr(rid) if len(repr(rid)) <= 100 else f"{repr(rid)[:97]}..."  # a list of a million items
+        return RecordError(line, "InvalidRecord", f"field 'id' must be a non-empty string or an integer, got {shown}")
+    elif len(str(rid)) > MAX_ID_CHARS:
+        return RecordError(line, "InvalidRecord", f"field 'id' is {len(str(rid)):,} characters, over the "
+                           f"{MAX_ID_CHARS:,}-character limit for a record's name")
     else:
         rid = str(rid)
     content: dict[str, str] = {}
@@ -200,7 +235,10 @@ def build_record(line: int, raw: Any, manifest_uri: str, seen_keys: set[str],
             return RecordError(line, "BadReference", f"field {name!r}: {exc}", rid)
     if not content:
         return RecordError(line, "InvalidRecord", "record has none of text, image, video", rid)
-    metadata = {str(k): _json_safe(v) for k, v in raw.items() if k not in CONTENT_FIELDS and k != "id"}
+    try:
+        metadata = {str(k): _json_safe(v) for k, v in raw.items() if k not in CONTENT_FIELDS and k != "id"}
+    except MetadataTooDeepError as exc:
+        return RecordError(line, "MetadataTooDeep", str(exc), rid)
     size = len(json.dumps(metadata, ensure_ascii=False).encode("utf-8"))
     if size > MAX_METADATA_BYTES:
         return RecordError(line, "MetadataTooLarge",
@@ -295,7 +333,8 @@ def _salvage_batch(batch: Any, first_line: int) -> list[tuple[int, Any] | Record
         # The id, when readable, names the record in its dead letter's position.
         rid = None if any(name == "id" for name, _, _ in cells) else _integral(raw.get("id"))
         message = "; ".join(msg for _, _, msg in cells)
-        rows.append(RecordError(line, cells[0][1], message, str(rid) if _usable_id(rid) else None))
+        named = _usable_id(rid) and len(str(rid)) <= MAX_ID_CHARS
+        rows.append(RecordError(line, cells[0][1], message, str(rid) if named else None))
     return rows
 
 

@@ -4,7 +4,8 @@ PDFium is not thread-safe: every PDFium call in this module runs under one
 module lock. Pages are rendered lazily (one at a time under the lock, PNG
 encoding outside it) and the document is closed when the iterator finishes or
 is closed. Document-level problems (password, corrupt, no pages, too many
-pages) raise before the first page is yielded.
+pages) raise before the first page is yielded; a page that cannot be rendered
+(too large, a PDFium error) is yielded as a PageFailure, and the others still are.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import io
 import re
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_c
@@ -46,6 +48,14 @@ class PdfTooManyPagesError(PdfError):
 
 class PdfPageTooLargeError(PdfError):
     """A page would render to more pixels than allowed."""
+
+
+@dataclass(frozen=True)
+class PageFailure:
+    """A page that could not be rendered: its 1-based number and why."""
+
+    number: int
+    error: Exception
 
 
 def _open_document(data: bytes) -> pdfium.PdfDocument:
@@ -117,8 +127,8 @@ def _page_text(raw: str) -> str:
 
 def render_pdf(
     data: bytes, dpi: int, max_pages: int, max_pixels: int = DEFAULT_MAX_PAGE_PIXELS
-) -> Iterator[tuple[int, bytes, str]]:
-    """Yield (1-based page number, RGB PNG bytes, page text) for every page of a PDF."""
+) -> Iterator[tuple[int, bytes, str] | PageFailure]:
+    """Yield (1-based page number, RGB PNG bytes, page text) for every page of a PDF, or its PageFailure."""
     if dpi <= 0:
         raise ValueError(f"dpi must be > 0, got {dpi}")
     with PDFIUM_LOCK:
@@ -132,12 +142,17 @@ def render_pdf(
     return _iter_pages(doc, n_pages, dpi / 72.0, max_pixels)
 
 
-def _iter_pages(doc: pdfium.PdfDocument, n_pages: int, scale: float, max_pixels: int) -> Iterator[tuple[int, bytes, str]]:
+def _iter_pages(doc: pdfium.PdfDocument, n_pages: int, scale: float,
+                max_pixels: int) -> Iterator[tuple[int, bytes, str] | PageFailure]:
     """The lazy part of render_pdf: one page at a time, document closed at the end."""
     try:
         for index in range(n_pages):
-            with PDFIUM_LOCK:
-                image, text = _render_page(doc, index, scale, max_pixels)
+            try:
+                with PDFIUM_LOCK:
+                    image, text = _render_page(doc, index, scale, max_pixels)
+            except Exception as exc:  # one oversized or broken page must not cost the document's others
+                yield PageFailure(index + 1, exc)
+                continue
             buf = io.BytesIO()
             image.save(buf, format="PNG")
             yield index + 1, buf.getvalue(), _page_text(text)
