@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import ConfigError, load_config
-from .config_secrets import redact
+from .config_secrets import redact, redact_logs
 from .interrupts import Interrupted
 from .ray_processes import local_ray_shut_down_after
 
@@ -55,7 +55,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     cfg = load_config(args.config, args.overrides)
     secrets = cfg.secret_values()
-    _redact_logs(secrets)
+    redact_logs(secrets)
     if args.plan:
         return _plan_ingest(cfg, args, secrets)
     try:
@@ -88,38 +88,6 @@ def _plan_ingest(cfg: Any, args: argparse.Namespace, secrets: list[str]) -> int:
     for line in preview.lines(limit=args.plan_limit or PLAN_LIMIT):
         print(redact(line, secrets))
     return EXIT_OK
-
-
-class _RedactingFilter(logging.Filter):
-    """Scrubs secret values from log records (message, arguments, traceback) before any handler writes them."""
-
-    def __init__(self, secrets: list[str]) -> None:
-        super().__init__()
-        self.secrets = secrets
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """Scrub the record in place; always keep it."""
-        try:
-            message = record.getMessage()
-        except Exception:  # a malformed log call: keep its parts, scrubbed
-            message = f"{record.msg} {record.args}"
-        record.msg, record.args = redact(message, self.secrets), None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = redact(record.exc_text, self.secrets)
-        if record.stack_info:
-            record.stack_info = redact(record.stack_info, self.secrets)
-        return True
-
-
-def _redact_logs(secrets: list[str]) -> None:
-    """Make every root log handler of this process scrub the config's secrets (debug logs of S3 clients
-    print signed request headers, which hold the access key id)."""
-    if not secrets:
-        return
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_RedactingFilter(list(secrets)))
 
 
 def _clash(target: Path, rel: Path) -> Path | None:
@@ -262,7 +230,7 @@ def configure_logging(verbose: bool) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
     # huggingface_hub writes through a handler of its own and also passes its records on to the
     # root's: every hub warning (each retry of an unreachable hub) printed twice, and its own copy
-    # escaped the secret scrubbing that _redact_logs adds to the root's handlers.
+    # escaped the secret scrubbing that redact_logs adds to the root's handlers.
     logging.getLogger("huggingface_hub").handlers.clear()
 
 

@@ -9,6 +9,7 @@ configs show the references as written, never their values.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from typing import Any, Iterable, Mapping
@@ -158,3 +159,35 @@ def redact_obj(obj: Any, secrets: Iterable[str]) -> Any:
         return o
 
     return walk(obj)
+
+
+class _RedactingFilter(logging.Filter):
+    """Scrubs secret values from log records (message, arguments, traceback) before any handler writes them."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Scrub the record in place; always keep it."""
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed log call: keep its parts, scrubbed
+            message = f"{record.msg} {record.args}"
+        record.msg, record.args = redact(message, self.secrets), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text, self.secrets)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info, self.secrets)
+        return True
+
+
+def redact_logs(secrets: list[str]) -> None:
+    """Make every root log handler of this process scrub the config's secrets (debug logs of S3 clients
+    print signed request headers, which hold the access key id)."""
+    if not secrets:
+        return
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_RedactingFilter(list(secrets)))

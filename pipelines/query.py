@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -37,6 +37,7 @@ from operators.media.expand import ExpandSettings
 from operators.qwen3vl.loading import checkpoint_id
 
 from .config import Config
+from .config_secrets import redact
 from .ingest import embedder_kwargs, expand_settings
 from .preflight import (PreflightError, check_checkpoint_kind, check_local_checkpoint_exists, hub_commit,
                         model_dimension, one_line)
@@ -362,7 +363,7 @@ class QueryEngine:
         A filtered search that finds nothing warns about each filter key no point holds (a typo, or
         ``lang`` for ``metadata.lang``); a search with candidates costs no extra request.
         """
-        request = search_request(vectors, self.layout, top_k=top_k or self.cfg.query.top_k,
+        request = search_request(vectors, self.layout, top_k=result_count("top_k", top_k, self.cfg.query.top_k),
                                  prefetch_multiplier=self.cfg.query.prefetch_multiplier,
                                  query_filter=build_filter(filters), funnel=funnel)
         candidates = [Candidate.from_point(p) for p in self.client.query_points(**request).points]
@@ -376,10 +377,13 @@ class QueryEngine:
         if self.reranker is None:
             raise QueryPreflightError("no reranker loaded: set reranker.model, or search with rerank=False "
                                       "(--no-rerank)")
-        return rerank_candidates(self.reranker, query_content(query), candidates,
-                                 top_n=result_count("top_n", top_n, self.cfg.query.top_n),
-                                 instruction=instruction or self.cfg.reranker.instruction,
-                                 storage_options=self.storage_options, settings=self.settings)
+        hits, skipped = rerank_candidates(self.reranker, query_content(query), candidates,
+                                          top_n=result_count("top_n", top_n, self.cfg.query.top_n),
+                                          instruction=instruction or self.cfg.reranker.instruction,
+                                          storage_options=self.storage_options, settings=self.settings)
+        # A reason quotes its store's error, which may echo a credential (a 403 naming the key id).
+        secrets = self.cfg.secret_values()
+        return hits, [replace(s, reason=redact(s.reason, secrets)) for s in skipped]
 
     def search(self, query: Mapping[str, Any], *, instruction: str | None = None, top_k: int | None = None,
                top_n: int | None = None, filters: Mapping[str, Any] | models.Filter | None = None,

@@ -24,6 +24,7 @@ from sinks.qdrant_client_factory import make_client
 
 from .actor_fit import ActorPool, check_pools_fit
 from .config import Config
+from .config_secrets import redact
 from .ingest import expand_settings, map_on_actor_pool, qdrant_settings
 from .interrupts import stop_on_signals
 from .preflight import embedding_checkpoint
@@ -266,9 +267,21 @@ def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | No
                 stop_owner(owner)
             if journal is not None:
                 stop_journal(journal)
-    results = [{"id": q.id, **rows[i]} for i, q in enumerate(queries)]
+    results = [scrubbed({"id": q.id, **rows[i]}, cfg.secret_values()) for i, q in enumerate(queries)]
     warn_unheld_batch_filter_keys(cfg, layout.name, queries, results, warn)
     return results
+
+
+def scrubbed(result: dict[str, Any], secrets: Sequence[str]) -> dict[str, Any]:
+    """A query's result with the config's secrets scrubbed from its error and skip reasons (they quote
+    store errors, which may echo a credential: a 403 naming the key id)."""
+    if not secrets:
+        return result
+    if result.get("error"):
+        result["error"] = redact(result["error"], secrets)
+    for s in result.get("skipped") or ():
+        s["reason"] = redact(s["reason"], secrets)
+    return result
 
 
 def pinned_to(cfg: Config, embedder_commit: str | None, reranker_commit: str | None) -> Config:

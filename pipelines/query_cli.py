@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .cli import _EXTRA_COMMANDS, EXIT_CONFIG, EXIT_INFRA, EXIT_NOTHING_INGESTED, EXIT_OK, _add_config_args, _positive
 from .config import load_config
-from .config_secrets import redact
+from .config_secrets import redact, redact_logs
 
 SYSTEMS = ("vector", "funnel", "funnel+rerank")
 SYSTEM_LABELS = {"vector": "full-vector search", "funnel": "MRL funnel", "funnel+rerank": "funnel + rerank"}
@@ -28,24 +28,34 @@ METRIC_LABELS = {"ndcg@10": "nDCG@10", "recall@10": "Recall@10", "recall@100": "
 # -- argument helpers ---------------------------------------------------------------------
 
 
+def _text_constant(constant: str) -> Any:
+    """NaN and Infinity are not JSON: such a filter value is text."""
+    raise ValueError(constant)
+
+
 def parse_filter_args(items: Sequence[str]) -> dict[str, Any]:
     """``key=value`` strings into a filters dict. A value that parses as JSON (numbers, true/false,
-    "quoted strings") is used as such, anything else as text; a repeated key matches any of its values."""
+    "quoted strings", a list of these: any of them) is used as such, anything else as text; a
+    repeated key matches any of its values."""
     filters: dict[str, Any] = {}
     for item in items or []:
         key, sep, text = item.partition("=")
-        key = key.strip()
+        key, text = key.strip(), text.strip()  # "lang = en" is lang=en, as --set reads it
         if not sep or not key:
             raise ValueError(f"--filter {item!r}: expected key=value")
         try:
-            value = json.loads(text)
-            if not isinstance(value, (str, int, float, bool)):
-                value = text
-        except json.JSONDecodeError:
+            value = json.loads(text, parse_constant=_text_constant)
+        except ValueError:  # JSONDecodeError included
             value = text
+        if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value)):
+            raise ValueError(f"--filter {item!r}: a value is a string, number, true/false or a list of these "
+                             "(any of them); give a nested field as its dotted key (metadata.lang=en)")
+        if isinstance(value, list) and not value:
+            raise ValueError(f"--filter {item!r}: an empty list matches nothing")
+        values = value if isinstance(value, list) else [value]
         if key in filters:
             prev = filters[key]
-            filters[key] = [*prev, value] if isinstance(prev, list) else [prev, value]
+            filters[key] = [*(prev if isinstance(prev, list) else [prev]), *values]
         else:
             filters[key] = value
     return filters
@@ -58,6 +68,7 @@ def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) ->
 
     cfg = load_config(args.config, args.overrides)
     secrets = cfg.secret_values()
+    redact_logs(secrets)  # -v: an S3 client's debug log prints signed headers, which hold the key id
     try:
         return func(cfg, args)
     except (PreflightError, QueryInputError, ValueError) as exc:
@@ -131,7 +142,7 @@ def _cmd_query_batch(cfg: Any, args: argparse.Namespace) -> int:
     from .query_batch import run_query_batch
     from .query_files import check_results_path, read_queries, write_results
 
-    check_results_path(args.out)  # before the job: a bad --out must not lose its results
+    check_results_path(args.out, args.queries)  # before the job: a bad --out must not lose its results
     queries = read_queries(args.queries, dict(cfg.source.storage_options))
     results = run_query_batch(cfg, queries, top_k=args.top_k, top_n=args.top_n, rerank=not args.no_rerank,
                               rerank_actors=args.rerank_actors)
@@ -221,7 +232,7 @@ def run_eval(cfg: Any, queries: Sequence[Any], qrels: Mapping[str, Mapping[str, 
                 hits, skip = (engine.rerank(q.query, funnel, top_n=len(funnel) or 1)
                               if engine.reranker is not None else ([], []))
             except QueryInputError as exc:  # this query is unusable; the others are still scored
-                failed[q.id] = str(exc)
+                failed[q.id] = redact(str(exc), cfg.secret_values())  # into eval.json and the console
                 continue
             # In the order `qvl query --no-rerank` shows them: ties (equal to 5 decimals) by point id.
             runs["vector"][q.id] = [h.point_id for h in vector_order(full, len(full))]

@@ -16,9 +16,10 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from operators.media.listing import is_local_uri, local_path
+from operators.media.listing import is_data_uri, is_local_uri, local_path
 from operators.media.reading import open_uri
 from operators.media.manifest import LONE_SURROGATE, is_unicode_text
+from operators.qwen3vl.formatting import check_input
 
 from .metrics import normalise_source_uri
 from .query_inputs import QUERY_FIELDS, QueryInputError, build_filter
@@ -71,10 +72,13 @@ def check_writable(path: str, what: str, *, folder: bool = False) -> None:
         raise QueryInputError(f"{what}{path}: {parent} is not writable")
 
 
-def check_results_path(path: str) -> None:
-    """A results file path: a known extension and writable (checked before the job runs)."""
+def check_results_path(path: str, queries: str | None = None) -> None:
+    """A results file path: a known extension, writable, and not the queries file (checked before the job runs)."""
     _file_format(path, "--out ")
     check_writable(path, "--out ")
+    if queries is not None and is_local_uri(queries) and os.path.exists(local_path(path)) and \
+            os.path.exists(local_path(queries)) and os.path.samefile(local_path(path), local_path(queries)):
+        raise QueryInputError(f"--out {path}: is the queries file {queries}: the results would overwrite the queries")
 
 
 def _absent(value: Any) -> bool:
@@ -87,7 +91,12 @@ def _media(key: str, value: Any, where: str, base_uri: str) -> str | None:
         what = "a list" if isinstance(value, (list, tuple)) else f"a {type(value).__name__}"
         raise QueryInputError(f"{where}: {key!r} must be one path or URI (a string), got {what}")
     value = value.strip()
-    return normalise_source_uri(value, base_uri) if value else None
+    if key == "image" and is_data_uri(value):
+        return value  # an inline image, as `qvl query --image` takes one
+    try:
+        return normalise_source_uri(value, base_uri) if value else None
+    except ValueError as exc:  # a data: URI, a reference climbing above its store's root
+        raise QueryInputError(f"{where}: {key!r}: {exc}") from None
 
 
 # pandas' index columns in a Parquet file (__index_level_0__...) are not fields and are ignored.
@@ -99,8 +108,13 @@ def parse_query_row(raw: Any, where: str, base_uri: str) -> QueryRow:
     if not isinstance(raw, Mapping):
         raise QueryInputError(f"{where}: a query row must be an object, got {type(raw).__name__}")
     qid = raw.get("id")
-    if _absent(qid) or isinstance(qid, bool) or not str(qid).strip():
+    if isinstance(qid, float) and qid.is_integer():
+        qid = int(qid)  # pandas writes an integer column with nulls as doubles (1.0), as in manifests
+    if _absent(qid) or (isinstance(qid, str) and not qid.strip()):
         raise QueryInputError(f"{where}: missing 'id'")
+    if isinstance(qid, bool) or not isinstance(qid, (str, int)):
+        shown = repr(qid) if len(repr(qid)) <= 60 else f"{repr(qid)[:57]}..."
+        raise QueryInputError(f"{where}: 'id' must be a string or an integer, got {type(qid).__name__} {shown}")
     where = f"{where} (id {qid})"
     unknown = [str(k) for k in raw if k not in ROW_KEYS and not str(k).startswith("__index_level_")]
     if unknown:  # a misspelt "imgae" would run a text-only query, "filter" an unfiltered one
@@ -125,9 +139,15 @@ def parse_query_row(raw: Any, where: str, base_uri: str) -> QueryRow:
             continue  # blank text is no query
         elif key in _NUMBER_FIELDS and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise QueryInputError(f"{where}: {key!r} must be a number, got {type(value).__name__}")
+        elif key in _NUMBER_FIELDS and not math.isfinite(value):
+            raise QueryInputError(f"{where}: {key!r} must be a finite number, got {value!r}")
         query[key] = value
     if not any(query.get(k) for k in ("text", "image", "video")):
         raise QueryInputError(f"{where}: the query has no text, image or video")
+    try:
+        check_input(query)  # fps <= 0, max_frames 1.5: named with its row before any work, not per batch
+    except (TypeError, ValueError) as exc:
+        raise QueryInputError(f"{where}: {exc}") from None
     instruction = raw.get("instruction")
     if not _absent(instruction) and not isinstance(instruction, str):
         raise QueryInputError(f"{where}: 'instruction' must be a string, got {type(instruction).__name__}")
@@ -161,6 +181,12 @@ def decode_text(data: bytes, path: str) -> str:
         raise QueryInputError(f"{path} line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x})") from None
 
 
+def _not_json(constant: str) -> Any:
+    """Python's json reads NaN and Infinity, which JSON has not: a NaN filter value would be dropped
+    as absent and the query run unfiltered."""
+    raise ValueError(f"{constant} is not a JSON value")
+
+
 def read_queries(path: str, storage_options: dict[str, Any] | None = None) -> list[QueryRow]:
     """Queries from a JSONL or Parquet file (local path or fsspec URL); ids must be unique."""
     fmt = _file_format(path)
@@ -184,9 +210,11 @@ def read_queries(path: str, storage_options: dict[str, Any] | None = None) -> li
         for n, line in enumerate(decode_text(data, path).split("\n"), start=1):
             if line.strip():
                 try:
-                    records.append((n, json.loads(line)))
+                    records.append((n, json.loads(line, parse_constant=_not_json)))
                 except json.JSONDecodeError as exc:
                     raise QueryInputError(f"{path} line {n}: invalid JSON: {exc.msg}") from None
+                except ValueError as exc:
+                    raise QueryInputError(f"{path} line {n}: invalid JSON: {exc}") from None
     unit = "row" if fmt == "parquet" else "line"
     seen: dict[str, int] = {}
     for n, raw in records:

@@ -3,6 +3,7 @@ decompression-bomb guard and re-encoded as ingestion embeds them (upright, 8-bit
 
 from __future__ import annotations
 
+import base64
 import io
 import numbers
 import os
@@ -11,7 +12,7 @@ from typing import IO, Any, Callable, Mapping
 
 from qdrant_client import models
 
-from operators.media.listing import is_local_uri, local_path
+from operators.media.listing import is_data_uri, is_local_uri, local_path
 from operators.units import MODALITIES, TEXT_PAYLOAD_FIELDS
 
 QUERY_FIELDS = ("text", "image", "video", "video_start", "video_end", "fps", "max_frames")
@@ -143,7 +144,7 @@ def query_content(query: Mapping[str, Any]) -> dict[str, Any]:
         raise QueryInputError("the query has no text, image or video")
     for key in ("image", "video"):
         value = content.get(key)
-        if isinstance(value, str) and "://" not in value:
+        if isinstance(value, str) and "://" not in value and not is_data_uri(value):
             content[key] = os.path.abspath(os.path.expanduser(value))
     return content
 
@@ -172,7 +173,7 @@ def oversized_image(content: Mapping[str, Any], max_pixels: int,
 
     The same decompression-bomb guard as ingestion's: a query image is decoded in full by the
     embedder (and by every reranker pair), so a huge one must be refused before that. Each image
-    of a list is checked; http(s) and data: URLs are left to qwen-vl-utils, which reads them itself.
+    of a list is checked; http(s) URLs are left to qwen-vl-utils, which reads them itself.
     """
     from PIL import Image
 
@@ -187,7 +188,8 @@ def oversized_image(content: Mapping[str, Any], max_pixels: int,
         except Exception:
             continue  # unreadable: the embedder names the reason
         if width * height > max_pixels:
-            return (f"image {image if isinstance(image, str) else '(bytes)'} is {width}x{height} = "
+            named = "(bytes)" if not isinstance(image, str) else "(a data: URI)" if is_data_uri(image) else image
+            return (f"image {named} is {width}x{height} = "
                     f"{width * height} pixels, over limits.max_image_pixels={max_pixels} (decompression-bomb guard)")
     return None
 
@@ -209,7 +211,12 @@ def _image_opener(image: Any, storage_options: Mapping[str, Any] | None) -> Call
 
     if isinstance(image, (bytes, bytearray)):
         return lambda: io.BytesIO(bytes(image))
-    if isinstance(image, str) and not image.startswith(("http://", "https://", "data:")):
+    if isinstance(image, str) and is_data_uri(image):
+        header, _, payload = image.partition(",")
+        if not (header.lower().startswith("data:image/") and header.lower().endswith(";base64")):
+            return None  # the embedder refuses it, named by its media type
+        return lambda: io.BytesIO(base64.b64decode(payload))
+    if isinstance(image, str) and not image.startswith(("http://", "https://")):
         if is_local_uri(image):  # a FIFO is refused, not waited on
             return lambda: open_local_file(local_path(image))
         fs, path = fs_for(image, dict(storage_options or {}))  # fsspec options normalised as the reader's

@@ -15,6 +15,7 @@ what was embedded; the real reranker is checked for equality with ``Qwen3VLReran
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import math
@@ -291,10 +292,16 @@ def test_exact_copy_comes_first_with_and_without_reranking(world, embedder, moda
 def test_an_exif_rotated_query_image_is_turned_upright_as_ingestion_embeds_it(world, embedder, reranker):
     path = str(world["src"] / "images/rotated.jpg")
     unit = next(u for u in world["units"].values() if u.object_uri == path)
+    with open(path, "rb") as fh:  # the same photo inline: taken as an image, not as a file name
+        inline = "data:image/jpeg;base64," + base64.b64encode(fh.read()).decode()
     with open_engine(world, embedder, reranker) as engine:
         result = engine.search({"image": path}, instruction=DOC_INSTRUCTION, top_k=10, top_n=10)
+        found = engine.search({"image": inline}, instruction=DOC_INSTRUCTION, top_k=10, rerank=False)
+        with pytest.raises(QueryInputError, match="top_k must be an integer >= 1, got 0"):
+            engine.retrieve(engine.embed({"image": path}), top_k=0)  # not the configured default
     vector = {h.point_id: h.vector_score for h in result.hits}
     assert vector[unit.point_id] == pytest.approx(1.0, abs=1e-5)  # the stored photo finds itself
+    assert {h.point_id: h.vector_score for h in found.hits}[unit.point_id] == pytest.approx(1.0, abs=1e-5)
     # The reranker's query is the upright image too: the same score as the stored content's.
     docs = [candidate_input(h.payload, settings=world["cfg"]) for h in result.hits]
     expected = reranker.process({"instruction": None, "query": unit.model_input(), "documents": docs})
@@ -419,6 +426,13 @@ def test_filter_helpers():
         {"modality": ["image", "mixed"], "page": 2, "record_id": "7", "x": "a=b"}
     with pytest.raises(ValueError):
         parse_filter_args(["novalue"])
+    # Spaces around "=" are no part of the value; a JSON list is any of its values; NaN is text.
+    assert parse_filter_args(["metadata.lang = en", "page=[1, 2]", "page=3", "score=NaN"]) == \
+        {"metadata.lang": "en", "page": [1, 2, 3], "score": "NaN"}
+    with pytest.raises(ValueError, match=r"--filter 'metadata=\{\"lang\": \"en\"\}': a value is a string"):
+        parse_filter_args(['metadata={"lang": "en"}'])
+    with pytest.raises(ValueError, match="an empty list matches nothing"):
+        parse_filter_args(["page=[]"])
     # Keys Qdrant would refuse with a bare "Invalid path" are named here; nested and array paths pass.
     with pytest.raises(QueryInputError, match="filter key 'bad key' is not a payload key"):
         build_filter({"bad key": 1})

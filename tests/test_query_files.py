@@ -42,11 +42,45 @@ def test_query_and_result_files_round_trip(tmp_path):
     ("q.jsonl", '[1, 2]\n', r"q\.jsonl line 1: a query row must be an object, got list"),
     ("q.jsonl", '{"id": 1, "text": "a", "filters": [1]}\n', r"line 1 \(id 1\): 'filters' must be an object"),
     ("q.jsonl", "\n\n", r"q\.jsonl: no queries"),
+    # An id of the wrong type, and values a batch would only refuse later (or silently drop: NaN).
+    ("q.jsonl", '{"id": true, "text": "a"}\n', r"line 1: 'id' must be a string or an integer, got bool True"),
+    ("q.jsonl", '{"id": [1, 2], "text": "a"}\n', r"line 1: 'id' must be a string or an integer, got list \[1, 2\]"),
+    ("q.jsonl", '{"id": 1, "text": "a", "filters": {"page": NaN}}\n', r"line 1: invalid JSON: NaN is not a JSON value"),
+    ("q.jsonl", '{"id": 1, "video": "v.mp4", "fps": -1}\n', r"line 1 \(id 1\): fps must be > 0"),
+    ("q.jsonl", '{"id": 1, "video": "v.mp4", "max_frames": 1.5}\n', r"line 1 \(id 1\): max_frames must be an integer"),
+    ("q.jsonl", '{"id": 1, "video": "v.mp4", "video_end": 1e999}\n', r"'video_end' must be a finite number, got inf"),
+    ("q.jsonl", '{"id": 1, "image": "data:text/plain;base64,aGk="}\n', None),
 ])
 def test_bad_queries_file_names_the_row(tmp_path, name, body, message):
     (tmp_path / name).write_text(body)
+    if message is None:  # an inline image is taken as it is (the embedder names a data: URI that is not one)
+        assert read_queries(str(tmp_path / name))[0].query == {"image": "data:text/plain;base64,aGk="}
+        return
     with pytest.raises(QueryInputError, match=message):
         read_queries(str(tmp_path / name))
+
+
+def test_a_reference_that_cannot_be_resolved_names_its_row(tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/qbucket/q.jsonl", b'{"id": "a", "text": "fine"}\n{"id": "b", "image": "../../x.png"}\n')
+    try:
+        with pytest.raises(QueryInputError, match=r"memory://qbucket/q\.jsonl line 2 \(id b\): 'image': reference "
+                                                   r"'\.\./\.\./x\.png' climbs above the root"):
+            read_queries("memory://qbucket/q.jsonl")
+    finally:
+        fs.rm("/qbucket", recursive=True)
+
+
+def test_results_never_overwrite_the_queries_file(tmp_path):
+    queries = tmp_path / "q.jsonl"
+    queries.write_text('{"id": 1, "text": "a"}\n')
+    with pytest.raises(QueryInputError, match=r"--out .*q\.jsonl: is the queries file .*: the results would overwrite"):
+        check_results_path(str(queries), str(queries))
+    with pytest.raises(QueryInputError, match="is the queries file"):
+        check_results_path(f"file://{queries}", str(tmp_path / "." / "q.jsonl"))
+    check_results_path(str(tmp_path / "r.jsonl"), str(queries))
 
 
 def test_missing_queries_file(tmp_path):

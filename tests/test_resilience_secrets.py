@@ -54,7 +54,8 @@ def run_cli(args, env_extra, tmp_path, name):
     return code, out.read_text(errors="replace"), err.read_text(errors="replace"), ray_tmp
 
 
-def test_secrets_never_appear_in_any_output(tmp_path, secrets, moto_s3, tiny_embedding_ckpt, request):
+def test_secrets_never_appear_in_any_output(tmp_path, secrets, moto_s3, tiny_embedding_ckpt, tiny_reranker_ckpt,
+                                           request):
     s3 = moto_s3["client"]
     bucket = "secret-test"
     s3.create_bucket(Bucket=bucket)
@@ -69,8 +70,33 @@ def test_secrets_never_appear_in_any_output(tmp_path, secrets, moto_s3, tiny_emb
         data["qdrant"]["api_key_env"] = "QVL_TEST_QDRANT_KEY"
         path = write_yaml(data, tmp_path / "s3.yaml")
         code, out, err, ray_tmp = run_cli(["ingest", path], secrets, tmp_path, "s3")
+        assert code == EXIT_OK, err[-3000:]
 
-    assert code == EXIT_OK, err[-3000:]
+        # The queries' own messages quote store errors too: a candidate whose image the store now
+        # refuses (skipped, its reason in the table, the results file, eval.json), a query image it
+        # refuses (that query's error), and -v's debug logs of the S3 client (signed headers).
+        proxy.deny_paths = ("/hostile/", "/img.png")
+        rerank = ["--set", f"reranker.model={tiny_reranker_ckpt}"]
+        queries = tmp_path / "queries.jsonl"
+        queries.write_text('{"id": "q1", "text": "a good note"}\n'
+                           f'{{"id": "q2", "image": "s3://{bucket}/in/hostile/denied.txt"}}\n')
+        qrels = tmp_path / "qrels.tsv"
+        qrels.write_text(f"q1\ts3://{bucket}/in/good.txt#chunk=0\t1\nq2\ts3://{bucket}/in/img.png#image\t1\n")
+        runs = {"query": ["query", path, "--text", "a good note", *rerank],
+                "batch": ["query-batch", path, "--queries", str(queries), "--out", str(tmp_path / "results.jsonl"),
+                          *rerank],
+                "eval": ["eval", path, "--queries", str(queries), "--qrels", str(qrels), "--out",
+                         str(tmp_path / "eval"), *rerank]}
+        queried = {name: run_cli(args, secrets, tmp_path, name) for name, args in runs.items()}
+    for name, (qcode, qout, qerr, qray) in queried.items():
+        request.addfinalizer(lambda d=qray: shutil.rmtree(d, ignore_errors=True))
+        assert qcode == EXIT_OK, (name, qerr[-3000:])
+    assert f"skipped s3://{bucket}/in/img.png image: cannot read source" in queried["query"][1]
+    assert "Credential=***" in queried["query"][1] and "Credential=***" in queried["query"][2]  # -v: S3 debug logs
+    batch = (tmp_path / "results.jsonl").read_text()
+    assert batch.count("Credential=***") == 2  # q1's skipped image, q2's error
+    assert "Credential=***" in (tmp_path / "eval" / "eval.json").read_text()
+
     report, dead = latest_run(tmp_path / "runs")
     # The failing cases did fail, and the hostile 403 did carry the access key id.
     by_uri = {d["uri"]: d for d in dead}
@@ -99,8 +125,11 @@ def test_secrets_never_appear_in_any_output(tmp_path, secrets, moto_s3, tiny_emb
     request.addfinalizer(lambda: [shutil.rmtree(d, ignore_errors=True) for d in (ray_tmp, ray_tmp2)])
     values = list(secrets.values())
     console = {"s3 stdout": out, "s3 stderr": err, "server stdout": out2, "server stderr": err2}
+    console.update({f"{name} {stream}": text for name, (_, qout, qerr, _) in queried.items()
+                    for stream, text in (("stdout", qout), ("stderr", qerr))})
     assert not [(name, v) for name, text in console.items() for v in values if v in text]
     hits = grep_tree(tmp_path, values) + grep_tree(ray_tmp, values) + grep_tree(ray_tmp2, values)
+    hits += [hit for _, _, _, qray in queried.values() for hit in grep_tree(qray, values)]
     # The only legitimate holders of a secret: none. (Configs hold ${VAR} references only.)
     assert hits == [], hits
     assert list(ray_tmp.rglob("*.log")) or list(ray_tmp.rglob("*.out")), "no Ray logs were captured"
