@@ -79,13 +79,21 @@ class EmbedStage:
         # Dense (n, d) arrays become tensor columns; non-unit rows keep zeros and are never written.
         vectors = {vector_column(None): np.zeros((n, self.embedder.hidden_size), np.float32)}
         vectors.update({vector_column(d): np.zeros((n, d), np.float32) for d in self.mrl_dims})
-        ok = [(i, r.vector) for i, r in zip(live, results) if r.ok]
+        # A vector with a NaN or infinite component (an overflow in a half-precision forward) would
+        # reach Qdrant as null and fail its whole write request, and so the run: it fails alone here.
+        finite = [not r.ok or bool(np.isfinite(r.vector).all()) for r in results]
+        ok = [(i, r.vector) for i, r, fine in zip(live, results, finite) if r.ok and fine]
         if ok:
             rows, raw = [i for i, _ in ok], np.stack([v for _, v in ok])
             for d in (None, *self.mrl_dims):  # one normalisation per dimension, not per row
                 vectors[vector_column(d)][rows] = reduce_dim(raw, d)
-        for i, r in zip(live, results):
-            if not r.ok:
+        for i, r, fine in zip(live, results, finite):
+            if not fine:
+                out["row_kind"][i], out["error_stage"][i] = "dead", "embed"
+                out["error_type"][i] = "NonFiniteVector"
+                out["error_message"][i] = ("the model's vector has NaN or infinite components (an overflow in "
+                                           f"{str(self.embedder.dtype).removeprefix('torch.')} arithmetic?)")
+            elif not r.ok:
                 out["row_kind"][i] = "dead"
                 out["error_stage"][i] = "embed"
                 out["error_type"][i] = (r.error_type if isinstance(r, _Crashed) else

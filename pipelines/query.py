@@ -66,8 +66,12 @@ def embed_queries(embedder: Any, contents: Sequence[Mapping[str, Any]], instruct
             live.append(i)
     inputs = [{**model_ready_images(contents[i], storage_options), "instruction": instructions[i]} for i in live]
     for i, r in zip(live, embedder.embed(inputs, normalize=False) if inputs else []):
-        out[i] = r.vector if r.ok else (r.error or "unknown error")
+        if r.ok and not np.isfinite(r.vector).all():  # Qdrant would refuse the search request
+            out[i] = "the model's vector for the query has NaN or infinite components (an overflow?)"
+        else:
+            out[i] = r.vector if r.ok else (r.error or "unknown error")
     return out
+
 
 @dataclass
 class Candidate:

@@ -64,3 +64,37 @@ def test_unit_rows_get_the_embedders_vectors_at_every_dimension(stage):
 def test_a_batch_without_units_passes_through(stage):
     out = stage(_numpy_batch([object_row("/d/empty.txt", "ok", 0, 0.0)]))
     assert list(out["row_kind"]) == ["object"] and np.asarray(out["vec_full"]).shape == (1, stage.embedder.hidden_size)
+
+
+def nan_vision_checkpoint(ckpt, out):
+    """A copy of a checkpoint whose vision tower yields NaN: its images get NaN vectors, its texts not."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(ckpt, out)
+    weights = load_file(str(out / "model.safetensors"))
+    name = "model.visual.merger.linear_fc2.weight"
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def test_a_vector_with_nan_components_fails_its_unit_alone(tiny_embedding_ckpt, tmp_path):
+    """A NaN vector (a half-precision overflow) would reach Qdrant as null and fail the whole write
+    request, and so the run. Here the vision tower yields NaN: the image fails, the text lands."""
+    ckpt = nan_vision_checkpoint(tiny_embedding_ckpt, tmp_path / "nan-vision")
+    stage = EmbedStage(str(ckpt), MRL, {"token_budget": 2048, "max_batch_items": 2})
+    try:
+        units = [Unit("/d/a.txt", "f1", "chunk=0", "text", text="a red square"),
+                 Unit("/d/b.png", "f2", "image", "image", image=_png((200, 10, 10)))]
+        out = stage(_numpy_batch([unit_row(u, {"source_uri": u.object_uri}) for u in units]))
+    finally:
+        stage.embedder.close()
+    assert list(out["row_kind"]) == ["unit", "dead"]
+    assert (out["error_stage"][1], out["error_type"][1]) == ("embed", "NonFiniteVector")
+    assert "NaN or infinite components (an overflow in float32 arithmetic?)" in out["error_message"][1]
+    for dim in (None, *MRL):
+        column = np.asarray(out[vector_column(dim)])
+        assert np.isfinite(column).all() and abs(np.linalg.norm(column[0]) - 1) < 1e-5 and not column[1].any()

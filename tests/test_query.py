@@ -873,6 +873,20 @@ def test_query_images_over_the_pixel_limit_are_refused_before_decoding(world, em
     assert np.allclose(out[1], unlimited[1], atol=1e-5) and not isinstance(unlimited[0], str)
 
 
+def test_a_query_whose_vector_has_nan_components_fails_alone(tiny_embedding_ckpt, tmp_path):
+    """Qdrant refuses a search on a NaN vector: that query fails with its reason, its batch-mates not."""
+    from pipelines.query import embed_queries
+    from tests.test_embed_stage import nan_vision_checkpoint
+
+    embedder = Qwen3VLEmbedder(str(nan_vision_checkpoint(tiny_embedding_ckpt, tmp_path / "nan")))
+    try:
+        out = embed_queries(embedder, [{"image": encode(pattern(1, (32, 32)), "PNG")}, {"text": "apples"}], ["q"] * 2)
+    finally:
+        embedder.close()
+    assert out[0] == "the model's vector for the query has NaN or infinite components (an overflow?)"
+    assert np.isfinite(out[1]).all()
+
+
 def test_bad_output_paths_fail_before_any_work(world, tmp_path, capsys):
     queries = tmp_path / "q.jsonl"
     queries.write_text('{"id": "1", "text": "x"}\n')
