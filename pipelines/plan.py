@@ -62,10 +62,13 @@ def plan_objects(objects: list[Any], stored: dict[str, str], source_root: str, i
         todo.append(obj)
     listed = {o.uri for o in objects}
     unreadable = {u.rstrip("/") for u in unlisted}
+    # A source that names one object (s3://b/pfx, a key, beside keys under pfx/ that an earlier
+    # run's s3://b/pfx/ ingested) holds that object only: nothing under pfx/ vanished from it.
+    one_object = source_root[:-1] in listed
 
     def gone(uri: str) -> bool:
         # Only objects under this source can have vanished: the collection may hold other sources.
-        if uri in listed or _within(uri, unreadable):
+        if uri in listed or _within(uri, unreadable) or one_object:
             return False
         if uri == source_root[:-1]:  # the source is this one object (an S3 key), now gone
             return in_selection(uri.rsplit("/", 1)[-1], include, exclude)

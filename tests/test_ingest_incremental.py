@@ -152,6 +152,12 @@ def test_vanished_means_gone_not_filtered_out_or_unreadable():
     key = "s3://bucket/in/notes/one.md"
     plan = plan_objects([], {key: fp, "s3://bucket/in/notes/other.md": fp}, source_root(key))
     assert plan.vanished == [key] and plan.to_prune() == []
+    # A key named like a folder that another run ingested (s3://bucket/pfx beside s3://bucket/pfx/a.txt):
+    # the source is that one key, and nothing under the folder vanished from it.
+    pfx = "s3://bucket/pfx"
+    plan = plan_objects([SourceObject(pfx, 1, fp)], {pfx: fp, f"{pfx}/a.txt": fp, f"{pfx}/b/c.txt": fp},
+                        source_root(pfx))
+    assert plan.vanished == [] and plan.unchanged == [pfx]
 
 
 def test_a_plan_with_many_unlisted_entries_takes_no_time_per_pair():
