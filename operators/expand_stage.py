@@ -19,9 +19,21 @@ from typing import Any
 
 from .crash_journal import TaskGuard, current_task_id, reading
 from .expand_work import RecordRange, RecordRanges, read_work
-from .media.expand import FAILED, OK, Expansion, ExpandSettings, empty_manifest_letter, record_position, start_expansion
+from .media.expand import (FAILED, OK, Expansion, ExpandSettings, TokenizerUnavailable, empty_manifest_letter,
+                           record_position, start_expansion)
 from .media.manifest import RecordError
 from .units import DeadLetter, SourceObject, Unit, dead_row, object_row, payload_for, unit_row
+
+
+@lru_cache(maxsize=4)
+def chunking_tokenizer(model: str, revision: str | None = None) -> Any:
+    """tokenizer_for, or TokenizerUnavailable with its error: this worker's text objects then fail
+    (and are tried again next run), its other objects are expanded. Once per worker process, as
+    a hub that cannot be reached would otherwise be asked again for every object."""
+    try:
+        return tokenizer_for(model, revision)
+    except Exception as exc:
+        return TokenizerUnavailable(exc)
 
 
 @lru_cache(maxsize=4)
@@ -120,10 +132,7 @@ def object_rows(obj: SourceObject, *, settings: ExpandSettings, storage_options:
         yield dead_row(_skipped(guard, obj.uri, obj.uri))
         yield object_row(obj.uri, FAILED, 0, time.perf_counter() - start)
         return
-    try:
-        tokenizer = tokenizer_for(model, revision)
-    except Exception:  # chunking falls back to word pieces; the embed stage reports a bad model loudly
-        tokenizer = None
+    tokenizer = chunking_tokenizer(model, revision)
     with reading(guard, obj.uri):
         expansion = start_expansion(obj, settings, storage_options, tokenizer)
     if expansion.records is not None:

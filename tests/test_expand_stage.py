@@ -75,6 +75,29 @@ def test_a_manifest_with_no_good_record_fails_with_a_summary(tmp_path, tiny_embe
     assert (rows[-1]["row_kind"], rows[-1]["status"], rows[-1]["n_units"]) == ("object", "failed", 0)
 
 
+def test_a_worker_without_the_tokenizer_fails_its_text_objects_and_expands_the_rest(tmp_path):
+    """A worker that cannot load the embedder's tokenizer (a node without the model, the hub out of
+    reach) must not cut text on word pieces: those chunks would differ from other workers' and,
+    the file unchanged, stay so. Its text fails (retried next run); an image is expanded as ever."""
+    (tmp_path / "note.txt").write_text("A short note about lanterns.")
+    (tmp_path / "red.png").write_bytes(image_bytes := _png_bytes())
+    objects, _ = list_objects(str(tmp_path))
+    missing = tmp_path / "no-such-model"
+    rows = {o.uri: list(_rows(o, missing)) for o in objects}
+    text = rows[str(tmp_path / "note.txt")]
+    assert [(r["row_kind"], r["error_type"]) for r in text[:-1]] == [("dead", "TokenizerUnavailableError")]
+    assert text[0]["error_message"].startswith("the embedder's tokenizer cannot be loaded on this worker (")
+    assert (text[-1]["status"], text[-1]["n_units"]) == ("failed", 0)
+    image = rows[str(tmp_path / "red.png")]
+    assert [r["row_kind"] for r in image] == ["unit", "object"] and image[0]["image"] == image_bytes
+
+
+def _png_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 @ray.remote(max_retries=0)
 def _expand_slowly_consumed(row: dict, model: Path, journal) -> list[str]:
     """Expand a manifest under a 1 s limit per record, its consumer taking 3 s over the first rows."""

@@ -49,6 +49,21 @@ class EmptyFileError(ValueError):
     """A zero-byte object."""
 
 
+class TokenizerUnavailableError(RuntimeError):
+    """The embedder's tokenizer could not be loaded where a text object is expanded."""
+
+
+@dataclass(frozen=True)
+class TokenizerUnavailable:
+    """Stands for the tokenizer when it could not be loaded: text objects fail with its error.
+
+    Not cut on word pieces instead: their chunks would differ from those of the workers that
+    have the tokenizer, and, their fingerprint unchanged, stay so at every later run.
+    """
+
+    error: BaseException
+
+
 @dataclass(frozen=True)
 class ExpandSettings:
     """How objects are cut into units, and the limits that protect the workers."""
@@ -173,6 +188,11 @@ def _check_size(fh: IO[bytes], limit: int, uri: str) -> None:
 
 def _text_units(obj: SourceObject, det: Detection, data: bytes, cfg: ExpandSettings, tokenizer: Any) -> list[Unit]:
     """Token chunks of a text object."""
+    if isinstance(tokenizer, TokenizerUnavailable):
+        error = tokenizer.error
+        raise TokenizerUnavailableError(
+            f"the embedder's tokenizer cannot be loaded on this worker ({type(error).__name__}: {error}); the text is "
+            "cut into its tokens only, and is tried again at the next run") from error
     if tokenizer is None and not cfg.tokenizer_fallback:
         raise ValueError("no tokenizer given and tokenizer_fallback is off")
     text = decode_text(data)
