@@ -90,7 +90,7 @@ def _stored_fingerprints(cfg: Config, spec: Any) -> tuple[dict[str, str], bool, 
             validate_collection(info, spec)  # the run would stop here, before any work
         except CollectionMismatchError as exc:
             raise PreflightError(str(exc)) from None
-        stored = QdrantWriter(client, cfg.qdrant.collection).fingerprints_by_uri()
+        stored = QdrantWriter(client, cfg.qdrant.collection, retry_s=cfg.qdrant.retry_s).fingerprints_by_uri()
         return stored, True, storage_differences(info, spec)
     finally:
         client.close()

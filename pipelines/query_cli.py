@@ -47,6 +47,8 @@ def parse_filter_args(items: Sequence[str]) -> dict[str, Any]:
             value = json.loads(text, parse_constant=_text_constant)
         except ValueError:  # JSONDecodeError included
             value = text
+        if value is None:  # "null" as a filter value is that text (None would drop the condition)
+            value = text
         if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value)):
             raise ValueError(f"--filter {item!r}: a value is a string, number, true/false or a list of these "
                              "(any of them); give a nested field as its dotted key (metadata.lang=en)")

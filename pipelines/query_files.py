@@ -141,6 +141,8 @@ def parse_query_row(raw: Any, where: str, base_uri: str) -> QueryRow:
             raise QueryInputError(f"{where}: {key!r} must be a number, got {type(value).__name__}")
         elif key in _NUMBER_FIELDS and not math.isfinite(value):
             raise QueryInputError(f"{where}: {key!r} must be a finite number, got {value!r}")
+        if key == "max_frames" and isinstance(value, float) and value.is_integer():
+            value = int(value)  # pandas writes an integer column with nulls as doubles (4.0)
         query[key] = value
     if not any(query.get(k) for k in ("text", "image", "video")):
         raise QueryInputError(f"{where}: the query has no text, image or video")

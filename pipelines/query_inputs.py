@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import numbers
 import os
 import re
@@ -60,10 +61,12 @@ def _condition(key: str, value: Any) -> models.FieldCondition | models.Filter:
     values = _listed(value)
     if not values:
         raise QueryInputError(f"filter {key!r} has no value")
-    bad = [v for v in values if not isinstance(v, (str, bool)) and not _is_number(v)]
+    # A non-finite number would reach Qdrant as null: a range without bounds, which matches every
+    # point holding a number there (1e400 parses to inf).
+    bad = [v for v in values if not isinstance(v, (str, bool)) and not (_is_number(v) and math.isfinite(v))]
     if bad:
         raise QueryInputError(f"filter {key!r}: unsupported value {bad[0]!r} (use strings, integers, booleans "
-                              "or numbers, or a list of them)")
+                              "or finite numbers, or a list of them)")
     texts = [v for v in values if isinstance(v, str)]
     conditions: list[models.FieldCondition | models.Filter] = []
     if texts:

@@ -204,9 +204,14 @@ class QdrantWriter:
                 # count that a fast-failing refused connection spends in seconds. (The time slept
                 # counts where a test's sleep does not advance the clock.)
                 spent = max(self._clock() - started, slept)
-                if spent + delay > self.retry_s or attempt == self.max_attempts:
+                if attempt == self.max_attempts:
                     raise self._gave_up(what, exc, attempt, written_before,
-                                        f"failed after {attempt} attempts in {spent:.0f} s ({{}}); "
+                                        f"failed after {attempt} attempts ({{}})") from exc
+                if spent + delay > self.retry_s:
+                    asked = (f"; the server asks to wait {delay:g} s (Retry-After)"
+                             if isinstance(exc, ResourceExhaustedResponse) and delay >= exc.retry_after_s else "")
+                    raise self._gave_up(what, exc, attempt, written_before,
+                                        f"failed after {attempt} attempts in {spent:.0f} s ({{}}){asked}; "
                                         f"qdrant.retry_s={self.retry_s:g}") from exc
                 self.stats.retries += 1
                 logger.warning(

@@ -113,6 +113,16 @@ def test_a_file_reached_through_a_link_inside_the_source_is_listed_once(tmp_path
     os.symlink(root, tmp_path / "root-link")
     objects, _ = list_objects(str(tmp_path / "root-link"))
     assert _rels(objects, tmp_path / "root-link") == ["a.txt", "b.png", "skip/e.txt", "sub/c.txt", "sub/deep/d.png"]
+    # A folder whose name is not UTF-8 cannot be listed: its file stays listed through a link to it.
+    other = tmp_path / "other"
+    other.mkdir()
+    raw = os.fsencode(other) + b"/caf\xe9"
+    os.mkdir(raw)
+    with open(raw + b"/photo.jpg", "wb") as fh:
+        fh.write(b"x")
+    os.symlink(raw, os.fsencode(other) + b"/cafe")
+    objects, dead = list_objects(str(other))
+    assert _rels(objects, other) == ["cafe/photo.jpg"] and [d.error_type for d in dead] == ["InvalidFileName"]
 
 
 def test_excluded_dead_entries_are_not_reported(tmp_path: Path) -> None:
@@ -184,6 +194,11 @@ def test_memory_filesystem_and_sha256_fallback(monkeypatch) -> None:
     assert [o.uri for o in objects] == ["memory:///mlist/two.md", "memory:///mlist/x/one.txt"] and dead == []
     assert objects[0].fingerprint.startswith("size:3:mtime:")
     assert open_uri(objects[1].uri) == b"one"
+    fs.pipe("/mlist/x/https://example.com/about.txt", b"a key holding a URL (a crawl mirror)")
+    objects, dead = list_objects("memory://mlist/x")
+    assert [o.uri for o in objects] == ["memory:///mlist/x/https://example.com/about.txt", "memory:///mlist/x/one.txt"]
+    assert open_uri(objects[0].uri) == b"a key holding a URL (a crawl mirror)"
+    fs.rm("/mlist/x/https:", recursive=True)
     monkeypatch.setattr(listing, "info_fingerprint", lambda info: None)  # a store that reports nothing
     objects, _ = list_objects("memory://mlist", include=["*.md"])
     assert objects[0].fingerprint == "sha256:" + hashlib.sha256(b"two").hexdigest()

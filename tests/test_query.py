@@ -433,6 +433,11 @@ def test_filter_helpers():
         parse_filter_args(['metadata={"lang": "en"}'])
     with pytest.raises(ValueError, match="an empty list matches nothing"):
         parse_filter_args(["page=[]"])
+    assert parse_filter_args(["record_id=null"]) == {"record_id": "null"}  # None would drop the condition
+    # A non-finite number would reach Qdrant as null, a range without bounds matching every number.
+    for flt in (parse_filter_args(["start_s=1e400"]), {"page": [1, float("nan")]}):
+        with pytest.raises(QueryInputError, match="unsupported value (inf|nan)"):
+            build_filter(flt)
     # Keys Qdrant would refuse with a bare "Invalid path" are named here; nested and array paths pass.
     with pytest.raises(QueryInputError, match="filter key 'bad key' is not a payload key"):
         build_filter({"bad key": 1})

@@ -12,11 +12,13 @@ from pipelines.query_files import check_results_path, read_queries, read_results
 
 def test_query_and_result_files_round_trip(tmp_path):
     pq.write_table(pa.table({"id": ["1", "2"], "text": ["hello", None], "image": [None, "img/x.png"],
-                             "filters": [None, {"modality": "image", "page": None}]}),
+                             "filters": [None, {"modality": "image", "page": None}],
+                             "max_frames": [None, 4.0]}),  # pandas' integers with nulls: doubles
                    tmp_path / "q.parquet")
     rows = read_queries(str(tmp_path / "q.parquet"))
     assert rows[0].query == {"text": "hello"} and rows[0].filters is None
-    assert rows[1].query == {"image": str(tmp_path / "img/x.png")}  # relative to the queries file
+    assert rows[1].query["max_frames"] == 4 and isinstance(rows[1].query["max_frames"], int)
+    assert rows[1].query == {"image": str(tmp_path / "img/x.png"), "max_frames": 4}  # relative to the queries file
     assert rows[1].filters == {"modality": "image"}
     (tmp_path / "dup.jsonl").write_text('{"id": 1, "text": "a"}\n{"id": "1", "text": "b"}\n')
     with pytest.raises(QueryInputError, match="duplicate query id"):

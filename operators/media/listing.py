@@ -145,9 +145,9 @@ def _file_kind(mode: int) -> str:
 
 def _local_entry(
     path: str, rel: str, ancestors: frozenset[tuple[int, int]], objects: list[SourceObject], dead: list[DeadLetter],
-    stack: list, via_link: bool = False,
+    stack: list, real: str = "",
 ) -> None:
-    """Classify one local entry: file → object, folder → stack, anything else → dead letter."""
+    """Classify one local entry: file → object, folder → stack (with its real path), anything else → dead letter."""
     if printable_path(path) != path:
         # Point ids, payloads and Arrow columns are UTF-8 text: such a name cannot be stored.
         dead.append(_dead(printable_path(path), "InvalidFileName",
@@ -170,7 +170,7 @@ def _local_entry(
         if key in ancestors:
             dead.append(_dead(path, "SymlinkLoop", "symlink loop: folder links back to one of its parents"))
         else:
-            stack.append((path, rel, ancestors | {key}, via_link))
+            stack.append((path, rel, ancestors | {key}, real))
         return
     if not stat.S_ISREG(st.st_mode):
         dead.append(_dead(path, "NotARegularFile", f"not a regular file ({_file_kind(st.st_mode)})"))
@@ -194,37 +194,49 @@ def _list_local(root: str, include: list[str] | None, exclude: list[str] | None)
         return objects, dead
     root_st = os.stat(root)
     root_real = os.path.realpath(root)
-    stack: list[tuple[str, str, frozenset[tuple[int, int]], bool]] = [
-        (root, "", frozenset({(root_st.st_dev, root_st.st_ino)}), False)]
+    # Each folder carries its real path: resolved once where a link leads into it, else its
+    # parent's joined with its name, so a tree without links costs no extra system call.
+    stack: list[tuple[str, str, frozenset[tuple[int, int]], str]] = [
+        (root, "", frozenset({(root_st.st_dev, root_st.st_ino)}), root_real)]
+    linked: dict[str, str] = {}  # object reached through a symlink -> its real path
+    direct: set[str] = set()  # the real paths of the objects listed where they are
     while stack:
-        folder, rel_folder, ancestors, via_link = stack.pop()
+        folder, rel_folder, ancestors, folder_real = stack.pop()
         try:
             with os.scandir(folder) as it:
-                entries = sorted(((entry.name, entry.is_symlink()) for entry in it))
+                entries = sorted(((entry.name, _is_link(entry)) for entry in it))
         except OSError as exc:
             dead.append(_dead(folder, type(exc).__name__, f"cannot list folder: {exc.strerror or exc}"))
             continue
         for name, is_link in entries:
             path = os.path.join(folder, name)
             rel = f"{rel_folder}/{name}" if rel_folder else name
-            link = via_link or is_link
+            real = os.path.realpath(path) if is_link else os.path.join(folder_real, name)
+            before = len(objects)
             if os.path.isdir(path):
                 if not _dir_excluded(rel, exclude):
-                    _local_entry(path, rel, ancestors, objects, dead, stack, link)
-            elif selected(rel, include, exclude) and not (link and _listed_at_its_real_path(path, root_real, include, exclude)):
-                _local_entry(path, rel, ancestors, objects, dead, stack, link)
+                    _local_entry(path, rel, ancestors, objects, dead, stack, real)
+            elif selected(rel, include, exclude):
+                _local_entry(path, rel, ancestors, objects, dead, stack, real)
+            if len(objects) > before:
+                if real == os.path.join(root_real, rel):
+                    direct.add(real)
+                else:
+                    linked[path] = real
+    if linked:
+        # A file the walk also listed at its real path inside the source ("latest -> photos/2024",
+        # "alias.txt -> a.txt") is kept there only: it would be stored twice. One reached only
+        # through a link (outside the source, excluded, or under a name that cannot be listed) stays.
+        objects = [o for o in objects if o.uri not in linked or linked[o.uri] not in direct]
     return objects, dead
 
 
-def _listed_at_its_real_path(path: str, root_real: str, include: list[str] | None, exclude: list[str] | None) -> bool:
-    """Whether a file reached through a symlink (its own or a folder's) is a file of the source that
-    the walk lists under its real path: then it is not listed twice ("latest -> photos/2024" would
-    store every photo twice). A link to a file outside the source, or to one the patterns leave
-    out, is listed where the link is."""
-    real = os.path.realpath(path)
-    if not real.startswith(root_real.rstrip(os.sep) + os.sep) or not os.path.isfile(real):
+def _is_link(entry: os.DirEntry) -> bool:
+    """Whether a folder entry is a symlink (False for one that vanished while listing)."""
+    try:
+        return entry.is_symlink()
+    except OSError:
         return False
-    return in_selection(os.path.relpath(real, root_real).replace(os.sep, "/"), include, exclude)
 
 
 def _as_timestamp(value: Any) -> float | None:
@@ -307,7 +319,8 @@ def _remote_uri(uri: str, fs: AbstractFileSystem, name: str) -> str:
     """Full URI (with the caller's scheme) of a backend path."""
     if "::" in uri:
         return fs.unstrip_protocol(name)
-    if "://" in name:  # http(s): the backend's paths are whole URLs
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    if {"http", "https"} & set(protocols):  # the http backend's paths are whole URLs; a key may hold "://"
         return name
     return f"{uri.split('://', 1)[0]}://{name}"
 
