@@ -494,14 +494,17 @@ def _account_stopped_run(report: RunReport, todo: list[Any], store: Store, exc: 
     except Exception as read_exc:  # the store may be down altogether
         stored = None
         report.error += f" (the store could not be read afterwards: {type(read_exc).__name__})"
+    finished: dict[str, str] = {}  # changed objects whose new version is all there beside old points
     for obj in todo:
         held = stored.get(obj.uri) if stored is not None else None
         # The sink's own count died with the run: count this version's points in the store instead.
         for modality, n in (held.points_of(obj.fingerprint) if held is not None else {}).items():
             report.points_written += n
             report.points_per_modality[modality] = report.points_per_modality.get(modality, 0) + n
-        if held is not None and held.fingerprint() == obj.fingerprint:
+        if held is not None and held.complete(obj.fingerprint):
             report.objects[obj.uri] = "ingested"
+            if held.fingerprint() != obj.fingerprint:
+                finished[obj.uri] = obj.fingerprint
             continue
         report.objects[obj.uri] = "failed"
         what = ("maybe not written (the store could not be checked)" if stored is None else
@@ -510,6 +513,13 @@ def _account_stopped_run(report: RunReport, todo: list[Any], store: Store, exc: 
         report.dead_letters.append({"uri": obj.uri, "position": None, "stage": "write",
                                     "error_type": cause,
                                     "message": f"{what}: the run stopped on {report.error}; re-run to finish"})
+    if finished:
+        # Their old version's surplus units (an object that changed to fewer units) would answer
+        # queries until the next run, which would then embed the whole object again.
+        try:
+            report.deleted_stale_objects = store.call_reopening("delete_stale", finished)
+        except Exception:  # the store is down: they stay incomplete, and the next run does them again
+            pass
 
 
 # Ray Data retries a batch whose actor died forever: a batch that keeps killing its actor would

@@ -15,7 +15,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence, TypeVar
 
 import numpy as np
@@ -348,6 +348,7 @@ class QdrantWriter:
             held = result.setdefault(str(uri), StoredObject({}, payload.get("object_units")))
             key = (str(fp), str(payload.get("modality") or ""))
             held.points[key] = held.points.get(key, 0) + 1
+            held.units.setdefault(str(fp), payload.get("object_units"))
         return result
 
     def _scroll(self, scroll_filter: models.Filter | None, fields: list[str]) -> Iterator[Any]:
@@ -384,6 +385,7 @@ class StoredObject:
 
     points: dict[tuple[str, str], int]
     expected: int | None
+    units: dict[str, int | None] = field(default_factory=dict)  # fingerprint -> its points' object_units
 
     def fingerprint(self) -> str:
         """The object's fingerprint if it is stored completely, else INCOMPLETE.
@@ -396,6 +398,12 @@ class StoredObject:
         if len(fps) == 1 and (self.expected is None or total >= int(self.expected)):
             return next(iter(fps))
         return INCOMPLETE
+
+    def complete(self, fingerprint: str) -> bool:
+        """Whether every unit of that version is stored (points of another version may be left too)."""
+        held = sum(self.points_of(fingerprint).values())
+        expected = self.units.get(fingerprint, self.expected)
+        return held > 0 and (expected is None or held >= int(expected))
 
     def points_of(self, fingerprint: str) -> dict[str, int]:
         """Points per modality stored under fingerprint."""

@@ -516,3 +516,43 @@ def test_a_failed_object_keeps_the_points_of_the_version_it_still_has(tmp_path):
         assert report.removed_failed_objects == 1  # other.mp4 changed, and its old points went
     finally:
         client.close()
+
+
+def test_a_stopped_run_counts_a_changed_object_whose_new_version_landed(tmp_path):
+    """An object changed from 3 units to 2, its 2 new points written, then the run stopped before
+    the old version's surplus unit was deleted: it is ingested, and that surplus point goes now."""
+    import numpy as np
+    from qdrant_client import QdrantClient
+
+    from operators.units import point_id
+    from pipelines.ingest import _account_stopped_run
+    from pipelines.report import RunReport
+    from sinks.qdrant_schema import CollectionSpec, ensure_collection
+    from sinks.qdrant_writer import PointRecord, QdrantWriter
+
+    client = QdrantClient(path=str(tmp_path / "qdrant"))
+    try:
+        ensure_collection(client, CollectionSpec("c", full_dim=8, mrl_dims=(4,)))
+        writer = QdrantWriter(client, "c")
+
+        class Direct:  # Store.call in server mode: the writer in this process
+            def call_reopening(self, method, *args):
+                return getattr(writer, method)(*args)
+
+        def points(uri, fingerprint, n):
+            return [PointRecord(point_id(uri, f"chunk={i}"), {"full": np.ones(8, np.float32),
+                                                                "mrl_4": np.ones(4, np.float32)},
+                                {"source_uri": uri, "fingerprint": fingerprint, "object_units": n, "modality": "text"})
+                    for i in range(n)]
+
+        done, half = "/src/done.txt", "/src/half.txt"
+        writer.upsert_points(points(done, "v1", 3) + points(half, "v1", 3))
+        writer.upsert_points(points(done, "v2", 2) + points(half, "v2", 3)[:1])  # then the run stopped
+        report = RunReport("r", "c", "/src", "m")
+        _account_stopped_run(report, [SourceObject(done, 1, "v2"), SourceObject(half, 1, "v2")], Direct(),
+                             KeyboardInterrupt())
+        assert report.objects == {done: "ingested", half: "failed"} and report.points_written == 3
+        assert report.deleted_stale_objects == 1
+        assert writer.fingerprints_by_uri() == {done: "v2", half: "incomplete"}
+    finally:
+        client.close()

@@ -375,6 +375,11 @@ def test_stored_objects_count_points_per_fingerprint_and_modality(client):
     assert StoredObject({("v2", "text"): 2}, 3).fingerprint() == INCOMPLETE
     assert StoredObject({("v2", "text"): 2, ("v2", "image"): 1}, 3).fingerprint() == "v2"
     assert StoredObject({("v2", "text"): 2, ("v2", "image"): 1}, 3).points_of("v2") == {"text": 2, "image": 1}
+    # A version complete beside another's surplus points (a changed object, a run stopped before
+    # its old units were deleted): complete at that version, though not one fingerprint.
+    both = StoredObject({("v1", "text"): 3, ("v2", "text"): 2}, 3, {"v1": 3, "v2": 2})
+    assert both.fingerprint() == INCOMPLETE and both.complete("v2") and both.complete("v1")
+    assert not StoredObject({("v2", "text"): 1}, 2, {"v2": 2}).complete("v2") and not both.complete("v3")
 
 
 # -- client factory ----------------------------------------------------------------
