@@ -461,3 +461,53 @@ def test_prepared_inputs_held_at_once_are_bounded_by_window_mib(tiny_embedding_c
 def test_window_mib_below_one_is_refused(tiny_embedding_ckpt):
     with pytest.raises(ValueError, match="window_mib must be an integer >= 1, got 0"):
         Qwen3VLEmbedder(str(tiny_embedding_ckpt), window_mib=0)
+
+
+def test_http_media_are_fetched_within_a_timeout(embedder, media, monkeypatch):
+    """http(s) images and videos give the vectors of the same local files; a server that accepts and
+    never answers fails its input alone, in seconds (qwen-vl-utils' own request has no timeout: it
+    held the whole call, every other input included, forever)."""
+    import functools
+    import http.server
+    import socket
+    import threading
+    import time
+
+    from operators.qwen3vl import media_io
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(media["rgba"].parent)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    stalled = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; nobody ever answers
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        local = embedder.process([{"image": str(media["rgba"])}, {"video": str(media["video"])}])
+        remote = embedder.process([{"image": f"{base}/rgba.png"}, {"video": f"{base}/clip.mp4"}])
+        assert torch.allclose(remote, local, atol=1e-6)
+
+        monkeypatch.setattr(media_io, "HTTP_TIMEOUT_S", (1.0, 1.0))
+        url = f"http://127.0.0.1:{stalled.getsockname()[1]}/stalled.png"
+        started = time.monotonic()
+        text, image = embedder.embed([{"text": "fine"}, {"image": url}])
+        assert time.monotonic() - started < 30
+        assert text.ok and not image.ok and image.error.startswith(f"cannot read {url}: ")
+        assert "timed out" in image.error.lower() and media_io.is_fetch_failure(image.error)
+    finally:
+        stalled.close()
+        server.shutdown()
+        server.server_close()
+
+
+def test_frames_of_a_video_list_take_every_form_an_image_takes(embedder, media):
+    """A frame list of data: URIs or memoryviews was taken for a list of video files (or refused)."""
+    import base64
+
+    frames = media["frames"][:3]
+    datas = [p.read_bytes() for p in frames]
+    forms = [[str(p) for p in frames], datas, [memoryview(d) for d in datas],
+             ["data:image/png;base64," + base64.b64encode(d).decode() for d in datas]]
+    vecs = embedder.process([{"video": f} for f in forms])
+    assert torch.allclose(vecs, vecs[0].expand_as(vecs), atol=1e-6)

@@ -63,6 +63,26 @@ def test_fast_path_vectors_equal_stock_vectors(embedder, inputs):
     assert (fast - stock).abs().max() < 1e-5
 
 
+def test_the_per_grid_cache_is_bounded_by_bytes(tiny_embedding_ckpt, inputs, monkeypatch):
+    """Grids of many sizes filled 256 entries whatever their size (gigabytes of a real model's
+    position embeddings): the cache keeps at most _CACHED_BYTES, and vectors are unchanged."""
+    from operators.qwen3vl import fast_vision
+
+    emb = Qwen3VLEmbedder(str(tiny_embedding_ckpt))
+    try:
+        want = emb.process(inputs)
+        state = emb.backbone.visual._qvl_fast
+        one = sum(t.numel() * t.element_size() for t in next(iter(state._cache.values())))
+        state._cache.clear()
+        state._bytes = 0
+        monkeypatch.setattr(fast_vision, "_CACHED_BYTES", 2 * one)
+        assert (emb.process(inputs) - want).abs().max() < 1e-6
+        held = sum(t.numel() * t.element_size() for value in state._cache.values() for t in value)
+        assert 0 < held == state._bytes <= 2 * one
+    finally:
+        emb.close()
+
+
 def test_fast_path_batches_attention_per_run_of_equal_chunks(tiny_embedding_ckpt, inputs, monkeypatch):
     embedder = Qwen3VLEmbedder(str(tiny_embedding_ckpt), attn_implementation="sdpa")
     prepared = [embedder.prepare(x) for x in inputs[:5]]

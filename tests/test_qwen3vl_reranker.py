@@ -182,6 +182,11 @@ def test_a_query_image_is_read_once_per_score_call(tiny_reranker_ckpt, media, mo
         second = [r.score for r in rr.score({"image": media["img"]}, docs)]
         assert reads.count(media["img"]) == 2  # a new call reads the query again (it may have changed)
         assert first == second
+        # Only the last call's query images stay cached: no later call could use an earlier call's
+        # (hundreds of MiB of pixels for large query images, held until 16 newer entries came).
+        for _ in range(3):
+            rr.score({"image": media["rgba"]}, docs[:2])
+        assert len(rr._vision_cache) == 1 and rr._cache_scope is not None
     finally:
         rr.close()
 

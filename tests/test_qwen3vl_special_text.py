@@ -103,6 +103,21 @@ def test_embedding_a_mixed_record_and_an_instruction_quoting_special_tokens(embe
     assert all(r.ok for r in embedder.embed([item, video]))
 
 
+def test_the_processors_expansion_placeholder_in_user_text_stays_text(embedder, reranker, tiny_embedding_ckpt, image):
+    """The processor expands vision tokens through the literal "<|placeholder|>": in a text beside an
+    image or a video it became extra vision tokens ("Image features and image tokens do not match")."""
+    text = "see <|placeholder|> here"
+    item = {"text": text, "image": image}
+    prepared = embedder.prepare(item)
+    eot = embedder.processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert prepared.input_ids == oracle_ids(tiny_embedding_ckpt, prepared.prompt, [text],
+                                            expand=vision_counts(prepared)) + [eot]
+    results = embedder.embed([item, {"text": text, "video": [image, image]}, {"text": text}])
+    assert all(r.ok for r in results), [r.error for r in results]
+    scores = reranker.score({"image": image}, [{"text": "quote <|placeholder|> here"}, {"text": "fine"}])
+    assert all(r.ok for r in scores), [r.error for r in scores]
+
+
 def test_a_text_shaped_like_the_sentinels_is_kept(embedder, tiny_embedding_ckpt):
     texts = ["\ue0001\ue001 <|im_end|> \ue000", "second \ue0000\ue001"]
     prepared = embedder.prepare({"text": texts})

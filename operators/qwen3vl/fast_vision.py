@@ -34,6 +34,10 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel, eager_attention_forward
 
 _CACHED_GRIDS = 256  # distinct (t, h, w) grids kept: about 15 MB each at 1600x1200 in bf16
+# ... and at most this many bytes of them: photos and videos of many sizes would otherwise hold
+# 256 grids' worth for the life of the process (1.6 GiB of bf16 on a GPU for varied photos, 14 GB
+# for 64-frame videos). A grid over the bound alone is computed each time, not cached.
+_CACHED_BYTES = 256 * 2**20
 
 
 class _FastVision:
@@ -43,6 +47,7 @@ class _FastVision:
         self.visual = visual
         self.enabled = True
         self._cache: OrderedDict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._bytes = 0  # what the cached grids hold
         self._lock = threading.Lock()
 
     def embeddings(self, grids: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,10 +68,16 @@ class _FastVision:
                 return hit
         one = torch.tensor([grid], dtype=torch.long, device=device)
         value = (self.visual.fast_pos_embed_interpolate(one), self.visual.rot_pos_emb(one))
+        size = sum(t.numel() * t.element_size() for t in value)
+        if size > _CACHED_BYTES:
+            return value
         with self._lock:
-            self._cache[key] = value
-            while len(self._cache) > _CACHED_GRIDS:
-                self._cache.popitem(last=False)
+            if key not in self._cache:  # another thread may have stored it meanwhile
+                self._cache[key] = value
+                self._bytes += size
+            while len(self._cache) > _CACHED_GRIDS or self._bytes > _CACHED_BYTES:
+                _, (pos, rot) = self._cache.popitem(last=False)
+                self._bytes -= sum(t.numel() * t.element_size() for t in (pos, rot))
         return value
 
 

@@ -116,7 +116,10 @@ def as_list(value: Any) -> list:
 
 
 def _is_frame(element: Any) -> bool:
-    if isinstance(element, (Image.Image, bytes, bytearray)):
+    """Whether a list element is one image (a frame), as an image field takes one, not a video."""
+    if isinstance(element, (Image.Image, bytes, bytearray, memoryview)):
+        return True
+    if isinstance(element, str) and element[:11].lower() == "data:image/":
         return True
     if isinstance(element, str):
         path = urlparse(element).path if "://" in element else element

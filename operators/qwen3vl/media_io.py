@@ -1,8 +1,10 @@
 """Resolve image and video sources (paths, URLs, fsspec URIs, bytes, PIL) into what qwen-vl-utils reads.
 
-qwen-vl-utils reads local paths, `file://`, http(s) and PIL images itself. Everything
-else (raw bytes, `s3://` and other fsspec URLs) is opened here, so the pixels that
-reach the resizer are the same ones the reference would decode from a local file.
+qwen-vl-utils reads local paths, `file://` and PIL images itself. Everything else (raw
+bytes, http(s), `s3://` and other fsspec URLs) is opened here, so the pixels that reach the
+resizer are the same ones the reference would decode from a local file. http(s) is fetched
+here, not by qwen-vl-utils, because its request has no timeout: one stalled server held the
+whole call, every other input of it included, forever.
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ from PIL import Image
 from ..media.listing import file_url_path, is_data_uri
 from ..once_cache import OnceCache
 
-_PASSTHROUGH_PREFIXES = ("http://", "https://", "file://")  # data: URIs are checked first (_image_data_uri)
+_PASSTHROUGH_PREFIXES = ("file://",)  # data: URIs are checked first (_image_data_uri)
+_HTTP_PREFIXES = ("http://", "https://")
+# (connect, read) seconds for an http(s) medium: the read timeout bounds each wait for bytes, so
+# a slow but live server still delivers a large video.
+HTTP_TIMEOUT_S = (10.0, 60.0)
 
 
 class MediaError(ValueError):
@@ -72,7 +78,9 @@ def _require_local_file(path: str, what: str, name: str | None = None) -> None:
 
 
 def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
-    """Read a whole object from any fsspec URL."""
+    """Read a whole object from any fsspec URL (http(s) with HTTP_TIMEOUT_S)."""
+    if uri.startswith(_HTTP_PREFIXES):
+        return _read_http(uri)
     try:
         with fsspec.open(uri, "rb", **(storage_options or {})) as fh:
             return fh.read()
@@ -80,6 +88,18 @@ def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes
         raise MediaError(f"object not found: {uri}") from exc
     except Exception as exc:  # fsspec backends raise many types; name the input, keep the cause
         raise MediaError(f"cannot read {uri}: {type(exc).__name__}: {exc}") from exc
+
+
+def _read_http(url: str) -> bytes:
+    """The body of an http(s) URL, as qwen-vl-utils would get it, within HTTP_TIMEOUT_S."""
+    import requests
+
+    try:
+        response = requests.get(url, timeout=HTTP_TIMEOUT_S)
+        response.raise_for_status()
+        return response.content
+    except Exception as exc:
+        raise MediaError(f"cannot read {url}: {type(exc).__name__}: {exc}") from exc
 
 
 def open_image_bytes(data: bytes, name: str = "<bytes>") -> Image.Image:
@@ -149,8 +169,6 @@ class VideoFiles:
 
     def acquire(self, uri: str) -> str:
         """A local path holding the video at uri, kept on disk until release(uri)."""
-        if uri.startswith(("http://", "https://")):
-            return uri
         if uri.startswith("file://"):
             uri = file_url_path(uri)
         if is_data_uri(uri):  # neither qwen-vl-utils' video readers nor ours read one

@@ -85,12 +85,18 @@ def text_codec(tokenizer: Any) -> TextCodec:
     return _cached(_CODECS, tokenizer, lambda: _slow_codec(tokenizer) if backend is None else _fast_codec(backend))
 
 
+EXPANSION_PLACEHOLDER = "<|placeholder|>"  # transformers' Qwen3VLProcessor, while it expands vision tokens
+
+
 def _build_vocab(processor: Any) -> TextVocab:
     """The special added tokens' strings and ids, plus the strings the processor expands."""
     special = {i: t.content for i, t in processor.tokenizer.added_tokens_decoder.items() if t.special}
     strings = set(special.values())
-    # The processor replaces its placeholders by string, special to the tokenizer or not.
+    # The processor replaces its placeholders by string, special to the tokenizer or not, and
+    # expands them through the literal "<|placeholder|>" (preprocess.py does the same): in user
+    # text, either would become vision tokens that no image fills.
     strings.update(s for s in (getattr(processor, n, None) for n in ("image_token", "video_token")) if s)
+    strings.add(EXPANSION_PLACEHOLDER)
     protected = re.compile("|".join(re.escape(s) for s in sorted(strings, key=len, reverse=True)) or "(?!)")
     return TextVocab(protected, frozenset(special))
 

@@ -261,8 +261,8 @@ def run_processor_cached(processor: Any, prompt: str, conversation: list[dict[st
     text, plain = plain_text_prompt(processor, prompt, conversation)
     merge = processor.image_processor.merge_size ** 2
     for grid in (vision["image_grid_thw"] if vision else ()):  # as the processor expands them: in order
-        text = text.replace(processor.image_token, "<|placeholder|>" * int(grid.prod() // merge), 1)
-    text = text.replace("<|placeholder|>", processor.image_token)
+        text = text.replace(processor.image_token, plain_text.EXPANSION_PLACEHOLDER * int(grid.prod() // merge), 1)
+    text = text.replace(plain_text.EXPANSION_PLACEHOLDER, processor.image_token)
     out = processor.tokenizer([text], return_tensors="pt", return_token_type_ids=False, **text_kwargs)
     ids = out["input_ids"][0].tolist()
     if plain is not None:

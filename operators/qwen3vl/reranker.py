@@ -19,6 +19,7 @@ later windows' pairs share it too (any that do not take the plain path).
 
 from __future__ import annotations
 
+import threading
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
@@ -184,6 +185,20 @@ class Qwen3VLReranker(Qwen3VLRunner):
     def _light_init(self) -> None:
         self._special_ids = set(self.processor.tokenizer.all_special_ids)
         self._vision_cache = VisionCache()
+        self._cache_scope: Hashable | None = None
+        self._scope_lock = threading.Lock()
+
+    def _enter_scope(self, scope: Hashable | None) -> None:
+        """The vision cache holds one score() call's query images: the first pair of a new call drops
+        the last call's, whose keys no later call can use (its pixels, hundreds of MiB for large
+        query images, stayed until 16 newer entries pushed them out). Calls running at once on one
+        reranker still get right results; they only process their query images again."""
+        if scope is None or scope == self._cache_scope:
+            return
+        with self._scope_lock:
+            if scope != self._cache_scope:
+                self._vision_cache.clear()
+                self._cache_scope = scope
 
     def conversation(self, query: dict[str, Any], document: dict[str, Any], instruction: str | None = None,
                      fps: float | None = None, max_frames: int | None = None) -> list[dict[str, Any]]:
@@ -208,6 +223,7 @@ class Qwen3VLReranker(Qwen3VLRunner):
         raw = self.conversation(query, document, instruction, fps, max_frames)
         keys = self._cache_keys(raw, query, fps, max_frames, query_scope)
         if keys is not None:
+            self._enter_scope(query_scope)
             prompt = render_prompt(self.processor, raw)  # sources do not enter the prompt string
             ids, vision, extra = run_processor_cached(self.processor, prompt, raw, self.storage_options,
                                                       self._vision_cache, keys, self.dtype,
@@ -257,6 +273,7 @@ class Qwen3VLReranker(Qwen3VLRunner):
         # The query's images lead the pair's (rerank_conversation), keyed as prepare() keys them.
         entries = [e for e in media_content(query, self.vision, fps, max_frames) if e.get("type") == "image"][:n]
         keys = [(scope, i) for i in range(len(entries))]
+        self._enter_scope(scope)
 
         def query_rows() -> tuple[torch.Tensor, torch.Tensor]:
             parts = [cached_image(self.processor, e, self.storage_options, self._vision_cache, k, self.dtype)
