@@ -31,9 +31,13 @@ def checkpoint(kind: str, size: str, path: str | None = None, dtype: str = "floa
     from operators.qwen3vl.checkpoint import build_checkpoint
 
     out = Path(path) if path else Path(tempfile.gettempdir()) / f"qvl-bench-{kind}-{size}-{dtype}"
-    if not (out / "config.json").exists():
+    # config.json is written before the weights: only the marker, written last, says a build ended
+    # (a run killed mid-build, then rerun on the same machine, would load a half-written one).
+    done = out / ".qvl-built"
+    if not done.exists():
         t0 = time.perf_counter()
         build_checkpoint(out, kind, size, seed=0, dtype=dtype, device=device)
+        done.write_text("ok\n")
         print(f"# built {kind}/{size} checkpoint in {out} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return str(out)
 

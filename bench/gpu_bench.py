@@ -12,17 +12,25 @@ Embedder, per workload (short texts, long texts, images at several resolutions, 
     on the GPU before collating the next (as before the vectors were fetched late);
   - forward only: the model on our batches, prepared, collated and already on the GPU, with
     the fast and with the stock vision tower; preparation alone.
-  Every path runs the workload once first (first-shape costs), then the best of 2 counts.
+  Every path runs the workload once first (first-shape costs), then the best of 2 (ours, the
+  baseline) or the one run after it (the other paths) counts. The baseline's batches are fixed at
+  16 items (--batch-size), not one forward over the whole list: for a mixed list that would pad
+  every item to the longest, so the baseline measured is the faster of the two.
   Reported: items/s, visual tokens/s (image/video placeholder tokens in the LLM sequence),
   text tokens/s (all other tokens), and the estimated fraction of the bf16 peak:
   FLOPs ~= 2 x (LLM parameters without the embedding table) x LLM tokens
-         + 2 x (vision tower parameters) x vision patches          (attention FLOPs ignored),
+         + 2 x (vision patch embedding and blocks) x patches + 2 x (mergers) x patches / 4
+         + attention: 4 n^2 d per vision layer per image or frame of n patches, 2 L^2 d per LLM
+           layer per sequence of L tokens (causal)                  (forward_flops),
   divided by time and by --peak-tflops (989: H100 SXM dense bf16; H200 has the same tensor cores).
+  Runs before 2026-12-07 ignored attention and ran the mergers per patch (run 3's fractions).
 Reranker, top-100 candidates for one query: ours (batched, shared prefix computed once),
 ours without prefix reuse, and one pair at a time (official): latency and max |score diff|.
 First: float32 exactness on the device vs the CPU (tiny checkpoints), and the measured bf16
 matrix-product rate. Figures are written to --out after every row, so a cut-short run keeps them.
-Repeat each attention implementation given (sdpa; flash_attention_2 too when flash_attn imports).
+Repeat each attention implementation given (sdpa; flash_attention_2 too when transformers finds it
+usable). Each section (an attention setting's embedder, its reranker, exactness) runs on when
+another fails: the failure is in the JSON's "errors" and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import json
 import random
 import tempfile
 import time
+import traceback
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
@@ -86,15 +95,38 @@ def workloads(root: Path, n: int, seed: int = 0) -> dict[str, list[dict]]:
     return out
 
 
-def param_counts(model: torch.nn.Module) -> tuple[int, int]:
-    """(LLM parameters without the embedding table, vision tower parameters)."""
-    llm = vis = 0
+def param_counts(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(LLM parameters without the embedding table, vision parameters run per patch (patch embedding
+    and blocks), vision merger parameters, run per merged token: one per 4 patches)."""
+    llm = vis = merge = 0
     for name, p in model.named_parameters():
         if ".visual." in f".{name}":
-            vis += p.numel()
+            if "merger" in name:
+                merge += p.numel()
+            elif "pos_embed" not in name:  # a table looked up, not multiplied
+                vis += p.numel()
         elif "language_model" in name and "embed_tokens" not in name:
             llm += p.numel()
-    return llm, vis
+    return llm, vis, merge
+
+
+def forward_flops(model: torch.nn.Module, prepared: list[Any], params: tuple[int, int, int]) -> float:
+    """Estimated FLOPs of one forward pass over prepared items: 2 per parameter per row it runs
+    on, plus attention (QK^T and AV, 4 n^2 d per layer over n attending rows: each image or video
+    frame attends to itself in the vision tower, each sequence causally (half) in the LLM)."""
+    p_llm, p_vis, p_merge = params
+    vcfg, tcfg = model.config.vision_config, model.config.text_config
+    head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
+    llm_width = tcfg.num_attention_heads * head_dim
+    flops = 0.0
+    for p in prepared:
+        flops += 2.0 * p_llm * p.num_tokens + 2.0 * tcfg.num_hidden_layers * p.num_tokens ** 2 * llm_width
+        for key in ("image_grid_thw", "video_grid_thw"):
+            for t, h, w in p.vision.get(key, torch.zeros((0, 3), dtype=torch.long)).tolist():
+                patches = t * h * w
+                flops += 2.0 * p_vis * patches + 2.0 * p_merge * patches / 4
+                flops += 4.0 * vcfg.depth * t * (h * w) ** 2 * vcfg.hidden_size
+    return flops
 
 
 def process_fetching_each_batch(emb: Qwen3VLEmbedder, items: list[dict]) -> Any:
@@ -119,9 +151,18 @@ def bench_embedder(ckpt: str, attn: str, device: str, dtype: str, items_by_workl
                    on_row: Callable[[], None] | None = None) -> list[dict[str, Any]]:
     emb = Qwen3VLEmbedder(ckpt, device=device, dtype=dtype, attn_implementation=attn,
                           prepare_processes=PREPARE_PROCESSES)
-    p_llm, p_vis = param_counts(emb.model)
-    print(f"# embedder {ckpt}: {p_llm / 1e9:.3f}B LLM (non-embedding) + {p_vis / 1e9:.3f}B vision parameters, "
-          f"attn {attn}, {emb.dtype}, {emb.device}", flush=True)
+    params = param_counts(emb.model)
+    print(f"# embedder {ckpt}: {params[0] / 1e9:.3f}B LLM (non-embedding) + {params[1] / 1e9:.3f}B vision "
+          f"(+ {params[2] / 1e9:.3f}B merger) parameters, attn {attn}, {emb.dtype}, {emb.device}", flush=True)
+    try:
+        return _embedder_rows(emb, attn, items_by_workload, peak_flops, batch_size, rows, on_row, params)
+    finally:
+        release(emb)  # a failed workload must not keep the model and its worker processes
+
+
+def _embedder_rows(emb: Qwen3VLEmbedder, attn: str, items_by_workload: dict[str, list[dict]], peak_flops: float,
+                   batch_size: int, rows: list[dict[str, Any]], on_row: Callable[[], None] | None,
+                   params: tuple[int, int, int]) -> list[dict[str, Any]]:
     pad_id = emb.processor.tokenizer.pad_token_id
     image_id = emb.model.config.image_token_id
     video_id = emb.model.config.video_token_id
@@ -130,7 +171,7 @@ def bench_embedder(ckpt: str, attn: str, device: str, dtype: str, items_by_workl
         llm_tokens = sum(p.num_tokens for p in prepared)
         visual = sum(sum(1 for t in p.input_ids if t in (image_id, video_id)) for p in prepared)
         patches = sum(p.num_patches for p in prepared)
-        flops = 2.0 * p_llm * llm_tokens + 2.0 * p_vis * patches
+        flops = forward_flops(emb.model, prepared, params)
         lengths = [p.num_tokens for p in prepared]
         batches = [{k: v.to(emb.device) for k, v in collate([prepared[i] for i in b], pad_id, "right").items()}
                    for b in token_budget_batches(lengths, emb.token_budget, emb.max_batch_items)]
@@ -156,9 +197,11 @@ def bench_embedder(ckpt: str, attn: str, device: str, dtype: str, items_by_workl
             return min(t for t, _ in runs), runs[-1][1]
 
         t_ref, ref = best(lambda: reference_embed_all(emb, items, batch_size))
+        emb.process(items)  # warm-up, outside the counters (the worker pool starts here)
         emb.stats.reset()
-        t_ours, ours = best(lambda: emb.process(items))
-        stats = {k: round(v / 3, 3) for k, v in vars(emb.stats).items()}  # per run
+        t_ours = min(timed(lambda: emb.process(items))[0] for _ in range(2))
+        ours = emb.process(items)
+        stats = {k: round(v / 3, 3) for k, v in vars(emb.stats).items()}  # per run: 3 runs counted
         procs, emb.prepare_processes = emb.prepare_processes, 0
         try:
             t_threads, _ = best(lambda: emb.process(items), repeats=1)
@@ -166,8 +209,8 @@ def bench_embedder(ckpt: str, attn: str, device: str, dtype: str, items_by_workl
             emb.prepare_processes = procs
         t_fetch_each, _ = best(lambda: process_fetching_each_batch(emb, items), repeats=1)
         t_fwd, _ = best(forward_only, repeats=1)
-        t_fwd_stock, _ = timed(lambda: forward_only(stock=True))
-        t_prep_pool, _ = timed(lambda: [f.result() for f in [emb.submit_prepare(x) for x in items]])
+        t_fwd_stock, _ = best(lambda: forward_only(stock=True), repeats=1)
+        t_prep_pool, _ = best(lambda: [f.result() for f in [emb.submit_prepare(x) for x in items]], repeats=1)
         diff = (ours - ref).abs().max().item()
         n = len(items)
         row = {"attn": attn, "workload": name, "items": n, "llm_tokens": llm_tokens, "visual_tokens": visual,
@@ -191,7 +234,6 @@ def bench_embedder(ckpt: str, attn: str, device: str, dtype: str, items_by_workl
         if on_row:
             on_row()
         del batches
-    release(emb)
     return rows
 
 
@@ -200,6 +242,14 @@ def bench_reranker(ckpt: str, attn: str, device: str, dtype: str, root: Path, n:
                    on_row: Callable[[], None] | None = None) -> list[dict[str, Any]]:
     rr = Qwen3VLReranker(ckpt, device=device, dtype=dtype, attn_implementation=attn,
                          prepare_processes=PREPARE_PROCESSES)
+    try:
+        return _reranker_rows(rr, attn, root, n, repeats, batch_sizes, rows, on_row)
+    finally:
+        release(rr)  # a failed scenario must not keep the model and its worker processes
+
+
+def _reranker_rows(rr: Qwen3VLReranker, attn: str, root: Path, n: int, repeats: int, batch_sizes: list[int],
+                   rows: list[dict[str, Any]], on_row: Callable[[], None] | None) -> list[dict[str, Any]]:
     default_batch = rr.max_batch_items
     rng = random.Random(1)
     images = C.write_images(root / "rerank", [(512, 512)] * n, seed=7)
@@ -249,7 +299,6 @@ def bench_reranker(ckpt: str, attn: str, device: str, dtype: str, root: Path, n:
             if on_row:
                 on_row()
     rr.max_batch_items = default_batch
-    release(rr)
     return rows
 
 
@@ -308,7 +357,7 @@ def main() -> None:
                     help="comma-separated attention implementations; auto = sdpa, plus flash_attention_2 if importable")
     ap.add_argument("--items", type=int, default=64, help="items per embedder workload")
     ap.add_argument("--candidates", type=int, default=100)
-    ap.add_argument("--repeats", type=int, default=2, help="repeats of our reranker timings (median)")
+    ap.add_argument("--repeats", type=int, default=2, help="repeats of our reranker timings (the best counts)")
     ap.add_argument("--batch-size", type=int, default=16, help="the baseline's fixed batch size")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the card (H100 SXM: 989)")
     ap.add_argument("--ckpt-dir", default=None, help="where to build/find the checkpoints (default: temp dir)")
@@ -331,16 +380,17 @@ def main() -> None:
         if not torch.cuda.is_available():
             raise SystemExit("no GPU: use --dry-run to check this script on CPU")
         device = "cuda"
-    attns = ["sdpa"]
-    if args.attn == "auto":
-        try:
-            import flash_attn  # noqa: F401
+    from transformers.utils import is_flash_attn_2_available
 
-            attns.append("flash_attention_2")
-        except ImportError:
-            pass
-    else:
-        attns = [a.strip() for a in args.attn.split(",") if a.strip()]
+    # transformers' own test, not "flash_attn imports": a build it rejects would fail at load.
+    flash = device == "cuda" and is_flash_attn_2_available()
+    attns = ["sdpa", "flash_attention_2"] if args.attn == "auto" else [a.strip() for a in args.attn.split(",")
+                                                                      if a.strip()]
+    if "flash_attention_2" in attns and not flash:
+        print("# flash_attention_2 is not available here (transformers.utils.is_flash_attn_2_available): "
+              "measured with sdpa only" if args.attn == "auto" else "# skipped: flash_attention_2 not available",
+              flush=True)
+        attns = [a for a in attns if a != "flash_attention_2"] or ["sdpa"]
 
     import transformers
 
@@ -350,7 +400,7 @@ def main() -> None:
     ckpt_root = Path(args.ckpt_dir) if args.ckpt_dir else Path(tempfile.gettempdir())
     peak = args.peak_tflops * 1e12
     results: dict[str, Any] = {"machine": C.machine(), "args": vars(args), "matmul_tflops": matmul_tflops(device),
-                               "exactness": {}, "embedder": [], "reranker": []}
+                               "exactness": {}, "embedder": [], "reranker": [], "errors": []}
     if results["matmul_tflops"]:
         print(f"# measured bf16 8192^3 matrix product: {results['matmul_tflops']:.0f} TFLOP/s", flush=True)
 
@@ -359,12 +409,22 @@ def main() -> None:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(results, indent=2, default=str))
 
+    def section(name: str, fn: Callable[[], Any]) -> None:
+        """Run one section; its failure is recorded and the next section still runs (device time is scarce)."""
+        try:
+            fn()
+        except Exception:
+            trace = traceback.format_exc()
+            print(f"# FAILED {name}:\n{trace}", flush=True)
+            results["errors"].append({"section": name, "traceback": trace})
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        save()
+
     try:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
-            if not args.skip_checks:
-                results["exactness"] = exactness_checks(ckpt_root, device, root)
-                save()
             save_dtype = "bfloat16" if args.dtype in ("bfloat16", "bf16") else "float32"
             t0 = time.perf_counter()
             ckpt_e = C.checkpoint("embedding", args.size, str(ckpt_root / f"qvl-embedding-{args.size}"), save_dtype,
@@ -372,19 +432,27 @@ def main() -> None:
             ckpt_r = C.checkpoint("reranker", args.size, str(ckpt_root / f"qvl-reranker-{args.size}"), save_dtype,
                                   device)
             print(f"# checkpoints ready in {time.perf_counter() - t0:.0f}s", flush=True)
-            if not args.skip_embedder:
-                items = workloads(root, args.items)
-                for attn in attns:
-                    bench_embedder(ckpt_e, attn, device, args.dtype, items, peak, args.batch_size,
-                                   results["embedder"], save)
-            if not args.skip_reranker:
-                batches = [int(b) for b in args.rerank_batches.split(",") if b.strip()]
-                for attn in attns:
-                    bench_reranker(ckpt_r, attn, device, args.dtype, root, args.candidates, args.repeats, batches,
-                                   results["reranker"], save)
+            items = workloads(root, args.items) if not args.skip_embedder else {}
+            batches = [int(b) for b in args.rerank_batches.split(",") if b.strip()]
+            # Each attention setting's embedder, then its reranker: the default (sdpa) is measured
+            # whole before an optional second setting, and exactness (no target rides on it) last.
+            for attn in attns:
+                if not args.skip_embedder:
+                    section(f"embedder {attn}", lambda: bench_embedder(
+                        ckpt_e, attn, device, args.dtype, items, peak, args.batch_size, results["embedder"], save))
+                if not args.skip_reranker:
+                    section(f"reranker {attn}", lambda: bench_reranker(
+                        ckpt_r, attn, device, args.dtype, root, args.candidates, args.repeats, batches,
+                        results["reranker"], save))
+            if not args.skip_checks:
+                section("exactness", lambda: results.__setitem__("exactness", exactness_checks(ckpt_root, device,
+                                                                                                 root)))
     finally:
         save()
         print_tables(results, args, device)
+    if results["errors"]:
+        raise SystemExit(f"{len(results['errors'])} section(s) failed: "
+                         + ", ".join(e["section"] for e in results["errors"]))
 
 
 def print_tables(results: dict[str, Any], args: argparse.Namespace, device: str) -> None:

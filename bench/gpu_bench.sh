@@ -4,7 +4,8 @@
 # The device image has its own torch/torchvision (fine) but transformers 5.x; the project pins
 # transformers 4.57.3 (model-contract.md), so carry these wheels (pure Python / abi3, ~15 MB):
 #   here, once:   bash bench/gpu_bench.sh --fetch-wheels      (pip download into .whl/, git-ignored)
-#   device tool:  run(command="bash bench/gpu_bench.sh", carry=[".whl"], timeout_s=540)
+#   device tool:  run(command="bash bench/gpu_bench.sh", carry=[".whl"], timeout_s=330)
+# (fetch in the checkout the device tool sends: its .whl/ is what `carry` names.)
 # Output: the tables on stdout, and $OUT/gpu_bench.json + $OUT/gpu_bench.log when $OUT is set.
 # Extra arguments go to gpu_bench.py (e.g. --items 48 --skip-reranker --peak-tflops 989).
 set -euo pipefail
@@ -22,13 +23,23 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
     exit 0
 fi
 
+trap 'echo "# gpu_bench.sh: ${SECONDS} s in all (the device tool'"'"'s timeout_s must leave room for a rerun)"' EXIT
+missing=()
+for wheel in "${WHEELS[@]}"; do
+    name=${wheel%%==*}; version=${wheel##*==}
+    compgen -G ".whl/${name//-/_}-${version}-*.whl" > /dev/null || missing+=("$wheel")
+done
+if (( ${#missing[@]} )) && [[ "${QVL_ALLOW_DEVICE_TRANSFORMERS:-}" != 1 ]]; then
+    # Without them the device's own transformers 5.x and no qwen-vl-utils: the run would fail at import,
+    # minutes of device time later. QVL_ALLOW_DEVICE_TRANSFORMERS=1 runs anyway.
+    echo "# gpu_bench.sh: .whl/ lacks ${missing[*]}: run 'bash bench/gpu_bench.sh --fetch-wheels' here and carry .whl" >&2
+    exit 1
+fi
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-else
-    echo "# WARNING: no .whl/ carried: running with the device's own transformers (the project pins 4.57.3)"
 fi
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
 python3 -c "import torch, transformers; print('# torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
 
@@ -36,4 +47,3 @@ OUT_DIR=${OUT:-/tmp/gpu_bench_out}
 mkdir -p "$OUT_DIR"
 # Checkpoints are built on the GPU (seconds) under /tmp: the 2B weights never travel.
 python3 bench/gpu_bench.py --ckpt-dir /tmp/qvl-gpu-ckpt --out "$OUT_DIR/gpu_bench.json" "$@" 2>&1 | tee "$OUT_DIR/gpu_bench.log"
-echo "# gpu_bench.sh: ${SECONDS} s in all (the device tool's timeout_s must leave room for a rerun)" | tee -a "$OUT_DIR/gpu_bench.log"
