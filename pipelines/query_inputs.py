@@ -176,7 +176,7 @@ def oversized_image(content: Mapping[str, Any], max_pixels: int,
 
     The same decompression-bomb guard as ingestion's: a query image is decoded in full by the
     embedder (and by every reranker pair), so a huge one must be refused before that. Each image
-    of a list is checked; http(s) URLs are left to qwen-vl-utils, which reads them itself.
+    of a list is checked; http(s) URLs are left to the embedder, which fetches them itself.
     """
     from PIL import Image
 
@@ -208,7 +208,7 @@ def model_ready_images(content: Mapping[str, Any], storage_options: Mapping[str,
 
 
 def _image_opener(image: Any, storage_options: Mapping[str, Any] | None) -> Callable[[], IO[bytes]] | None:
-    """How to open a query image's bytes here; None for a URL qwen-vl-utils reads itself, or a PIL image."""
+    """How to open a query image's bytes here; None for an http(s) URL (the embedder fetches it), or a PIL image."""
     from operators.media.listing import fs_for, is_local_uri, local_path
     from operators.media.reading import open_local_file
 

@@ -511,3 +511,12 @@ def test_frames_of_a_video_list_take_every_form_an_image_takes(embedder, media):
              ["data:image/png;base64," + base64.b64encode(d).decode() for d in datas]]
     vecs = embedder.process([{"video": f} for f in forms])
     assert torch.allclose(vecs, vecs[0].expand_as(vecs), atol=1e-6)
+    # Through preparation worker processes (a GPU's default), which cannot be handed a memoryview.
+    from operators.qwen3vl import Qwen3VLEmbedder
+
+    procs = Qwen3VLEmbedder(embedder.model_name_or_path, prepare_processes=1)
+    try:
+        got = procs.process([{"video": forms[2]}, {"image": memoryview(datas[0])}])
+    finally:
+        procs.close()
+    assert torch.allclose(got, embedder.process([{"video": forms[0]}, {"image": datas[0]}]), atol=1e-6)

@@ -102,6 +102,19 @@ def _read_http(url: str) -> bytes:
         raise MediaError(f"cannot read {url}: {type(exc).__name__}: {exc}") from exc
 
 
+def _stream_http(url: str, fh: Any) -> None:
+    """Write the body of an http(s) URL to fh in chunks, within HTTP_TIMEOUT_S per wait."""
+    import requests
+
+    try:
+        with requests.get(url, timeout=HTTP_TIMEOUT_S, stream=True) as response:
+            response.raise_for_status()
+            for chunk in response.iter_content(1 << 20):
+                fh.write(chunk)
+    except Exception as exc:
+        raise MediaError(f"cannot read {url}: {type(exc).__name__}: {exc}") from exc
+
+
 def open_image_bytes(data: bytes, name: str = "<bytes>") -> Image.Image:
     """Open encoded image bytes lazily, as Image.open would open a file."""
     try:
@@ -180,12 +193,13 @@ class VideoFiles:
 
     def release(self, uri: str) -> None:
         """One acquire(uri) is done with its path: the copy may be evicted again."""
-        # A source never held (a local file, a URL qwen-vl-utils reads itself) changes nothing.
+        # A source never held (a local file) changes nothing.
         self._copies.release(file_url_path(uri) if uri.startswith("file://") else uri)
 
     def _download(self, uri: str) -> str:
-        data = read_bytes(uri, self.storage_options)
-        suffix = os.path.splitext(uri)[1][:8]
+        http = uri.startswith(_HTTP_PREFIXES)
+        data = None if http else read_bytes(uri, self.storage_options)
+        suffix = os.path.splitext(uri.split("?", 1)[0] if http else uri)[1][:8]
         with self._dir_lock:
             if self._dir is None:
                 self._dir = tempfile.mkdtemp(prefix="qvl-video-")
@@ -193,8 +207,15 @@ class VideoFiles:
                 self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, ignore_errors=True)
             folder = self._dir
         fd, path = tempfile.mkstemp(dir=folder, suffix=suffix)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                if http:
+                    _stream_http(uri, fh)  # to disk as it arrives: a video is not held in memory
+                else:
+                    fh.write(data)
+        except BaseException:
+            os.remove(path)
+            raise
         return path
 
     def close(self) -> None:
