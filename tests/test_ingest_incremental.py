@@ -1,5 +1,6 @@
 """Incremental runs and --prune at their edges: partly failed objects, `~` sources, filters, unlisted files."""
 
+import contextlib
 import json
 import os
 import re
@@ -471,15 +472,14 @@ def test_max_expand_s_bounds_each_manifest_record_not_their_sum(tmp_path, tiny_e
     assert len(all_points(tmp_path / "qdrant")) == 8
 
 
-def test_a_failed_object_keeps_the_points_of_the_version_it_still_has(tmp_path):
-    """"Changed" also holds an object stored incomplete at its current version (a killed run, an
-    unreachable record). A run that then fails on it must delete only points of another version."""
+@contextlib.contextmanager
+def _writer_store(tmp_path):
+    """(a QdrantWriter on a fresh embedded collection, a Store stand-in running its calls on it, as
+    Store does in server mode), and points(uri, fingerprint, n, units) to write there."""
     import numpy as np
     from qdrant_client import QdrantClient
 
-    from pipelines.ingest import _account, _settle_and_replace
     from operators.units import point_id
-    from pipelines.report import RunReport
     from sinks.qdrant_schema import CollectionSpec, ensure_collection
     from sinks.qdrant_writer import PointRecord, QdrantWriter
 
@@ -488,18 +488,33 @@ def test_a_failed_object_keeps_the_points_of_the_version_it_still_has(tmp_path):
         ensure_collection(client, CollectionSpec("c", full_dim=8, mrl_dims=(4,)))
         writer = QdrantWriter(client, "c")
 
-        class Direct:  # Store.call in server mode: the writer in this process
+        class Direct:
             def call(self, method, *args):
                 return getattr(writer, method)(*args)
 
-        def points(uri, fingerprint, n, units):
-            return [PointRecord(point_id(uri, f"t={i}"),
+            call_reopening = call
+
+        def points(uri, fingerprint, n, units=None):
+            return [PointRecord(point_id(uri, f"chunk={i}"),
                                 {"full": np.ones(8, np.float32), "mrl_4": np.ones(4, np.float32)},
-                                {"source_uri": uri, "fingerprint": fingerprint, "object_units": units, "modality": "video"})
+                                {"source_uri": uri, "fingerprint": fingerprint, "object_units": units or n,
+                                 "modality": "text"})
                     for i in range(n)]
 
+        yield writer, Direct(), points
+    finally:
+        client.close()
+
+
+def test_a_failed_object_keeps_the_points_of_the_version_it_still_has(tmp_path):
+    """"Changed" also holds an object stored incomplete at its current version (a killed run, an
+    unreachable record). A run that then fails on it must delete only points of another version."""
+    from pipelines.ingest import _account, _settle_and_replace
+    from pipelines.report import RunReport
+
+    with _writer_store(tmp_path) as (writer, store, points):
         same, other = "/src/same.mp4", "/src/other.mp4"
-        writer.upsert_points(points(same, "v1", 9, 10) + points(other, "v1", 3, 3))  # same.mp4: 9 of 10 written
+        writer.upsert_points(points(same, "v1", 9, 10) + points(other, "v1", 3))  # same.mp4: 9 of 10 written
         objects = [SourceObject(same, 100, "v1"), SourceObject(other, 100, "v2")]
         plan = plan_objects(objects, writer.fingerprints_by_uri(), "/src/")
         assert plan.changed == {same: "v1", other: "v2"}
@@ -509,50 +524,26 @@ def test_a_failed_object_keeps_the_points_of_the_version_it_still_has(tmp_path):
                  "error_message": "503 Slow Down"} for u in (same, other)]
         summary = {"objects": failed, "dead": dead}
         _account(report, summary)
-        _settle_and_replace(report, summary, plan, Direct())
+        _settle_and_replace(report, summary, plan, store)
 
         held = writer.stored_objects(by_modality=False)
         assert sorted(held) == [same] and held[same].points == {("v1", ""): 9}
         assert report.removed_failed_objects == 1  # other.mp4 changed, and its old points went
-    finally:
-        client.close()
 
 
 def test_a_stopped_run_counts_a_changed_object_whose_new_version_landed(tmp_path):
     """An object changed from 3 units to 2, its 2 new points written, then the run stopped before
     the old version's surplus unit was deleted: it is ingested, and that surplus point goes now."""
-    import numpy as np
-    from qdrant_client import QdrantClient
-
-    from operators.units import point_id
     from pipelines.ingest import _account_stopped_run
     from pipelines.report import RunReport
-    from sinks.qdrant_schema import CollectionSpec, ensure_collection
-    from sinks.qdrant_writer import PointRecord, QdrantWriter
 
-    client = QdrantClient(path=str(tmp_path / "qdrant"))
-    try:
-        ensure_collection(client, CollectionSpec("c", full_dim=8, mrl_dims=(4,)))
-        writer = QdrantWriter(client, "c")
-
-        class Direct:  # Store.call in server mode: the writer in this process
-            def call_reopening(self, method, *args):
-                return getattr(writer, method)(*args)
-
-        def points(uri, fingerprint, n):
-            return [PointRecord(point_id(uri, f"chunk={i}"), {"full": np.ones(8, np.float32),
-                                                                "mrl_4": np.ones(4, np.float32)},
-                                {"source_uri": uri, "fingerprint": fingerprint, "object_units": n, "modality": "text"})
-                    for i in range(n)]
-
+    with _writer_store(tmp_path) as (writer, store, points):
         done, half = "/src/done.txt", "/src/half.txt"
         writer.upsert_points(points(done, "v1", 3) + points(half, "v1", 3))
         writer.upsert_points(points(done, "v2", 2) + points(half, "v2", 3)[:1])  # then the run stopped
         report = RunReport("r", "c", "/src", "m")
-        _account_stopped_run(report, [SourceObject(done, 1, "v2"), SourceObject(half, 1, "v2")], Direct(),
+        _account_stopped_run(report, [SourceObject(done, 1, "v2"), SourceObject(half, 1, "v2")], store,
                              KeyboardInterrupt())
         assert report.objects == {done: "ingested", half: "failed"} and report.points_written == 3
         assert report.deleted_stale_objects == 1
         assert writer.fingerprints_by_uri() == {done: "v2", half: "incomplete"}
-    finally:
-        client.close()
