@@ -175,6 +175,17 @@ def normalise_corpus_id(corpus_id: str, base: str | None = None) -> str:
         return str(uuid.uuid5(POINT_NAMESPACE, name))
 
 
+# The words a qrels header calls its third column with (BEIR writes "score").
+_HEADER_WORDS = frozenset({"score", "scores", "relevance", "rel", "grade", "label", "judgment", "judgement"})
+
+
+def _is_header_score(score: str) -> bool:
+    """Whether a first line's third field names the column ("score", "relevance-score"): an empty,
+    mistyped ("1O") or worded ("yes") grade is a judgement to report, not a header to skip."""
+    words = re.findall(r"[a-z]+", score.lower())
+    return bool(words) and not any(ch.isdigit() for ch in score) and all(w in _HEADER_WORDS for w in words)
+
+
 def parse_qrels(text: str, where: str = "qrels", base: str | None = None,
                 names: MutableMapping[str, str] | None = None) -> dict[str, dict[str, float]]:
     """BEIR qrels TSV: ``query-id<TAB>corpus-id<TAB>score`` per line, after an optional header line.
@@ -200,8 +211,8 @@ def parse_qrels(text: str, where: str = "qrels", base: str | None = None,
         try:
             grade = float(score)
         except ValueError:
-            if is_first and not any(ch.isdigit() for ch in score):
-                continue  # the header line ("score"); "1O" is a mistyped grade, not a header
+            if is_first and _is_header_score(score):
+                continue  # the header line ("score"); an empty or mistyped grade ("yes", "1O") is not one
             raise ValueError(f"{where} line {n}: score {score!r} is not a number") from None
         if not math.isfinite(grade):  # nan/inf would turn every mean into nan
             raise ValueError(f"{where} line {n}: score {score!r} is not a finite number")

@@ -81,6 +81,10 @@ def test_a_mistyped_first_grade_is_an_error_not_a_header():
     with pytest.raises(ValueError, match=r"q\.tsv line 1: score '1O' is not a number"):
         parse_qrels("q1\td1#image\t1O\nq2\td2#image\t1\n", "q.tsv")
     assert list(parse_qrels("query-id\tcorpus-id\trelevance-score\nq1\td1#image\t1\n")) == ["q1"]
+    # An empty or worded grade on line 1 was skipped as a header too.
+    for grade in ("", "yes"):
+        with pytest.raises(ValueError, match=rf"line 1: score '{grade}' is not a number"):
+            parse_qrels(f"q1\td1#image\t{grade}\nq2\td2#image\t1\n")
 
 
 def test_qrels_lines_break_at_newlines_only():
