@@ -28,15 +28,12 @@ METRIC_LABELS = {"ndcg@10": "nDCG@10", "recall@10": "Recall@10", "recall@100": "
 # -- argument helpers ---------------------------------------------------------------------
 
 
-def _text_constant(constant: str) -> Any:
-    """NaN and Infinity are not JSON: such a filter value is text."""
-    raise ValueError(constant)
-
-
 def parse_filter_args(items: Sequence[str]) -> dict[str, Any]:
     """``key=value`` strings into a filters dict. A value that parses as JSON (numbers, true/false,
     "quoted strings", a list of these: any of them) is used as such, anything else as text; a
     repeated key matches any of its values."""
+    from .query_files import not_json_constant
+
     filters: dict[str, Any] = {}
     for item in items or []:
         key, sep, text = item.partition("=")
@@ -44,8 +41,8 @@ def parse_filter_args(items: Sequence[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ValueError(f"--filter {item!r}: expected key=value")
         try:
-            value = json.loads(text, parse_constant=_text_constant)
-        except ValueError:  # JSONDecodeError included
+            value = json.loads(text, parse_constant=not_json_constant)
+        except ValueError:  # JSONDecodeError included; NaN and Infinity, which JSON has not, are text
             value = text
         if value is None:  # "null" as a filter value is that text (None would drop the condition)
             value = text

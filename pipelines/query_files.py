@@ -183,7 +183,7 @@ def decode_text(data: bytes, path: str) -> str:
         raise QueryInputError(f"{path} line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x})") from None
 
 
-def _not_json(constant: str) -> Any:
+def not_json_constant(constant: str) -> Any:
     """Python's json reads NaN and Infinity, which JSON has not: a NaN filter value would be dropped
     as absent and the query run unfiltered."""
     raise ValueError(f"{constant} is not a JSON value")
@@ -212,7 +212,7 @@ def read_queries(path: str, storage_options: dict[str, Any] | None = None) -> li
         for n, line in enumerate(decode_text(data, path).split("\n"), start=1):
             if line.strip():
                 try:
-                    records.append((n, json.loads(line, parse_constant=_not_json)))
+                    records.append((n, json.loads(line, parse_constant=not_json_constant)))
                 except json.JSONDecodeError as exc:
                     raise QueryInputError(f"{path} line {n}: invalid JSON: {exc.msg}") from None
                 except ValueError as exc:

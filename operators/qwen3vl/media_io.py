@@ -80,7 +80,9 @@ def _require_local_file(path: str, what: str, name: str | None = None) -> None:
 def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
     """Read a whole object from any fsspec URL (http(s) with HTTP_TIMEOUT_S)."""
     if uri.startswith(_HTTP_PREFIXES):
-        return _read_http(uri)
+        buf = io.BytesIO()
+        _stream_http(uri, buf)
+        return buf.getvalue()
     try:
         with fsspec.open(uri, "rb", **(storage_options or {})) as fh:
             return fh.read()
@@ -88,18 +90,6 @@ def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes
         raise MediaError(f"object not found: {uri}") from exc
     except Exception as exc:  # fsspec backends raise many types; name the input, keep the cause
         raise MediaError(f"cannot read {uri}: {type(exc).__name__}: {exc}") from exc
-
-
-def _read_http(url: str) -> bytes:
-    """The body of an http(s) URL, as qwen-vl-utils would get it, within HTTP_TIMEOUT_S."""
-    import requests
-
-    try:
-        response = requests.get(url, timeout=HTTP_TIMEOUT_S)
-        response.raise_for_status()
-        return response.content
-    except Exception as exc:
-        raise MediaError(f"cannot read {url}: {type(exc).__name__}: {exc}") from exc
 
 
 def _stream_http(url: str, fh: Any) -> None:

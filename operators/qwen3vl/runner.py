@@ -69,26 +69,15 @@ def check_inputs(items: Any, what: str) -> Sequence[Any]:
     return items
 
 
-def _picklable(arg: Any) -> Any:
-    """An input as a worker process can receive it: memoryviews (an image, or a frame of a video's
-    list) as bytes, which they stand for; pickle refuses a memoryview."""
-    if not isinstance(arg, Mapping):
-        return arg
-    out = dict(arg)
-    for key in ("image", "video"):
-        value = out.get(key)
-        if isinstance(value, memoryview):
-            out[key] = bytes(value)
-        elif isinstance(value, (list, tuple)):
-            out[key] = [_picklable_media(v) for v in value]
-    return out
-
-
-def _picklable_media(value: Any) -> Any:
+def _picklable(value: Any) -> Any:
+    """An input's image and video values as a worker process can receive them: memoryviews (an
+    image, or a frame of a video's list) as bytes, which they stand for; pickle refuses a memoryview."""
     if isinstance(value, memoryview):
         return bytes(value)
-    if isinstance(value, (list, tuple)):  # a list of videos, each a list of frames
-        return [bytes(v) if isinstance(v, memoryview) else v for v in value]
+    if isinstance(value, Mapping):
+        return {k: _picklable(v) if k in ("image", "video") else v for k, v in value.items()}
+    if isinstance(value, (list, tuple)):  # images, frames, or videos each a list of frames
+        return [_picklable(v) for v in value]
     return value
 
 
@@ -210,7 +199,7 @@ class Qwen3VLRunner:
                                                        fallback=lambda *a: self._pool.submit(self._safe_prepare, *a),
                                                        attach=self.attach_shared)
                 processes = self._processes
-            return processes.submit(*(_picklable(a) for a in args))
+            return processes.submit(*(_picklable(a) if isinstance(a, Mapping) else a for a in args))
         return self._pool.submit(self._safe_prepare, *args)
 
     def detach_shared(self, item: Prepared, args: tuple[Any, ...]) -> tuple[Prepared, Any]:
