@@ -2,7 +2,8 @@
 
 A file that crashes a native decoder (PDFium, FFmpeg, decord, Pillow's C code) kills the whole worker
 process, not just a Python call: no ``except`` can catch it. Ray retries the task (expansion: forever,
-Ray Data's default; embedding: a few times, then the run stops), and every retry dies on the same file.
+Ray Data's default; embedding and reranking: a bounded number of times, then the job stops), and every
+retry dies on the same file.
 
 The journal breaks that loop at the cost of one extra retry per bad file, wherever the retry runs:
 
@@ -16,6 +17,11 @@ The journal breaks that loop at the cost of one extra retry per bad file, wherev
 
 Only an attempt that already follows a crash names items, so one worker death that no item caused
 (a node lost, a one-off OOM kill) blames nothing; it takes two deaths on the same item.
+
+Every death of a careful attempt names a new item, however many bad items a task holds, so a task
+needs at most one retry per item, plus one. A careful attempt that dies while reading no item named
+nothing: after FRUITLESS_DEATHS of those, the next attempt leaves out every item it has not read
+yet (as dead letters), so that the job goes on instead of retrying forever.
 
 A decoder that hangs instead of crashing would stall the job forever (Ray has no task timeouts). A
 guard with a time limit arms this process's watchdog around each item (an attribute write, no call):
@@ -48,6 +54,9 @@ _log = logging.getLogger(__name__)
 CRASH_ERROR_TYPE = "WorkerCrashed"
 TIMEOUT_ERROR_TYPE = "WorkerTimedOut"
 _CRASHED = "crashed"  # the journal's reason for an item that killed a worker; "timeout:<s>" for a hang
+# Careful attempts that may die reading no item before a task gives up on its items (see above).
+FRUITLESS_DEATHS = 3
+_FRUITLESS = "fruitless"  # the reason for an item left out after FRUITLESS_DEATHS such deaths
 # A journal call is one dict update: an answer this late means the journal is lost (or still restarting).
 JOURNAL_TIMEOUT_S = 30.0
 
@@ -65,6 +74,10 @@ def skip_letter(reason: str, doing: str, setting: str | None = None) -> tuple[st
         limit = f"{setting}={seconds} s" if setting else f"{seconds} s"
         return TIMEOUT_ERROR_TYPE, (f"{doing} it took longer than {limit} (a hung decoder?): its worker process "
                                     "was stopped, and it was skipped so that its neighbours could go on")
+    if reason == _FRUITLESS:
+        return CRASH_ERROR_TYPE, (f"its worker process died {FRUITLESS_DEATHS + 1} times on retries of its task "
+                                  "while reading no item (out of memory, or a lost node?): the items not yet read "
+                                  "were left out so that the job could go on; re-run to retry them")
     return CRASH_ERROR_TYPE, crash_message(doing)
 
 
@@ -73,6 +86,8 @@ class _Task:
     attempts: int = 0
     current: str | None = None  # the item a careful attempt is reading now
     skipped: dict[str, str] = field(default_factory=dict)  # item -> why: _CRASHED or "timeout:<s>"
+    named: int = 0  # len(skipped) when the last attempt began: a careful attempt that died named none if equal
+    fruitless: int = 0  # careful attempts that died naming no item
 
 
 class CrashJournal:
@@ -81,14 +96,18 @@ class CrashJournal:
     def __init__(self) -> None:
         self._tasks: dict[str, _Task] = {}
 
-    def begin(self, task: str) -> tuple[int, dict[str, str]]:
-        """Start an attempt of `task`: (its attempt number from 0, {item: why} for the items to leave out)."""
+    def begin(self, task: str) -> tuple[int, dict[str, str], int]:
+        """Start an attempt of `task`: (its attempt number from 0, {item: why} for the items to leave out,
+        how many careful attempts died naming no item)."""
         rec = self._tasks.setdefault(task, _Task())
         if rec.current is not None:  # the last attempt died reading this item
             rec.skipped.setdefault(rec.current, _CRASHED)
             rec.current = None
+        if rec.attempts >= 2 and len(rec.skipped) == rec.named:  # the last attempt was careful, and blamed nothing
+            rec.fruitless += 1
+        rec.named = len(rec.skipped)
         attempt, rec.attempts = rec.attempts, rec.attempts + 1
-        return attempt, dict(rec.skipped)
+        return attempt, dict(rec.skipped), rec.fruitless
 
     def timed_out(self, task: str, item: str, seconds: float) -> None:
         """`item` of `task` ran past its limit; its process is about to be killed."""
@@ -113,6 +132,13 @@ class CrashJournal:
     def tasks(self) -> int:
         """Tasks begun and not ended (for tests)."""
         return len(self._tasks)
+
+
+def retries_needed(items: int) -> int:
+    """How many retries a journalled task of `items` items may take before every item is read or left out."""
+    # The first death names nothing; each careful one names a new item, or counts as fruitless; one spare
+    # for a journal restarted in between (its records lost).
+    return 1 + items + FRUITLESS_DEATHS + 1
 
 
 def start_journal() -> ray.actor.ActorHandle:
@@ -214,9 +240,10 @@ class TaskGuard:
         self.task = task
         self.limit_s = limit_s
         self.setting = setting
-        self.attempt, self.skipped = 0, {}  # unguarded until the journal answers: skip nothing, name nothing
+        # Unguarded until the journal answers: skip nothing, name nothing.
+        self.attempt, self.skipped, self.fruitless = 0, {}, 0
         try:
-            self.attempt, self.skipped = _call(journal.begin, task)
+            self.attempt, self.skipped, self.fruitless = _call(journal.begin, task)
         except Exception as exc:  # the journal is advice: its loss must not fail the task
             self._lose(exc)
 
@@ -231,12 +258,12 @@ class TaskGuard:
         return self.attempt > 0
 
     def skip(self, item: str) -> bool:
-        """True when `item` killed (or hung) an earlier attempt: leave it unread."""
-        return item in self.skipped
+        """True when `item` killed (or hung) an earlier attempt, or attempts keep dying on no item: leave it unread."""
+        return item in self.skipped or self.fruitless >= FRUITLESS_DEATHS
 
     def letter(self, item: str, doing: str) -> tuple[str, str]:
         """(error type, message) of the dead letter for a skipped item."""
-        return skip_letter(self.skipped[item], doing, self.setting)
+        return skip_letter(self.skipped.get(item, _FRUITLESS), doing, self.setting)
 
     @contextlib.contextmanager
     def reading(self, item: str) -> Iterator[None]:

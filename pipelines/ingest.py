@@ -36,7 +36,7 @@ from typing import Any, Callable
 import ray
 from ray.data.exceptions import SystemException
 
-from operators.crash_journal import start_journal, stop_journal
+from operators.crash_journal import retries_needed, start_journal, stop_journal
 from operators.embed_stage import EmbedStage
 from operators.expand_stage import expand_work
 from operators.expand_work import RECORDS_PER_TASK
@@ -523,19 +523,19 @@ def _account_stopped_run(report: RunReport, todo: list[Any], store: Store, exc: 
 
 
 # Ray Data retries a batch whose actor died forever: a batch that keeps killing its actor would
-# loop. A unit that crashes or hangs a decoder costs at most two retries (the crash journal names
-# it, then it is skipped), so five leave room for an unrelated death or two.
+# loop. A stage without a crash journal gets five retries, room for an unrelated death or two;
+# one with a journal gets retries_needed(batch size): every unit in it may crash a decoder.
 BATCH_RETRIES = 5
 
 
-def map_on_actor_pool(ds: Any, fn: type, *, actors: int, **kwargs: Any) -> Any:
+def map_on_actor_pool(ds: Any, fn: type, *, actors: int, retries: int = BATCH_RETRIES, **kwargs: Any) -> Any:
     """ds.map_batches(fn) on a fixed pool of `actors` actors, restarted when they die; a batch is
-    retried at most BATCH_RETRIES times."""
+    retried at most `retries` times."""
     with warnings.catch_warnings():
         # Ray 2.60 deprecates extra remote args but names no parameter for actor retries yet.
         warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
         return ds.map_batches(fn, compute=ray.data.ActorPoolStrategy(size=actors), max_restarts=-1,
-                              max_task_retries=BATCH_RETRIES, **kwargs)
+                              max_task_retries=retries, **kwargs)
 
 
 def may_outgrow_a_batch(todo: list[Any], cfg: Config, split: Collection[str] = (),
@@ -598,7 +598,7 @@ def _run_stages(cfg: Config, todo: list[Any], spec: CollectionSpec, store: Store
     # A crashed or killed embedding actor is restarted and its in-flight batch retried (upserts are
     # idempotent: a retried batch never duplicates).
     ds = map_on_actor_pool(
-        ds, EmbedStage, actors=pool.actors,
+        ds, EmbedStage, actors=pool.actors, retries=retries_needed(cfg.compute.batch_size),
         fn_constructor_kwargs=dict(model=cfg.embedder.model, mrl_dims=list(cfg.embedder.mrl_dims),
                                    embedder_kwargs={**embedder_kwargs(cfg, storage_options), "revision": revision},
                                    crash_journal=journal, max_batch_s=cfg.limits.max_embed_batch_s),

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from operators.crash_journal import TaskGuard, batch_key, reading, start_journal, stop_journal
+from operators.crash_journal import TaskGuard, batch_key, reading, retries_needed, start_journal, stop_journal
 from sinks.qdrant_client_factory import make_client
 
 from .actor_fit import ActorPool, check_pools_fit
@@ -255,9 +255,11 @@ def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | No
                                    batch_format="numpy", num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor)
             if rerank:
                 journal = start_journal()  # a query whose candidate crashes or hangs a decoder fails alone
+                per_batch = max(1, min(size, 4))
                 ds = map_on_actor_pool(ds, RerankStage, actors=rerank_actors, fn_constructor_args=(actor_cfg, top_n),
                                        fn_constructor_kwargs=dict(crash_journal=journal),
-                                       batch_size=max(1, min(size, 4)), batch_format="numpy", num_gpus=gpus,
+                                       retries=retries_needed(per_batch),
+                                       batch_size=per_batch, batch_format="numpy", num_gpus=gpus,
                                        num_cpus=cfg.compute.cpus_per_actor)
             else:
                 ds = vector_results(ds, top_n)

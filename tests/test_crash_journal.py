@@ -5,15 +5,15 @@ import time
 
 import ray
 
-from operators.crash_journal import (CRASH_ERROR_TYPE, TIMEOUT_ERROR_TYPE, CrashJournal, TaskGuard, batch_key,
-                                     current_task_id, start_journal)
+from operators.crash_journal import (CRASH_ERROR_TYPE, FRUITLESS_DEATHS, TIMEOUT_ERROR_TYPE, CrashJournal, TaskGuard,
+                                     batch_key, crash_message, current_task_id, retries_needed, start_journal)
 
 
 def test_a_first_attempt_names_nothing_and_blames_nothing():
     journal = CrashJournal()
-    assert journal.begin("t") == (0, {})
+    assert journal.begin("t") == (0, {}, 0)
     # The first attempt died (it named no item): the retry is careful, and skips nothing yet.
-    assert journal.begin("t") == (1, {})
+    assert journal.begin("t") == (1, {}, 0)
 
 
 def test_the_item_a_careful_attempt_died_on_is_skipped_by_the_next():
@@ -23,17 +23,39 @@ def test_the_item_a_careful_attempt_died_on_is_skipped_by_the_next():
     journal.enter("t", "a")
     journal.leave("t", "a")
     journal.enter("t", "b")  # ... and it died here
-    assert journal.begin("t") == (2, {"b": "crashed"})
+    assert journal.begin("t") == (2, {"b": "crashed"}, 0)
     journal.enter("t", "c")  # attempt 2 died on another item: both are skipped from then on
-    assert journal.begin("t") == (3, {"b": "crashed", "c": "crashed"})
-    assert journal.begin("t") == (4, {"b": "crashed", "c": "crashed"})  # died outside any item: nothing new
+    assert journal.begin("t") == (3, {"b": "crashed", "c": "crashed"}, 0)
+    assert journal.begin("t") == (4, {"b": "crashed", "c": "crashed"}, 1)  # died outside any item: fruitless
 
 
 def test_an_item_that_ran_past_its_limit_is_skipped_at_once():
     journal = CrashJournal()
     journal.begin("t")
     journal.timed_out("t", "slow", 2.5)  # a first attempt's watchdog names the item itself
-    assert journal.begin("t") == (1, {"slow": "timeout:2.5"})
+    assert journal.begin("t") == (1, {"slow": "timeout:2.5"}, 0)
+
+
+def test_careful_attempts_dying_on_no_item_leave_out_every_item_left():
+    """However many items crash their worker, each death names one and the task goes on; deaths that name
+    none (out of memory between items, a lost node) are bounded: then every unread item is a dead letter."""
+    journal = CrashJournal()
+    journal.begin("t")  # died: a first attempt names nothing, which is no fault
+    for i in range(10):  # ten bad items, one death each: all progress
+        journal.enter("t", f"bad{i}")
+        attempt, skipped, fruitless = journal.begin("t")
+        assert (len(skipped), fruitless) == (i + 1, 0)
+    for n in range(1, FRUITLESS_DEATHS + 1):  # careful attempts that died reading nothing
+        attempt, skipped, fruitless = journal.begin("t")
+        assert fruitless == n
+    assert attempt == 10 + FRUITLESS_DEATHS
+    assert attempt <= retries_needed(10)  # the pool's retry budget covers the worst case
+    guard = TaskGuard.__new__(TaskGuard)  # the journal's answer as a guard sees it
+    guard.skipped, guard.fruitless, guard.setting = skipped, fruitless, None
+    assert guard.skip("bad3") and guard.skip("never read")
+    error_type, message = guard.letter("never read", "embedding")
+    assert error_type == CRASH_ERROR_TYPE and "reading no item" in message and "re-run" in message
+    assert guard.letter("bad3", "embedding")[1] == crash_message("embedding")
 
 
 def test_tasks_are_kept_apart_and_forgotten_when_they_end():
@@ -42,9 +64,9 @@ def test_tasks_are_kept_apart_and_forgotten_when_they_end():
     journal.begin("u")
     journal.begin("u")
     journal.enter("u", "x")
-    assert journal.begin("t") == (1, {})
+    assert journal.begin("t") == (1, {}, 0)
     journal.end("u")
-    assert journal.begin("u") == (0, {})
+    assert journal.begin("u") == (0, {}, 0)
     assert journal.tasks() == 2
 
 
@@ -61,7 +83,7 @@ def test_a_guard_names_items_only_after_a_crash(ray_local):
         assert not first.careful
         with first.reading("a"):  # not named: a first attempt costs one call in all
             pass
-        assert ray.get(journal.begin.remote("task")) == (1, {})
+        assert ray.get(journal.begin.remote("task")) == (1, {}, 0)
 
         careful = TaskGuard(journal, "task")  # attempt 2
         assert careful.careful and not careful.skip("a")
@@ -87,7 +109,7 @@ def test_an_exception_while_reading_is_not_a_crash(ray_local):
                 raise ValueError("a Python error, caught by the caller")
         except ValueError:
             pass
-        assert ray.get(journal.begin.remote("task")) == (2, {})
+        assert ray.get(journal.begin.remote("task")) == (2, {}, 1)  # died on no item
     finally:
         ray.kill(journal)
 

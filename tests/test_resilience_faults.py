@@ -606,6 +606,30 @@ def test_files_that_crash_or_hang_a_native_decoder_fail_alone(tmp_path, tiny_emb
                                    (str(src / "clips/fine.mp4"), "t=1.000-2.000")])
 
 
+def test_a_batch_of_many_crashing_videos_fails_them_alone(tmp_path, tiny_embedding_ckpt, request):
+    """Five videos in one embedding batch, each killing the actor: each death names one of them, so the
+    batch is retried until all five are dead letters, and its other units land. Before, a batch got five
+    retries whatever it held: the sixth death (the first names nothing) stopped the run with exit 3 and
+    every object "not written", and every re-run died the same way."""
+    src = tmp_path / "src"
+    names = make_text_corpus(src, 2)
+    (src / "clips").mkdir()
+    write_av(src / "clips/fine.mp4", 1.0)
+    for i in range(5):
+        write_av(src / f"clips/qvl-crash-{i}.mp4", 1.0)  # one one-second segment each
+    path = write_yaml(config_dict(src, tiny_embedding_ckpt, tmp_path, compute={"batch_size": 32}),
+                      tmp_path / "cfg.yaml")
+    code, log = qvl_with_crash_hook(request, ["ingest", path])
+    assert code == EXIT_OK, log[-3000:]
+    report, dead = latest_run(tmp_path / "runs")
+    assert report["error"] is None
+    assert sorted((Path(d["uri"]).name, d["stage"], d["error_type"]) for d in dead) == [
+        (f"qvl-crash-{i}.mp4", "embed", "WorkerCrashed") for i in range(5)]
+    assert report["counts"]["ingested"] == len(names) + 1 and report["counts"]["failed"] == 5
+    keys = point_keys(all_points(tmp_path / "qdrant"))
+    assert sorted(keys) == sorted([*text_keys(src, names), (str(src / "clips/fine.mp4"), "t=0.000-1.000")])
+
+
 def test_candidates_that_crash_or_hang_their_decoder_fail_their_query_alone(tmp_path, tiny_embedding_ckpt,
                                                                               tiny_reranker_ckpt, ray_local,
                                                                               request):
