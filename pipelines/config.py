@@ -27,12 +27,18 @@ Overrides
     alias). A mapping value replaces the whole section. Keys inside ``source.storage_options``
     are free-form, so their values are YAML.
 
+YAML
+    Files and override values are read with YAML 1.2's floats added (``1e2`` is a number, not
+    the string PyYAML's YAML 1.1 makes of it). A section, list or mapping key left empty
+    (null) means its default, as if it were not written.
+
 Secrets (``config_secrets.py``)
     ``${VAR}`` anywhere inside a string value of ``source.storage_options`` (nested
     mappings and lists included) is replaced from the environment when the config is
     validated; a missing variable is an error naming the variable (``$${VAR}`` stands
-    for a literal ``${VAR}``). No other section is substituted. The Qdrant API key is
-    never part of the config: ``qdrant.api_key_env`` names the variable that holds it.
+    for a literal ``${VAR}``), and so is any other ``${...}`` (``${VAR:-x}``, ``${ VAR }``).
+    No other section is substituted. The Qdrant API key is never part of the config:
+    ``qdrant.api_key_env`` names the variable that holds it (a name, checked, never shown).
     ``Config.redacted_dict()`` is the config safe to echo (secret-looking storage option
     keys show ``***``, ``${VAR}`` references are shown as written, never resolved);
     ``Config.secret_values()`` plus :func:`redact` / :func:`redact_obj` scrub text and
@@ -55,6 +61,7 @@ import difflib
 import os
 import re
 import types
+import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal, Mapping, Union, get_args, get_origin
 
@@ -71,8 +78,8 @@ from pydantic import (
     model_validator,
 )
 
-from .config_secrets import (REDACTED, MissingEnv, is_secret_key, is_secret_var, redact, redact_obj, redacted_options,
-                             scrub_url, secret_leaves, substitute_env)
+from .config_secrets import (REDACTED, BadEnvRef, MissingEnv, is_secret_key, is_secret_var, redact, redact_obj,
+                             redacted_options, scrub_url, secret_leaves, substitute_env)
 
 __all__ = [
     "ConfigError",
@@ -179,10 +186,40 @@ MrlDims = Annotated[
 ]
 
 
+def _takes_null(annotation: Any) -> bool:
+    """True when a field's annotation admits None (``X | None``, ``Optional[X]``, ``Any``)."""
+    return annotation is Any or annotation is None or type(None) in get_args(annotation)
+
+
+def _is_container(annotation: Any) -> bool:
+    """True for a section, list or mapping field (whose empty YAML key means its default)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    return annotation in (list, dict) or get_origin(annotation) in (list, dict)
+
+
 class _Section(BaseModel):
     """Base of every section: strict types, unknown keys rejected, immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """An empty section, list or mapping key (YAML null) means its default."""
+        # Commenting out every sub-key of `expand:` or `storage_options:` leaves null, not {}.
+        if not isinstance(data, Mapping):
+            return data
+        out = dict(data)
+        for name, field in cls.model_fields.items():
+            if out.get(name, ...) is not None or _takes_null(field.annotation) or not _is_container(field.annotation):
+                continue
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                out[name] = {}  # its defaults; a required section then names its missing keys
+            else:
+                del out[name]
+        return out
 
 
 # ------------------------------------------------------------------------ sections
@@ -213,6 +250,10 @@ class SourceConfig(_Section):
         except MissingEnv as e:
             # Names the variable, never a value; `from None` keeps the inputs out of tracebacks.
             raise ValueError(f"{e.where}: environment variable '{e.var}' is not set") from None
+        except BadEnvRef as e:
+            # The text is not shown: it may be part of a secret.
+            raise ValueError(f"{e.where}: only ${{NAME}} references to environment variables are supported "
+                             "(no defaults such as ${NAME:-x}, no spaces); write $${ for a literal ${") from None
         self._raw_storage_options = raw
         self._resolved_env = resolved
         object.__setattr__(self, "storage_options", options)
@@ -238,7 +279,8 @@ class ExpandConfig(_Section):
     """How objects are cut into units (one vector each)."""
 
     chunk_tokens: int = Field(512, ge=1)
-    """Text chunk length in tokenizer tokens; at most embedder.max_length - TEMPLATE_TOKENS."""
+    """Text chunk length in tokenizer tokens; at most embedder.max_length - TEMPLATE_TOKENS -
+    instruction_tokens(embedder.instruction)."""
     overlap_tokens: int = Field(64, ge=0)
     """Tokens shared by consecutive chunks; must be < chunk_tokens."""
     pdf_dpi: int = Field(144, ge=1, le=1200)
@@ -360,7 +402,7 @@ class ComputeConfig(_Section):
     num_gpus_per_actor: float = Field(0.0, ge=0)
     """0 = auto: 1 GPU per actor when the cluster has GPUs, else CPU (see
     :meth:`effective_num_gpus`). To force CPU on a GPU machine, hide the GPUs
-    (``CUDA_VISIBLE_DEVICES=``). Fractions share a GPU between actors."""
+    (``CUDA_VISIBLE_DEVICES=``). Fractions share a GPU between actors; above 1, a whole number."""
     cpus_per_actor: float = Field(1.0, ge=0)
     batch_size: int = Field(512, ge=1)
     """Rows per embedding-actor call (token-budget batches are cut inside it, over length-sorted
@@ -374,6 +416,14 @@ class ComputeConfig(_Section):
     for the embedder, vectors waiting for the sink): the streaming memory bound. None = 256 for a
     CPU actor (keeps it as busy as 512 did, with a lower peak: bench/RESULTS.md section 4) and
     2048 for a GPU actor, which eats batches faster."""
+
+    @field_validator("num_gpus_per_actor")
+    @classmethod
+    def _whole_above_one(cls, v: float) -> float:
+        # Ray refuses fractional GPU requests above 1 only when the actors start, mid-run.
+        if v > 1 and not float(v).is_integer():
+            raise ValueError(f"must be a fraction of one GPU (at most 1) or a whole number of GPUs (got {_show(v)})")
+        return v
 
     def effective_num_gpus(self, cluster_gpus: float) -> float:
         """GPUs per embedding actor: the configured value, or for 0 (auto) 1 if
@@ -389,6 +439,7 @@ class ComputeConfig(_Section):
 
 
 _QDRANT_BAD_NAME = re.compile(r'[<>:"/\\|?*\x00]')
+_ENV_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class QdrantConfig(_Section):
@@ -398,8 +449,9 @@ class QdrantConfig(_Section):
     """Server URL (``http(s)://host:6333``)."""
     path: OptLocalDirStr = None
     """Embedded (local mode) folder; only one process may open it. A leading ``~`` is expanded."""
-    api_key_env: str | None = "QDRANT_API_KEY"
-    """Environment variable holding the server API key (the key is never in the config)."""
+    api_key_env: Annotated[str | None, BeforeValidator(_empty_to_none)] = "QDRANT_API_KEY"
+    """Name of the environment variable holding the server API key (the key is never in the config);
+    None (or blank) = no key."""
     collection: NonEmptyStr
     """Collection name. Required."""
     full_datatype: Literal["float32", "float16"] = "float32"
@@ -421,6 +473,18 @@ class QdrantConfig(_Section):
         if v is not None and not re.match(r"^https?://\S+$", v):
             raise ValueError("must be an http:// or https:// URL")
         return v
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        # The value is never shown: a key pasted here instead of a name would leak into messages
+        # and reports, and "${QDRANT_API_KEY}" would silently send no key.
+        if v is None or _ENV_VAR_NAME.fullmatch(v):
+            return v
+        ref = re.fullmatch(r"\$\{?\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}?", v.strip())
+        hint = f"; write the variable's name, {ref.group(1)}" if ref else ""
+        raise ValueError("must be null or the name of an environment variable (letters, digits and _, not "
+                         f"starting with a digit), not its value (not shown){hint}")
 
     @field_validator("collection")
     @classmethod
@@ -523,22 +587,33 @@ class OutputConfig(_Section):
 
 
 TEMPLATE_TOKENS = 64
-"""Tokens kept free in embedder.max_length for the chat template and instruction around a text chunk
-(20 with the default instruction, plus the instruction's own)."""
+"""Tokens kept free in embedder.max_length for the chat template and the default instruction around a
+text chunk (20 with the default instruction); a configured instruction adds :func:`instruction_tokens`."""
+
+
+def instruction_tokens(instruction: str | None) -> int:
+    """An upper bound on the tokens of ``embedder.instruction``: its UTF-8 bytes after NFC (0 for the default)."""
+    # Qwen3-VL's tokenizer is byte-level BPE after an NFC normalizer: each byte of the normalized
+    # text is at most one token and merges only shrink the count, so this bounds the tokens without
+    # loading a tokenizer (NFC lengthens some characters: U+FB2C is 3 bytes, its NFC 6). The embedder
+    # uses a configured instruction as written (normalize_instruction keeps the default as is).
+    return len(unicodedata.normalize("NFC", instruction).encode("utf-8")) if instruction else 0
 
 
 class Config(_Section):
     """The whole job configuration (see configs/*.yaml)."""
 
     source: SourceConfig
-    expand: ExpandConfig = ExpandConfig()
-    limits: LimitsConfig = LimitsConfig()
+    # Factories, not instances: output.dir is made absolute against the working directory when the
+    # config is validated, not when this module is imported.
+    expand: ExpandConfig = Field(default_factory=ExpandConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     embedder: EmbedderConfig
-    compute: ComputeConfig = ComputeConfig()
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
     qdrant: QdrantConfig
-    reranker: RerankerConfig = RerankerConfig()
-    query: QueryConfig = QueryConfig()
-    output: OutputConfig = OutputConfig()
+    reranker: RerankerConfig = Field(default_factory=RerankerConfig)
+    query: QueryConfig = Field(default_factory=QueryConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
     prune: bool = False
     """Delete points of objects that disappeared from the source."""
 
@@ -546,12 +621,16 @@ class Config(_Section):
     def _chunks_fit_the_model(self) -> "Config":
         # The embedder truncates each input to max_length tokens, chat template included (as the
         # reference does): the tail of a longer chunk would be stored in the payload but not embedded.
-        room = self.embedder.max_length - TEMPLATE_TOKENS
+        extra = instruction_tokens(self.embedder.instruction)
+        room = self.embedder.max_length - TEMPLATE_TOKENS - extra
         if self.expand.chunk_tokens > room:
+            kept = f"{TEMPLATE_TOKENS}" + (f" - {extra}" if extra else "")
+            why = (f"{TEMPLATE_TOKENS} tokens are kept for the chat template"
+                   + (f" and up to {extra} for embedder.instruction (its UTF-8 bytes)" if extra else ""))
+            fix = "lower it, raise embedder.max_length" + (" or shorten embedder.instruction" if extra else "")
             raise ValueError(
-                f"expand.chunk_tokens: must be <= embedder.max_length - {TEMPLATE_TOKENS} = {room} ({TEMPLATE_TOKENS} "
-                "tokens are kept for the chat template and instruction: a longer chunk would lose its tail to "
-                f"truncation) (got {self.expand.chunk_tokens})")
+                f"expand.chunk_tokens: must be <= embedder.max_length - {kept} = {room} ({why}: a longer chunk "
+                f"would lose its tail to truncation; {fix}) (got {self.expand.chunk_tokens})")
         return self
 
     def secret_values(self) -> list[str]:
@@ -630,7 +709,8 @@ def _describe(err: Mapping[str, Any]) -> str:
     ctx = err.get("ctx") or {}
     path = _dotted(loc)
     # Never show values under storage_options (they may be secrets).
-    secret_zone = loc[:2] == ("source", "storage_options")
+    # Nor qdrant.api_key_env's: a key pasted there instead of a variable name.
+    secret_zone = loc[:2] == ("source", "storage_options") or loc == ("qdrant", "api_key_env")
     got = "" if secret_zone else f" (got {_show(err.get('input'))})"
 
     if etype == "extra_forbidden":
@@ -728,6 +808,13 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+# YAML 1.2 floats PyYAML (YAML 1.1) reads as strings: an exponent without a dot or without a sign
+# (1e2, 6e2, 1.5e9, 2E-3). The 1.1 forms keep their resolver; these are added to this loader only.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 def _yaml_error(exc: yaml.YAMLError) -> str:

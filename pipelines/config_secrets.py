@@ -1,10 +1,13 @@
 """Secrets in a config: ``${VAR}`` references, which values are secret, and scrubbing them.
 
 ``source.storage_options`` may reference environment variables (``${VAR}``; ``$${VAR}`` is a
-literal ``${VAR}``), resolved when the config is validated (``pipelines/config.py``). The values
-of secret-looking option keys and variables, and the Qdrant API key, are what :func:`redact` and
-:func:`redact_obj` scrub from every console line, report, dead letter and error message; echoed
-configs show the references as written, never their values.
+literal ``${VAR}``), resolved when the config is validated (``pipelines/config.py``). Only that
+form is a reference: any other ``${...}`` (``${VAR:-default}``, ``${ VAR }``) is an error, as the
+text would otherwise reach fsspec as written (``$${...}`` is a literal ``${...}``; a bare ``$``,
+as in a password, is plain text). The values of secret-looking option keys and variables, and
+the Qdrant API key, are what :func:`redact` and :func:`redact_obj` scrub from every console line,
+report, dead letter and error message; echoed configs show the references as written, never
+their values.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ import re
 from typing import Any, Iterable, Mapping
 from urllib.parse import quote, quote_plus
 
-__all__ = ["REDACTED", "MissingEnv", "substitute_env", "is_secret_key", "is_secret_var", "redacted_options",
-           "secret_leaves", "scrub_url", "redact", "redact_obj"]
+__all__ = ["REDACTED", "MissingEnv", "BadEnvRef", "substitute_env", "is_secret_key", "is_secret_var",
+           "redacted_options", "secret_leaves", "scrub_url", "redact", "redact_obj"]
 
 REDACTED = "***"
 
-_ENV_REF = re.compile(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Every "${...}" (or escaped "$${...}"); what is inside is checked against _ENV_NAME.
+_ENV_REF = re.compile(r"\$(\$?)\{([^}]*)\}")
 _PURE_REFS = re.compile(r"^(?:\$\{[A-Za-z_][A-Za-z0-9_]*\})+$")
 
 
@@ -32,14 +37,28 @@ class MissingEnv(Exception):
         self.var, self.where = var, where
 
 
+class BadEnvRef(Exception):
+    """A ``${...}`` that is not a ``${NAME}`` reference (``where``: the dotted key; the text is not kept)."""
+
+    def __init__(self, where: str):
+        super().__init__(where)
+        self.where = where
+
+
 def substitute_env(value: Any, where: str, resolved: dict[str, str]) -> Any:
-    """Replace ``${VAR}`` in every string of a nested structure; record what was resolved."""
+    """Replace ``${VAR}`` in every string of a nested structure; record what was resolved.
+
+    Raises MissingEnv for an unset variable and BadEnvRef for a ``${...}`` that is not ``${NAME}``.
+    """
     if isinstance(value, str):
 
         def repl(m: re.Match[str]) -> str:
-            if m.group(1):  # "$${VAR}" -> literal "${VAR}"
+            if m.group(1):  # "$${VAR}" -> literal "${VAR}" (any "$${...}" -> "${...}")
                 return "${" + m.group(2) + "}"
             var = m.group(2)
+            if not _ENV_NAME.fullmatch(var):
+                # A shell form (${VAR:-x}, ${ VAR }) would reach fsspec as written, silently.
+                raise BadEnvRef(where)
             if var not in os.environ:
                 raise MissingEnv(var, where)
             resolved[var] = os.environ[var]

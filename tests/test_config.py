@@ -734,3 +734,146 @@ def test_a_revision_pins_hub_ids_only_and_joins_the_settings_digest(tmp_path):
     for section in ("embedder", "reranker"):
         msg = error_of(with_section(section, model=str(tmp_path), revision="v2"))
         assert f"{section}.revision: applies to a hub id, but model is the local folder" in msg, msg
+
+
+# ------------------------------------------------------------- review fixes
+
+
+@pytest.mark.parametrize("value", [1.5, 2.25, 1.0001])
+def test_num_gpus_per_actor_above_one_must_be_whole(value):
+    # Ray refuses "GPU resource quantities >1 must be whole numbers" only when the actors start.
+    msg = error_of(with_section("compute", num_gpus_per_actor=value))
+    assert f"compute.num_gpus_per_actor: must be a fraction of one GPU (at most 1) or a whole number of GPUs " \
+           f"(got {value})" in msg
+
+
+@pytest.mark.parametrize("value", [0, 0.25, 1, 1.0, 2, 3.0])
+def test_num_gpus_per_actor_fractions_and_whole_numbers_ok(value):
+    assert parse_config(with_section("compute", num_gpus_per_actor=value)).compute.num_gpus_per_actor == value
+
+
+@pytest.mark.parametrize(
+    "value, hint",
+    [
+        ("PLANTED-sk-live-9f8e7d6c", None),
+        ("PLANTED_KEY with spaces", None),
+        ("1PLANTED", None),
+        ("${QDRANT_API_KEY}", "QDRANT_API_KEY"),
+        ("$MY_QDRANT_KEY", "MY_QDRANT_KEY"),
+        ("${ MY_QDRANT_KEY }", "MY_QDRANT_KEY"),
+    ],
+)
+def test_api_key_env_must_be_a_variable_name_not_echoed(value, hint):
+    msg = error_of(with_section("qdrant", api_key_env=value))
+    assert "qdrant.api_key_env: must be null or the name of an environment variable" in msg
+    assert value not in msg and "PLANTED" not in msg
+    if hint:
+        assert msg.endswith(f"write the variable's name, {hint}")
+    else:
+        assert "write the variable's name" not in msg
+    # Not as an override either, nor as a non-string (a numeric key).
+    assert value not in error_of(MINIMAL, [f"qdrant.api_key_env={value}"])
+    assert "9876543210" not in error_of(with_section("qdrant", api_key_env=9876543210))
+
+
+@pytest.mark.parametrize("value, expected", [("MY_KEY_2", "MY_KEY_2"), ("_k", "_k"), (None, None), ("", None),
+                                             ("  ", None)])
+def test_api_key_env_names_and_null_ok(value, expected):
+    assert parse_config(with_section("qdrant", api_key_env=value)).qdrant.api_key_env == expected
+
+
+@pytest.mark.parametrize("value", ["${S3_ENDPOINT:-http://PLANTED:9000}", "${ AWS_PROFILE }", "x-${}-y",
+                                   "${PLANTED-x}", "ok-${T_SET} then ${PLANTED:?}"])
+def test_env_refs_other_than_name_form_rejected(monkeypatch, value):
+    monkeypatch.setenv("T_SET", "PLANTED-set")
+    msg = error_of(secret_data(client_kwargs={"endpoint_url": value}))
+    assert "source.storage_options.client_kwargs.endpoint_url: only ${NAME} references" in msg
+    assert "PLANTED" not in msg and value not in msg
+
+
+def test_bad_env_ref_located_in_lists(monkeypatch):
+    from pipelines.config_secrets import BadEnvRef, substitute_env
+
+    with pytest.raises(BadEnvRef) as ei:
+        substitute_env({"a": ["ok", "${B:-c}"]}, "storage_options", {})
+    assert ei.value.where == "storage_options.a.1"
+
+
+def test_dollar_text_that_is_no_reference_stays(monkeypatch):
+    monkeypatch.setenv("T_SET", "v")
+    so = parse_config(secret_data(password="pa$$w0rd$", user="$T_SET", half="x${y", lit="$${ not a ref }",
+                                  both="${T_SET}$${A:-b}")).source.storage_options
+    assert so == {"password": "pa$$w0rd$", "user": "$T_SET", "half": "x${y", "lit": "${ not a ref }",
+                  "both": "v${A:-b}"}
+
+
+def test_chunk_tokens_leave_room_for_the_instruction():
+    # 64 for the template, then one token at most per UTF-8 byte of the (NFC) instruction.
+    def data(instruction, max_length):
+        return with_section("embedder", model="m", instruction=instruction, max_length=max_length)
+
+    assert parse_config(data("x" * 100, 64 + 100 + 512)).expand.chunk_tokens == 512
+    msg = error_of(data("x" * 100, 64 + 100 + 511))
+    assert "expand.chunk_tokens: must be <= embedder.max_length - 64 - 100 = 511" in msg
+    assert "embedder.instruction" in msg and "(got 512)" in msg
+    assert "expand.chunk_tokens: must be <= embedder.max_length - 64 - 200 = " in error_of(data("é" * 100, 675))
+    # NFC lengthens some characters (U+FB2C: 3 bytes, 6 after NFC): the normalized text is what is tokenised.
+    assert "embedder.max_length - 64 - 600 = " in error_of(data("\ufb2c" * 100, 1000))
+    # The default instruction is part of the 64.
+    assert parse_config(data(None, 64 + 512)).expand.chunk_tokens == 512
+
+
+def test_empty_yaml_keys_mean_their_defaults(tmp_path):
+    p = write(tmp_path, """\
+        source:
+          uri: x
+          include:
+          storage_options:
+            # key: ${AWS_ACCESS_KEY_ID}
+        expand:
+        limits:
+        embedder:
+          model: m
+          mrl_dims:
+          window_mib:
+        compute:
+        qdrant:
+          path: q
+          collection: c
+        reranker:
+          model:
+        query:
+        output:
+        """)
+    cfg = load_config(p)
+    defaults = parse_config({"source": {"uri": "x"}, "embedder": {"model": "m"},
+                             "qdrant": {"path": "q", "collection": "c"}})
+    assert cfg == defaults
+    assert (cfg.source.include, cfg.source.storage_options, cfg.embedder.mrl_dims) == ([], {}, [])
+    assert cfg.embedder.window_mib is None and cfg.reranker.model is None  # null stays null where allowed
+    # The same through overrides, and a required section left empty names its missing keys.
+    cfg = parse_config(MINIMAL, ["expand=", "embedder.mrl_dims=null", "source.storage_options=~"])
+    assert cfg.embedder.mrl_dims == [] and cfg.source.storage_options == {}
+    assert "source.uri: required key missing" in error_of({**MINIMAL, "source": None})
+
+
+def test_yaml_12_exponent_numbers(tmp_path):
+    import yaml
+
+    p = write(tmp_path, """\
+        source: {uri: x}
+        embedder: {model: m}
+        qdrant: {path: q, collection: c, timeout_s: 1e2, retry_s: 2.5E-1}
+        limits: {max_expand_s: 6e2, max_video_duration_s: .5e+4}
+        """)
+    cfg = load_config(p)
+    assert (cfg.qdrant.timeout_s, cfg.qdrant.retry_s) == (100.0, 0.25)
+    assert (cfg.limits.max_expand_s, cfg.limits.max_video_duration_s) == (600.0, 5000.0)
+    cfg = parse_config(MINIMAL, ["qdrant.timeout_s=1e2", "limits.max_expand_s=6E2", "qdrant.collection=1e2"])
+    assert (cfg.qdrant.timeout_s, cfg.limits.max_expand_s, cfg.qdrant.collection) == (100.0, 600.0, "1e2")
+    assert yaml.safe_load("1e2") == "1e2"  # PyYAML's own loader is left as it was
+
+
+def test_default_output_dir_follows_the_working_directory(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert parse_config(MINIMAL).output.dir == os.path.join(os.getcwd(), "runs")
