@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import math
 import sys
 from dataclasses import asdict
 from typing import Any, Callable, Mapping, Sequence
@@ -332,8 +333,13 @@ def _gpus_per_actor(cfg: Config, actors: int) -> float:
 
     from .ingest import num_gpus_per_actor
 
-    per = num_gpus_per_actor(cfg)
-    total = float(ray.cluster_resources().get("GPU", 0))
-    if per > 0 and total > 0 and per * actors > total:
-        per = total / actors
-    return per
+    return shared_gpus(num_gpus_per_actor(cfg), float(ray.cluster_resources().get("GPU", 0)), actors)
+
+
+def shared_gpus(per: float, total: float, actors: int) -> float:
+    """GPUs per actor when `actors` actors asking `per` each share `total` GPUs: as asked when they fit."""
+    if per <= 0 or total <= 0 or per * actors <= total:
+        return per
+    share = total / actors
+    # Ray takes a fraction of one GPU, or whole GPUs: 3 GPUs for 2 actors is 1 each, not 1.5.
+    return share if share < 1 else float(math.floor(share))

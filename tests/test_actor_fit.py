@@ -131,3 +131,15 @@ def test_pools_that_fit_the_nodes_but_not_what_is_free_now_get_a_warning():
     assert "--entrypoint-num-cpus" in lines[0]
     check_pools_fit(cfg, [pool()], 1, "the expansion tasks", lines.append, nodes=TWO_CPUS, free={"CPU": 2.0})
     assert len(lines) == 1  # enough is free: nothing to say
+
+
+def test_query_pools_share_gpus_in_amounts_ray_accepts():
+    """The query job's two pools split a cluster with too few GPUs: a fraction of one GPU each, or whole
+    GPUs. Before, 2 actors asking 2 GPUs each on 3 GPUs got 1.5, which Ray refuses mid-job."""
+    from pipelines.query_batch import shared_gpus
+
+    assert shared_gpus(2, 3, 2) == 1.0
+    assert shared_gpus(2, 5, 4) == 1.0
+    assert shared_gpus(1, 1, 2) == 0.5 and shared_gpus(1, 2, 3) == pytest.approx(2 / 3)
+    assert shared_gpus(1, 4, 2) == 1 and shared_gpus(2, 4, 2) == 2  # they fit: as asked
+    assert shared_gpus(0, 4, 2) == 0 and shared_gpus(1, 0, 2) == 1  # none asked; none there (checked elsewhere)
