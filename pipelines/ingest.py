@@ -54,7 +54,7 @@ from .actor_fit import ActorPool, check_pools_fit
 from .config import Config
 from .config_secrets import redact
 from .expand_plan import MAX_WORK_BLOCKS, merge_ranges, split_manifests, work_rows
-from .interrupts import Interrupted, SignalGate, defer_signals, stop_on_signals
+from .interrupts import Interrupted, SignalGate, defer_signals, deferral_ends_on_error, stop_on_signals
 from .plan import PRUNE_REFUSED, Plan, plan_objects, settings_digest, source_root, unlisted_entries, with_settings
 from .preflight import (PreflightError, check_ray_address, check_workers_see_env, collection_spec,
                         embedded_store_error, embedding_checkpoint, ensure_folder, first_line)
@@ -269,15 +269,17 @@ def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], Non
     ensure_folder("output.dir", cfg.output.dir, probe=True)  # now, not after every object is written
     if cfg.qdrant.embedded:
         ensure_folder("qdrant.path", cfg.qdrant.path)
-        ensure_ray(cfg)  # the embedded store's owner is an actor
-    store = Store(cfg)  # a server is pinged here, before Ray starts
-    try:
-        ensure_ray(cfg)
-        check_workers_hold_api_key(cfg)
-        check_pools_fit(cfg, [embed_pool(cfg)], EXPAND_TASK_CPUS, "the expansion tasks", echo)
-    except BaseException:
-        store.close()
-        raise
+    with deferral_ends_on_error():  # ensure_ray defers stop signals to the run's gate, below
+        if cfg.qdrant.embedded:
+            ensure_ray(cfg)  # the embedded store's owner is an actor
+        store = Store(cfg)  # a server is pinged here, before Ray starts
+        try:
+            ensure_ray(cfg)
+            check_workers_hold_api_key(cfg)
+            check_pools_fit(cfg, [embed_pool(cfg)], EXPAND_TASK_CPUS, "the expansion tasks", echo)
+        except BaseException:
+            store.close()
+            raise
     report = RunReport(run_id, cfg.qdrant.collection, cfg.source.uri,
                        cfg.embedder.checkpoint, commit,
                        config=cfg.redacted_dict())

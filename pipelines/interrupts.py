@@ -117,6 +117,20 @@ _DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.S
 
 
 @contextlib.contextmanager
+def deferral_ends_on_error() -> Iterator[None]:
+    """Around a job's start after defer_signals(): if it fails before its stop_on_signals(), the
+    default handlers come back (else the next Ctrl-C, in a notebook or service, would be swallowed)."""
+    try:
+        yield
+    except BaseException:
+        if _DEFERRAL.active and threading.current_thread() is threading.main_thread():
+            _DEFERRAL.active, _DEFERRAL.signum = False, None
+            for sig, handler in _DEFAULTS.items():
+                signal.signal(sig, handler)
+        raise
+
+
+@contextlib.contextmanager
 def stop_on_signals() -> Iterator[SignalGate]:
     """Within the block SIGINT and SIGTERM are the gate's (see SignalGate); the old handlers are restored after.
 

@@ -27,7 +27,7 @@ from .actor_fit import ActorPool, check_pools_fit
 from .config import Config
 from .config_secrets import redact
 from .ingest import expand_settings, map_on_actor_pool, qdrant_settings
-from .interrupts import stop_on_signals
+from .interrupts import deferral_ends_on_error, stop_on_signals
 from .preflight import embedding_checkpoint
 from .query import (Candidate, Hit, Skipped, check_reranker_checkpoint, embed_queries, load_embedder, load_reranker,
                     rerank_candidates, vector_order)
@@ -229,15 +229,16 @@ def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | No
     # give the queries of one run two models (as ingestion pins its workers).
     actor_cfg = pinned_to(cfg, embedder_commit, reranker_commit)
 
-    ensure_ray(cfg)
-    check_workers_hold_api_key(cfg)
-    embed_actors = cfg.compute.embed_actors
-    rerank_actors = int(rerank_actors or cfg.compute.embed_actors)
-    gpus = _gpus_per_actor(cfg, embed_actors + (rerank_actors if rerank else 0))
-    pools = [ActorPool("embedding", embed_actors, cfg.compute.cpus_per_actor, gpus)]
-    if rerank:
-        pools.append(ActorPool("reranking", rerank_actors, cfg.compute.cpus_per_actor, gpus))
-    check_pools_fit(cfg, pools, 0, "", lambda line: print(line, file=sys.stderr))
+    with deferral_ends_on_error():  # ensure_ray defers stop signals to the job's gate, below
+        ensure_ray(cfg)
+        check_workers_hold_api_key(cfg)
+        embed_actors = cfg.compute.embed_actors
+        rerank_actors = int(rerank_actors or cfg.compute.embed_actors)
+        gpus = _gpus_per_actor(cfg, embed_actors + (rerank_actors if rerank else 0))
+        pools = [ActorPool("embedding", embed_actors, cfg.compute.cpus_per_actor, gpus)]
+        if rerank:
+            pools.append(ActorPool("reranking", rerank_actors, cfg.compute.cpus_per_actor, gpus))
+        check_pools_fit(cfg, pools, 0, "", lambda line: print(line, file=sys.stderr))
     # After ray.init, whose SIGTERM handler (an abort in Ray's core worker) this replaces: a stop
     # signal ends the job with one line, its actors and the store's owner stopped.
     with stop_on_signals() as gate, gate.interruptible():

@@ -96,6 +96,32 @@ def test_a_signal_before_the_gate_waits_for_it() -> None:
             signal.signal(sig, handler)
 
 
+def test_a_job_failing_before_its_gate_gives_the_signals_back() -> None:
+    """A preflight error after ray.init (a locked store, pools that do not fit) left the deferral's
+    handler in place: every later Ctrl-C of the process (a notebook, a service) was swallowed."""
+    from pipelines.interrupts import defer_signals, deferral_ends_on_error
+    from pipelines.preflight import PreflightError
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(PreflightError):
+            with deferral_ends_on_error():
+                defer_signals()  # as ensure_ray does
+                raise PreflightError("compute.embed_actors: the pool does not fit")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        with pytest.raises(KeyboardInterrupt):
+            _send(signal.SIGINT)
+        with deferral_ends_on_error():  # no failure: the deferral goes on to the gate
+            defer_signals()
+        _send(signal.SIGTERM)  # remembered, not acted on
+        with stop_on_signals() as gate:
+            assert gate.pending == signal.SIGTERM
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def test_sigterm_while_the_job_starts_ray_is_one_line_and_exit_143(tmp_path, tiny_embedding_ckpt) -> None:
     """Between ray.init and the run's own handlers, Ray's handler used to exit 15 with no word."""
     import subprocess
