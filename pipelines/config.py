@@ -376,6 +376,14 @@ class EmbedderConfig(_Section):
         _check_revision(self.model, self.revision)
         return self
 
+    @model_validator(mode="after")
+    def _flash_in_half_precision(self) -> "EmbedderConfig":
+        # transformers refuses it only when each actor loads the model, mid-run; auto is bfloat16 on a GPU.
+        if (self.attn_implementation or "").startswith("flash_attention") and self.dtype == "float32":
+            raise ValueError(f"attn_implementation: {self.attn_implementation} runs in bfloat16 or "
+                             "float16 only, and dtype is float32: use sdpa, or dtype bfloat16 (or auto)")
+        return self
+
     @property
     def checkpoint(self) -> str:
         """The model as points and messages name it: ``org/name@revision`` when pinned."""

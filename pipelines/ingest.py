@@ -56,8 +56,9 @@ from .config_secrets import redact
 from .expand_plan import MAX_WORK_BLOCKS, merge_ranges, split_manifests, work_rows
 from .interrupts import Interrupted, SignalGate, defer_signals, deferral_ends_on_error, stop_on_signals
 from .plan import PRUNE_REFUSED, Plan, plan_objects, settings_digest, source_root, unlisted_entries, with_settings
-from .preflight import (PreflightError, check_ray_address, check_workers_see_env, collection_spec,
-                        embedded_store_error, embedding_checkpoint, ensure_folder, first_line)
+from .preflight import (PreflightError, check_attention, check_ray_address, check_workers_see_env, collection_spec,
+                        embedded_store_error, embedding_checkpoint, ensure_folder, first_line,
+                        gpu_nodes_without_package)
 from .ray_processes import note_started_here
 from .report import RunReport
 
@@ -277,6 +278,7 @@ def run_ingest(cfg: Config, prune: bool | None = None, echo: Callable[[str], Non
             ensure_ray(cfg)
             check_workers_hold_api_key(cfg)
             check_pools_fit(cfg, [embed_pool(cfg)], EXPAND_TASK_CPUS, "the expansion tasks", echo)
+            check_attention(cfg.embedder.attn_implementation, embed_pool(cfg).gpus, gpu_nodes_without_package)
         except BaseException:
             store.close()
             raise

@@ -9,7 +9,7 @@ import os
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 from transformers import AutoConfig
 
@@ -42,8 +42,13 @@ def check_ray_address(address: str | None, timeout_s: float = 10.0, key: str = "
         return  # other schemes are Ray's to interpret
     client = address.startswith("ray://")
     hostport = address[len("ray://"):] if client else address
-    host, _, port = hostport.rstrip("/").rpartition(":") if ":" in hostport else (hostport, "", "")
-    host = host.strip("[]") or "localhost"
+    hostport = hostport.rstrip("/")
+    if hostport.startswith("["):  # an IPv6 address, [::1] or [::1]:6379: its colons are no port
+        host, _, rest = hostport[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else rest
+    else:
+        host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "")
+    host = host or "localhost"
     try:
         port_number = int(port) if port else (RAY_CLIENT_PORT if client else RAY_GCS_PORT)
     except ValueError:
@@ -58,17 +63,34 @@ def check_ray_address(address: str | None, timeout_s: float = 10.0, key: str = "
 def nodes_without_env(name: str, timeout_s: float = 60.0) -> list[str]:
     """The alive Ray nodes (by address) whose workers, in this job's runtime environment, do not see
     the environment variable `name`; nodes that do not answer within timeout_s are left out."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     def has_env(var: str) -> bool:
         import os  # a nested function travels by value: a worker imports nothing of this project for it
 
         return bool(os.environ.get(var))
 
-    probe = ray.remote(num_cpus=0, max_retries=0)(has_env)  # no CPU: runs on a node with none free too
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(name)
+    return _nodes_where_false(has_env, name, timeout_s)
+
+
+def gpu_nodes_without_package(package: str, timeout_s: float = 60.0) -> list[str]:
+    """The alive Ray nodes with GPUs (by address) whose workers cannot find the Python package `package`."""
+
+    def has_package(name: str) -> bool:
+        import importlib.util
+
+        return importlib.util.find_spec(name) is not None
+
+    return _nodes_where_false(has_package, package, timeout_s, gpu_only=True)
+
+
+def _nodes_where_false(fn: Callable[[str], bool], arg: str, timeout_s: float, gpu_only: bool = False) -> list[str]:
+    """The alive nodes (by address) where fn(arg), run by a worker of this job, is false; silent ones left out."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(num_cpus=0, max_retries=0)(fn)  # no CPU: runs on a node with none free too
+    nodes = [n for n in ray.nodes() if n.get("Alive") and (not gpu_only or n.get("Resources", {}).get("GPU", 0) > 0)]
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(arg)
             for n in nodes]
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
     answered = set(ready)
@@ -81,6 +103,29 @@ def nodes_without_env(name: str, timeout_s: float = 60.0) -> list[str]:
             except Exception:  # a node that went away meanwhile: nothing to say about it
                 pass
     return sorted(missing)
+
+
+# The package transformers requires before it loads a model with each flash-attention kernel.
+FLASH_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_3"}
+ATTN_KEY = "embedder.attn_implementation"
+
+
+def check_attention(attn: str | None, gpus: float, lacking: Callable[[str], list[str]]) -> None:
+    """PreflightError when flash attention is asked of actors that run on CPUs, or where its package is missing.
+
+    gpus: GPUs per actor; lacking(package): where the package is missing (nodes, or this machine).
+    Else every actor fails to load the model, after the run has started and created its collection.
+    """
+    package = FLASH_PACKAGES.get(attn or "")
+    if package is None:
+        return
+    if gpus <= 0:
+        raise PreflightError(f"{ATTN_KEY}: {attn} runs on GPUs only, and the actors would run on CPUs (the "
+                             "cluster has no GPU, or compute.num_gpus_per_actor is 0): use sdpa, or null")
+    missing = lacking(package)
+    if missing:
+        raise PreflightError(f"{ATTN_KEY}: {attn} needs the {package} package, which the Ray workers on "
+                             f"{', '.join(missing)} cannot import: install it there, or use sdpa")
 
 
 def check_workers_see_env(name: str, key: str) -> None:

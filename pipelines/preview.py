@@ -11,6 +11,7 @@ opened in this process, read-only in effect (a missing store folder is not creat
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,8 +25,8 @@ from .config import Config
 from .config_secrets import redact
 from .ingest import EXPAND_TASK_CPUS, check_cluster, list_source, server_client
 from .plan import PRUNE_REFUSED, Plan, plan_objects, source_root, unlisted_entries
-from .preflight import (PreflightError, check_not_a_file, check_writable, collection_spec, first_line, model_dimension,
-                        open_embedded_store)
+from .preflight import (PreflightError, check_attention, check_not_a_file, check_writable, collection_spec, first_line,
+                        model_dimension, open_embedded_store)
 
 
 @dataclass
@@ -107,6 +108,9 @@ def check_local_pool(cfg: Config) -> None:
     pool = ActorPool("embedding", cfg.compute.embed_actors, cfg.compute.cpus_per_actor,
                      cfg.compute.effective_num_gpus(node["GPU"]))
     check_pools_fit(cfg, [pool], EXPAND_TASK_CPUS, "the expansion tasks", nodes=[node], growable=False)
+    # The local Ray's workers run this interpreter: what it finds, they find.
+    check_attention(cfg.embedder.attn_implementation, pool.gpus,
+                    lambda package: [] if importlib.util.find_spec(package) else ["this machine"])
 
 
 def preview_ingest(cfg: Config, prune: bool | None = None) -> PlanPreview:

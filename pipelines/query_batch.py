@@ -28,7 +28,7 @@ from .config import Config
 from .config_secrets import redact
 from .ingest import expand_settings, map_on_actor_pool, qdrant_settings
 from .interrupts import deferral_ends_on_error, stop_on_signals
-from .preflight import embedding_checkpoint
+from .preflight import check_attention, embedding_checkpoint, gpu_nodes_without_package
 from .query import (Candidate, Hit, Skipped, check_reranker_checkpoint, embed_queries, load_embedder, load_reranker,
                     rerank_candidates, vector_order)
 from .query_files import QueryRow
@@ -239,6 +239,7 @@ def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | No
         if rerank:
             pools.append(ActorPool("reranking", rerank_actors, cfg.compute.cpus_per_actor, gpus))
         check_pools_fit(cfg, pools, 0, "", lambda line: print(line, file=sys.stderr))
+        check_attention(cfg.embedder.attn_implementation, gpus, gpu_nodes_without_package)
     # After ray.init, whose SIGTERM handler (an abort in Ray's core worker) this replaces: a stop
     # signal ends the job with one line, its actors and the store's owner stopped.
     with stop_on_signals() as gate, gate.interruptible():

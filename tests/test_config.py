@@ -877,3 +877,11 @@ def test_yaml_12_exponent_numbers(tmp_path):
 def test_default_output_dir_follows_the_working_directory(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     assert parse_config(MINIMAL).output.dir == os.path.join(os.getcwd(), "runs")
+
+
+@pytest.mark.parametrize("attn", ["flash_attention_2", "flash_attention_3"])
+def test_flash_attention_in_float32_is_refused(attn):
+    msg = error_of(with_section("embedder", attn_implementation=attn, dtype="float32"))
+    assert f"embedder.attn_implementation: {attn} runs in bfloat16 or float16 only, and dtype is float32" in msg
+    for dtype in ("auto", "bfloat16", "float16"):  # auto is bfloat16 on the GPU flash attention needs
+        assert parse_config(with_section("embedder", attn_implementation=attn, dtype=dtype)).embedder.dtype == dtype

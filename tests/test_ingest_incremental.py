@@ -353,8 +353,16 @@ def test_an_unreachable_ray_address_fails_in_seconds_naming_the_key():
         check_ray_address("head:x")
     with pytest.raises(PreflightError, match=r"the RAY_ADDRESS environment variable '127.0.0.1:\d+': cannot connect"):
         check_ray_address(f"127.0.0.1:{port}", key="the RAY_ADDRESS environment variable")
-    for not_probed in (None, "auto", "http://127.0.0.1:1"):
+    # ("auto" is probed: the cluster running on this machine, which an earlier test's Ray may be.)
+    for not_probed in (None, "local", "http://127.0.0.1:1"):
         check_ray_address(not_probed)
+    # An IPv6 host's colons are no port (before: "'1]' is not a port number").
+    with pytest.raises(PreflightError, match=r"cannot connect to ::1:6379"):
+        check_ray_address("[::1]", timeout_s=5)
+    with pytest.raises(PreflightError, match=r"cannot connect to ::1:10001"):
+        check_ray_address("ray://[::1]", timeout_s=5)
+    with pytest.raises(PreflightError, match=rf"cannot connect to ::1:{port}"):
+        check_ray_address(f"[::1]:{port}", timeout_s=5)
 
 
 def test_a_store_that_cannot_be_reached_is_told_from_a_missing_object():

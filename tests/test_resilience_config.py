@@ -292,3 +292,31 @@ def test_embedded_store_locked_by_another_process_fails_in_preflight(tmp_path, s
     finally:
         holder.close()
     assert_nothing_written(tmp_path)
+
+
+def test_flash_attention_on_cpu_actors_fails_in_preflight(tmp_path, source, tiny_embedding_ckpt, capsys, ray_local):
+    """Before, the plan passed and the run created its collection; then every actor failed to load the
+    model ("flash_attn seems to be not installed"): exit 3, every object "not written"."""
+    data = config_dict(source, tiny_embedding_ckpt, tmp_path)
+    data["embedder"]["attn_implementation"] = "flash_attention_2"
+    code, out, err = run_cli(tmp_path, data, capsys)
+    assert code == EXIT_CONFIG
+    one_clear_error(err, "embedder.attn_implementation: flash_attention_2 runs on GPUs only")
+    assert_nothing_written(tmp_path)
+    path = write_yaml(data, tmp_path / "plan.yaml")
+    assert qvl(["ingest", path, "--plan"]) == EXIT_CONFIG
+    one_clear_error(capsys.readouterr().err, "embedder.attn_implementation: flash_attention_2 runs on GPUs only")
+
+
+def test_flash_attention_needs_its_package_where_the_gpu_actors_run():
+    """The check itself: what the actors would lack, named."""
+    from pipelines.preflight import PreflightError, check_attention
+
+    for attn in (None, "sdpa", "eager"):
+        check_attention(attn, 0, lambda package: ["anywhere"])  # nothing to check
+    check_attention("flash_attention_2", 1, lambda package: [])
+    with pytest.raises(PreflightError, match=r"flash_attention_3 needs the flash_attn_3 package, which the Ray "
+                                             r"workers on 10.0.0.7 \(node ab\) cannot import"):
+        check_attention("flash_attention_3", 0.5, lambda package: ["10.0.0.7 (node ab)"])
+    with pytest.raises(PreflightError, match="runs on GPUs only"):
+        check_attention("flash_attention_2", 0, lambda package: [])
