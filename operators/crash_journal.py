@@ -20,8 +20,10 @@ Only an attempt that already follows a crash names items, so one worker death th
 
 Every death of a careful attempt names a new item, however many bad items a task holds, so a task
 needs at most one retry per item, plus one. A careful attempt that dies while reading no item named
-nothing: after FRUITLESS_DEATHS of those, the next attempt leaves out every item it has not read
-yet (as dead letters), so that the job goes on instead of retrying forever.
+nothing: after FRUITLESS_DEATHS of those, the next attempt of a task whose output is all or nothing
+(an embedding or reranking batch) leaves out all its items but those already named (as dead
+letters), so that the job goes on instead of retrying forever. Not so for an expansion task: Ray
+keeps the rows an attempt already passed on, and its retry must make the same rows up to there.
 
 A decoder that hangs instead of crashing would stall the job forever (Ray has no task timeouts). A
 guard with a time limit arms this process's watchdog around each item (an attribute write, no call):
@@ -136,9 +138,9 @@ class CrashJournal:
 
 def retries_needed(items: int) -> int:
     """How many retries a journalled task of `items` items may take before every item is read or left out."""
-    # The first death names nothing; each careful one names a new item, or counts as fruitless; one spare
-    # for a journal restarted in between (its records lost).
-    return 1 + items + FRUITLESS_DEATHS + 1
+    # The first death names nothing; each careful one names a new item, or counts as fruitless. A journal
+    # restarted in between forgets all that, so room for it all twice.
+    return 2 * (1 + items + FRUITLESS_DEATHS)
 
 
 def start_journal() -> ray.actor.ActorHandle:
@@ -230,16 +232,18 @@ class TaskGuard:
     """One task attempt's view of the journal: which items to skip, and which item it reads now.
 
     limit_s: how long one item (or a first attempt's whole batch) may take before the watchdog
-    stops the process; `setting` names it in dead letters. When the journal cannot be reached, the
+    stops the process; `setting` names it in dead letters. give_up: after FRUITLESS_DEATHS, leave out
+    every item (only for a task whose output is all or nothing). When the journal cannot be reached, the
     guard is unguarded (journal None): a first attempt that skips nothing, names nothing, watches nothing.
     """
 
     def __init__(self, journal: ray.actor.ActorHandle, task: str, limit_s: float | None = None,
-                 setting: str | None = None) -> None:
+                 setting: str | None = None, give_up: bool = True) -> None:
         self.journal: ray.actor.ActorHandle | None = journal
         self.task = task
         self.limit_s = limit_s
         self.setting = setting
+        self.give_up = give_up
         # Unguarded until the journal answers: skip nothing, name nothing.
         self.attempt, self.skipped, self.fruitless = 0, {}, 0
         try:
@@ -259,7 +263,7 @@ class TaskGuard:
 
     def skip(self, item: str) -> bool:
         """True when `item` killed (or hung) an earlier attempt, or attempts keep dying on no item: leave it unread."""
-        return item in self.skipped or self.fruitless >= FRUITLESS_DEATHS
+        return item in self.skipped or (self.give_up and self.fruitless >= FRUITLESS_DEATHS)
 
     def letter(self, item: str, doing: str) -> tuple[str, str]:
         """(error type, message) of the dead letter for a skipped item."""

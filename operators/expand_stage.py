@@ -80,7 +80,8 @@ def _task_guard(journal: Any, limit_s: float | None) -> TaskGuard | None:
     if task is None:
         return None
     if _GUARD is None or _GUARD.task != task:  # task ids are unique across runs
-        _GUARD = TaskGuard(journal, task, limit_s, setting="limits.max_expand_s")
+        # Never giving up on its items: Ray keeps the rows an attempt passed on (see _manifest_rows).
+        _GUARD = TaskGuard(journal, task, limit_s, setting="limits.max_expand_s", give_up=False)
     return _GUARD
 
 

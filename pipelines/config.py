@@ -28,9 +28,9 @@ Overrides
     are free-form, so their values are YAML.
 
 YAML
-    Files and override values are read with YAML 1.2's floats added (``1e2`` is a number, not
-    the string PyYAML's YAML 1.1 makes of it). A section, list or mapping key left empty
-    (null) means its default, as if it were not written.
+    A number key takes an exponent number such as ``1e2`` (YAML 1.2's; PyYAML, YAML 1.1, reads
+    it as a string, which every other key keeps: a collection name, a password). A section, list
+    or mapping key left empty (null) means its default, as if it were not written.
 
 Secrets (``config_secrets.py``)
     ``${VAR}`` anywhere inside a string value of ``source.storage_options`` (nested
@@ -191,6 +191,15 @@ def _takes_null(annotation: Any) -> bool:
     return annotation is Any or annotation is None or type(None) in get_args(annotation)
 
 
+# YAML 1.2 floats that YAML 1.1 (PyYAML) reads as strings: an exponent without a dot or a sign.
+_EXPONENT = re.compile(r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+")
+
+
+def _takes_float(annotation: Any) -> bool:
+    """True for a float field (``float``, ``float | None``)."""
+    return annotation is float or float in get_args(annotation)
+
+
 def _is_container(annotation: Any) -> bool:
     """True for a section, list or mapping field (whose empty YAML key means its default)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -202,6 +211,21 @@ class _Section(BaseModel):
     """Base of every section: strict types, unknown keys rejected, immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _exponent_numbers(cls, data: Any) -> Any:
+        """An exponent number (1e2) is a number where a float is expected."""
+        # Here, not in the YAML loader: there it would also turn strings into floats (a collection
+        # named 1e2, a password 123e4567 in storage_options, which would even become inf).
+        if not isinstance(data, Mapping):
+            return data
+        out = dict(data)
+        for name, field in cls.model_fields.items():
+            value = out.get(name)
+            if isinstance(value, str) and _takes_float(field.annotation) and _EXPONENT.fullmatch(value.strip()):
+                out[name] = float(value)
+        return out
 
     @model_validator(mode="before")
     @classmethod
@@ -816,13 +840,6 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-# YAML 1.2 floats PyYAML (YAML 1.1) reads as strings: an exponent without a dot or without a sign
-# (1e2, 6e2, 1.5e9, 2E-3). The 1.1 forms keep their resolver; these are added to this loader only.
-_UniqueKeyLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
 
 
 def _yaml_error(exc: yaml.YAMLError) -> str:

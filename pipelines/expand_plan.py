@@ -203,7 +203,7 @@ def _timed_out(journal: Any, key: str) -> set[str]:
     if journal is None:
         return set()
     try:
-        _, skipped = ray.get(journal.begin.remote(key), timeout=JOURNAL_TIMEOUT_S)
+        _, skipped, _ = ray.get(journal.begin.remote(key), timeout=JOURNAL_TIMEOUT_S)
         journal.end.remote(key)
     except Exception:  # a lost journal: every manifest of the task is parsed again alone
         return set()

@@ -872,6 +872,16 @@ def test_yaml_12_exponent_numbers(tmp_path):
     cfg = parse_config(MINIMAL, ["qdrant.timeout_s=1e2", "limits.max_expand_s=6E2", "qdrant.collection=1e2"])
     assert (cfg.qdrant.timeout_s, cfg.limits.max_expand_s, cfg.qdrant.collection) == (100.0, 600.0, "1e2")
     assert yaml.safe_load("1e2") == "1e2"  # PyYAML's own loader is left as it was
+    # Text keys keep it as text, in a file too: a collection name, a password (which became inf).
+    p = write(tmp_path, """\
+        source: {uri: x, storage_options: {password: 123e4567, token: 1e999}}
+        embedder: {model: m, revision: 2e5}
+        qdrant: {path: q, collection: 1e2}
+        """)
+    cfg = load_config(p)
+    assert (cfg.qdrant.collection, cfg.embedder.revision) == ("1e2", "2e5")
+    assert cfg.source.storage_options == {"password": "123e4567", "token": "1e999"}
+    assert "must be a finite number" in error_of(with_section("limits", max_expand_s="1e999"))
 
 
 def test_default_output_dir_follows_the_working_directory(monkeypatch, tmp_path):
