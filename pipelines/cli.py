@@ -1,4 +1,4 @@
-"""`qvl`: the command line that assembles jobs from a config file.
+"""qvl: the command line that assembles jobs from a config file.
 
 Exit codes: 0 success; 1 the run worked but nothing at all could be ingested;
 2 configuration or preflight error (nothing was done); 3 infrastructure error
@@ -172,7 +172,9 @@ def _cmd_sample_data(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The qvl argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="qvl", description=__doc__.splitlines()[0])
+    # The exit codes as the module docstring gives them, below the commands.
+    epilog = __doc__.split("\n\n", 1)[1].strip().replace("``interrupts.py``", "pipelines/interrupts.py")
+    parser = argparse.ArgumentParser(prog="qvl", description=__doc__.splitlines()[0], epilog=epilog)
     _add_verbose(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 

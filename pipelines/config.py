@@ -28,8 +28,9 @@ Overrides
     are free-form, so their values are YAML.
 
 YAML
-    A number key takes an exponent number such as ``1e2`` (YAML 1.2's; PyYAML, YAML 1.1, reads
-    it as a string, which every other key keeps: a collection name, a password). A section, list
+    A float key takes an exponent number such as ``6e2`` (YAML 1.2's; PyYAML, YAML 1.1, reads
+    it as a string, which every other key keeps: a collection name, a password; integer keys
+    take digits). A section, list
     or mapping key left empty (null) means its default, as if it were not written.
 
 Secrets (``config_secrets.py``)

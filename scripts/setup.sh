@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-command set-up on a fresh machine: a virtual environment with the project and its test tools.
-# torch 2.14.1 / torchvision 0.29.1 are pinned in pyproject.toml (see README "Installing").
+# torch 2.14.1 / torchvision 0.29.1 are pinned in pyproject.toml and constraints.txt (see README "Quickstart").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"

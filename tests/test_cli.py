@@ -207,3 +207,13 @@ def test_a_hub_warning_is_printed_once():
     err = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stderr
     assert err.count("Retrying in 1s") == 1, err
     assert "WARNING huggingface_hub.utils._http: Retrying in 1s [Retry 1/5]." in err
+
+
+def test_help_lists_the_exit_codes():
+    """`qvl --help` says what each exit code means (before, only the README did)."""
+    from pipelines.cli import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert text.startswith("usage: qvl") and "qvl: the command line" in text
+    assert "Exit codes: 0 success; 1 " in text and "2 configuration or preflight error" in text
+    assert "130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM" in text
