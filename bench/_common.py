@@ -1,7 +1,8 @@
 """Helpers shared by the benchmark scripts: checkpoints, generated corpora, timing and tables.
 
 Absolute times on a shared 2-core machine are noisy, so every script measures the things
-it compares side by side in one process and reports ratios (medians over interleaved repeats).
+it compares side by side in one process and reports ratios over interleaved repeats (the best
+repeat of each side, unless a script says otherwise).
 """
 
 from __future__ import annotations
