@@ -9,7 +9,8 @@ short videos. Per interleaved repeat:
     -> forward -> pool), serial (bench/reference.py);
   - ours: Qwen3VLEmbedder.process(corpus) (per-item preparation in a thread pool overlapped
     with the forward passes, token-budget batches of length-sorted windows);
-  - ceiling: the forward passes alone on our batches, prepared and collated beforehand.
+  - ceiling: the forward passes alone on token-budget batches of the whole corpus sorted by length,
+    prepared and collated beforehand (ours cuts its batches per window, so its padding differs a little).
 Prints items/s, the ratios, and the largest difference between our vectors and the baseline's.
 """
 

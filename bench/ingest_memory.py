@@ -183,7 +183,8 @@ def main() -> None:
         return [label, f"{a[key] / MB:.0f}", f"{b[key] / MB:.0f}", f"{b[key] / max(a[key], 1):.2f}"]
 
     shape = "one manifest's records" if args.manifest else "single-unit files"
-    C.print_table(f"Ingestion peak memory, {a['units']} vs {b['units']} units as {shape} ({args.size}, CPU, default config)",
+    C.print_table(f"Ingestion peak memory, {a['units']} vs {b['units']} units as {shape} "
+                  f"({args.size}, CPU, default config but embedder.max_pixels=65536)",
                   ["measure (peaks, MB)", f"1x: {a['units']} units, {a['data_mb']:.0f} MB of files",
                    f"{args.factor}x: {b['units']} units, {b['data_mb']:.0f} MB of files", "ratio"],
                   [row("USS of driver + all Ray processes + object store in use (the flat one)", "total"),
