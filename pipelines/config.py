@@ -215,35 +215,24 @@ class _Section(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _exponent_numbers(cls, data: Any) -> Any:
-        """An exponent number (1e2) is a number where a float is expected."""
-        # Here, not in the YAML loader: there it would also turn strings into floats (a collection
-        # named 1e2, a password 123e4567 in storage_options, which would even become inf).
+    def _as_a_user_means_it(cls, data: Any) -> Any:
+        """An empty section, list or mapping key (YAML null) is its default; an exponent number
+        (6e2) is a number where a float is expected."""
         if not isinstance(data, Mapping):
             return data
         out = dict(data)
         for name, field in cls.model_fields.items():
-            value = out.get(name)
-            if isinstance(value, str) and _takes_float(field.annotation) and _EXPONENT.fullmatch(value.strip()):
+            ann, value = field.annotation, out.get(name, ...)
+            if value is None and _is_container(ann) and not _takes_null(ann):
+                # Commenting out every sub-key of `expand:` or `storage_options:` leaves null, not {}.
+                if isinstance(ann, type) and issubclass(ann, BaseModel):
+                    out[name] = {}  # its defaults; a required section then names its missing keys
+                else:
+                    del out[name]
+            elif isinstance(value, str) and _takes_float(ann) and _EXPONENT.fullmatch(value.strip()):
+                # Here, not in the YAML loader: there a collection named 1e2 would fail, and a
+                # password 123e4567 in storage_options would become inf.
                 out[name] = float(value)
-        return out
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_means_default(cls, data: Any) -> Any:
-        """An empty section, list or mapping key (YAML null) means its default."""
-        # Commenting out every sub-key of `expand:` or `storage_options:` leaves null, not {}.
-        if not isinstance(data, Mapping):
-            return data
-        out = dict(data)
-        for name, field in cls.model_fields.items():
-            if out.get(name, ...) is not None or _takes_null(field.annotation) or not _is_container(field.annotation):
-                continue
-            ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                out[name] = {}  # its defaults; a required section then names its missing keys
-            else:
-                del out[name]
         return out
 
 
