@@ -78,8 +78,8 @@ def skip_letter(reason: str, doing: str, setting: str | None = None) -> tuple[st
                                     "was stopped, and it was skipped so that its neighbours could go on")
     if reason == _FRUITLESS:
         return CRASH_ERROR_TYPE, (f"its worker process died {FRUITLESS_DEATHS + 1} times on retries of its task "
-                                  "while reading no item (out of memory, or a lost node?): the items not yet read "
-                                  "were left out so that the job could go on; re-run to retry them")
+                                  "while reading no item (out of memory, or a lost node?): the task's items were left "
+                                  "out so that the job could go on; re-run to retry them")
     return CRASH_ERROR_TYPE, crash_message(doing)
 
 
