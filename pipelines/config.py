@@ -109,6 +109,7 @@ __all__ = [
 # and SDPA, not flex attention; the paged variants are for generation only).
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
 DEFAULT_QUERY_INSTRUCTION = "Retrieve images or text relevant to the user's query."
+DEFAULT_API_KEY_ENV = "QDRANT_API_KEY"
 
 
 class ConfigError(ValueError):
@@ -462,6 +463,7 @@ class ComputeConfig(_Section):
 
 _QDRANT_BAD_NAME = re.compile(r'[<>:"/\\|?*\x00]')
 _ENV_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_CONVENTIONAL_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 
 
 class QdrantConfig(_Section):
@@ -471,7 +473,7 @@ class QdrantConfig(_Section):
     """Server URL (``http(s)://host:6333``)."""
     path: OptLocalDirStr = None
     """Embedded (local mode) folder; only one process may open it. A leading ``~`` is expanded."""
-    api_key_env: Annotated[str | None, BeforeValidator(_empty_to_none)] = "QDRANT_API_KEY"
+    api_key_env: Annotated[str | None, BeforeValidator(_empty_to_none)] = DEFAULT_API_KEY_ENV
     """Name of the environment variable holding the server API key (the key is never in the config);
     None (or blank) = no key."""
     collection: NonEmptyStr
@@ -535,6 +537,16 @@ class QdrantConfig(_Section):
         if not self.api_key_env:
             return None
         return os.environ.get(self.api_key_env) or None
+
+    def shown_api_key_env(self) -> str | None:
+        """api_key_env as messages and reports may show it: a conventional name (upper case), one that is
+        set, or the default; else ***."""
+        # A key pasted in place of the name passes the name check when it is letters and digits
+        # only; keys mix cases, conventional variable names do not.
+        name = self.api_key_env
+        if name is None or name in os.environ or _CONVENTIONAL_ENV_NAME.fullmatch(name):
+            return name
+        return REDACTED
 
 
 class RerankerConfig(_Section):
@@ -670,6 +682,7 @@ class Config(_Section):
         passwords scrubbed, and any secret value scrubbed wherever it appears."""
         data = self.model_dump(mode="json")
         data["source"]["storage_options"] = self.source.redacted_storage_options()
+        data["qdrant"]["api_key_env"] = self.qdrant.shown_api_key_env()
         return redact_obj(data, self.secret_values())
 
 

@@ -52,7 +52,7 @@ from sinks.qdrant_writer import QdrantWriter
 
 from .actor_fit import ActorPool, check_pools_fit
 from .config import Config
-from .config_secrets import redact
+from .config_secrets import REDACTED, redact
 from .expand_plan import MAX_WORK_BLOCKS, merge_ranges, split_manifests, work_rows
 from .interrupts import Interrupted, SignalGate, defer_signals, deferral_ends_on_error, stop_on_signals
 from .plan import PRUNE_REFUSED, Plan, plan_objects, settings_digest, source_root, unlisted_entries, with_settings
@@ -136,7 +136,9 @@ def server_client(cfg: Config) -> Any:
     except Exception as exc:
         client.close()
         # A job started by `ray job submit` runs on the head node, with its environment, not the shell's.
-        unset = (f" ({cfg.qdrant.api_key_env} is not set in this process's environment: no API key was sent)"
+        shown = cfg.qdrant.shown_api_key_env()
+        name = shown if shown != REDACTED else "the variable that qdrant.api_key_env names"
+        unset = (f" ({name} is not set in this process's environment: no API key was sent)"
                  if cfg.qdrant.api_key_env and not cfg.qdrant.api_key() else "")
         raise PreflightError(redact(f"qdrant.url {settings.url} is unreachable or refused the "
                                     f"request: {type(exc).__name__}: {first_line(exc)}{unset}", secrets)) from None

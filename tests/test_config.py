@@ -776,6 +776,32 @@ def test_api_key_env_must_be_a_variable_name_not_echoed(value, hint):
     assert "9876543210" not in error_of(with_section("qdrant", api_key_env=9876543210))
 
 
+def test_an_api_key_env_that_may_be_a_pasted_key_is_not_shown(monkeypatch):
+    """A key of letters and digits passes the name check; unless the variable exists or the name is
+    conventional (upper case), the report and the unreachable-server message do not show it."""
+    from pipelines.ingest import server_client
+    from pipelines.preflight import PreflightError
+    from tests.resilience_helpers import free_port
+
+    pasted = "qk7Hf93LmPq2Zx81RtYv"
+    monkeypatch.delenv(pasted, raising=False)
+    cfg = parse_config(MINIMAL, [f"qdrant.api_key_env={pasted}"])
+    assert cfg.redacted_dict()["qdrant"]["api_key_env"] == "***"
+    server = parse_config(MINIMAL, ["qdrant.path=", f"qdrant.url=http://127.0.0.1:{free_port()}",
+                                    f"qdrant.api_key_env={pasted}"])
+    with pytest.raises(PreflightError) as info:
+        server_client(server)
+    assert pasted not in str(info.value)
+    assert "the variable that qdrant.api_key_env names is not set in this process's environment" in str(info.value)
+    monkeypatch.setenv("MY_QDRANT_KEY", "s3cr3t-value")  # set: surely a name
+    assert parse_config(MINIMAL, ["qdrant.api_key_env=MY_QDRANT_KEY"]).redacted_dict()["qdrant"]["api_key_env"] \
+        == "MY_QDRANT_KEY"
+    assert parse_config(MINIMAL).redacted_dict()["qdrant"]["api_key_env"] == "QDRANT_API_KEY"  # the default
+    monkeypatch.delenv("MY_UNSET_KEY_VAR", raising=False)
+    assert parse_config(MINIMAL, ["qdrant.api_key_env=MY_UNSET_KEY_VAR"]).redacted_dict()["qdrant"]["api_key_env"] \
+        == "MY_UNSET_KEY_VAR"
+
+
 @pytest.mark.parametrize("value, expected", [("MY_KEY_2", "MY_KEY_2"), ("_k", "_k"), (None, None), ("", None),
                                              ("  ", None)])
 def test_api_key_env_names_and_null_ok(value, expected):
