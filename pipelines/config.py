@@ -79,8 +79,8 @@ from pydantic import (
     model_validator,
 )
 
-from .config_secrets import (REDACTED, BadEnvRef, MissingEnv, is_secret_key, is_secret_var, redact, redact_obj,
-                             redacted_options, scrub_url, secret_leaves, substitute_env)
+from .config_secrets import (ENV_NAME, REDACTED, BadEnvRef, MissingEnv, is_secret_key, is_secret_var, redact,
+                             redact_obj, redacted_options, scrub_url, secret_leaves, substitute_env)
 
 __all__ = [
     "ConfigError",
@@ -202,11 +202,14 @@ def _takes_float(annotation: Any) -> bool:
     return annotation is float or float in get_args(annotation)
 
 
+def _is_section(annotation: Any) -> bool:
+    """True for a field that is a section (a nested model)."""
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
 def _is_container(annotation: Any) -> bool:
     """True for a section, list or mapping field (whose empty YAML key means its default)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return True
-    return annotation in (list, dict) or get_origin(annotation) in (list, dict)
+    return _is_section(annotation) or annotation in (list, dict) or get_origin(annotation) in (list, dict)
 
 
 class _Section(BaseModel):
@@ -226,7 +229,7 @@ class _Section(BaseModel):
             ann, value = field.annotation, out.get(name, ...)
             if value is None and _is_container(ann) and not _takes_null(ann):
                 # Commenting out every sub-key of `expand:` or `storage_options:` leaves null, not {}.
-                if isinstance(ann, type) and issubclass(ann, BaseModel):
+                if _is_section(ann):
                     out[name] = {}  # its defaults; a required section then names its missing keys
                 else:
                     del out[name]
@@ -462,7 +465,6 @@ class ComputeConfig(_Section):
 
 
 _QDRANT_BAD_NAME = re.compile(r'[<>:"/\\|?*\x00]')
-_ENV_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CONVENTIONAL_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 
 
@@ -503,9 +505,9 @@ class QdrantConfig(_Section):
     def _env_name(cls, v: str | None) -> str | None:
         # The value is never shown: a key pasted here instead of a name would leak into messages
         # and reports, and "${QDRANT_API_KEY}" would silently send no key.
-        if v is None or _ENV_VAR_NAME.fullmatch(v):
+        if v is None or ENV_NAME.fullmatch(v):
             return v
-        ref = re.fullmatch(r"\$\{?\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}?", v.strip())
+        ref = re.fullmatch(rf"\$\{{?\s*({ENV_NAME.pattern})\s*\}}?", v.strip())
         hint = f"; write the variable's name, {ref.group(1)}" if ref else ""
         raise ValueError("must be null or the name of an environment variable (letters, digits and _, not "
                          f"starting with a digit), not its value (not shown){hint}")
@@ -716,7 +718,7 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
         if field is None:
             return None
         ann = field.annotation
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        if not _is_section(ann):
             return None
         model = ann
     return model
@@ -874,7 +876,7 @@ def _override_target(keys: list[str]) -> tuple[str | None, bool]:
             hint = f" (did you mean '{'.'.join(keys[:i] + [close[0]])}'?)" if close else ""
             return f"unknown key '{'.'.join(keys)}'{hint}", False
         ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
+        if _is_section(ann):
             model = ann
             if i == len(keys) - 1:
                 return None, False  # a whole section (mapping value)

@@ -18,13 +18,13 @@ import re
 from typing import Any, Iterable, Mapping
 from urllib.parse import quote, quote_plus
 
-__all__ = ["REDACTED", "MissingEnv", "BadEnvRef", "substitute_env", "is_secret_key", "is_secret_var",
+__all__ = ["REDACTED", "ENV_NAME", "MissingEnv", "BadEnvRef", "substitute_env", "is_secret_key", "is_secret_var",
            "redacted_options", "secret_leaves", "scrub_url", "redact", "redact_obj"]
 
 REDACTED = "***"
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# Every "${...}" (or escaped "$${...}"); what is inside is checked against _ENV_NAME.
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # an environment variable's name
+# Every "${...}" (or escaped "$${...}"); what is inside is checked against ENV_NAME.
 _ENV_REF = re.compile(r"\$(\$?)\{([^}]*)\}")
 _PURE_REFS = re.compile(r"^(?:\$\{[A-Za-z_][A-Za-z0-9_]*\})+$")
 
@@ -56,7 +56,7 @@ def substitute_env(value: Any, where: str, resolved: dict[str, str]) -> Any:
             if m.group(1):  # "$${VAR}" -> literal "${VAR}" (any "$${...}" -> "${...}")
                 return "${" + m.group(2) + "}"
             var = m.group(2)
-            if not _ENV_NAME.fullmatch(var):
+            if not ENV_NAME.fullmatch(var):
                 # A shell form (${VAR:-x}, ${ VAR }) would reach fsspec as written, silently.
                 raise BadEnvRef(where)
             if var not in os.environ:
