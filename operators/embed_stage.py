@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .crash_journal import CRASH_ERROR_TYPE, WHOLE_BATCH, TaskGuard, batch_key
+from .model_actor import ClosesModel
 from .qwen3vl.embedder import EmbedResult, Qwen3VLEmbedder, reduce_dim
 from .qwen3vl.prepare_workers import WORKER_DIED
 from .units import model_input_from_row
@@ -41,7 +42,7 @@ class _Crashed(EmbedResult):
     error_type: str = CRASH_ERROR_TYPE
 
 
-class EmbedStage:
+class EmbedStage(ClosesModel):
     """Loads the embedder once per actor and embeds the unit rows of each batch."""
 
     def __init__(self, model: str, mrl_dims: list[int], embedder_kwargs: dict[str, Any] | None = None,

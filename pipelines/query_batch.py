@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from operators.crash_journal import TaskGuard, batch_key, reading, retries_needed, start_journal, stop_journal
+from operators.model_actor import ClosesModel
 from sinks.qdrant_client_factory import make_client
 
 from .actor_fit import ActorPool, check_pools_fit
@@ -63,7 +64,7 @@ def _owner_search(owner: Any) -> Callable[[dict[str, Any]], list[Any]]:
     return lambda request: ray.get(owner.query_points.remote(**request))
 
 
-class EmbedSearchStage:
+class EmbedSearchStage(ClosesModel):
     """Ray Data actor: embeds a batch of queries and searches Qdrant for each (the owner actor in
     embedded mode, its own client in server mode). Adds a ``candidates`` JSON column and ``error``."""
 
@@ -111,7 +112,7 @@ class EmbedSearchStage:
                 "error": errors}
 
 
-class RerankStage:
+class RerankStage(ClosesModel):
     """Ray Data actor holding a Qwen3VLReranker: rebuilds each query's candidates and reranks them.
 
     A query whose candidates crash a native decoder kills the actor; with a crash journal, the retry
@@ -119,6 +120,8 @@ class RerankStage:
     query that takes longer than limits.max_rerank_query_s (a hung decoder) gets the actor stopped,
     and fails alone on the retry (operators/crash_journal.py).
     """
+
+    model_attr = "reranker"
 
     def __init__(self, cfg: Config, top_n: int, crash_journal: Any = None) -> None:
         self.cfg, self.top_n = cfg, top_n

@@ -356,6 +356,20 @@ def reap_session(sid: int, grace_s: float = 30.0) -> list[str]:
     return killed
 
 
+def semaphores() -> set[str]:
+    """Names of multiprocessing's named semaphores on this machine (they live in /dev/shm)."""
+    return {p.name for p in Path("/dev/shm").glob("sem.mp-*")}
+
+
+def semaphores_left(before: set[str], wait_s: float = 20.0) -> set[str]:
+    """Semaphores made since `before` that are still there after up to wait_s (Ray lets idle actors
+    go in the background, so their clean-up may follow the run by a few seconds)."""
+    deadline = time.monotonic() + wait_s
+    while (left := semaphores() - before) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return left
+
+
 def grep_tree(root: Path, needles: list[str]) -> list[tuple[str, str]]:
     """(file, needle) for every readable file under root that contains a needle (bytes match)."""
     hits = []

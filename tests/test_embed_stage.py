@@ -98,3 +98,14 @@ def test_a_vector_with_nan_components_fails_its_unit_alone(tiny_embedding_ckpt, 
     for dim in (None, *MRL):
         column = np.asarray(out[vector_column(dim)])
         assert np.isfinite(column).all() and abs(np.linalg.norm(column[0]) - 1) < 1e-5 and not column[1].any()
+
+
+def test_a_stage_let_go_closes_its_embedder(tiny_embedding_ckpt):
+    # Ray Data deletes an actor's stage as it lets the actor go: the embedder's preparation processes
+    # must stop then, while the process can still clean up after them (operators/model_actor.py).
+    s = EmbedStage(str(tiny_embedding_ckpt), MRL, {"prepare_processes": 1})
+    embedder = s.embedder
+    assert embedder.embed([{"text": "hello"}])[0].ok and embedder._processes is not None
+    del s
+    assert embedder._closed and embedder._processes is None
+

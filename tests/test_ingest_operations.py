@@ -12,6 +12,9 @@ from pipelines.ingest import run_ingest
 from pipelines.preflight import PreflightError
 from pipelines.report import RunReport
 
+from tests.media_gen import pattern_image
+from tests.resilience_helpers import semaphores, semaphores_left
+
 
 def _job(tmp_path, ckpt, **sections):
     """A one-file job: its YAML file's path, and the parsed config."""
@@ -83,3 +86,15 @@ def test_a_run_whose_store_owner_died_still_counts_what_it_wrote(tmp_path, tiny_
         store.close()
     assert report.objects == {objects[0].uri: "ingested"} and report.points_written == 1
     assert "could not be read" not in report.error and not report.dead_letters
+
+
+def test_an_ingestion_preparing_in_processes_leaves_no_semaphores_on_the_node(tmp_path, tiny_embedding_ckpt,
+                                                                             ray_local):
+    """prepare_processes (the GPU default) in the embedding actors: the run works, and the pools' named
+    semaphores go with the actors (tests/test_qwen3vl_prepare_workers.py shows why they could stay)."""
+    _, cfg = _job(tmp_path, tiny_embedding_ckpt, embedder={"prepare_processes": 1})
+    pattern_image(3).save(tmp_path / "src" / "b.png")
+    before = semaphores()
+    assert run_ingest(cfg).points_written == 2
+    assert semaphores_left(before) == set()
+

@@ -825,6 +825,17 @@ def test_query_batch_equals_single_queries(world, embedder, reranker, tmp_path, 
     assert any(abs(by_id[h["point_id"]] - h["vector_score"]) > 1e-4 for h in batch[3]["hits"] if h["point_id"] in by_id)
 
 
+def test_query_batch_stages_let_go_close_their_models(world):
+    # Ray Data deletes an actor's stage as it lets the actor go: preparation processes stop then
+    # (operators/model_actor.py).
+    from pipelines.query_batch import RerankStage
+
+    stage = RerankStage(world["cfg"], top_n=3)
+    reranker = stage.reranker
+    del stage
+    assert reranker._closed
+
+
 def test_query_batch_without_reranking_hands_the_driver_top_n_results_only(world, embedder):
     """--no-rerank: the top_k candidates are cut to top_n before the driver collects them (at 1,500
     queries, top_k 100, the driver otherwise holds every candidate's payload at once)."""

@@ -8,6 +8,7 @@ from operators.qwen3vl import prepare_workers
 from operators.qwen3vl.prepare_workers import ShmArray, pack, remove_shm_files, unpack
 from operators.qwen3vl.runner import resolve_prepare_processes
 from tests.media_gen import pattern_image, write_video
+from tests.resilience_helpers import run_json_script, semaphores, semaphores_left
 
 
 @pytest.fixture(scope="module")
@@ -236,6 +237,7 @@ def test_worker_processes_start_inside_a_ray_actor(ray_local, tiny_embedding_ckp
     ray = ray_local
     from operators.embed_stage import EmbedStage
 
+    before = semaphores()
     stage = ray.remote(EmbedStage).remote(str(tiny_embedding_ckpt), [], {"prepare_processes": 1})
     embed = ray.get(stage.__ray_call__.remote(
         lambda self, items: [(r.ok, r.vector) for r in self.embedder.embed(items)],
@@ -248,7 +250,9 @@ def test_worker_processes_start_inside_a_ray_actor(ray_local, tiny_embedding_ckp
     assert [ok for ok, _ in embed] == [True, True, False]
     for (_, got), want in zip(embed, expected):
         assert abs(got - want.vector).max() < 1e-6
+    ray.get(stage.__ray_call__.remote(lambda self: self.embedder.close()))  # as Ray Data's release does
     ray.kill(stage)
+    assert semaphores_left(before) == set()
 
 
 def test_preparation_threads_do_not_take_the_model_threads(tiny_embedding_ckpt):
@@ -353,6 +357,39 @@ if __name__ == "__main__":
     print(p.pid, flush=True)
     time.sleep(600)
 """
+
+
+_ABRUPT_EXIT_SCRIPT = """
+import glob, json, os, signal, sys
+from operators.qwen3vl import Qwen3VLEmbedder
+
+if __name__ == "__main__":
+    before = set(glob.glob("/dev/shm/sem.mp-*"))
+    emb = Qwen3VLEmbedder(sys.argv[1], prepare_processes=1)
+    assert emb.embed([{"text": "hello"}])[0].ok
+    made = len(set(glob.glob("/dev/shm/sem.mp-*")) - before)
+    emb.close()
+    # What Ray does when an actor's process exits: its children are killed, multiprocessing's
+    # resource tracker among them, and the process ends without its exit handlers.
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit() and int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            pass
+    print(json.dumps({"made": made}), flush=True)
+    os._exit(0)
+"""
+
+
+def test_a_closed_runner_leaves_no_semaphores_when_its_process_ends_abruptly(tiny_embedding_ckpt):
+    # Its pool's queues are named semaphores in /dev/shm: five were left per Ray actor per run.
+    import os
+
+    before = semaphores()
+    out = run_json_script(_ABRUPT_EXIT_SCRIPT, str(tiny_embedding_ckpt), env=dict(os.environ), timeout_s=120)
+    assert out["made"] >= 1  # the pool was running
+    assert semaphores_left(before, wait_s=2) == set()
 
 
 def test_a_worker_dies_with_its_model_process(tmp_path):

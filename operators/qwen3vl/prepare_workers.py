@@ -198,6 +198,7 @@ def _prepare(args: tuple[Any, ...]) -> tuple[Any, Any]:
     return pack(item, shm_owner=os.getppid()), marker
 
 
+STOP_WAIT_S = 5.0  # idle workers exit within a second of being told to
 _STOPPED = "preparation stopped: the runner was closed"
 WORKER_DIED = ("the preparation worker process died while preparing this input, twice (a crash in a native "
                "decoder, or out of memory)")
@@ -412,7 +413,14 @@ class PrepareProcesses:
             self._closed = True
             if self._suspects is not None:
                 self._suspects.put(None)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        # Waited for (at most STOP_WAIT_S): once the pool has joined its workers it drops its queues, and
+        # their named semaphores are unlinked from /dev/shm. Not waiting left them there when the
+        # process ended abruptly next (a Ray actor does: Ray kills its children, multiprocessing's
+        # resource tracker among them). A worker hung in a decoder is not waited for past that.
+        stopper = threading.Thread(target=self._pool.shutdown, kwargs={"wait": True, "cancel_futures": True},
+                                   daemon=True, name="qvl-prepare-stop")
+        stopper.start()
+        stopper.join(STOP_WAIT_S)
         # Results still in flight are read (and their files deleted) by their callbacks.
         remove_shm_files(os.getpid())
 
