@@ -35,14 +35,15 @@ from qdrant_client import QdrantClient, models
 from operators.content import CandidateUnavailable, SourceCache, candidate_input
 from operators.media.expand import ExpandSettings
 from operators.qwen3vl.loading import checkpoint_id
+from operators.qwen3vl.media_io import MediaError
 
 from .config import Config
 from .config_secrets import redact
 from .ingest import embedder_kwargs, expand_settings
 from .preflight import (PreflightError, check_checkpoint_kind, check_local_checkpoint_exists, hub_commit,
                         model_dimension, one_line)
-from .query_inputs import (QueryInputError, build_filter, model_ready_images, oversized_image, query_content,
-                           resolve_instruction, result_count)
+from .query_inputs import (QueryInputError, build_filter, fetch_remote_images, model_ready_images, oversized_image,
+                           query_content, resolve_instruction, result_count)
 from .query_store import (QueryPreflightError, check_dimension, collection_layout, open_client, query_vectors,
                           search_request, store_location, warn_if_other_model, warn_unheld_filter_keys)
 
@@ -53,18 +54,23 @@ logger = logging.getLogger(__name__)
 
 
 def embed_queries(embedder: Any, contents: Sequence[Mapping[str, Any]], instructions: Sequence[str],
-                  max_image_pixels: int | None = None,
-                  storage_options: Mapping[str, Any] | None = None) -> list[np.ndarray | str]:
+                  max_image_pixels: int | None = None, storage_options: Mapping[str, Any] | None = None,
+                  max_object_bytes: int | None = None) -> list[np.ndarray | str]:
     """Raw (un-normalised) pooled vectors of queries, or the error of each query that fails."""
     out: list[np.ndarray | str] = [""] * len(contents)
-    live = []
+    live, ready = [], {}
     for i, content in enumerate(contents):
-        too_large = oversized_image(content, max_image_pixels, storage_options) if max_image_pixels else None
+        try:
+            ready[i] = fetch_remote_images(content, max_object_bytes)
+        except MediaError as exc:
+            out[i] = str(exc)
+            continue
+        too_large = oversized_image(ready[i], max_image_pixels, storage_options) if max_image_pixels else None
         if too_large:
             out[i] = too_large
         else:
             live.append(i)
-    inputs = [{**model_ready_images(contents[i], storage_options), "instruction": instructions[i]} for i in live]
+    inputs = [{**model_ready_images(ready[i], storage_options), "instruction": instructions[i]} for i in live]
     for i, r in zip(live, embedder.embed(inputs, normalize=False) if inputs else []):
         if r.ok and not np.isfinite(r.vector).all():  # Qdrant would refuse the search request
             out[i] = "the model's vector for the query has NaN or infinite components (an overflow?)"
@@ -203,8 +209,9 @@ def rerank_candidates(reranker: Any, query: Mapping[str, Any], candidates: Seque
     scored: list[tuple[float, Candidate]] = []
     # One call for the whole top-k: the reranker batches the pairs itself and computes the
     # query's shared prefix (and, for an image query, its vision tower) once, not once per batch.
-    results = (reranker.score(model_ready_images(query, storage_options), [d for _, d in ready], instruction)
-               if ready else [])
+    if ready:  # an http(s) query image read once for all pairs, and re-encoded as for its embedding
+        query = model_ready_images(fetch_remote_images(query, settings.max_object_bytes), storage_options)
+    results = reranker.score(query, [d for _, d in ready], instruction) if ready else []
     for (c, _), r in zip(ready, results):
         if r.ok:
             scored.append((float(r.score), c))
@@ -354,7 +361,7 @@ class QueryEngine:
         content = query_content(query)
         instr = resolve_instruction(query, instruction, self.cfg.query.instruction)
         out = embed_queries(self.embedder, [content], [instr], self.cfg.limits.max_image_pixels,
-                            self.cfg.source.storage_options)[0]
+                            self.cfg.source.storage_options, self.cfg.limits.max_object_bytes)[0]
         if isinstance(out, str):
             raise QueryInputError(f"the query cannot be embedded: {out}")
         return query_vectors(out, self.layout)

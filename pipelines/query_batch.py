@@ -95,7 +95,8 @@ class EmbedSearchStage(ClosesModel):
         live = [i for i in range(n) if contents[i] is not None]
         raws = embed_queries(self.embedder, [contents[i] for i in live],
                              [resolve_instruction(rows[i].query, rows[i].instruction, self.cfg.query.instruction)
-                              for i in live], self.cfg.limits.max_image_pixels, self.cfg.source.storage_options)
+                              for i in live], self.cfg.limits.max_image_pixels, self.cfg.source.storage_options,
+                             self.cfg.limits.max_object_bytes)
         for i, raw in zip(live, raws):
             if isinstance(raw, str):
                 errors[i] = f"the query cannot be embedded: {raw}"

@@ -170,13 +170,34 @@ def resolve_instruction(query: Mapping[str, Any], instruction: str | None, defau
     return own if isinstance(own, str) else default
 
 
+class FetchedImage(bytes):
+    """The bytes of a query image fetched from an http(s) URL, and that URL (its name in messages)."""
+
+    name: str
+
+
+def fetch_remote_images(content: Mapping[str, Any], max_bytes: int | None) -> dict[str, Any]:
+    """The query content with each http(s) image fetched once (at most max_bytes), so that it is checked
+    against the pixel limit and re-encoded like any other image; MediaError names an image that cannot be."""
+    from operators.qwen3vl.media_io import read_bytes
+
+    def fetched(image: Any) -> Any:
+        if not (isinstance(image, str) and image.startswith(("http://", "https://"))):
+            return image
+        data = FetchedImage(read_bytes(image, max_bytes=max_bytes))
+        data.name = image
+        return data
+
+    return _each_image(content, fetched)
+
+
 def oversized_image(content: Mapping[str, Any], max_pixels: int,
                     storage_options: Mapping[str, Any] | None = None) -> str | None:
     """Why a query's image is over ``limits.max_image_pixels``, from its header alone; None if it is not.
 
     The same decompression-bomb guard as ingestion's: a query image is decoded in full by the
     embedder (and by every reranker pair), so a huge one must be refused before that. Each image
-    of a list is checked; http(s) URLs are left to the embedder, which fetches them itself.
+    of a list is checked; http(s) URLs once fetched (fetch_remote_images).
     """
     from PIL import Image
 
@@ -191,7 +212,8 @@ def oversized_image(content: Mapping[str, Any], max_pixels: int,
         except Exception:
             continue  # unreadable: the embedder names the reason
         if width * height > max_pixels:
-            named = "(bytes)" if not isinstance(image, str) else "(a data: URI)" if is_data_uri(image) else image
+            named = (getattr(image, "name", "(bytes)") if not isinstance(image, str)
+                     else "(a data: URI)" if is_data_uri(image) else image)
             return (f"image {named} is {width}x{height} = "
                     f"{width * height} pixels, over limits.max_image_pixels={max_pixels} (decompression-bomb guard)")
     return None
@@ -199,16 +221,21 @@ def oversized_image(content: Mapping[str, Any], max_pixels: int,
 
 def model_ready_images(content: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The query content with each image re-encoded where ingestion re-encodes it (EXIF rotation, deep samples)."""
+    return _each_image(content, lambda image: _model_ready(image, storage_options))
+
+
+def _each_image(content: Mapping[str, Any], change: Callable[[Any], Any]) -> dict[str, Any]:
+    """The query content with change() applied to its image, or to each image of its list."""
     images = content.get("image")
     if images is None:
         return dict(content)
     many = isinstance(images, (list, tuple))
-    ready = [_model_ready(image, storage_options) for image in (images if many else [images])]
+    ready = [change(image) for image in (images if many else [images])]
     return {**content, "image": ready if many else ready[0]}
 
 
 def _image_opener(image: Any, storage_options: Mapping[str, Any] | None) -> Callable[[], IO[bytes]] | None:
-    """How to open a query image's bytes here; None for an http(s) URL (the embedder fetches it), or a PIL image."""
+    """How to open a query image's bytes here; None for a PIL image, or an http(s) URL not fetched yet."""
     from operators.media.listing import fs_for, is_local_uri, local_path
     from operators.media.reading import open_local_file
 

@@ -309,6 +309,41 @@ def test_an_exif_rotated_query_image_is_turned_upright_as_ingestion_embeds_it(wo
         assert hit.rerank_score == pytest.approx(want, abs=1e-5)
 
 
+def test_an_http_query_image_is_checked_and_re_encoded_like_a_local_one(world, embedder, reranker, tmp_path):
+    """Fetched once by us, not by the embedder: upright as ingested, under the pixel and byte limits."""
+    import functools
+    import http.server
+    import threading
+
+    from pipelines.query import embed_queries
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(world["src"])))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/images/rotated.jpg"
+    path = str(world["src"] / "images/rotated.jpg")
+    unit = next(u for u in world["units"].values() if u.object_uri == path)
+    try:
+        with open_engine(world, embedder, reranker) as engine:
+            remote = engine.search({"image": url}, instruction=DOC_INSTRUCTION, top_k=10, top_n=10)
+            local = engine.search({"image": path}, instruction=DOC_INSTRUCTION, top_k=10, top_n=10)
+        assert {h.point_id: h.vector_score for h in remote.hits}[unit.point_id] == pytest.approx(1.0, abs=1e-5)
+        assert [h.point_id for h in remote.hits] == [h.point_id for h in local.hits]
+        for r, lo in zip(remote.hits, local.hits):
+            assert r.rerank_score == pytest.approx(lo.rerank_score, abs=1e-5)
+        size = (world["src"] / "images/rotated.jpg").stat().st_size
+        [pixels] = embed_queries(embedder, [{"image": url}], ["q"], 90 * 60 - 1)
+        assert pixels == f"image {url} is 90x60 = 5400 pixels, over limits.max_image_pixels=5399 (decompression-bomb guard)"
+        [capped] = embed_queries(embedder, [{"image": url}], ["q"], None, None, size - 1)
+        assert capped == f"{url} is over max_object_bytes={size - 1}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_query_image_is_re_encoded_exactly_as_ingestion_embeds_it(tmp_path):
     """Upright and 8-bit, from bytes or a path; an image that needs neither is passed on untouched."""
     import io

@@ -501,6 +501,57 @@ def test_http_media_are_fetched_within_a_timeout(embedder, media, monkeypatch):
         server.server_close()
 
 
+def test_an_http_medium_that_trickles_fails_at_the_total_deadline(embedder, monkeypatch):
+    # A byte every 0.2 s never trips the read timeout (a wait for bytes), but the whole download is bounded.
+    import http.server
+    import threading
+    import time
+
+    from operators.qwen3vl import media_io
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            try:
+                for _ in range(300):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:  # the client gave up
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(media_io, "HTTP_TOTAL_S", 1.5)
+        url = f"http://127.0.0.1:{server.server_address[1]}/slow.png"
+        started = time.monotonic()
+        text, image = embedder.embed([{"text": "fine"}, {"image": url}])
+        assert time.monotonic() - started < 15
+        assert text.ok and image.error.startswith(f"cannot read {url}: TimeoutError: ")
+        assert "HTTP_TOTAL_S" in image.error
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_read_past_its_byte_cap_fails_naming_the_cap(tmp_path):
+    from operators.qwen3vl import media_io
+
+    (tmp_path / "f.bin").write_bytes(b"x" * 100)
+    assert media_io.read_bytes((tmp_path / "f.bin").as_uri(), max_bytes=100) == b"x" * 100
+    with pytest.raises(media_io.MediaError, match=r"f.bin is over max_object_bytes=99$") as exc:
+        media_io.read_bytes((tmp_path / "f.bin").as_uri(), max_bytes=99)
+    assert not media_io.is_fetch_failure(str(exc.value))
+
+
 def test_frames_of_a_video_list_take_every_form_an_image_takes(embedder, media):
     """A frame list of data: URIs or memoryviews was taken for a list of video files (or refused)."""
     import base64

@@ -14,8 +14,9 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import weakref
-from typing import Any, NoReturn
+from typing import Any, Iterator, NoReturn
 
 import fsspec
 from PIL import Image
@@ -28,6 +29,9 @@ _HTTP_PREFIXES = ("http://", "https://")
 # (connect, read) seconds for an http(s) medium: the read timeout bounds each wait for bytes, so
 # a slow but live server still delivers a large video.
 HTTP_TIMEOUT_S = (10.0, 60.0)
+# ...and the whole download: a server that sends a byte every few seconds never trips the read
+# timeout, and held its input (and a query, and every other query of its batch) for good.
+HTTP_TOTAL_S = 600.0
 
 
 class MediaError(ValueError):
@@ -77,32 +81,62 @@ def _require_local_file(path: str, what: str, name: str | None = None) -> None:
         raise MediaError(f"not a regular file: {name or path}")
 
 
-def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
-    """Read a whole object from any fsspec URL (http(s) with HTTP_TIMEOUT_S)."""
+def read_bytes(uri: str, storage_options: dict[str, Any] | None = None, max_bytes: int | None = None) -> bytes:
+    """Read a whole object from any fsspec URL (http(s) within HTTP_TIMEOUT_S and HTTP_TOTAL_S);
+    one of more than max_bytes raises MediaError."""
     if uri.startswith(_HTTP_PREFIXES):
         buf = io.BytesIO()
-        _stream_http(uri, buf)
+        _stream_http(uri, buf, max_bytes)
         return buf.getvalue()
     try:
         with fsspec.open(uri, "rb", **(storage_options or {})) as fh:
-            return fh.read()
+            data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
     except FileNotFoundError as exc:
         raise MediaError(f"object not found: {uri}") from exc
     except Exception as exc:  # fsspec backends raise many types; name the input, keep the cause
         raise MediaError(f"cannot read {uri}: {type(exc).__name__}: {exc}") from exc
+    if max_bytes is not None and len(data) > max_bytes:
+        raise _too_large(uri, max_bytes)
+    return data
 
 
-def _stream_http(url: str, fh: Any) -> None:
-    """Write the body of an http(s) URL to fh in chunks, within HTTP_TIMEOUT_S per wait."""
+def _too_large(uri: str, max_bytes: int) -> MediaError:
+    # Not "cannot read ...": that begins a fetch failure (is_fetch_failure), which may pass next time.
+    return MediaError(f"{uri} is over max_object_bytes={max_bytes}")
+
+
+def _stream_http(url: str, fh: Any, max_bytes: int | None = None) -> None:
+    """Write the body of an http(s) URL to fh in chunks, within HTTP_TIMEOUT_S per wait and HTTP_TOTAL_S
+    in all; a body of more than max_bytes raises MediaError."""
     import requests
 
+    deadline = time.monotonic() + HTTP_TOTAL_S
+    written = 0
     try:
         with requests.get(url, timeout=HTTP_TIMEOUT_S, stream=True) as response:
             response.raise_for_status()
-            for chunk in response.iter_content(1 << 20):
+            for chunk in _chunks_as_they_come(response):
+                written += len(chunk)
+                if max_bytes is not None and written > max_bytes:
+                    raise _too_large(url, max_bytes)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the download took over {HTTP_TOTAL_S:.0f} s (media_io.HTTP_TOTAL_S)")
                 fh.write(chunk)
+    except MediaError:
+        raise
     except Exception as exc:
         raise MediaError(f"cannot read {url}: {type(exc).__name__}: {exc}") from exc
+
+
+def _chunks_as_they_come(response: Any) -> Iterator[bytes]:
+    """The body's bytes in whatever pieces the socket gives: iter_content waits until a whole chunk
+    has arrived, so a trickling server would never let the caller look at the clock."""
+    read1 = getattr(response.raw, "read1", None)  # urllib3 2
+    if read1 is None:
+        yield from response.iter_content(1 << 12)
+        return
+    while chunk := read1(1 << 20, decode_content=True):
+        yield chunk
 
 
 def open_image_bytes(data: bytes, name: str = "<bytes>") -> Image.Image:
@@ -137,7 +171,7 @@ def resolve_image(source: Any, storage_options: dict[str, Any] | None = None) ->
     if isinstance(source, Image.Image):
         return load_image(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return open_image_bytes(bytes(source))
+        return open_image_bytes(bytes(source), getattr(source, "name", "<bytes>"))  # a query's: its URL
     if isinstance(source, str):
         if source.startswith("file://"):
             path = file_url_path(source)
