@@ -110,6 +110,8 @@ def format_table(result: Any) -> str:
 
 
 def _cmd_query(cfg: Any, args: argparse.Namespace) -> int:
+    from operators.media.manifest import is_unicode_text
+
     from .query import QueryEngine
     from .query_inputs import QueryInputError, build_filter
 
@@ -117,6 +119,11 @@ def _cmd_query(cfg: Any, args: argparse.Namespace) -> int:
                              if v}
     if not query:
         raise QueryInputError("give at least one of --text, --image, --video")
+    # Bytes that are not UTF-8 reach argv as lone surrogates, which no tokenizer or filter takes.
+    # (A path may hold them: the file system takes them back as the same bytes.)
+    for flag, value in (("--text", args.text), ("--instruction", args.instruction), *(("--filter", f) for f in args.filter or [])):
+        if value and not is_unicode_text(value):
+            raise QueryInputError(f"{flag} is not valid UTF-8 text (the shell passed bytes that are not): {value!r}")
     filters = parse_filter_args(args.filter)
     build_filter(filters)  # a bad filter is an input error, found before loading anything
     if not args.no_rerank and not cfg.reranker.model:

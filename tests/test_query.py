@@ -684,7 +684,7 @@ def test_the_reranker_section_reaches_the_reranker(tmp_path, tiny_embedding_ckpt
         assert rr.window_bytes == 64 * 2**20  # a CPU's default
 
 
-def test_preflight_errors(world, embedder, tmp_path, tiny_embedding_ckpt):
+def test_preflight_errors(world, embedder, tmp_path, tiny_embedding_ckpt, capsys):
     data = world["cfg"].model_dump()
     missing = parse_config({**data, "qdrant": {**data["qdrant"], "collection": "nope"}})
     with pytest.raises(QueryPreflightError, match="collection 'nope' does not exist"):
@@ -723,6 +723,12 @@ def test_preflight_errors(world, embedder, tmp_path, tiny_embedding_ckpt):
     assert qvl(["query", world["yaml"], "--text", "x", "--set", "qdrant.collection=nope"]) == 2
     assert qvl(["query", world["yaml"], "--text", "x", "--filter", "modality=audio"]) == 2
     assert qvl(["query", world["yaml"], "--text", "x", "--set", "reranker.model=null"]) == 2
+    # Bytes that are not UTF-8 in argv (Python holds them as lone surrogates): named, before any work.
+    latin1 = b"caf\xe9".decode("utf-8", "surrogateescape")
+    for extra in (["--text", latin1], ["--text", "x", "--instruction", latin1], ["--text", "x", "--filter", f"lang={latin1}"]):
+        capsys.readouterr()
+        assert qvl(["query", world["yaml"], "--no-rerank", *extra]) == 2
+        assert f"error: {extra[-2]} is not valid UTF-8 text" in capsys.readouterr().err
     queries = tmp_path / "q.jsonl"
     queries.write_text('{"id": "1", "text": "x"}\n')
     batch = ["query-batch", world["yaml"], "--queries", str(queries), "--out", str(tmp_path / "o.jsonl")]
