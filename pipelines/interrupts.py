@@ -75,6 +75,12 @@ class SignalGate:
         self._armed = True
         try:
             yield
+        except KeyboardInterrupt as exc:
+            # ray.get / ray.wait re-raise an exception from a signal handler during their wait as a
+            # plain KeyboardInterrupt: the signal it was, and the run's accounting of it, were lost.
+            if isinstance(exc, Interrupted) or self.pending is None:
+                raise
+            raise Interrupted(self.pending) from None
         finally:
             self._armed = False
 

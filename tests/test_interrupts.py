@@ -32,6 +32,25 @@ def test_a_signal_in_the_interruptible_phase_raises_at_once() -> None:
         (signal.SIGTERM, "SIGTERM", 143, "interrupted by SIGTERM")
 
 
+def test_a_signal_while_ray_waits_is_still_the_signal_it_was(ray_local) -> None:
+    # ray.wait / ray.get turn the handler's Interrupted into a plain KeyboardInterrupt: a SIGTERM
+    # while the driver waited on manifest parses exited 130 "SIGINT", and the run's report was lost.
+    ray = ray_local
+    sleeper = ray.remote(lambda: __import__("time").sleep(60)).options(num_cpus=0).remote()
+    timer = threading.Timer(1.0, _send, (signal.SIGTERM,))
+    try:
+        with stop_on_signals() as gate:
+            with pytest.raises(KeyboardInterrupt) as info:
+                with gate.interruptible():
+                    timer.start()
+                    ray.wait([sleeper], timeout=30)
+                    raise AssertionError("not interrupted")
+    finally:
+        timer.cancel()
+        ray.cancel(sleeper, force=True)
+    assert isinstance(info.value, Interrupted) and info.value.signum == signal.SIGTERM
+
+
 def test_a_signal_outside_it_waits_for_the_next_safe_point() -> None:
     with stop_on_signals() as gate:
         _send(signal.SIGINT)  # bookkeeping: not stopped half-way
