@@ -109,6 +109,16 @@ def source_root(uri: str) -> str:
     return os.path.abspath(local_path(uri)).rstrip("/") + "/"  # as the listing resolves it: ~, file://, local://
 
 
+def settings_digests_of_any_dtype(cfg: Config) -> set[str]:
+    """settings_digest of this config with each embedder.dtype: what a query may find in a collection that
+    was ingested with its settings, on another device (a query is not misled by the dtype alone)."""
+    from typing import get_args
+
+    dtypes = get_args(type(cfg.embedder).model_fields["dtype"].annotation)
+    return {settings_digest(cfg.model_copy(update={"embedder": cfg.embedder.model_copy(update={"dtype": d})}))
+            for d in dtypes}
+
+
 def settings_digest(cfg: Config) -> str:
     """A short hash of every setting that changes a unit's vector: which model, and how objects
     become model inputs (chunking, PDF and video sampling, pixel bounds, instruction, dtype).

@@ -40,6 +40,7 @@ from operators.qwen3vl.media_io import MediaError
 from .config import Config
 from .config_secrets import redact
 from .ingest import embedder_kwargs, expand_settings
+from .plan import settings_digests_of_any_dtype
 from .preflight import (PreflightError, check_checkpoint_kind, check_local_checkpoint_exists, hub_commit,
                         model_dimension, one_line)
 from .query_inputs import (QueryInputError, build_filter, fetch_remote_images, model_ready_images, oversized_image,
@@ -336,7 +337,7 @@ class QueryEngine:
             dim = int(embedder.hidden_size) if embedder is not None else model_dimension(e.model, e.revision)
             model = e.checkpoint if embedder is None else embedder.checkpoint
             check_dimension(self.layout, model, dim)
-            warn_if_other_model(self.client, self.layout, model, warn)
+            warn_if_other_model(self.client, self.layout, model, warn, settings_digests_of_any_dtype(cfg))
             want_reranker = reranker is None and with_reranker and cfg.reranker.model
             if want_reranker:
                 check_reranker_checkpoint(cfg.reranker.model, cfg.reranker.revision)  # before the (slow) embedder load

@@ -29,6 +29,7 @@ from .config import Config
 from .config_secrets import redact
 from .ingest import expand_settings, map_on_actor_pool, qdrant_settings
 from .interrupts import deferral_ends_on_error, stop_on_signals
+from .plan import settings_digests_of_any_dtype
 from .preflight import check_attention, embedding_checkpoint, gpu_nodes_without_package
 from .query import (Candidate, Hit, Skipped, check_reranker_checkpoint, embed_queries, load_embedder, load_reranker,
                     rerank_candidates, vector_order)
@@ -223,7 +224,7 @@ def run_query_batch(cfg: Config, queries: Sequence[QueryRow], *, top_k: int | No
         model = e.checkpoint
         dim, embedder_commit = embedding_checkpoint(e.model, e.revision)
         check_dimension(layout, model, dim)
-        warn_if_other_model(client, layout, model, warn)
+        warn_if_other_model(client, layout, model, warn, settings_digests_of_any_dtype(cfg))
     finally:
         client.close()  # releases an embedded folder for the owner actor
     reranker_commit = check_reranker_checkpoint(cfg.reranker.model, cfg.reranker.revision) if rerank else None

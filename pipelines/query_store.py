@@ -7,12 +7,13 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import numpy as np
 from qdrant_client import QdrantClient, models
 
 from operators.qwen3vl.embedder import reduce_dim
+from operators.units import SETTINGS_SEPARATOR
 from sinks.qdrant_client_factory import make_client
 from sinks.qdrant_schema import FULL_VECTOR, vector_name
 
@@ -88,26 +89,35 @@ def check_dimension(layout: CollectionLayout, model: str, dim: int) -> None:
             f"{layout.full_dim}-dimensional {FULL_VECTOR!r} vectors: query with the embedder that ingested it")
 
 
-def stored_model(client: QdrantClient, name: str) -> str | None:
-    """The embedder (model_id) one stored point was ingested with; None for an empty collection."""
-    records, _ = client.scroll(name, limit=1, with_payload=["model_id"], with_vectors=False)
-    model = (records[0].payload or {}).get("model_id") if records else None
-    return str(model) if model else None
+def stored_ingestion(client: QdrantClient, name: str) -> tuple[str | None, str | None]:
+    """The embedder (model_id) and settings digest one stored point was ingested with; Nones for an empty collection."""
+    records, _ = client.scroll(name, limit=1, with_payload=["model_id", "fingerprint"], with_vectors=False)
+    payload = (records[0].payload or {}) if records else {}
+    model, fingerprint = payload.get("model_id"), str(payload.get("fingerprint") or "")
+    digest = fingerprint.rpartition(SETTINGS_SEPARATOR)[2] if SETTINGS_SEPARATOR in fingerprint else None
+    return (str(model) if model else None), digest
 
 
 def warn_if_other_model(client: QdrantClient, layout: CollectionLayout, model: str,
-                        warn: Callable[[str], None] | None = None) -> None:
-    """Warn (default: on stderr) when the collection was ingested with another embedder than the query's.
+                        warn: Callable[[str], None] | None = None, digests: Collection[str] = ()) -> None:
+    """Warn (default: on stderr) when the collection was ingested with another embedder than the query's,
+    or with the same one and other settings (digests: pipelines/plan.py settings_digests_of_any_dtype).
 
     A warning, not an error: the dimensions match (check_dimension), and the same weights may go by
     two names (a hub id and a local snapshot of it). Every point of an ingested collection has the
-    same model_id: a change of embedder re-embeds every object (pipelines/plan.py: settings_digest).
+    same model_id and digest: a change of either re-embeds every object (pipelines/plan.py).
     """
-    stored = stored_model(client, layout.name)
-    if stored is None or stored == model:
-        return
-    (warn or _warn_on_stderr)(f"collection {layout.name!r} was ingested with embedder {stored!r} and this query "
-                              f"embeds with {model!r}: unless they are the same weights, the hits mean nothing")
+    stored, stored_digest = stored_ingestion(client, layout.name)
+    if stored is not None and stored != model:
+        (warn or _warn_on_stderr)(f"collection {layout.name!r} was ingested with embedder {stored!r} and this query "
+                                  f"embeds with {model!r}: unless they are the same weights, the hits mean nothing")
+    elif digests and stored_digest is not None and stored_digest not in digests:
+        # The reranker's candidates are rebuilt with this config's expand settings (PDF dpi, video
+        # frames, chunks): with other ones than the ingestion's, they are not what was embedded.
+        (warn or _warn_on_stderr)(f"collection {layout.name!r} was ingested with other embedder or expand settings "
+                                  f"than this config's (settings digest {stored_digest}, not this config's: embedder "
+                                  "pixels, instruction, dtype, max_length, expand.*): candidates are rebuilt for "
+                                  "reranking with this config's; query with the ingestion's config")
 
 
 def _warn_on_stderr(message: str) -> None:

@@ -811,6 +811,25 @@ def test_a_collection_ingested_with_another_embedder_is_a_warning(world, tiny_em
     assert f"warning: {warned[0]}" in out.err.splitlines() and "warning" not in out.out
 
 
+def test_a_query_config_with_other_expand_settings_than_the_ingestions_is_warned_of(world, capsys):
+    """Candidates are rebuilt for reranking with the query's config: PDF pages at another dpi are not
+    what was embedded. The dtype alone (ingested on a GPU, queried on a CPU) is no reason to warn."""
+    data = world["cfg"].model_dump()
+    warned: list[str] = []
+    other_dtype = parse_config({**data, "embedder": {**data["embedder"], "dtype": "bfloat16"}})
+    with QueryEngine(other_dtype, with_reranker=False, warn=warned.append):
+        pass
+    assert warned == []
+    other_dpi = parse_config({**data, "expand": {**data["expand"], "pdf_dpi": data["expand"]["pdf_dpi"] + 10}})
+    with QueryEngine(other_dpi, with_reranker=False, warn=warned.append):
+        pass
+    assert len(warned) == 1 and warned[0].startswith("collection 'media' was ingested with other embedder or "
+                                                     "expand settings than this config's (settings digest ")
+    capsys.readouterr()
+    assert qvl(["query", world["yaml"], "--text", "x", "--no-rerank", "--set", "expand.video_fps=3"]) == 0
+    assert "warning: collection 'media' was ingested with other embedder or expand settings" in capsys.readouterr().err
+
+
 # -- CLI: query, query-batch -------------------------------------------------------------------
 
 
