@@ -20,6 +20,7 @@ from operators.media.listing import is_data_uri, is_local_uri, local_path
 from operators.media.reading import open_uri
 from operators.media.manifest import LONE_SURROGATE, is_unicode_text
 from operators.qwen3vl.formatting import check_input
+from operators.qwen3vl.media_io import MediaError, resolve_image
 
 from .metrics import normalise_source_uri
 from .query_inputs import QUERY_FIELDS, QueryInputError, build_filter
@@ -91,8 +92,12 @@ def _media(key: str, value: Any, where: str, base_uri: str) -> str | None:
         what = "a list" if isinstance(value, (list, tuple)) else f"a {type(value).__name__}"
         raise QueryInputError(f"{where}: {key!r} must be one path or URI (a string), got {what}")
     value = value.strip()
-    if key == "image" and is_data_uri(value):
-        return value  # an inline image, as `qvl query --image` takes one
+    if key == "image" and is_data_uri(value):  # an inline image, as `qvl query --image` takes one
+        try:
+            resolve_image(value)  # only its header is read: another media type fails here, before any work
+        except MediaError as exc:
+            raise QueryInputError(f"{where}: 'image': {exc}") from None
+        return value
     try:
         return normalise_source_uri(value, base_uri) if value else None
     except ValueError as exc:  # a data: URI, a reference climbing above its store's root

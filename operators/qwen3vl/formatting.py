@@ -79,6 +79,11 @@ def check_input(item: Mapping[str, Any]) -> None:
         value = item.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
             raise TypeError(f"{key} must be a number, got {type(value).__name__}")
+    if item.get("video_start") is not None or item.get("video_end") is not None:
+        videos = split_videos(item.get("video"))
+        if not any(isinstance(v, str) for v in videos):
+            raise ValueError(f"video_start/video_end cut a video file, and this input has "
+                             f"{'only frame lists' if videos else 'no video'}")
     # 0, like None, means the default: the reference takes `fps or self.fps` (and so for max_frames).
     if item.get("fps") is not None and not (item["fps"] > 0 or item["fps"] == 0):
         raise ValueError(f"fps must be > 0 (or 0 for the default), got {item['fps']}")
@@ -167,10 +172,6 @@ def media_content(item: dict[str, Any], vs: VisionSettings, fps: float | None = 
     texts = as_list(item.get("text"))
     images = as_list(item.get("image"))
     videos = split_videos(item.get("video"))
-    if (item.get("video_start") is not None or item.get("video_end") is not None) and not any(
-            isinstance(v, str) for v in videos):
-        raise ValueError(f"video_start/video_end cut a video file, and this input has "
-                         f"{'only frame lists' if videos else 'no video'}")
     # As the reference: an empty string is a text (an empty user message), not a missing one.
     if not texts and not images and not videos:
         return [{"type": "text", "text": EMPTY_TEXT}]
