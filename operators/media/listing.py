@@ -2,9 +2,11 @@
 
 Local sources (a plain path or ``file://``) are walked with ``os.scandir`` so that
 symlink loops, dangling links, FIFOs and unreadable entries become dead letters
-(stage ``list``) instead of crashing the job. Symlinks are followed, but a file
-reached through one that the walk also lists under its real path inside the
-source is listed there only, never twice. Remote sources go through fsspec's
+(stage ``list``) instead of crashing the job. Symlinks are followed, and each
+real folder is walked once: the source's own folders first, then those reached
+through links, each folder's entries in name order. Each file is listed once: at
+its real path inside the source when the walk lists it there, else under the
+first path the walk meets it by. Remote sources go through fsspec's
 ``find``. URIs come back as absolute plain paths for local files and as
 ``scheme://path`` for everything else; the order is sorted, so deterministic.
 
@@ -31,6 +33,7 @@ import os
 import posixpath
 import stat
 import urllib.parse
+from collections.abc import Collection
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -145,9 +148,9 @@ def _file_kind(mode: int) -> str:
 
 def _local_entry(
     path: str, rel: str, ancestors: frozenset[tuple[int, int]], objects: list[SourceObject], dead: list[DeadLetter],
-    stack: list, real: str = "",
+    found: list, real: str = "", walked: Collection[tuple[int, int]] = (),
 ) -> None:
-    """Classify one local entry: file → object, folder → stack (with its real path), anything else → dead letter."""
+    """Classify one local entry: file → object, folder → found (with its real path and identity), else → dead letter."""
     if printable_path(path) != path:
         # Point ids, payloads and Arrow columns are UTF-8 text: such a name cannot be stored.
         dead.append(_dead(printable_path(path), "InvalidFileName",
@@ -169,8 +172,8 @@ def _local_entry(
         key = (st.st_dev, st.st_ino)
         if key in ancestors:
             dead.append(_dead(path, "SymlinkLoop", "symlink loop: folder links back to one of its parents"))
-        else:
-            stack.append((path, rel, ancestors | {key}, real))
+        elif key not in walked:  # one walked already through another path holds nothing new
+            found.append((path, rel, ancestors | {key}, real, key))
         return
     if not stat.S_ISREG(st.st_mode):
         dead.append(_dead(path, "NotARegularFile", f"not a regular file ({_file_kind(st.st_mode)})"))
@@ -194,20 +197,34 @@ def _list_local(root: str, include: list[str] | None, exclude: list[str] | None)
         return objects, dead
     root_st = os.stat(root)
     root_real = os.path.realpath(root)
+    root_key = (root_st.st_dev, root_st.st_ino)
     # Each folder carries its real path: resolved once where a link leads into it, else its
     # parent's joined with its name, so a tree without links costs no extra system call.
-    stack: list[tuple[str, str, frozenset[tuple[int, int]], str]] = [
-        (root, "", frozenset({(root_st.st_dev, root_st.st_ino)}), root_real)]
+    stack: list[tuple[str, str, frozenset[tuple[int, int]], str, tuple[int, int]]] = [
+        (root, "", frozenset({root_key}), root_real, root_key)]
+    # Each real folder is walked once: links that join again (a -> d1, b -> d1 in every folder of
+    # a chain) would otherwise list 2^depth copies of the same files. Folders at their real place
+    # in the source are all walked first, so a link into the source never takes a folder's files
+    # away from their real paths; links are walked after, in the order the walk met them.
+    walked: set[tuple[int, int]] = set()
+    via_links: list[tuple[str, str, frozenset[tuple[int, int]], str, tuple[int, int]]] = []
     linked: dict[str, str] = {}  # object reached through a symlink -> its real path
     direct: set[str] = set()  # the real paths of the objects listed where they are
-    while stack:
-        folder, rel_folder, ancestors, folder_real = stack.pop()
+    links_phase = False
+    while stack or via_links:
+        if not stack:  # the source's own tree is done: the folders reached through links now
+            stack, via_links, links_phase = via_links[::-1], [], True
+        folder, rel_folder, ancestors, folder_real, key = stack.pop()
+        if key in walked:  # reached by two links before either was walked
+            continue
+        walked.add(key)
         try:
             with os.scandir(folder) as it:
                 entries = sorted(((entry.name, _is_link(entry)) for entry in it))
         except OSError as exc:
             dead.append(_dead(folder, type(exc).__name__, f"cannot list folder: {exc.strerror or exc}"))
             continue
+        found: list[tuple[str, str, frozenset[tuple[int, int]], str, tuple[int, int]]] = []
         for name, is_link in entries:
             path = os.path.join(folder, name)
             rel = f"{rel_folder}/{name}" if rel_folder else name
@@ -215,19 +232,34 @@ def _list_local(root: str, include: list[str] | None, exclude: list[str] | None)
             before = len(objects)
             if os.path.isdir(path):
                 if not _dir_excluded(rel, exclude):
-                    _local_entry(path, rel, ancestors, objects, dead, stack, real)
+                    _local_entry(path, rel, ancestors, objects, dead, found, real, walked)
             elif selected(rel, include, exclude):
-                _local_entry(path, rel, ancestors, objects, dead, stack, real)
+                _local_entry(path, rel, ancestors, objects, dead, found, real, walked)
             if len(objects) > before:
                 if real == os.path.join(root_real, rel):
                     direct.add(real)
                 else:
                     linked[path] = real
+        for entry in reversed(found):  # popped in name order: the first path in the walk's order wins
+            if links_phase or entry[3] == os.path.join(root_real, entry[1]):
+                stack.append(entry)
+        if not links_phase:
+            via_links += [entry for entry in found if entry[3] != os.path.join(root_real, entry[1])]
     if linked:
         # A file the walk also listed at its real path inside the source ("latest -> photos/2024",
         # "alias.txt -> a.txt") is kept there only: it would be stored twice. One reached only
-        # through a link (outside the source, excluded, or under a name that cannot be listed) stays.
-        objects = [o for o in objects if o.uri not in linked or linked[o.uri] not in direct]
+        # through links (outside the source, excluded, or under a name that cannot be listed) stays,
+        # once: under the first path the walk met it by.
+        taken = set(direct)
+        kept: list[SourceObject] = []
+        for obj in objects:
+            real = linked.get(obj.uri)
+            if real is not None:
+                if real in taken:
+                    continue
+                taken.add(real)
+            kept.append(obj)
+        objects = kept
     return objects, dead
 
 
