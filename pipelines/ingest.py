@@ -41,7 +41,7 @@ from operators.embed_stage import EmbedStage
 from operators.expand_stage import expand_work
 from operators.expand_work import RECORDS_PER_TASK
 from operators.media.expand import UNREACHABLE, ExpandSettings, most_units
-from operators.media.listing import list_objects
+from operators.media.listing import is_local_uri, list_objects, local_path
 from operators.qwen3vl.media_io import is_fetch_failure
 from operators.units import DeadLetter, SourceObject
 from sinks.ingest_sink import IngestDatasink
@@ -145,11 +145,30 @@ def server_client(cfg: Config) -> Any:
     return client
 
 
+def run_folders(cfg: Config) -> dict[str, str]:
+    """The folders a run writes (config key -> path): output.dir, and qdrant.path when embedded."""
+    return {"output.dir": cfg.output.dir, **({"qdrant.path": cfg.qdrant.path} if cfg.qdrant.embedded else {})}
+
+
+def run_folders_in_source(cfg: Config) -> list[str]:
+    """A line for each folder the run writes that lies inside its local source (the listing leaves it out)."""
+    if not is_local_uri(cfg.source.uri):
+        return []
+    root = os.path.realpath(local_path(cfg.source.uri))
+    return [f"{key} {path} lies inside the source: it is not listed" for key, path in run_folders(cfg).items()
+            if os.path.realpath(path).startswith(root.rstrip(os.sep) + os.sep)]
+
+
 def list_source(cfg: Config) -> tuple[list[SourceObject], list[DeadLetter]]:
     """The source's objects, fingerprinted with the settings digest, and what could not be listed."""
+    # With source.uri "." and the default output.dir "runs", each run's dead_letters.jsonl would be
+    # parsed as a manifest by the next run (its letters doubling each run) and the embedded store's
+    # files listed as sources: the run's own folders are never listed.
+    for line in run_folders_in_source(cfg):
+        logger.info("%s", line)
     try:
         objects, dead = list_objects(cfg.source.uri, cfg.source.include, cfg.source.exclude,
-                                     dict(cfg.source.storage_options))
+                                     dict(cfg.source.storage_options), skip=list(run_folders(cfg).values()))
     except Exception as exc:
         raise PreflightError(f"source.uri {cfg.source.uri!r} cannot be listed: {type(exc).__name__}: "
                              f"{redact(str(exc), cfg.secret_values())}") from None

@@ -23,7 +23,7 @@ from sinks.qdrant_writer import QdrantWriter
 from .actor_fit import ActorPool, check_pools_fit, joins_cluster, local_node
 from .config import Config
 from .config_secrets import redact
-from .ingest import EXPAND_TASK_CPUS, check_cluster, list_source, server_client
+from .ingest import EXPAND_TASK_CPUS, check_cluster, list_source, run_folders_in_source, server_client
 from .plan import PRUNE_REFUSED, Plan, plan_objects, source_root, unlisted_entries
 from .preflight import (PreflightError, check_attention, check_not_a_file, check_writable, collection_spec, first_line,
                         model_dimension, open_embedded_store)
@@ -134,4 +134,5 @@ def preview_ingest(cfg: Config, prune: bool | None = None) -> PlanPreview:
     plan = plan_objects(objects, stored, source_root(cfg.source.uri), cfg.source.include, cfg.source.exclude,
                         unlisted_entries(unlisted))
     where = f"embedded store {cfg.qdrant.path}" if cfg.qdrant.embedded else f"{cfg.qdrant.url}"
-    return PlanPreview(cfg.qdrant.collection, where, len(objects), plan, unlisted, prune, exists, notes)
+    return PlanPreview(cfg.qdrant.collection, where, len(objects), plan, unlisted, prune, exists,
+                       run_folders_in_source(cfg) + notes)

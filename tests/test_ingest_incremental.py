@@ -124,6 +124,28 @@ def test_prune_removes_files_that_became_dangling_links_or_fifos(tmp_path, tiny_
     assert {report.objects[str(src / n)] for n in ("a.txt", "link.txt", "docs")} == {"failed"}  # still reported
 
 
+@pytest.mark.slow
+def test_the_runs_own_folders_inside_the_source_are_never_listed(tmp_path, tiny_embedding_ckpt, ray_local):
+    """source.uri "." with the default output.dir "runs": each run's dead_letters.jsonl was parsed as a
+    manifest by the next run (1, 3, then 7 dead letters) and the embedded store's files were listed."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("A short note about lanterns.")
+    (src / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not a png at all")
+    cfg = parse_config(config_dict(src, tiny_embedding_ckpt, tmp_path, output={"dir": str(src / "runs")},
+                                   qdrant={"path": str(src / "qdrant")}))
+    for _ in range(3):
+        report = run_ingest(cfg, echo=lambda _: None)
+        assert report.objects == {str(src / "a.txt"): report.objects[str(src / "a.txt")], str(src / "bad.png"): "failed"}
+        _, dead = latest_run(src / "runs")
+        assert [d["uri"] for d in dead] == [str(src / "bad.png")]
+    assert report.objects[str(src / "a.txt")] == "unchanged"
+    assert sorted(_by_uri(all_points(src / "qdrant"))) == [str(src / "a.txt")]
+    notes = [line for line in preview_ingest(cfg).lines() if line.startswith("  note:")]
+    assert notes == [f"  note: output.dir {src / 'runs'} lies inside the source: it is not listed",
+                     f"  note: qdrant.path {src / 'qdrant'} lies inside the source: it is not listed"]
+
+
 def test_source_root_resolves_local_uris_as_the_listing_does(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert source_root("~/media") == f"{tmp_path}/media/"

@@ -159,6 +159,22 @@ def test_folders_joined_by_many_links_are_walked_once(tmp_path: Path) -> None:
     assert [(d.uri, d.error_type) for d in dead] == [(str(root / "ext" / ("a/" * (depth - 1)) / "back"), "SymlinkLoop")]
 
 
+def test_folders_to_skip_are_never_walked(tmp_path: Path) -> None:
+    """The run's own output.dir and embedded store inside a local source ("." with output.dir "runs") are
+    left out wherever the walk meets them, through a link too; the root and missing folders change nothing."""
+    root = _tree(tmp_path / "src")
+    (root / "runs" / "r1").mkdir(parents=True)
+    (root / "runs" / "r1" / "dead_letters.jsonl").write_text('{"uri": "x"}\n')
+    (root / "qdrant" / "collection").mkdir(parents=True)
+    (root / "qdrant" / "collection" / "storage.sqlite").write_bytes(b"SQLite format 3\0")
+    os.symlink(root / "runs", root / "latest-runs")
+    want = ["a.txt", "b.png", "skip/e.txt", "sub/c.txt", "sub/deep/d.png"]
+    assert _rels(list_objects(str(root), skip=[str(root / "runs"), str(root / "qdrant")])[0], root) == want
+    assert len(list_objects(str(root))[0]) == 7  # without skip: the dead letters and the store's file
+    assert _rels(list_objects(str(root), skip=[str(root), str(root / "runs"), str(root / "qdrant"),
+                                               str(root / "not-yet")])[0], root) == want
+
+
 def test_excluded_dead_entries_are_not_reported(tmp_path: Path) -> None:
     root = _tree(tmp_path)
     os.symlink(root / "missing.txt", root / "dangling.txt")

@@ -6,7 +6,8 @@ symlink loops, dangling links, FIFOs and unreadable entries become dead letters
 real folder is walked once: the source's own folders first, then those reached
 through links, each folder's entries in name order. Each file is listed once: at
 its real path inside the source when the walk lists it there, else under the
-first path the walk meets it by. Remote sources go through fsspec's
+first path the walk meets it by. Folders passed as ``skip`` (the run's own output
+and embedded store) are never walked. Remote sources go through fsspec's
 ``find``. URIs come back as absolute plain paths for local files and as
 ``scheme://path`` for everything else; the order is sorted, so deterministic.
 
@@ -184,8 +185,18 @@ def _local_entry(
     objects.append(SourceObject(uri=path, size=st.st_size, fingerprint=local_fingerprint(st), mtime=st.st_mtime))
 
 
-def _list_local(root: str, include: list[str] | None, exclude: list[str] | None) -> tuple[list[SourceObject], list[DeadLetter]]:
-    """Walk a local folder (or take one local file)."""
+def _folder_key(path: str) -> tuple[int, int] | None:
+    """The (st_dev, st_ino) of a folder, None where path is no folder (not created yet, say)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+
+def _list_local(root: str, include: list[str] | None, exclude: list[str] | None,
+                skip: Collection[str] = ()) -> tuple[list[SourceObject], list[DeadLetter]]:
+    """Walk a local folder (or take one local file), never walking the folders in skip."""
     objects: list[SourceObject] = []
     dead: list[DeadLetter] = []
     if not os.path.exists(root):
@@ -207,6 +218,9 @@ def _list_local(root: str, include: list[str] | None, exclude: list[str] | None)
     # in the source are all walked first, so a link into the source never takes a folder's files
     # away from their real paths; links are walked after, in the order the walk met them.
     walked: set[tuple[int, int]] = set()
+    # The folders to leave out count as walked already, wherever the walk meets them (at their place
+    # or through a link). The root itself is always walked: a source is never left out whole.
+    walked.update(k for k in map(_folder_key, skip) if k is not None and k != root_key)
     via_links: list[tuple[str, str, frozenset[tuple[int, int]], str, tuple[int, int]]] = []
     linked: dict[str, str] = {}  # object reached through a symlink -> its real path
     direct: set[str] = set()  # the real paths of the objects listed where they are
@@ -439,10 +453,15 @@ def list_objects(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     storage_options: dict[str, Any] | None = None,
+    skip: Collection[str] = (),
 ) -> tuple[list[SourceObject], list[DeadLetter]]:
-    """List every object under a local folder/file or fsspec URL, sorted by URI, with listing dead letters."""
+    """List every object under a local folder/file or fsspec URL, sorted by URI, with listing dead letters.
+
+    skip: local folders never listed where a local source holds them (a run's own output.dir and
+    embedded store); folders that do not exist yet, and remote sources, are not affected.
+    """
     if is_local_uri(uri):
-        objects, dead = _list_local(local_path(uri), include, exclude)
+        objects, dead = _list_local(local_path(uri), include, exclude, skip)
     else:
         objects, dead = _list_remote(uri, include, exclude, storage_options)
     objects.sort(key=lambda o: o.uri)
