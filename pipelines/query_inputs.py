@@ -89,6 +89,7 @@ def _as_text(value: Any) -> Any:
 
 # Filter keys that build_filter matches on another payload field than the key itself.
 _FIELD_OF_KEY = {"source_prefix": "source_prefixes"}
+_URI_FIELDS = ("source_uri", "image_uri", "video_uri")  # a manifest record's media: where it points
 
 
 def filter_fields(filters: Mapping[str, Any] | models.Filter | None) -> dict[str, str]:
@@ -118,9 +119,9 @@ def build_filter(filters: Mapping[str, Any] | models.Filter | None) -> models.Fi
             must.append(_condition("modality", value))
         elif key == "source_prefix":
             must.append(_condition(_FIELD_OF_KEY[key], [normalise_prefix(p) for p in _listed(value)]))
-        elif key == "source_uri":  # stored absolute for local files, as source_prefix is matched
-            must.append(_condition("source_uri", [local_path(u) if isinstance(u, str) and is_local_uri(u) else u
-                                                  for u in _listed(value)]))
+        elif key in _URI_FIELDS:  # stored absolute for local files, as source_prefix is matched
+            must.append(_condition(key, [local_path(u) if isinstance(u, str) and is_local_uri(u) else u
+                                         for u in _listed(value)]))
         elif key in TEXT_PAYLOAD_FIELDS:  # a manifest's {"id": 3} is stored as record_id "3"
             must.append(_condition(key, [_as_text(v) for v in _listed(value)]))
         else:

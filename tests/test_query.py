@@ -479,8 +479,10 @@ def test_filter_helpers():
     assert [c.key for c in build_filter({"meta.lang": "en", "tags[]": "a", "a.b[0].c": 1, '"odd key"': 1}).must] == \
         ["meta.lang", "tags[]", "a.b[0].c", '"odd key"']
     # A local source_uri is stored absolute: a relative one is matched as such, as source_prefix is.
-    assert build_filter({"source_uri": ["rel/a.pdf", "s3://b/k.pdf"]}).must[0].match.any == \
-        [os.path.abspath("rel/a.pdf"), "s3://b/k.pdf"]
+    # So are a manifest record's image_uri and video_uri (a relative one missed every point).
+    for key in ("source_uri", "image_uri", "video_uri"):
+        condition = build_filter({key: ["rel/a.pdf", "s3://b/k.pdf"]}).must[0]
+        assert (condition.key, condition.match.any) == (key, [os.path.abspath("rel/a.pdf"), "s3://b/k.pdf"])
 
 
 def test_equal_scores_rank_the_same_whatever_the_last_bits(reranker):
