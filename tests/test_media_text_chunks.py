@@ -124,3 +124,32 @@ def test_a_tokenizer_json_shipping_truncation_and_padding_still_chunks_whole_tex
     spans = chunk_spans(LONG_TEXT, tokenizer_for(ckpt), 32, 8)
     assert spans == chunk_spans(LONG_TEXT, hf, 32, 8)
     assert spans[-1][1] == len(LONG_TEXT.rstrip()) or spans[-1][1] == len(LONG_TEXT)
+
+
+_MEMORY_SCRIPT = """
+import json, random, resource, sys
+from operators.media import text_chunks
+from tests.media_corpus import make_test_tokenizer
+
+tok = make_test_tokenizer()
+words = "the quick brown fox jumps over a lazy dog while reading prose about rivers and mountains".split()
+random.seed(0)
+text = "\\n".join(" ".join(random.choice(words) for _ in range(14)) for _ in range(50_000))  # about 4 MB
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+spans = text_chunks.chunk_spans(text, tok, 512, 64)
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+text_chunks.SEGMENTS_PER_CALL = 10**9  # one tokenizer call for the whole text: the same chunks
+print(json.dumps({"mb": len(text) / 1e6, "grown_mb": grown / 1024, "same": text_chunks.chunk_spans(text, tok, 512, 64) == spans}))
+"""
+
+
+def test_chunking_a_large_text_holds_a_small_multiple_of_it() -> None:
+    # A tuple per token and the tokenizer's encodings of the whole text took 80-220x its size
+    # (6.9 GB for 29 MB of prose); two flat arrays and about 128 KB per tokenizer call take about 12x.
+    import os
+
+    from tests.resilience_helpers import run_json_script
+
+    out = run_json_script(_MEMORY_SCRIPT, env=dict(os.environ), timeout_s=300)
+    assert out["same"]
+    assert out["grown_mb"] < 30 * out["mb"], out

@@ -16,9 +16,14 @@ usually above) a BPE count for English prose.
 from __future__ import annotations
 
 import re
-from typing import Any
+from array import array
+from itertools import islice
+from typing import Any, Iterator
 
 SEGMENT_CHARS = 32_768
+# About 128 KB of text per tokenizer call: its encodings (about 80 bytes a token) are held only that
+# long. 32 segments a call held 4x more and were no faster (2 cores, 2.3M tokens: 1.0 s vs 0.9 s).
+SEGMENTS_PER_CALL = 4
 _FALLBACK_TOKEN = re.compile(r"\w{1,8}|[^\w\s]")
 _BOM = b"\xef\xbb\xbf"
 
@@ -53,9 +58,8 @@ def decode_text(data: bytes) -> str:
     return text
 
 
-def _segments(text: str, size: int = SEGMENT_CHARS) -> list[tuple[int, str]]:
+def _segments(text: str, size: int = SEGMENT_CHARS) -> Iterator[tuple[int, str]]:
     """Split text into (offset, piece) segments of about `size` chars, cut after a newline or space."""
-    out: list[tuple[int, str]] = []
     start, n = 0, len(text)
     while start < n:
         end = min(start + size, n)
@@ -65,9 +69,8 @@ def _segments(text: str, size: int = SEGMENT_CHARS) -> list[tuple[int, str]]:
                 cut = text.rfind(" ", start + size // 2, end)
             if cut >= 0:
                 end = cut + 1
-        out.append((start, text[start:end]))
+        yield start, text[start:end]
         start = end
-    return out
 
 
 def _offsets(pieces: list[str], tokenizer: Any) -> list[list[tuple[int, int]]]:
@@ -94,14 +97,29 @@ def _offsets(pieces: list[str], tokenizer: Any) -> list[list[tuple[int, int]]]:
 
 def token_spans(text: str, tokenizer: Any | None) -> list[tuple[int, int]]:
     """Character (start, end) of every token in `text` (zero-width tokens dropped)."""
+    starts, ends = token_bounds(text, tokenizer)
+    return list(zip(starts, ends))
+
+
+def token_bounds(text: str, tokenizer: Any | None) -> tuple[array, array]:
+    """Character starts and ends of every token in `text` (zero-width tokens dropped), as two arrays."""
+    # Two flat arrays of 4-byte integers (a text is at most limits.max_object_bytes long): a (start, end)
+    # tuple per token, and the tokenizer's encodings of the whole text at once, took 80-220x a large
+    # text's size (6.9 GB for 29 MB of prose).
+    starts, ends = array("i"), array("i")
     if tokenizer is None:
-        return [m.span() for m in _FALLBACK_TOKEN.finditer(text)]
+        for m in _FALLBACK_TOKEN.finditer(text):
+            starts.append(m.start())
+            ends.append(m.end())
+        return starts, ends
     segments = _segments(text)
-    per_piece = _offsets([piece for _, piece in segments], tokenizer)
-    spans: list[tuple[int, int]] = []
-    for (base, _), offsets in zip(segments, per_piece):
-        spans.extend((base + s, base + e) for s, e in offsets if e > s)
-    return spans
+    while group := list(islice(segments, SEGMENTS_PER_CALL)):
+        for (base, _), offsets in zip(group, _offsets([piece for _, piece in group], tokenizer)):
+            for s, e in offsets:
+                if e > s:
+                    starts.append(base + s)
+                    ends.append(base + e)
+    return starts, ends
 
 
 def chunk_spans(text: str, tokenizer: Any | None, chunk_tokens: int, overlap_tokens: int) -> list[tuple[int, int]]:
@@ -110,18 +128,18 @@ def chunk_spans(text: str, tokenizer: Any | None, chunk_tokens: int, overlap_tok
         raise ValueError(f"chunk_tokens must be > 0, got {chunk_tokens}")
     if not 0 <= overlap_tokens < chunk_tokens:
         raise ValueError(f"overlap_tokens must be in [0, chunk_tokens), got {overlap_tokens} with chunk_tokens={chunk_tokens}")
-    tokens = token_spans(text, tokenizer)
-    if not tokens:
+    starts, ends = token_bounds(text, tokenizer)
+    if not starts:
         raise EmptyTextError("empty text")
     step = chunk_tokens - overlap_tokens
     spans: list[tuple[int, int]] = []
     start = 0
     while True:
-        end = min(start + chunk_tokens, len(tokens))
-        span = _strip_span(text, tokens[start][0], tokens[end - 1][1])
+        end = min(start + chunk_tokens, len(starts))
+        span = _strip_span(text, starts[start], ends[end - 1])
         if span is not None:
             spans.append(span)
-        if end == len(tokens):
+        if end == len(starts):
             break
         start += step
     if not spans:
