@@ -5,11 +5,14 @@ from __future__ import annotations
 import io
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from operators.media.expand import ExpandSettings, expand_object
 from operators.media.manifest import PARQUET_BATCH_ROWS, ManifestError, ManifestRecord, RecordError, parse_manifest, resolve_uri
+from operators.units import SourceObject
 from tests.media_gen import string_array_from_bytes
 
 
@@ -210,6 +213,43 @@ def test_whole_manifest_errors() -> None:
         parse_manifest(b"PAR1 not really", "/m.parquet")
     with pytest.raises(ManifestError, match="no records"):
         parse_manifest(b"\n\n", "/m.jsonl")
+
+
+@pytest.mark.parametrize(("encoding", "told"), [
+    ("utf-16", r"the manifest is UTF-16 \(little-endian, byte-order mark FF FE\)"),  # PowerShell 5's Out-File
+    ("utf-16-le", r"the manifest is UTF-16 \(little-endian, no byte-order mark"),
+    ("utf-16-be", r"the manifest is UTF-16 \(big-endian, no byte-order mark"),
+    ("utf-32", r"the manifest is UTF-32 \(little-endian, byte-order mark FF FE 00 00\)"),
+    ("utf-32-be", r"the manifest is UTF-32 \(big-endian, no byte-order mark"),
+])
+def test_a_utf16_or_utf32_jsonl_is_one_manifest_error_naming_its_encoding(tmp_path, encoding: str, told: str) -> None:
+    """Each of its 1,000 lines used to be an InvalidJSON/InvalidUTF8 record of its own, none saying UTF-16."""
+    body = "\r\n".join(json.dumps({"id": i, "text": f"row {i} café"}, ensure_ascii=False) for i in range(1000))
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(body.encode(encoding))
+    with pytest.raises(ManifestError, match=told + r".*save it as UTF-8"):
+        parse_manifest(path.read_bytes(), str(path))
+    units, dead, status = expand_object(SourceObject(str(path), path.stat().st_size, "fp"), ExpandSettings())
+    assert (status, units, [d.error_type for d in dead]) == ("failed", [], ["ManifestError"])
+    assert dead[0].uri == str(path) and "save it as UTF-8" in dead[0].message
+
+
+def test_a_binary_jsonl_is_one_manifest_error_and_a_latin1_one_is_still_read_line_by_line(tmp_path) -> None:
+    """1 MiB of random bytes named .jsonl used to give 3,985 bad records; a few bad lines still fail alone."""
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(np.random.default_rng(0).bytes(1 << 20))
+    with pytest.raises(ManifestError, match=r"not a text manifest: \d+% of its first .* are not UTF-8 text"):
+        parse_manifest(path.read_bytes(), str(path))
+    units, dead, status = expand_object(SourceObject(str(path), path.stat().st_size, "fp"), ExpandSettings())
+    assert (status, units, [d.error_type for d in dead]) == ("failed", [], ["ManifestError"])
+    # Latin-1 accents and one NUL are a few bad bytes among text: their lines fail, the others land.
+    lines = [json.dumps({"id": i, "text": f"row {i} café"}, ensure_ascii=False) for i in range(20)]
+    lines[3] = lines[3].replace('"id"', '"i\x00d"')
+    out = parse_manifest("\n".join(lines).encode("latin-1"), "/m.jsonl")
+    assert [r.error_type for r in out if isinstance(r, RecordError)] == ["InvalidUTF8"] * 20
+    good = "\n".join(lines).encode()
+    out = parse_manifest(good, "/m.jsonl")
+    assert [(r.line, r.error_type) for r in out if isinstance(r, RecordError)] == [(4, "InvalidJSON")]
 
 
 def _write_parquet(path, columns: dict, **kwargs) -> bytes:

@@ -82,6 +82,14 @@ def test_megabytes_far_beyond_model_length_are_fast(tok) -> None:
 def test_utf16_is_named() -> None:
     with pytest.raises(TextDecodeError, match="UTF-16"):
         decode_text("hello".encode("utf-16"))
+    # Without a byte-order mark its NULs, one between each pair of characters, tell it (the
+    # manifest check shares this): "binary content" said nothing of what to do.
+    with pytest.raises(TextDecodeError, match=r"UTF-16 text \(big-endian, no byte-order mark"):
+        decode_text("hello, world".encode("utf-16-be"))
+    with pytest.raises(TextDecodeError, match=r"UTF-32 text \(little-endian, byte-order mark FF FE 00 00\)"):
+        decode_text("hello".encode("utf-32"))
+    with pytest.raises(TextDecodeError, match="binary content: NUL byte at offset 7"):
+        decode_text(b"\x7fELF\x02\x01\x01\x00" + bytes(range(1, 256)))
 
 
 def test_expand_workers_tokenizer_chunks_exactly_as_the_checkpoints_hf_tokenizer(tiny_embedding_ckpt) -> None:

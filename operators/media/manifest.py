@@ -10,6 +10,9 @@ manifest read over http(s) a reference resolves as a web page's link does; an in
 ``data:`` URI is refused), an optional ``id`` (string or integer),
 and anything else, which becomes ``metadata`` (made JSON-safe).
 
+A JSONL manifest that is UTF-16/32 (PowerShell's default) or mostly not UTF-8 text (a binary or
+compressed file named ``.jsonl``) raises one ManifestError for the whole file.
+
 Each record yields a ``ManifestRecord`` or, when it is unusable (bad JSON, not an
 object, none of text/image/video, a non-string field, empty text, duplicate id, a
 Parquet cell Python cannot hold such as invalid UTF-8 or a timestamp past year
@@ -29,6 +32,7 @@ from typing import Any
 
 from operators.media.detect import extension
 from operators.media.listing import is_data_uri, is_local_uri, local_path
+from operators.media.text_chunks import wide_encoding
 
 CONTENT_FIELDS = ("text", "image", "video")
 # A record's other fields go into the payload of each of its points. A point must fit one upsert
@@ -256,10 +260,34 @@ def build_record(line: int, raw: Any, manifest_uri: str, seen_keys: set[str],
     return ManifestRecord(line=line, id=rid, metadata=metadata, line_key=line_key, **content)
 
 
+# Bytes of a JSONL manifest looked at to tell it from a file that is not text at all.
+TEXT_SAMPLE_BYTES = 65_536
+# The share of that sample that may be undecodable (invalid UTF-8, control characters) in a text
+# manifest: a Latin-1 line's accents are a few percent; random or compressed bytes are over half.
+MAX_UNDECODABLE_SHARE = 0.25
+
+
+def check_text_manifest(data: bytes) -> None:
+    """Raise ManifestError when JSONL bytes are UTF-16/32 or mostly undecodable: one letter for the
+    file, where every line of it would be a bad record of its own (thousands, none saying why)."""
+    wide = wide_encoding(data)
+    if wide is not None:
+        raise ManifestError(f"the manifest is {wide[0]} ({wide[1]}): only UTF-8 is read, save it as UTF-8 "
+                            "(PowerShell: Out-File -Encoding utf8, or Set-Content -Encoding utf8)")
+    sample = data[:TEXT_SAMPLE_BYTES].decode("utf-8", errors="replace")
+    if not sample:
+        return
+    bad = sum(1 for ch in sample if ch == "\ufffd" or (ch < " " and ch not in "\t\n\r"))
+    if bad / len(sample) > MAX_UNDECODABLE_SHARE:
+        raise ManifestError(f"not a text manifest: {bad / len(sample):.0%} of its first {len(sample):,} characters "
+                            "are not UTF-8 text (binary or compressed data, or a legacy encoding: save it as UTF-8)")
+
+
 def _jsonl_rows(data: bytes) -> list[tuple[int, Any] | RecordError]:
     """Decoded JSONL lines (blank lines skipped), bad lines as RecordError."""
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
+    check_text_manifest(data)
     rows: list[tuple[int, Any] | RecordError] = []
     for number, raw_line in enumerate(data.split(b"\n"), start=1):
         if not raw_line.strip():

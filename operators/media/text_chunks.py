@@ -40,12 +40,53 @@ class EmptyTextError(TextError):
     """The text is empty or whitespace only."""
 
 
+# Byte-order marks of the wide encodings Windows tools write instead of UTF-8 (PowerShell 5's
+# default is UTF-16 LE). UTF-32 LE's mark begins with UTF-16 LE's, so the UTF-32 ones come first.
+_WIDE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32", "little-endian"), (b"\x00\x00\xfe\xff", "UTF-32", "big-endian"),
+              (b"\xff\xfe", "UTF-16", "little-endian"), (b"\xfe\xff", "UTF-16", "big-endian"))
+# Bytes looked at for a wide encoding without a mark: a few lines are enough to see its pattern.
+WIDE_SAMPLE_BYTES = 4096
+
+
+def _nul_share(sample: bytes, offset: int, step: int) -> float:
+    """The share of NUL bytes among those of sample at positions offset (mod step)."""
+    picked = sample[offset::step]
+    return picked.count(0) / len(picked) if picked else 0.0
+
+
+def wide_encoding(data: bytes) -> tuple[str, str] | None:
+    """("UTF-16" or "UTF-32", how it was told) when data starts as UTF-16/32 text, else None."""
+    for bom, name, order in _WIDE_BOMS:
+        if data.startswith(bom):
+            return name, f"{order}, byte-order mark {bom.hex(' ').upper()}"
+    # Without a mark: text that is mostly ASCII (JSON's keys and punctuation, a .txt in a Latin
+    # script) has a NUL in the high byte(s) of nearly every code unit, and none in the low one.
+    # Random or binary bytes have NULs in no such pattern (an ELF header's few are not).
+    sample = data[:WIDE_SAMPLE_BYTES]
+    sample = sample[: len(sample) - len(sample) % 4]
+    if len(sample) < 8 or 0 not in sample:
+        return None
+    high, low = 0.5, 0.1
+    shares = [_nul_share(sample, o, 4) for o in range(4)]
+    if shares[2] > 0.9 and shares[3] > 0.9 and shares[0] < low:
+        return "UTF-32", "little-endian, no byte-order mark: NUL bytes between its characters"
+    if shares[0] > 0.9 and shares[1] > 0.9 and shares[3] < low:
+        return "UTF-32", "big-endian, no byte-order mark: NUL bytes between its characters"
+    odd, even = _nul_share(sample, 1, 2), _nul_share(sample, 0, 2)
+    if odd > high and even < low:
+        return "UTF-16", "little-endian, no byte-order mark: NUL bytes between its characters"
+    if even > high and odd < low:
+        return "UTF-16", "big-endian, no byte-order mark: NUL bytes between its characters"
+    return None
+
+
 def decode_text(data: bytes) -> str:
     """Strict UTF-8 decode (BOM stripped); binary, invalid or empty text raise clear TextError subclasses."""
     if data.startswith(_BOM):
         data = data[len(_BOM) :]
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise TextDecodeError("UTF-16 text (byte-order mark found): only UTF-8 is supported, re-encode the file")
+    wide = wide_encoding(data)
+    if wide is not None:
+        raise TextDecodeError(f"{wide[0]} text ({wide[1]}): only UTF-8 is supported, re-encode the file")
     nul = data.find(b"\x00")
     if nul >= 0:
         raise TextDecodeError(f"binary content: NUL byte at offset {nul} (not a text file)")
