@@ -325,8 +325,9 @@ class LimitsConfig(_Section):
     max_object_bytes: int = Field(536_870_912, ge=1)
     """512 MiB per object."""
     max_image_pixels: int = Field(89_478_485, ge=1, le=178_956_970)
-    """Decompression-bomb cap (Pillow's default). At most twice that: Pillow refuses to decode larger
-    images whatever this says (the model resizes every image to embedder.max_pixels anyway)."""
+    """Decompression-bomb cap (Pillow's default), for images, rendered PDF pages and video frames. At
+    most twice that: Pillow refuses to decode larger images whatever this says (the model resizes
+    every image to embedder.max_pixels anyway)."""
     max_pdf_pages: int = Field(200, ge=1)
     max_video_duration_s: float = Field(3600.0, gt=0)
     max_expand_s: float = Field(600.0, gt=0)

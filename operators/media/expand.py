@@ -253,7 +253,7 @@ def _video_source(uri: str, fh: IO[bytes]) -> str | IO[bytes]:
 
 def _video_units(obj: SourceObject, det: Detection, fh: IO[bytes], cfg: ExpandSettings) -> list[Unit]:
     """One unit per time segment of a video object."""
-    info = probe_video(_video_source(obj.uri, fh), cfg.max_video_duration_s)
+    info = probe_video(_video_source(obj.uri, fh), cfg.max_video_duration_s, cfg.max_image_pixels)
     units = []
     for start, end in video_segments(info.duration_s, cfg.video_segment_s, info.fps):
         meta = {"start_s": start, "end_s": end, "duration_s": info.duration_s, "fps": info.fps}
@@ -274,7 +274,7 @@ def _record_unit(obj: SourceObject, rec: ManifestRecord, cfg: ExpandSettings, st
         with _open(rec.video, opts) as fh:
             # A remote video is copied whole to the embedding actor: the object cap applies to it too.
             _check_size(fh, cfg.max_object_bytes, rec.video)
-            info = probe_video(_video_source(rec.video, fh), cfg.max_video_duration_s)
+            info = probe_video(_video_source(rec.video, fh), cfg.max_video_duration_s, cfg.max_image_pixels)
         meta["duration_s"] = info.duration_s
         mime = from_extension(rec.video).mime
     if rec.image is not None:

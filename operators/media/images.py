@@ -77,16 +77,17 @@ def _open(data: bytes) -> Image.Image:
         raise ImageValidationError(f"not a readable image: {type(exc).__name__}: {reason}") from exc
 
 
-def _check_geometry(width: int, height: int, max_pixels: int) -> None:
-    """Pixel-count and aspect-ratio checks, before any decode."""
+def check_geometry(width: int, height: int, max_pixels: int | None, what: str = "image") -> None:
+    """Pixel-count and aspect-ratio checks from the size alone, before any decode (what: the message's noun)."""
     pixels = width * height
-    if pixels > max_pixels:
-        raise ImageTooLargeError(f"image is {width}x{height} = {pixels} pixels, over the limit of {max_pixels} pixels (decompression-bomb guard)")
+    if max_pixels is not None and pixels > max_pixels:
+        raise ImageTooLargeError(f"{what} is {width}x{height} = {pixels} pixels, over the limit of {max_pixels} pixels (decompression-bomb guard)")
     if width <= 0 or height <= 0:
-        raise ImageValidationError(f"image has no pixels ({width}x{height})")
+        raise ImageValidationError(f"{what} has no pixels ({width}x{height})")
     ratio = max(width, height) / min(width, height)
     if ratio > MAX_RATIO:
-        raise ImageAspectError(f"aspect ratio {ratio:.1f} of {width}x{height} exceeds the model's maximum of {MAX_RATIO}")
+        shown = f"{width}x{height}" if what == "image" else f"the {what} {width}x{height}"
+        raise ImageAspectError(f"aspect ratio {ratio:.1f} of {shown} exceeds the model's maximum of {MAX_RATIO}")
 
 
 def _orientation(img: Image.Image) -> int:
@@ -151,7 +152,7 @@ def inspect_image(data: bytes, max_pixels: int) -> ImageInfo:
     img = _open(data)
     with img:
         width, height = img.size
-        _check_geometry(width, height, max_pixels)
+        check_geometry(width, height, max_pixels)
         try:
             img.load()
         except Exception as exc:

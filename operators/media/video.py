@@ -2,7 +2,10 @@
 
 ``probe_video`` opens the container, picks the first video stream, reads its
 duration / frame rate / frame count / size and decodes the first frame (so a file
-whose header parses but whose frames do not is reported as corrupt). Sources: a
+whose header parses but whose frames do not is reported as corrupt). Frames the model
+cannot take are refused from the header, before any decode, with the image path's
+checks (aspect ratio over 200, more pixels than the bomb guard allows) and a minimum
+side of ``MIN_FRAME_SIDE`` pixels. Sources: a
 local path, raw bytes, or a binary file object (e.g. from ``fsspec.open``).
 """
 
@@ -13,6 +16,8 @@ import math
 from typing import IO, NamedTuple
 
 import av
+
+from operators.media.images import ImageValidationError, check_geometry
 
 MIN_SEGMENT_S = 0.5  # a trailing segment shorter than this merges into the previous one
 
@@ -33,10 +38,19 @@ class VideoTooLongError(VideoError):
     """Longer than the configured duration cap."""
 
 
+class VideoFrameSizeError(VideoError):
+    """Frames the model's video reader cannot take: an aspect ratio over 200, too many or too few pixels."""
+
+
 class VideoTooShortError(VideoError):
     """Fewer than the 2 frames the model's video reader samples at least."""
 
 
+# The model's smallest unit of a picture is a 32-pixel patch (qwen3vl/windows.IMAGE_FACTOR, not
+# imported: expansion workers load no model code). Narrower frames hold less than one patch, and the
+# video reader fails on them (decord: "Check failed: from_size == to_size" for 2x2, 8x100, 24x24)
+# at every segment and every run, after decoding each one.
+MIN_FRAME_SIDE = 32
 MIN_FRAMES = 2  # qwen-vl-utils samples at least 2 frames: a 1-frame span fails ("Start frame exceeds end frame")
 
 
@@ -93,8 +107,23 @@ def _first_frame(container: av.container.InputContainer, stream: av.video.stream
     raise VideoCorruptError("video stream has no decodable frame")
 
 
-def probe_video(source: str | bytes | IO[bytes], max_duration_s: float | None = None) -> VideoInfo:
-    """Probe a video (path, bytes or binary file object): (duration_s, fps, n_frames, width, height)."""
+def check_frame_size(width: int, height: int, max_pixels: int | None = None) -> None:
+    """Raise VideoFrameSizeError for frames the image path would refuse (images.check_geometry), or too small."""
+    try:
+        check_geometry(width, height, max_pixels, what="video frame")
+    except ImageValidationError as exc:
+        raise VideoFrameSizeError(str(exc)) from exc
+    if min(width, height) < MIN_FRAME_SIDE:
+        raise VideoFrameSizeError(f"video frames are {width}x{height}, under {MIN_FRAME_SIDE} pixels on a side: "
+                                  "the model's video reader cannot take them (store a larger video, or a frame as an image)")
+
+
+def probe_video(source: str | bytes | IO[bytes], max_duration_s: float | None = None,
+                max_pixels: int | None = None) -> VideoInfo:
+    """Probe a video (path, bytes or binary file object): (duration_s, fps, n_frames, width, height).
+
+    max_pixels: frames of more pixels are refused before any is decoded, as an image of more is.
+    """
     src = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
     try:
         container = av.open(src, mode="r")
@@ -109,6 +138,8 @@ def probe_video(source: str | bytes | IO[bytes], max_duration_s: float | None = 
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 0.0
         width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
+        if width > 0 and height > 0:  # from the header: a bomb or a 1000x4 strip is refused undecoded
+            check_frame_size(width, height, max_pixels)
         try:
             duration = _duration(container, stream)
             _first_frame(container, stream)
