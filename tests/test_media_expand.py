@@ -382,3 +382,66 @@ def test_an_image_streamed_without_a_length_is_read_whole(tmp_path):
         server.server_close()
     assert (status, dead) == ("ok", []), dead
     assert len(data) > 800_000 and units[0].image == data
+
+
+def test_a_record_whose_http_server_never_answers_is_unreachable_in_seconds(tmp_path, corpus: CorpusSpec,
+                                                                          monkeypatch):
+    """fsspec's http has no timeout: a record's image or video on a server that accepts and never
+    answers held its expansion until the watchdog (limits.max_expand_s) took it for a hung decoder,
+    a final letter. Fetched as the model wrappers fetch it, it is Unreachable (tried again next
+    run) once the read timeout passes, and a body over max_object_bytes is refused as it arrives."""
+    import functools
+    import http.server
+    import socket
+    import threading
+    import time
+
+    from operators.media import reading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    for rel in ("images/red.png", "videos/clip.mp4"):
+        (tmp_path / Path(rel).name).write_bytes((corpus.root / rel).read_bytes())
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    stalled = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; nobody ever answers
+    closed = socket.create_server(("127.0.0.1", 0))
+    refused = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()
+    # raising=False: where the fetch has no bound (nor this setting), the test fails below, not here.
+    monkeypatch.setattr(reading, "HTTP_TIMEOUT_S", (1.0, 1.0), raising=False)
+    base, hung = f"http://127.0.0.1:{server.server_address[1]}", f"http://127.0.0.1:{stalled.getsockname()[1]}"
+    lines = [{"id": "img", "image": f"{base}/red.png"}, {"id": "vid", "video": f"{base}/clip.mp4"},
+             {"id": "hung_img", "image": f"{hung}/a.png"}, {"id": "hung_vid", "video": f"{hung}/a.mp4"},
+             {"id": "refused", "image": f"{refused}/a.png"}, {"id": "gone", "image": f"{base}/gone.png"},
+             {"id": "t", "text": "fine"}]
+    manifest = tmp_path / "list.jsonl"
+    manifest.write_text("\n".join(json.dumps(x) for x in lines))
+    obj = SourceObject(str(manifest), manifest.stat().st_size, "fp")
+    got: list = []
+    started = time.monotonic()
+    # In a thread: without a timeout the fetch never returns, and the test must fail, not hang.
+    worker = threading.Thread(target=lambda: got.append(expand_object(obj, CFG)), daemon=True)
+    worker.start()
+    try:
+        worker.join(30)
+        assert not worker.is_alive(), "a record on a server that never answers held the expansion"
+        units, dead, status = got[0]
+        cap = (tmp_path / "red.png").stat().st_size - 1
+        over_cap = expand_object(obj, ExpandSettings(max_object_bytes=cap))[1][0]
+    finally:
+        stalled.close()
+        server.shutdown()
+        server.server_close()
+    assert time.monotonic() - started < 30
+    assert status == "ok" and [u.position for u in units] == ["record=img", "record=vid", "record=t"]
+    assert units[0].image == (tmp_path / "red.png").read_bytes() and units[1].meta["duration_s"] > 0
+    letters = {d.position: (d.error_type, d.message) for d in dead}
+    assert [letters[p][0] for p in ("record=hung_img", "record=hung_vid", "record=refused")] == ["Unreachable"] * 3
+    assert letters["record=hung_img"][1].startswith(f"line 3: cannot reach {hung}/a.png: ReadTimeout")
+    assert letters["record=gone"][0] == "HTTPError" and "404" in letters["record=gone"][1]  # final: not retried
+    assert (over_cap.position, over_cap.error_type) == ("record=img", "ObjectTooLargeError")
+    assert over_cap.message == f"line 1: {base}/red.png is over max_object_bytes={cap}"

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -37,7 +38,7 @@ from operators.media.images import PILLOW_DECODE_LIMIT, inspect_image
 from operators.media.listing import fs_for, is_local_uri, local_path
 from operators.media.manifest import ManifestRecord, RecordError, parse_manifest
 from operators.media.pdf import PageFailure, render_pdf
-from operators.media.reading import ObjectTooLargeError, is_unreachable, open_local_file
+from operators.media.reading import ObjectTooLargeError, is_http, is_unreachable, open_local_file, stream_http
 from operators.media.text_chunks import chunk_spans, decode_text
 from operators.media.video import probe_video, video_segments
 from operators.units import DeadLetter, SourceObject, Unit
@@ -135,6 +136,24 @@ def _open(uri: str, storage_options: dict[str, Any] | None) -> Iterator[IO[bytes
     else:
         fs, path = fs_for(uri, storage_options)
         with fs.open(path, "rb") as fh:
+            yield fh
+
+
+@contextlib.contextmanager
+def _open_reference(uri: str, storage_options: dict[str, Any] | None, limit: int) -> Iterator[IO[bytes]]:
+    """Open a manifest record's image or video; an http(s) URL is fetched whole first, at most limit bytes."""
+    if is_http(uri):
+        # fsspec's http has no timeout: a server that accepted and never answered held the record
+        # until the watchdog took it for a hung decoder (a final letter, where an unreachable store
+        # is tried again next run). stream_http bounds each wait and the whole download; it is the
+        # model wrappers' fetch (qwen3vl/media_io.py), which reads the same URL at embedding, also
+        # without storage options. To a file: a video is not held in memory.
+        with tempfile.TemporaryFile(prefix="qvl-fetch-") as fh:
+            stream_http(uri, fh, limit)
+            fh.seek(0)
+            yield fh
+    else:
+        with _open(uri, storage_options) as fh:
             yield fh
 
 
@@ -244,7 +263,7 @@ def _pdf_units(obj: SourceObject, data: bytes, cfg: ExpandSettings) -> list[Unit
 
 
 def _video_source(uri: str, fh: IO[bytes]) -> str | IO[bytes]:
-    """What PyAV should read: the local path, or the open remote file from its start."""
+    """What PyAV should read: the local path, or the open remote file (an http(s) one's fetched copy) from its start."""
     if is_local_uri(uri):
         return local_path(uri)
     fh.seek(0)
@@ -271,7 +290,7 @@ def _record_unit(obj: SourceObject, rec: ManifestRecord, cfg: ExpandSettings, st
     if rec.video is not None:
         meta["video_uri"] = rec.video
         opts = _options_for(rec.video, obj.uri, storage_options)
-        with _open(rec.video, opts) as fh:
+        with _open_reference(rec.video, opts, cfg.max_object_bytes) as fh:
             # A remote video is copied whole to the embedding actor: the object cap applies to it too.
             _check_size(fh, cfg.max_object_bytes, rec.video)
             info = probe_video(_video_source(rec.video, fh), cfg.max_video_duration_s, cfg.max_image_pixels)
@@ -279,7 +298,7 @@ def _record_unit(obj: SourceObject, rec: ManifestRecord, cfg: ExpandSettings, st
         mime = from_extension(rec.video).mime
     if rec.image is not None:
         meta["image_uri"] = rec.image
-        with _open(rec.image, _options_for(rec.image, obj.uri, storage_options)) as fh:
+        with _open_reference(rec.image, _options_for(rec.image, obj.uri, storage_options), cfg.max_object_bytes) as fh:
             data = _read_capped(fh, b"", cfg.max_object_bytes, rec.image, listed=False)
         if not data:
             raise EmptyFileError(f"empty file: {rec.image}")

@@ -3,20 +3,33 @@
 A local path is opened without blocking and must be a regular file: opening a FIFO for reading
 waits for a writer forever. A caller may cap the size (refused before a byte is read) and name
 the version it expects (a changed object is refused before it is read, not after downloading it).
+An http(s) medium (a manifest record's, an input's of the model wrappers) is fetched with
+``stream_http``: a timeout on connecting, on each wait for bytes and on the whole download.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import stat
-from typing import IO, Any
+import time
+from typing import IO, Any, Iterator
 
 from operators.media.listing import (forget_cached_listing, fs_for, info_fingerprint, is_local_uri, local_fingerprint,
                                      local_path)
 
-__all__ = ["NotARegularFileError", "ObjectTooLargeError", "SourceChangedError", "open_local_file", "open_uri",
-           "read_with_fingerprint"]
+__all__ = ["HTTP_TIMEOUT_S", "HTTP_TOTAL_S", "NotARegularFileError", "ObjectTooLargeError", "SourceChangedError",
+           "is_http", "open_local_file", "open_uri", "read_http", "read_with_fingerprint", "stream_http"]
+
+HTTP_PREFIXES = ("http://", "https://")
+# (connect, read) seconds for an http(s) medium: the read timeout bounds each wait for bytes, so
+# a slow but live server still delivers a large video. fsspec's http has no timeout at all: one
+# server that accepts and never answers held its reader for good.
+HTTP_TIMEOUT_S = (10.0, 60.0)
+# ...and the whole download: a server that sends a byte every few seconds never trips the read
+# timeout, and held its input (and a query, and every other query of its batch) for good.
+HTTP_TOTAL_S = 600.0
 
 
 class ObjectTooLargeError(ValueError):
@@ -40,9 +53,60 @@ class SourceChangedError(RuntimeError):
 
 # Exception classes of fsspec back ends (aiohttp, botocore) that say the store could not be
 # reached, where they do not chain a builtin ConnectionError or TimeoutError.
+# requests (stream_http) names its own ConnectionError, ConnectTimeout, ReadTimeout and a body cut
+# off mid-way, ChunkedEncodingError, none of them the builtin classes.
 _UNREACHABLE_NAMES = frozenset({"ClientConnectionError", "ClientConnectorError", "ServerDisconnectedError",
                                 "ServerTimeoutError", "EndpointConnectionError", "ConnectTimeoutError",
-                                "ReadTimeoutError", "ConnectionClosedError"})
+                                "ReadTimeoutError", "ConnectionClosedError", "ConnectionError", "ConnectTimeout",
+                                "ReadTimeout", "ChunkedEncodingError"})
+
+
+def is_http(uri: str) -> bool:
+    """Whether uri is an http(s) URL (its scheme in any case), read with stream_http's bounds."""
+    return uri[:8].lower().startswith(HTTP_PREFIXES)
+
+
+def stream_http(url: str, fh: IO[bytes], max_bytes: int | None = None, timeout: tuple[float, float] | None = None,
+                total_s: float | None = None) -> None:
+    """Write the body of an http(s) URL to fh as it arrives, within timeout (connect, read) seconds per
+    wait and total_s in all (None: HTTP_TIMEOUT_S, HTTP_TOTAL_S, read when called).
+
+    Raises ObjectTooLargeError past max_bytes, TimeoutError past total_s, and requests' own errors
+    (ConnectionError, ReadTimeout, HTTPError for a 4xx/5xx status) otherwise: is_unreachable tells them.
+    """
+    import requests
+
+    timeout = HTTP_TIMEOUT_S if timeout is None else timeout
+    total_s = HTTP_TOTAL_S if total_s is None else total_s
+    deadline = time.monotonic() + total_s
+    written = 0
+    with requests.get(url, timeout=timeout, stream=True) as response:
+        response.raise_for_status()
+        for chunk in _chunks_as_they_come(response):
+            written += len(chunk)
+            if max_bytes is not None and written > max_bytes:
+                raise ObjectTooLargeError(f"{url} is over max_object_bytes={max_bytes}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the download took over {total_s:.0f} s (HTTP_TOTAL_S)")
+            fh.write(chunk)
+
+
+def _chunks_as_they_come(response: Any) -> Iterator[bytes]:
+    """The body's bytes in whatever pieces the socket gives: iter_content waits until a whole chunk
+    has arrived, so a trickling server would never let the caller look at the clock."""
+    read1 = getattr(response.raw, "read1", None)  # urllib3 2
+    if read1 is None:
+        yield from response.iter_content(1 << 12)
+        return
+    while chunk := read1(1 << 20, decode_content=True):
+        yield chunk
+
+
+def read_http(url: str, max_bytes: int | None = None) -> bytes:
+    """A whole http(s) body in memory, with stream_http's bounds."""
+    buf = io.BytesIO()
+    stream_http(url, buf, max_bytes)
+    return buf.getvalue()
 
 
 def is_unreachable(exc: BaseException) -> bool:
@@ -57,6 +121,8 @@ def is_unreachable(exc: BaseException) -> bool:
     while node is not None and id(node) not in seen:
         seen.add(id(node))
         status = getattr(node, "status", None)
+        if status is None:  # requests' HTTPError holds its status on its response
+            status = getattr(getattr(node, "response", None), "status_code", None)
         if isinstance(node, (ConnectionError, TimeoutError)) or type(node).__name__ in _UNREACHABLE_NAMES or (
                 isinstance(status, int) and (status >= 500 or status == 429)):
             return True

@@ -14,24 +14,22 @@ import os
 import shutil
 import tempfile
 import threading
-import time
 import weakref
-from typing import Any, Iterator, NoReturn
+from typing import Any, NoReturn
 
 import fsspec
 from PIL import Image
 
+from ..media import reading
 from ..media.listing import file_url_path, is_data_uri
 from ..once_cache import OnceCache
 
 _PASSTHROUGH_PREFIXES = ("file://",)  # data: URIs are checked first (_image_data_uri)
 _HTTP_PREFIXES = ("http://", "https://")
-# (connect, read) seconds for an http(s) medium: the read timeout bounds each wait for bytes, so
-# a slow but live server still delivers a large video.
-HTTP_TIMEOUT_S = (10.0, 60.0)
-# ...and the whole download: a server that sends a byte every few seconds never trips the read
-# timeout, and held its input (and a query, and every other query of its batch) for good.
-HTTP_TOTAL_S = 600.0
+# The bounds of an http(s) fetch, shared with expansion (media/reading.py); set here, they apply
+# to the model wrappers' fetches.
+HTTP_TIMEOUT_S = reading.HTTP_TIMEOUT_S
+HTTP_TOTAL_S = reading.HTTP_TOTAL_S
 
 
 class MediaError(ValueError):
@@ -107,36 +105,13 @@ def _too_large(uri: str, max_bytes: int) -> MediaError:
 
 def _stream_http(url: str, fh: Any, max_bytes: int | None = None) -> None:
     """Write the body of an http(s) URL to fh in chunks, within HTTP_TIMEOUT_S per wait and HTTP_TOTAL_S
-    in all; a body of more than max_bytes raises MediaError."""
-    import requests
-
-    deadline = time.monotonic() + HTTP_TOTAL_S
-    written = 0
+    in all (reading.stream_http); a body of more than max_bytes raises MediaError."""
     try:
-        with requests.get(url, timeout=HTTP_TIMEOUT_S, stream=True) as response:
-            response.raise_for_status()
-            for chunk in _chunks_as_they_come(response):
-                written += len(chunk)
-                if max_bytes is not None and written > max_bytes:
-                    raise _too_large(url, max_bytes)
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the download took over {HTTP_TOTAL_S:.0f} s (media_io.HTTP_TOTAL_S)")
-                fh.write(chunk)
-    except MediaError:
-        raise
+        reading.stream_http(url, fh, max_bytes, HTTP_TIMEOUT_S, HTTP_TOTAL_S)
+    except reading.ObjectTooLargeError:
+        raise _too_large(url, max_bytes) from None
     except Exception as exc:
         raise MediaError(f"cannot read {url}: {type(exc).__name__}: {exc}") from exc
-
-
-def _chunks_as_they_come(response: Any) -> Iterator[bytes]:
-    """The body's bytes in whatever pieces the socket gives: iter_content waits until a whole chunk
-    has arrived, so a trickling server would never let the caller look at the clock."""
-    read1 = getattr(response.raw, "read1", None)  # urllib3 2
-    if read1 is None:
-        yield from response.iter_content(1 << 12)
-        return
-    while chunk := read1(1 << 20, decode_content=True):
-        yield chunk
 
 
 def open_image_bytes(data: bytes, name: str = "<bytes>") -> Image.Image:
