@@ -34,7 +34,7 @@ from operators.media.expand import ExpandSettings, _options_for
 from operators.media.images import image_unit_bytes
 from operators.media.listing import forget_cached_listing, fs_for, is_local_uri, local_path, object_fingerprint
 from operators.media.pdf import PDFIUM_LOCK, _check_pages, _open_document, _render_page
-from operators.media.reading import SourceChangedError, read_with_fingerprint
+from operators.media.reading import SourceChangedError, is_http, read_http, read_with_fingerprint
 from operators.media.text_chunks import decode_text
 from operators.once_cache import OnceCache
 from operators.units import source_fingerprint
@@ -202,12 +202,25 @@ def _image(uri: str, storage_options: dict[str, Any] | None, settings: ExpandSet
     data, now = _read(uri, storage_options, cache, settings, payload)
     if payload is not None:
         _require_unchanged(payload, uri, now)
+    return _usable_image(data, uri, settings)
+
+
+def _usable_image(data: bytes, uri: str, settings: ExpandSettings) -> bytes:
+    """An image's bytes as ingestion embedded them (re-encoded where it re-encodes)."""
     if not data:
         raise CandidateUnavailable(f"source is empty now: {uri}")
     try:
         return image_unit_bytes(data, settings.max_image_pixels)[0]
     except Exception as exc:
         raise CandidateUnavailable(f"source image {uri} is no longer usable: {exc}") from exc
+
+
+def _http_bytes(uri: str, settings: ExpandSettings) -> bytes:
+    """An http(s) object's bytes (at most max_object_bytes), mapping every failure to CandidateUnavailable."""
+    try:
+        return read_http(uri, settings.max_object_bytes)
+    except Exception as exc:
+        raise _unavailable(uri, exc) from exc
 
 
 def _position_value(position: str, key: str) -> str:
@@ -261,12 +274,16 @@ def candidate_input(payload: Mapping[str, Any], *, storage_options: dict[str, An
         item: dict[str, Any] = {}
         if payload.get("text"):
             item["text"] = _record_text(payload, uri, position, storage_options, cache, cfg)
+        # An http(s) reference is fetched with the bounds expansion fetched it with: fsspec's http
+        # has no timeout, and a server that accepted and never answered held the whole query.
         if payload.get("image_uri"):
             ref = payload["image_uri"]
-            item["image"] = _image(ref, _options_for(ref, uri, storage_options), cfg, cache)
+            item["image"] = (_usable_image(_http_bytes(ref, cfg), ref, cfg) if is_http(ref)
+                             else _image(ref, _options_for(ref, uri, storage_options), cfg, cache))
         if payload.get("video_uri"):
             ref = payload["video_uri"]
-            _require_exists(ref, _options_for(ref, uri, storage_options))
+            if not is_http(ref):  # one is fetched by the model wrapper, within the same bounds, and named if it fails
+                _require_exists(ref, _options_for(ref, uri, storage_options))
             item["video"] = ref
         if not item:
             raise CandidateUnavailable(f"manifest record {position} has no text, image_uri or video_uri in its payload")

@@ -104,3 +104,42 @@ def test_a_candidate_over_the_size_cap_is_not_read(tmp_path):
     payload = {"source_uri": listed.uri, "modality": "image", "position": "image", "fingerprint": listed.fingerprint}
     with pytest.raises(CandidateUnavailable, match="ObjectTooLargeError"):
         candidate_input(payload, settings=ExpandSettings(max_object_bytes=10))
+
+
+def test_a_records_http_media_are_rebuilt_within_the_fetch_bounds(tmp_path, monkeypatch):
+    """A manifest record's image by URL is fetched as expansion fetched it; a server that accepts and never
+    answers makes the candidate unavailable in seconds (fsspec's http waited minutes, holding the query)."""
+    import functools
+    import http.server
+    import socket
+
+    from operators.media import reading
+    from operators.media.images import image_unit_bytes
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    (tmp_path / "media").mkdir()
+    png = image_bytes(pattern_image(2, (40, 30)))
+    (tmp_path / "media" / "a.png").write_bytes(png)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "m.jsonl").write_text('{"id": "r1", "image": "unused"}\n')
+    listed = list_objects(str(tmp_path / "src"))[0][0]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path / "media")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    stalled = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; nobody ever answers
+    monkeypatch.setattr(reading, "HTTP_TIMEOUT_S", (1.0, 1.0))
+    try:
+        payload = {"source_uri": listed.uri, "position": "record=r1", "modality": "image",
+                   "fingerprint": listed.fingerprint, "image_uri": f"http://127.0.0.1:{server.server_address[1]}/a.png"}
+        assert candidate_input(payload)["image"] == image_unit_bytes(png, 10**8)[0]
+        gone = {**payload, "image_uri": f"http://127.0.0.1:{stalled.getsockname()[1]}/a.png"}
+        with pytest.raises(CandidateUnavailable, match=r"cannot read source http://127\.0\.0\.1:\d+/a\.png: "):
+            returns_within(20, candidate_input, gone)
+        with pytest.raises(CandidateUnavailable, match=r"over max_object_bytes=10"):
+            candidate_input(payload, settings=ExpandSettings(max_object_bytes=10))
+    finally:
+        stalled.close()
+        server.shutdown()
+        server.server_close()
