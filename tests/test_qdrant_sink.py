@@ -504,3 +504,15 @@ def test_ray_datasink_embedded_through_owner(ray_local, tmp_path):
         assert ray.get(owner.count.remote()) == 63
     finally:
         stop_owner(owner)
+
+
+def test_stopping_an_owner_that_died_is_no_error(ray_local, tmp_path):
+    # An owner killed mid-job (an OOM kill): its callers failed alone; stopping it must not throw
+    # away the rest of the job's work (a query-batch's answered queries were lost, exit 3).
+    from sinks.qdrant_sink import start_owner, stop_owner
+
+    owner = start_owner(QdrantSettings(path=str(tmp_path / "emb")), "docs", {})
+    ray_local.get(owner.count.remote())
+    ray_local.kill(owner, no_restart=True)
+    stop_owner(owner)
+
