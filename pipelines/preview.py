@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from operators.media.listing import shown_path
 from operators.units import DeadLetter
 from sinks.qdrant_schema import CollectionMismatchError, storage_differences, validate_collection
 from sinks.qdrant_writer import QdrantWriter
@@ -68,7 +69,7 @@ class PlanPreview:
                  ("vanished", self.plan.vanished)]
         for kind, items in kinds:
             for item in items[:limit]:
-                out.append(f"  {kind}: {item}")
+                out.append(f"  {kind}: {shown_path(item)}")
             if len(items) > limit:
                 out.append(f"  {kind}: ... and {len(items) - limit} more")
         out.append("nothing was embedded or written")

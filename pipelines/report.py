@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from operators.media.listing import shown_path
+
 from .config_secrets import redact_obj
 
 OBJECT_STATUSES = ("ingested", "unchanged", "failed", "skipped")
@@ -104,5 +106,6 @@ class RunReport:
             lines.append(f"  {len(self.dead_letters)} dead letters ({self.units_failed} failed units); first:")
             for d in self.dead_letters[:5]:
                 where = f" [{d.get('position')}]" if d.get("position") else ""
-                lines.append(f"    {d.get('uri')}{where}: {d.get('stage')}: {d.get('error_type')}: {d.get('message')}")
+                lines.append(shown_path(f"    {d.get('uri')}{where}: {d.get('stage')}: {d.get('error_type')}: "
+                                        f"{d.get('message')}"))
         return "\n".join(lines)

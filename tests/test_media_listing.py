@@ -397,3 +397,20 @@ def test_a_zero_byte_key_named_like_the_folder_is_its_marker_not_the_source(moto
     assert [o.uri for o in list_objects("s3://marker/solo", storage_options=opts)[0]] == ["s3://marker/solo"]
     assert [o.uri for o in list_objects("s3://marker/full", storage_options=opts)[0]] == ["s3://marker/full"]
     assert [o.uri for o in list_objects("s3://marker/full/", storage_options=opts)[0]] == ["s3://marker/full/c.txt"]
+
+
+def test_a_file_name_cannot_forge_console_lines(tmp_path: Path) -> None:
+    """A newline or an escape sequence in a listed name is shown escaped, in the plan and the run's summary."""
+    from operators.media.listing import shown_path
+    from pipelines.report import RunReport
+
+    name = "a\nlisted 0 objects\x1b[2K.txt"
+    (tmp_path / name).write_text("x")
+    [obj], _ = list_objects(str(tmp_path))
+    assert obj.uri.endswith(name)  # listed under its real name
+    assert shown_path(obj.uri) == str(tmp_path / "a\\nlisted 0 objects\\x1b[2K.txt")
+    assert shown_path("caf\udce9 é\u0085") == "caf\\xe9 é\\x85"  # a non-UTF-8 byte, a C1 control
+    report = RunReport("r", "c", str(tmp_path), "m")
+    report.dead_letters.append({"uri": obj.uri, "stage": "expand", "error_type": "E", "message": "bad\nline"})
+    lines = report.summary().splitlines()
+    assert lines[-1] == f"    {tmp_path}/a\\nlisted 0 objects\\x1b[2K.txt: expand: E: bad\\nline"

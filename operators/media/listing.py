@@ -139,6 +139,15 @@ def printable_path(path: str) -> str:
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def shown_path(path: str) -> str:
+    """A path for a console line: printable_path, with control characters escaped (\\n, \\x1b...).
+
+    A file may be named "a\\nlisted 0 objects": printed raw, its name forged lines of the output.
+    """
+    return "".join(c.encode("unicode_escape").decode() if ord(c) < 32 or 127 <= ord(c) < 160 else c
+                   for c in printable_path(path))
+
+
 def _file_kind(mode: int) -> str:
     """A human name for a non-regular file type."""
     for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
