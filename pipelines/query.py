@@ -211,7 +211,8 @@ def rerank_candidates(reranker: Any, query: Mapping[str, Any], candidates: Seque
     # One call for the whole top-k: the reranker batches the pairs itself and computes the
     # query's shared prefix (and, for an image query, its vision tower) once, not once per batch.
     if ready:  # an http(s) query image read once for all pairs, and re-encoded as for its embedding
-        query = model_ready_images(fetch_remote_images(query, settings.max_object_bytes), storage_options)
+        query = model_ready_images(fetch_remote_images(query, getattr(settings, "max_object_bytes", None)),
+                                   storage_options)
     results = reranker.score(query, [d for _, d in ready], instruction) if ready else []
     for (c, _), r in zip(ready, results):
         if r.ok:
@@ -410,6 +411,11 @@ class QueryEngine:
         build_filter(filters)  # a bad filter fails before any work
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
+        try:  # an http(s) image fetched once, for the embedder and the reranker alike
+            if isinstance(query, Mapping):  # anything else is refused, named, by query_content
+                query = fetch_remote_images(query, self.cfg.limits.max_object_bytes)
+        except MediaError as exc:
+            raise QueryInputError(f"the query cannot be embedded: {exc}") from None
         vectors = self.embed(query, instruction)
         t1 = time.perf_counter()
         # The filters as given, not built: retrieve names their keys when nothing matches.

@@ -180,10 +180,11 @@ class FetchedImage(bytes):
 def fetch_remote_images(content: Mapping[str, Any], max_bytes: int | None) -> dict[str, Any]:
     """The query content with each http(s) image fetched once (at most max_bytes), so that it is checked
     against the pixel limit and re-encoded like any other image; MediaError names an image that cannot be."""
+    from operators.media.reading import is_http
     from operators.qwen3vl.media_io import read_bytes
 
     def fetched(image: Any) -> Any:
-        if not (isinstance(image, str) and image.startswith(("http://", "https://"))):
+        if not (isinstance(image, str) and is_http(image)):
             return image
         data = FetchedImage(read_bytes(image, max_bytes=max_bytes))
         data.name = image
