@@ -77,8 +77,10 @@ class EmbedSearchStage(ClosesModel):
         if owner is not None:
             self.search = _owner_search(owner)
         else:
-            self.client = make_client(qdrant_settings(cfg))
-            self.search = lambda request: self.client.query_points(**request).points
+            self.client = client = make_client(qdrant_settings(cfg))
+            # The client, not self: a lambda holding self is a cycle, and Ray Data's release of the
+            # actor (it deletes the stage) would not reach __del__, which closes the model.
+            self.search = lambda request: client.query_points(**request).points
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         n = len(batch["id"])

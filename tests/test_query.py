@@ -896,6 +896,16 @@ def test_query_batch_stages_let_go_close_their_models(world):
     reranker = stage.reranker
     del stage
     assert reranker._closed
+    # A server's client (none listens here: a client connects on its first request). Its search
+    # function held the stage itself, a cycle that kept __del__ from running when Ray Data let it go.
+    from pipelines.query_batch import EmbedSearchStage
+
+    data = world["cfg"].model_dump()
+    server = parse_config({**data, "qdrant": {**data["qdrant"], "path": None, "url": "http://127.0.0.1:9"}})
+    stage = EmbedSearchStage(server, None, top_k=3)
+    embedder = stage.embedder
+    del stage
+    assert embedder._closed
 
 
 def test_query_batch_without_reranking_hands_the_driver_top_n_results_only(world, embedder):
