@@ -414,3 +414,21 @@ def test_a_file_name_cannot_forge_console_lines(tmp_path: Path) -> None:
     report.dead_letters.append({"uri": obj.uri, "stage": "expand", "error_type": "E", "message": "bad\nline"})
     lines = report.summary().splitlines()
     assert lines[-1] == f"    {tmp_path}/a\\nlisted 0 objects\\x1b[2K.txt: expand: E: bad\\nline"
+
+
+@pytest.mark.parametrize(("include", "exclude", "expected"), [
+    (["latest/**"], None, ["latest/a.jpg", "latest/raw/b.cr2"]),
+    (["latest/*"], None, ["latest/a.jpg", "latest/raw/b.cr2"]),
+    (None, ["archive/2024/raw"], ["archive/2024/a.jpg", "latest/raw/b.cr2"]),
+    (None, None, ["archive/2024/a.jpg", "archive/2024/raw/b.cr2"]),
+])
+def test_patterns_select_a_linked_folders_files_by_the_path_it_is_reached_by(tmp_path: Path, include, exclude,
+                                                                              expected) -> None:
+    # Walked once at its real place, a folder whose files the patterns left out there was not walked
+    # again through the link that selects them: "latest/**" listed nothing.
+    (tmp_path / "archive" / "2024" / "raw").mkdir(parents=True)
+    (tmp_path / "archive" / "2024" / "a.jpg").write_bytes(b"a")
+    (tmp_path / "archive" / "2024" / "raw" / "b.cr2").write_bytes(b"b")
+    os.symlink(tmp_path / "archive" / "2024", tmp_path / "latest")
+    objects, dead = list_objects(str(tmp_path), include=include, exclude=exclude)
+    assert [os.path.relpath(o.uri, tmp_path) for o in objects] == expected and not dead

@@ -3,8 +3,9 @@
 Local sources (a plain path or ``file://``) are walked with ``os.scandir`` so that
 symlink loops, dangling links, FIFOs and unreadable entries become dead letters
 (stage ``list``) instead of crashing the job. Symlinks are followed, and each
-real folder is walked once: the source's own folders first, then those reached
-through links, each folder's entries in name order. Each file is listed once: at
+real folder is walked once (with include/exclude patterns, once per path it is
+reached by, as they select by path): the source's own folders first, then those
+reached through links, each folder's entries in name order. Each file is listed once: at
 its real path inside the source when the walk lists it there, else under the
 first path the walk meets it by. Folders passed as ``skip`` (the run's own output
 and embedded store) are never walked. Remote sources go through fsspec's
@@ -226,10 +227,14 @@ def _list_local(root: str, include: list[str] | None, exclude: list[str] | None,
     # a chain) would otherwise list 2^depth copies of the same files. Folders at their real place
     # in the source are all walked first, so a link into the source never takes a folder's files
     # away from their real paths; links are walked after, in the order the walk met them.
-    walked: set[tuple[int, int]] = set()
-    # The folders to leave out count as walked already, wherever the walk meets them (at their place
-    # or through a link). The root itself is always walked: a source is never left out whole.
-    walked.update(k for k in map(_folder_key, skip) if k is not None and k != root_key)
+    # The folders to leave out are never walked, wherever the walk meets them (at their place or
+    # through a link). The root itself is always walked: a source is never left out whole.
+    skipped = {k for k in map(_folder_key, skip) if k is not None and k != root_key}
+    walked: set[tuple[int, int]] = set(skipped)
+    # With include/exclude patterns, which files a folder gives depends on the path it is reached
+    # by: walked once, the files of "archive/2024" excluded there were lost under "latest ->
+    # archive/2024" with include "latest/**". So with patterns each path is walked (files still listed once).
+    blocked = walked if not include and not exclude else skipped
     via_links: list[tuple[str, str, frozenset[tuple[int, int]], str, tuple[int, int]]] = []
     linked: dict[str, str] = {}  # object reached through a symlink -> its real path
     direct: set[str] = set()  # the real paths of the objects listed where they are
@@ -238,7 +243,7 @@ def _list_local(root: str, include: list[str] | None, exclude: list[str] | None,
         if not stack:  # the source's own tree is done: the folders reached through links now
             stack, via_links, links_phase = via_links[::-1], [], True
         folder, rel_folder, ancestors, folder_real, key = stack.pop()
-        if key in walked:  # reached by two links before either was walked
+        if key in blocked:  # reached by two links before either was walked (or to be left out)
             continue
         walked.add(key)
         try:
@@ -255,9 +260,9 @@ def _list_local(root: str, include: list[str] | None, exclude: list[str] | None,
             before = len(objects)
             if os.path.isdir(path):
                 if not _dir_excluded(rel, exclude):
-                    _local_entry(path, rel, ancestors, objects, dead, found, real, walked)
+                    _local_entry(path, rel, ancestors, objects, dead, found, real, blocked)
             elif selected(rel, include, exclude):
-                _local_entry(path, rel, ancestors, objects, dead, found, real, walked)
+                _local_entry(path, rel, ancestors, objects, dead, found, real, blocked)
             if len(objects) > before:
                 if real == os.path.join(root_real, rel):
                     direct.add(real)
