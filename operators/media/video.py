@@ -4,8 +4,7 @@
 duration / frame rate / frame count / size and decodes the first frame (so a file
 whose header parses but whose frames do not is reported as corrupt). Frames the model
 cannot take are refused from the header, before any decode, with the image path's
-checks (aspect ratio over 200, more pixels than the bomb guard allows) and a minimum
-side of ``MIN_FRAME_SIDE`` pixels. Sources: a
+checks (aspect ratio over 200, more pixels than the bomb guard allows). Sources: a
 local path, raw bytes, or a binary file object (e.g. from ``fsspec.open``).
 """
 
@@ -46,11 +45,6 @@ class VideoTooShortError(VideoError):
     """Fewer than the 2 frames the model's video reader samples at least."""
 
 
-# The model's smallest unit of a picture is a 32-pixel patch (qwen3vl/windows.IMAGE_FACTOR, not
-# imported: expansion workers load no model code). Narrower frames hold less than one patch, and the
-# video reader fails on them (decord: "Check failed: from_size == to_size" for 2x2, 8x100, 24x24)
-# at every segment and every run, after decoding each one.
-MIN_FRAME_SIDE = 32
 MIN_FRAMES = 2  # qwen-vl-utils samples at least 2 frames: a 1-frame span fails ("Start frame exceeds end frame")
 
 
@@ -108,14 +102,14 @@ def _first_frame(container: av.container.InputContainer, stream: av.video.stream
 
 
 def check_frame_size(width: int, height: int, max_pixels: int | None = None) -> None:
-    """Raise VideoFrameSizeError for frames the image path would refuse (images.check_geometry), or too small."""
+    """Raise VideoFrameSizeError for frames the image path would refuse (images.check_geometry).
+
+    No minimum side: qwen-vl-utils scales small frames up (30x30, 100x8 are read fine); decord's
+    failures on some small sizes (16x16, 48x48) follow no size rule, and fail their segments alone."""
     try:
         check_geometry(width, height, max_pixels, what="video frame")
     except ImageValidationError as exc:
         raise VideoFrameSizeError(str(exc)) from exc
-    if min(width, height) < MIN_FRAME_SIDE:
-        raise VideoFrameSizeError(f"video frames are {width}x{height}, under {MIN_FRAME_SIDE} pixels on a side: "
-                                  "the model's video reader cannot take them (store a larger video, or a frame as an image)")
 
 
 def probe_video(source: str | bytes | IO[bytes], max_duration_s: float | None = None,
