@@ -143,3 +143,31 @@ def test_a_records_http_media_are_rebuilt_within_the_fetch_bounds(tmp_path, monk
         stalled.close()
         server.shutdown()
         server.server_close()
+
+
+def test_a_body_cut_off_mid_download_is_unreachable_not_final(tmp_path):
+    # Read through urllib3 (stream_http's read1), a cut-off body is its ProtocolError, not requests'
+    # ChunkedEncodingError: the record was a final dead letter instead of one retried next run.
+    import http.server
+
+    from operators.media.reading import is_unreachable, stream_http
+
+    class Cut(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            self.wfile.write(b"x" * 10)  # then the connection closes
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Cut)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(Exception) as caught, open(tmp_path / "out", "wb") as fh:
+            stream_http(f"http://127.0.0.1:{server.server_address[1]}/a.png", fh)
+        assert is_unreachable(caught.value), repr(caught.value)
+    finally:
+        server.shutdown()
+        server.server_close()

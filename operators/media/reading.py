@@ -54,11 +54,13 @@ class SourceChangedError(RuntimeError):
 # Exception classes of fsspec back ends (aiohttp, botocore) that say the store could not be
 # reached, where they do not chain a builtin ConnectionError or TimeoutError.
 # requests (stream_http) names its own ConnectionError, ConnectTimeout, ReadTimeout and a body cut
-# off mid-way, ChunkedEncodingError, none of them the builtin classes.
+# off mid-way, ChunkedEncodingError, none of them the builtin classes; read through urllib3 directly
+# (stream_http's read1), a body cut off is urllib3's ProtocolError (IncompleteRead).
 _UNREACHABLE_NAMES = frozenset({"ClientConnectionError", "ClientConnectorError", "ServerDisconnectedError",
                                 "ServerTimeoutError", "EndpointConnectionError", "ConnectTimeoutError",
                                 "ReadTimeoutError", "ConnectionClosedError", "ConnectionError", "ConnectTimeout",
-                                "ReadTimeout", "ChunkedEncodingError"})
+                                "ReadTimeout", "ChunkedEncodingError",
+                                "ProtocolError", "IncompleteRead"})
 
 
 def is_http(uri: str) -> bool:
