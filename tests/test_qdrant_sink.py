@@ -512,7 +512,6 @@ def test_stopping_an_owner_that_died_is_no_error(ray_local, tmp_path):
     from sinks.qdrant_sink import start_owner, stop_owner
 
     owner = start_owner(QdrantSettings(path=str(tmp_path / "emb")), "docs", {})
-    ray_local.get(owner.count.remote())
     ray_local.kill(owner, no_restart=True)
     stop_owner(owner)
 
