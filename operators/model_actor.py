@@ -10,7 +10,10 @@ model then shuts the pool down and its semaphores are unlinked.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class ClosesModel:
@@ -22,4 +25,7 @@ class ClosesModel:
         """Close the model: stop its preparation processes."""
         model: Any = getattr(self, self.model_attr, None)  # None when __init__ failed before loading it
         if model is not None:
-            model.close()
+            try:
+                model.close()
+            except Exception as exc:  # nothing to report to: Ray prints what escapes __del__ as a traceback
+                log.debug("closing %s failed: %r", type(model).__name__, exc)

@@ -392,6 +392,25 @@ def test_a_closed_runner_leaves_no_semaphores_when_its_process_ends_abruptly(tin
     assert semaphores_left(before, wait_s=2) == set()
 
 
+_HELD_AT_EXIT_SCRIPT = """
+import json, sys
+from operators.embed_stage import EmbedStage
+
+stage = EmbedStage(sys.argv[1], [], {"prepare_processes": 1})  # a global: deleted as the interpreter finalizes
+assert stage.embedder.embed([{"text": "hello"}])[0].ok
+print(json.dumps({"ok": True}), flush=True)
+"""
+
+
+def test_a_stage_still_held_at_interpreter_exit_lets_the_process_end(tiny_embedding_ckpt):
+    # Its __del__ closes the model as the interpreter finalizes, when a new thread never runs: the
+    # bounded wait for the pool started one, and the process hung at exit for good.
+    import os
+
+    out = run_json_script(_HELD_AT_EXIT_SCRIPT, str(tiny_embedding_ckpt), env=dict(os.environ), timeout_s=120)
+    assert out["ok"]
+
+
 def test_a_worker_dies_with_its_model_process(tmp_path):
     # A worker stuck in a hung decoder never reads its pipe: without this it outlives a killed parent.
     import os

@@ -22,6 +22,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -417,10 +418,16 @@ class PrepareProcesses:
         # their named semaphores are unlinked from /dev/shm. Not waiting left them there when the
         # process ended abruptly next (a Ray actor does: Ray kills its children, multiprocessing's
         # resource tracker among them). A worker hung in a decoder is not waited for past that.
-        stopper = threading.Thread(target=self._pool.shutdown, kwargs={"wait": True, "cancel_futures": True},
-                                   daemon=True, name="qvl-prepare-stop")
-        stopper.start()
-        stopper.join(STOP_WAIT_S)
+        # Not while the interpreter finalizes (a runner still held at exit: a module's global): a
+        # thread started then never runs, and Python 3.11's start() waits for it forever. The
+        # interpreter's own exit then joins the pool.
+        if sys.is_finalizing():
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        else:
+            stopper = threading.Thread(target=self._pool.shutdown, kwargs={"wait": True, "cancel_futures": True},
+                                       daemon=True, name="qvl-prepare-stop")
+            stopper.start()
+            stopper.join(STOP_WAIT_S)
         # Results still in flight are read (and their files deleted) by their callbacks.
         remove_shm_files(os.getpid())
 
