@@ -432,3 +432,47 @@ def test_patterns_select_a_linked_folders_files_by_the_path_it_is_reached_by(tmp
     os.symlink(tmp_path / "archive" / "2024", tmp_path / "latest")
     objects, dead = list_objects(str(tmp_path), include=include, exclude=exclude)
     assert [os.path.relpath(o.uri, tmp_path) for o in objects] == expected and not dead
+
+
+def test_patterns_keep_the_paths_the_walk_gives_without_them_and_joined_links_stay_cheap(tmp_path: Path) -> None:
+    """With patterns a linked folder is walked again by other paths, but after every first walk (an
+    alias link sorting first took files away from their plain path), and by at most 8 paths (a chain
+    of folders each linking twice to the next cost 2^depth walks)."""
+    import time
+
+    ext = tmp_path / "ext"
+    (ext / "shared").mkdir(parents=True)
+    (ext / "shared" / "x.jpg").write_bytes(b"x")
+    src = tmp_path / "src"
+    (src / "photos").mkdir(parents=True)
+    os.symlink(ext / "shared", src / "photos" / "shared")
+    os.symlink(src / "photos", src / "alias")  # sorts before "photos"
+    plain = [os.path.relpath(o.uri, src) for o in list_objects(str(src))[0]]
+    assert plain == ["photos/shared/x.jpg"]
+    assert [os.path.relpath(o.uri, src) for o in list_objects(str(src), exclude=["*.tmp"])[0]] == plain
+
+    chain = tmp_path / "chain"
+    depth = 18
+    for i in range(depth + 1):
+        (chain / f"d{i}").mkdir(parents=True)
+        (chain / f"d{i}" / f"f{i}.jpg").write_bytes(b"f")
+    for i in range(depth):
+        os.symlink(chain / f"d{i + 1}", chain / f"d{i}" / "a")
+        os.symlink(chain / f"d{i + 1}", chain / f"d{i}" / "b")
+    started = time.monotonic()
+    objects, dead = list_objects(str(chain / "d0"), include=["*.jpg"])
+    assert time.monotonic() - started < 20  # 2^18 walks took minutes
+    assert sorted(os.path.basename(o.uri) for o in objects) == sorted(f"f{i}.jpg" for i in range(depth + 1))
+
+
+def test_a_link_into_a_skipped_folder_is_not_walked_and_a_skip_holding_the_source_skips_nothing(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "out" / "run1").mkdir(parents=True)
+    (src / "out" / "run1" / "results.jsonl").write_text("{}")
+    (src / "a.txt").write_text("a")
+    os.symlink(src / "out" / "run1", src / "last_run")
+    for include in (None, ["*"]):
+        objects, _ = list_objects(str(src), include=include, skip=[str(src / "out")])
+        assert [os.path.relpath(o.uri, src) for o in objects] == ["a.txt"], include
+    objects, _ = list_objects(str(src), skip=[str(tmp_path)])  # output.dir ".." of the source
+    assert sorted(os.path.relpath(o.uri, src) for o in objects) == ["a.txt", "out/run1/results.jsonl"]

@@ -3,9 +3,10 @@
 Local sources (a plain path or ``file://``) are walked with ``os.scandir`` so that
 symlink loops, dangling links, FIFOs and unreadable entries become dead letters
 (stage ``list``) instead of crashing the job. Symlinks are followed, and each
-real folder is walked once (with include/exclude patterns, once per path it is
-reached by, as they select by path): the source's own folders first, then those
-reached through links, each folder's entries in name order. Each file is listed once: at
+real folder is walked once: the source's own folders first, then those reached
+through links, each folder's entries in name order (with include/exclude patterns,
+which select by path, a folder is then walked again by up to 7 other paths it is
+reached by). Each file is listed once: at
 its real path inside the source when the walk lists it there, else under the
 first path the walk meets it by. Folders passed as ``skip`` (the run's own output
 and embedded store) are never walked. Remote sources go through fsspec's
@@ -195,6 +196,9 @@ def _local_entry(
     objects.append(SourceObject(uri=path, size=st.st_size, fingerprint=local_fingerprint(st), mtime=st.st_mtime))
 
 
+MAX_PATHS_PER_FOLDER = 8  # with include/exclude patterns: the paths a folder is walked by, at most
+
+
 def _folder_key(path: str) -> tuple[int, int] | None:
     """The (st_dev, st_ino) of a folder, None where path is no folder (not created yet, say)."""
     try:
@@ -229,22 +233,43 @@ def _list_local(root: str, include: list[str] | None, exclude: list[str] | None,
     # away from their real paths; links are walked after, in the order the walk met them.
     # The folders to leave out are never walked, wherever the walk meets them (at their place or
     # through a link). The root itself is always walked: a source is never left out whole.
-    skipped = {k for k in map(_folder_key, skip) if k is not None and k != root_key}
+    skip_keys = {p: k for p in skip if (k := _folder_key(p)) is not None and k != root_key}
+    skipped = set(skip_keys.values())
+    # ...and so is what a link reaches inside one ("last -> runs/run1"); a folder holding the whole
+    # source (output.dir ".." of it) leaves nothing out.
+    skipped_under = tuple(r for r in (os.path.join(os.path.realpath(p), "") for p in skip_keys)
+                          if not os.path.join(root_real, "").startswith(r))
     walked: set[tuple[int, int]] = set(skipped)
     # With include/exclude patterns, which files a folder gives depends on the path it is reached
     # by: walked once, the files of "archive/2024" excluded there were lost under "latest ->
-    # archive/2024" with include "latest/**". So with patterns each path is walked (files still listed once).
-    blocked = walked if not include and not exclude else skipped
+    # archive/2024" with include "latest/**". So with patterns a folder walked already is walked
+    # again through another path, but only after every folder's first walk (a file keeps the path
+    # the first walks give it, patterns or not), and by at most MAX_PATHS_PER_FOLDER paths (links
+    # that join again would take 2^depth walks).
+    patterns = bool(include or exclude)
+    blocked = skipped if patterns else walked
+    paths_walked: dict[tuple[int, int], int] = {}
     via_links: list[tuple[str, str, frozenset[tuple[int, int]], str, tuple[int, int]]] = []
+    again: list[tuple[str, str, frozenset[tuple[int, int]], str, tuple[int, int]]] = []
     linked: dict[str, str] = {}  # object reached through a symlink -> its real path
     direct: set[str] = set()  # the real paths of the objects listed where they are
-    links_phase = False
-    while stack or via_links:
-        if not stack:  # the source's own tree is done: the folders reached through links now
+    links_phase = again_phase = False
+    while stack or via_links or again:
+        if not stack and via_links:  # the source's own tree is done: the folders reached through links now
             stack, via_links, links_phase = via_links[::-1], [], True
-        folder, rel_folder, ancestors, folder_real, key = stack.pop()
-        if key in blocked:  # reached by two links before either was walked (or to be left out)
+        elif not stack:  # every first walk is done: the paths that patterns may select differently
+            stack, again, again_phase = again[::-1], [], True
+        entry = stack.pop()
+        folder, rel_folder, ancestors, folder_real, key = entry
+        if key in skipped or (skipped_under and os.path.join(folder_real, "").startswith(skipped_under)):
             continue
+        if key in walked:  # reached by two links before either was walked
+            if not patterns or paths_walked.get(key, 1) >= MAX_PATHS_PER_FOLDER:
+                continue
+            if not again_phase:
+                again.append(entry)
+                continue
+            paths_walked[key] = paths_walked.get(key, 1) + 1
         walked.add(key)
         try:
             with os.scandir(folder) as it:
