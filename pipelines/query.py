@@ -411,9 +411,9 @@ class QueryEngine:
         build_filter(filters)  # a bad filter fails before any work
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
+        query_content(query)  # a bad query (an unknown key) is named before its image is fetched
         try:  # an http(s) image fetched once, for the embedder and the reranker alike
-            if isinstance(query, Mapping):  # anything else is refused, named, by query_content
-                query = fetch_remote_images(query, self.cfg.limits.max_object_bytes)
+            query = fetch_remote_images(query, self.cfg.limits.max_object_bytes)
         except MediaError as exc:
             raise QueryInputError(f"the query cannot be embedded: {exc}") from None
         vectors = self.embed(query, instruction)

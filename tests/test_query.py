@@ -339,6 +339,9 @@ def test_an_http_query_image_is_checked_and_re_encoded_like_a_local_one(world, e
         assert pixels == f"image {url} is 90x60 = 5400 pixels, over limits.max_image_pixels=5399 (decompression-bomb guard)"
         [capped] = embed_queries(embedder, [{"image": url}], ["q"], None, None, size - 1)
         assert capped == f"{url} is over max_object_bytes={size - 1}"
+        # The scheme in any case, as ingestion reads it (fsspec knows only "http": it failed here).
+        [upper] = embed_queries(embedder, [{"image": url.replace("http://", "HTTP://", 1)}], ["q"])
+        assert not isinstance(upper, str), upper
     finally:
         server.shutdown()
         server.server_close()

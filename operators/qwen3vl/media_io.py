@@ -25,7 +25,6 @@ from ..media.listing import file_url_path, is_data_uri
 from ..once_cache import OnceCache
 
 _PASSTHROUGH_PREFIXES = ("file://",)  # data: URIs are checked first (_image_data_uri)
-_HTTP_PREFIXES = ("http://", "https://")
 # The bounds of an http(s) fetch, shared with expansion (media/reading.py); set here, they apply
 # to the model wrappers' fetches.
 HTTP_TIMEOUT_S = reading.HTTP_TIMEOUT_S
@@ -82,7 +81,7 @@ def _require_local_file(path: str, what: str, name: str | None = None) -> None:
 def read_bytes(uri: str, storage_options: dict[str, Any] | None = None, max_bytes: int | None = None) -> bytes:
     """Read a whole object from any fsspec URL (http(s) within HTTP_TIMEOUT_S and HTTP_TOTAL_S);
     one of more than max_bytes raises MediaError."""
-    if uri.startswith(_HTTP_PREFIXES):
+    if reading.is_http(uri):  # any case of the scheme: fsspec knows only "http"
         buf = io.BytesIO()
         _stream_http(uri, buf, max_bytes)
         return buf.getvalue()
@@ -196,7 +195,7 @@ class VideoFiles:
         self._copies.release(file_url_path(uri) if uri.startswith("file://") else uri)
 
     def _download(self, uri: str) -> str:
-        http = uri.startswith(_HTTP_PREFIXES)
+        http = reading.is_http(uri)
         data = None if http else read_bytes(uri, self.storage_options)
         suffix = os.path.splitext(uri.split("?", 1)[0] if http else uri)[1][:8]
         with self._dir_lock:
