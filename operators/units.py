@@ -27,6 +27,11 @@ def source_fingerprint(stored: str) -> str:
     return stored.split(SETTINGS_SEPARATOR, 1)[0]
 
 
+def stored_settings_digest(stored: str) -> str | None:
+    """The settings digest part of a stored fingerprint; None when it has none (written by other tools)."""
+    return stored.rpartition(SETTINGS_SEPARATOR)[2] if SETTINGS_SEPARATOR in stored else None
+
+
 @dataclass
 class SourceObject:
     """One listed object: a file, or a manifest, at a URI with its fingerprint."""

@@ -13,7 +13,7 @@ import numpy as np
 from qdrant_client import QdrantClient, models
 
 from operators.qwen3vl.embedder import reduce_dim
-from operators.units import SETTINGS_SEPARATOR
+from operators.units import stored_settings_digest
 from sinks.qdrant_client_factory import make_client
 from sinks.qdrant_schema import FULL_VECTOR, vector_name
 
@@ -93,9 +93,8 @@ def stored_ingestion(client: QdrantClient, name: str) -> tuple[str | None, str |
     """The embedder (model_id) and settings digest one stored point was ingested with; Nones for an empty collection."""
     records, _ = client.scroll(name, limit=1, with_payload=["model_id", "fingerprint"], with_vectors=False)
     payload = (records[0].payload or {}) if records else {}
-    model, fingerprint = payload.get("model_id"), str(payload.get("fingerprint") or "")
-    digest = fingerprint.rpartition(SETTINGS_SEPARATOR)[2] if SETTINGS_SEPARATOR in fingerprint else None
-    return (str(model) if model else None), digest
+    model = payload.get("model_id")
+    return (str(model) if model else None), stored_settings_digest(str(payload.get("fingerprint") or ""))
 
 
 def warn_if_other_model(client: QdrantClient, layout: CollectionLayout, model: str,

@@ -473,6 +473,7 @@ def test_http_media_are_fetched_within_a_timeout(embedder, media, monkeypatch):
     import threading
     import time
 
+    from operators.media import reading
     from operators.qwen3vl import media_io
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
@@ -488,7 +489,7 @@ def test_http_media_are_fetched_within_a_timeout(embedder, media, monkeypatch):
         remote = embedder.process([{"image": f"{base}/rgba.png"}, {"video": f"{base}/clip.mp4"}])
         assert torch.allclose(remote, local, atol=1e-6)
 
-        monkeypatch.setattr(media_io, "HTTP_TIMEOUT_S", (1.0, 1.0))
+        monkeypatch.setattr(reading, "HTTP_TIMEOUT_S", (1.0, 1.0))
         url = f"http://127.0.0.1:{stalled.getsockname()[1]}/stalled.png"
         started = time.monotonic()
         text, image = embedder.embed([{"text": "fine"}, {"image": url}])
@@ -507,7 +508,7 @@ def test_an_http_medium_that_trickles_fails_at_the_total_deadline(embedder, monk
     import threading
     import time
 
-    from operators.qwen3vl import media_io
+    from operators.media import reading
 
     class Trickle(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -530,7 +531,7 @@ def test_an_http_medium_that_trickles_fails_at_the_total_deadline(embedder, monk
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        monkeypatch.setattr(media_io, "HTTP_TOTAL_S", 1.5)
+        monkeypatch.setattr(reading, "HTTP_TOTAL_S", 1.5)
         url = f"http://127.0.0.1:{server.server_address[1]}/slow.png"
         started = time.monotonic()
         text, image = embedder.embed([{"text": "fine"}, {"image": url}])

@@ -68,28 +68,25 @@ def is_http(uri: str) -> bool:
     return uri[:8].lower().startswith(HTTP_PREFIXES)
 
 
-def stream_http(url: str, fh: IO[bytes], max_bytes: int | None = None, timeout: tuple[float, float] | None = None,
-                total_s: float | None = None) -> None:
-    """Write the body of an http(s) URL to fh as it arrives, within timeout (connect, read) seconds per
-    wait and total_s in all (None: HTTP_TIMEOUT_S, HTTP_TOTAL_S, read when called).
+def stream_http(url: str, fh: IO[bytes], max_bytes: int | None = None) -> None:
+    """Write the body of an http(s) URL to fh as it arrives, within HTTP_TIMEOUT_S (connect, read) per
+    wait and HTTP_TOTAL_S in all.
 
     Raises ObjectTooLargeError past max_bytes, TimeoutError past total_s, and requests' own errors
     (ConnectionError, ReadTimeout, HTTPError for a 4xx/5xx status) otherwise: is_unreachable tells them.
     """
     import requests
 
-    timeout = HTTP_TIMEOUT_S if timeout is None else timeout
-    total_s = HTTP_TOTAL_S if total_s is None else total_s
-    deadline = time.monotonic() + total_s
+    deadline = time.monotonic() + HTTP_TOTAL_S
     written = 0
-    with requests.get(url, timeout=timeout, stream=True) as response:
+    with requests.get(url, timeout=HTTP_TIMEOUT_S, stream=True) as response:
         response.raise_for_status()
         for chunk in _chunks_as_they_come(response):
             written += len(chunk)
             if max_bytes is not None and written > max_bytes:
                 raise ObjectTooLargeError(f"{url} is over max_object_bytes={max_bytes}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the download took over {total_s:.0f} s (HTTP_TOTAL_S)")
+                raise TimeoutError(f"the download took over {HTTP_TOTAL_S:.0f} s (HTTP_TOTAL_S)")
             fh.write(chunk)
 
 

@@ -25,10 +25,6 @@ from ..media.listing import file_url_path, is_data_uri
 from ..once_cache import OnceCache
 
 _PASSTHROUGH_PREFIXES = ("file://",)  # data: URIs are checked first (_image_data_uri)
-# The bounds of an http(s) fetch, shared with expansion (media/reading.py); set here, they apply
-# to the model wrappers' fetches.
-HTTP_TIMEOUT_S = reading.HTTP_TIMEOUT_S
-HTTP_TOTAL_S = reading.HTTP_TOTAL_S
 
 
 class MediaError(ValueError):
@@ -79,7 +75,7 @@ def _require_local_file(path: str, what: str, name: str | None = None) -> None:
 
 
 def read_bytes(uri: str, storage_options: dict[str, Any] | None = None, max_bytes: int | None = None) -> bytes:
-    """Read a whole object from any fsspec URL (http(s) within HTTP_TIMEOUT_S and HTTP_TOTAL_S);
+    """Read a whole object from any fsspec URL (http(s) within reading.stream_http's bounds);
     one of more than max_bytes raises MediaError."""
     if reading.is_http(uri):  # any case of the scheme: fsspec knows only "http"
         buf = io.BytesIO()
@@ -93,22 +89,17 @@ def read_bytes(uri: str, storage_options: dict[str, Any] | None = None, max_byte
     except Exception as exc:  # fsspec backends raise many types; name the input, keep the cause
         raise MediaError(f"cannot read {uri}: {type(exc).__name__}: {exc}") from exc
     if max_bytes is not None and len(data) > max_bytes:
-        raise _too_large(uri, max_bytes)
+        # Not "cannot read ...": that begins a fetch failure (is_fetch_failure), which may pass next time.
+        raise MediaError(f"{uri} is over max_object_bytes={max_bytes}")
     return data
 
 
-def _too_large(uri: str, max_bytes: int) -> MediaError:
-    # Not "cannot read ...": that begins a fetch failure (is_fetch_failure), which may pass next time.
-    return MediaError(f"{uri} is over max_object_bytes={max_bytes}")
-
-
 def _stream_http(url: str, fh: Any, max_bytes: int | None = None) -> None:
-    """Write the body of an http(s) URL to fh in chunks, within HTTP_TIMEOUT_S per wait and HTTP_TOTAL_S
-    in all (reading.stream_http); a body of more than max_bytes raises MediaError."""
+    """Write the body of an http(s) URL to fh (reading.stream_http, its bounds); MediaError on failure."""
     try:
-        reading.stream_http(url, fh, max_bytes, HTTP_TIMEOUT_S, HTTP_TOTAL_S)
-    except reading.ObjectTooLargeError:
-        raise _too_large(url, max_bytes) from None
+        reading.stream_http(url, fh, max_bytes)
+    except reading.ObjectTooLargeError as exc:  # over the cap: not a fetch failure, which may pass next time
+        raise MediaError(str(exc)) from None
     except Exception as exc:
         raise MediaError(f"cannot read {url}: {type(exc).__name__}: {exc}") from exc
 
